@@ -1,0 +1,51 @@
+# order-viewer: `make run` runs the service with everything it needs, `make test` runs the tests.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+.PHONY: install run stack stack-down test test-unit test-integration check bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable '.[dev]'
+	touch $@
+
+## Start the local servers (when the settings point at them), migrate, send demo orders, serve.
+run: install
+	scripts/run.sh
+
+## The local PostgreSQL and Kafka servers only.
+stack:
+	scripts/stack.sh up
+
+stack-down:
+	scripts/stack.sh down
+
+## Every test, unit and integration, against real servers the suite starts for itself.
+test: install
+	scripts/stack.sh install
+	scripts/stack.sh install-browser
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest tests/unit
+
+test-integration: install
+	scripts/stack.sh install
+	$(BIN)/pytest tests/integration tests/e2e
+
+check: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+bench: install
+	scripts/stack.sh up
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
