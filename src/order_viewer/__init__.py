@@ -1,0 +1,1 @@
+"""Orders from Kafka into PostgreSQL, served by id over HTTP."""

@@ -1,0 +1,171 @@
+"""The HTTP app: orders by id, the recent orders, health, and the page that shows them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from importlib import resources
+from importlib.metadata import version
+from typing import Annotated, Protocol
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from order_viewer.model import ORDER_UID_PATTERN, Order
+from order_viewer.service import OrderLookup
+from order_viewer.store import DatabaseUnavailable
+
+RETRY_AFTER_SECONDS = "5"
+# The page's scripts and styles are files of our own; nothing inline, nothing from elsewhere.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+# An order changes only when a new message replaces it, so clients may keep a copy but must
+# revalidate it (cheaply, with the ETag) before use.
+ORDER_CACHE_CONTROL = "no-cache"
+
+_order_uid = re.compile(ORDER_UID_PATTERN)
+
+
+class Readiness(Protocol):
+    async def not_ready(self) -> dict[str, str]:
+        """The parts that are not ready, each with what is wrong; empty when all are."""
+        ...
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class NotFoundBody(BaseModel):
+    error: str
+    order_uid: str
+
+
+class OrderSummaryBody(BaseModel):
+    order_uid: str
+    date_created: datetime
+    customer_id: str
+    amount: int
+    currency: str
+    item_count: int
+
+
+class RecentOrdersBody(BaseModel):
+    orders: list[OrderSummaryBody]
+
+
+class ReadinessBody(BaseModel):
+    status: str
+    not_ready: dict[str, str]
+
+
+def _error(status: int, message: str, **extra: str) -> JSONResponse:
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+_UNAVAILABLE = {"model": ErrorBody, "description": "The database is unreachable; retry later."}
+
+
+def create_app(
+    lookup: OrderLookup,
+    readiness: Readiness,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="order-viewer",
+        summary="Orders consumed from Kafka, stored in PostgreSQL, served by id.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    static = resources.files("order_viewer") / "static"
+    index_html = (static / "index.html").read_bytes()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return Response(
+            index_html,
+            media_type="text/html; charset=utf-8",
+            headers={
+                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @app.get(
+        "/order/{order_uid:path}",
+        summary="One order by its id",
+        response_model=Order,
+        responses={
+            304: {"description": "The client's copy (If-None-Match) is current."},
+            400: {"model": ErrorBody, "description": "The id cannot be an order id."},
+            404: {"model": NotFoundBody, "description": "No such order."},
+            503: _UNAVAILABLE,
+        },
+    )
+    async def order(order_uid: str, request: Request) -> Response:
+        if not _order_uid.fullmatch(order_uid):
+            return _error(400, "an order id is 1 to 64 letters, digits, '-' or '_'")
+        try:
+            found = await lookup.order(order_uid)
+        except DatabaseUnavailable:
+            return _error(503, "the order is not in memory and the database is unreachable")
+        if found is None:
+            return _error(404, "no order with this id", order_uid=order_uid)
+        headers = {"ETag": found.etag, "Cache-Control": ORDER_CACHE_CONTROL}
+        if request.headers.get("if-none-match") == found.etag:
+            return Response(status_code=304, headers=headers)
+        return Response(found.body, media_type="application/json", headers=headers)
+
+    @app.get(
+        "/orders",
+        summary="The most recent orders",
+        response_model=RecentOrdersBody,
+        responses={400: {"model": ErrorBody}, 503: _UNAVAILABLE},
+    )
+    async def recent_orders(limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Response:
+        try:
+            summaries = await lookup.recent(limit)
+        except DatabaseUnavailable:
+            return _error(503, "the database is unreachable")
+        body = RecentOrdersBody(
+            orders=[OrderSummaryBody.model_validate(s, from_attributes=True) for s in summaries]
+        )
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.get("/livez", summary="The process is up")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        summary="Database reachable, cache warmed, consumer running",
+        response_model=ReadinessBody,
+        responses={503: {"model": ReadinessBody}},
+    )
+    async def readyz() -> JSONResponse:
+        not_ready = await readiness.not_ready()
+        return JSONResponse(
+            {"status": "not ready" if not_ready else "ready", "not_ready": not_ready},
+            status_code=503 if not_ready else 200,
+        )
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    return app
+
+
+def _version() -> str:
+    return version("order-viewer")

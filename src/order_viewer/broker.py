@@ -1,0 +1,130 @@
+"""Kafka adapters: client settings, topic creation and the dead-letter writer."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from order_viewer.config import Settings
+from order_viewer.retry import Backoff, Health
+from order_viewer.service import RejectedMessage
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(Exception):
+    """A stop was requested while waiting for Kafka."""
+
+
+def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        # librdkafka logs every failed reconnect; the service reports state changes itself.
+        "log_level": 3,
+        **extra,
+    }
+
+
+def ensure_topics(settings: Settings, stop: threading.Event) -> None:
+    """Create the order and dead-letter topics when missing; existing ones are used as they are."""
+    health = Health("Kafka broker", log)
+    backoff = Backoff(settings.retry_max_backoff_ms / 1000, stop)
+    admin = AdminClient(client_config(settings))
+    while True:
+        try:
+            existing = admin.list_topics(timeout=5).topics
+            missing = [
+                NewTopic(name, num_partitions=settings.kafka_topic_partitions)
+                for name in (settings.kafka_topic, settings.kafka_dlq_topic)
+                if name not in existing
+            ]
+            created_topics = admin.create_topics(missing, operation_timeout=10) if missing else {}
+            for name, created in created_topics.items():
+                try:
+                    created.result()
+                    log.info("created topic %s", name)
+                except KafkaException as error:
+                    if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
+            health.recovered()
+            return
+        except KafkaException as error:
+            health.failed(str(error.args[0]))
+            if not backoff.wait():
+                raise Stopped from error
+
+
+class DeadLetterWriter:
+    """Sends rejected messages, unchanged with their key, to the dead-letter topic, with headers
+    that say why and where they came from; returns only once the broker has acknowledged all."""
+
+    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+        self._settings = settings
+        self._stop = stop
+        self._producer = Producer(
+            client_config(
+                settings,
+                **{
+                    "acks": "all",
+                    "enable.idempotence": True,
+                    "linger.ms": 5,
+                    "message.timeout.ms": 30_000,
+                },
+            )
+        )
+        self._health = Health("dead-letter topic", log)
+
+    def send(self, rejected: Sequence[RejectedMessage]) -> None:
+        backoff = Backoff(self._settings.retry_max_backoff_ms / 1000, self._stop)
+        pending = list(rejected)
+        while pending:
+            failed: list[RejectedMessage] = []
+            for entry in pending:
+                self._produce(entry, failed)
+            while self._producer.flush(0.5) > 0:
+                if self._stop.is_set():
+                    raise Stopped
+            if not failed:
+                self._health.recovered()
+                return
+            pending = failed
+            if not backoff.wait():
+                raise Stopped
+
+    def _produce(self, entry: RejectedMessage, failed: list[RejectedMessage]) -> None:
+        message, rejection = entry.message, entry.rejection
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("error.code", rejection.code.encode()),
+            ("error.message", rejection.message.encode()),
+            ("source.topic", message.topic.encode()),
+            ("source.partition", str(message.partition).encode()),
+            ("source.offset", str(message.offset).encode()),
+        ]
+        if rejection.field is not None:
+            headers.append(("error.field", rejection.field.encode()))
+
+        def delivered(error: KafkaError | None, _: object) -> None:
+            if error is not None:
+                self._health.failed(str(error))
+                failed.append(entry)
+
+        while True:
+            try:
+                self._producer.produce(
+                    self._settings.kafka_dlq_topic,
+                    key=message.key,
+                    value=message.value,
+                    headers=headers,
+                    on_delivery=delivered,
+                )
+                return
+            except BufferError:  # the local queue is full: let deliveries drain, then go on
+                self._producer.poll(0.1)
+
+    def close(self) -> None:
+        self._producer.flush(5)

@@ -1,0 +1,84 @@
+"""The bounded in-memory cache of orders, ready to send."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CachedOrder:
+    """An order as the API sends it: the JSON body and its entity tag, computed once."""
+
+    body: bytes
+    etag: str
+
+    @classmethod
+    def of(cls, body: bytes, sha256: bytes) -> CachedOrder:
+        return cls(body, f'"{sha256[:16].hex()}"')
+
+
+class OrderCache:
+    """Least-recently-used cache of orders by order_uid, bounded by a number of orders.
+
+    The consumer thread writes while the HTTP event loop reads, so every access holds one lock;
+    each critical section is a dictionary operation, far shorter than a request.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, CachedOrder] = OrderedDict()
+        self._lock = threading.Lock()
+        self._writes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def writes(self) -> int:
+        """How many times the consumer has written; a reader that fills the cache after a
+        database read compares it before and after, so it never puts back an older version."""
+        return self._writes
+
+    def get(self, order_uid: str) -> CachedOrder | None:
+        with self._lock:
+            entry = self._entries.get(order_uid)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(order_uid)
+            self.hits += 1
+            return entry
+
+    def put_written(self, entries: dict[str, CachedOrder]) -> None:
+        """Store orders the database has just committed, replacing older copies."""
+        with self._lock:
+            self._writes += 1
+            for order_uid, entry in entries.items():
+                self._entries[order_uid] = entry
+                self._entries.move_to_end(order_uid)
+            self._evict()
+
+    def fill(self, entries: dict[str, CachedOrder], writes_before_read: int) -> int:
+        """Keep orders read from the database, unless the consumer wrote since the read began
+        (the read may then be older than what the consumer stored); a copy already here wins.
+        Returns how many were kept."""
+        with self._lock:
+            if self._writes != writes_before_read:
+                return 0
+            kept = 0
+            for order_uid, entry in entries.items():
+                if order_uid not in self._entries:
+                    self._entries[order_uid] = entry
+                    kept += 1
+            self._evict()
+            return kept
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+            self.evictions += 1

@@ -1,0 +1,122 @@
+"""The `order-viewer` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import sqlalchemy.exc
+
+from order_viewer import emulator, logs
+from order_viewer.config import ConfigurationError, Settings, load_settings
+from order_viewer.server import Service
+from order_viewer.store import migrate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        print(f"order-viewer: {error}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    command: int = arguments.run(settings, arguments)
+    return command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="order-viewer",
+        description="Orders from Kafka into PostgreSQL, served by id over HTTP. "
+        "Configured by environment variables (see the README).",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version('order-viewer')}"
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="consume orders and serve them over HTTP until stopped"
+    )
+    serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser("migrate", help="bring the database schema to the newest version")
+    migrate.set_defaults(run=_migrate)
+
+    produce = commands.add_parser(
+        "produce", help="send realistic random orders to the orders topic"
+    )
+    produce.add_argument(
+        "--count",
+        type=_non_negative,
+        default=None,
+        help="orders to send (default 10, or 1 with --file)",
+    )
+    produce.add_argument(
+        "--invalid-ratio",
+        type=_ratio,
+        default=0.0,
+        metavar="R",
+        help="share of broken messages, 0 to 1 (default 0)",
+    )
+    produce.add_argument(
+        "--seed", type=int, default=None, help="random seed, for a repeatable stream"
+    )
+    produce.add_argument(
+        "--file", type=Path, default=None, help="send this file's order as it is, --count times"
+    )
+    produce.set_defaults(run=_produce)
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def _serve(settings: Settings, _: argparse.Namespace) -> int:
+    return Service(settings).run()
+
+
+def _migrate(settings: Settings, _: argparse.Namespace) -> int:
+    try:
+        migrate(str(settings.database_url))
+    except sqlalchemy.exc.OperationalError as error:
+        print(f"order-viewer: cannot reach the database: {error.orig}".strip(), file=sys.stderr)
+        return 1
+    print("database schema is up to date")
+    return 0
+
+
+def _produce(settings: Settings, arguments: argparse.Namespace) -> int:
+    if arguments.file is not None:
+        try:
+            batch = [emulator.file_message(arguments.file)] * (arguments.count or 1)
+        except OSError as error:
+            print(f"order-viewer: cannot read {arguments.file}: {error.strerror}", file=sys.stderr)
+            return 2
+    else:
+        batch = emulator.messages(arguments.count or 10, arguments.invalid_ratio, arguments.seed)
+    summary = emulator.produce(settings, batch, show_progress=sys.stderr.isatty())
+    print(
+        f"sent {summary.sent} messages ({summary.invalid} invalid) to {settings.kafka_topic} "
+        f"in {summary.seconds:.2f} s ({summary.rate:,.0f}/s); {summary.failed} failed"
+    )
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The Kafka consumer loop: batches of messages in, orders stored, offsets stored after."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from order_viewer.broker import DeadLetterWriter, Stopped, client_config, ensure_topics
+from order_viewer.config import Settings
+from order_viewer.retry import Backoff, Health
+from order_viewer.service import BatchOutcome, Message, OrderIngest
+from order_viewer.store import TransientStoreError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_SECONDS = 10.0
+
+
+class OrderConsumer:
+    """Consumes the orders topic until stopped.
+
+    Offsets follow the pattern librdkafka documents for at-least-once delivery: automatic
+    commits are on but only of offsets the loop has *stored*, and it stores a message's offset
+    only after its order is committed in PostgreSQL or the broker acknowledged its dead letter.
+    A crash therefore re-delivers at most the unfinished batch, which the store absorbs.
+    """
+
+    def __init__(self, settings: Settings, ingest: OrderIngest, stop: threading.Event) -> None:
+        self._settings = settings
+        self._ingest = ingest
+        self._stop = stop
+        self.running = False
+        self._database = Health("database", log)
+        self._stored_since_report = 0
+        self._last_report = time.monotonic()
+
+    def run(self) -> None:
+        try:
+            ensure_topics(self._settings, self._stop)
+        except Stopped:
+            return
+        consumer = Consumer(
+            client_config(
+                self._settings,
+                **{
+                    "group.id": self._settings.kafka_group_id,
+                    "enable.auto.commit": True,
+                    "enable.auto.offset.store": False,
+                    "auto.offset.reset": "earliest",
+                    "max.poll.interval.ms": self._settings.kafka_max_poll_interval_ms,
+                },
+            )
+        )
+        dead_letters = DeadLetterWriter(self._settings, self._stop)
+        consumer.subscribe(
+            [self._settings.kafka_topic],
+            on_assign=_log_assignment("assigned"),
+            on_revoke=_log_assignment("revoked"),
+        )
+        self.running = True
+        log.info(
+            "consuming %s as group %s", self._settings.kafka_topic, self._settings.kafka_group_id
+        )
+        try:
+            while not self._stop.is_set():
+                batch = self._poll(consumer)
+                if batch and not self._process(batch, consumer, dead_letters):
+                    break
+        finally:
+            self.running = False
+            # close() commits the stored offsets and leaves the group so partitions move at once.
+            consumer.close()
+            dead_letters.close()
+            log.info("consumer stopped")
+
+    def _poll(self, consumer: Consumer) -> list[Message]:
+        polled = consumer.consume(
+            num_messages=self._settings.batch_max_orders,
+            timeout=self._settings.batch_max_wait_ms / 1000,
+        )
+        batch = []
+        for kafka_message in polled:
+            error = kafka_message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                log.warning("consumer error: %s", error)
+                continue
+            topic, partition, offset = (
+                kafka_message.topic(),
+                kafka_message.partition(),
+                kafka_message.offset(),
+            )
+            # A message without an error always has its position.
+            assert topic is not None
+            assert partition is not None
+            assert offset is not None
+            batch.append(
+                Message(topic, partition, offset, kafka_message.key(), kafka_message.value())
+            )
+        return batch
+
+    def _process(
+        self, batch: Sequence[Message], consumer: Consumer, dead_letters: DeadLetterWriter
+    ) -> bool:
+        """Store the batch and its dead letters, then its offsets; False if stopped before."""
+        outcome = self._store(batch)
+        if outcome is None:
+            return False
+        if outcome.rejected:
+            for entry in outcome.rejected:
+                log.warning(
+                    "rejected message %s/%d@%d: %s (%s%s)",
+                    entry.message.topic, entry.message.partition, entry.message.offset,
+                    entry.rejection.code, entry.rejection.message,
+                    f", field {entry.rejection.field}" if entry.rejection.field else "",
+                )  # fmt: skip
+            try:
+                dead_letters.send(outcome.rejected)
+            except Stopped:
+                return False
+        _store_offsets(consumer, batch)
+        self._report(outcome)
+        return True
+
+    def _store(self, batch: Sequence[Message]) -> BatchOutcome | None:
+        backoff = Backoff(self._settings.retry_max_backoff_ms / 1000, self._stop)
+        while True:
+            try:
+                outcome = self._ingest.ingest(batch)
+            except TransientStoreError as error:
+                self._database.failed(str(error))
+                if not backoff.wait():
+                    return None
+                continue
+            self._database.recovered()
+            return outcome
+
+    def _report(self, outcome: BatchOutcome) -> None:
+        self._stored_since_report += outcome.inserted + outcome.replaced
+        now = time.monotonic()
+        elapsed = now - self._last_report
+        if elapsed >= PROGRESS_INTERVAL_SECONDS and self._stored_since_report:
+            log.info(
+                "stored %d orders in the last %.0f s (%.0f/s)",
+                self._stored_since_report, elapsed, self._stored_since_report / elapsed,
+            )  # fmt: skip
+            self._stored_since_report = 0
+            self._last_report = now
+
+
+def _store_offsets(consumer: Consumer, batch: Sequence[Message]) -> None:
+    next_offsets: dict[tuple[str, int], int] = {}
+    for message in batch:
+        position = (message.topic, message.partition)
+        next_offsets[position] = max(next_offsets.get(position, 0), message.offset + 1)
+    try:
+        consumer.store_offsets(
+            offsets=[
+                TopicPartition(topic, partition, offset)
+                for (topic, partition), offset in next_offsets.items()
+            ]
+        )
+    except KafkaException as error:
+        # The partition moved to another instance during a long batch; it will re-read the
+        # batch, and the store makes that harmless.
+        log.info("could not store offsets (%s); the new owner re-reads them", error.args[0])
+
+
+def _log_assignment(verb: str) -> Any:
+    def callback(_: Consumer, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            log.info(
+                "partitions %s: %s", verb, ", ".join(f"{p.topic}/{p.partition}" for p in partitions)
+            )
+
+    return callback

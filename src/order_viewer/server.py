@@ -1,0 +1,148 @@
+"""The `serve` process: HTTP in the event loop, the consumer in a thread, one shared cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+import sqlalchemy.exc
+import uvicorn
+from fastapi import FastAPI
+
+from order_viewer.api import create_app
+from order_viewer.cache import CachedOrder, OrderCache
+from order_viewer.config import Settings
+from order_viewer.consumer import OrderConsumer
+from order_viewer.retry import Backoff, Health
+from order_viewer.service import OrderIngest, OrderLookup
+from order_viewer.store import (
+    DatabaseUnavailable,
+    PostgresOrderReader,
+    PostgresOrderWriter,
+    migrate,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Owns the parts of a running service and starts them in order: schema, warm cache, consumer.
+
+    HTTP is up from the first moment (misses go to the database during warm-up); readiness is
+    reported once all three steps are done.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        database_url = str(settings.database_url)
+        self.cache = OrderCache(settings.cache_capacity)
+        self.reader = PostgresOrderReader(database_url, settings.database_pool_size)
+        self.writer = PostgresOrderWriter(database_url)
+        self.stop = threading.Event()
+        self.consumer = OrderConsumer(settings, OrderIngest(self.writer, self.cache), self.stop)
+        self.lookup = OrderLookup(self.reader, self.cache)
+        self.warmed = False
+        self.failed = False
+        self._consumer_thread: threading.Thread | None = None
+        self._server: uvicorn.Server | None = None
+
+    async def not_ready(self) -> dict[str, str]:
+        not_ready = {}
+        if not await self.reader.ping():
+            not_ready["database"] = "unreachable"
+        if not self.warmed:
+            not_ready["cache"] = "warming up"
+        if not self.consumer.running:
+            not_ready["consumer"] = "not consuming"
+        return not_ready
+
+    def run(self) -> int:
+        """Serve until SIGINT or SIGTERM; the exit status."""
+        app = create_app(self.lookup, self, lifespan=self._lifespan)
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=self.settings.http_host,
+                port=self.settings.http_port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=5,
+                h11_max_incomplete_event_size=16 * 1024,
+            )
+        )
+        self._server.run()
+        return 1 if self.failed else 0
+
+    @asynccontextmanager
+    async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        await self.reader.open()
+        starting = asyncio.create_task(self._start())
+        try:
+            yield
+        finally:
+            self.stop.set()
+            starting.cancel()
+            if self._consumer_thread is not None:
+                await asyncio.to_thread(self._consumer_thread.join)
+            self.writer.close()
+            await self.reader.close()
+
+    async def _start(self) -> None:
+        await asyncio.to_thread(self._migrate)
+        if self.stop.is_set():
+            return
+        await self._warm_up()
+        self._consumer_thread = threading.Thread(target=self._consume, name="consumer")
+        self._consumer_thread.start()
+
+    def _migrate(self) -> None:
+        health = Health("database", log)
+        backoff = Backoff(self.settings.retry_max_backoff_ms / 1000, self.stop)
+        while True:
+            try:
+                migrate(str(self.settings.database_url))
+            except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as error:
+                health.failed(str(error).strip().splitlines()[0])
+                if not backoff.wait():
+                    return
+            else:
+                health.recovered()
+                return
+
+    async def _warm_up(self) -> None:
+        health = Health("database", log)
+        while True:
+            started = time.perf_counter()
+            writes_before = self.cache.writes
+            loaded = 0
+            try:
+                async for chunk in self.reader.most_recent_documents(self.settings.cache_capacity):
+                    loaded += self.cache.fill(
+                        {
+                            stored.order_uid: CachedOrder.of(stored.document, stored.sha256)
+                            for stored in chunk
+                        },
+                        writes_before,
+                    )
+            except (DatabaseUnavailable, psycopg.OperationalError) as error:
+                health.failed(str(error))
+                await asyncio.sleep(1)
+                continue
+            health.recovered()
+            self.warmed = True
+            log.info("cache warmed with %d orders in %.2f s", loaded, time.perf_counter() - started)
+            return
+
+    def _consume(self) -> None:
+        try:
+            self.consumer.run()
+        except Exception:
+            log.exception("the consumer failed; stopping the service")
+            self.failed = True
+            if self._server is not None:
+                self._server.should_exit = True

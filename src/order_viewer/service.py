@@ -1,0 +1,166 @@
+"""The service layer: what the consumer and the HTTP app ask of orders, written once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from order_viewer.cache import CachedOrder, OrderCache
+from order_viewer.model import InvalidOrder, Rejection, consistency_problems, parse_order
+from order_viewer.store import (
+    OrderSummary,
+    PreparedOrder,
+    RejectedByDatabase,
+    StoredDocument,
+    WriteResult,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One consumed message, as much of it as the service needs."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedMessage:
+    message: Message
+    rejection: Rejection
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    inserted: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    inconsistent: int = 0
+    rejected: list[RejectedMessage] = field(default_factory=list)
+
+
+class OrderWriter(Protocol):
+    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult: ...
+
+
+class OrderReader(Protocol):
+    async def document(self, order_uid: str) -> StoredDocument | None: ...
+    async def recent(self, limit: int) -> list[OrderSummary]: ...
+
+
+class OrderIngest:
+    """Validates a batch of messages, stores the valid orders atomically, then caches them.
+
+    Raises TransientStoreError when the database is away: nothing of the batch was stored and
+    the caller retries the same batch.
+    """
+
+    def __init__(self, writer: OrderWriter, cache: OrderCache) -> None:
+        self._writer = writer
+        self._cache = cache
+
+    def ingest(self, messages: Sequence[Message]) -> BatchOutcome:
+        outcome = BatchOutcome()
+        newest: dict[str, tuple[PreparedOrder, Message]] = {}
+        for message in messages:
+            try:
+                order = parse_order(message.value)
+            except InvalidOrder as invalid:
+                outcome.rejected.append(RejectedMessage(message, invalid.rejection))
+                continue
+            if consistency_problems(order):
+                outcome.inconsistent += 1
+            # Same key, same partition: a later message of an order_uid in the batch is newer.
+            newest[order.order_uid] = (
+                PreparedOrder.of(order, message.partition, message.offset),
+                message,
+            )
+        if newest:
+            self._store([prepared for prepared, _ in newest.values()], newest, outcome)
+        return outcome
+
+    def _store(
+        self,
+        batch: list[PreparedOrder],
+        sources: dict[str, tuple[PreparedOrder, Message]],
+        outcome: BatchOutcome,
+    ) -> None:
+        try:
+            result = self._writer.write(batch)
+        except RejectedByDatabase as refused:
+            if len(batch) > 1:
+                # One order the validator passed but the database refuses must not sink the
+                # others: write each alone and dead-letter only the ones refused.
+                for prepared in batch:
+                    self._store([prepared], sources, outcome)
+                return
+            rejection = Rejection("db_rejected", f"the database refused the order: {refused}", None)
+            outcome.rejected.append(
+                RejectedMessage(sources[batch[0].order.order_uid][1], rejection)
+            )
+            return
+        outcome.inserted += len(result.inserted)
+        outcome.replaced += len(result.replaced)
+        outcome.unchanged += len(batch) - len(result.inserted) - len(result.replaced)
+        by_uid = {prepared.order.order_uid: prepared for prepared in batch}
+        self._cache.put_written(
+            {
+                uid: CachedOrder.of(by_uid[uid].document, by_uid[uid].sha256)
+                for uid in (*result.inserted, *result.replaced)
+            }
+        )
+
+
+class OrderLookup:
+    """Finds orders for the HTTP side: from the cache, else from the database (one query per id
+    however many requests wait for it), filling the cache with what the database returned."""
+
+    def __init__(self, reader: OrderReader, cache: OrderCache) -> None:
+        self._reader = reader
+        self._cache = cache
+        self._in_flight: dict[str, asyncio.Future[CachedOrder | None]] = {}
+
+    async def order(self, order_uid: str) -> CachedOrder | None:
+        cached = self._cache.get(order_uid)
+        if cached is not None:
+            return cached
+        pending = self._in_flight.get(order_uid)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[CachedOrder | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[order_uid] = future
+        try:
+            found = await self._load(order_uid)
+        except Exception as error:
+            future.set_exception(error)
+            # Retrieved here so that a failure no other request awaited is not reported as lost.
+            future.exception()
+            raise
+        except BaseException:
+            future.cancel()
+            raise
+        else:
+            future.set_result(found)
+            return found
+        finally:
+            del self._in_flight[order_uid]
+
+    async def _load(self, order_uid: str) -> CachedOrder | None:
+        writes_before = self._cache.writes
+        stored = await self._reader.document(order_uid)
+        if stored is None:
+            return None
+        entry = CachedOrder.of(stored.document, stored.sha256)
+        self._cache.fill({stored.order_uid: entry}, writes_before)
+        return entry
+
+    async def recent(self, limit: int) -> list[OrderSummary]:
+        return await self._reader.recent(limit)

@@ -1,0 +1,326 @@
+"""PostgreSQL adapters: the batch writer the consumer uses and the reader the HTTP side uses."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+
+import psycopg
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from psycopg_pool import AsyncConnectionPool
+
+from order_viewer.model import Order, order_json
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedOrder:
+    """A valid order with the Kafka position it came from, serialized once: the bytes the API
+    serves and the digest that versions them."""
+
+    order: Order
+    partition: int
+    offset: int
+    document: bytes
+    sha256: bytes
+
+    @classmethod
+    def of(cls, order: Order, partition: int, offset: int) -> PreparedOrder:
+        document = order_json(order)
+        return cls(order, partition, offset, document, hashlib.sha256(document).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    inserted: tuple[str, ...]
+    replaced: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    order_uid: str
+    document: bytes
+    sha256: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSummary:
+    order_uid: str
+    date_created: datetime
+    customer_id: str
+    amount: int
+    currency: str
+    item_count: int
+
+
+class TransientStoreError(Exception):
+    """The database could not take the batch now; the same batch may succeed later."""
+
+
+class RejectedByDatabase(Exception):
+    """The database refused the batch for what is in it; retrying it unchanged cannot help."""
+
+
+# SQLSTATE classes that mean "try again": connection exceptions, resource shortage, operator
+# intervention (shutdown, crash recovery), and the transaction rollbacks (serialization, deadlock).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+
+
+def is_transient(error: psycopg.Error) -> bool:
+    if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    return error.sqlstate is not None and error.sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES)
+
+
+def migrate(database_url: str) -> None:
+    """Bring the schema to the newest version (a no-op when it is there already)."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(resources.files("order_viewer") / "migrations"))
+    config.set_main_option(
+        "sqlalchemy.url", database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    )
+    command.upgrade(config, "head")
+
+
+_ORDER_COLUMNS = (
+    "order_uid, track_number, entry, locale, internal_signature, customer_id, delivery_service, "
+    "shardkey, sm_id, date_created, oof_shard, content_sha256, kafka_partition, kafka_offset"
+)
+_DELIVERY_COLUMNS = "order_uid, name, phone, zip, city, address, region, email"
+_PAYMENT_COLUMNS = (
+    "order_uid, transaction, request_id, currency, provider, amount, payment_dt, bank, "
+    "delivery_cost, goods_total, custom_fee"
+)
+_ITEM_COLUMNS = (
+    "order_uid, position, chrt_id, track_number, price, rid, name, sale, size, total_price, "
+    "nm_id, brand, status"
+)
+
+# Staging tables live as long as the writer's connection and are emptied at every commit, so a
+# batch is COPYed in (the fastest way into PostgreSQL) and merged with set-based statements.
+_CREATE_STAGING = """
+CREATE TEMP TABLE stage_orders (LIKE orders INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE stage_delivery (LIKE delivery) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE stage_payment (LIKE payment) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE stage_items (LIKE items) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE stage_written (order_uid text PRIMARY KEY, replaced boolean NOT NULL)
+    ON COMMIT DELETE ROWS;
+"""
+
+# An existing order is replaced only by a different version from a later message: an identical
+# redelivery changes nothing, and an older message redelivered after a newer one loses.
+_MERGE_ORDERS = f"""
+WITH written AS (
+    INSERT INTO orders ({_ORDER_COLUMNS})
+    SELECT {_ORDER_COLUMNS} FROM stage_orders
+    ON CONFLICT (order_uid) DO UPDATE SET
+        track_number = excluded.track_number, entry = excluded.entry, locale = excluded.locale,
+        internal_signature = excluded.internal_signature, customer_id = excluded.customer_id,
+        delivery_service = excluded.delivery_service, shardkey = excluded.shardkey,
+        sm_id = excluded.sm_id, date_created = excluded.date_created,
+        oof_shard = excluded.oof_shard, content_sha256 = excluded.content_sha256,
+        kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset,
+        stored_at = now()
+    WHERE orders.content_sha256 <> excluded.content_sha256
+      AND (orders.kafka_partition <> excluded.kafka_partition
+           OR orders.kafka_offset < excluded.kafka_offset)
+    RETURNING order_uid, xmax <> 0 AS replaced
+)
+INSERT INTO stage_written SELECT order_uid, replaced FROM written
+"""  # noqa: S608 (only the constant column lists above are interpolated)
+
+_REPLACE_PARTS = f"""
+DELETE FROM delivery USING stage_written w WHERE delivery.order_uid = w.order_uid AND w.replaced;
+DELETE FROM payment USING stage_written w WHERE payment.order_uid = w.order_uid AND w.replaced;
+DELETE FROM items USING stage_written w WHERE items.order_uid = w.order_uid AND w.replaced;
+INSERT INTO delivery ({_DELIVERY_COLUMNS})
+    SELECT {_DELIVERY_COLUMNS} FROM stage_delivery JOIN stage_written USING (order_uid);
+INSERT INTO payment ({_PAYMENT_COLUMNS})
+    SELECT {_PAYMENT_COLUMNS} FROM stage_payment JOIN stage_written USING (order_uid);
+INSERT INTO items ({_ITEM_COLUMNS})
+    SELECT {_ITEM_COLUMNS} FROM stage_items JOIN stage_written USING (order_uid);
+"""  # noqa: S608 (only the constant column lists above are interpolated)
+
+
+class PostgresOrderWriter:
+    """Writes batches of orders, each batch in one transaction, over one dedicated connection."""
+
+    def __init__(self, database_url: str) -> None:
+        self._database_url = database_url
+        self._connection: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._connection is None or self._connection.closed or self._connection.broken:
+            connection = psycopg.connect(
+                self._database_url,
+                autocommit=True,
+                connect_timeout=5,
+                application_name="order-viewer-writer",
+            )
+            connection.execute(_CREATE_STAGING)
+            self._connection = connection
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult:
+        """Store every order of the batch, or none of them.
+
+        The batch must hold each order_uid once (the newest message of it).
+        """
+        try:
+            connection = self._connect()
+            with connection.transaction(), connection.cursor() as cursor:
+                _copy_batch(cursor, batch)
+                cursor.execute(_MERGE_ORDERS)
+                cursor.execute(_REPLACE_PARTS)
+                cursor.execute("SELECT order_uid, replaced FROM stage_written")
+                written = cursor.fetchall()
+        except psycopg.Error as error:
+            if is_transient(error):
+                self.close()
+                raise TransientStoreError(str(error).strip()) from error
+            raise RejectedByDatabase(_describe(error)) from error
+        return WriteResult(
+            inserted=tuple(str(uid) for uid, replaced in written if not replaced),
+            replaced=tuple(str(uid) for uid, replaced in written if replaced),
+        )
+
+
+def _describe(error: psycopg.Error) -> str:
+    diagnostic = error.diag
+    detail = f"{diagnostic.message_primary or error}"
+    if diagnostic.column_name or diagnostic.constraint_name:
+        detail += f" ({diagnostic.column_name or diagnostic.constraint_name})"
+    return detail
+
+
+def _copy_batch(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]) -> None:
+    with cursor.copy(f"COPY stage_orders ({_ORDER_COLUMNS}) FROM STDIN") as copy:
+        for prepared in batch:
+            order = prepared.order
+            copy.write_row((
+                order.order_uid, order.track_number, order.entry, order.locale,
+                order.internal_signature, order.customer_id, order.delivery_service,
+                order.shardkey, order.sm_id, order.date_created, order.oof_shard,
+                prepared.sha256, prepared.partition, prepared.offset,
+            ))  # fmt: skip
+    with cursor.copy(f"COPY stage_delivery ({_DELIVERY_COLUMNS}) FROM STDIN") as copy:
+        for prepared in batch:
+            uid, delivery = prepared.order.order_uid, prepared.order.delivery
+            copy.write_row((
+                uid, delivery.name, delivery.phone, delivery.zip, delivery.city,
+                delivery.address, delivery.region, delivery.email,
+            ))  # fmt: skip
+    with cursor.copy(f"COPY stage_payment ({_PAYMENT_COLUMNS}) FROM STDIN") as copy:
+        for prepared in batch:
+            uid, payment = prepared.order.order_uid, prepared.order.payment
+            copy.write_row((
+                uid, payment.transaction, payment.request_id, payment.currency, payment.provider,
+                payment.amount, payment.payment_dt, payment.bank, payment.delivery_cost,
+                payment.goods_total, payment.custom_fee,
+            ))  # fmt: skip
+    with cursor.copy(f"COPY stage_items ({_ITEM_COLUMNS}) FROM STDIN") as copy:
+        for prepared in batch:
+            uid = prepared.order.order_uid
+            for position, item in enumerate(prepared.order.items):
+                copy.write_row((
+                    uid, position, item.chrt_id, item.track_number, item.price, item.rid,
+                    item.name, item.sale, item.size, item.total_price, item.nm_id, item.brand,
+                    item.status,
+                ))  # fmt: skip
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not answer a read now."""
+
+
+class PostgresOrderReader:
+    """Reads order documents for the HTTP side over a small pool of connections."""
+
+    def __init__(self, database_url: str, pool_size: int) -> None:
+        self._pool = AsyncConnectionPool(
+            database_url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=2.0,
+            kwargs={"autocommit": True, "application_name": "order-viewer-reader"},
+        )
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> bool:
+        try:
+            async with self._pool.connection(timeout=1.0) as connection:
+                await connection.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
+    async def document(self, order_uid: str) -> StoredDocument | None:
+        rows = await self._fetch(
+            "SELECT order_uid, document, content_sha256 FROM order_documents WHERE order_uid = %s",
+            (order_uid,),
+        )
+        return _stored_document(rows[0]) if rows else None
+
+    async def recent(self, limit: int) -> list[OrderSummary]:
+        rows = await self._fetch(
+            """
+            SELECT o.order_uid, o.date_created, o.customer_id, p.amount, p.currency,
+                   (SELECT count(*) FROM items i WHERE i.order_uid = o.order_uid)
+            FROM orders o JOIN payment p USING (order_uid)
+            ORDER BY o.date_created DESC, o.order_uid
+            LIMIT %s
+            """,
+            (limit,),
+        )
+        return [OrderSummary(*row) for row in rows]  # type: ignore[arg-type]
+
+    async def most_recent_documents(
+        self, limit: int, chunk: int = 5000
+    ) -> AsyncIterator[list[StoredDocument]]:
+        """The newest `limit` orders, oldest of them first so that the newest end up the most
+        recently used in the cache, in chunks streamed through a server-side cursor."""
+        async with self._pool.connection() as connection, connection.transaction():
+            cursor = connection.cursor(name="warm_up")
+            await cursor.execute(
+                """
+                SELECT order_uid, document, content_sha256 FROM (
+                    SELECT order_uid, document, content_sha256, date_created
+                    FROM order_documents ORDER BY date_created DESC, order_uid LIMIT %s
+                ) newest ORDER BY date_created, order_uid
+                """,
+                (limit,),
+            )
+            while rows := await cursor.fetchmany(chunk):
+                yield [_stored_document(row) for row in rows]
+
+    async def _fetch(self, query: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        try:
+            async with self._pool.connection() as connection:
+                cursor = await connection.execute(query, params)
+                return await cursor.fetchall()
+        except psycopg.Error as error:
+            if is_transient(error):  # includes the pool having no connection to lend
+                raise DatabaseUnavailable(str(error).strip()) from error
+            raise
+
+
+def _stored_document(row: tuple[object, ...]) -> StoredDocument:
+    order_uid, document, sha256 = row
+    assert isinstance(order_uid, str)
+    assert isinstance(document, str)
+    assert isinstance(sha256, bytes)
+    return StoredDocument(order_uid, document.encode(), sha256)

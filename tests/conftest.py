@@ -1,0 +1,268 @@
+"""Fixtures for tests that need the real servers: a private PostgreSQL and Kafka for the run, and
+`order-viewer serve` processes with topics of their own, so a developer's stack is never touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK_SCRIPT = ROOT / "scripts" / "stack.sh"
+ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
+    """Poll until `condition()` is truthy and return it; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Stack:
+    directory: Path
+    pg_port: int = field(default_factory=free_port)
+    kafka_port: int = field(default_factory=free_port)
+    controller_port: int = field(default_factory=free_port)
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://order_viewer:order_viewer@127.0.0.1:{self.pg_port}/order_viewer"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    def run(self, command: str) -> None:
+        """A stack.sh command on this run's servers (up, pg-stop, pg-start, kafka-kill, ...)."""
+        env = {
+            **os.environ,
+            "STACK_DIR": str(self.directory),
+            "PG_PORT": str(self.pg_port),
+            "KAFKA_PORT": str(self.kafka_port),
+            "KAFKA_CONTROLLER_PORT": str(self.controller_port),
+        }
+        subprocess.run([str(STACK_SCRIPT), command], env=env, check=True)
+
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(self.database_url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    # A temp dir the postgres server user can traverse (pytest's own tmp dirs are private).
+    base = Path(tempfile.mkdtemp(prefix="order-viewer-test-"))
+    base.chmod(0o755)
+    servers = Stack(base / ".stack")
+    servers.run("up")
+    yield servers
+    servers.run("destroy")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Topics:
+    orders: str
+    dead_letters: str
+    group: str
+
+
+@pytest.fixture
+def topics() -> Topics:
+    suffix = uuid.uuid4().hex[:10]
+    return Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
+
+
+class ServiceProcess:
+    """One `order-viewer serve` process over the run's servers, started and stopped at will."""
+
+    def __init__(self, stack: Stack, topics: Topics, log_dir: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": stack.database_url,
+            "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers,
+            "KAFKA_TOPIC": topics.orders,
+            "KAFKA_DLQ_TOPIC": topics.dead_letters,
+            "KAFKA_GROUP_ID": topics.group,
+            "HTTP_PORT": str(self.port),
+            **settings,
+        }
+        self.log_path = log_dir / f"service-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: bool = True) -> ServiceProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(ORDER_VIEWER), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        if ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                pytest.fail(f"service exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, timeout, "the service to be ready")
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(f"{self.base_url}{path}", timeout=10, **kwargs)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def terminate(self, timeout: float = 15) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+
+@pytest.fixture
+def start_service(
+    stack: Stack, topics: Topics, tmp_path: Path
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start services over this test's topics; each is stopped when the test ends."""
+    started: list[ServiceProcess] = []
+
+    def start(ready: bool = True, **settings: str) -> ServiceProcess:
+        service = ServiceProcess(stack, topics, tmp_path, **settings)
+        started.append(service)
+        return service.start(ready)
+
+    yield start
+    for service in started:
+        if service.process is not None and service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
+
+
+def produce(stack: Stack, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+    producer = Producer({"bootstrap.servers": stack.bootstrap_servers, "linger.ms": 10})
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(30) == 0, "the broker did not take every message"
+
+
+def encode_orders(orders: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes | None]]:
+    return [(order["order_uid"].encode(), json.dumps(order).encode()) for order in orders]
+
+
+def consume_all(stack: Stack, topic: str, count: int, timeout: float = 30) -> list[Any]:
+    """The first `count` messages of `topic`, read by a throwaway consumer group."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": stack.bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    received: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(received) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                received.append(message)
+    finally:
+        consumer.close()
+    return received
+
+
+def committed_lag(stack: Stack, topics: Topics) -> int:
+    """Messages of the orders topic the service's group has not committed yet."""
+    consumer = Consumer({"bootstrap.servers": stack.bootstrap_servers, "group.id": topics.group})
+    try:
+        partitions = (
+            consumer.list_topics(topics.orders, timeout=10).topics[topics.orders].partitions
+        )
+        lag = 0
+        for committed in consumer.committed(
+            [TopicPartition(topics.orders, p) for p in partitions], timeout=10
+        ):
+            _, high = consumer.get_watermark_offsets(committed, timeout=10)
+            lag += high - max(committed.offset, 0)
+        return lag
+    finally:
+        consumer.close()
+
+
+class RunningService:
+    """The service the end-to-end tests share, and a way to feed it orders."""
+
+    def __init__(self, stack: Stack, process: ServiceProcess, topics: Topics) -> None:
+        self.stack = stack
+        self.process = process
+        self.topics = topics
+        self.base_url = process.base_url
+
+    def ingest(self, orders: list[dict[str, Any]]) -> None:
+        """Produce the orders and return once every one of them is served."""
+        produce(self.stack, self.topics.orders, encode_orders(orders))
+        for order in orders:
+            wait_until(
+                lambda uid=order["order_uid"]: self.process.get(f"/order/{uid}").status_code == 200,
+                30,
+                f"order {order['order_uid']} to be served",
+            )
+
+
+@pytest.fixture(scope="session")
+def service(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    suffix = uuid.uuid4().hex[:10]
+    topics = Topics(
+        f"orders-e2e-{suffix}", f"orders-e2e-{suffix}.dlq", f"order-viewer-e2e-{suffix}"
+    )
+    process = ServiceProcess(stack, topics, tmp_path_factory.mktemp("service")).start()
+    yield RunningService(stack, process, topics)
+    process.terminate()

@@ -1,0 +1,301 @@
+"""The web page at `/`, driven in a real (Debian) Chromium against the running service.
+
+Needs the `service` fixture of tests/conftest.py: `service.base_url` and `service.ingest(orders)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Dialog,
+    Page,
+    Request,
+    expect,
+    sync_playwright,
+)
+
+from order_viewer.generate import SAMPLE_ORDER, make_order
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT = PROJECT_ROOT / "test-artifacts" / "order-page.png"
+SAMPLE_ID = "b563feb7b2b84b6test"
+HOSTILE_NAME = "<img src=x onerror=alert(1)>"
+HOSTILE_ITEM = "<script>alert(2)</script>"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"{CHROMIUM} is missing: install it with `apt-get install -y chromium`",
+    ),
+]
+
+expect.set_options(timeout=10_000)
+
+
+@dataclass
+class Tab:
+    """A page plus everything it did: requests, console messages, errors and dialogs."""
+
+    page: Page
+    base_url: str
+    requests: list[str] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+    def open(self, path: str = "/") -> None:
+        self.page.goto(self.base_url + path)
+
+    def by(self, test_id: str) -> Any:
+        return self.page.get_by_test_id(test_id)
+
+    def order_requests(self) -> list[str]:
+        return [url for url in self.requests if "/order/" in url]
+
+    def wait_loaded(self) -> None:
+        expect(self.by("status")).to_have_attribute("data-state", "loaded")
+
+    def assert_clean(self) -> None:
+        """No script error, no Content-Security-Policy violation, no dialog."""
+        assert self.errors == [], f"uncaught errors in the page: {self.errors}"
+        violations = [m for m in self.console if "Content Security Policy" in m]
+        assert violations == [], f"CSP violations: {violations}"
+        assert self.dialogs == [], f"dialogs opened: {self.dialogs}"
+
+
+def unique_id(tag: str) -> str:
+    return f"e2e{tag}{uuid.uuid4().hex[:16]}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def tab(browser: Browser, service: Any) -> Iterator[Tab]:
+    context = browser.new_context(
+        locale="en-US", timezone_id="UTC", viewport={"width": 1280, "height": 900}
+    )
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    tab = Tab(page=page, base_url=service.base_url.rstrip("/"))
+
+    def on_dialog(dialog: Dialog) -> None:
+        tab.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def on_console(message: ConsoleMessage) -> None:
+        tab.console.append(f"{message.type}: {message.text}")
+
+    def on_request(request: Request) -> None:
+        tab.requests.append(request.url)
+
+    page.on("dialog", on_dialog)
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: tab.errors.append(str(error)))
+    page.on("request", on_request)
+    yield tab
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def sample(service: Any) -> dict[str, Any]:
+    order = copy.deepcopy(SAMPLE_ORDER)
+    service.ingest([order])
+    return order
+
+
+def test_page_is_served_with_a_strict_csp(tab: Tab) -> None:
+    response = tab.page.goto(tab.base_url + "/")
+    assert response is not None
+    assert response.status == 200
+    policy = response.headers.get("content-security-policy", "")
+    assert "script-src 'self'" in policy, f"no strict Content-Security-Policy on /: {policy!r}"
+    tab.assert_clean()
+
+
+def test_typing_an_id_and_enter_shows_the_order(tab: Tab, sample: dict[str, Any]) -> None:
+    page = tab.page
+    tab.open("/")
+    expect(tab.by("order-input")).to_be_focused()
+
+    page.keyboard.type(SAMPLE_ID)
+    page.keyboard.press("Enter")
+    tab.wait_loaded()
+
+    summary = tab.by("section-summary")
+    expect(summary).to_contain_text(SAMPLE_ID)
+    expect(summary).to_contain_text("WBILMTESTTRACK")
+    expect(summary).to_contain_text("meest")
+    expect(tab.by("section-delivery")).to_contain_text("Test Testov")
+    expect(tab.by("section-delivery")).to_contain_text("Kiryat Mozkin")
+    expect(tab.by("items-table")).to_contain_text("Mascaras")
+    expect(tab.by("items-table")).to_contain_text("Vivienne Sabo")
+    payment = tab.by("section-payment")
+    expect(payment).to_contain_text(re.compile(r"(\$|USD)\s?18\.17"))  # amount 1817 cents
+    expect(payment).to_contain_text(re.compile(r"(\$|USD)\s?15\.00"))  # delivery_cost 1500
+    expect(payment).to_contain_text("wbpay")
+    expect(page).to_have_url(re.compile(r"/\?id=b563feb7b2b84b6test$"))
+
+    raw = tab.by("raw-json")
+    expect(raw).to_be_hidden()
+    tab.by("raw-json-toggle").click()
+    expect(raw).to_be_visible()
+    expect(raw).to_contain_text('"track_number": "WBILMTESTTRACK"')
+    shown = json.loads(raw.text_content() or "")
+    assert shown["order_uid"] == SAMPLE_ID
+    assert shown["delivery"]["name"] == "Test Testov"
+    assert shown["payment"]["amount"] == 1817
+    tab.by("raw-json-toggle").click()
+    expect(raw).to_be_hidden()
+    tab.assert_clean()
+
+
+def test_recent_orders_are_listed_and_open_on_click(tab: Tab, service: Any) -> None:
+    rng = random.Random(20240601)
+    orders = []
+    for _ in range(2):
+        order = make_order(rng, order_uid=unique_id("recent"))
+        order["date_created"] = now_iso()  # newest of all, so in the first page of /orders
+        orders.append(order)
+    service.ingest(orders)
+
+    page = tab.page
+    tab.open("/")
+    expect(tab.by("recent-orders")).to_have_attribute("data-state", "loaded")
+    links = {o["order_uid"]: tab.by("recent-order").filter(has_text=o["order_uid"]) for o in orders}
+    for link in links.values():
+        expect(link).to_have_count(1)
+
+    first, second = orders
+    for order in (first, second):
+        links[order["order_uid"]].click()
+        tab.wait_loaded()
+        expect(page).to_have_url(re.compile(rf"\?id={order['order_uid']}$"))
+        expect(tab.by("section-summary")).to_contain_text(order["order_uid"])
+        expect(tab.by("section-delivery")).to_contain_text(order["delivery"]["name"])
+        expect(links[order["order_uid"]]).to_have_attribute("aria-current", "page")
+
+    page.go_back()  # history follows the shown order
+    expect(page).to_have_url(re.compile(rf"\?id={first['order_uid']}$"))
+    expect(tab.by("section-summary")).to_contain_text(first["order_uid"])
+    expect(tab.by("order-input")).to_have_value(first["order_uid"])
+    page.go_forward()
+    expect(tab.by("section-summary")).to_contain_text(second["order_uid"])
+    tab.assert_clean()
+
+
+def test_deep_link_opens_the_order(tab: Tab, service: Any) -> None:
+    order = make_order(random.Random(7), order_uid=unique_id("deep"))
+    service.ingest([order])
+
+    tab.open(f"/?id={order['order_uid']}")
+    tab.wait_loaded()
+    expect(tab.by("section-summary")).to_contain_text(order["order_uid"])
+    expect(tab.by("section-delivery")).to_contain_text(order["delivery"]["name"])
+    expect(tab.by("items-table")).to_contain_text(order["items"][0]["name"])
+    expect(tab.by("order-input")).to_have_value(order["order_uid"])
+    assert tab.order_requests() == [f"{tab.base_url}/order/{order['order_uid']}"]
+    tab.assert_clean()
+
+
+def test_unknown_id_is_not_found_and_bad_ids_are_refused_without_a_request(
+    tab: Tab, service: Any
+) -> None:
+    page = tab.page
+    missing = unique_id("missing")
+    tab.open("/")
+    box = tab.by("order-input")
+    box.fill(missing)
+    box.press("Enter")
+    status = tab.by("status")
+    expect(status).to_have_attribute("data-state", "not-found")
+    expect(status).to_contain_text(missing)
+    expect(tab.by("section-summary")).to_be_hidden()
+    expect(page).to_have_url(re.compile(rf"\?id={missing}$"))
+    assert tab.order_requests() == [f"{tab.base_url}/order/{missing}"]
+
+    for bad in ["../etc/passwd", "a b", "x" * 65, "<b>id</b>"]:
+        box.fill(bad)
+        box.press("Enter")
+        expect(status).to_have_attribute("data-state", "bad-id")
+        expect(status).to_contain_text(bad)
+        expect(box).to_have_attribute("aria-invalid", "true")
+    expect(page).to_have_url(re.compile(rf"\?id={missing}$"))  # a bad id is not pushed
+
+    tab.open("/?id=..%2Fetc%2Fpasswd")
+    expect(status).to_have_attribute("data-state", "bad-id")
+    expect(status).to_contain_text("../etc/passwd")
+    page.wait_for_timeout(300)  # room for a stray fetch to show up
+    assert tab.order_requests() == [f"{tab.base_url}/order/{missing}"]
+    tab.assert_clean()
+
+
+def test_hostile_order_is_shown_as_text_and_runs_nothing(tab: Tab, service: Any) -> None:
+    order = make_order(random.Random(666), order_uid=unique_id("hostile"))
+    order["delivery"]["name"] = HOSTILE_NAME
+    order["items"][0]["name"] = HOSTILE_ITEM
+    service.ingest([order])
+
+    page = tab.page
+    tab.open(f"/?id={order['order_uid']}")
+    tab.wait_loaded()
+    expect(tab.by("section-delivery")).to_contain_text(HOSTILE_NAME)
+    expect(tab.by("items-table")).to_contain_text(HOSTILE_ITEM)
+    tab.by("raw-json-toggle").click()
+    expect(tab.by("raw-json")).to_contain_text(HOSTILE_NAME)
+    expect(page.locator("img")).to_have_count(0)
+    expect(page.locator("script")).to_have_count(1)  # only /static/app.js
+    page.wait_for_timeout(500)  # room for an onerror handler, were one injected
+
+    assert tab.dialogs == []
+    network = [url for url in tab.requests if not url.startswith("data:")]
+    foreign = [url for url in network if not url.startswith(tab.base_url + "/")]
+    assert foreign == [], f"requests outside {tab.base_url}: {foreign}"
+    assert f"{tab.base_url}/x" not in network
+    tab.assert_clean()
+
+
+def test_screenshot_of_the_sample_order(tab: Tab, sample: dict[str, Any]) -> None:
+    tab.open(f"/?id={SAMPLE_ID}")
+    tab.wait_loaded()
+    expect(tab.by("recent-orders")).to_have_attribute("data-state", "loaded")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    tab.page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 0
+    tab.assert_clean()

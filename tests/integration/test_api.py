@@ -1,0 +1,161 @@
+"""The HTTP API of a running service over the real servers."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import httpx
+import pytest
+from order_viewer.generate import SAMPLE_ORDER, make_order
+
+from tests.conftest import Stack, Topics, encode_orders, produce, wait_until
+
+pytestmark = pytest.mark.integration
+
+HOSTILE_IDS = [
+    "a" * 65,
+    "x" * 5000,
+    "..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e%2fetc",
+    "a%00b",
+    "a%0Ab",
+    "a%20b",
+    "%27%20OR%201=1--",
+    "1;DROP%20TABLE%20orders",
+    "a/b",
+    "%C3%A9t%C3%A9",
+    "<script>",
+]
+
+
+def served(service, uid: str) -> bool:
+    return service.get(f"/order/{uid}").status_code == 200
+
+
+@pytest.fixture
+def sample(topics: Topics) -> dict:
+    order = copy.deepcopy(SAMPLE_ORDER)
+    order["order_uid"] = f"sample-{topics.group[-10:]}"
+    return order
+
+
+def test_round_trip_of_the_sample_and_generated_orders(
+    stack: Stack, topics: Topics, start_service, sample
+) -> None:
+    service = start_service()
+    rng = random.Random(3)
+    orders = [sample, *(make_order(rng) for _ in range(50))]
+    produce(stack, topics.orders, encode_orders(orders))
+    for order in orders:
+        wait_until(lambda o=order: served(service, o["order_uid"]), 30, "the order to be served")
+        response = service.get(f"/order/{order['order_uid']}")
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() == order
+        assert response.headers["etag"]
+        assert "no-cache" in response.headers["cache-control"]
+
+    recent = service.get("/orders", params={"limit": 100}).json()["orders"]
+    by_uid = {summary["order_uid"]: summary for summary in recent}
+    assert by_uid[sample["order_uid"]] == {
+        "order_uid": sample["order_uid"],
+        "date_created": "2021-11-26T06:22:19Z",
+        "customer_id": "test",
+        "amount": 1817,
+        "currency": "USD",
+        "item_count": 1,
+    }
+
+
+def test_errors_are_clear_and_never_500(stack: Stack, topics: Topics, start_service) -> None:
+    service = start_service()
+    unknown = service.get("/order/no-such-order")
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "no order with this id", "order_uid": "no-such-order"}
+
+    for hostile in HOSTILE_IDS:
+        response = httpx.get(f"{service.base_url}/order/{hostile}", timeout=10)
+        assert response.status_code == 400, hostile
+        assert "error" in response.json()
+
+    for bad_limit in ("0", "101", "-1", "abc", "1e9"):
+        response = service.get("/orders", params={"limit": bad_limit})
+        assert response.status_code == 400, bad_limit
+        assert "error" in response.json()
+
+    assert service.get("/livez").json() == {"status": "ok"}
+    assert service.get("/readyz").json() == {"status": "ready", "not_ready": {}}
+    schema = service.get("/openapi.json").json()
+    assert {"/order/{order_uid}", "/orders", "/livez", "/readyz"} <= set(schema["paths"])
+    assert "Order" in schema["components"]["schemas"]
+    assert service.get("/docs").status_code == 200
+
+
+def test_etag_revalidation(stack: Stack, topics: Topics, start_service, sample) -> None:
+    service = start_service()
+    produce(stack, topics.orders, encode_orders([sample]))
+    wait_until(lambda: served(service, sample["order_uid"]), 30, "the sample to be served")
+    first = service.get(f"/order/{sample['order_uid']}")
+    again = service.get(
+        f"/order/{sample['order_uid']}", headers={"If-None-Match": first.headers["etag"]}
+    )
+    assert again.status_code == 304
+    assert again.content == b""
+    stale = service.get(f"/order/{sample['order_uid']}", headers={"If-None-Match": '"other"'})
+    assert stale.status_code == 200
+
+
+def test_page_is_served_with_a_strict_policy(stack: Stack, topics: Topics, start_service) -> None:
+    service = start_service()
+    page = service.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy
+    assert "script-src 'self'" in policy
+    assert service.get("/static/app.js").status_code == 200
+
+
+def test_database_down_cached_orders_200_uncached_503(
+    stack: Stack, topics: Topics, start_service, sample
+) -> None:
+    service = start_service()
+    produce(stack, topics.orders, encode_orders([sample]))
+    wait_until(lambda: served(service, sample["order_uid"]), 30, "the sample to be served")
+    stack.run("pg-stop")
+    try:
+        cached = service.get(f"/order/{sample['order_uid']}")
+        assert cached.status_code == 200
+        assert cached.json() == sample
+        uncached = service.get("/order/not-cached-anywhere")
+        assert uncached.status_code == 503
+        assert uncached.headers["retry-after"]
+        assert "error" in uncached.json()
+        ready = service.get("/readyz")
+        assert ready.status_code == 503
+        assert "database" in ready.json()["not_ready"]
+    finally:
+        stack.run("pg-start")
+    wait_until(lambda: service.get("/readyz").status_code == 200, 30, "readiness to return")
+
+
+def test_restart_serves_stored_orders_from_the_warmed_cache(
+    stack: Stack, topics: Topics, start_service, sample
+) -> None:
+    service = start_service()
+    rng = random.Random(8)
+    orders = [sample, *(make_order(rng) for _ in range(20))]
+    produce(stack, topics.orders, encode_orders(orders))
+    for order in orders:
+        wait_until(lambda o=order: served(service, o["order_uid"]), 30, "the order to be served")
+    assert service.terminate() == 0
+
+    restarted = start_service()
+    stack.run("pg-stop")
+    try:
+        for order in orders:
+            response = restarted.get(f"/order/{order['order_uid']}")
+            assert response.status_code == 200
+            assert response.json() == order
+    finally:
+        stack.run("pg-start")

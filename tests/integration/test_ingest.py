@@ -1,0 +1,236 @@
+"""Orders from the real Kafka broker into the real PostgreSQL, through `order-viewer serve`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import threading
+import time
+from typing import Any
+
+import pytest
+from order_viewer.generate import SAMPLE_ORDER, break_order, make_order
+
+from tests.conftest import (
+    Stack,
+    Topics,
+    committed_lag,
+    consume_all,
+    encode_orders,
+    produce,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def stored_documents(stack: Stack, uids: list[str]) -> dict[str, Any]:
+    with stack.connect() as connection:
+        rows = connection.execute(
+            "SELECT order_uid, document FROM order_documents WHERE order_uid = ANY(%s)", (uids,)
+        ).fetchall()
+    return {uid: json.loads(document) for uid, document in rows}
+
+
+def row_counts(stack: Stack, uids: list[str]) -> dict[str, int]:
+    with stack.connect() as connection:
+        return {
+            table: connection.execute(
+                f"SELECT count(*) FROM {table} WHERE order_uid = ANY(%s)",
+                (uids,),
+            ).fetchone()[0]
+            for table in ("orders", "delivery", "payment", "items")
+        }
+
+
+def wait_stored(stack: Stack, uids: list[str], timeout: float = 60) -> None:
+    wait_until(
+        lambda: row_counts(stack, uids)["orders"] == len(set(uids)),
+        timeout,
+        f"{len(set(uids))} orders to be stored",
+        interval=0.25,
+    )
+
+
+def orphan_rows(stack: Stack) -> int:
+    with stack.connect() as connection:
+        return (
+            sum(
+                connection.execute(
+                    f"SELECT count(*) FROM {table} t "
+                    "WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_uid = t.order_uid)"
+                ).fetchone()[0]
+                for table in ("delivery", "payment", "items")
+            )
+            + connection.execute(
+                "SELECT count(*) FROM orders o WHERE NOT EXISTS "
+                "(SELECT 1 FROM delivery d WHERE d.order_uid = o.order_uid) OR NOT EXISTS "
+                "(SELECT 1 FROM payment p WHERE p.order_uid = o.order_uid) OR NOT EXISTS "
+                "(SELECT 1 FROM items i WHERE i.order_uid = o.order_uid)"
+            ).fetchone()[0]
+        )
+
+
+def test_sample_lands_in_the_tables_exactly(stack: Stack, topics: Topics, start_service) -> None:
+    start_service()
+    sample = copy.deepcopy(SAMPLE_ORDER)
+    sample["order_uid"] = f"sample-{topics.group[-10:]}"
+    sample["payment"]["transaction"] = sample["order_uid"]
+    produce(stack, topics.orders, encode_orders([sample]))
+
+    wait_stored(stack, [sample["order_uid"]])
+    assert stored_documents(stack, [sample["order_uid"]]) == {sample["order_uid"]: sample}
+    assert row_counts(stack, [sample["order_uid"]]) == {
+        "orders": 1,
+        "delivery": 1,
+        "payment": 1,
+        "items": 1,
+    }
+    with stack.connect() as connection:
+        amount, date_created = connection.execute(
+            "SELECT p.amount, o.date_created FROM orders o JOIN payment p USING (order_uid) "
+            "WHERE order_uid = %s",
+            (sample["order_uid"],),
+        ).fetchone()
+    assert amount == 1817
+    assert date_created.isoformat() == "2021-11-26T06:22:19+00:00"
+
+
+def test_mixed_batch_stores_valid_and_dead_letters_invalid(
+    stack: Stack, topics: Topics, start_service
+) -> None:
+    start_service()
+    rng = random.Random(7)
+    valid = [make_order(rng) for _ in range(60)]
+    invalid: list[tuple[bytes, bytes, str]] = []
+    for _ in range(25):
+        order = make_order(rng)
+        value, code = break_order(rng, order)
+        invalid.append((order["order_uid"].encode(), value, code))
+    messages = encode_orders(valid) + [(key, value) for key, value, _ in invalid]
+    rng.shuffle(messages)
+    produce(stack, topics.orders, [*messages, (b"tombstone", None), (b"empty", b"")])
+
+    wait_stored(stack, [order["order_uid"] for order in valid])
+    expected = {order["order_uid"]: order for order in valid}
+    assert stored_documents(stack, list(expected)) == expected
+
+    dead = consume_all(stack, topics.dead_letters, len(invalid) + 2)
+    assert len(dead) == len(invalid) + 2
+    by_value = {(message.key(), message.value()): message for message in dead}
+    for key, value, code in invalid:
+        message = by_value[(key, value)]  # byte-for-byte, with its key
+        headers = dict(message.headers())
+        assert headers["error.code"].decode() == code
+        assert headers["error.message"]
+        assert headers["source.topic"].decode() == topics.orders
+        assert int(headers["source.offset"]) >= 0
+        assert int(headers["source.partition"]) >= 0
+    assert dict(by_value[(b"tombstone", None)].headers())["error.code"] == b"empty_value"
+    assert dict(by_value[(b"empty", b"")].headers())["error.code"] == b"empty_value"
+    # Nothing invalid reached the database.
+    assert row_counts(stack, [key.decode() for key, *_ in invalid])["orders"] == 0
+    wait_until(lambda: committed_lag(stack, topics) == 0, 30, "offsets committed to the end")
+
+
+def test_duplicate_changes_nothing_and_newer_message_replaces(
+    stack: Stack, topics: Topics, start_service
+) -> None:
+    start_service()
+    rng = random.Random(11)
+    order = make_order(rng)
+    uid = order["order_uid"]
+    produce(stack, topics.orders, encode_orders([order]))
+    wait_stored(stack, [uid])
+    with stack.connect() as connection:
+        before = connection.execute(
+            "SELECT xmin::text, stored_at FROM orders WHERE order_uid = %s", (uid,)
+        ).fetchone()
+
+    produce(stack, topics.orders, encode_orders([order, order]))
+    wait_until(lambda: committed_lag(stack, topics) == 0, 30, "the duplicates to be consumed")
+    with stack.connect() as connection:
+        after = connection.execute(
+            "SELECT xmin::text, stored_at FROM orders WHERE order_uid = %s", (uid,)
+        ).fetchone()
+    assert after == before
+    assert row_counts(stack, [uid])["orders"] == 1
+
+    updated = make_order(rng, order_uid=uid)
+    updated["items"] = updated["items"][:1] + [updated["items"][0]] * 2
+    newest = make_order(rng, order_uid=uid)
+    produce(stack, topics.orders, encode_orders([updated, newest]))
+    wait_until(lambda: stored_documents(stack, [uid]).get(uid) == newest, 30, "the newest version")
+    assert row_counts(stack, [uid]) == {
+        "orders": 1,
+        "delivery": 1,
+        "payment": 1,
+        "items": len(newest["items"]),
+    }
+    assert orphan_rows(stack) == 0
+
+
+def stream(stack: Stack, topic: str, orders: list[dict[str, Any]], seconds: float) -> None:
+    """Produce the orders spread over about `seconds`, so that faults land mid-stream."""
+    chunks = 20
+    size = max(1, len(orders) // chunks)
+    for start in range(0, len(orders), size):
+        produce(stack, topic, encode_orders(orders[start : start + size]))
+        time.sleep(seconds / chunks)
+
+
+def assert_stored_exactly(stack: Stack, topics: Topics, orders: list[dict[str, Any]]) -> None:
+    expected = {order["order_uid"]: order for order in orders}
+    wait_stored(stack, list(expected), timeout=180)
+    assert stored_documents(stack, list(expected)) == expected
+    assert row_counts(stack, list(expected))["items"] == sum(
+        len(order["items"]) for order in orders
+    )
+    assert orphan_rows(stack) == 0
+    wait_until(lambda: committed_lag(stack, topics) == 0, 60, "offsets committed to the end")
+
+
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(
+    stack: Stack, topics: Topics, start_service
+) -> None:
+    service = start_service()
+    rng = random.Random(2024)
+    orders = [make_order(rng) for _ in range(20_000)]
+    producer = threading.Thread(target=stream, args=(stack, topics.orders, orders, 6.0))
+    producer.start()
+    wait_until(
+        lambda: row_counts(stack, [o["order_uid"] for o in orders[:2000]])["orders"] > 100,
+        60,
+        "the service to be storing",
+    )
+    service.kill()
+    producer.join()
+    service.start()
+    assert_stored_exactly(stack, topics, orders)
+
+
+def test_database_outage_mid_stream_is_waited_out(
+    stack: Stack, topics: Topics, start_service
+) -> None:
+    service = start_service()
+    rng = random.Random(99)
+    orders = [make_order(rng) for _ in range(5000)]
+    producer = threading.Thread(target=stream, args=(stack, topics.orders, orders, 4.0))
+    producer.start()
+    wait_until(
+        lambda: row_counts(stack, [o["order_uid"] for o in orders[:1000]])["orders"] > 10,
+        60,
+        "the service to be storing",
+    )
+    stack.run("pg-stop")
+    try:
+        time.sleep(15)
+        assert service.process is not None
+        assert service.process.poll() is None, "the service must wait, not exit"
+    finally:
+        stack.run("pg-start")
+    producer.join()
+    assert_stored_exactly(stack, topics, orders)
+    assert "database unavailable, retrying" in service.log()
+    assert "database recovered" in service.log()

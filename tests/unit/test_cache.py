@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import threading
+
+from order_viewer.cache import CachedOrder, OrderCache
+
+
+def entry(text: str) -> CachedOrder:
+    return CachedOrder.of(text.encode(), text.encode().ljust(32, b"\0"))
+
+
+def test_least_recently_used_is_evicted_first() -> None:
+    cache = OrderCache(capacity=2)
+    cache.put_written({"a": entry("a"), "b": entry("b")})
+    assert cache.get("a") == entry("a")  # "b" is now the least recently used
+    cache.put_written({"c": entry("c")})
+    assert cache.get("b") is None
+    assert cache.get("a") == entry("a")
+    assert cache.get("c") == entry("c")
+    assert len(cache) == 2
+    assert cache.evictions == 1
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_a_written_order_replaces_its_cached_copy() -> None:
+    cache = OrderCache(capacity=10)
+    cache.put_written({"a": entry("old")})
+    cache.put_written({"a": entry("new")})
+    assert cache.get("a") == entry("new")
+
+
+def test_fill_never_overwrites_and_yields_to_a_concurrent_write() -> None:
+    cache = OrderCache(capacity=10)
+    cache.put_written({"a": entry("new")})
+    assert cache.fill({"a": entry("old")}, cache.writes) == 0
+    assert cache.get("a") == entry("new")
+
+    before_read = cache.writes
+    cache.put_written({"b": entry("b")})  # the consumer committed while the read was under way
+    assert cache.fill({"c": entry("c")}, before_read) == 0
+    assert cache.get("c") is None
+    assert cache.fill({"c": entry("c")}, cache.writes) == 1
+    assert cache.get("c") == entry("c")
+
+
+def test_capacity_zero_keeps_nothing() -> None:
+    cache = OrderCache(capacity=0)
+    cache.put_written({"a": entry("a")})
+    assert cache.get("a") is None
+
+
+def test_etag_is_a_quoted_digest_prefix() -> None:
+    cached = CachedOrder.of(b"{}", bytes(range(32)))
+    assert cached.etag == '"000102030405060708090a0b0c0d0e0f"'
+
+
+def test_concurrent_writers_and_readers_keep_the_bound() -> None:
+    cache = OrderCache(capacity=100)
+
+    def write(prefix: str) -> None:
+        for number in range(2000):
+            cache.put_written({f"{prefix}{number}": entry(str(number))})
+
+    def read() -> None:
+        for number in range(2000):
+            cache.get(f"w{number}")
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in "wxy"]
+    threads += [threading.Thread(target=read) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(cache) == 100
+    assert cache.evictions == 3 * 2000 - 100
