@@ -8,9 +8,9 @@ import json
 from collections.abc import Sequence
 
 import pytest
-from order_viewer.generate import SAMPLE_ORDER
 
 from order_viewer.cache import OrderCache
+from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.service import Message, OrderIngest, OrderLookup
 from order_viewer.store import (
     DatabaseUnavailable,
