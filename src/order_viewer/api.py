@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.convertors import Convertor, register_url_convertor
 
 from order_viewer.model import ORDER_UID_PATTERN, Order
 from order_viewer.service import OrderLookup
@@ -31,6 +32,22 @@ CONTENT_SECURITY_POLICY = (
 ORDER_CACHE_CONTROL = "no-cache"
 
 _order_uid = re.compile(ORDER_UID_PATTERN)
+
+
+class _AnyText(Convertor[str]):
+    """Matches any path remainder, newlines and slashes included, so that every malformed id
+    reaches the handler and gets a 400 that explains the rule rather than a bare 404."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("any_text", _AnyText())
 
 
 class Readiness(Protocol):
@@ -106,7 +123,7 @@ def create_app(
         )
 
     @app.get(
-        "/order/{order_uid:path}",
+        "/order/{order_uid:any_text}",
         summary="One order by its id",
         response_model=Order,
         responses={

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -75,6 +76,10 @@ class Service:
                 h11_max_incomplete_event_size=16 * 1024,
             )
         )
+        # uvicorn stops gracefully on SIGINT/SIGTERM, then hands the signal on to the handler that
+        # was installed before it; this one makes a requested stop end with status 0.
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop_signal, _stopped_by_request)
         self._server.run()
         return 1 if self.failed else 0
 
@@ -146,3 +151,7 @@ class Service:
             self.failed = True
             if self._server is not None:
                 self._server.should_exit = True
+
+
+def _stopped_by_request(signal_number: int, _: object) -> None:
+    log.info("stopped by %s", signal.Signals(signal_number).name)

@@ -7,8 +7,8 @@ import random
 
 import httpx
 import pytest
-from order_viewer.generate import SAMPLE_ORDER, make_order
 
+from order_viewer.generate import SAMPLE_ORDER, make_order
 from tests.conftest import Stack, Topics, encode_orders, produce, wait_until
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 import pytest
-from order_viewer.generate import SAMPLE_ORDER, break_order, make_order
 
+from order_viewer.generate import SAMPLE_ORDER, break_order, make_order
 from tests.conftest import (
     Stack,
     Topics,
