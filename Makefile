@@ -39,12 +39,13 @@ test-integration: install
 	$(BIN)/pytest tests/integration tests/e2e
 
 check: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 bench: install
 	scripts/stack.sh up
+	scripts/stack.sh install-bench-tools
 	$(BIN)/python -m benchmarks
 
 clean:

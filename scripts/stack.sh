@@ -5,6 +5,7 @@
 # Usage: scripts/stack.sh COMMAND
 #   install          install PostgreSQL 15 if missing, fetch the Kafka jars if missing
 #   install-browser  install Debian's chromium if /usr/bin/chromium is missing
+#   install-bench-tools  install wrk (the HTTP load generator of make bench) if missing
 #   up               install, then start both servers (reuses running ones) and wait until ready
 #   down             stop both servers gracefully, keep the data
 #   status           tell whether each server is running
@@ -194,6 +195,12 @@ cmd_install_browser() {
     [ -x /usr/bin/chromium ] && return 0
     say "installing chromium (apt)"
     apt_install chromium
+}
+
+cmd_install_bench_tools() {
+    command -v wrk >/dev/null 2>&1 && return 0
+    say "installing wrk (apt)"
+    apt_install wrk
 }
 
 # ---------------------------------------------------------------- stack dir
@@ -648,6 +655,7 @@ main() {
     case "$command" in
         install) cmd_install ;;
         install-browser) cmd_install_browser ;;
+        install-bench-tools) cmd_install_bench_tools ;;
         up) lock_stack_dir; cmd_up ;;
         down) lock_existing_stack_dir; cmd_down ;;
         status) cmd_status ;;

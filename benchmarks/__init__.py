@@ -1,0 +1,1 @@
+"""`make bench`: ingest throughput against COPY and a per-order writer, and HTTP lookups."""

@@ -1,0 +1,440 @@
+"""Runs every benchmark on the local stack and prints the figures (see docs/PERFORMANCE.md).
+
+Uses a database and topics of its own (`order_viewer_bench`, `bench-*`), so a developer's data
+is left alone. Timings here, never in tests: the machine is shared and noisy, so ratios measured
+in the same run are the figures to trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from confluent_kafka import Producer
+from rich.console import Console
+from rich.progress import Progress
+
+from order_viewer.broker import ensure_topics
+from order_viewer.config import Settings
+from order_viewer.generate import encode, make_order
+from order_viewer.model import Order, parse_order
+from order_viewer.store import migrate
+
+ROOT = Path(__file__).resolve().parents[1]
+WRK_SCRIPT = Path(__file__).with_name("random_ids.lua")
+console = Console(stderr=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Bench:
+    admin_url: str
+    database_url: str
+    bootstrap: str
+    topic: str
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.database_url, autocommit=True)
+
+    def count_orders(self) -> int:
+        with self.connect() as connection:
+            row = connection.execute("SELECT count(*) FROM orders").fetchone()
+            assert row is not None
+            return int(row[0])
+
+    def truncate(self) -> None:
+        with self.connect() as connection:
+            connection.execute("TRUNCATE orders, delivery, payment, items")
+
+
+def fresh_database(base_url: str) -> str:
+    """Drop and create `order_viewer_bench` next to the configured database; its URL."""
+    name = "order_viewer_bench"
+    with psycopg.connect(base_url, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.execute(f"CREATE DATABASE {name}")
+    url = re.sub(r"/[^/?]*(\?|$)", rf"/{name}\1", base_url.rsplit("@", 1)[1], count=1)
+    return base_url.rsplit("@", 1)[0] + "@" + url
+
+
+class ServiceRun:
+    """`order-viewer serve` as a subprocess with its own port and settings."""
+
+    def __init__(self, bench: Bench, log: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "DATABASE_URL": bench.database_url,
+            "KAFKA_BOOTSTRAP_SERVERS": bench.bootstrap,
+            "KAFKA_TOPIC": bench.topic,
+            "KAFKA_DLQ_TOPIC": f"{bench.topic}.dlq",
+            "KAFKA_GROUP_ID": f"{bench.topic}-group",
+            "HTTP_PORT": str(self.port),
+            **settings,
+        }
+        self.log = log
+        with log.open("wb") as output:
+            self.process = subprocess.Popen(
+                [str(ROOT / ".venv" / "bin" / "order-viewer"), "serve"],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        self.started = time.perf_counter()
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                sys.exit(f"service exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return time.perf_counter()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        sys.exit("service not ready in time")
+
+    def memory_kib(self, field: str) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+        assert match is not None
+        return int(match.group(1))
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+
+def generate(count: int, seed: int) -> list[tuple[bytes, bytes]]:
+    rng = random.Random(seed)
+    messages = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating orders", total=count)
+        for number in range(count):
+            order = make_order(rng)
+            messages.append((order["order_uid"].encode(), encode(order)))
+            if number % 5000 == 0:
+                progress.update(task, completed=number)
+    return messages
+
+
+def produce(bench: Bench, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = Producer(
+        {"bootstrap.servers": bench.bootstrap, "linger.ms": 50, "compression.type": "lz4"}
+    )
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("producing to Kafka", total=len(messages))
+        for number, (key, value) in enumerate(messages):
+            while True:
+                try:
+                    producer.produce(bench.topic, key=key, value=value)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            if number % 5000 == 0:
+                producer.poll(0)
+                progress.update(task, completed=number)
+        producer.flush()
+
+
+def copy_rows(orders: list[Order]) -> dict[str, str]:
+    """The four tables' rows as COPY text, prepared before the clock starts."""
+    buffers = {name: io.StringIO() for name in ("orders", "delivery", "payment", "items")}
+    writers = {name: csv.writer(buffer) for name, buffer in buffers.items()}
+    for offset, order in enumerate(orders):
+        uid = order.order_uid
+        writers["orders"].writerow((
+            uid, order.track_number, order.entry, order.locale, order.internal_signature,
+            order.customer_id, order.delivery_service, order.shardkey, order.sm_id,
+            order.date_created.isoformat(), order.oof_shard, "\\x00", 0, offset,
+        ))  # fmt: skip
+        d = order.delivery
+        writers["delivery"].writerow(
+            (uid, d.name, d.phone, d.zip, d.city, d.address, d.region, d.email)
+        )
+        p = order.payment
+        writers["payment"].writerow((
+            uid, p.transaction, p.request_id, p.currency, p.provider, p.amount, p.payment_dt,
+            p.bank, p.delivery_cost, p.goods_total, p.custom_fee,
+        ))  # fmt: skip
+        for position, i in enumerate(order.items):
+            writers["items"].writerow((
+                uid, position, i.chrt_id, i.track_number, i.price, i.rid, i.name, i.sale,
+                i.size, i.total_price, i.nm_id, i.brand, i.status,
+            ))  # fmt: skip
+    return {name: buffer.getvalue() for name, buffer in buffers.items()}
+
+
+COPY_COLUMNS = {
+    "orders": "order_uid, track_number, entry, locale, internal_signature, customer_id, "
+    "delivery_service, shardkey, sm_id, date_created, oof_shard, content_sha256, "
+    "kafka_partition, kafka_offset",
+    "delivery": "order_uid, name, phone, zip, city, address, region, email",
+    "payment": "order_uid, transaction, request_id, currency, provider, amount, payment_dt, "
+    "bank, delivery_cost, goods_total, custom_fee",
+    "items": "order_uid, position, chrt_id, track_number, price, rid, name, sale, size, "
+    "total_price, nm_id, brand, status",
+}
+
+
+def time_copy(bench: Bench, rows: dict[str, str]) -> float:
+    with bench.connect() as connection:
+        started = time.perf_counter()
+        with connection.transaction(), connection.cursor() as cursor:
+            for table in ("orders", "delivery", "payment", "items"):
+                with cursor.copy(
+                    f"COPY {table} ({COPY_COLUMNS[table]}) FROM STDIN (FORMAT csv)"
+                ) as copy:
+                    copy.write(rows[table])
+        return time.perf_counter() - started
+
+
+def time_per_order_transactions(bench: Bench, orders: list[Order]) -> float:
+    """What most implementations do: one transaction per order, a statement per row."""
+    with bench.connect() as connection:
+        started = time.perf_counter()
+        for offset, order in enumerate(orders):
+            with connection.transaction(), connection.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO orders (order_uid, track_number, entry, locale, "
+                    "internal_signature, customer_id, delivery_service, shardkey, sm_id, "
+                    "date_created, oof_shard, content_sha256, kafka_partition, kafka_offset) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (order.order_uid, order.track_number, order.entry, order.locale,
+                     order.internal_signature, order.customer_id, order.delivery_service,
+                     order.shardkey, order.sm_id, order.date_created, order.oof_shard, b"\0",
+                     0, offset),
+                )  # fmt: skip
+                d = order.delivery
+                cursor.execute(
+                    "INSERT INTO delivery VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (order.order_uid, d.name, d.phone, d.zip, d.city, d.address, d.region, d.email),
+                )
+                p = order.payment
+                cursor.execute(
+                    "INSERT INTO payment VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (order.order_uid, p.transaction, p.request_id, p.currency, p.provider,
+                     p.amount, p.payment_dt, p.bank, p.delivery_cost, p.goods_total, p.custom_fee),
+                )  # fmt: skip
+                for position, i in enumerate(order.items):
+                    cursor.execute(
+                        "INSERT INTO items VALUES "
+                        "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        (order.order_uid, position, i.chrt_id, i.track_number, i.price, i.rid,
+                         i.name, i.sale, i.size, i.total_price, i.nm_id, i.brand, i.status),
+                    )  # fmt: skip
+        return time.perf_counter() - started
+
+
+@contextmanager
+def peak_rss_sampler(run: ServiceRun) -> Iterator[Callable[[], int]]:
+    """VmHWM is the kernel's own peak; read it while the process lives."""
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.5):
+            try:
+                peak = max(peak, run.memory_kib("VmHWM"))
+            except (FileNotFoundError, AssertionError):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield lambda: peak
+    finally:
+        done.set()
+        thread.join()
+
+
+def ingest_benchmark(
+    bench: Bench, messages: list[tuple[bytes, bytes]], logs: Path
+) -> dict[str, Any]:
+    orders = [parse_order(value) for _, value in messages]
+    rows = copy_rows(orders)
+    console.print("timing COPY of the same rows (the ceiling)")
+    copy_seconds = time_copy(bench, rows)
+    bench.truncate()
+    sample = orders[: min(len(orders), 10_000)]
+    console.print(f"timing a one-transaction-per-order writer on {len(sample):,} orders")
+    per_order_seconds = time_per_order_transactions(bench, sample)
+    bench.truncate()
+
+    console.print(f"timing order-viewer serve on {len(orders):,} orders")
+    run = ServiceRun(bench, logs / "ingest.log", CACHE_CAPACITY="100000")
+    with peak_rss_sampler(run) as peak, Progress(console=console, transient=True) as progress:
+        ready = run.wait_ready()
+        task = progress.add_task("stored", total=len(orders))
+        stored = 0
+        while stored < len(orders):
+            time.sleep(0.2)
+            stored = bench.count_orders()
+            progress.update(task, completed=stored)
+        finished = time.perf_counter()
+        peak_kib = max(peak(), run.memory_kib("VmHWM"))
+    run.stop()
+    service_rate = len(orders) / (finished - ready)
+    return {
+        "orders": len(orders),
+        "service_rate": service_rate,
+        "service_rate_from_start": len(orders) / (finished - run.started),
+        "copy_rate": len(orders) / copy_seconds,
+        "per_order_rate": len(sample) / per_order_seconds,
+        "peak_rss_mib": peak_kib / 1024,
+    }
+
+
+def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, float]:
+    output = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(WRK_SCRIPT),
+            url,
+        ],
+        env={**os.environ, "IDS_FILE": str(ids_file)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", output)
+    assert p99 is not None, output
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "rate": rate,
+        "p99_ms": float(p99.group(1)) * scale,
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+def warm_up_seconds(log: Path) -> float:
+    match = re.search(r"cache warmed with (\d+) orders in ([\d.]+) s", log.read_text())
+    assert match is not None
+    return float(match.group(2))
+
+
+def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+    with bench.connect() as connection:
+        ids = [
+            row[0]
+            for row in connection.execute(
+                "SELECT order_uid FROM orders ORDER BY date_created DESC, order_uid LIMIT %s",
+                (cached,),
+            )
+        ]
+    ids_file = logs / "ids.txt"
+    ids_file.write_text("\n".join(ids) + "\n")
+
+    console.print(f"HTTP: cache of {cached:,} orders, wrk with 64 connections for {seconds} s")
+    hits = ServiceRun(bench, logs / "hits.log", CACHE_CAPACITY=str(cached))
+    hits.wait_ready()
+    warm = warm_up_seconds(hits.log)
+    rss_cached = hits.memory_kib("VmRSS")
+    hit = wrk(hits.url, ids_file, 64, seconds)
+    hits.stop()
+
+    console.print("HTTP: no cache (every request reads PostgreSQL)")
+    misses = ServiceRun(bench, logs / "misses.log", CACHE_CAPACITY="0")
+    misses.wait_ready()
+    rss_empty = misses.memory_kib("VmRSS")
+    miss = wrk(misses.url, ids_file, 64, seconds)
+    misses.stop()
+    return {
+        "cached": cached,
+        "hit": hit,
+        "miss": miss,
+        "warm_up_seconds": warm,
+        "bytes_per_cached_order": (rss_cached - rss_empty) * 1024 / cached,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--orders", type=int, default=200_000)
+    parser.add_argument("--cached", type=int, default=100_000)
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--seed", type=int, default=1)
+    arguments = parser.parse_args()
+
+    settings = Settings()
+    base_url = str(settings.database_url)
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    bench = Bench(base_url, fresh_database(base_url), settings.kafka_bootstrap_servers, topic)
+    migrate(bench.database_url)
+    ensure_topics(
+        settings.model_copy(update={"kafka_topic": topic, "kafka_dlq_topic": f"{topic}.dlq"}),
+        threading.Event(),
+    )
+    logs = Path(tempfile.mkdtemp(prefix="order-viewer-bench-"))
+    messages = generate(arguments.orders, arguments.seed)
+    produce(bench, messages)
+
+    ingest = ingest_benchmark(bench, messages, logs)
+    http = http_benchmark(bench, min(arguments.cached, arguments.orders), arguments.seconds, logs)
+
+    print(f"\n## Ingest of {ingest['orders']:,} orders (3 partitions)\n")
+    print("| writer | orders/s | vs. COPY |")
+    print("|---|---:|---:|")
+    for name, key in (
+        ("plain COPY of the same rows (ceiling)", "copy_rate"),
+        ("order-viewer serve (Kafka to PostgreSQL, from readiness)", "service_rate"),
+        ("order-viewer serve (from process start)", "service_rate_from_start"),
+        ("one transaction per order", "per_order_rate"),
+    ):
+        print(f"| {name} | {ingest[key]:,.0f} | {ingest[key] / ingest['copy_rate']:.2f} |")
+    print(
+        f"\norder-viewer vs. one transaction per order: "
+        f"{ingest['service_rate'] / ingest['per_order_rate']:.1f}x; "
+        f"peak RSS of the service: {ingest['peak_rss_mib']:.0f} MiB"
+    )
+    print(f"\n## HTTP lookups, {http['cached']:,} orders, wrk -t2 -c64\n")
+    print("| path | requests/s | p99 ms | non-2xx |")
+    print("|---|---:|---:|---:|")
+    for name in ("hit", "miss"):
+        rate, p99, errors = (http[name][key] for key in ("rate", "p99_ms", "errors"))
+        print(f"| cache {name} | {rate:,.0f} | {p99:.2f} | {errors:.0f} |")
+    print(
+        f"\ncache hit vs. miss: {http['hit']['rate'] / http['miss']['rate']:.1f}x; "
+        f"warm-up of {http['cached']:,} orders: {http['warm_up_seconds']:.2f} s; "
+        f"memory per cached order: {http['bytes_per_cached_order']:,.0f} bytes"
+    )
+    print(f"\nlogs: {logs}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from order_viewer.config import ConfigurationError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
+
+
+def readme_settings() -> dict[str, str]:
+    rows = re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", (ROOT / "README.md").read_text(), re.M)
+    return dict(rows)
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
+    defaults = {name.upper(): str(field.default) for name, field in Settings.model_fields.items()}
+    assert readme_settings() == defaults
+
+
+def test_defaults_are_the_documented_contract() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert str(settings.database_url) == (
+        "postgresql://order_viewer:order_viewer@127.0.0.1:5432/order_viewer"
+    )
+    assert settings.kafka_bootstrap_servers == "127.0.0.1:9092"
+    assert (settings.kafka_topic, settings.kafka_dlq_topic) == ("orders", "orders.dlq")
+    assert settings.kafka_group_id == "order-viewer"
+    assert (settings.http_host, settings.http_port) == ("127.0.0.1", 8081)
+    assert settings.cache_capacity == 100_000
+    assert settings.log_level == "INFO"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HTTP_PORT", "eighty"),
+        ("HTTP_PORT", "70000"),
+        ("CACHE_CAPACITY", "-1"),
+        ("LOG_LEVEL", "LOUD"),
+        ("DATABASE_URL", "mysql://nope"),
+        ("KAFKA_TOPIC", ""),
+    ],
+)
+def test_a_malformed_setting_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=f"^invalid setting {variable}: "):
+        load_settings()
+
+
+def test_the_command_reports_a_bad_setting_in_one_line_without_secrets() -> None:
+    result = subprocess.run(
+        [str(ORDER_VIEWER), "migrate"],
+        env={"DATABASE_URL": "postgresql://user:s3cret@host:notaport/db", "PATH": "/usr/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("order-viewer: invalid setting DATABASE_URL")
+    assert "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["migrate"], ["produce"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = subprocess.run(
+        [str(ORDER_VIEWER), *command, "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: order-viewer")
