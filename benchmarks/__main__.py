@@ -167,7 +167,8 @@ def produce(bench: Bench, messages: list[tuple[bytes, bytes]]) -> None:
 def copy_rows(orders: list[Order]) -> dict[str, str]:
     """The four tables' rows as COPY text, prepared before the clock starts."""
     buffers = {name: io.StringIO() for name in ("orders", "delivery", "payment", "items")}
-    writers = {name: csv.writer(buffer) for name, buffer in buffers.items()}
+    # Quoted, because in CSV an unquoted empty field is NULL and a quoted one the empty string.
+    writers = {name: csv.writer(buffer, quoting=csv.QUOTE_ALL) for name, buffer in buffers.items()}
     for offset, order in enumerate(orders):
         uid = order.order_uid
         writers["orders"].writerow((

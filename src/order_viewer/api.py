@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from importlib import resources
 from importlib.metadata import version
@@ -16,7 +14,9 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from order_viewer.cache import CachedOrder
 from order_viewer.model import ORDER_UID_PATTERN, Order
 from order_viewer.service import OrderLookup
 from order_viewer.store import DatabaseUnavailable
@@ -94,13 +94,11 @@ _UNAVAILABLE = {"model": ErrorBody, "description": "The database is unreachable;
 def create_app(
     lookup: OrderLookup,
     readiness: Readiness,
-    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
-) -> FastAPI:
+) -> ASGIApp:
     app = FastAPI(
         title="order-viewer",
         summary="Orders consumed from Kafka, stored in PostgreSQL, served by id.",
         version=_version(),
-        lifespan=lifespan,
     )
     static = resources.files("order_viewer") / "static"
     index_html = (static / "index.html").read_bytes()
@@ -134,18 +132,17 @@ def create_app(
         },
     )
     async def order(order_uid: str, request: Request) -> Response:
+        # Orders in memory were answered by CachedOrders before the request got here.
         if not _order_uid.fullmatch(order_uid):
             return _error(400, "an order id is 1 to 64 letters, digits, '-' or '_'")
         try:
-            found = await lookup.order(order_uid)
+            found = await lookup.load(order_uid)
         except DatabaseUnavailable:
             return _error(503, "the order is not in memory and the database is unreachable")
         if found is None:
             return _error(404, "no order with this id", order_uid=order_uid)
-        headers = {"ETag": found.etag, "Cache-Control": ORDER_CACHE_CONTROL}
-        if request.headers.get("if-none-match") == found.etag:
-            return Response(status_code=304, headers=headers)
-        return Response(found.body, media_type="application/json", headers=headers)
+        status, headers, body = order_reply(found, request.headers.get("if-none-match"))
+        return Response(body, status_code=status, headers=headers)
 
     @app.get(
         "/orders",
@@ -181,7 +178,60 @@ def create_app(
         )
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    return app
+    return CachedOrders(app, lookup)
+
+
+def order_reply(found: CachedOrder, if_none_match: str | None) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body for an order found, honouring the client's If-None-Match."""
+    headers = {"etag": found.etag, "cache-control": ORDER_CACHE_CONTROL}
+    if if_none_match is not None and _matches(if_none_match, found.etag):
+        return 304, headers, b""
+    headers["content-type"] = "application/json"
+    return 200, headers, found.body
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    candidates = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return etag in candidates or "*" in candidates
+
+
+class CachedOrders:
+    """Answers GET /order/{id} for orders in memory before the framework sees the request.
+
+    That is the hot path, and the framework's routing, validation and response objects would
+    cost most of its time (docs/DESIGN.md has the figures); misses and everything else go on to
+    the app, which documents the route and answers the other cases.
+    """
+
+    def __init__(self, app: ASGIApp, lookup: OrderLookup) -> None:
+        self._app = app
+        self._lookup = lookup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path: str = scope["path"]
+            found = self._lookup.cached(path[7:]) if path.startswith("/order/") else None
+            if found is not None:
+                status, headers, body = order_reply(found, _header(scope, b"if-none-match"))
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [
+                            (name.encode(), value.encode()) for name, value in headers.items()
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self._app(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _version() -> str:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import psycopg
 import sqlalchemy.exc
-import uvicorn
-from fastapi import FastAPI
+import uvloop
+from granian.constants import Interfaces
+from granian.http import HTTP1Settings
+from granian.log import LogLevels
+from granian.server.embed import Server
 
 from order_viewer.api import create_app
 from order_viewer.cache import CachedOrder, OrderCache
@@ -50,7 +53,7 @@ class Service:
         self.warmed = False
         self.failed = False
         self._consumer_thread: threading.Thread | None = None
-        self._server: uvicorn.Server | None = None
+        self._stop_server: Callable[[], object] = lambda: None
 
     async def not_ready(self) -> dict[str, str]:
         not_ready = {}
@@ -64,31 +67,40 @@ class Service:
 
     def run(self) -> int:
         """Serve until SIGINT or SIGTERM; the exit status."""
-        app = create_app(self.lookup, self, lifespan=self._lifespan)
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=self.settings.http_host,
-                port=self.settings.http_port,
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=5,
-                h11_max_incomplete_event_size=16 * 1024,
-            )
-        )
-        # uvicorn stops gracefully on SIGINT/SIGTERM, then hands the signal on to the handler that
-        # was installed before it; this one makes a requested stop end with status 0.
-        for stop_signal in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop_signal, _stopped_by_request)
-        self._server.run()
-        return 1 if self.failed else 0
+        address = (self.settings.http_host, self.settings.http_port)
+        try:
+            # Asked before anything starts, so a taken port is one clear line, not a traceback
+            # from inside the HTTP server after the consumer has joined its group.
+            with socket.create_server(address):
+                pass
+        except OSError as error:
+            log.error("cannot listen on %s:%d: %s", *address, error.strerror)
+            return 1
+        log.info("serving HTTP on http://%s:%d", *address)
+        # uvloop's event loop answers cached orders about half again as fast as asyncio's.
+        return uvloop.run(self._serve())
 
-    @asynccontextmanager
-    async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+    async def _serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        server = Server(
+            create_app(self.lookup, self),
+            address=self.settings.http_host,
+            port=self.settings.http_port,
+            interface=Interfaces.ASGINL,
+            websockets=False,
+            backlog=1024,
+            http1_settings=HTTP1Settings(header_read_timeout=10_000, max_buffer_size=64 * 1024),
+            log_level=LogLevels.error,
+            # Our own log format for granian's lines too, rather than its own handlers.
+            log_dictconfig={"loggers": {"_granian": {"propagate": True}}},
+        )
+        self._stop_server = lambda: loop.call_soon_threadsafe(server.stop)
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(stop_signal, self._stopped_by_signal, stop_signal, server)
         await self.reader.open()
         starting = asyncio.create_task(self._start())
         try:
-            yield
+            await server.serve()
         finally:
             self.stop.set()
             starting.cancel()
@@ -96,6 +108,11 @@ class Service:
                 await asyncio.to_thread(self._consumer_thread.join)
             self.writer.close()
             await self.reader.close()
+        return 1 if self.failed else 0
+
+    def _stopped_by_signal(self, stop_signal: signal.Signals, server: Server) -> None:
+        log.info("stopping on %s", stop_signal.name)
+        server.stop()
 
     async def _start(self) -> None:
         await asyncio.to_thread(self._migrate)
@@ -149,9 +166,4 @@ class Service:
         except Exception:
             log.exception("the consumer failed; stopping the service")
             self.failed = True
-            if self._server is not None:
-                self._server.should_exit = True
-
-
-def _stopped_by_request(signal_number: int, _: object) -> None:
-    log.info("stopped by %s", signal.Signals(signal_number).name)
+            self._stop_server()

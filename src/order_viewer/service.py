@@ -120,18 +120,18 @@ class OrderIngest:
 
 
 class OrderLookup:
-    """Finds orders for the HTTP side: from the cache, else from the database (one query per id
-    however many requests wait for it), filling the cache with what the database returned."""
+    """Finds orders for the HTTP side: `cached` from memory; `load` from the database (one query
+    per id however many requests wait for it), filling the cache with what it returned."""
 
     def __init__(self, reader: OrderReader, cache: OrderCache) -> None:
         self._reader = reader
         self._cache = cache
         self._in_flight: dict[str, asyncio.Future[CachedOrder | None]] = {}
 
-    async def order(self, order_uid: str) -> CachedOrder | None:
-        cached = self._cache.get(order_uid)
-        if cached is not None:
-            return cached
+    def cached(self, order_uid: str) -> CachedOrder | None:
+        return self._cache.get(order_uid)
+
+    async def load(self, order_uid: str) -> CachedOrder | None:
         pending = self._in_flight.get(order_uid)
         if pending is not None:
             return await asyncio.shield(pending)

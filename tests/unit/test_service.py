@@ -149,14 +149,16 @@ def test_a_miss_reads_the_database_once_and_fills_the_cache() -> None:
     lookup = OrderLookup(reader, cache)
 
     async def scenario() -> None:
-        found = await lookup.order("a")
+        assert lookup.cached("a") is None
+        found = await lookup.load("a")
         assert found is not None
         assert found.body == b'{"order_uid":"a"}'
-        assert await lookup.order("a") == found
-        assert await lookup.order("unknown") is None
+        assert lookup.cached("a") == found
+        assert await lookup.load("unknown") is None
+        assert lookup.cached("unknown") is None
 
     asyncio.run(scenario())
-    assert reader.queries == 2  # "a" once, then from the cache; "unknown" once
+    assert reader.queries == 2
 
 
 def test_concurrent_misses_for_one_id_make_one_query() -> None:
@@ -165,7 +167,7 @@ def test_concurrent_misses_for_one_id_make_one_query() -> None:
 
     async def scenario() -> None:
         reader.release.clear()
-        waiting = [asyncio.create_task(lookup.order("a")) for _ in range(50)]
+        waiting = [asyncio.create_task(lookup.load("a")) for _ in range(50)]
         await asyncio.sleep(0.01)
         reader.release.set()
         results = await asyncio.gather(*waiting)
@@ -182,7 +184,7 @@ def test_an_unreachable_database_is_reported_to_every_waiter() -> None:
 
     async def scenario() -> None:
         reader.release.clear()
-        waiting = [asyncio.create_task(lookup.order("a")) for _ in range(5)]
+        waiting = [asyncio.create_task(lookup.load("a")) for _ in range(5)]
         await asyncio.sleep(0.01)
         reader.release.set()
         results = await asyncio.gather(*waiting, return_exceptions=True)
