@@ -78,6 +78,20 @@ class OrderCache:
             self._evict()
             return kept
 
+    def warm(self, entries: dict[str, CachedOrder]) -> int:
+        """Keep orders older than every one cached so far (warm-up reads the newest first), so
+        they are evicted before them; stops when the cache is full. Returns how many were kept."""
+        with self._lock:
+            kept = 0
+            for order_uid, entry in entries.items():
+                if len(self._entries) >= self.capacity:
+                    break
+                if order_uid not in self._entries:
+                    self._entries[order_uid] = entry
+                    self._entries.move_to_end(order_uid, last=False)
+                    kept += 1
+            return kept
+
     def _evict(self) -> None:
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)

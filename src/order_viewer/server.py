@@ -140,16 +140,11 @@ class Service:
         health = Health("database", log)
         while True:
             started = time.perf_counter()
-            writes_before = self.cache.writes
             loaded = 0
             try:
                 async for chunk in self.reader.most_recent_documents(self.settings.cache_capacity):
-                    loaded += self.cache.fill(
-                        {
-                            stored.order_uid: CachedOrder.of(stored.document, stored.sha256)
-                            for stored in chunk
-                        },
-                        writes_before,
+                    loaded += self.cache.warm(
+                        {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in chunk}
                     )
             except (DatabaseUnavailable, psycopg.OperationalError) as error:
                 health.failed(str(error))

@@ -52,7 +52,7 @@ class OrderWriter(Protocol):
 
 
 class OrderReader(Protocol):
-    async def document(self, order_uid: str) -> StoredDocument | None: ...
+    async def documents(self, order_uids: list[str]) -> list[StoredDocument]: ...
     async def recent(self, limit: int) -> list[OrderSummary]: ...
 
 
@@ -120,47 +120,60 @@ class OrderIngest:
 
 
 class OrderLookup:
-    """Finds orders for the HTTP side: `cached` from memory; `load` from the database (one query
-    per id however many requests wait for it), filling the cache with what it returned."""
+    """Finds orders for the HTTP side: `cached` from memory; `load` from the database.
+
+    Loads are gathered: every id asked for while the event loop runs one step goes to the
+    database in one query, and an id already on its way is not asked again, so a burst of
+    misses costs a few queries rather than one each. What the database returns fills the cache.
+    """
+
+    MAX_IDS_PER_QUERY = 200
 
     def __init__(self, reader: OrderReader, cache: OrderCache) -> None:
         self._reader = reader
         self._cache = cache
         self._in_flight: dict[str, asyncio.Future[CachedOrder | None]] = {}
+        self._queued: list[str] = []
+        # Running queries, referenced so that the event loop does not collect them midway.
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def cached(self, order_uid: str) -> CachedOrder | None:
         return self._cache.get(order_uid)
 
     async def load(self, order_uid: str) -> CachedOrder | None:
-        pending = self._in_flight.get(order_uid)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[CachedOrder | None] = asyncio.get_running_loop().create_future()
-        self._in_flight[order_uid] = future
-        try:
-            found = await self._load(order_uid)
-        except Exception as error:
-            future.set_exception(error)
-            # Retrieved here so that a failure no other request awaited is not reported as lost.
-            future.exception()
-            raise
-        except BaseException:
-            future.cancel()
-            raise
-        else:
-            future.set_result(found)
-            return found
-        finally:
-            del self._in_flight[order_uid]
+        future = self._in_flight.get(order_uid)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._in_flight[order_uid] = loop.create_future()
+            if not self._queued:
+                loop.call_soon(self._send_queued)
+            self._queued.append(order_uid)
+        # Shielded: one request giving up must not cancel the query the others wait for.
+        return await asyncio.shield(future)
 
-    async def _load(self, order_uid: str) -> CachedOrder | None:
+    def _send_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        for start in range(0, len(queued), self.MAX_IDS_PER_QUERY):
+            batch = queued[start : start + self.MAX_IDS_PER_QUERY]
+            task = asyncio.get_running_loop().create_task(self._query(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _query(self, order_uids: list[str]) -> None:
         writes_before = self._cache.writes
-        stored = await self._reader.document(order_uid)
-        if stored is None:
-            return None
-        entry = CachedOrder.of(stored.document, stored.sha256)
-        self._cache.fill({stored.order_uid: entry}, writes_before)
-        return entry
+        try:
+            stored = await self._reader.documents(order_uids)
+        except Exception as error:
+            for order_uid in order_uids:
+                future = self._in_flight.pop(order_uid)
+                future.set_exception(error)
+                # Marked retrieved, so a failure whose waiter already left is not logged as lost.
+                future.exception()
+            return
+        found = {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in stored}
+        self._cache.fill(found, writes_before)
+        for order_uid in order_uids:
+            self._in_flight.pop(order_uid).set_result(found.get(order_uid))
 
     async def recent(self, limit: int) -> list[OrderSummary]:
         return await self._reader.recent(limit)

@@ -87,7 +87,8 @@ def migrate(database_url: str) -> None:
 
 _ORDER_COLUMNS = (
     "order_uid, track_number, entry, locale, internal_signature, customer_id, delivery_service, "
-    "shardkey, sm_id, date_created, oof_shard, content_sha256, kafka_partition, kafka_offset"
+    "shardkey, sm_id, date_created, oof_shard, content_sha256, kafka_partition, kafka_offset, "
+    "document"
 )
 _DELIVERY_COLUMNS = "order_uid, name, phone, zip, city, address, region, email"
 _PAYMENT_COLUMNS = (
@@ -123,6 +124,7 @@ WITH written AS (
         sm_id = excluded.sm_id, date_created = excluded.date_created,
         oof_shard = excluded.oof_shard, content_sha256 = excluded.content_sha256,
         kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset,
+        document = excluded.document,
         stored_at = now()
     WHERE orders.content_sha256 <> excluded.content_sha256
       AND (orders.kafka_partition <> excluded.kafka_partition
@@ -210,6 +212,7 @@ def _copy_batch(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[Prep
                 order.internal_signature, order.customer_id, order.delivery_service,
                 order.shardkey, order.sm_id, order.date_created, order.oof_shard,
                 prepared.sha256, prepared.partition, prepared.offset,
+                prepared.document.decode(),
             ))  # fmt: skip
     with cursor.copy(f"COPY stage_delivery ({_DELIVERY_COLUMNS}) FROM STDIN") as copy:
         for prepared in batch:
@@ -268,12 +271,13 @@ class PostgresOrderReader:
             return False
         return True
 
-    async def document(self, order_uid: str) -> StoredDocument | None:
+    async def documents(self, order_uids: list[str]) -> list[StoredDocument]:
+        """The orders of these ids that exist."""
         rows = await self._fetch(
-            "SELECT order_uid, document, content_sha256 FROM order_documents WHERE order_uid = %s",
-            (order_uid,),
+            "SELECT order_uid, document, content_sha256 FROM orders WHERE order_uid = ANY(%s)",
+            (order_uids,),
         )
-        return _stored_document(rows[0]) if rows else None
+        return [_stored_document(row) for row in rows]
 
     async def recent(self, limit: int) -> list[OrderSummary]:
         rows = await self._fetch(
@@ -289,18 +293,15 @@ class PostgresOrderReader:
         return [OrderSummary(*row) for row in rows]  # type: ignore[arg-type]
 
     async def most_recent_documents(
-        self, limit: int, chunk: int = 5000
+        self, limit: int, chunk: int = 1000
     ) -> AsyncIterator[list[StoredDocument]]:
-        """The newest `limit` orders, oldest of them first so that the newest end up the most
-        recently used in the cache, in chunks streamed through a server-side cursor."""
+        """The newest `limit` orders, newest first, in chunks from a server-side cursor."""
         async with self._pool.connection() as connection, connection.transaction():
             cursor = connection.cursor(name="warm_up")
             await cursor.execute(
                 """
-                SELECT order_uid, document, content_sha256 FROM (
-                    SELECT order_uid, document, content_sha256, date_created
-                    FROM order_documents ORDER BY date_created DESC, order_uid LIMIT %s
-                ) newest ORDER BY date_created, order_uid
+                SELECT order_uid, document, content_sha256 FROM orders
+                ORDER BY date_created DESC, order_uid LIMIT %s
                 """,
                 (limit,),
             )

@@ -26,11 +26,16 @@ pytestmark = pytest.mark.integration
 
 
 def stored_documents(stack: Stack, uids: list[str]) -> dict[str, Any]:
+    """The orders as served, after checking each equals its rebuild from the normalized tables."""
     with stack.connect() as connection:
         rows = connection.execute(
-            "SELECT order_uid, document FROM order_documents WHERE order_uid = ANY(%s)", (uids,)
+            "SELECT o.order_uid, o.document, v.document FROM orders o "
+            "JOIN order_documents v USING (order_uid) WHERE o.order_uid = ANY(%s)",
+            (uids,),
         ).fetchall()
-    return {uid: json.loads(document) for uid, document in rows}
+    for uid, served, rebuilt in rows:
+        assert json.loads(rebuilt) == json.loads(served), uid
+    return {uid: json.loads(served) for uid, served, _ in rows}
 
 
 def row_counts(stack: Stack, uids: list[str]) -> dict[str, int]:

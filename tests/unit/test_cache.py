@@ -73,3 +73,16 @@ def test_concurrent_writers_and_readers_keep_the_bound() -> None:
         thread.join()
     assert len(cache) == 100
     assert cache.evictions == 3 * 2000 - 100
+
+
+def test_warm_up_keeps_the_newest_most_recently_used_and_stops_when_full() -> None:
+    cache = OrderCache(capacity=3)
+    cache.put_written({"written": entry("written")})
+    # Warm-up reads newest first; "written" (stored since) must outlive all of them.
+    assert cache.warm({"new": entry("new"), "written": entry("old copy")}) == 1
+    assert cache.warm({"older": entry("older"), "oldest": entry("oldest")}) == 1
+    assert cache.get("written") == entry("written")
+    assert cache.get("oldest") is None
+    cache.put_written({"next": entry("next")})
+    assert cache.get("older") is None  # the oldest goes first
+    assert cache.get("new") == entry("new")

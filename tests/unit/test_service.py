@@ -125,20 +125,25 @@ def test_an_order_the_database_refuses_does_not_sink_its_batch() -> None:
 
 
 class FakeReader:
-    def __init__(self, documents: dict[str, bytes]) -> None:
-        self.documents = documents
+    def __init__(self, stored: dict[str, bytes]) -> None:
+        self.stored = stored
+        self.asked: list[list[str]] = []
         self.queries = 0
         self.unavailable = False
         self.release = asyncio.Event()
         self.release.set()
 
-    async def document(self, order_uid: str) -> StoredDocument | None:
+    async def documents(self, order_uids: list[str]) -> list[StoredDocument]:
         self.queries += 1
+        self.asked.append(order_uids)
         await self.release.wait()
         if self.unavailable:
             raise DatabaseUnavailable("connection refused")
-        body = self.documents.get(order_uid)
-        return None if body is None else StoredDocument(order_uid, body, b"\x01" * 32)
+        return [
+            StoredDocument(uid, self.stored[uid], b"\x01" * 32)
+            for uid in order_uids
+            if uid in self.stored
+        ]
 
     async def recent(self, limit: int) -> list[OrderSummary]:
         return []
@@ -192,3 +197,26 @@ def test_an_unreachable_database_is_reported_to_every_waiter() -> None:
 
     asyncio.run(scenario())
     assert reader.queries == 1
+
+
+def test_misses_arriving_together_share_one_query() -> None:
+    reader, cache = FakeReader({"a": b"{}", "b": b"[]"}), OrderCache(10)
+    lookup = OrderLookup(reader, cache)
+
+    async def scenario() -> None:
+        results = await asyncio.gather(*(lookup.load(uid) for uid in ("a", "b", "zz", "a")))
+        assert [r.body if r else None for r in results] == [b"{}", b"[]", None, b"{}"]
+
+    asyncio.run(scenario())
+    assert reader.asked == [["a", "b", "zz"]]
+
+
+def test_a_burst_is_split_into_bounded_queries() -> None:
+    reader, cache = FakeReader({}), OrderCache(10)
+    lookup = OrderLookup(reader, cache)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(lookup.load(f"id{n}") for n in range(450)))
+
+    asyncio.run(scenario())
+    assert [len(ids) for ids in reader.asked] == [200, 200, 50]
