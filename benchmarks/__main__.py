@@ -36,8 +36,8 @@ from rich.progress import Progress
 from order_viewer.broker import ensure_topics
 from order_viewer.config import Settings
 from order_viewer.generate import encode, make_order
-from order_viewer.model import Order, parse_order
-from order_viewer.store import migrate
+from order_viewer.model import parse_order
+from order_viewer.store import PreparedOrder, migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = Path(__file__).with_name("random_ids.lua")
@@ -164,17 +164,18 @@ def produce(bench: Bench, messages: list[tuple[bytes, bytes]]) -> None:
         producer.flush()
 
 
-def copy_rows(orders: list[Order]) -> dict[str, str]:
+def copy_rows(orders: list[PreparedOrder]) -> dict[str, str]:
     """The four tables' rows as COPY text, prepared before the clock starts."""
     buffers = {name: io.StringIO() for name in ("orders", "delivery", "payment", "items")}
     # Quoted, because in CSV an unquoted empty field is NULL and a quoted one the empty string.
     writers = {name: csv.writer(buffer, quoting=csv.QUOTE_ALL) for name, buffer in buffers.items()}
-    for offset, order in enumerate(orders):
-        uid = order.order_uid
+    for prepared in orders:
+        order, uid = prepared.order, prepared.order.order_uid
         writers["orders"].writerow((
             uid, order.track_number, order.entry, order.locale, order.internal_signature,
             order.customer_id, order.delivery_service, order.shardkey, order.sm_id,
-            order.date_created.isoformat(), order.oof_shard, "\\x00", 0, offset,
+            order.date_created.isoformat(), order.oof_shard, "\\x" + prepared.sha256.hex(),
+            prepared.partition, prepared.offset, prepared.document.decode(),
         ))  # fmt: skip
         d = order.delivery
         writers["delivery"].writerow(
@@ -196,7 +197,7 @@ def copy_rows(orders: list[Order]) -> dict[str, str]:
 COPY_COLUMNS = {
     "orders": "order_uid, track_number, entry, locale, internal_signature, customer_id, "
     "delivery_service, shardkey, sm_id, date_created, oof_shard, content_sha256, "
-    "kafka_partition, kafka_offset",
+    "kafka_partition, kafka_offset, document",
     "delivery": "order_uid, name, phone, zip, city, address, region, email",
     "payment": "order_uid, transaction, request_id, currency, provider, amount, payment_dt, "
     "bank, delivery_cost, goods_total, custom_fee",
@@ -217,21 +218,24 @@ def time_copy(bench: Bench, rows: dict[str, str]) -> float:
         return time.perf_counter() - started
 
 
-def time_per_order_transactions(bench: Bench, orders: list[Order]) -> float:
+def time_per_order_transactions(bench: Bench, orders: list[PreparedOrder]) -> float:
     """What most implementations do: one transaction per order, a statement per row."""
     with bench.connect() as connection:
         started = time.perf_counter()
-        for offset, order in enumerate(orders):
+        for prepared in orders:
+            order = prepared.order
             with connection.transaction(), connection.cursor() as cursor:
                 cursor.execute(
                     "INSERT INTO orders (order_uid, track_number, entry, locale, "
                     "internal_signature, customer_id, delivery_service, shardkey, sm_id, "
-                    "date_created, oof_shard, content_sha256, kafka_partition, kafka_offset) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    "date_created, oof_shard, content_sha256, kafka_partition, kafka_offset, "
+                    "document) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (order.order_uid, order.track_number, order.entry, order.locale,
                      order.internal_signature, order.customer_id, order.delivery_service,
-                     order.shardkey, order.sm_id, order.date_created, order.oof_shard, b"\0",
-                     0, offset),
+                     order.shardkey, order.sm_id, order.date_created, order.oof_shard,
+                     prepared.sha256, prepared.partition, prepared.offset,
+                     prepared.document.decode()),
                 )  # fmt: skip
                 d = order.delivery
                 cursor.execute(
@@ -280,7 +284,10 @@ def peak_rss_sampler(run: ServiceRun) -> Iterator[Callable[[], int]]:
 def ingest_benchmark(
     bench: Bench, messages: list[tuple[bytes, bytes]], logs: Path
 ) -> dict[str, Any]:
-    orders = [parse_order(value) for _, value in messages]
+    orders = [
+        PreparedOrder.of(parse_order(value), 0, offset)
+        for offset, (_, value) in enumerate(messages)
+    ]
     rows = copy_rows(orders)
     console.print("timing COPY of the same rows (the ceiling)")
     copy_seconds = time_copy(bench, rows)
@@ -315,6 +322,7 @@ def ingest_benchmark(
 
 
 def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, float]:
+    # One wrk thread: the server has one core to itself and the load generator the other.
     output = subprocess.run(
         [
             "wrk",
@@ -423,7 +431,7 @@ def main() -> None:
         f"{ingest['service_rate'] / ingest['per_order_rate']:.1f}x; "
         f"peak RSS of the service: {ingest['peak_rss_mib']:.0f} MiB"
     )
-    print(f"\n## HTTP lookups, {http['cached']:,} orders, wrk -t2 -c64\n")
+    print(f"\n## HTTP lookups, {http['cached']:,} orders, wrk -t1 -c64\n")
     print("| path | requests/s | p99 ms | non-2xx |")
     print("|---|---:|---:|---:|")
     for name in ("hit", "miss"):

@@ -85,10 +85,12 @@ def stack() -> Iterator[Stack]:
     base = Path(tempfile.mkdtemp(prefix="order-viewer-test-"))
     base.chmod(0o755)
     servers = Stack(base / ".stack")
-    servers.run("up")
-    yield servers
-    servers.run("destroy")
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        servers.run("up")
+        yield servers
+    finally:
+        servers.run("destroy")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -13,7 +14,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from order_viewer.broker import DeadLetterWriter, Stopped, client_config, ensure_topics
 from order_viewer.config import Settings
 from order_viewer.retry import Backoff, Health
-from order_viewer.service import BatchOutcome, Message, OrderIngest
+from order_viewer.service import BatchOutcome, Message, OrderIngest, PreparedBatch
 from order_viewer.store import TransientStoreError
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,24 @@ class OrderConsumer:
         log.info(
             "consuming %s as group %s", self._settings.kafka_topic, self._settings.kafka_group_id
         )
+        # The database writes one batch while this thread polls and validates the next.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        writing: tuple[PreparedBatch, Future[BatchOutcome | None]] | None = None
         try:
             while not self._stop.is_set():
-                batch = self._poll(consumer)
-                if batch and not self._process(batch, consumer, dead_letters):
-                    break
+                messages = self._poll(consumer)
+                prepared = self._ingest.prepare(messages) if messages else None
+                if writing is not None:
+                    finished, writing = writing, None
+                    if not self._finish(*finished, consumer, dead_letters):
+                        break
+                if prepared is not None:
+                    writing = (prepared, writer.submit(self._store, prepared))
         finally:
             self.running = False
+            if writing is not None:
+                self._finish(*writing, consumer, dead_letters)
+            writer.shutdown()
             # close() commits the stored offsets and leaves the group so partitions move at once.
             consumer.close()
             dead_letters.close()
@@ -105,11 +117,16 @@ class OrderConsumer:
             )
         return batch
 
-    def _process(
-        self, batch: Sequence[Message], consumer: Consumer, dead_letters: DeadLetterWriter
+    def _finish(
+        self,
+        batch: PreparedBatch,
+        written: Future[BatchOutcome | None],
+        consumer: Consumer,
+        dead_letters: DeadLetterWriter,
     ) -> bool:
-        """Store the batch and its dead letters, then its offsets; False if stopped before."""
-        outcome = self._store(batch)
+        """Wait for the batch's write, send its dead letters, then store its offsets; False if a
+        stop came first (its offsets are then left for the next owner to re-read)."""
+        outcome = written.result()
         if outcome is None:
             return False
         if outcome.rejected:
@@ -124,15 +141,16 @@ class OrderConsumer:
                 dead_letters.send(outcome.rejected)
             except Stopped:
                 return False
-        _store_offsets(consumer, batch)
+        _store_offsets(consumer, batch.messages)
         self._report(outcome)
         return True
 
-    def _store(self, batch: Sequence[Message]) -> BatchOutcome | None:
+    def _store(self, batch: PreparedBatch) -> BatchOutcome | None:
+        """The batch stored, retrying while the database is away; None if stopped meanwhile."""
         backoff = Backoff(self._settings.retry_max_backoff_ms / 1000, self._stop)
         while True:
             try:
-                outcome = self._ingest.ingest(batch)
+                outcome = self._ingest.store(batch)
             except TransientStoreError as error:
                 self._database.failed(str(error))
                 if not backoff.wait():

@@ -56,64 +56,73 @@ class OrderReader(Protocol):
     async def recent(self, limit: int) -> list[OrderSummary]: ...
 
 
-class OrderIngest:
-    """Validates a batch of messages, stores the valid orders atomically, then caches them.
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch validated and serialized, ready to store: the newest message of each order."""
 
-    Raises TransientStoreError when the database is away: nothing of the batch was stored and
-    the caller retries the same batch.
-    """
+    messages: Sequence[Message]
+    orders: dict[str, tuple[PreparedOrder, Message]]
+    rejected: list[RejectedMessage]
+    inconsistent: int
+
+
+class OrderIngest:
+    """Validates batches of messages (`prepare`), then stores their valid orders atomically and
+    caches them (`store`): two steps, so that the consumer can prepare the next batch while the
+    database writes this one."""
 
     def __init__(self, writer: OrderWriter, cache: OrderCache) -> None:
         self._writer = writer
         self._cache = cache
 
-    def ingest(self, messages: Sequence[Message]) -> BatchOutcome:
-        outcome = BatchOutcome()
-        newest: dict[str, tuple[PreparedOrder, Message]] = {}
+    def prepare(self, messages: Sequence[Message]) -> PreparedBatch:
+        batch = PreparedBatch(messages, {}, [], 0)
         for message in messages:
             try:
                 order = parse_order(message.value)
             except InvalidOrder as invalid:
-                outcome.rejected.append(RejectedMessage(message, invalid.rejection))
+                batch.rejected.append(RejectedMessage(message, invalid.rejection))
                 continue
             if consistency_problems(order):
-                outcome.inconsistent += 1
+                batch.inconsistent += 1
             # Same key, same partition: a later message of an order_uid in the batch is newer.
-            newest[order.order_uid] = (
+            batch.orders[order.order_uid] = (
                 PreparedOrder.of(order, message.partition, message.offset),
                 message,
             )
-        if newest:
-            self._store([prepared for prepared, _ in newest.values()], newest, outcome)
+        return batch
+
+    def store(self, batch: PreparedBatch) -> BatchOutcome:
+        """Raises TransientStoreError when the database is away: nothing of the batch was
+        stored, and the caller retries the same batch."""
+        outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
+        if batch.orders:
+            self._store([prepared for prepared, _ in batch.orders.values()], batch, outcome)
         return outcome
 
     def _store(
-        self,
-        batch: list[PreparedOrder],
-        sources: dict[str, tuple[PreparedOrder, Message]],
-        outcome: BatchOutcome,
+        self, orders: list[PreparedOrder], batch: PreparedBatch, outcome: BatchOutcome
     ) -> None:
         try:
-            result = self._writer.write(batch)
+            result = self._writer.write(orders)
         except RejectedByDatabase as refused:
-            if len(batch) > 1:
+            if len(orders) > 1:
                 # One order the validator passed but the database refuses must not sink the
                 # others: write each alone and dead-letter only the ones refused.
-                for prepared in batch:
-                    self._store([prepared], sources, outcome)
+                for prepared in orders:
+                    self._store([prepared], batch, outcome)
                 return
             rejection = Rejection("db_rejected", f"the database refused the order: {refused}", None)
             outcome.rejected.append(
-                RejectedMessage(sources[batch[0].order.order_uid][1], rejection)
+                RejectedMessage(batch.orders[orders[0].order.order_uid][1], rejection)
             )
             return
         outcome.inserted += len(result.inserted)
         outcome.replaced += len(result.replaced)
-        outcome.unchanged += len(batch) - len(result.inserted) - len(result.replaced)
-        by_uid = {prepared.order.order_uid: prepared for prepared in batch}
+        outcome.unchanged += len(orders) - len(result.inserted) - len(result.replaced)
         self._cache.put_written(
             {
-                uid: CachedOrder.of(by_uid[uid].document, by_uid[uid].sha256)
+                uid: CachedOrder.of(batch.orders[uid][0].document, batch.orders[uid][0].sha256)
                 for uid in (*result.inserted, *result.replaced)
             }
         )

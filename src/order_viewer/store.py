@@ -100,51 +100,39 @@ _ITEM_COLUMNS = (
     "nm_id, brand, status"
 )
 
-# Staging tables live as long as the writer's connection and are emptied at every commit, so a
-# batch is COPYed in (the fastest way into PostgreSQL) and merged with set-based statements.
-_CREATE_STAGING = """
-CREATE TEMP TABLE stage_orders (LIKE orders INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE stage_delivery (LIKE delivery) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE stage_payment (LIKE payment) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE stage_items (LIKE items) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE stage_written (order_uid text PRIMARY KEY, replaced boolean NOT NULL)
-    ON COMMIT DELETE ROWS;
-"""
+# The order rows of a batch are COPYed (the fastest way into PostgreSQL) into a staging table
+# that lives as long as the writer's connection and empties at every commit, then merged in one
+# statement that says which orders were new or replaced. Only those orders' delivery, payment and
+# items rows are then COPYed straight into their tables.
+_CREATE_STAGING = (
+    "CREATE TEMP TABLE stage_orders (LIKE orders INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
 
 # An existing order is replaced only by a different version from a later message: an identical
 # redelivery changes nothing, and an older message redelivered after a newer one loses.
 _MERGE_ORDERS = f"""
-WITH written AS (
-    INSERT INTO orders ({_ORDER_COLUMNS})
-    SELECT {_ORDER_COLUMNS} FROM stage_orders
-    ON CONFLICT (order_uid) DO UPDATE SET
-        track_number = excluded.track_number, entry = excluded.entry, locale = excluded.locale,
-        internal_signature = excluded.internal_signature, customer_id = excluded.customer_id,
-        delivery_service = excluded.delivery_service, shardkey = excluded.shardkey,
-        sm_id = excluded.sm_id, date_created = excluded.date_created,
-        oof_shard = excluded.oof_shard, content_sha256 = excluded.content_sha256,
-        kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset,
-        document = excluded.document,
-        stored_at = now()
-    WHERE orders.content_sha256 <> excluded.content_sha256
-      AND (orders.kafka_partition <> excluded.kafka_partition
-           OR orders.kafka_offset < excluded.kafka_offset)
-    RETURNING order_uid, xmax <> 0 AS replaced
-)
-INSERT INTO stage_written SELECT order_uid, replaced FROM written
+INSERT INTO orders ({_ORDER_COLUMNS})
+SELECT {_ORDER_COLUMNS} FROM stage_orders
+ON CONFLICT (order_uid) DO UPDATE SET
+    track_number = excluded.track_number, entry = excluded.entry, locale = excluded.locale,
+    internal_signature = excluded.internal_signature, customer_id = excluded.customer_id,
+    delivery_service = excluded.delivery_service, shardkey = excluded.shardkey,
+    sm_id = excluded.sm_id, date_created = excluded.date_created,
+    oof_shard = excluded.oof_shard, content_sha256 = excluded.content_sha256,
+    kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset,
+    document = excluded.document, stored_at = now()
+WHERE orders.content_sha256 <> excluded.content_sha256
+  AND (orders.kafka_partition <> excluded.kafka_partition
+       OR orders.kafka_offset < excluded.kafka_offset)
+RETURNING order_uid, xmax <> 0 AS replaced
 """  # noqa: S608 (only the constant column lists above are interpolated)
 
-_REPLACE_PARTS = f"""
-DELETE FROM delivery USING stage_written w WHERE delivery.order_uid = w.order_uid AND w.replaced;
-DELETE FROM payment USING stage_written w WHERE payment.order_uid = w.order_uid AND w.replaced;
-DELETE FROM items USING stage_written w WHERE items.order_uid = w.order_uid AND w.replaced;
-INSERT INTO delivery ({_DELIVERY_COLUMNS})
-    SELECT {_DELIVERY_COLUMNS} FROM stage_delivery JOIN stage_written USING (order_uid);
-INSERT INTO payment ({_PAYMENT_COLUMNS})
-    SELECT {_PAYMENT_COLUMNS} FROM stage_payment JOIN stage_written USING (order_uid);
-INSERT INTO items ({_ITEM_COLUMNS})
-    SELECT {_ITEM_COLUMNS} FROM stage_items JOIN stage_written USING (order_uid);
-"""  # noqa: S608 (only the constant column lists above are interpolated)
+# The replaced orders' old parts go before their new ones are copied in.
+_DELETE_PARTS = (
+    "DELETE FROM delivery WHERE order_uid = ANY(%(uids)s)",
+    "DELETE FROM payment WHERE order_uid = ANY(%(uids)s)",
+    "DELETE FROM items WHERE order_uid = ANY(%(uids)s)",
+)
 
 
 class PostgresOrderWriter:
@@ -179,19 +167,22 @@ class PostgresOrderWriter:
         try:
             connection = self._connect()
             with connection.transaction(), connection.cursor() as cursor:
-                _copy_batch(cursor, batch)
+                _copy_order_rows(cursor, batch)
                 cursor.execute(_MERGE_ORDERS)
-                cursor.execute(_REPLACE_PARTS)
-                cursor.execute("SELECT order_uid, replaced FROM stage_written")
-                written = cursor.fetchall()
+                written = {str(uid): bool(replaced) for uid, replaced in cursor.fetchall()}
+                replaced = [uid for uid, was_replaced in written.items() if was_replaced]
+                if replaced:
+                    for statement in _DELETE_PARTS:
+                        cursor.execute(statement, {"uids": replaced})
+                _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
         except psycopg.Error as error:
             if is_transient(error):
                 self.close()
                 raise TransientStoreError(str(error).strip()) from error
             raise RejectedByDatabase(_describe(error)) from error
         return WriteResult(
-            inserted=tuple(str(uid) for uid, replaced in written if not replaced),
-            replaced=tuple(str(uid) for uid, replaced in written if replaced),
+            inserted=tuple(uid for uid, was_replaced in written.items() if not was_replaced),
+            replaced=tuple(replaced),
         )
 
 
@@ -203,7 +194,9 @@ def _describe(error: psycopg.Error) -> str:
     return detail
 
 
-def _copy_batch(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]) -> None:
+def _copy_order_rows(
+    cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]
+) -> None:
     with cursor.copy(f"COPY stage_orders ({_ORDER_COLUMNS}) FROM STDIN") as copy:
         for prepared in batch:
             order = prepared.order
@@ -214,14 +207,17 @@ def _copy_batch(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[Prep
                 prepared.sha256, prepared.partition, prepared.offset,
                 prepared.document.decode(),
             ))  # fmt: skip
-    with cursor.copy(f"COPY stage_delivery ({_DELIVERY_COLUMNS}) FROM STDIN") as copy:
+
+
+def _copy_parts(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]) -> None:
+    with cursor.copy(f"COPY delivery ({_DELIVERY_COLUMNS}) FROM STDIN") as copy:
         for prepared in batch:
             uid, delivery = prepared.order.order_uid, prepared.order.delivery
             copy.write_row((
                 uid, delivery.name, delivery.phone, delivery.zip, delivery.city,
                 delivery.address, delivery.region, delivery.email,
             ))  # fmt: skip
-    with cursor.copy(f"COPY stage_payment ({_PAYMENT_COLUMNS}) FROM STDIN") as copy:
+    with cursor.copy(f"COPY payment ({_PAYMENT_COLUMNS}) FROM STDIN") as copy:
         for prepared in batch:
             uid, payment = prepared.order.order_uid, prepared.order.payment
             copy.write_row((
@@ -229,7 +225,7 @@ def _copy_batch(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[Prep
                 payment.amount, payment.payment_dt, payment.bank, payment.delivery_cost,
                 payment.goods_total, payment.custom_fee,
             ))  # fmt: skip
-    with cursor.copy(f"COPY stage_items ({_ITEM_COLUMNS}) FROM STDIN") as copy:
+    with cursor.copy(f"COPY items ({_ITEM_COLUMNS}) FROM STDIN") as copy:
         for prepared in batch:
             uid = prepared.order.order_uid
             for position, item in enumerate(prepared.order.items):

@@ -11,7 +11,7 @@ import pytest
 
 from order_viewer.cache import OrderCache
 from order_viewer.generate import SAMPLE_ORDER
-from order_viewer.service import Message, OrderIngest, OrderLookup
+from order_viewer.service import BatchOutcome, Message, OrderIngest, OrderLookup
 from order_viewer.store import (
     DatabaseUnavailable,
     OrderSummary,
@@ -59,14 +59,19 @@ def order(uid: str, name: str = "Test Testov") -> bytes:
     return json.dumps(document).encode()
 
 
+def ingest_all(ingest: OrderIngest, messages: list[Message]) -> BatchOutcome:
+    return ingest.store(ingest.prepare(messages))
+
+
 def message(offset: int, value: bytes | None, partition: int = 0) -> Message:
     return Message("orders", partition, offset, b"key", value)
 
 
 def test_valid_orders_are_stored_then_cached_and_invalid_ones_returned() -> None:
     writer, cache = FakeWriter(), OrderCache(100)
-    outcome = OrderIngest(writer, cache).ingest(
-        [message(0, order("a")), message(1, b"{nope"), message(2, order("b")), message(3, None)]
+    outcome = ingest_all(
+        OrderIngest(writer, cache),
+        [message(0, order("a")), message(1, b"{nope"), message(2, order("b")), message(3, None)],
     )
     assert (outcome.inserted, outcome.replaced, outcome.unchanged) == (2, 0, 0)
     assert [(r.message.offset, r.rejection.code) for r in outcome.rejected] == [
@@ -81,8 +86,9 @@ def test_valid_orders_are_stored_then_cached_and_invalid_ones_returned() -> None
 
 def test_the_newest_message_of_an_order_in_a_batch_wins() -> None:
     writer, cache = FakeWriter(), OrderCache(100)
-    OrderIngest(writer, cache).ingest(
-        [message(0, order("a", "First")), message(1, order("a", "Second"))]
+    ingest_all(
+        OrderIngest(writer, cache),
+        [message(0, order("a", "First")), message(1, order("a", "Second"))],
     )
     assert writer.batches == [["a"]]
     assert writer.stored["a"].order.delivery.name == "Second"
@@ -94,10 +100,10 @@ def test_the_newest_message_of_an_order_in_a_batch_wins() -> None:
 def test_redelivery_changes_nothing_and_a_later_version_replaces() -> None:
     writer, cache = FakeWriter(), OrderCache(100)
     ingest = OrderIngest(writer, cache)
-    ingest.ingest([message(0, order("a"))])
-    again = ingest.ingest([message(0, order("a"))])
+    ingest_all(ingest, [message(0, order("a"))])
+    again = ingest_all(ingest, [message(0, order("a"))])
     assert (again.inserted, again.replaced, again.unchanged) == (0, 0, 1)
-    newer = ingest.ingest([message(5, order("a", "Renamed"))])
+    newer = ingest_all(ingest, [message(5, order("a", "Renamed"))])
     assert newer.replaced == 1
     cached = cache.get("a")
     assert cached is not None
@@ -108,15 +114,16 @@ def test_an_unavailable_database_stores_and_caches_nothing() -> None:
     writer, cache = FakeWriter(), OrderCache(100)
     writer.unavailable = True
     with pytest.raises(TransientStoreError):
-        OrderIngest(writer, cache).ingest([message(0, order("a"))])
+        ingest_all(OrderIngest(writer, cache), [message(0, order("a"))])
     assert cache.get("a") is None
 
 
 def test_an_order_the_database_refuses_does_not_sink_its_batch() -> None:
     writer, cache = FakeWriter(), OrderCache(100)
     writer.refuse = {"bad"}
-    outcome = OrderIngest(writer, cache).ingest(
-        [message(0, order("a")), message(1, order("bad")), message(2, order("c"))]
+    outcome = ingest_all(
+        OrderIngest(writer, cache),
+        [message(0, order("a")), message(1, order("bad")), message(2, order("c"))],
     )
     assert set(writer.stored) == {"a", "c"}
     assert outcome.inserted == 2
