@@ -326,7 +326,7 @@ def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, f
     output = subprocess.run(
         [
             "wrk",
-            "-t2",
+            "-t1",
             f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
