@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     )
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
     http_port: Port = Field(default=8081, description="Port of the HTTP server.")
+    http_access_log: bool = Field(
+        default=False,
+        description="Log one line per HTTP request (client, method, path, status, duration; "
+        "never headers or bodies).",
+    )
     cache_capacity: Annotated[int, Field(ge=0)] = Field(
         default=100_000, description="Most orders kept in memory (least recently used evicted)."
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -37,7 +38,10 @@ class OrderConsumer:
         self._stop = stop
         self.running = False
         self._database = Health("database", log)
-        self._stored_since_report = 0
+        self._broker = Health("Kafka broker", log)
+        # Running totals since start: inserted, replaced, unchanged, inconsistent, dead_lettered.
+        self.totals: Counter[str] = Counter()
+        self._reported: Counter[str] = Counter()
         self._last_report = time.monotonic()
 
     def run(self) -> None:
@@ -101,7 +105,8 @@ class OrderConsumer:
             if error is not None:
                 if error.fatal():
                     raise KafkaException(error)
-                log.warning("consumer error: %s", error)
+                # librdkafka reconnects by itself; say so once, not at every attempt.
+                self._broker.failed(str(error))
                 continue
             topic, partition, offset = (
                 kafka_message.topic(),
@@ -115,6 +120,8 @@ class OrderConsumer:
             batch.append(
                 Message(topic, partition, offset, kafka_message.key(), kafka_message.value())
             )
+        if batch:
+            self._broker.recovered()
         return batch
 
     def _finish(
@@ -160,15 +167,24 @@ class OrderConsumer:
             return outcome
 
     def _report(self, outcome: BatchOutcome) -> None:
-        self._stored_since_report += outcome.inserted + outcome.replaced
+        """Add the batch to the running totals, and log the throughput every few seconds."""
+        self.totals.update(
+            inserted=outcome.inserted,
+            replaced=outcome.replaced,
+            unchanged=outcome.unchanged,
+            inconsistent=outcome.inconsistent,
+            dead_lettered=len(outcome.rejected),
+        )
         now = time.monotonic()
         elapsed = now - self._last_report
-        if elapsed >= PROGRESS_INTERVAL_SECONDS and self._stored_since_report:
+        since = self.totals - self._reported
+        stored = since["inserted"] + since["replaced"]
+        if elapsed >= PROGRESS_INTERVAL_SECONDS and (stored or since["dead_lettered"]):
             log.info(
-                "stored %d orders in the last %.0f s (%.0f/s)",
-                self._stored_since_report, elapsed, self._stored_since_report / elapsed,
+                "stored %d orders (%.0f/s) and dead-lettered %d messages in the last %.0f s",
+                stored, stored / elapsed, since["dead_lettered"], elapsed,
             )  # fmt: skip
-            self._stored_since_report = 0
+            self._reported = self.totals.copy()
             self._last_report = now
 
 

@@ -91,8 +91,14 @@ class Service:
             backlog=1024,
             http1_settings=HTTP1Settings(header_read_timeout=10_000, max_buffer_size=64 * 1024),
             log_level=LogLevels.error,
+            log_access=self.settings.http_access_log,
             # Our own log format for granian's lines too, rather than its own handlers.
-            log_dictconfig={"loggers": {"_granian": {"propagate": True}}},
+            log_dictconfig={
+                "loggers": {
+                    "_granian": {"propagate": True},
+                    "granian.access": {"propagate": True, "level": "INFO"},
+                }
+            },
         )
         self._stop_server = lambda: loop.call_soon_threadsafe(server.stop)
         for stop_signal in (signal.SIGINT, signal.SIGTERM):

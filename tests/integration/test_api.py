@@ -159,3 +159,14 @@ def test_restart_serves_stored_orders_from_the_warmed_cache(
             assert response.json() == order
     finally:
         stack.run("pg-start")
+
+
+def test_access_log_names_requests_without_their_headers(
+    stack: Stack, topics: Topics, start_service
+) -> None:
+    service = start_service(HTTP_ACCESS_LOG="true")
+    service.get("/order/unknown-order", headers={"Authorization": "Bearer s3cret"})
+    wait_until(lambda: "/order/unknown-order" in service.log(), 10, "the access log line")
+    line = next(line for line in service.log().splitlines() if "/order/unknown-order" in line)
+    assert '"GET /order/unknown-order HTTP/1.1" 404' in line
+    assert "s3cret" not in service.log()
