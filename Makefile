@@ -29,6 +29,7 @@ stack-down:
 test: install
 	scripts/stack.sh install
 	scripts/stack.sh install-browser
+	scripts/stack.sh install-compose
 	$(BIN)/pytest
 
 test-unit: install

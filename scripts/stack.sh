@@ -6,6 +6,7 @@
 #   install          install PostgreSQL 15 if missing, fetch the Kafka jars if missing
 #   install-browser  install Debian's chromium if /usr/bin/chromium is missing
 #   install-bench-tools  install wrk (the HTTP load generator of make bench) if missing
+#   install-compose  install Debian's docker-compose (validates docker-compose.yml) if missing
 #   up               install, then start both servers (reuses running ones) and wait until ready
 #   down             stop both servers gracefully, keep the data
 #   status           tell whether each server is running
@@ -203,6 +204,12 @@ cmd_install_bench_tools() {
     apt_install wrk
 }
 
+cmd_install_compose() {
+    command -v docker-compose >/dev/null 2>&1 && return 0
+    say "installing docker-compose (apt)"
+    apt_install docker-compose
+}
+
 # ---------------------------------------------------------------- stack dir
 
 ensure_stack_dir() {
@@ -344,6 +351,8 @@ BEGIN
   END IF;
 END
 \$\$;
+-- Lets the benchmarks settle the server (CHECKPOINT) before timing HTTP; a local stack only.
+GRANT pg_checkpoint TO $PG_APP_ROLE;
 SELECT 'CREATE DATABASE $PG_APP_DB OWNER $PG_APP_ROLE'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_APP_DB')
 \gexec
@@ -656,6 +665,7 @@ main() {
         install) cmd_install ;;
         install-browser) cmd_install_browser ;;
         install-bench-tools) cmd_install_bench_tools ;;
+        install-compose) cmd_install_compose ;;
         up) lock_stack_dir; cmd_up ;;
         down) lock_existing_stack_dir; cmd_down ;;
         status) cmd_status ;;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime
 from importlib import resources
 from importlib.metadata import version
@@ -10,13 +11,15 @@ from typing import Annotated, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from order_viewer.cache import CachedOrder
+from order_viewer.metrics import ORDER_ROUTE, HttpStats, Metrics, RequestMetrics
 from order_viewer.model import ORDER_UID_PATTERN, Order
 from order_viewer.service import OrderLookup
 from order_viewer.store import DatabaseUnavailable
@@ -91,10 +94,8 @@ def _error(status: int, message: str, **extra: str) -> JSONResponse:
 _UNAVAILABLE = {"model": ErrorBody, "description": "The database is unreachable; retry later."}
 
 
-def create_app(
-    lookup: OrderLookup,
-    readiness: Readiness,
-) -> ASGIApp:
+def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | None) -> ASGIApp:
+    """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them."""
     app = FastAPI(
         title="order-viewer",
         summary="Orders consumed from Kafka, stored in PostgreSQL, served by id.",
@@ -177,8 +178,17 @@ def create_app(
             status_code=503 if not_ready else 200,
         )
 
+    if metrics is not None:
+        registry = metrics.registry
+
+        @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+        async def prometheus_metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    return CachedOrders(app, lookup)
+    if metrics is None:
+        return CachedOrders(app, lookup, None)
+    return CachedOrders(RequestMetrics(app, metrics.http), lookup, metrics.http)
 
 
 def order_reply(found: CachedOrder, if_none_match: str | None) -> tuple[int, dict[str, str], bytes]:
@@ -203,12 +213,14 @@ class CachedOrders:
     the app, which documents the route and answers the other cases.
     """
 
-    def __init__(self, app: ASGIApp, lookup: OrderLookup) -> None:
+    def __init__(self, app: ASGIApp, lookup: OrderLookup, stats: HttpStats | None) -> None:
         self._app = app
         self._lookup = lookup
+        self._stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
+            started = time.perf_counter()
             path: str = scope["path"]
             found = self._lookup.cached(path[7:]) if path.startswith("/order/") else None
             if found is not None:
@@ -223,6 +235,8 @@ class CachedOrders:
                     }
                 )
                 await send({"type": "http.response.body", "body": body})
+                if self._stats is not None:
+                    self._stats.record(ORDER_ROUTE, status, time.perf_counter() - started)
                 return
         await self._app(scope, receive, send)
 

@@ -10,7 +10,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from order_viewer.config import Settings
+from order_viewer.config import Settings, kafka_security
+from order_viewer.metrics import Metrics
 from order_viewer.retry import Backoff, Health
 from order_viewer.service import RejectedMessage
 
@@ -24,8 +25,10 @@ class Stopped(Exception):
 def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     return {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
-        # librdkafka logs every failed reconnect; the service reports state changes itself.
-        "log_level": 3,
+        **kafka_security(settings),
+        # librdkafka logs every failed reconnect (at level 3); the service reports state changes
+        # once itself, from the errors the client returns.
+        "log_level": 2,
         **extra,
     }
 
@@ -63,9 +66,10 @@ class DeadLetterWriter:
     """Sends rejected messages, unchanged with their key, to the dead-letter topic, with headers
     that say why and where they came from; returns only once the broker has acknowledged all."""
 
-    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+    def __init__(self, settings: Settings, stop: threading.Event, metrics: Metrics) -> None:
         self._settings = settings
         self._stop = stop
+        self._metrics = metrics
         self._producer = Producer(
             client_config(
                 settings,
@@ -93,6 +97,7 @@ class DeadLetterWriter:
                 self._health.recovered()
                 return
             pending = failed
+            self._metrics.retries.labels("dead_letter").inc()
             if not backoff.wait():
                 raise Stopped
 
@@ -111,6 +116,7 @@ class DeadLetterWriter:
         def delivered(error: KafkaError | None, _: object) -> None:
             if error is not None:
                 self._health.failed(str(error))
+                self._metrics.dead_letter_failures.inc()
                 failed.append(entry)
 
         while True:

@@ -10,6 +10,7 @@ from pathlib import Path
 import sqlalchemy.exc
 
 from order_viewer import emulator, logs
+from order_viewer.check import check
 from order_viewer.config import ConfigurationError, Settings, load_settings
 from order_viewer.server import Service
 from order_viewer.store import migrate
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as error:
         print(f"order-viewer: {error}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     command: int = arguments.run(settings, arguments)
     return command
 
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="bring the database schema to the newest version")
     migrate.set_defaults(run=_migrate)
+
+    check = commands.add_parser(
+        "check", help="verify the configuration and reach the database and the broker"
+    )
+    check.set_defaults(run=_check)
 
     produce = commands.add_parser(
         "produce", help="send realistic random orders to the orders topic"
@@ -99,6 +105,14 @@ def _migrate(settings: Settings, _: argparse.Namespace) -> int:
         return 1
     print("database schema is up to date")
     return 0
+
+
+def _check(settings: Settings, _: argparse.Namespace) -> int:
+    print("configuration: ok")
+    verdicts = check(settings)
+    for verdict in verdicts:
+        print(verdict)
+    return 0 if all(verdict.ok for verdict in verdicts) else 1
 
 
 def _produce(settings: Settings, arguments: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PostgresDsn, ValidationError
+from pydantic import Field, PostgresDsn, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -25,6 +25,26 @@ class Settings(BaseSettings):
     )
     kafka_bootstrap_servers: str = Field(
         default="127.0.0.1:9092", min_length=1, description="Kafka brokers, host:port[,host:port]."
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How clients talk to the brokers (librdkafka names)."
+    )
+    kafka_sasl_mechanism: str | None = Field(
+        default=None, description="SASL mechanism, e.g. PLAIN, SCRAM-SHA-256, SCRAM-SHA-512."
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password (never printed)."
+    )
+    kafka_ssl_ca_location: str | None = Field(
+        default=None, description="File of the CA certificates that sign the brokers' ones."
+    )
+    kafka_ssl_certificate_location: str | None = Field(
+        default=None, description="Client certificate file, for TLS client authentication."
+    )
+    kafka_ssl_key_location: str | None = Field(default=None, description="Client key file.")
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None, description="Password of the client key (never printed)."
     )
     kafka_topic: str = Field(default="orders", min_length=1, description="Topic of order messages.")
     kafka_dlq_topic: str = Field(
@@ -52,10 +72,19 @@ class Settings(BaseSettings):
     )
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
     http_port: Port = Field(default=8081, description="Port of the HTTP server.")
+    http_io_threads: Annotated[int, Field(ge=1, le=16)] = Field(
+        default=1,
+        description="Threads of the HTTP server's network I/O. Request handlers share one event "
+        "loop with the cache, so instances, not threads, scale the Python side.",
+    )
     http_access_log: bool = Field(
         default=False,
         description="Log one line per HTTP request (client, method, path, status, duration; "
         "never headers or bodies).",
+    )
+    metrics_enabled: bool = Field(
+        default=True,
+        description="Serve Prometheus metrics at /metrics and count every HTTP request.",
     )
     cache_capacity: Annotated[int, Field(ge=0)] = Field(
         default=100_000, description="Most orders kept in memory (least recently used evicted)."
@@ -63,6 +92,30 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Lowest level of log lines printed."
     )
+    log_format: Literal["console", "json"] = Field(
+        default="console",
+        description="console: readable lines; json: one JSON object per line, for a collector.",
+    )
+
+
+def kafka_security(settings: Settings) -> dict[str, str]:
+    """The Kafka client settings for TLS and SASL, under librdkafka's names; only those set."""
+    secrets = {
+        "sasl.password": settings.kafka_sasl_password,
+        "ssl.key.password": settings.kafka_ssl_key_password,
+    }
+    plain = {
+        "security.protocol": settings.kafka_security_protocol,
+        "sasl.mechanism": settings.kafka_sasl_mechanism,
+        "sasl.username": settings.kafka_sasl_username,
+        "ssl.ca.location": settings.kafka_ssl_ca_location,
+        "ssl.certificate.location": settings.kafka_ssl_certificate_location,
+        "ssl.key.location": settings.kafka_ssl_key_location,
+    }
+    return {
+        **{name: value for name, value in plain.items() if value is not None},
+        **{name: value.get_secret_value() for name, value in secrets.items() if value is not None},
+    }
 
 
 class ConfigurationError(Exception):

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from order_viewer.broker import DeadLetterWriter, Stopped, client_config, ensure_topics
 from order_viewer.config import Settings
+from order_viewer.metrics import Metrics
 from order_viewer.retry import Backoff, Health
 from order_viewer.service import BatchOutcome, Message, OrderIngest, PreparedBatch
 from order_viewer.store import TransientStoreError
@@ -32,16 +33,17 @@ class OrderConsumer:
     A crash therefore re-delivers at most the unfinished batch, which the store absorbs.
     """
 
-    def __init__(self, settings: Settings, ingest: OrderIngest, stop: threading.Event) -> None:
+    def __init__(
+        self, settings: Settings, ingest: OrderIngest, stop: threading.Event, metrics: Metrics
+    ) -> None:
         self._settings = settings
         self._ingest = ingest
         self._stop = stop
+        self._metrics = metrics
         self.running = False
         self._database = Health("database", log)
         self._broker = Health("Kafka broker", log)
-        # Running totals since start: inserted, replaced, unchanged, inconsistent, dead_lettered.
-        self.totals: Counter[str] = Counter()
-        self._reported: Counter[str] = Counter()
+        self._since_report: Counter[str] = Counter()
         self._last_report = time.monotonic()
 
     def run(self) -> None:
@@ -58,10 +60,12 @@ class OrderConsumer:
                     "enable.auto.offset.store": False,
                     "auto.offset.reset": "earliest",
                     "max.poll.interval.ms": self._settings.kafka_max_poll_interval_ms,
+                    "statistics.interval.ms": 5000,
+                    "stats_cb": self._metrics.librdkafka_statistics,
                 },
             )
         )
-        dead_letters = DeadLetterWriter(self._settings, self._stop)
+        dead_letters = DeadLetterWriter(self._settings, self._stop, self._metrics)
         consumer.subscribe(
             [self._settings.kafka_topic],
             on_assign=_log_assignment("assigned"),
@@ -122,6 +126,8 @@ class OrderConsumer:
             )
         if batch:
             self._broker.recovered()
+            self._metrics.messages_consumed.inc(len(batch))
+            self._metrics.batch_size.observe(len(batch))
         return batch
 
     def _finish(
@@ -138,54 +144,64 @@ class OrderConsumer:
             return False
         if outcome.rejected:
             for entry in outcome.rejected:
+                message, rejection = entry.message, entry.rejection
                 log.warning(
                     "rejected message %s/%d@%d: %s (%s%s)",
-                    entry.message.topic, entry.message.partition, entry.message.offset,
-                    entry.rejection.code, entry.rejection.message,
-                    f", field {entry.rejection.field}" if entry.rejection.field else "",
+                    message.topic, message.partition, message.offset, rejection.code,
+                    rejection.message, f", field {rejection.field}" if rejection.field else "",
+                    extra={
+                        "topic": message.topic, "partition": message.partition,
+                        "offset": message.offset, "reason": rejection.code,
+                        "field": rejection.field,
+                    },
                 )  # fmt: skip
             try:
                 dead_letters.send(outcome.rejected)
             except Stopped:
                 return False
         _store_offsets(consumer, batch.messages)
-        self._report(outcome)
+        self._report(batch, outcome)
         return True
 
     def _store(self, batch: PreparedBatch) -> BatchOutcome | None:
         """The batch stored, retrying while the database is away; None if stopped meanwhile."""
         backoff = Backoff(self._settings.retry_max_backoff_ms / 1000, self._stop)
         while True:
+            started = time.perf_counter()
             try:
                 outcome = self._ingest.store(batch)
             except TransientStoreError as error:
                 self._database.failed(str(error))
+                self._metrics.retries.labels("database").inc()
                 if not backoff.wait():
                     return None
                 continue
+            self._metrics.write_duration.observe(time.perf_counter() - started)
             self._database.recovered()
             return outcome
 
-    def _report(self, outcome: BatchOutcome) -> None:
-        """Add the batch to the running totals, and log the throughput every few seconds."""
-        self.totals.update(
-            inserted=outcome.inserted,
-            replaced=outcome.replaced,
-            unchanged=outcome.unchanged,
-            inconsistent=outcome.inconsistent,
-            dead_lettered=len(outcome.rejected),
+    def _report(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
+        """Count the batch, and log the throughput every few seconds."""
+        metrics = self._metrics
+        metrics.orders_stored.inc(outcome.inserted)
+        metrics.orders_replaced.inc(outcome.replaced)
+        for entry in outcome.rejected:
+            metrics.dead_lettered.labels(entry.rejection.code).inc()
+        if batch.orders:
+            metrics.order_stored(max(p.order.date_created for p, _ in batch.orders.values()))
+        since = self._since_report
+        since.update(
+            stored=outcome.inserted + outcome.replaced, dead_lettered=len(outcome.rejected)
         )
-        now = time.monotonic()
-        elapsed = now - self._last_report
-        since = self.totals - self._reported
-        stored = since["inserted"] + since["replaced"]
-        if elapsed >= PROGRESS_INTERVAL_SECONDS and (stored or since["dead_lettered"]):
-            log.info(
-                "stored %d orders (%.0f/s) and dead-lettered %d messages in the last %.0f s",
-                stored, stored / elapsed, since["dead_lettered"], elapsed,
-            )  # fmt: skip
-            self._reported = self.totals.copy()
-            self._last_report = now
+        elapsed = time.monotonic() - self._last_report
+        if elapsed >= PROGRESS_INTERVAL_SECONDS:
+            if since:
+                log.info(
+                    "stored %d orders (%.0f/s) and dead-lettered %d messages in the last %.0f s",
+                    since["stored"], since["stored"] / elapsed, since["dead_lettered"], elapsed,
+                )  # fmt: skip
+            since.clear()
+            self._last_report = time.monotonic()
 
 
 def _store_offsets(consumer: Consumer, batch: Sequence[Message]) -> None:

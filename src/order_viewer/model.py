@@ -268,9 +268,14 @@ def _rejection_from_error(error: Mapping[str, Any]) -> Rejection:
     subject = f"Field {field}" if field else "The message"
     if error_type == "model_type" and field is None:
         return _NOT_AN_OBJECT_REJECTION
-    # Whatever check a string with NUL failed (the NUL pattern, order_uid's pattern, a length),
-    # the NUL is the problem the producer has to fix.
-    if isinstance(error.get("input"), str) and "\x00" in error["input"]:
+    # Whatever string check a string with NUL failed (the NUL pattern, order_uid's pattern, a
+    # length), the NUL is the problem the producer has to fix; a string where a number belongs
+    # is still a wrong type.
+    if (
+        error_type.startswith("string_")
+        and isinstance(error.get("input"), str)
+        and "\x00" in error["input"]
+    ):
         message = f"{subject} contains a NUL character, which PostgreSQL text cannot store."
         return Rejection("nul_character", message, field)
     code, template = _ERRORS.get(error_type, _UNMAPPED_ERROR)

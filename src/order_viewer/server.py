@@ -22,6 +22,7 @@ from order_viewer.api import create_app
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import Settings
 from order_viewer.consumer import OrderConsumer
+from order_viewer.metrics import Metrics
 from order_viewer.retry import Backoff, Health
 from order_viewer.service import OrderIngest, OrderLookup
 from order_viewer.store import (
@@ -48,7 +49,10 @@ class Service:
         self.reader = PostgresOrderReader(database_url, settings.database_pool_size)
         self.writer = PostgresOrderWriter(database_url)
         self.stop = threading.Event()
-        self.consumer = OrderConsumer(settings, OrderIngest(self.writer, self.cache), self.stop)
+        self.metrics = Metrics(self.cache)
+        self.consumer = OrderConsumer(
+            settings, OrderIngest(self.writer, self.cache), self.stop, self.metrics
+        )
         self.lookup = OrderLookup(self.reader, self.cache)
         self.warmed = False
         self.failed = False
@@ -83,11 +87,12 @@ class Service:
     async def _serve(self) -> int:
         loop = asyncio.get_running_loop()
         server = Server(
-            create_app(self.lookup, self),
+            create_app(self.lookup, self, self.metrics if self.settings.metrics_enabled else None),
             address=self.settings.http_host,
             port=self.settings.http_port,
             interface=Interfaces.ASGINL,
             websockets=False,
+            runtime_threads=self.settings.http_io_threads,
             backlog=1024,
             http1_settings=HTTP1Settings(header_read_timeout=10_000, max_buffer_size=64 * 1024),
             log_level=LogLevels.error,
@@ -158,7 +163,9 @@ class Service:
                 continue
             health.recovered()
             self.warmed = True
-            log.info("cache warmed with %d orders in %.2f s", loaded, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.warm_up_duration.set(seconds)
+            log.info("cache warmed with %d orders in %.2f s", loaded, seconds)
             return
 
     def _consume(self) -> None:

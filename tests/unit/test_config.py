@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from order_viewer.config import ConfigurationError, Settings, load_settings
+from order_viewer.config import ConfigurationError, Settings, kafka_security, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
@@ -76,3 +76,27 @@ def test_every_command_has_help(command: list[str]) -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("usage: order-viewer")
+
+
+def test_kafka_security_settings_pass_through_and_stay_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "viewer")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "s3cret")
+    monkeypatch.setenv("KAFKA_SSL_CA_LOCATION", "/etc/ssl/ca.pem")
+    settings = load_settings()
+    assert kafka_security(settings) == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "viewer",
+        "sasl.password": "s3cret",
+        "ssl.ca.location": "/etc/ssl/ca.pem",
+    }
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings)
+
+
+def test_plaintext_kafka_needs_no_security_settings() -> None:
+    assert kafka_security(Settings(_env_file=None)) == {"security.protocol": "PLAINTEXT"}  # type: ignore[call-arg]

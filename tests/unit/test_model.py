@@ -621,7 +621,9 @@ def test_valid_orders_round_trip(order: dict[str, Any]) -> None:
 @given(
     st.sampled_from(INT_PATHS),
     st.one_of(
-        st.integers(max_value=-1).map(lambda value: (value, "out_of_range")),
+        # Bounded like the positive side: past ~4,300 digits the JSON parser itself refuses the
+        # number (invalid_json, documented), which is another rule than this one.
+        st.integers(min_value=-(2**1000), max_value=-1).map(lambda value: (value, "out_of_range")),
         st.integers(min_value=INT64_MAX + 1, max_value=2**1000).map(
             lambda value: (value, "out_of_range")
         ),

@@ -1,0 +1,218 @@
+"""Prometheus metrics: what the service consumed, stored, dead-lettered and served."""
+
+from __future__ import annotations
+
+import json
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from datetime import datetime
+from itertools import accumulate
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from order_viewer.cache import OrderCache
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ORDER_ROUTE = "/order/{order_uid}"
+_ROUTES = ("/", "/orders", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs")
+
+
+class Metrics:
+    """Every metric of one service process, in a registry of its own."""
+
+    def __init__(self, cache: OrderCache) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.messages_consumed = Counter(
+            "order_viewer_messages_consumed",
+            "Messages read from the orders topic.",
+            registry=registry,
+        )
+        self.orders_stored = Counter(
+            "order_viewer_orders_stored", "Orders stored for the first time.", registry=registry
+        )
+        self.orders_replaced = Counter(
+            "order_viewer_orders_replaced",
+            "Stored orders replaced by a later message with other content.",
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "order_viewer_messages_dead_lettered",
+            "Messages sent to the dead-letter topic, by reason code.",
+            ["reason"],
+            registry=registry,
+        )
+        self.dead_letter_failures = Counter(
+            "order_viewer_dead_letter_write_failures",
+            "Dead-letter deliveries the broker did not acknowledge (each is retried).",
+            registry=registry,
+        )
+        self.retries = Counter(
+            "order_viewer_transient_failure_retries",
+            "Retries after a transient failure, by what failed.",
+            ["kind"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "order_viewer_batch_size_messages",
+            "Messages per consumed batch.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+            registry=registry,
+        )
+        self.write_duration = Histogram(
+            "order_viewer_database_write_duration_seconds",
+            "Time to store one batch in PostgreSQL (one transaction).",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "order_viewer_consumer_lag_messages",
+            "End offset minus committed offset, per partition of the orders topic.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.warm_up_duration = Gauge(
+            "order_viewer_cache_warm_up_duration_seconds",
+            "How long loading the cache at start took.",
+            registry=registry,
+        )
+        self._newest_order: datetime | None = None
+        newest_age = Gauge(
+            "order_viewer_newest_order_age_seconds",
+            "Now minus date_created of the newest order stored since start.",
+            registry=registry,
+        )
+        newest_age.set_function(self._newest_order_age)
+        self.http = HttpStats()
+        registry.register(self.http)
+        registry.register(_CacheCollector(cache))
+
+    def order_stored(self, date_created: datetime) -> None:
+        if self._newest_order is None or date_created > self._newest_order:
+            self._newest_order = date_created
+
+    def _newest_order_age(self) -> float:
+        if self._newest_order is None:
+            return float("nan")
+        return time.time() - self._newest_order.timestamp()
+
+    def librdkafka_statistics(self, statistics_json: str) -> None:
+        """Consumer lag from librdkafka's periodic statistics (no extra broker requests)."""
+        statistics = json.loads(statistics_json)
+        for topic, details in statistics.get("topics", {}).items():
+            for partition, figures in details.get("partitions", {}).items():
+                lag = figures.get("consumer_lag", -1)
+                if partition != "-1" and lag >= 0:
+                    self.consumer_lag.labels(topic, partition).set(lag)
+
+
+def route_template(path: str) -> str:
+    """The route a path belongs to; never the raw id, so the label set stays small."""
+    if path.startswith("/order/"):
+        return ORDER_ROUTE
+    if path.startswith("/static/"):
+        return "/static"
+    return path if path in _ROUTES else "other"
+
+
+class HttpStats(Collector):
+    """HTTP requests by route template and status, and their latency histogram by route.
+
+    Counted by hand rather than with prometheus_client's Counter and Histogram: those take a
+    lock and resolve labels on every call, which cost a third of the cache-hit throughput
+    (docs/PERFORMANCE.md). Only the event loop thread records, and scrapes run on it too.
+    """
+
+    def __init__(self) -> None:
+        # (route, status) -> [count, sum of seconds, count per bucket (the last is +Inf)]
+        self._requests: dict[tuple[str, int], list[Any]] = {}
+
+    def record(self, route: str, status: int, seconds: float) -> None:
+        entry = self._requests.get((route, status))
+        if entry is None:
+            entry = self._requests[(route, status)] = [0, 0.0, [0] * (len(_LATENCY_BUCKETS) + 1)]
+        entry[0] += 1
+        entry[1] += seconds
+        entry[2][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            "order_viewer_http_requests",
+            "HTTP requests, by route template and status.",
+            labels=["route", "status"],
+        )
+        by_route: dict[str, list[Any]] = {}
+        for (route, status), (count, seconds, buckets) in self._requests.items():
+            requests.add_metric([route, str(status)], count)
+            total = by_route.setdefault(route, [0.0, [0] * len(buckets)])
+            total[0] += seconds
+            total[1] = [a + b for a, b in zip(total[1], buckets, strict=True)]
+        yield requests
+        duration = HistogramMetricFamily(
+            "order_viewer_http_request_duration_seconds",
+            "Time from request to the end of the response, by route template.",
+            labels=["route"],
+        )
+        for route, (seconds, buckets) in by_route.items():
+            cumulative = list(accumulate(buckets))
+            bounds = [*(str(bound) for bound in _LATENCY_BUCKETS), "+Inf"]
+            duration.add_metric([route], list(zip(bounds, cumulative, strict=True)), seconds)
+        yield duration
+
+
+class RequestMetrics:
+    """ASGI wrapper that records every request it passes on (cache hits record themselves)."""
+
+    def __init__(self, app: ASGIApp, stats: HttpStats) -> None:
+        self._app = app
+        self._stats = stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_noting_status)
+        finally:
+            self._stats.record(route_template(scope["path"]), status, time.perf_counter() - started)
+
+
+class _CacheCollector(Collector):
+    """Reads the cache's own counters at scrape time, so lookups pay nothing for them."""
+
+    def __init__(self, cache: OrderCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        cache = self._cache
+        yield GaugeMetricFamily(
+            "order_viewer_cache_entries", "Orders in the cache.", value=len(cache)
+        )
+        yield GaugeMetricFamily(
+            "order_viewer_cache_capacity", "Most orders the cache keeps.", value=cache.capacity
+        )
+        yield CounterMetricFamily(
+            "order_viewer_cache_hits", "Lookups answered from the cache.", value=cache.hits
+        )
+        yield CounterMetricFamily(
+            "order_viewer_cache_misses", "Lookups not in the cache.", value=cache.misses
+        )
+        yield CounterMetricFamily(
+            "order_viewer_cache_evictions",
+            "Orders evicted to keep the cache within its capacity.",
+            value=cache.evictions,
+        )

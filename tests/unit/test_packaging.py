@@ -1,0 +1,190 @@
+"""The container image (Dockerfile) and the compose file agree with the service's settings.
+
+No Docker engine is needed: `docker-compose config` validates the compose file, and the Dockerfile
+is checked as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from order_viewer.cli import _parser
+from order_viewer.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+SETTINGS = {name.upper(): field for name, field in Settings.model_fields.items()}
+# Written out in the compose file although they are the defaults: they must stay the defaults.
+CONTRACT_DEFAULTS = (
+    "KAFKA_TOPIC",
+    "KAFKA_DLQ_TOPIC",
+    "KAFKA_GROUP_ID",
+    "HTTP_PORT",
+    "CACHE_CAPACITY",
+    "LOG_LEVEL",
+)
+
+
+@cache
+def compose_config() -> dict[str, Any]:
+    """The compose file as docker-compose resolves it (anchors merged, syntax normalised)."""
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose is not installed: run `scripts/stack.sh install-compose`")
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE_FILE), "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return config
+
+
+def services() -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = compose_config()["services"]
+    return found
+
+
+def image_services() -> dict[str, dict[str, Any]]:
+    """The services that run the image of the Dockerfile."""
+    return {name: service for name, service in services().items() if "build" in service}
+
+
+def environment(service: str) -> dict[str, str]:
+    return {name: str(value) for name, value in services()[service]["environment"].items()}
+
+
+def healthcheck_url(test: list[str] | str) -> str:
+    urls = re.findall(r"https?://[^\s'\"]+", json.dumps(test))
+    assert len(urls) == 1, f"expected one URL in the healthcheck {test!r}"
+    url: str = urls[0]
+    return url
+
+
+def test_the_compose_file_runs_migrate_then_serve_and_an_optional_emulator() -> None:
+    assert set(image_services()) == {"migrate", "order-viewer", "emulator"}
+    for name, service in image_services().items():
+        # The command line must be one the CLI accepts (a typo would exit 2 in the container).
+        _parser().parse_args(service["command"])
+        assert service["restart"] == ("unless-stopped" if name == "order-viewer" else "no")
+    assert services()["order-viewer"]["command"] == ["serve"]
+    assert services()["migrate"]["command"] == ["migrate"]
+    assert services()["emulator"]["profiles"] == ["emulator"]
+    assert services()["order-viewer"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "kafka": {"condition": "service_healthy"},
+        "migrate": {"condition": "service_completed_successfully"},
+    }
+
+
+@pytest.mark.parametrize("service", ["migrate", "order-viewer", "emulator"])
+def test_every_variable_given_to_the_image_is_a_valid_setting(service: str) -> None:
+    env = environment(service)
+    assert set(env) <= set(SETTINGS), f"not settings: {sorted(set(env) - set(SETTINGS))}"
+    for name in set(env) & set(CONTRACT_DEFAULTS):
+        assert env[name] == str(SETTINGS[name].default), f"{service}: {name} is not the default"
+    # Each value must also pass the setting's own validation.
+    Settings(_env_file=None, **{name.lower(): value for name, value in env.items()})  # type: ignore[call-arg]
+
+
+def test_the_service_publishes_its_http_port_and_listens_on_every_interface() -> None:
+    env = environment("order-viewer")
+    assert set(CONTRACT_DEFAULTS) <= set(env), "write the contract defaults out explicitly"
+    assert env["HTTP_HOST"] == "0.0.0.0"
+    [port] = services()["order-viewer"]["ports"]
+    assert str(port["published"]) == str(port["target"]) == env["HTTP_PORT"]
+
+    url = urlsplit(healthcheck_url(services()["order-viewer"]["healthcheck"]["test"]))
+    assert url.path == "/readyz"
+    assert str(url.port) == env["HTTP_PORT"]
+
+
+def test_the_service_reaches_the_compose_postgres_and_kafka() -> None:
+    postgres = services()["postgres"]["environment"]
+    for service in ("migrate", "order-viewer"):
+        url = urlsplit(environment(service)["DATABASE_URL"])
+        assert url.hostname == "postgres"
+        assert url.port in (None, 5432)
+        assert (url.username, url.password) == (
+            postgres["POSTGRES_USER"],
+            postgres["POSTGRES_PASSWORD"],
+        )
+        assert url.path == f"/{postgres['POSTGRES_DB']}"
+
+    advertised = services()["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    advertised_addresses = {listener.split("://")[1] for listener in advertised.split(",")}
+    for service in ("order-viewer", "emulator"):
+        servers = environment(service)["KAFKA_BOOTSTRAP_SERVERS"].split(",")
+        assert {server.rsplit(":", 1)[0] for server in servers} == {"kafka"}
+        assert set(servers) <= advertised_addresses
+
+
+# ------------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), one list per FROM stage."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in map(str.strip, text.splitlines()):
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, arguments = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        assert stages, "the Dockerfile must start with FROM"
+        stages[-1].append((instruction.upper(), arguments.strip()))
+    return stages
+
+
+def arguments_of(stage: list[tuple[str, str]], instruction: str) -> list[str]:
+    return [arguments for name, arguments in stage if name == instruction]
+
+
+def test_the_image_is_multi_stage_slim_and_runs_as_a_user() -> None:
+    stages = dockerfile_stages()
+    assert len(stages) >= 2
+    for stage in stages:
+        assert arguments_of(stage, "FROM")[0].startswith("python:3.11-slim")
+    final = stages[-1]
+    users = arguments_of(final, "USER")
+    assert users, "the final stage must set a USER"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    for stage in stages:
+        for command in arguments_of(stage, "RUN"):
+            # No `.[dev]`, `order-viewer[dev,...]`: only the runtime dependencies.
+            assert not re.search(r"\[[^\]]*\bdev\b", command), command
+
+
+def test_the_image_serves_http_with_a_liveness_healthcheck() -> None:
+    final = dockerfile_stages()[-1]
+    port = str(SETTINGS["HTTP_PORT"].default)
+    assert port in " ".join(arguments_of(final, "EXPOSE")).split()
+    assert "HTTP_HOST=0.0.0.0" in " ".join(arguments_of(final, "ENV")).split()
+
+    [healthcheck] = arguments_of(final, "HEALTHCHECK")
+    url = urlsplit(healthcheck_url(healthcheck))
+    assert url.path == "/livez"
+    assert str(url.port) == port
+
+    assert arguments_of(final, "ENTRYPOINT") == ['["order-viewer"]']
+    assert arguments_of(final, "CMD") == ['["serve"]']
+
+
+def test_the_build_context_leaves_out_local_state() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().splitlines())
+    assert {".git", ".venv", ".stack", ".env", "tests", "test-artifacts"} <= ignored
