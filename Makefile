@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install run stack stack-down test test-unit test-integration check bench clean
+.PHONY: install run stack stack-down test test-unit test-integration test-faults check bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: install
 
 test-unit: install
 	$(BIN)/pytest tests/unit
+
+## The fault-injection scenarios alone (they are part of `make test` too).
+test-faults: install
+	scripts/stack.sh install
+	$(BIN)/pytest -m faults
 
 test-integration: install
 	scripts/stack.sh install

@@ -138,7 +138,7 @@ class ServiceProcess:
         def ready() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
-                pytest.fail(f"service exited with {self.process.returncode}:\n{self.log()}")
+                pytest.fail(f"service exited with {self.process.returncode}:\n{self.log()[-5000:]}")
             try:
                 return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
             except httpx.TransportError:
@@ -160,7 +160,7 @@ class ServiceProcess:
         return self.process.wait(timeout)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
+        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture
@@ -183,15 +183,23 @@ def start_service(
 
 
 def produce(stack: Stack, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+    """Produce and wait until the broker acknowledged every message (the topic must exist)."""
     producer = Producer({"bootstrap.servers": stack.bootstrap_servers, "linger.ms": 10})
+    failures: list[Any] = []
+
+    def delivered(error: Any, _: Any) -> None:
+        if error is not None:
+            failures.append(error)
+
     for key, value in messages:
         while True:
             try:
-                producer.produce(topic, key=key, value=value)
+                producer.produce(topic, key=key, value=value, on_delivery=delivered)
                 break
             except BufferError:
                 producer.poll(0.1)
-    assert producer.flush(30) == 0, "the broker did not take every message"
+    assert producer.flush(60) == 0, "the broker did not take every message in time"
+    assert not failures, f"{len(failures)} messages not delivered, e.g. {failures[0]}"
 
 
 def encode_orders(orders: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes | None]]:

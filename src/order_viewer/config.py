@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PostgresDsn, SecretStr, ValidationError
+from pydantic import Field, PostgresDsn, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     kafka_topic_partitions: Positive = Field(
         default=3, description="Partitions of the topics when the service has to create them."
     )
+    kafka_session_timeout_ms: Annotated[int, Field(ge=6_000, le=300_000)] = Field(
+        default=45_000,
+        description="How long an instance that stopped answering (killed, frozen) keeps its "
+        "partitions before the group hands them to the others.",
+    )
     kafka_max_poll_interval_ms: Annotated[int, Field(ge=10_000)] = Field(
         default=600_000,
         description="How long one batch may take (a database outage included) before the "
@@ -96,6 +101,14 @@ class Settings(BaseSettings):
         default="console",
         description="console: readable lines; json: one JSON object per line, for a collector.",
     )
+
+    @field_validator("kafka_max_poll_interval_ms")
+    @classmethod
+    def _poll_interval_covers_session(cls, value: int, info: ValidationInfo) -> int:
+        session_timeout = info.data.get("kafka_session_timeout_ms")
+        if session_timeout is not None and value < session_timeout:
+            raise ValueError("must be at least KAFKA_SESSION_TIMEOUT_MS (librdkafka's rule)")
+        return value
 
 
 def kafka_security(settings: Settings) -> dict[str, str]:

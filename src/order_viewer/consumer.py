@@ -59,6 +59,7 @@ class OrderConsumer:
                     "enable.auto.commit": True,
                     "enable.auto.offset.store": False,
                     "auto.offset.reset": "earliest",
+                    "session.timeout.ms": self._settings.kafka_session_timeout_ms,
                     "max.poll.interval.ms": self._settings.kafka_max_poll_interval_ms,
                     "statistics.interval.ms": 5000,
                     "stats_cb": self._metrics.librdkafka_statistics,

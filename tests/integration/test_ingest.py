@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import copy
-import json
 import random
 import threading
 import time
-from typing import Any
 
 import pytest
 
 from order_viewer.generate import SAMPLE_ORDER, break_order, make_order
+from tests.audit import (
+    assert_stored_exactly,
+    orphan_rows,
+    row_counts,
+    stored_documents,
+    stream,
+    wait_stored,
+)
 from tests.conftest import (
     Stack,
     Topics,
@@ -23,58 +29,6 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def stored_documents(stack: Stack, uids: list[str]) -> dict[str, Any]:
-    """The orders as served, after checking each equals its rebuild from the normalized tables."""
-    with stack.connect() as connection:
-        rows = connection.execute(
-            "SELECT o.order_uid, o.document, v.document FROM orders o "
-            "JOIN order_documents v USING (order_uid) WHERE o.order_uid = ANY(%s)",
-            (uids,),
-        ).fetchall()
-    for uid, served, rebuilt in rows:
-        assert json.loads(rebuilt) == json.loads(served), uid
-    return {uid: json.loads(served) for uid, served, _ in rows}
-
-
-def row_counts(stack: Stack, uids: list[str]) -> dict[str, int]:
-    with stack.connect() as connection:
-        return {
-            table: connection.execute(
-                f"SELECT count(*) FROM {table} WHERE order_uid = ANY(%s)",
-                (uids,),
-            ).fetchone()[0]
-            for table in ("orders", "delivery", "payment", "items")
-        }
-
-
-def wait_stored(stack: Stack, uids: list[str], timeout: float = 60) -> None:
-    wait_until(
-        lambda: row_counts(stack, uids)["orders"] == len(set(uids)),
-        timeout,
-        f"{len(set(uids))} orders to be stored",
-        interval=0.25,
-    )
-
-
-def orphan_rows(stack: Stack) -> int:
-    with stack.connect() as connection:
-        return (
-            sum(
-                connection.execute(
-                    f"SELECT count(*) FROM {table} t "
-                    "WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_uid = t.order_uid)"
-                ).fetchone()[0]
-                for table in ("delivery", "payment", "items")
-            )
-            + connection.execute(
-                "SELECT count(*) FROM orders o WHERE NOT EXISTS "
-                "(SELECT 1 FROM delivery d WHERE d.order_uid = o.order_uid) OR NOT EXISTS "
-                "(SELECT 1 FROM payment p WHERE p.order_uid = o.order_uid) OR NOT EXISTS "
-                "(SELECT 1 FROM items i WHERE i.order_uid = o.order_uid)"
-            ).fetchone()[0]
-        )
 
 
 def test_sample_lands_in_the_tables_exactly(stack: Stack, topics: Topics, start_service) -> None:
@@ -174,26 +128,6 @@ def test_duplicate_changes_nothing_and_newer_message_replaces(
         "items": len(newest["items"]),
     }
     assert orphan_rows(stack) == 0
-
-
-def stream(stack: Stack, topic: str, orders: list[dict[str, Any]], seconds: float) -> None:
-    """Produce the orders spread over about `seconds`, so that faults land mid-stream."""
-    chunks = 20
-    size = max(1, len(orders) // chunks)
-    for start in range(0, len(orders), size):
-        produce(stack, topic, encode_orders(orders[start : start + size]))
-        time.sleep(seconds / chunks)
-
-
-def assert_stored_exactly(stack: Stack, topics: Topics, orders: list[dict[str, Any]]) -> None:
-    expected = {order["order_uid"]: order for order in orders}
-    wait_stored(stack, list(expected), timeout=180)
-    assert stored_documents(stack, list(expected)) == expected
-    assert row_counts(stack, list(expected))["items"] == sum(
-        len(order["items"]) for order in orders
-    )
-    assert orphan_rows(stack) == 0
-    wait_until(lambda: committed_lag(stack, topics) == 0, 60, "offsets committed to the end")
 
 
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(
