@@ -9,7 +9,7 @@ from importlib import resources
 from importlib.metadata import version
 from typing import Annotated, Protocol
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -132,7 +132,17 @@ def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | Non
             503: _UNAVAILABLE,
         },
     )
-    async def order(order_uid: str, request: Request) -> Response:
+    async def order(
+        # The rule is published for clients, and checked below to answer with its own 400.
+        order_uid: Annotated[
+            str,
+            Path(
+                description="1 to 64 letters, digits, '-' or '_'",
+                json_schema_extra={"pattern": ORDER_UID_PATTERN, "minLength": 1, "maxLength": 64},
+            ),
+        ],
+        request: Request,
+    ) -> Response:
         # Orders in memory were answered by CachedOrders before the request got here.
         if not _order_uid.fullmatch(order_uid):
             return _error(400, "an order id is 1 to 64 letters, digits, '-' or '_'")
