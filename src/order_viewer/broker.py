@@ -18,6 +18,10 @@ from order_viewer.service import RejectedMessage
 log = logging.getLogger(__name__)
 
 
+# Largest rejected message sent on with its value, before compression.
+LARGEST_DEAD_LETTER_BYTES = 128 * 1024 * 1024
+
+
 class Stopped(Exception):
     """A stop was requested while waiting for Kafka."""
 
@@ -78,6 +82,11 @@ class DeadLetterWriter:
                     "enable.idempotence": True,
                     "linger.ms": 5,
                     "message.timeout.ms": 30_000,
+                    # A rejected message is sent on as it came, however large the consumer
+                    # received it (a compressed batch can carry a message far above the broker's
+                    # 1 MB limit); compressed, most fit again.
+                    "compression.type": "lz4",
+                    "message.max.bytes": LARGEST_DEAD_LETTER_BYTES,
                 },
             )
         )
@@ -85,11 +94,11 @@ class DeadLetterWriter:
 
     def send(self, rejected: Sequence[RejectedMessage]) -> None:
         backoff = Backoff(self._settings.retry_max_backoff_ms / 1000, self._stop)
-        pending = list(rejected)
+        pending = [(entry, True) for entry in rejected]
         while pending:
-            failed: list[RejectedMessage] = []
-            for entry in pending:
-                self._produce(entry, failed)
+            failed: list[tuple[RejectedMessage, bool]] = []
+            for entry, with_value in pending:
+                self._produce(entry, with_value, failed)
             while self._producer.flush(0.5) > 0:
                 if self._stop.is_set():
                     raise Stopped
@@ -101,7 +110,9 @@ class DeadLetterWriter:
             if not backoff.wait():
                 raise Stopped
 
-    def _produce(self, entry: RejectedMessage, failed: list[RejectedMessage]) -> None:
+    def _produce(
+        self, entry: RejectedMessage, with_value: bool, failed: list[tuple[RejectedMessage, bool]]
+    ) -> None:
         message, rejection = entry.message, entry.rejection
         headers: list[tuple[str, str | bytes | None]] = [
             ("error.code", rejection.code.encode()),
@@ -112,25 +123,40 @@ class DeadLetterWriter:
         ]
         if rejection.field is not None:
             headers.append(("error.field", rejection.field.encode()))
+        if not with_value:
+            # Even compressed, the message is beyond what the topic takes: its key, reason and
+            # origin still go, so that it can be found at its source offset.
+            size = len(message.value or b"")
+            headers.append(("error.value_dropped", f"{size} bytes, too large".encode()))
+            log.warning(
+                "dead letter of %s/%d@%d sent without its %d-byte value: too large for %s",
+                message.topic, message.partition, message.offset, size,
+                self._settings.kafka_dlq_topic,
+            )  # fmt: skip
 
         def delivered(error: KafkaError | None, _: object) -> None:
             if error is not None:
                 self._health.failed(str(error))
                 self._metrics.dead_letter_failures.inc()
-                failed.append(entry)
+                failed.append((entry, with_value and error.code() != KafkaError.MSG_SIZE_TOO_LARGE))
 
         while True:
             try:
                 self._producer.produce(
                     self._settings.kafka_dlq_topic,
                     key=message.key,
-                    value=message.value,
+                    value=message.value if with_value else None,
                     headers=headers,
                     on_delivery=delivered,
                 )
                 return
             except BufferError:  # the local queue is full: let deliveries drain, then go on
                 self._producer.poll(0.1)
+            except KafkaException as error:
+                if not with_value or error.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise
+                self._produce(entry, False, failed)
+                return
 
     def close(self) -> None:
         self._producer.flush(5)
