@@ -23,6 +23,15 @@ def stored_documents(stack: Stack, uids: list[str]) -> dict[str, Any]:
     return {uid: json.loads(served) for uid, served, _ in rows}
 
 
+def stored_count(stack: Stack, uids: list[str]) -> int:
+    with stack.connect() as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM orders WHERE order_uid = ANY(%s)", (uids,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def row_counts(stack: Stack, uids: list[str]) -> dict[str, int]:
     with stack.connect() as connection:
         return {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime
 from importlib import resources
 from importlib.metadata import version
 from typing import Annotated, Protocol
@@ -22,7 +21,7 @@ from order_viewer.cache import CachedOrder
 from order_viewer.metrics import ORDER_ROUTE, HttpStats, Metrics, RequestMetrics
 from order_viewer.model import ORDER_UID_PATTERN, Order
 from order_viewer.service import OrderLookup
-from order_viewer.store import DatabaseUnavailable
+from order_viewer.store import DatabaseUnavailable, OrderSummary
 
 RETRY_AFTER_SECONDS = "5"
 # The page's scripts and styles are files of our own; nothing inline, nothing from elsewhere.
@@ -68,17 +67,8 @@ class NotFoundBody(BaseModel):
     order_uid: str
 
 
-class OrderSummaryBody(BaseModel):
-    order_uid: str
-    date_created: datetime
-    customer_id: str
-    amount: int
-    currency: str
-    item_count: int
-
-
 class RecentOrdersBody(BaseModel):
-    orders: list[OrderSummaryBody]
+    orders: list[OrderSummary]
 
 
 class ReadinessBody(BaseModel):
@@ -166,9 +156,7 @@ def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | Non
             summaries = await lookup.recent(limit)
         except DatabaseUnavailable:
             return _error(503, "the database is unreachable")
-        body = RecentOrdersBody(
-            orders=[OrderSummaryBody.model_validate(s, from_attributes=True) for s in summaries]
-        )
+        body = RecentOrdersBody(orders=summaries)
         return Response(body.model_dump_json(), media_type="application/json")
 
     @app.get("/livez", summary="The process is up")

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from order_viewer.generate import break_order, encode, make_order
 from order_viewer.model import order_json, parse_order
-from tests.audit import orphan_rows
+from tests.audit import orphan_rows, stored_count
 from tests.conftest import (
     ServiceProcess,
     Stack,
@@ -68,15 +68,6 @@ class Stream:
         self._thread.join()
 
 
-def stored_count(stack: Stack, uids: list[str]) -> int:
-    with stack.connect() as connection:
-        row = connection.execute(
-            "SELECT count(*) FROM orders WHERE order_uid = ANY(%s)", (uids,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def dead_letters(stack: Stack, topic: str, keys: set[bytes], timeout: float = 60) -> dict[Any, Any]:
     """The dead-letter topic's messages by key, read until every one of `keys` was seen."""
     consumer = Consumer(
@@ -100,11 +91,15 @@ def dead_letters(stack: Stack, topic: str, keys: set[bytes], timeout: float = 60
     return found
 
 
-def audit(stack: Stack, topics: Topics, stream: Stream, timeout: float = 240) -> None:
+def audit(
+    stack: Stack, topics: Topics, stream: Stream, since: float | None = None, timeout: float = 240
+) -> None:
     """Every valid order stored exactly once with its content, every invalid one dead-lettered
-    with its reason, no orphan rows, and the group's committed offsets at the end of the topic."""
+    with its reason, no orphan rows, and the group's committed offsets at the end of the topic.
+    Prints the figures (docs/RELIABILITY.md); `since` is when the last fault ended."""
     uids = list(stream.valid)
     wait_until(lambda: stored_count(stack, uids) == len(uids), timeout, "every valid order stored")
+    caught_up = time.monotonic()
     expected = {
         uid: hashlib.sha256(order_json(parse_order(encode(order)))).digest()
         for uid, order in stream.valid.items()
@@ -130,6 +125,12 @@ def audit(stack: Stack, topics: Topics, stream: Stream, timeout: float = 240) ->
         assert by_key[key].value() == value
         assert dict(by_key[key].headers())["error.code"].decode() == code
     wait_until(lambda: committed_lag(stack, topics) == 0, 90, "offsets committed to the end")
+    recovery = f"; all stored {caught_up - since:.1f} s after the last fault" if since else ""
+    print(
+        f"\naudit: produced {len(stream.messages)} ({len(stream.valid)} valid, "
+        f"{len(stream.invalid)} invalid); stored {len(stored)}, dead-lettered "
+        f"{len(stream.invalid)} with the right reason; duplicates 0, lost 0{recovery}"
+    )
 
 
 def test_crash_loop_of_five_sigkills(stack: Stack, topics: Topics, start_service) -> None:
@@ -141,8 +142,9 @@ def test_crash_loop_of_five_sigkills(stack: Stack, topics: Topics, start_service
         time.sleep(rng.uniform(1.0, 4.0))
         service.kill()
         service.start()
+    last_fault = time.monotonic()
     stream.join()
-    audit(stack, topics, stream)
+    audit(stack, topics, stream, since=last_fault)
     assert stored_count(stack, uids) == len(uids)
 
 
@@ -171,16 +173,18 @@ def test_database_outage_and_crash_are_waited_out(
             time.sleep(3)
     finally:
         stack.run("pg-start")
+    restarted = time.monotonic()
     stream.join()
-    audit(stack, topics, stream)
+    audit(stack, topics, stream, since=restarted)
 
     second = Stream(8_000, seed=103).start(stack, topics.orders, seconds=6)
     second_uids = list(second.valid)
     wait_until(lambda: stored_count(stack, second_uids) > 100, 60, "a batch in flight")
     stack.run("pg-crash")  # immediate mode: in-flight transactions are lost, not committed
     stack.run("pg-start")
+    restarted = time.monotonic()
     second.join()
-    audit(stack, topics, second)
+    audit(stack, topics, second, since=restarted)
     assert service.process is not None
     assert service.process.poll() is None
     assert "database recovered" in service.log()
@@ -204,8 +208,9 @@ def test_broker_outage_and_kill_are_recovered_from(
     produce(stack, topics.orders, stream.messages[3000:4500])
     stack.run("kafka-kill")
     stack.run("kafka-start")
+    restarted = time.monotonic()
     produce(stack, topics.orders, stream.messages[4500:])
-    audit(stack, topics, stream)
+    audit(stack, topics, stream, since=restarted)
     assert service.process.poll() is None
     assert (
         "Kafka broker recovered" in service.log() or "Kafka broker unavailable" not in service.log()
@@ -240,9 +245,10 @@ def test_scale_out_rebalances_without_loss(stack: Stack, topics: Topics, start_s
     stream = Stream(3_000, seed=105).start(stack, topics.orders, seconds=5)
     time.sleep(2)
     second.kill()
+    killed = time.monotonic()
     fourth = start_service(**settings)
     stream.join()
-    audit(stack, topics, stream)
+    audit(stack, topics, stream, since=killed)
     alive = [first, third, fourth]
     for service in alive:
         assert service.process is not None
@@ -266,8 +272,9 @@ def test_slow_database_causes_no_storm_and_loses_nothing(
         blocker.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
         time.sleep(15)
         blocker.rollback()
+    released = time.monotonic()
     stream.join()
-    audit(stack, topics, stream)
+    audit(stack, topics, stream, since=released)
     metrics = service.get("/metrics").text
     consumed = float(re.search(r"^order_viewer_messages_consumed_total (\S+)", metrics, re.M)[1])
     stored = float(re.search(r"^order_viewer_orders_stored_total (\S+)", metrics, re.M)[1])
@@ -317,5 +324,5 @@ def test_sigterm_during_a_large_batch_stops_cleanly_and_resumes_exactly(
         )
     assert committed_positions(stack, topics) == newest
     service.start()
-    audit(stack, topics, stream)
+    audit(stack, topics, stream, since=stopped_at)
     assert "stopping on SIGTERM" in service.log()

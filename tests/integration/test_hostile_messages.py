@@ -34,6 +34,7 @@ from order_viewer.model import (
     order_json,
     parse_order,
 )
+from tests.audit import stored_count, stored_documents
 from tests.conftest import (
     ServiceProcess,
     Stack,
@@ -120,38 +121,13 @@ def topic_size(stack: Stack, topic: str) -> int:
         consumer.close()
 
 
-def count_stored(stack: Stack, uids: list[str]) -> int:
-    with stack.connect() as connection:
-        row = connection.execute(
-            "SELECT count(*) FROM orders WHERE order_uid = ANY(%s)", (uids,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def wait_stored(stack: Stack, uids: list[str], timeout: float = 120) -> None:
     wait_until(
-        lambda: count_stored(stack, uids) == len(uids),
+        lambda: stored_count(stack, uids) == len(uids),
         timeout,
         f"{len(uids)} orders to be stored",
         interval=0.25,
     )
-
-
-def stored_documents(stack: Stack, uids: list[str]) -> dict[str, Any]:
-    """uid -> orders.document decoded, after checking each equals its rebuild from the columns
-    of the delivery, payment and items tables (the order_documents view)."""
-    with stack.connect() as connection:
-        rows = connection.execute(
-            "SELECT o.order_uid, o.document, v.document FROM orders o "
-            "JOIN order_documents v USING (order_uid) WHERE o.order_uid = ANY(%s)",
-            (uids,),
-        ).fetchall()
-    documents = {}
-    for uid, document, rebuilt in rows:
-        assert json.loads(rebuilt) == json.loads(document), f"{uid}: columns differ from document"
-        documents[uid] = json.loads(document)
-    return documents
 
 
 def dead_letters(stack: Stack, topics: Topics, expected: int) -> dict[bytes | None, Any]:
@@ -614,7 +590,7 @@ def test_mutated_valid_orders_are_stored_exactly_or_rejected_with_the_right_code
     assert len(documents) == len(stored)
     wrong = [m.key for m in stored if documents[m.uid] != m.document]
     assert not wrong, f"{len(wrong)} orders stored differently, e.g. {wrong[:3]}"
-    assert count_stored(stack, [m.uid for m in rejected]) == 0
+    assert stored_count(stack, [m.uid for m in rejected]) == 0
     for m in random.Random(5).sample(stored, 100):  # and served so
         assert service.get(f"/order/{m.uid}").json() == m.document, m.uid
     # Every rejected one dead-lettered once, byte for byte, with the validator's reason; the
