@@ -206,8 +206,11 @@ def encode_orders(orders: list[dict[str, Any]]) -> list[tuple[bytes | None, byte
     return [(order["order_uid"].encode(), json.dumps(order).encode()) for order in orders]
 
 
-def consume_all(stack: Stack, topic: str, count: int, timeout: float = 30) -> list[Any]:
-    """The first `count` messages of `topic`, read by a throwaway consumer group."""
+def read_topic(
+    stack: Stack, topic: str, enough: Callable[[list[Any]], bool], timeout: float = 30
+) -> list[Any]:
+    """Messages of `topic` from its start, read by a throwaway consumer group until `enough` of
+    them were read (or `timeout` passed)."""
     consumer = Consumer(
         {
             "bootstrap.servers": stack.bootstrap_servers,
@@ -220,13 +223,18 @@ def consume_all(stack: Stack, topic: str, count: int, timeout: float = 30) -> li
     received: list[Any] = []
     deadline = time.monotonic() + timeout
     try:
-        while len(received) < count and time.monotonic() < deadline:
+        while not enough(received) and time.monotonic() < deadline:
             message = consumer.poll(0.5)
             if message is not None and message.error() is None:
                 received.append(message)
     finally:
         consumer.close()
     return received
+
+
+def consume_all(stack: Stack, topic: str, count: int, timeout: float = 30) -> list[Any]:
+    """The first `count` messages of `topic`."""
+    return read_topic(stack, topic, lambda received: len(received) >= count, timeout)
 
 
 def committed_lag(stack: Stack, topics: Topics) -> int:

@@ -25,6 +25,7 @@ from tests.conftest import (
     Topics,
     committed_lag,
     produce,
+    read_topic,
     wait_until,
 )
 
@@ -70,25 +71,10 @@ class Stream:
 
 def dead_letters(stack: Stack, topic: str, keys: set[bytes], timeout: float = 60) -> dict[Any, Any]:
     """The dead-letter topic's messages by key, read until every one of `keys` was seen."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": stack.bootstrap_servers,
-            "group.id": f"audit-{random.getrandbits(64):x}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+    messages = read_topic(
+        stack, topic, lambda read: keys <= {message.key() for message in read}, timeout
     )
-    consumer.subscribe([topic])
-    found: dict[Any, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while not keys <= found.keys() and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                found[message.key()] = message
-    finally:
-        consumer.close()
-    return found
+    return {message.key(): message for message in messages}
 
 
 def audit(
