@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -116,15 +118,18 @@ def _check(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _produce(settings: Settings, arguments: argparse.Namespace) -> int:
+    batch: Iterable[tuple[bytes | None, bytes, bool]]
     if arguments.file is not None:
+        count = arguments.count or 1
         try:
-            batch = [emulator.file_message(arguments.file)] * (arguments.count or 1)
+            batch = itertools.repeat(emulator.file_message(arguments.file), count)
         except OSError as error:
             print(f"order-viewer: cannot read {arguments.file}: {error.strerror}", file=sys.stderr)
             return 2
     else:
-        batch = emulator.messages(arguments.count or 10, arguments.invalid_ratio, arguments.seed)
-    summary = emulator.produce(settings, batch, show_progress=sys.stderr.isatty())
+        count = arguments.count or 10
+        batch = emulator.messages(count, arguments.invalid_ratio, arguments.seed)
+    summary = emulator.produce(settings, batch, count, interactive=sys.stderr.isatty())
     print(
         f"sent {summary.sent} messages ({summary.invalid} invalid) to {settings.kafka_topic} "
         f"in {summary.seconds:.2f} s ({summary.rate:,.0f}/s); {summary.failed} failed"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from order_viewer.broker import client_config, ensure_topics
 from order_viewer.config import Settings
 from order_viewer.generate import break_order, encode, make_order
+
+PLAIN_PROGRESS_SECONDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,19 +35,18 @@ class ProduceSummary:
 
 def messages(
     count: int, invalid_ratio: float, seed: int | None
-) -> list[tuple[bytes | None, bytes, bool]]:
-    """(key, value, is_invalid) for `count` generated orders."""
+) -> Iterator[tuple[bytes | None, bytes, bool]]:
+    """(key, value, is_invalid) for `count` generated orders, made as they are sent so that a
+    large count needs no memory and no wait before the first message."""
     rng = random.Random(seed)
-    generated = []
     for _ in range(count):
         order = make_order(rng)
         key = order["order_uid"].encode()
         if rng.random() < invalid_ratio:
             value, _code = break_order(rng, order)
-            generated.append((key, value, True))
+            yield key, value, True
         else:
-            generated.append((key, encode(order), False))
-    return generated
+            yield key, encode(order), False
 
 
 def file_message(path: Path) -> tuple[bytes | None, bytes, bool]:
@@ -57,8 +60,13 @@ def file_message(path: Path) -> tuple[bytes | None, bytes, bool]:
 
 
 def produce(
-    settings: Settings, batch: list[tuple[bytes | None, bytes, bool]], show_progress: bool
+    settings: Settings,
+    batch: Iterable[tuple[bytes | None, bytes, bool]],
+    total: int,
+    interactive: bool,
 ) -> ProduceSummary:
+    """Send the messages and wait for the broker's acknowledgements. Progress shows as a bar in
+    a terminal (`interactive`), else as a line every few seconds."""
     ensure_topics(settings, threading.Event())
     producer = Producer(
         client_config(settings, **{"acks": "all", "linger.ms": 20, "enable.idempotence": True})
@@ -74,12 +82,19 @@ def produce(
             failures.append(error)
 
     started = time.perf_counter()
+    invalid = 0
     with Progress(
         TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not show_progress,
+        disable=not interactive,
     ) as progress:  # fmt: skip
-        task = progress.add_task("orders", total=len(batch))
-        for key, value, _invalid in batch:
+        task = progress.add_task("orders", total=total)
+        last_line = started
+        for key, value, is_invalid in batch:
+            invalid += is_invalid
+            if not interactive and time.perf_counter() - last_line >= PLAIN_PROGRESS_SECONDS:
+                # Without a terminal (CI, a pipe) a bar would not show: a line now and then.
+                last_line = time.perf_counter()
+                print(f"producing: {acknowledged:,} of {total:,} acknowledged", file=sys.stderr)
             while True:
                 try:
                     producer.produce(
@@ -95,7 +110,7 @@ def produce(
         progress.update(task, completed=acknowledged)
     return ProduceSummary(
         sent=acknowledged,
-        invalid=sum(1 for *_, invalid in batch if invalid),
+        invalid=invalid,
         failed=len(failures),
         seconds=time.perf_counter() - started,
     )
