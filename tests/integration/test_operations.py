@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from order_viewer.generate import break_order, make_order
-from tests.conftest import ORDER_VIEWER, Stack, Topics, encode_orders, produce, wait_until
+from tests.conftest import (
+    ORDER_VIEWER,
+    Stack,
+    Topics,
+    consume_all,
+    encode_orders,
+    produce,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +158,31 @@ def test_check_gives_a_verdict_for_each_dependency(stack: Stack) -> None:
     everything = unreachable.stdout + unreachable.stderr
     assert "s3cret" not in everything
     assert len(unreachable.stderr.splitlines()) == 0
+
+
+def test_produce_sends_the_orders_it_reports(stack: Stack, topics: Topics, start_service) -> None:
+    start_service()  # creates the topics
+    result = subprocess.run(
+        [str(ORDER_VIEWER), "produce", "--count", "60", "--invalid-ratio", "0.25", "--seed", "4"],
+        env={
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers,
+            "KAFKA_TOPIC": topics.orders,
+            "KAFKA_DLQ_TOPIC": topics.dead_letters,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = re.fullmatch(
+        rf"sent 60 messages \((\d+) invalid\) to {topics.orders} "
+        r"in [\d.]+ s \([\d,]+/s\); 0 failed\n",
+        result.stdout,
+    )
+    assert summary is not None, result.stdout
+    invalid = int(summary[1])
+    assert 0 < invalid < 60
+    dead = consume_all(stack, topics.dead_letters, invalid, timeout=60)
+    assert len(dead) == invalid  # the service rejected exactly those the emulator broke
