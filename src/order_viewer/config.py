@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     batch_max_orders: Positive = Field(
         default=2000, description="Most messages written in one database transaction."
     )
+    batch_max_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=16 * 1024 * 1024,
+        description="Most bytes of messages written in one database transaction (a larger "
+        "single message is a batch of its own).",
+    )
     batch_max_wait_ms: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=50,
         description="Longest a message waits for its batch to fill before it is written.",

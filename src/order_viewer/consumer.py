@@ -79,16 +79,19 @@ class OrderConsumer:
         # The database writes one batch while this thread polls and validates the next.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         writing: tuple[PreparedBatch, Future[BatchOutcome | None]] | None = None
+        stopped = False
         try:
-            while not self._stop.is_set():
-                messages = self._poll(consumer)
-                prepared = self._ingest.prepare(messages) if messages else None
-                if writing is not None:
-                    finished, writing = writing, None
-                    if not self._finish(*finished, consumer, dead_letters):
-                        break
-                if prepared is not None:
-                    writing = (prepared, writer.submit(self._store, prepared))
+            while not stopped and not self._stop.is_set():
+                polled = self._poll(consumer)
+                for messages in by_size(polled, self._settings.batch_max_bytes) or [[]]:
+                    prepared = self._ingest.prepare(messages) if messages else None
+                    if writing is not None:
+                        finished, writing = writing, None
+                        if not self._finish(*finished, consumer, dead_letters):
+                            stopped = True
+                            break
+                    if prepared is not None:
+                        writing = (prepared, writer.submit(self._store, prepared))
         finally:
             self.running = False
             if writing is not None:
@@ -203,6 +206,22 @@ class OrderConsumer:
                 )  # fmt: skip
             since.clear()
             self._last_report = time.monotonic()
+
+
+def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:
+    """The messages in order, cut into batches of at most `max_bytes` of values (a message
+    larger than that is a batch of its own): validated orders take several times the bytes of
+    their messages, so a count alone would not bound the memory of a batch."""
+    batches: list[list[Message]] = []
+    size = 0
+    for message in messages:
+        length = len(message.value or b"")
+        if not batches or (size + length > max_bytes and batches[-1]):
+            batches.append([])
+            size = 0
+        batches[-1].append(message)
+        size += length
+    return batches
 
 
 def _store_offsets(consumer: Consumer, batch: Sequence[Message]) -> None:
