@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -106,6 +107,18 @@ def topics() -> Topics:
     return Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
 
 
+def with_open_files_limit(limit: int, command: list[str]) -> list[str]:
+    """The command run with both its open-files limits set to `limit`: set in a small Python
+    step that then execs it (`preexec_fn` is unsafe in a process with threads, as ours has)."""
+    step = (
+        "import os, resource, sys\n"
+        "limit = int(sys.argv[1])\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))\n"
+        "os.execv(sys.argv[2], sys.argv[2:])\n"
+    )
+    return [sys.executable, "-c", step, str(limit), *command]
+
+
 class ServiceProcess:
     """One `order-viewer serve` process over the run's servers, started and stopped at will."""
 
@@ -125,10 +138,13 @@ class ServiceProcess:
         self.log_path = log_dir / f"service-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready: bool = True) -> ServiceProcess:
+    def start(self, ready: bool = True, open_files_limit: int | None = None) -> ServiceProcess:
+        command = [str(ORDER_VIEWER), "serve"]
+        if open_files_limit is not None:
+            command = with_open_files_limit(open_files_limit, command)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(ORDER_VIEWER), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         if ready:
             self.wait_ready()

@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Positive = Annotated[int, Field(ge=1)]
+# Fewer would leave a browser's handful of parallel requests waiting on each other.
+MIN_HTTP_CONNECTIONS = 16
 
 
 class Settings(BaseSettings):
@@ -86,6 +88,11 @@ class Settings(BaseSettings):
         default=1,
         description="Threads of the HTTP server's network I/O. Request handlers share one event "
         "loop with the cache, so instances, not threads, scale the Python side.",
+    )
+    http_max_connections: Annotated[int, Field(ge=MIN_HTTP_CONNECTIONS)] = Field(
+        default=1024,
+        description="HTTP connections served at once; more wait in the listen backlog. Kept "
+        "below the open-files limit, which the service raises to its hard maximum at start.",
     )
     http_access_log: bool = Field(
         default=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import threading
@@ -13,14 +14,14 @@ from collections.abc import Callable
 import psycopg
 import sqlalchemy.exc
 import uvloop
-from granian.constants import Interfaces
+from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
 from granian.log import LogLevels
 from granian.server.embed import Server
 
 from order_viewer.api import create_app
 from order_viewer.cache import CachedOrder, OrderCache
-from order_viewer.config import Settings
+from order_viewer.config import MIN_HTTP_CONNECTIONS, Settings
 from order_viewer.consumer import OrderConsumer
 from order_viewer.metrics import Metrics
 from order_viewer.retry import Backoff, Health
@@ -33,6 +34,32 @@ from order_viewer.store import (
 )
 
 log = logging.getLogger(__name__)
+
+# Descriptors the service needs besides HTTP connections and the read pool: about 35 are open
+# when it is idle (writer connection, Kafka sockets and wake-up pipes, logs); the rest is room
+# for reconnections and static files being sent.
+FILES_BESIDES_CONNECTIONS = 128
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one, as Go's runtime does for every program,
+    and return it: the usual soft default of 1,024 is a relic of select(), not a server budget."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            return soft
+        return hard
+    return soft
+
+
+def http_connection_limit(wanted: int, open_files_limit: int, read_pool_size: int) -> int:
+    """How many HTTP connections may be open at once: as many as wanted, but always leaving the
+    descriptors the database and Kafka need. The HTTP server accepts no more than this, so the
+    rest wait in the listen backlog; without the cap, accept() failing for want of a descriptor
+    makes it retry without pause and spin a core until connections close."""
+    return min(wanted, open_files_limit - FILES_BESIDES_CONNECTIONS - read_pool_size)
 
 
 class Service:
@@ -58,6 +85,7 @@ class Service:
         self.failed = False
         self._consumer_thread: threading.Thread | None = None
         self._stop_server: Callable[[], object] = lambda: None
+        self.http_connections = settings.http_max_connections
 
     async def not_ready(self) -> dict[str, str]:
         not_ready = {}
@@ -80,7 +108,25 @@ class Service:
         except OSError as error:
             log.error("cannot listen on %s:%d: %s", *address, error.strerror)
             return 1
-        log.info("serving HTTP on http://%s:%d", *address)
+        open_files = raise_open_files_limit()
+        self.http_connections = http_connection_limit(
+            self.settings.http_max_connections, open_files, self.settings.database_pool_size
+        )
+        if self.http_connections < MIN_HTTP_CONNECTIONS:
+            needed = FILES_BESIDES_CONNECTIONS + self.settings.database_pool_size
+            log.error(
+                "the open-files limit of %d leaves room for %d HTTP connections; "
+                "raise it (ulimit -n) to at least %d",
+                open_files,
+                max(self.http_connections, 0),
+                needed + MIN_HTTP_CONNECTIONS,
+            )
+            return 1
+        log.info(
+            "serving HTTP on http://%s:%d (at most %d connections at once)",
+            *address,
+            self.http_connections,
+        )
         # uvloop's event loop answers cached orders about half again as fast as asyncio's.
         return uvloop.run(self._serve())
 
@@ -91,9 +137,12 @@ class Service:
             address=self.settings.http_host,
             port=self.settings.http_port,
             interface=Interfaces.ASGINL,
+            http=HTTPModes.http1,
             websockets=False,
             runtime_threads=self.settings.http_io_threads,
             backlog=1024,
+            # granian's name for the most connections it serves at once
+            backpressure=self.http_connections,
             http1_settings=HTTP1Settings(header_read_timeout=10_000, max_buffer_size=64 * 1024),
             log_level=LogLevels.error,
             log_access=self.settings.http_access_log,

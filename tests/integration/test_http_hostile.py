@@ -527,14 +527,9 @@ def test_slow_clients_do_not_block_others_and_are_cut_off(target: Target) -> Non
     assert_still_serving(target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="service bug: a connection that never sends a byte (or only the HTTP/2 preface) is "
-    "never closed; the header read timeout starts at the first byte, so idle connections "
-    "pile up until the process runs out of file descriptors",
-)
 def test_connections_that_send_nothing_are_closed(target: Target) -> None:
+    """A connection that sends nothing, or only HTTP/2's preface, is closed once the header read
+    timeout has passed, like a slow one: left open, such connections pile up for free."""
     sockets = {
         "idle": socket.create_connection(("127.0.0.1", target.port), timeout=5),
         "HTTP/2 preface only": socket.create_connection(("127.0.0.1", target.port), timeout=5),
@@ -635,38 +630,51 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="service bug (granian's accept loop): out of file descriptors with connections "
-    "waiting, the server retries accept() without pause and burns a whole CPU",
-)
-def test_out_of_file_descriptors_the_server_waits_without_spinning(target: Target) -> None:
-    """With its open-files limit reached (as idle connections can do) the service cannot answer;
-    it must not spin meanwhile, and must serve again once they close."""
-    process = target.service.process
-    assert process is not None
-    pid = process.pid
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    low = open_files(pid) + 50
+def test_idle_connections_cannot_exhaust_file_descriptors(
+    stack: Stack, target: Target, tmp_path: Path
+) -> None:
+    """Idle connections can fill a process's table of open files; a server that then retries a
+    failing accept() without pause spins a core and answers nobody. The service takes no more
+    connections than its open-files limit leaves room for: the rest wait in the listen backlog,
+    it stays idle meanwhile, and it serves again as it closes the idle ones."""
+    limit = 400
+    environment = target.service.env
+    topics = Topics(
+        environment["KAFKA_TOPIC"],
+        environment["KAFKA_DLQ_TOPIC"],
+        f"{environment['KAFKA_GROUP_ID']}-files",
+    )
+    service = ServiceProcess(stack, topics, tmp_path).start(open_files_limit=limit)
+    small = Target(service, service.port, target.uids, target.etags)
+    assert service.process is not None
+    pid = service.process.pid
+    idle = limit + 100
+    raise_open_files_limit(idle + 500)
     sockets: list[socket.socket] = []
     try:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (low, hard))
-        # 50 are accepted, the rest wait in the listen backlog
         sockets = [
-            socket.create_connection(("127.0.0.1", target.port), timeout=5) for _ in range(150)
+            socket.create_connection(("127.0.0.1", service.port), timeout=5) for _ in range(idle)
         ]
         time.sleep(0.5)
         before = cpu_seconds(pid)
         time.sleep(3)
         cpu = (cpu_seconds(pid) - before) / 3
+        held = open_files(pid)
+        # Asked while the connections are full: answered once the server closes idle ones.
+        began = time.monotonic()
+        waited = httpx.get(small.url(f"/order/{target.uids[0]}"), timeout=3 * HEADER_READ_TIMEOUT)
+        seconds = time.monotonic() - began
     finally:
         for sock in sockets:
             sock.close()
-        time.sleep(0.5)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-    problem = serving(target)
-    if problem is not None:
-        pytest.fail(f"the service did not recover: {problem}")
-    print(f"\nout of file descriptors: the service used {cpu:.2f} CPU")
-    assert cpu < 0.1, f"the service used {cpu:.2f} CPU while out of file descriptors"
+    print(
+        f"\n{idle} idle connections against a limit of {limit} open files: the service held "
+        f"{held} files, used {cpu:.2f} CPU, and answered a request made meanwhile in "
+        f"{seconds:.1f} s"
+    )
+    assert waited.status_code == 200
+    assert service.process.poll() is None, f"the service died:\n{service.log()[-5000:]}"
+    assert cpu < 0.1, f"the service used {cpu:.2f} CPU with its connections full"
+    assert limit - 200 < held < limit, f"{held} open files against a limit of {limit}"
+    problem = serving(small)
+    assert problem is None, f"the service does not serve normally afterwards: {problem}"
