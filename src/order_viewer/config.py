@@ -70,9 +70,9 @@ class Settings(BaseSettings):
         default=2000, description="Most messages written in one database transaction."
     )
     batch_max_bytes: Annotated[int, Field(ge=1024)] = Field(
-        default=16 * 1024 * 1024,
+        default=4 * 1024 * 1024,
         description="Most bytes of messages written in one database transaction (a larger "
-        "single message is a batch of its own).",
+        "single message is a batch of its own); the consumer reads ahead twice this.",
     )
     batch_max_wait_ms: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=50,

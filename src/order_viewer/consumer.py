@@ -62,6 +62,9 @@ class OrderConsumer:
                     "session.timeout.ms": self._settings.kafka_session_timeout_ms,
                     "max.poll.interval.ms": self._settings.kafka_max_poll_interval_ms,
                     "statistics.interval.ms": 5000,
+                    # librdkafka's default read-ahead is 64 MiB of messages, on top of the two
+                    # batches held here; two batches ahead keep the database as busy.
+                    "queued.max.messages.kbytes": 2 * self._settings.batch_max_bytes // 1024,
                     "stats_cb": self._metrics.librdkafka_statistics,
                 },
             )

@@ -86,12 +86,16 @@ def _item(rng: random.Random, track_number: str) -> dict[str, Any]:
     }
 
 
-def make_order(rng: random.Random, order_uid: str | None = None) -> dict[str, Any]:
-    """A valid order with consistent totals, built only from rng, so a seed replays it."""
+def make_order(
+    rng: random.Random, order_uid: str | None = None, item_count: int | None = None
+) -> dict[str, Any]:
+    """A valid order with consistent totals, built only from rng, so a seed replays it; with
+    1 to 5 items unless `item_count` says how many."""
     uid = order_uid if order_uid is not None else _hex(rng, 20)
     track_number = "WBIL" + "".join(rng.choices(string.ascii_uppercase + string.digits, k=10))
     created = _FIRST_DATE + timedelta(seconds=rng.randrange(_DATE_SPAN_SECONDS))
-    items = [_item(rng, track_number) for _ in range(rng.randint(1, 5))]
+    count = item_count if item_count is not None else rng.randint(1, 5)
+    items = [_item(rng, track_number) for _ in range(count)]
     goods_total = sum(item["total_price"] for item in items)
     delivery_cost = rng.choice((0, 500, 1500, 30_000))
     custom_fee = rng.choice((0, 0, 0, 100))

@@ -714,3 +714,41 @@ def test_valid_orders_keep_at_least_half_their_rate_alongside_hostile_messages(
         f"valid orders stored at {mixed:.0f}/s alongside rejected messages, "
         f"less than half of {alone:.0f}/s alone (runs: {rates})"
     )
+
+
+# --- 4. Memory ---------------------------------------------------------------------------------
+
+
+def test_a_backlog_of_the_largest_valid_orders_keeps_memory_bounded(
+    stack: Stack, start_service: Callable[..., ServiceProcess]
+) -> None:
+    """1,000 valid orders of MAX_ITEMS items (about 215 KB a message) waiting when the service
+    starts. Validated, an order takes several times the bytes of its message, and two batches are
+    held at once (one written while the next is validated): batches are cut by bytes and the
+    consumer reads ahead only as far as two batches, or such a backlog takes memory without
+    bound."""
+    rng = random.Random(1000)
+    samples: dict[str, dict[str, Any]] = {}
+    messages: list[tuple[bytes | None, bytes | None]] = []
+    for index in range(1000):
+        order = make_order(rng, item_count=MAX_ITEMS)
+        messages.append((order["order_uid"].encode(), encode(order)))
+        if index % 100 == 0:
+            samples[order["order_uid"]] = order
+    uids = [key.decode() for key, _ in messages if key is not None]
+    suffix = uuid.uuid4().hex[:10]
+    topics = Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
+    make_topics(stack, topics)
+    produce(stack, topics.orders, messages)
+    megabytes = sum(len(value or b"") for _, value in messages) / 1e6
+    del messages
+
+    service = start_service(
+        KAFKA_TOPIC=topics.orders, KAFKA_DLQ_TOPIC=topics.dead_letters, KAFKA_GROUP_ID=topics.group
+    )
+    wait_stored(stack, uids, timeout=180)
+    assert_alive(service)
+    peak = peak_rss_mib(service)
+    print(f"\n1,000 orders of {MAX_ITEMS:,} items ({megabytes:.0f} MB): peak RSS {peak:.0f} MiB")
+    assert stored_documents(stack, list(samples)) == samples
+    assert peak < RSS_LIMIT_MIB, f"peak resident memory {peak:.0f} MiB"
