@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     cache_capacity: Annotated[int, Field(ge=0)] = Field(
         default=100_000, description="Most orders kept in memory (least recently used evicted)."
     )
+    cache_max_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=256 * 1024 * 1024,
+        description="Most bytes of order bodies kept in memory (least recently used evicted); "
+        "binds before CACHE_CAPACITY when orders are large.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Lowest level of log lines printed."
     )

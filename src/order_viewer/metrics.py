@@ -205,6 +205,15 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily(
             "order_viewer_cache_capacity", "Most orders the cache keeps.", value=cache.capacity
         )
+        yield GaugeMetricFamily(
+            "order_viewer_cache_bytes", "Bytes of order bodies in the cache.", value=cache.bytes
+        )
+        if cache.max_bytes is not None:
+            yield GaugeMetricFamily(
+                "order_viewer_cache_max_bytes",
+                "Most bytes of order bodies the cache keeps.",
+                value=cache.max_bytes,
+            )
         yield CounterMetricFamily(
             "order_viewer_cache_hits", "Lookups answered from the cache.", value=cache.hits
         )
@@ -213,6 +222,6 @@ class _CacheCollector(Collector):
         )
         yield CounterMetricFamily(
             "order_viewer_cache_evictions",
-            "Orders evicted to keep the cache within its capacity.",
+            "Orders evicted to keep the cache within its bounds.",
             value=cache.evictions,
         )

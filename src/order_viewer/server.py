@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import signal
@@ -72,7 +73,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         database_url = str(settings.database_url)
-        self.cache = OrderCache(settings.cache_capacity)
+        self.cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
         self.reader = PostgresOrderReader(database_url, settings.database_pool_size)
         self.writer = PostgresOrderWriter(database_url)
         self.stop = threading.Event()
@@ -202,10 +203,17 @@ class Service:
             started = time.perf_counter()
             loaded = 0
             try:
-                async for chunk in self.reader.most_recent_documents(self.settings.cache_capacity):
-                    loaded += self.cache.warm(
-                        {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in chunk}
-                    )
+                newest = self.reader.most_recent_documents(self.settings.cache_capacity)
+                async with contextlib.aclosing(newest) as chunks:
+                    async for chunk in chunks:
+                        loaded += self.cache.warm(
+                            {
+                                doc.order_uid: CachedOrder.of(doc.document, doc.sha256)
+                                for doc in chunk
+                            }
+                        )
+                        if self.cache.warm_full:
+                            break
             except (DatabaseUnavailable, psycopg.OperationalError) as error:
                 health.failed(str(error))
                 await asyncio.sleep(1)

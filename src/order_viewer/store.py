@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -290,7 +290,7 @@ class PostgresOrderReader:
 
     async def most_recent_documents(
         self, limit: int, chunk: int = 1000
-    ) -> AsyncIterator[list[StoredDocument]]:
+    ) -> AsyncGenerator[list[StoredDocument], None]:
         """The newest `limit` orders, newest first, in chunks from a server-side cursor."""
         async with self._pool.connection() as connection, connection.transaction():
             cursor = connection.cursor(name="warm_up")

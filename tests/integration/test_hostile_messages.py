@@ -41,7 +41,9 @@ from tests.conftest import (
     Topics,
     committed_lag,
     consume_all,
+    metric_value,
     produce,
+    scrape,
     wait_until,
 )
 
@@ -726,7 +728,8 @@ def test_a_backlog_of_the_largest_valid_orders_keeps_memory_bounded(
     starts. Validated, an order takes several times the bytes of its message, and two batches are
     held at once (one written while the next is validated): batches are cut by bytes and the
     consumer reads ahead only as far as two batches, or such a backlog takes memory without
-    bound."""
+    bound. The cache, bounded by bytes as well as by count, holds at most CACHE_MAX_BYTES of
+    them, and whatever warm-up found in the database of the earlier tests."""
     rng = random.Random(1000)
     samples: dict[str, dict[str, Any]] = {}
     messages: list[tuple[bytes | None, bytes | None]] = []
@@ -744,11 +747,16 @@ def test_a_backlog_of_the_largest_valid_orders_keeps_memory_bounded(
     del messages
 
     service = start_service(
-        KAFKA_TOPIC=topics.orders, KAFKA_DLQ_TOPIC=topics.dead_letters, KAFKA_GROUP_ID=topics.group
+        KAFKA_TOPIC=topics.orders,
+        KAFKA_DLQ_TOPIC=topics.dead_letters,
+        KAFKA_GROUP_ID=topics.group,
+        CACHE_MAX_BYTES=str(64 * 1024 * 1024),
     )
     wait_stored(stack, uids, timeout=180)
     assert_alive(service)
     peak = peak_rss_mib(service)
     print(f"\n1,000 orders of {MAX_ITEMS:,} items ({megabytes:.0f} MB): peak RSS {peak:.0f} MiB")
     assert stored_documents(stack, list(samples)) == samples
+    cached = metric_value(scrape(service), "order_viewer_cache_bytes")
+    assert 60 * 1024 * 1024 < cached <= 64 * 1024 * 1024, cached
     assert peak < RSS_LIMIT_MIB, f"peak resident memory {peak:.0f} MiB"

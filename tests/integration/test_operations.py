@@ -9,7 +9,6 @@ import re
 import subprocess
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from order_viewer.generate import break_order, make_order
 from tests.conftest import (
@@ -19,34 +18,21 @@ from tests.conftest import (
     consume_all,
     encode_orders,
     produce,
+    scrape,
     wait_until,
 )
+from tests.conftest import metric_value as value
 
 pytestmark = pytest.mark.integration
-
-
-def scrape(service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, keyed by name and sorted labels."""
-    response = service.get("/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def value(samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_metrics_follow_what_was_consumed_stored_and_served(
     stack: Stack, topics: Topics, start_service
 ) -> None:
     # Room for every order earlier tests stored, so that new ones add to the cache, not evict.
-    service = start_service(CACHE_CAPACITY="2000000")
-    cached_before = value(scrape(service), "order_viewer_cache_entries")
+    service = start_service(CACHE_CAPACITY="2000000", CACHE_MAX_BYTES=str(2**40))
+    before = scrape(service)
+    cached_before = value(before, "order_viewer_cache_entries")
     rng = random.Random(31)
     valid = [make_order(rng) for _ in range(40)]
     invalid = [break_order(rng, make_order(rng), "missing_field")[0] for _ in range(5)]
@@ -61,6 +47,9 @@ def test_metrics_follow_what_was_consumed_stored_and_served(
     assert value(samples, "order_viewer_messages_dead_lettered_total", reason="missing_field") == 5
     assert value(samples, "order_viewer_orders_replaced_total") == 0
     assert value(samples, "order_viewer_cache_entries") == cached_before + len(valid)
+    cached_bytes = value(samples, "order_viewer_cache_bytes")
+    assert cached_bytes > value(before, "order_viewer_cache_bytes")
+    assert value(samples, "order_viewer_cache_max_bytes") == 2**40
     assert value(samples, "order_viewer_batch_size_messages_count") >= 1
     assert value(samples, "order_viewer_database_write_duration_seconds_count") >= 1
     assert value(samples, "order_viewer_newest_order_age_seconds") > 0

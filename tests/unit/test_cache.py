@@ -86,3 +86,46 @@ def test_warm_up_keeps_the_newest_most_recently_used_and_stops_when_full() -> No
     cache.put_written({"next": entry("next")})
     assert cache.get("older") is None  # the oldest goes first
     assert cache.get("new") == entry("new")
+
+
+def test_the_bytes_of_bodies_bound_the_cache_as_well_as_the_count() -> None:
+    cache = OrderCache(capacity=100, max_bytes=10)
+    cache.put_written({"a": entry("aaaa"), "b": entry("bbbb")})
+    assert cache.bytes == 8
+    cache.put_written({"c": entry("cccc")})  # 12 bytes: the least recently used goes
+    assert cache.get("a") is None
+    assert (cache.bytes, len(cache), cache.evictions) == (8, 2, 1)
+    cache.put_written({"b": entry("bb")})  # a replaced copy counts its own size only
+    assert cache.bytes == 6
+    assert cache.fill({"d": entry("dddd")}, cache.writes) == 1
+    assert cache.bytes == 10
+    assert [cache.get(uid) for uid in "bcd"] == [entry("bb"), entry("cccc"), entry("dddd")]
+
+
+def test_an_order_larger_than_the_byte_bound_is_not_kept_and_evicts_nothing() -> None:
+    cache = OrderCache(capacity=100, max_bytes=10)
+    cache.put_written({"a": entry("aaaa"), "huge": entry("old")})
+    cache.put_written({"huge": entry("h" * 11)})
+    assert cache.get("huge") is None  # nor its older copy
+    assert cache.get("a") == entry("aaaa")
+    assert (cache.bytes, len(cache), cache.evictions) == (4, 1, 0)
+    assert cache.fill({"other": entry("o" * 11)}, cache.writes) == 0
+
+
+def test_warm_up_stops_at_the_byte_bound_and_says_the_cache_is_full() -> None:
+    cache = OrderCache(capacity=100, max_bytes=10)
+    assert not cache.warm_full
+    assert cache.warm({"a": entry("aaaa"), "b": entry("bbbb")}) == 2
+    assert not cache.warm_full
+    assert cache.warm({"c": entry("cccc"), "d": entry("dd")}) == 0
+    assert cache.warm_full
+    assert cache.bytes == 8
+
+
+def test_warm_up_says_the_cache_is_full_at_its_count() -> None:
+    cache = OrderCache(capacity=2)
+    assert cache.warm({"a": entry("a"), "b": entry("b")}) == 2
+    assert not cache.warm_full  # nothing was left out yet
+    assert cache.warm({"c": entry("c")}) == 0
+    assert cache.warm_full
+    assert OrderCache(capacity=0).warm_full
