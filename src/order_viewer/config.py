@@ -53,6 +53,13 @@ class Settings(BaseSettings):
         default="orders.dlq", min_length=1, description="Dead-letter topic for rejected messages."
     )
     kafka_group_id: str = Field(default="order-viewer", min_length=1, description="Consumer group.")
+    kafka_group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Static group membership, one id per instance: restarted (after a crash or "
+        "an upgrade), the instance takes its partitions back at once instead of after the "
+        "session timeout; but a stopped one keeps them for that timeout too.",
+    )
     kafka_topic_partitions: Positive = Field(
         default=3, description="Partitions of the topics when the service has to create them."
     )

@@ -56,6 +56,7 @@ class OrderConsumer:
                 self._settings,
                 **{
                     "group.id": self._settings.kafka_group_id,
+                    **static_membership(self._settings),
                     "enable.auto.commit": True,
                     "enable.auto.offset.store": False,
                     "auto.offset.reset": "earliest",
@@ -100,7 +101,8 @@ class OrderConsumer:
             if writing is not None:
                 self._finish(*writing, consumer, dead_letters)
             writer.shutdown()
-            # close() commits the stored offsets and leaves the group so partitions move at once.
+            # close() commits the stored offsets and leaves the group so partitions move at once
+            # (a static member stays in it, for its restart to find them).
             consumer.close()
             dead_letters.close()
             log.info("consumer stopped")
@@ -209,6 +211,11 @@ class OrderConsumer:
                 )  # fmt: skip
             since.clear()
             self._last_report = time.monotonic()
+
+
+def static_membership(settings: Settings) -> dict[str, str]:
+    instance = settings.kafka_group_instance_id
+    return {} if instance is None else {"group.instance.id": instance}
 
 
 def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:

@@ -149,6 +149,31 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     assert_stored_exactly(stack, topics, orders)
 
 
+def test_a_static_member_restarted_after_a_crash_resumes_before_its_session_expires(
+    stack: Stack, topics: Topics, start_service
+) -> None:
+    """The group keeps a killed member's partitions for its session timeout, and an instance
+    that comes back under a new member id waits that long. Under the same
+    KAFKA_GROUP_INSTANCE_ID it is the same member and takes them back at once."""
+    session_seconds = 60
+    service = start_service(
+        KAFKA_GROUP_INSTANCE_ID="order-viewer-0",
+        KAFKA_SESSION_TIMEOUT_MS=str(session_seconds * 1000),
+    )
+    rng = random.Random(4711)
+    before = [make_order(rng) for _ in range(200)]
+    produce(stack, topics.orders, encode_orders(before))
+    wait_stored(stack, [order["order_uid"] for order in before])
+    service.kill()
+    after = [make_order(rng) for _ in range(200)]
+    produce(stack, topics.orders, encode_orders(after))
+    restarted = time.monotonic()
+    service.start()
+    wait_stored(stack, [order["order_uid"] for order in after], timeout=session_seconds / 2)
+    print(f"\nstatic member: stored again {time.monotonic() - restarted:.1f} s after the restart")
+    assert_stored_exactly(stack, topics, before + after)
+
+
 def test_database_outage_mid_stream_is_waited_out(
     stack: Stack, topics: Topics, start_service
 ) -> None:
