@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from order_viewer.broker import DeadLetterWriter, Stopped, client_config, ensure_topics
 from order_viewer.config import Settings
@@ -116,7 +116,9 @@ class OrderConsumer:
         for kafka_message in polled:
             error = kafka_message.error()
             if error is not None:
-                if error.fatal():
+                # A fatal error arrives as an event whose code is _FATAL and whose fatal() is
+                # false; the consumer can never consume again after one (e.g. fenced).
+                if error.fatal() or error.code() == KafkaError._FATAL:
                     raise KafkaException(error)
                 # librdkafka reconnects by itself; say so once, not at every attempt.
                 self._broker.failed(str(error))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import psycopg
 import sqlalchemy.exc
 import uvloop
+from confluent_kafka import KafkaException
 from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
 from granian.log import LogLevels
@@ -228,7 +229,13 @@ class Service:
     def _consume(self) -> None:
         try:
             self.consumer.run()
+            return
+        except KafkaException as error:
+            # librdkafka's own reason (fenced, authorization, ...) says all there is to say.
+            log.error(
+                "the Kafka consumer cannot go on: %s; stopping the service", error.args[0].str()
+            )
         except Exception:
             log.exception("the consumer failed; stopping the service")
-            self.failed = True
-            self._stop_server()
+        self.failed = True
+        self._stop_server()

@@ -174,6 +174,25 @@ def test_a_static_member_restarted_after_a_crash_resumes_before_its_session_expi
     assert_stored_exactly(stack, topics, before + after)
 
 
+def test_a_static_member_fenced_by_another_with_its_id_stops_with_the_reason(
+    stack: Stack, topics: Topics, start_service
+) -> None:
+    """Two instances given one KAFKA_GROUP_INSTANCE_ID: the broker fences the older one, whose
+    consumer can then never consume again. It must stop and say why, not look alive."""
+    first = start_service(KAFKA_GROUP_INSTANCE_ID="order-viewer-0")
+    wait_until(lambda: "partitions assigned" in first.log(), 30, "the first to consume")
+    second = start_service(KAFKA_GROUP_INSTANCE_ID="order-viewer-0")
+    assert first.process is not None
+    assert second.process is not None
+    wait_until(lambda: first.process.poll() is not None, 60, "the fenced instance to stop")
+    assert first.process.returncode == 1
+    assert (
+        "the Kafka consumer cannot go on: Fatal error: Broker: Static consumer fenced by other "
+        "consumer with same group.instance.id"
+    ) in first.log()
+    assert second.process.poll() is None
+
+
 def test_database_outage_mid_stream_is_waited_out(
     stack: Stack, topics: Topics, start_service
 ) -> None:
