@@ -139,6 +139,8 @@ class Service:
             address=self.settings.http_host,
             port=self.settings.http_port,
             interface=Interfaces.ASGINL,
+            # In `auto` mode granian reads a new connection until it can tell HTTP/1 from
+            # HTTP/2, with no time limit: a client that sent nothing held it for ever.
             http=HTTPModes.http1,
             websockets=False,
             runtime_threads=self.settings.http_io_threads,
