@@ -1,17 +1,12 @@
 from __future__ import annotations
 
 import resource
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 from order_viewer.config import MIN_HTTP_CONNECTIONS
 from order_viewer.server import FILES_BESIDES_CONNECTIONS, http_connection_limit
-from tests.conftest import with_open_files_limit
-
-ROOT = Path(__file__).resolve().parents[2]
-ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
+from tests.conftest import ORDER_VIEWER, free_port, with_open_files_limit
 
 
 def test_connections_are_as_many_as_wanted_when_files_are_plenty() -> None:
@@ -43,13 +38,10 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one() -> None:
 
 def test_too_low_an_open_files_limit_stops_start_up_with_what_to_raise_it_to() -> None:
     low = 100
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     result = subprocess.run(
         with_open_files_limit(low, [str(ORDER_VIEWER), "serve"]),
         env={
-            "HTTP_PORT": str(port),
+            "HTTP_PORT": str(free_port()),
             # Nothing listens there: start-up must stop before it connects to anything.
             "DATABASE_URL": "postgresql://order_viewer:secret@127.0.0.1:1/order_viewer",
             "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
