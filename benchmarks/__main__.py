@@ -20,10 +20,11 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ from rich.progress import Progress
 from order_viewer.broker import ensure_topics
 from order_viewer.cache import OrderCache
 from order_viewer.config import Settings
+from order_viewer.consumer import by_size
 from order_viewer.generate import encode, make_order
 from order_viewer.metrics import Metrics
-from order_viewer.model import parse_order
+from order_viewer.model import MAX_ITEMS, parse_order
 from order_viewer.service import Message, OrderIngest
 from order_viewer.store import PreparedOrder, WriteResult, migrate
 
@@ -79,7 +81,17 @@ def fresh_database(base_url: str) -> str:
     """Drop and create `order_viewer_bench` next to the configured database; its URL."""
     name = "order_viewer_bench"
     with psycopg.connect(base_url, autocommit=True) as connection:
-        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        # An autovacuum worker left busy by the previous run belongs to the superuser, which
+        # FORCE may not terminate; it finishes within seconds.
+        for attempt in range(60):
+            try:
+                connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                break
+            except psycopg.errors.InsufficientPrivilege:
+                if attempt == 59:
+                    raise
+                console.print("waiting for autovacuum to leave the previous bench database")
+                time.sleep(1)
         connection.execute(f"CREATE DATABASE {name}")
     url = re.sub(r"/[^/?]*(\?|$)", rf"/{name}\1", base_url.rsplit("@", 1)[1], count=1)
     return base_url.rsplit("@", 1)[0] + "@" + url
@@ -135,15 +147,15 @@ class ServiceRun:
         self.process.wait(30)
 
 
-def generate(count: int, seed: int) -> list[tuple[bytes, bytes]]:
+def generate(count: int, seed: int, item_count: int | None = None) -> list[tuple[bytes, bytes]]:
     rng = random.Random(seed)
     messages = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("generating orders", total=count)
         for number in range(count):
-            order = make_order(rng)
+            order = make_order(rng, item_count=item_count)
             messages.append((order["order_uid"].encode(), encode(order)))
-            if number % 5000 == 0:
+            if number % 500 == 0:
                 progress.update(task, completed=number)
     return messages
 
@@ -356,6 +368,68 @@ class _NoWriter:
         return WriteResult((), ())
 
 
+LARGE_ORDERS = 1500
+
+
+def with_new_topic(bench: Bench, settings: Settings) -> Bench:
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    ensure_topics(
+        settings.model_copy(update={"kafka_topic": topic, "kafka_dlq_topic": f"{topic}.dlq"}),
+        threading.Event(),
+    )
+    return replace(bench, topic=topic)
+
+
+def prepared_expansion(messages: list[tuple[bytes, bytes]], batch_bytes: int) -> float:
+    """Bytes a validated batch holds per byte of its messages (tracemalloc)."""
+    batch = by_size(
+        [Message("bench", 0, offset, key, value) for offset, (key, value) in enumerate(messages)],
+        batch_bytes,
+    )[0]
+    tracemalloc.start()
+    prepared = OrderIngest(_NoWriter(), OrderCache(0)).prepare(batch)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(prepared.orders) == len(batch)
+    return held / sum(len(message.value or b"") for message in batch)
+
+
+def large_orders_benchmark(
+    bench: Bench, settings: Settings, seed: int, logs: Path
+) -> dict[str, Any]:
+    """A backlog of the largest valid orders drained with batches cut at the default
+    BATCH_MAX_BYTES and at 16 MiB (each with a read-ahead of two batches): peak memory and
+    time. The cache keeps its defaults, so it fills up to CACHE_MAX_BYTES in both."""
+    messages = generate(LARGE_ORDERS, seed, item_count=MAX_ITEMS)
+    runs: dict[int, dict[str, float]] = {}
+    for batch_bytes in (settings.batch_max_bytes, 16 * 1024 * 1024):
+        bench.truncate()
+        own = with_new_topic(bench, settings)
+        produce(own, messages)
+        console.print(
+            f"large orders: {LARGE_ORDERS:,} of {MAX_ITEMS:,} items, "
+            f"batches of {batch_bytes // 2**20} MiB"
+        )
+        run = ServiceRun(own, logs / f"large-{batch_bytes}.log", BATCH_MAX_BYTES=str(batch_bytes))
+        with peak_rss_sampler(run) as peak, Progress(console=console, transient=True) as progress:
+            ready = run.wait_ready()
+            task = progress.add_task("stored", total=LARGE_ORDERS)
+            stored = 0
+            while stored < LARGE_ORDERS:
+                time.sleep(0.2)
+                stored = own.count_orders()
+                progress.update(task, completed=stored)
+            finished = time.perf_counter()
+            peak_kib = max(peak(), run.memory_kib("VmHWM"))
+        run.stop()
+        runs[batch_bytes] = {"seconds": finished - ready, "peak_rss_mib": peak_kib / 1024}
+    return {
+        "megabytes": sum(len(value) for _, value in messages) / 1e6,
+        "expansion": prepared_expansion(messages, settings.batch_max_bytes),
+        "runs": runs,
+    }
+
+
 def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, float]:
     # One wrk thread: the server has one core to itself and the load generator the other.
     output = subprocess.run(
@@ -445,13 +519,10 @@ def main() -> None:
 
     settings = Settings()
     base_url = str(settings.database_url)
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    bench = Bench(base_url, fresh_database(base_url), settings.kafka_bootstrap_servers, topic)
-    migrate(bench.database_url)
-    ensure_topics(
-        settings.model_copy(update={"kafka_topic": topic, "kafka_dlq_topic": f"{topic}.dlq"}),
-        threading.Event(),
-    )
+    database = fresh_database(base_url)
+    migrate(database)
+    unnamed = Bench(base_url, database, settings.kafka_bootstrap_servers, topic="")
+    bench = with_new_topic(unnamed, settings)
     logs = Path(tempfile.mkdtemp(prefix="order-viewer-bench-"))
     messages = generate(arguments.orders, arguments.seed)
     produce(bench, messages)
@@ -465,6 +536,7 @@ def main() -> None:
             connection.execute("CHECKPOINT")
     http = http_benchmark(bench, min(arguments.cached, arguments.orders), arguments.seconds, logs)
     metrics_share = ingest_metrics_cost(messages)
+    large = large_orders_benchmark(bench, settings, arguments.seed, logs)
 
     print(f"\n## Ingest of {ingest['orders']:,} orders (3 partitions)\n")
     print("| writer | orders/s | vs. COPY |")
@@ -497,6 +569,21 @@ def main() -> None:
         f"cache hit vs. miss: {http['hit']['rate'] / http['miss']['rate']:.1f}x; "
         f"warm-up of {http['cached']:,} orders: {http['warm_up_seconds']:.2f} s; "
         f"memory per cached order: {http['bytes_per_cached_order']:,.0f} bytes"
+    )
+    print(
+        f"\n## Backlog of {LARGE_ORDERS:,} orders of {MAX_ITEMS:,} items "
+        f"({large['megabytes']:,.0f} MB)\n"
+    )
+    print("| BATCH_MAX_BYTES | drained in s | orders/s | peak RSS MiB |")
+    print("|---:|---:|---:|---:|")
+    for batch_bytes, run in large["runs"].items():
+        print(
+            f"| {batch_bytes // 2**20} MiB | {run['seconds']:.1f} | "
+            f"{LARGE_ORDERS / run['seconds']:,.0f} | {run['peak_rss_mib']:.0f} |"
+        )
+    print(
+        f"\na validated batch holds {large['expansion']:.1f}x the bytes of its messages "
+        "(tracemalloc)"
     )
     print(f"\nlogs: {logs}")
 
