@@ -631,21 +631,35 @@ def write_rate(stack: Stack, uids: list[str]) -> float:
     return orders / (batches[last][0] - batches[first][0]).total_seconds()
 
 
+def start_on_backlog(
+    stack: Stack,
+    start_service: Callable[..., ServiceProcess],
+    messages: list[tuple[bytes | None, bytes | None]],
+    **settings: str,
+) -> tuple[ServiceProcess, Topics]:
+    """Produce the messages to new topics first, then start a service on them."""
+    suffix = uuid.uuid4().hex[:10]
+    topics = Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
+    make_topics(stack, topics)
+    produce(stack, topics.orders, messages)
+    service = start_service(
+        KAFKA_TOPIC=topics.orders,
+        KAFKA_DLQ_TOPIC=topics.dead_letters,
+        KAFKA_GROUP_ID=topics.group,
+        **settings,
+    )
+    return service, topics
+
+
 def run_backlog(
     stack: Stack,
     start_service: Callable[..., ServiceProcess],
     messages: list[tuple[bytes | None, bytes | None]],
     valid_uids: list[str],
 ) -> float:
-    """Produce the messages to new topics first, then let a new service drain that backlog; the
-    rate at which it stored the valid orders."""
-    suffix = uuid.uuid4().hex[:10]
-    topics = Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
-    make_topics(stack, topics)
-    produce(stack, topics.orders, messages)
-    service = start_service(
-        KAFKA_TOPIC=topics.orders, KAFKA_DLQ_TOPIC=topics.dead_letters, KAFKA_GROUP_ID=topics.group
-    )
+    """Let a new service drain a backlog of the messages; the rate at which it stored the valid
+    orders."""
+    service, topics = start_on_backlog(stack, start_service, messages)
     wait_stored(stack, valid_uids, timeout=150)
     rejected = len(messages) - len(valid_uids)
     wait_until(
@@ -739,19 +753,11 @@ def test_a_backlog_of_the_largest_valid_orders_keeps_memory_bounded(
         if index % 100 == 0:
             samples[order["order_uid"]] = order
     uids = [key.decode() for key, _ in messages if key is not None]
-    suffix = uuid.uuid4().hex[:10]
-    topics = Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
-    make_topics(stack, topics)
-    produce(stack, topics.orders, messages)
     megabytes = sum(len(value or b"") for _, value in messages) / 1e6
-    del messages
-
-    service = start_service(
-        KAFKA_TOPIC=topics.orders,
-        KAFKA_DLQ_TOPIC=topics.dead_letters,
-        KAFKA_GROUP_ID=topics.group,
-        CACHE_MAX_BYTES=str(64 * 1024 * 1024),
+    service, _ = start_on_backlog(
+        stack, start_service, messages, CACHE_MAX_BYTES=str(64 * 1024 * 1024)
     )
+    del messages
     wait_stored(stack, uids, timeout=180)
     assert_alive(service)
     peak = peak_rss_mib(service)
