@@ -76,6 +76,15 @@ class Bench:
         with self.connect() as connection:
             connection.execute("TRUNCATE orders, delivery, payment, items")
 
+    def settle(self) -> None:
+        """Leave no work behind for autovacuum and the checkpointer, which would otherwise
+        compete with the next run. (The local stack grants the checkpoint right; elsewhere
+        it is skipped.)"""
+        with self.connect() as connection:
+            connection.execute("VACUUM (ANALYZE) orders, delivery, payment, items")
+            with suppress(psycopg.errors.InsufficientPrivilege):
+                connection.execute("CHECKPOINT")
+
 
 def fresh_database(base_url: str) -> str:
     """Drop and create `order_viewer_bench` next to the configured database; its URL."""
@@ -404,6 +413,7 @@ def large_orders_benchmark(
     runs: dict[int, dict[str, float]] = {}
     for batch_bytes in (settings.batch_max_bytes, 16 * 1024 * 1024):
         bench.truncate()
+        bench.settle()
         own = with_new_topic(bench, settings)
         produce(own, messages)
         console.print(
@@ -528,12 +538,7 @@ def main() -> None:
     produce(bench, messages)
 
     ingest = ingest_benchmark(bench, messages, logs)
-    with bench.connect() as connection:
-        # Otherwise autovacuum and the checkpointer, woken by 200,000 fresh rows, compete with
-        # the HTTP runs. (The local stack grants the checkpoint right; elsewhere it is skipped.)
-        connection.execute("VACUUM (ANALYZE) orders, delivery, payment, items")
-        with suppress(psycopg.errors.InsufficientPrivilege):
-            connection.execute("CHECKPOINT")
+    bench.settle()
     http = http_benchmark(bench, min(arguments.cached, arguments.orders), arguments.seconds, logs)
     metrics_share = ingest_metrics_cost(messages)
     large = large_orders_benchmark(bench, settings, arguments.seed, logs)
