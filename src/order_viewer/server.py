@@ -234,7 +234,8 @@ class Service:
         except KafkaException as error:
             # librdkafka's own reason (fenced, authorization, ...) says all there is to say.
             log.error(
-                "the Kafka consumer cannot go on: %s; stopping the service", error.args[0].str()
+                "Kafka reported an error the service cannot recover from: %s; stopping the service",
+                error.args[0].str(),
             )
         except Exception:
             log.exception("the consumer failed; stopping the service")

@@ -187,8 +187,8 @@ def test_a_static_member_fenced_by_another_with_its_id_stops_with_the_reason(
     wait_until(lambda: first.process.poll() is not None, 60, "the fenced instance to stop")
     assert first.process.returncode == 1
     assert (
-        "the Kafka consumer cannot go on: Fatal error: Broker: Static consumer fenced by other "
-        "consumer with same group.instance.id"
+        "Kafka reported an error the service cannot recover from: Fatal error: Broker: "
+        "Static consumer fenced by other consumer with same group.instance.id"
     ) in first.log()
     assert second.process.poll() is None
 
