@@ -8,17 +8,25 @@ from importlib import resources
 from importlib.metadata import version
 from typing import Annotated, Protocol
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from order_viewer.cache import CachedOrder
-from order_viewer.metrics import ORDER_ROUTE, HttpStats, Metrics, RequestMetrics
+from order_viewer.metrics import (
+    DOCS_FILES,
+    ORDER_ROUTE,
+    PAGE_FILES,
+    HttpStats,
+    Metrics,
+    RequestMetrics,
+)
 from order_viewer.model import ORDER_UID_PATTERN, Order
 from order_viewer.service import OrderLookup
 from order_viewer.store import DatabaseUnavailable, OrderSummary
@@ -86,7 +94,11 @@ _UNAVAILABLE = {"model": ErrorBody, "description": "The database is unreachable;
 
 def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | None) -> ASGIApp:
     """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them."""
-    app = FastAPI(
+    # /docs serves Swagger UI from files installed with the package, so it works where the
+    # browser cannot reach a CDN. No ReDoc: its bundle still fetches a logo from its maker.
+    app = FastAPIOffline(
+        static_url=DOCS_FILES,
+        redoc_url=None,
         title="order-viewer",
         summary="Orders consumed from Kafka, stored in PostgreSQL, served by id.",
         version=_version(),
@@ -183,7 +195,7 @@ def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | Non
         async def prometheus_metrics() -> Response:
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    app.mount(PAGE_FILES, StaticFiles(directory=str(static)), name="static")
     if metrics is None:
         return CachedOrders(app, lookup, None)
     return CachedOrders(RequestMetrics(app, metrics.http), lookup, metrics.http)

@@ -19,6 +19,8 @@ from order_viewer.cache import OrderCache
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ORDER_ROUTE = "/order/{order_uid}"
+PAGE_FILES = "/static"
+DOCS_FILES = "/docs/static"
 _ROUTES = ("/", "/orders", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs")
 
 
@@ -115,8 +117,9 @@ def route_template(path: str) -> str:
     """The route a path belongs to; never the raw id, so the label set stays small."""
     if path.startswith("/order/"):
         return ORDER_ROUTE
-    if path.startswith("/static/"):
-        return "/static"
+    for files in (PAGE_FILES, DOCS_FILES):
+        if path.startswith(files + "/"):
+            return files
     return path if path in _ROUTES else "other"
 
 

@@ -74,6 +74,14 @@ class Tab:
     def by(self, test_id: str) -> Any:
         return self.page.get_by_test_id(test_id)
 
+    def foreign_requests(self) -> list[str]:
+        """Requests that left the service (data: and blob: URLs stay in the browser)."""
+        return [
+            url
+            for url in self.requests
+            if not url.startswith(("data:", "blob:", self.base_url + "/"))
+        ]
+
     def order_requests(self) -> list[str]:
         return [url for url in self.requests if "/order/" in url]
 
@@ -284,10 +292,8 @@ def test_hostile_order_is_shown_as_text_and_runs_nothing(tab: Tab, service: Any)
     page.wait_for_timeout(500)  # room for an onerror handler, were one injected
 
     assert tab.dialogs == []
-    network = [url for url in tab.requests if not url.startswith("data:")]
-    foreign = [url for url in network if not url.startswith(tab.base_url + "/")]
-    assert foreign == [], f"requests outside {tab.base_url}: {foreign}"
-    assert f"{tab.base_url}/x" not in network
+    assert tab.foreign_requests() == [], f"requests outside {tab.base_url}"
+    assert f"{tab.base_url}/x" not in tab.requests
     tab.assert_clean()
 
 
@@ -299,3 +305,13 @@ def test_screenshot_of_the_sample_order(tab: Tab, sample: dict[str, Any]) -> Non
     tab.page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 0
     tab.assert_clean()
+
+
+def test_api_docs_render_from_the_service_alone(tab: Tab) -> None:
+    """Swagger UI comes with the package: a browser without internet access still shows the
+    API to an operator."""
+    tab.open("/docs")
+    operation = tab.page.locator(".opblock-summary-path[data-path='/order/{order_uid}']")
+    expect(operation).to_be_visible()
+    assert tab.foreign_requests() == [], f"requests outside {tab.base_url}"
+    assert tab.errors == [], f"uncaught errors in the page: {tab.errors}"
