@@ -167,9 +167,10 @@ class ServiceProcess:
         return httpx.get(f"{self.base_url}{path}", timeout=10, **kwargs)
 
     def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
+        """SIGKILL, and wait for the end; nothing to do if it never started or already ended."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
 
     def terminate(self, timeout: float = 15) -> int:
         assert self.process is not None
@@ -212,9 +213,7 @@ def start_service(
 
     yield start
     for service in started:
-        if service.process is not None and service.process.poll() is None:
-            service.process.kill()
-            service.process.wait()
+        service.kill()
 
 
 def produce(stack: Stack, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:

@@ -81,10 +81,7 @@ def target(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
             etags[uid] = service.get(f"/order/{uid}").headers["etag"]
         yield Target(service, service.port, [o["order_uid"] for o in orders], etags)
     finally:
-        assert service.process is not None
-        if service.process.poll() is None:
-            service.process.kill()
-            service.process.wait()
+        service.kill()
 
 
 def serving(target: Target) -> str | None:
@@ -631,7 +628,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_idle_connections_cannot_exhaust_file_descriptors(
-    stack: Stack, target: Target, tmp_path: Path
+    stack: Stack, target: Target, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Idle connections can fill a process's table of open files; a server that then retries a
     failing accept() without pause spins a core and answers nobody. The service takes no more
@@ -644,7 +641,9 @@ def test_idle_connections_cannot_exhaust_file_descriptors(
         environment["KAFKA_DLQ_TOPIC"],
         f"{environment['KAFKA_GROUP_ID']}-files",
     )
-    service = ServiceProcess(stack, topics, tmp_path).start(open_files_limit=limit)
+    service = ServiceProcess(stack, topics, tmp_path)
+    request.addfinalizer(service.kill)
+    service.start(open_files_limit=limit)
     small = Target(service, service.port, target.uids, target.etags)
     assert service.process is not None
     pid = service.process.pid
