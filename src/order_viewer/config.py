@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PostgresDsn, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    PostgresDsn,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -53,6 +61,13 @@ class Settings(BaseSettings):
         default="orders.dlq", min_length=1, description="Dead-letter topic for rejected messages."
     )
     kafka_group_id: str = Field(default="order-viewer", min_length=1, description="Consumer group.")
+    kafka_group_protocol: Literal["classic", "consumer"] = Field(
+        default="classic",
+        description="classic: the group protocol every broker speaks. consumer: the "
+        "broker-driven one of KIP-848 (Kafka 4.0 and later), whose members keep their "
+        "partitions across a broker restart, not just a session timeout; its session timeout "
+        "is the broker's (group.consumer.session.timeout.ms) and it has no static membership.",
+    )
     kafka_group_instance_id: str | None = Field(
         default=None,
         min_length=1,
@@ -126,6 +141,16 @@ class Settings(BaseSettings):
         description="console: readable lines; json: one JSON object per line, for a collector.",
     )
 
+    @model_validator(mode="after")
+    def _classic_protocol_only(self) -> Settings:
+        # Under the consumer protocol the broker holds the session timeout, and a static
+        # member restarted after a crash is refused as long as its old session lasts.
+        if self.kafka_group_protocol == "consumer":
+            for name in ("kafka_session_timeout_ms", "kafka_group_instance_id"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name.upper()} applies to KAFKA_GROUP_PROTOCOL=classic only")
+        return self
+
     @field_validator("kafka_max_poll_interval_ms")
     @classmethod
     def _poll_interval_covers_session(cls, value: int, info: ValidationInfo) -> int:
@@ -164,5 +189,7 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as error:
         first = error.errors()[0]
-        variable = str(first["loc"][0]).upper() if first["loc"] else "configuration"
+        if not first["loc"]:  # a rule between settings, whose message names them
+            raise ConfigurationError(f"invalid settings: {first['msg']}") from None
+        variable = str(first["loc"][0]).upper()
         raise ConfigurationError(f"invalid setting {variable}: {first['msg']}") from None

@@ -55,12 +55,10 @@ class OrderConsumer:
             client_config(
                 self._settings,
                 **{
-                    "group.id": self._settings.kafka_group_id,
-                    **static_membership(self._settings),
+                    **group_membership(self._settings),
                     "enable.auto.commit": True,
                     "enable.auto.offset.store": False,
                     "auto.offset.reset": "earliest",
-                    "session.timeout.ms": self._settings.kafka_session_timeout_ms,
                     "max.poll.interval.ms": self._settings.kafka_max_poll_interval_ms,
                     "statistics.interval.ms": 5000,
                     # librdkafka's default read-ahead is 64 MiB of messages, on top of the two
@@ -215,9 +213,17 @@ class OrderConsumer:
             self._last_report = time.monotonic()
 
 
-def static_membership(settings: Settings) -> dict[str, str]:
-    instance = settings.kafka_group_instance_id
-    return {} if instance is None else {"group.instance.id": instance}
+def group_membership(settings: Settings) -> dict[str, str | int]:
+    """The consumer group settings, under librdkafka's names."""
+    group: dict[str, str | int] = {"group.id": settings.kafka_group_id}
+    if settings.kafka_group_protocol == "consumer":
+        # librdkafka refuses the session settings under this protocol: the broker holds them.
+        group["group.protocol"] = "consumer"
+        return group
+    group["session.timeout.ms"] = settings.kafka_session_timeout_ms
+    if settings.kafka_group_instance_id is not None:
+        group["group.instance.id"] = settings.kafka_group_instance_id
+    return group
 
 
 def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:

@@ -176,10 +176,11 @@ def test_database_outage_and_crash_are_waited_out(
     assert "database recovered" in service.log()
 
 
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
 def test_broker_outage_and_kill_are_recovered_from(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service, protocol: str
 ) -> None:
-    service = start_service()
+    service = start_service(KAFKA_GROUP_PROTOCOL=protocol)
     stream = Stream(6_000, seed=104, invalid_share=0.2)
     produce(stack, topics.orders, stream.messages[:3000])
     first = list(stream.valid)[:100]

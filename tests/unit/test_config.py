@@ -44,6 +44,7 @@ def test_defaults_are_the_documented_contract() -> None:
         ("LOG_LEVEL", "LOUD"),
         ("DATABASE_URL", "mysql://nope"),
         ("KAFKA_TOPIC", ""),
+        ("KAFKA_GROUP_PROTOCOL", "new"),
     ],
 )
 def test_a_malformed_setting_names_its_variable(
@@ -52,6 +53,23 @@ def test_a_malformed_setting_names_its_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigurationError, match=f"^invalid setting {variable}: "):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("KAFKA_SESSION_TIMEOUT_MS", "45000"), ("KAFKA_GROUP_INSTANCE_ID", "a")]
+)
+def test_settings_of_the_classic_group_protocol_are_refused_under_the_consumer_one(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv("KAFKA_GROUP_PROTOCOL", "consumer")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(
+        ConfigurationError,
+        match=f"^invalid settings: .*{variable} applies to KAFKA_GROUP_PROTOCOL=classic only$",
+    ):
+        load_settings()
+    monkeypatch.setenv("KAFKA_GROUP_PROTOCOL", "classic")
+    load_settings()
 
 
 def test_the_command_reports_a_bad_setting_in_one_line_without_secrets() -> None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
-from order_viewer.consumer import by_size
+import pytest
+from confluent_kafka import Consumer
+
+from order_viewer.config import Settings
+from order_viewer.consumer import by_size, group_membership
 from order_viewer.service import Message
 
 
@@ -19,3 +23,30 @@ def test_empty_values_and_oversized_messages_still_get_a_batch() -> None:
     batches = by_size(messages, 100)
     assert [[m.offset for m in batch] for batch in batches] == [[0, 1], [2], [3]]
     assert by_size([], 100) == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, {"group.id": "order-viewer", "session.timeout.ms": 45_000}),
+        (
+            {"kafka_group_instance_id": "viewer-0", "kafka_session_timeout_ms": 10_000},
+            {
+                "group.id": "order-viewer",
+                "session.timeout.ms": 10_000,
+                "group.instance.id": "viewer-0",
+            },
+        ),
+        (
+            {"kafka_group_protocol": "consumer"},
+            {"group.id": "order-viewer", "group.protocol": "consumer"},
+        ),
+    ],
+)
+def test_group_membership_is_one_librdkafka_accepts(
+    settings: dict[str, object], expected: dict[str, object]
+) -> None:
+    membership = group_membership(Settings(_env_file=None, **settings))  # type: ignore[call-arg]
+    assert membership == expected
+    # librdkafka checks its configuration when the client is made, before any connection.
+    Consumer({"bootstrap.servers": "127.0.0.1:9", **membership}).close()
