@@ -63,10 +63,10 @@ class Settings(BaseSettings):
     kafka_group_id: str = Field(default="order-viewer", min_length=1, description="Consumer group.")
     kafka_group_protocol: Literal["classic", "consumer"] = Field(
         default="classic",
-        description="classic: the group protocol every broker speaks. consumer: the "
-        "broker-driven one of KIP-848 (Kafka 4.0 and later), whose members keep their "
-        "partitions across a broker restart, not just a session timeout; its session timeout "
-        "is the broker's (group.consumer.session.timeout.ms) and it has no static membership.",
+        description="classic: the group protocol every broker speaks. consumer: KIP-848's "
+        "broker-driven protocol (Kafka 4.0 and later): a consumer keeps its place in the group "
+        "while the broker restarts, but the session timeout is the broker's "
+        "(group.consumer.session.timeout.ms) and there is no static membership.",
     )
     kafka_group_instance_id: str | None = Field(
         default=None,
