@@ -133,7 +133,9 @@ def test_duplicate_changes_nothing_and_newer_message_replaces(
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     stack: Stack, topics: Topics, start_service
 ) -> None:
-    service = start_service()
+    # The restarted instance waits for the killed one's session to end: 6 s here, not 45 (the
+    # crash loop of tests/faults runs with the default).
+    service = start_service(KAFKA_SESSION_TIMEOUT_MS="6000")
     rng = random.Random(2024)
     orders = [make_order(rng) for _ in range(20_000)]
     producer = threading.Thread(target=stream, args=(stack, topics.orders, orders, 6.0))
