@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     @field_validator("kafka_max_poll_interval_ms")
     @classmethod
     def _poll_interval_covers_session(cls, value: int, info: ValidationInfo) -> int:
+        # librdkafka's rule for the classic protocol only: under the consumer one the session
+        # timeout is the broker's, and the client compares nothing.
+        if info.data.get("kafka_group_protocol") != "classic":
+            return value
         session_timeout = info.data.get("kafka_session_timeout_ms")
         if session_timeout is not None and value < session_timeout:
             raise ValueError("must be at least KAFKA_SESSION_TIMEOUT_MS (librdkafka's rule)")

@@ -72,6 +72,19 @@ def test_settings_of_the_classic_group_protocol_are_refused_under_the_consumer_o
     load_settings()
 
 
+def test_the_poll_interval_must_cover_the_session_under_the_classic_protocol_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAFKA_MAX_POLL_INTERVAL_MS", "10000")
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^invalid setting KAFKA_MAX_POLL_INTERVAL_MS: .*at least KAFKA_SESSION_TIMEOUT_MS",
+    ):
+        load_settings()
+    monkeypatch.setenv("KAFKA_GROUP_PROTOCOL", "consumer")
+    assert load_settings().kafka_max_poll_interval_ms == 10_000
+
+
 def test_the_command_reports_a_bad_setting_in_one_line_without_secrets() -> None:
     result = subprocess.run(
         [str(ORDER_VIEWER), "migrate"],
