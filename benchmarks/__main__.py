@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import os
 import random
 import re
@@ -22,7 +23,7 @@ import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,15 +35,17 @@ from confluent_kafka import Producer
 from rich.console import Console
 from rich.progress import Progress
 
-from order_viewer.broker import ensure_topics
+from order_viewer.broker import client_config, ensure_topics
 from order_viewer.cache import OrderCache
 from order_viewer.config import Settings
 from order_viewer.consumer import by_size
 from order_viewer.generate import encode, make_order
 from order_viewer.metrics import Metrics
-from order_viewer.model import MAX_ITEMS, parse_order
-from order_viewer.service import Message, OrderIngest
-from order_viewer.store import PreparedOrder, WriteResult, migrate
+from order_viewer.model import MAX_ITEMS, PreparedOrder, parse_order
+from order_viewer.ports import Message
+from order_viewer.retry import Health, Patience
+from order_viewer.service import prepare_batch
+from order_viewer.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = Path(__file__).with_name("random_ids.lua")
@@ -351,9 +354,8 @@ def ingest_metrics_cost(messages: list[tuple[bytes, bytes]]) -> float:
         Message("bench", 0, offset, key, value)
         for offset, (key, value) in enumerate(messages[:2000])
     ]
-    ingest = OrderIngest(_NoWriter(), OrderCache(0))
     started = time.perf_counter()
-    batch = ingest.prepare(batch_messages)
+    batch = prepare_batch(batch_messages)
     preparing = time.perf_counter() - started
     metrics = Metrics(OrderCache(0))
 
@@ -372,19 +374,16 @@ def ingest_metrics_cost(messages: list[tuple[bytes, bytes]]) -> float:
     return (time.perf_counter() - started) / runs / preparing
 
 
-class _NoWriter:
-    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult:
-        return WriteResult((), ())
-
-
 LARGE_ORDERS = 1500
 
 
 def with_new_topic(bench: Bench, settings: Settings) -> Bench:
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     ensure_topics(
-        settings.model_copy(update={"kafka_topic": topic, "kafka_dlq_topic": f"{topic}.dlq"}),
-        threading.Event(),
+        client_config(settings),
+        [topic, f"{topic}.dlq"],
+        settings.kafka_topic_partitions,
+        Patience(Health("Kafka broker", logging.getLogger("bench")), threading.Event(), 5.0),
     )
     return replace(bench, topic=topic)
 
@@ -396,7 +395,7 @@ def prepared_expansion(messages: list[tuple[bytes, bytes]], batch_bytes: int) ->
         batch_bytes,
     )[0]
     tracemalloc.start()
-    prepared = OrderIngest(_NoWriter(), OrderCache(0)).prepare(batch)
+    prepared = prepare_batch(batch)
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert len(prepared.orders) == len(batch)

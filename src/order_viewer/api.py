@@ -28,8 +28,8 @@ from order_viewer.metrics import (
     RequestMetrics,
 )
 from order_viewer.model import ORDER_UID_PATTERN, Order
+from order_viewer.ports import DatabaseUnavailable, OrderSummary
 from order_viewer.service import OrderLookup
-from order_viewer.store import DatabaseUnavailable, OrderSummary
 
 RETRY_AFTER_SECONDS = "5"
 # The page's scripts and styles are files of our own; nothing inline, nothing from elsewhere.
@@ -55,9 +55,6 @@ class _AnyText(Convertor[str]):
 
     def to_string(self, value: str) -> str:
         return value
-
-
-register_url_convertor("any_text", _AnyText())
 
 
 class Readiness(Protocol):
@@ -103,6 +100,9 @@ def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | Non
         summary="Orders consumed from Kafka, stored in PostgreSQL, served by id.",
         version=_version(),
     )
+    # Starlette keeps convertors in one table of its own; registering the same one again when
+    # another app is made (as the tests do) replaces it with an equal one.
+    register_url_convertor("any_text", _AnyText())
     static = resources.files("order_viewer") / "static"
     index_html = (static / "index.html").read_bytes()
 

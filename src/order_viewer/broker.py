@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,8 +11,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from order_viewer.config import Settings, kafka_security
 from order_viewer.metrics import Metrics
-from order_viewer.retry import Backoff, Health
-from order_viewer.service import RejectedMessage
+from order_viewer.ports import RejectedMessage, Stopped
+from order_viewer.retry import Patience, retry
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +21,8 @@ log = logging.getLogger(__name__)
 LARGEST_DEAD_LETTER_BYTES = 128 * 1024 * 1024
 
 
-class Stopped(Exception):
-    """A stop was requested while waiting for Kafka."""
-
-
 def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """What every Kafka client of the service shares: the brokers and how to reach them."""
     return {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         **kafka_security(settings),
@@ -37,78 +33,80 @@ def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     }
 
 
-def ensure_topics(settings: Settings, stop: threading.Event) -> None:
-    """Create the order and dead-letter topics when missing; existing ones are used as they are."""
-    health = Health("Kafka broker", log)
-    backoff = Backoff(settings.retry_max_backoff_ms / 1000, stop)
-    admin = AdminClient(client_config(settings))
-    while True:
-        try:
-            existing = admin.list_topics(timeout=5).topics
-            missing = [
-                NewTopic(name, num_partitions=settings.kafka_topic_partitions)
-                for name in (settings.kafka_topic, settings.kafka_dlq_topic)
-                if name not in existing
-            ]
-            created_topics = admin.create_topics(missing, operation_timeout=10) if missing else {}
-            for name, created in created_topics.items():
-                try:
-                    created.result()
-                    log.info("created topic %s", name)
-                except KafkaException as error:
-                    if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                        raise
-            health.recovered()
-            return
-        except KafkaException as error:
-            health.failed(str(error.args[0]))
-            if not backoff.wait():
-                raise Stopped from error
+def ensure_topics(
+    client: dict[str, Any], names: Sequence[str], partitions: int, broker: Patience
+) -> None:
+    """Create the topics that are missing; existing ones are used as they are. Waits for the
+    broker while it is away (raises Stopped if a stop comes first)."""
+    admin = AdminClient(client)
+
+    def attempt() -> None:
+        existing = admin.list_topics(timeout=5).topics
+        missing = [
+            NewTopic(name, num_partitions=partitions) for name in names if name not in existing
+        ]
+        created_topics = admin.create_topics(missing, operation_timeout=10) if missing else {}
+        for name, created in created_topics.items():
+            try:
+                created.result()
+                log.info("created topic %s", name)
+            except KafkaException as error:
+                if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+
+    retry(attempt, transient=(KafkaException,), patience=broker)
+
+
+class _Undelivered(Exception):
+    """The broker did not acknowledge some dead letters; they are sent again."""
 
 
 class DeadLetterWriter:
     """Sends rejected messages, unchanged with their key, to the dead-letter topic, with headers
     that say why and where they came from; returns only once the broker has acknowledged all."""
 
-    def __init__(self, settings: Settings, stop: threading.Event, metrics: Metrics) -> None:
-        self._settings = settings
-        self._stop = stop
+    def __init__(
+        self, client: dict[str, Any], topic: str, broker: Patience, metrics: Metrics
+    ) -> None:
+        self._topic = topic
+        self._broker = broker
         self._metrics = metrics
         self._producer = Producer(
-            client_config(
-                settings,
-                **{
-                    "acks": "all",
-                    "enable.idempotence": True,
-                    "linger.ms": 5,
-                    "message.timeout.ms": 30_000,
-                    # A rejected message is sent on as it came, however large the consumer
-                    # received it (a compressed batch can carry a message far above the broker's
-                    # 1 MB limit); compressed, most fit again.
-                    "compression.type": "lz4",
-                    "message.max.bytes": LARGEST_DEAD_LETTER_BYTES,
-                },
-            )
+            {
+                **client,
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "message.timeout.ms": 30_000,
+                # A rejected message is sent on as it came, however large the consumer
+                # received it (a compressed batch can carry a message far above the broker's
+                # 1 MB limit); compressed, most fit again.
+                "compression.type": "lz4",
+                "message.max.bytes": LARGEST_DEAD_LETTER_BYTES,
+            }
         )
-        self._health = Health("dead-letter topic", log)
 
     def send(self, rejected: Sequence[RejectedMessage]) -> None:
-        backoff = Backoff(self._settings.retry_max_backoff_ms / 1000, self._stop)
         pending = [(entry, True) for entry in rejected]
-        while pending:
+
+        def attempt() -> None:
+            nonlocal pending
             failed: list[tuple[RejectedMessage, bool]] = []
             for entry, with_value in pending:
                 self._produce(entry, with_value, failed)
             while self._producer.flush(0.5) > 0:
-                if self._stop.is_set():
+                if self._broker.stop.is_set():
                     raise Stopped
-            if not failed:
-                self._health.recovered()
-                return
-            pending = failed
-            self._metrics.retries.labels("dead_letter").inc()
-            if not backoff.wait():
-                raise Stopped
+            if failed:
+                pending = failed
+                raise _Undelivered(f"{len(failed)} dead letters not acknowledged")
+
+        retry(
+            attempt,
+            transient=(_Undelivered,),
+            patience=self._broker,
+            on_retry=self._metrics.retries.labels("dead_letter").inc,
+        )
 
     def _produce(
         self, entry: RejectedMessage, with_value: bool, failed: list[tuple[RejectedMessage, bool]]
@@ -131,19 +129,19 @@ class DeadLetterWriter:
             log.warning(
                 "dead letter of %s/%d@%d sent without its %d-byte value: too large for %s",
                 message.topic, message.partition, message.offset, size,
-                self._settings.kafka_dlq_topic,
+                self._topic,
             )  # fmt: skip
 
         def delivered(error: KafkaError | None, _: object) -> None:
             if error is not None:
-                self._health.failed(str(error))
+                self._broker.health.failed(str(error))
                 self._metrics.dead_letter_failures.inc()
                 failed.append((entry, with_value and error.code() != KafkaError.MSG_SIZE_TOO_LARGE))
 
         while True:
             try:
                 self._producer.produce(
-                    self._settings.kafka_dlq_topic,
+                    self._topic,
                     key=message.key,
                     value=message.value if with_value else None,
                     headers=headers,

@@ -14,7 +14,7 @@ import sqlalchemy.exc
 from order_viewer import emulator, logs
 from order_viewer.check import check
 from order_viewer.config import ConfigurationError, Settings, load_settings
-from order_viewer.server import Service
+from order_viewer.server import serve
 from order_viewer.store import migrate
 
 
@@ -96,7 +96,7 @@ def _ratio(text: str) -> float:
 
 
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
-    return Service(settings).run()
+    return serve(settings)
 
 
 def _migrate(settings: Settings, _: argparse.Namespace) -> int:

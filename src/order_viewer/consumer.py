@@ -4,111 +4,120 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from order_viewer.broker import DeadLetterWriter, Stopped, client_config, ensure_topics
 from order_viewer.config import Settings
 from order_viewer.metrics import Metrics
-from order_viewer.retry import Backoff, Health
-from order_viewer.service import BatchOutcome, Message, OrderIngest, PreparedBatch
-from order_viewer.store import TransientStoreError
+from order_viewer.ports import Message, Stopped
+from order_viewer.retry import Health
+from order_viewer.service import BatchOutcome, OrderIngest, PreparedBatch, prepare_batch
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL_SECONDS = 10.0
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """How many messages, and how many bytes of them, make one batch, and how long the first
+    of them waits for the rest."""
+
+    max_messages: int
+    max_bytes: int
+    max_wait_seconds: float
 
 
 class OrderConsumer:
-    """Consumes the orders topic until stopped.
+    """Consumes the orders topic until `stop` is set, handing each batch to the service layer.
 
     Offsets follow the pattern librdkafka documents for at-least-once delivery: automatic
-    commits are on but only of offsets the loop has *stored*, and it stores a message's offset
-    only after its order is committed in PostgreSQL or the broker acknowledged its dead letter.
-    A crash therefore re-delivers at most the unfinished batch, which the store absorbs.
+    commits are on but only of offsets the loop has *stored*, and the service layer lets it store
+    a batch's offsets only after its orders are committed in PostgreSQL and its dead letters
+    acknowledged. A crash therefore re-delivers at most the unfinished batches, which the store
+    absorbs.
     """
 
     def __init__(
-        self, settings: Settings, ingest: OrderIngest, stop: threading.Event, metrics: Metrics
+        self,
+        *,
+        client: dict[str, Any],
+        topic: str,
+        batching: Batching,
+        ingest: OrderIngest,
+        broker: Health,
+        stop: threading.Event,
+        metrics: Metrics,
     ) -> None:
-        self._settings = settings
+        self._client = client
+        self._topic = topic
+        self._batching = batching
         self._ingest = ingest
+        self._broker = broker
         self._stop = stop
         self._metrics = metrics
-        self.running = False
-        self._database = Health("database", log)
-        self._broker = Health("Kafka broker", log)
-        self._since_report: Counter[str] = Counter()
-        self._last_report = time.monotonic()
+        self.consuming = threading.Event()
 
     def run(self) -> None:
-        try:
-            ensure_topics(self._settings, self._stop)
-        except Stopped:
-            return
+        """Consume until stopped; raises KafkaException on an error no retry can cure (e.g.
+        fenced by another instance with the same static member id)."""
         consumer = Consumer(
-            client_config(
-                self._settings,
-                **{
-                    **group_membership(self._settings),
-                    "enable.auto.commit": True,
-                    "enable.auto.offset.store": False,
-                    "auto.offset.reset": "earliest",
-                    "max.poll.interval.ms": self._settings.kafka_max_poll_interval_ms,
-                    "statistics.interval.ms": 5000,
-                    # librdkafka's default read-ahead is 64 MiB of messages, on top of the two
-                    # batches held here; two batches ahead keep the database as busy.
-                    "queued.max.messages.kbytes": 2 * self._settings.batch_max_bytes // 1024,
-                    "stats_cb": self._metrics.librdkafka_statistics,
-                },
-            )
+            {
+                **self._client,
+                "enable.auto.commit": True,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "statistics.interval.ms": 5000,
+                # librdkafka's default read-ahead is 64 MiB of messages, on top of the two
+                # batches held here; two batches ahead keep the database as busy.
+                "queued.max.messages.kbytes": 2 * self._batching.max_bytes // 1024,
+                "stats_cb": self._metrics.librdkafka_statistics,
+            }
         )
-        dead_letters = DeadLetterWriter(self._settings, self._stop, self._metrics)
         consumer.subscribe(
-            [self._settings.kafka_topic],
+            [self._topic],
             on_assign=_log_assignment("assigned"),
             on_revoke=_log_assignment("revoked"),
         )
-        self.running = True
-        log.info(
-            "consuming %s as group %s", self._settings.kafka_topic, self._settings.kafka_group_id
-        )
+        self.consuming.set()
+        log.info("consuming %s as group %s", self._topic, self._client["group.id"])
         # The database writes one batch while this thread polls and validates the next.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
-        writing: tuple[PreparedBatch, Future[BatchOutcome | None]] | None = None
-        stopped = False
+        writing: tuple[PreparedBatch, Future[BatchOutcome]] | None = None
+
+        def settle(batch: PreparedBatch, written: Future[BatchOutcome]) -> None:
+            self._ingest.settle(
+                batch, written.result(), lambda messages: _store_offsets(consumer, messages)
+            )
+
         try:
-            while not stopped and not self._stop.is_set():
+            while not self._stop.is_set():
                 polled = self._poll(consumer)
-                for messages in by_size(polled, self._settings.batch_max_bytes) or [[]]:
-                    prepared = self._ingest.prepare(messages) if messages else None
+                for messages in by_size(polled, self._batching.max_bytes) or [[]]:
+                    prepared = prepare_batch(messages) if messages else None
                     if writing is not None:
                         finished, writing = writing, None
-                        if not self._finish(*finished, consumer, dead_letters):
-                            stopped = True
-                            break
+                        settle(*finished)
                     if prepared is not None:
-                        writing = (prepared, writer.submit(self._store, prepared))
-        finally:
-            self.running = False
+                        writing = (prepared, writer.submit(self._ingest.store, prepared))
             if writing is not None:
-                self._finish(*writing, consumer, dead_letters)
+                settle(*writing)
+        except Stopped:
+            # The unsettled batches' offsets stay unstored: whoever consumes next re-reads them.
+            pass
+        finally:
+            self.consuming.clear()
             writer.shutdown()
             # close() commits the stored offsets and leaves the group so partitions move at once
             # (a static member stays in it, for its restart to find them).
             consumer.close()
-            dead_letters.close()
             log.info("consumer stopped")
 
     def _poll(self, consumer: Consumer) -> list[Message]:
         polled = consumer.consume(
-            num_messages=self._settings.batch_max_orders,
-            timeout=self._settings.batch_max_wait_ms / 1000,
+            num_messages=self._batching.max_messages, timeout=self._batching.max_wait_seconds
         )
         batch = []
         for kafka_message in polled:
@@ -138,79 +147,6 @@ class OrderConsumer:
             self._metrics.messages_consumed.inc(len(batch))
             self._metrics.batch_size.observe(len(batch))
         return batch
-
-    def _finish(
-        self,
-        batch: PreparedBatch,
-        written: Future[BatchOutcome | None],
-        consumer: Consumer,
-        dead_letters: DeadLetterWriter,
-    ) -> bool:
-        """Wait for the batch's write, send its dead letters, then store its offsets; False if a
-        stop came first (its offsets are then left for the next owner to re-read)."""
-        outcome = written.result()
-        if outcome is None:
-            return False
-        if outcome.rejected:
-            for entry in outcome.rejected:
-                message, rejection = entry.message, entry.rejection
-                log.warning(
-                    "rejected message %s/%d@%d: %s (%s%s)",
-                    message.topic, message.partition, message.offset, rejection.code,
-                    rejection.message, f", field {rejection.field}" if rejection.field else "",
-                    extra={
-                        "topic": message.topic, "partition": message.partition,
-                        "offset": message.offset, "reason": rejection.code,
-                        "field": rejection.field,
-                    },
-                )  # fmt: skip
-            try:
-                dead_letters.send(outcome.rejected)
-            except Stopped:
-                return False
-        _store_offsets(consumer, batch.messages)
-        self._report(batch, outcome)
-        return True
-
-    def _store(self, batch: PreparedBatch) -> BatchOutcome | None:
-        """The batch stored, retrying while the database is away; None if stopped meanwhile."""
-        backoff = Backoff(self._settings.retry_max_backoff_ms / 1000, self._stop)
-        while True:
-            started = time.perf_counter()
-            try:
-                outcome = self._ingest.store(batch)
-            except TransientStoreError as error:
-                self._database.failed(str(error))
-                self._metrics.retries.labels("database").inc()
-                if not backoff.wait():
-                    return None
-                continue
-            self._metrics.write_duration.observe(time.perf_counter() - started)
-            self._database.recovered()
-            return outcome
-
-    def _report(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
-        """Count the batch, and log the throughput every few seconds."""
-        metrics = self._metrics
-        metrics.orders_stored.inc(outcome.inserted)
-        metrics.orders_replaced.inc(outcome.replaced)
-        for entry in outcome.rejected:
-            metrics.dead_lettered.labels(entry.rejection.code).inc()
-        if batch.orders:
-            metrics.order_stored(max(p.order.date_created for p, _ in batch.orders.values()))
-        since = self._since_report
-        since.update(
-            stored=outcome.inserted + outcome.replaced, dead_lettered=len(outcome.rejected)
-        )
-        elapsed = time.monotonic() - self._last_report
-        if elapsed >= PROGRESS_INTERVAL_SECONDS:
-            if since:
-                log.info(
-                    "stored %d orders (%.0f/s) and dead-lettered %d messages in the last %.0f s",
-                    since["stored"], since["stored"] / elapsed, since["dead_lettered"], elapsed,
-                )  # fmt: skip
-            since.clear()
-            self._last_report = time.monotonic()
 
 
 def group_membership(settings: Settings) -> dict[str, str | int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 import threading
@@ -17,6 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from order_viewer.broker import client_config, ensure_topics
 from order_viewer.config import Settings
 from order_viewer.generate import break_order, encode, make_order
+from order_viewer.retry import Health, Patience
+
+log = logging.getLogger(__name__)
 
 PLAIN_PROGRESS_SECONDS = 5
 
@@ -67,7 +71,16 @@ def produce(
 ) -> ProduceSummary:
     """Send the messages and wait for the broker's acknowledgements. Progress shows as a bar in
     a terminal (`interactive`), else as a line every few seconds."""
-    ensure_topics(settings, threading.Event())
+    # Nothing stops a command line run but Ctrl-C, which ends the waiting for the broker too.
+    broker = Patience(
+        Health("Kafka broker", log), threading.Event(), settings.retry_max_backoff_ms / 1000
+    )
+    ensure_topics(
+        client_config(settings),
+        [settings.kafka_topic, settings.kafka_dlq_topic],
+        settings.kafka_topic_partitions,
+        broker,
+    )
     producer = Producer(
         client_config(settings, **{"acks": "all", "linger.ms": 20, "enable.idempotence": True})
     )

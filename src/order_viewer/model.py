@@ -6,6 +6,7 @@ docs/ORDER_FORMAT.md is the human description of every rule and reason code here
 from __future__ import annotations
 
 import codecs
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -314,6 +315,34 @@ def parse_order(value: bytes | None) -> Order:
 def order_json(order: Order) -> bytes:
     """The canonical compact UTF-8 JSON of an order: the message's fields in the message's order."""
     return Order.__pydantic_serializer__.to_json(order)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedOrder:
+    """A valid order with the Kafka position it came from, serialized once: the bytes the API
+    serves and the digest that versions them."""
+
+    order: Order
+    partition: int
+    offset: int
+    document: bytes
+    sha256: bytes
+
+    @classmethod
+    def of(cls, order: Order, partition: int, offset: int) -> PreparedOrder:
+        document = order_json(order)
+        return cls(order, partition, offset, document, hashlib.sha256(document).digest())
+
+
+def supersedes(incoming: tuple[bytes, int, int], stored: tuple[bytes, int, int]) -> bool:
+    """Whether a message's version of an order, (sha256, partition, offset), replaces the stored
+    one: only a different content from a later message does, so an identical redelivery changes
+    nothing and an older message redelivered after a newer one loses. Another partition counts
+    as later (the key moved partitions, which only a producer change does). The PostgreSQL
+    writer states the same rule in SQL; the writer contract tests hold both to it."""
+    sha256, partition, offset = incoming
+    stored_sha256, stored_partition, stored_offset = stored
+    return sha256 != stored_sha256 and (partition != stored_partition or offset > stored_offset)
 
 
 def consistency_problems(order: Order) -> list[str]:

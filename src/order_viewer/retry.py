@@ -1,41 +1,89 @@
-"""Waiting out transient failures: capped exponential backoff, each state change logged once."""
+"""Waiting out transient failures: one stop-aware retry with capped exponential backoff, and one
+health record per dependency that logs each outage and recovery once."""
 
 from __future__ import annotations
 
 import logging
 import random
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
+from order_viewer.ports import Stopped
 
-class Backoff:
-    """Delays of 0.1 s doubling up to a cap, with jitter so that instances do not retry in step."""
+T = TypeVar("T")
 
-    def __init__(self, cap_seconds: float, stop: threading.Event) -> None:
-        self._cap = cap_seconds
-        self._stop = stop
-        self._delay = 0.1
-
-    def wait(self) -> bool:
-        """Sleep for the next delay; False when a stop was requested meanwhile."""
-        delay = min(self._delay, self._cap) * random.uniform(0.8, 1.2)
-        self._delay = min(self._delay * 2, self._cap)
-        return not self._stop.wait(delay)
+FIRST_DELAY_SECONDS = 0.1
 
 
 class Health:
-    """Logs a dependency going away and coming back once each, however many retries lie between."""
+    """The state of one dependency (the database, the broker), shared by every part that uses
+    it: an outage is logged once when the first part sees it and a recovery once when one gets
+    through, however many parts and retries lie between."""
 
     def __init__(self, name: str, log: logging.Logger) -> None:
-        self._name = name
+        self.name = name
         self._log = log
-        self.failing = False
+        self._lock = threading.Lock()
+        self._failing = False
+
+    @property
+    def failing(self) -> bool:
+        return self._failing
 
     def failed(self, reason: str) -> None:
-        if not self.failing:
-            self.failing = True
-            self._log.warning("%s unavailable, retrying: %s", self._name, reason)
+        with self._lock:
+            if self._failing:
+                return
+            self._failing = True
+        self._log.warning("%s unavailable, retrying: %s", self.name, reason)
 
     def recovered(self) -> None:
-        if self.failing:
-            self.failing = False
-            self._log.info("%s recovered", self._name)
+        with self._lock:
+            if not self._failing:
+                return
+            self._failing = False
+        self._log.info("%s recovered", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Patience:
+    """How to wait for one dependency: whose health to report, the stop that ends the waiting,
+    and the longest pause between two attempts."""
+
+    health: Health
+    stop: threading.Event
+    max_backoff_seconds: float
+
+
+def retry(
+    attempt: Callable[[], T],
+    *,
+    transient: tuple[type[BaseException], ...],
+    patience: Patience,
+    on_retry: Callable[[], object] = lambda: None,
+) -> T:
+    """`attempt()` until it returns, waiting out the `transient` errors: 0.1 s doubling up to the
+    cap, with jitter so that instances do not retry in step. Any other error goes to the caller.
+    Raises Stopped when the stop is set while waiting, so that a shutdown never waits for a
+    dependency to come back."""
+    delay = FIRST_DELAY_SECONDS
+    cap = patience.max_backoff_seconds
+    while True:
+        try:
+            result = attempt()
+        except transient as error:
+            patience.health.failed(_first_line(error))
+            on_retry()
+            if patience.stop.wait(min(delay, cap) * random.uniform(0.8, 1.2)):
+                raise Stopped from error
+            delay = min(delay * 2, cap)
+            continue
+        patience.health.recovered()
+        return result
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

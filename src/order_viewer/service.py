@@ -1,41 +1,42 @@
-"""The service layer: what the consumer and the HTTP app ask of orders, written once."""
+"""The service layer: what the consumer and the HTTP app ask of orders, written once, over the
+ports of `ports` (the adapters implement them; the unit tests fake them)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from order_viewer.cache import CachedOrder, OrderCache
-from order_viewer.model import InvalidOrder, Rejection, consistency_problems, parse_order
-from order_viewer.store import (
-    OrderSummary,
+from order_viewer.metrics import Metrics
+from order_viewer.model import (
+    InvalidOrder,
     PreparedOrder,
-    RejectedByDatabase,
-    StoredDocument,
-    WriteResult,
+    Rejection,
+    consistency_problems,
+    parse_order,
 )
+from order_viewer.ports import (
+    DatabaseUnavailable,
+    DeadLetters,
+    Message,
+    NewestDocuments,
+    OrderReader,
+    OrderSummary,
+    OrderWriter,
+    RejectedByDatabase,
+    RejectedMessage,
+)
+from order_viewer.retry import Patience, retry
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One consumed message, as much of it as the service needs."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class RejectedMessage:
-    message: Message
-    rejection: Rejection
+PROGRESS_INTERVAL_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -45,15 +46,6 @@ class BatchOutcome:
     unchanged: int = 0
     inconsistent: int = 0
     rejected: list[RejectedMessage] = field(default_factory=list)
-
-
-class OrderWriter(Protocol):
-    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult: ...
-
-
-class OrderReader(Protocol):
-    async def documents(self, order_uids: list[str]) -> list[StoredDocument]: ...
-    async def recent(self, limit: int) -> list[OrderSummary]: ...
 
 
 @dataclass(slots=True)
@@ -66,41 +58,74 @@ class PreparedBatch:
     inconsistent: int
 
 
-class OrderIngest:
-    """Validates batches of messages (`prepare`), then stores their valid orders atomically and
-    caches them (`store`): two steps, so that the consumer can prepare the next batch while the
-    database writes this one."""
+def prepare_batch(messages: Sequence[Message]) -> PreparedBatch:
+    """Validate and serialize a batch; the newest message of each order_uid is the one kept."""
+    batch = PreparedBatch(messages, {}, [], 0)
+    for message in messages:
+        try:
+            order = parse_order(message.value)
+        except InvalidOrder as invalid:
+            batch.rejected.append(RejectedMessage(message, invalid.rejection))
+            continue
+        if consistency_problems(order):
+            batch.inconsistent += 1
+        # Same key, same partition: a later message of an order_uid in the batch is newer.
+        batch.orders[order.order_uid] = (
+            PreparedOrder.of(order, message.partition, message.offset),
+            message,
+        )
+    return batch
 
-    def __init__(self, writer: OrderWriter, cache: OrderCache) -> None:
+
+class OrderIngest:
+    """A batch of messages goes through three steps, in this order:
+
+    - `prepare_batch`: validate and serialize (the consumer does this for batch n+1 while the
+      database writes batch n);
+    - `store`: write the valid orders in one transaction, waiting out database outages, then
+      cache them;
+    - `settle`: send the rejected messages to the dead-letter topic and, only once it has
+      acknowledged them, let the caller acknowledge the whole batch (store its offsets), so that
+      no message is acknowledged before it is either stored or dead-lettered.
+    """
+
+    def __init__(
+        self,
+        writer: OrderWriter,
+        cache: OrderCache,
+        dead_letters: DeadLetters,
+        database: Patience,
+        metrics: Metrics,
+    ) -> None:
         self._writer = writer
         self._cache = cache
-
-    def prepare(self, messages: Sequence[Message]) -> PreparedBatch:
-        batch = PreparedBatch(messages, {}, [], 0)
-        for message in messages:
-            try:
-                order = parse_order(message.value)
-            except InvalidOrder as invalid:
-                batch.rejected.append(RejectedMessage(message, invalid.rejection))
-                continue
-            if consistency_problems(order):
-                batch.inconsistent += 1
-            # Same key, same partition: a later message of an order_uid in the batch is newer.
-            batch.orders[order.order_uid] = (
-                PreparedOrder.of(order, message.partition, message.offset),
-                message,
-            )
-        return batch
+        self._dead_letters = dead_letters
+        self._database = database
+        self._metrics = metrics
+        self._since_report: Counter[str] = Counter()
+        self._last_report = time.monotonic()
 
     def store(self, batch: PreparedBatch) -> BatchOutcome:
-        """Raises TransientStoreError when the database is away: nothing of the batch was
-        stored, and the caller retries the same batch."""
-        outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
-        if batch.orders:
-            self._store([prepared for prepared, _ in batch.orders.values()], batch, outcome)
-        return outcome
+        """The batch's valid orders stored and cached, retrying the whole batch while the
+        database is away (nothing of a failed attempt was kept). Raises Stopped if a stop comes
+        first."""
 
-    def _store(
+        def attempt() -> BatchOutcome:
+            started = time.perf_counter()
+            outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
+            if batch.orders:
+                self._write([prepared for prepared, _ in batch.orders.values()], batch, outcome)
+            self._metrics.write_duration.observe(time.perf_counter() - started)
+            return outcome
+
+        return retry(
+            attempt,
+            transient=(DatabaseUnavailable,),
+            patience=self._database,
+            on_retry=self._metrics.retries.labels("database").inc,
+        )
+
+    def _write(
         self, orders: list[PreparedOrder], batch: PreparedBatch, outcome: BatchOutcome
     ) -> None:
         try:
@@ -110,7 +135,7 @@ class OrderIngest:
                 # One order the validator passed but the database refuses must not sink the
                 # others: write each alone and dead-letter only the ones refused.
                 for prepared in orders:
-                    self._store([prepared], batch, outcome)
+                    self._write([prepared], batch, outcome)
                 return
             rejection = Rejection("db_rejected", f"the database refused the order: {refused}", None)
             outcome.rejected.append(
@@ -126,6 +151,79 @@ class OrderIngest:
                 for uid in (*result.inserted, *result.replaced)
             }
         )
+
+    def settle(
+        self,
+        batch: PreparedBatch,
+        outcome: BatchOutcome,
+        acknowledge: Callable[[Sequence[Message]], None],
+    ) -> None:
+        """Dead-letter the rejected messages, then acknowledge the batch. Raises Stopped (and
+        acknowledges nothing) if a stop comes while the dead-letter topic is away: the batch is
+        then read again by whoever consumes next, and storing it again changes nothing."""
+        for entry in outcome.rejected:
+            message, rejection = entry.message, entry.rejection
+            log.warning(
+                "rejected message %s/%d@%d: %s (%s%s)",
+                message.topic, message.partition, message.offset, rejection.code,
+                rejection.message, f", field {rejection.field}" if rejection.field else "",
+                extra={
+                    "topic": message.topic, "partition": message.partition,
+                    "offset": message.offset, "reason": rejection.code, "field": rejection.field,
+                },
+            )  # fmt: skip
+        if outcome.rejected:
+            self._dead_letters.send(outcome.rejected)
+        acknowledge(batch.messages)
+        self._report(batch, outcome)
+
+    def _report(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
+        """Count the batch, and log the throughput every few seconds."""
+        metrics = self._metrics
+        metrics.orders_stored.inc(outcome.inserted)
+        metrics.orders_replaced.inc(outcome.replaced)
+        for entry in outcome.rejected:
+            metrics.dead_lettered.labels(entry.rejection.code).inc()
+        if batch.orders:
+            metrics.order_stored(max(p.order.date_created for p, _ in batch.orders.values()))
+        since = self._since_report
+        since.update(
+            stored=outcome.inserted + outcome.replaced, dead_lettered=len(outcome.rejected)
+        )
+        elapsed = time.monotonic() - self._last_report
+        if elapsed >= PROGRESS_INTERVAL_SECONDS:
+            if since:
+                log.info(
+                    "stored %d orders (%.0f/s) and dead-lettered %d messages in the last %.0f s",
+                    since["stored"], since["stored"] / elapsed, since["dead_lettered"], elapsed,
+                )  # fmt: skip
+            since.clear()
+            self._last_report = time.monotonic()
+
+
+def warm_up(
+    cache: OrderCache, newest: NewestDocuments, database: Patience, metrics: Metrics
+) -> int:
+    """Fill the cache with the newest stored orders until one of its bounds is met, waiting out
+    database outages; how many orders were loaded. Raises Stopped if a stop comes first."""
+    started = time.perf_counter()
+
+    def attempt() -> int:
+        loaded = 0
+        with contextlib.closing(newest(cache.capacity)) as chunks:
+            for chunk in chunks:
+                loaded += cache.warm(
+                    {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in chunk}
+                )
+                if cache.warm_full:
+                    break
+        return loaded
+
+    loaded = retry(attempt, transient=(DatabaseUnavailable,), patience=database)
+    seconds = time.perf_counter() - started
+    metrics.warm_up_duration.set(seconds)
+    log.info("cache warmed with %d orders in %.2f s", loaded, seconds)
+    return loaded
 
 
 class OrderLookup:
@@ -186,3 +284,30 @@ class OrderLookup:
 
     async def recent(self, limit: int) -> list[OrderSummary]:
         return await self._reader.recent(limit)
+
+    async def database_reachable(self) -> bool:
+        return await self._reader.ping()
+
+
+class Readiness:
+    """What `/readyz` reports: the database reachable, the cache warmed, the consumer consuming.
+    The start-up thread sets the events and the event loop reads them."""
+
+    def __init__(
+        self, database_reachable: Callable[[], Awaitable[bool]], consuming: threading.Event
+    ) -> None:
+        self._database_reachable = database_reachable
+        self._consuming = consuming
+        self.warmed = threading.Event()
+        # Set when a start-up step or the consumer failed for good: the process is stopping.
+        self.failed = threading.Event()
+
+    async def not_ready(self) -> dict[str, str]:
+        not_ready = {}
+        if not await self._database_reachable():
+            not_ready["database"] = "unreachable"
+        if not self.warmed.is_set():
+            not_ready["cache"] = "warming up"
+        if not self._consuming.is_set():
+            not_ready["consumer"] = "not consuming"
+        return not_ready

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Generator, Sequence
 from importlib import resources
 
 import psycopg
@@ -13,56 +10,14 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from psycopg_pool import AsyncConnectionPool
 
-from order_viewer.model import Order, order_json
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedOrder:
-    """A valid order with the Kafka position it came from, serialized once: the bytes the API
-    serves and the digest that versions them."""
-
-    order: Order
-    partition: int
-    offset: int
-    document: bytes
-    sha256: bytes
-
-    @classmethod
-    def of(cls, order: Order, partition: int, offset: int) -> PreparedOrder:
-        document = order_json(order)
-        return cls(order, partition, offset, document, hashlib.sha256(document).digest())
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    inserted: tuple[str, ...]
-    replaced: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredDocument:
-    order_uid: str
-    document: bytes
-    sha256: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class OrderSummary:
-    order_uid: str
-    date_created: datetime
-    customer_id: str
-    amount: int
-    currency: str
-    item_count: int
-
-
-class TransientStoreError(Exception):
-    """The database could not take the batch now; the same batch may succeed later."""
-
-
-class RejectedByDatabase(Exception):
-    """The database refused the batch for what is in it; retrying it unchanged cannot help."""
-
+from order_viewer.model import PreparedOrder
+from order_viewer.ports import (
+    DatabaseUnavailable,
+    OrderSummary,
+    RejectedByDatabase,
+    StoredDocument,
+    WriteResult,
+)
 
 # SQLSTATE classes that mean "try again": connection exceptions, resource shortage, operator
 # intervention (shutdown, crash recovery), and the transaction rollbacks (serialization, deadlock).
@@ -108,8 +63,8 @@ _CREATE_STAGING = (
     "CREATE TEMP TABLE stage_orders (LIKE orders INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
 
-# An existing order is replaced only by a different version from a later message: an identical
-# redelivery changes nothing, and an older message redelivered after a newer one loses.
+# model.supersedes in SQL: an existing order is replaced only by a different version from a later
+# message, so an identical redelivery changes nothing and an older one redelivered loses.
 _MERGE_ORDERS = f"""
 INSERT INTO orders ({_ORDER_COLUMNS})
 SELECT {_ORDER_COLUMNS} FROM stage_orders
@@ -178,7 +133,7 @@ class PostgresOrderWriter:
         except psycopg.Error as error:
             if is_transient(error):
                 self.close()
-                raise TransientStoreError(str(error).strip()) from error
+                raise DatabaseUnavailable(str(error).strip()) from error
             raise RejectedByDatabase(_describe(error)) from error
         return WriteResult(
             inserted=tuple(uid for uid, was_replaced in written.items() if not was_replaced),
@@ -236,10 +191,6 @@ def _copy_parts(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[Prep
                 ))  # fmt: skip
 
 
-class DatabaseUnavailable(Exception):
-    """The database could not answer a read now."""
-
-
 class PostgresOrderReader:
     """Reads order documents for the HTTP side over a small pool of connections."""
 
@@ -288,22 +239,6 @@ class PostgresOrderReader:
         )
         return [OrderSummary(*row) for row in rows]  # type: ignore[arg-type]
 
-    async def most_recent_documents(
-        self, limit: int, chunk: int = 1000
-    ) -> AsyncGenerator[list[StoredDocument], None]:
-        """The newest `limit` orders, newest first, in chunks from a server-side cursor."""
-        async with self._pool.connection() as connection, connection.transaction():
-            cursor = connection.cursor(name="warm_up")
-            await cursor.execute(
-                """
-                SELECT order_uid, document, content_sha256 FROM orders
-                ORDER BY date_created DESC, order_uid LIMIT %s
-                """,
-                (limit,),
-            )
-            while rows := await cursor.fetchmany(chunk):
-                yield [_stored_document(row) for row in rows]
-
     async def _fetch(self, query: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
         try:
             async with self._pool.connection() as connection:
@@ -313,6 +248,33 @@ class PostgresOrderReader:
             if is_transient(error):  # includes the pool having no connection to lend
                 raise DatabaseUnavailable(str(error).strip()) from error
             raise
+
+
+_NEWEST_DOCUMENTS = """
+SELECT order_uid, document, content_sha256 FROM orders
+ORDER BY date_created DESC, order_uid LIMIT %s
+"""
+
+
+def newest_documents(
+    database_url: str, limit: int, chunk: int = 1000
+) -> Generator[list[StoredDocument], None, None]:
+    """The newest `limit` orders, newest first, in chunks from a server-side cursor over a
+    connection of their own, so that warming the cache runs beside the event loop, not on it."""
+    try:
+        with (
+            psycopg.connect(
+                database_url, connect_timeout=5, application_name="order-viewer-warm-up"
+            ) as connection,
+            connection.cursor(name="warm_up") as cursor,
+        ):
+            cursor.execute(_NEWEST_DOCUMENTS, (limit,))
+            while rows := cursor.fetchmany(chunk):
+                yield [_stored_document(row) for row in rows]
+    except psycopg.Error as error:
+        if is_transient(error):
+            raise DatabaseUnavailable(str(error).strip()) from error
+        raise
 
 
 def _stored_document(row: tuple[object, ...]) -> StoredDocument:

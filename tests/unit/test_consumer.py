@@ -5,7 +5,7 @@ from confluent_kafka import Consumer
 
 from order_viewer.config import Settings
 from order_viewer.consumer import by_size, group_membership
-from order_viewer.service import Message
+from order_viewer.ports import Message
 
 
 def message(offset: int, size: int | None) -> Message:

@@ -1,159 +1,216 @@
-"""The service layer over fakes of our own ports (the writer, the reader)."""
+"""The service layer over fakes of our own ports (tests/fakes.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import json
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Generator, Sequence
 
 import pytest
 
 from order_viewer.cache import OrderCache
 from order_viewer.generate import SAMPLE_ORDER
-from order_viewer.service import BatchOutcome, Message, OrderIngest, OrderLookup
-from order_viewer.store import (
-    DatabaseUnavailable,
-    OrderSummary,
-    PreparedOrder,
-    RejectedByDatabase,
-    StoredDocument,
-    TransientStoreError,
-    WriteResult,
+from order_viewer.metrics import Metrics
+from order_viewer.ports import DatabaseUnavailable, Message, Stopped, StoredDocument
+from order_viewer.retry import Health, Patience
+from order_viewer.service import (
+    BatchOutcome,
+    OrderIngest,
+    OrderLookup,
+    Readiness,
+    prepare_batch,
+    warm_up,
 )
+from tests.fakes import FakeDeadLetters, FakeReader, FakeWriter
 
 
-class FakeWriter:
-    """Keeps orders in a dict; can be told to fail like the database would."""
-
-    def __init__(self) -> None:
-        self.stored: dict[str, PreparedOrder] = {}
-        self.batches: list[list[str]] = []
-        self.refuse: set[str] = set()
-        self.unavailable = False
-
-    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult:
-        if self.unavailable:
-            raise TransientStoreError("connection refused")
-        if any(prepared.order.order_uid in self.refuse for prepared in batch):
-            raise RejectedByDatabase("value too long for type")
-        self.batches.append([prepared.order.order_uid for prepared in batch])
-        inserted, replaced = [], []
-        for prepared in batch:
-            uid = prepared.order.order_uid
-            old = self.stored.get(uid)
-            if old is None:
-                inserted.append(uid)
-            elif old.sha256 != prepared.sha256 and old.offset < prepared.offset:
-                replaced.append(uid)
-            else:
-                continue
-            self.stored[uid] = prepared
-        return WriteResult(tuple(inserted), tuple(replaced))
-
-
-def order(uid: str, name: str = "Test Testov") -> bytes:
+def order(uid: str, name: str = "Test Testov", date: str = "2021-11-26T06:22:19Z") -> bytes:
     document = copy.deepcopy(SAMPLE_ORDER)
     document["order_uid"] = uid
     document["delivery"]["name"] = name
+    document["date_created"] = date
     return json.dumps(document).encode()
-
-
-def ingest_all(ingest: OrderIngest, messages: list[Message]) -> BatchOutcome:
-    return ingest.store(ingest.prepare(messages))
 
 
 def message(offset: int, value: bytes | None, partition: int = 0) -> Message:
     return Message("orders", partition, offset, b"key", value)
 
 
-def test_valid_orders_are_stored_then_cached_and_invalid_ones_returned() -> None:
-    writer, cache = FakeWriter(), OrderCache(100)
-    outcome = ingest_all(
-        OrderIngest(writer, cache),
-        [message(0, order("a")), message(1, b"{nope"), message(2, order("b")), message(3, None)],
+class Ingest:
+    """An OrderIngest over fakes, and what it did."""
+
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.writer, self.cache = FakeWriter(), OrderCache(100)
+        self.events: list[str] = []
+        self.dead_letters = FakeDeadLetters(self.events)
+        self.stop = stop or threading.Event()
+        self.health = Health("database", logging.getLogger("test.database"))
+        self.patience = Patience(self.health, self.stop, 0.01)
+        self.metrics = Metrics(self.cache)
+        self.service = OrderIngest(
+            self.writer, self.cache, self.dead_letters, self.patience, self.metrics
+        )
+
+    def all(self, messages: list[Message]) -> BatchOutcome:
+        """Prepare, store and settle one batch."""
+        batch = prepare_batch(messages)
+        outcome = self.service.store(batch)
+        self.service.settle(batch, outcome, self.acknowledge)
+        return outcome
+
+    def acknowledge(self, messages: Sequence[Message]) -> None:
+        self.events.append(f"acknowledged {[m.offset for m in messages]}")
+
+
+def test_valid_orders_are_stored_then_cached_and_invalid_ones_dead_lettered() -> None:
+    ingest = Ingest()
+    outcome = ingest.all(
+        [message(0, order("a")), message(1, b"{nope"), message(2, order("b")), message(3, None)]
     )
     assert (outcome.inserted, outcome.replaced, outcome.unchanged) == (2, 0, 0)
-    assert [(r.message.offset, r.rejection.code) for r in outcome.rejected] == [
+    assert [(r.message.offset, r.rejection.code) for r in ingest.dead_letters.sent] == [
         (1, "invalid_json"),
         (3, "empty_value"),
     ]
-    assert set(writer.stored) == {"a", "b"}
-    cached = cache.get("a")
+    assert set(ingest.writer.stored) == {"a", "b"}
+    cached = ingest.cache.get("a")
     assert cached is not None
     assert json.loads(cached.body)["order_uid"] == "a"
 
 
+def test_a_batch_is_acknowledged_only_after_its_dead_letters() -> None:
+    ingest = Ingest()
+    ingest.all([message(0, b"{nope"), message(1, order("a"))])
+    assert ingest.events == ["dead-lettered [0]", "acknowledged [0, 1]"]
+
+
+def test_a_stop_while_dead_lettering_acknowledges_nothing() -> None:
+    ingest = Ingest()
+    ingest.dead_letters.stopped = True
+    batch = prepare_batch([message(0, b"{nope"), message(1, order("a"))])
+    outcome = ingest.service.store(batch)
+    with pytest.raises(Stopped):
+        ingest.service.settle(batch, outcome, ingest.acknowledge)
+    assert ingest.events == []
+
+
+def test_a_batch_without_rejects_sends_no_dead_letters() -> None:
+    ingest = Ingest()
+    ingest.all([message(0, order("a"))])
+    assert ingest.events == ["acknowledged [0]"]
+
+
 def test_the_newest_message_of_an_order_in_a_batch_wins() -> None:
-    writer, cache = FakeWriter(), OrderCache(100)
-    ingest_all(
-        OrderIngest(writer, cache),
-        [message(0, order("a", "First")), message(1, order("a", "Second"))],
-    )
-    assert writer.batches == [["a"]]
-    assert writer.stored["a"].order.delivery.name == "Second"
-    cached = cache.get("a")
+    ingest = Ingest()
+    ingest.all([message(0, order("a", "First")), message(1, order("a", "Second"))])
+    assert ingest.writer.batches == [["a"]]
+    assert ingest.writer.stored["a"].order.delivery.name == "Second"
+    cached = ingest.cache.get("a")
     assert cached is not None
     assert json.loads(cached.body)["delivery"]["name"] == "Second"
 
 
 def test_redelivery_changes_nothing_and_a_later_version_replaces() -> None:
-    writer, cache = FakeWriter(), OrderCache(100)
-    ingest = OrderIngest(writer, cache)
-    ingest_all(ingest, [message(0, order("a"))])
-    again = ingest_all(ingest, [message(0, order("a"))])
+    ingest = Ingest()
+    ingest.all([message(0, order("a"))])
+    again = ingest.all([message(0, order("a"))])
     assert (again.inserted, again.replaced, again.unchanged) == (0, 0, 1)
-    newer = ingest_all(ingest, [message(5, order("a", "Renamed"))])
+    newer = ingest.all([message(5, order("a", "Renamed"))])
     assert newer.replaced == 1
-    cached = cache.get("a")
+    cached = ingest.cache.get("a")
     assert cached is not None
     assert json.loads(cached.body)["delivery"]["name"] == "Renamed"
 
 
-def test_an_unavailable_database_stores_and_caches_nothing() -> None:
-    writer, cache = FakeWriter(), OrderCache(100)
-    writer.unavailable = True
-    with pytest.raises(TransientStoreError):
-        ingest_all(OrderIngest(writer, cache), [message(0, order("a"))])
-    assert cache.get("a") is None
+def test_an_unavailable_database_is_waited_out_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ingest = Ingest()
+    ingest.writer.unavailable_for = 3
+    with caplog.at_level(logging.INFO, logger="test.database"):
+        outcome = ingest.all([message(0, order("a"))])
+    assert outcome.inserted == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "database unavailable, retrying: connection refused",
+        "database recovered",
+    ]
+    retries = ingest.metrics.registry.get_sample_value(
+        "order_viewer_transient_failure_retries_total", {"kind": "database"}
+    )
+    assert retries == 3
+    assert ingest.cache.get("a") is not None
+
+
+def test_a_stop_during_an_outage_stores_caches_and_acknowledges_nothing() -> None:
+    stop = threading.Event()
+    ingest = Ingest(stop)
+    ingest.writer.unavailable_for = 1_000_000
+    batch = prepare_batch([message(0, order("a"))])
+    threading.Timer(0.05, stop.set).start()
+    with pytest.raises(Stopped):
+        ingest.service.store(batch)
+    assert ingest.writer.stored == {}
+    assert ingest.cache.get("a") is None
+    assert ingest.events == []
 
 
 def test_an_order_the_database_refuses_does_not_sink_its_batch() -> None:
-    writer, cache = FakeWriter(), OrderCache(100)
-    writer.refuse = {"bad"}
-    outcome = ingest_all(
-        OrderIngest(writer, cache),
-        [message(0, order("a")), message(1, order("bad")), message(2, order("c"))],
-    )
-    assert set(writer.stored) == {"a", "c"}
+    ingest = Ingest()
+    ingest.writer.refuse = {"bad"}
+    outcome = ingest.all([message(0, order("a")), message(1, order("bad")), message(2, order("c"))])
+    assert set(ingest.writer.stored) == {"a", "c"}
     assert outcome.inserted == 2
-    assert [(r.message.offset, r.rejection.code) for r in outcome.rejected] == [(1, "db_rejected")]
-    assert cache.get("bad") is None
+    assert [(r.message.offset, r.rejection.code) for r in ingest.dead_letters.sent] == [
+        (1, "db_rejected")
+    ]
+    assert ingest.cache.get("bad") is None
 
 
-class FakeReader:
-    def __init__(self, stored: dict[str, bytes]) -> None:
-        self.stored = stored
-        self.asked: list[list[str]] = []
-        self.queries = 0
-        self.unavailable = False
-        self.release = asyncio.Event()
-        self.release.set()
+def test_warm_up_loads_the_newest_orders_until_the_cache_is_full() -> None:
+    ingest = Ingest()
+    days = ["2021-11-01", "2021-11-03", "2021-11-02", "2021-11-05", "2021-11-04"]
+    ingest.all([message(n, order(f"o{n}", date=f"{day}T00:00:00Z")) for n, day in enumerate(days)])
+    cache = OrderCache(3)
+    assert warm_up(cache, ingest.writer.newest, ingest.patience, ingest.metrics) == 3
+    assert [uid for uid in ("o0", "o1", "o2", "o3", "o4") if cache.get(uid)] == ["o1", "o3", "o4"]
 
-    async def documents(self, order_uids: list[str]) -> list[StoredDocument]:
-        self.queries += 1
-        self.asked.append(order_uids)
-        await self.release.wait()
-        if self.unavailable:
-            raise DatabaseUnavailable("connection refused")
-        return [
-            StoredDocument(uid, self.stored[uid], b"\x01" * 32)
-            for uid in order_uids
-            if uid in self.stored
-        ]
 
-    async def recent(self, limit: int) -> list[OrderSummary]:
-        return []
+def test_warm_up_waits_out_an_unavailable_database() -> None:
+    ingest = Ingest()
+    ingest.all([message(0, order("a"))])
+    failures = [DatabaseUnavailable("starting up"), DatabaseUnavailable("starting up")]
+
+    def newest(limit: int) -> Generator[list[StoredDocument], None, None]:
+        if failures:
+            raise failures.pop()
+        yield from ingest.writer.newest(limit)
+
+    cache = OrderCache(10)
+    assert warm_up(cache, newest, ingest.patience, ingest.metrics) == 1
+    assert cache.get("a") is not None
+    assert not failures
+
+
+def test_readiness_names_each_part_that_is_not_ready() -> None:
+    consuming = threading.Event()
+    reachable = True
+
+    async def database_reachable() -> bool:
+        return reachable
+
+    readiness = Readiness(database_reachable, consuming)
+    assert asyncio.run(readiness.not_ready()) == {
+        "cache": "warming up",
+        "consumer": "not consuming",
+    }
+    readiness.warmed.set()
+    consuming.set()
+    assert asyncio.run(readiness.not_ready()) == {}
+    reachable = False
+    assert asyncio.run(readiness.not_ready()) == {"database": "unreachable"}
 
 
 def test_a_miss_reads_the_database_once_and_fills_the_cache() -> None:

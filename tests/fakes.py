@@ -1,0 +1,108 @@
+"""Fakes of the service layer's ports (`order_viewer.ports`), for the unit tests. The writer
+contract tests (tests/contract) run the fake writer and the PostgreSQL one through the same
+cases, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator, Sequence
+
+from order_viewer.model import PreparedOrder, supersedes
+from order_viewer.ports import (
+    DatabaseUnavailable,
+    OrderSummary,
+    RejectedByDatabase,
+    RejectedMessage,
+    Stopped,
+    StoredDocument,
+    WriteResult,
+)
+
+
+class FakeWriter:
+    """Keeps orders in a dict; can be told to fail like the database would."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, PreparedOrder] = {}
+        self.batches: list[list[str]] = []
+        self.refuse: set[str] = set()
+        # How many of the next writes fail as if the database were down.
+        self.unavailable_for = 0
+
+    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult:
+        if self.unavailable_for:
+            self.unavailable_for -= 1
+            raise DatabaseUnavailable("connection refused")
+        if any(prepared.order.order_uid in self.refuse for prepared in batch):
+            raise RejectedByDatabase("value too long for type")
+        self.batches.append([prepared.order.order_uid for prepared in batch])
+        inserted, replaced = [], []
+        for prepared in batch:
+            uid = prepared.order.order_uid
+            old = self.stored.get(uid)
+            if old is None:
+                inserted.append(uid)
+            elif supersedes(version(prepared), version(old)):
+                replaced.append(uid)
+            else:
+                continue
+            self.stored[uid] = prepared
+        return WriteResult(tuple(inserted), tuple(replaced))
+
+    def newest(self, limit: int) -> Generator[list[StoredDocument], None, None]:
+        newest_first = sorted(
+            self.stored.values(),
+            key=lambda p: (-p.order.date_created.timestamp(), p.order.order_uid),
+        )[:limit]
+        for start in range(0, len(newest_first), 2):
+            yield [
+                StoredDocument(p.order.order_uid, p.document, p.sha256)
+                for p in newest_first[start : start + 2]
+            ]
+
+
+def version(prepared: PreparedOrder) -> tuple[bytes, int, int]:
+    return prepared.sha256, prepared.partition, prepared.offset
+
+
+class FakeReader:
+    def __init__(self, stored: dict[str, bytes]) -> None:
+        self.stored = stored
+        self.asked: list[list[str]] = []
+        self.queries = 0
+        self.unavailable = False
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def documents(self, order_uids: list[str]) -> list[StoredDocument]:
+        self.queries += 1
+        self.asked.append(order_uids)
+        await self.release.wait()
+        if self.unavailable:
+            raise DatabaseUnavailable("connection refused")
+        return [
+            StoredDocument(uid, self.stored[uid], b"\x01" * 32)
+            for uid in order_uids
+            if uid in self.stored
+        ]
+
+    async def recent(self, limit: int) -> list[OrderSummary]:
+        return []
+
+    async def ping(self) -> bool:
+        return not self.unavailable
+
+
+class FakeDeadLetters:
+    """Records what was sent, and the order of sends and acknowledgements in `events`."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.sent: list[RejectedMessage] = []
+        self.events = events
+        self.stopped = False
+
+    def send(self, rejected: Sequence[RejectedMessage]) -> None:
+        if self.stopped:
+            raise Stopped
+        self.sent.extend(rejected)
+        self.events.append(f"dead-lettered {[entry.message.offset for entry in rejected]}")
