@@ -1,5 +1,7 @@
-"""Fixtures for tests that need the real servers: a private PostgreSQL and Kafka for the run, and
-`order-viewer serve` processes with topics of their own, so a developer's stack is never touched."""
+"""Fixtures for tests that need the real servers: a private PostgreSQL and Kafka for the run (one
+per pytest-xdist worker), a database of its own for each test module (cloned from a migrated
+template), and `order-viewer serve` processes with topics of their own for each test, so no test
+depends on what another left behind and a developer's stack is never touched."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,9 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+
+from order_viewer.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK_SCRIPT = ROOT / "scripts" / "stack.sh"
@@ -57,10 +63,11 @@ class Stack:
     pg_port: int = field(default_factory=free_port)
     kafka_port: int = field(default_factory=free_port)
     controller_port: int = field(default_factory=free_port)
+    database: str = "order_viewer"
 
     @property
     def database_url(self) -> str:
-        return f"postgresql://order_viewer:order_viewer@127.0.0.1:{self.pg_port}/order_viewer"
+        return f"postgresql://order_viewer:order_viewer@127.0.0.1:{self.pg_port}/{self.database}"
 
     @property
     def bootstrap_servers(self) -> str:
@@ -81,18 +88,57 @@ class Stack:
         return psycopg.connect(self.database_url, autocommit=True)
 
 
+TEMPLATE_DATABASE = "order_viewer_template"
+
+
 @pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
+def servers() -> Iterator[Stack]:
+    """This run's PostgreSQL and Kafka, with a migrated template database to clone."""
     # A temp dir the postgres server user can traverse (pytest's own tmp dirs are private).
     base = Path(tempfile.mkdtemp(prefix="order-viewer-test-"))
     base.chmod(0o755)
     servers = Stack(base / ".stack")
     try:
         servers.run("up")
+        with servers.connect() as connection:
+            connection.execute(
+                sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DATABASE))
+            )
+        migrate(replace(servers, database=TEMPLATE_DATABASE).database_url)
         yield servers
     finally:
         servers.run("destroy")
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def fresh_database(servers: Stack, label: str) -> Iterator[Stack]:
+    """The servers, with a new database cloned from the migrated template (dropped afterwards)."""
+    name = f"test_{label[:40]}_{uuid.uuid4().hex[:8]}"
+    with servers.connect() as connection:
+        connection.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DATABASE)
+            )
+        )
+    try:
+        yield replace(servers, database=name)
+    finally:
+        try:
+            with servers.connect() as connection:
+                connection.execute(
+                    sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+        except psycopg.OperationalError:
+            # PostgreSQL left down by a failed fault test: the whole cluster goes at the end.
+            pass
+
+
+@pytest.fixture(scope="module")
+def stack(servers: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The servers, with a database of this test module's own."""
+    with fresh_database(servers, request.module.__name__.rsplit(".", 1)[-1]) as isolated:
+        yield isolated
 
 
 @dataclass
@@ -310,11 +356,12 @@ class RunningService:
 
 
 @pytest.fixture(scope="session")
-def service(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+def service(servers: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     suffix = uuid.uuid4().hex[:10]
     topics = Topics(
         f"orders-e2e-{suffix}", f"orders-e2e-{suffix}.dlq", f"order-viewer-e2e-{suffix}"
     )
-    process = ServiceProcess(stack, topics, tmp_path_factory.mktemp("service")).start()
-    yield RunningService(stack, process, topics)
-    process.terminate()
+    with fresh_database(servers, "e2e") as stack:
+        process = ServiceProcess(stack, topics, tmp_path_factory.mktemp("service")).start()
+        yield RunningService(stack, process, topics)
+        process.terminate()

@@ -696,6 +696,7 @@ def hostile_stream(rng: random.Random, count: int) -> list[tuple[bytes | None, b
     return stream
 
 
+@pytest.mark.perf
 def test_valid_orders_keep_at_least_half_their_rate_alongside_hostile_messages(
     stack: Stack, start_service: Callable[..., ServiceProcess]
 ) -> None:
@@ -735,6 +736,7 @@ def test_valid_orders_keep_at_least_half_their_rate_alongside_hostile_messages(
 # --- 4. Memory ---------------------------------------------------------------------------------
 
 
+@pytest.mark.perf
 def test_a_backlog_of_the_largest_valid_orders_keeps_memory_bounded(
     stack: Stack, start_service: Callable[..., ServiceProcess]
 ) -> None:

@@ -1,0 +1,119 @@
+"""The PostgreSQL adapters in-process, against the real server: what the contract suite does not
+cover (refusals, the normalized rows, the reader, an unreachable server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+
+from order_viewer.generate import make_order
+from order_viewer.model import Order, PreparedOrder, parse_order
+from order_viewer.ports import DatabaseUnavailable, RejectedByDatabase
+from order_viewer.store import PostgresOrderReader, PostgresOrderWriter, newest_documents
+from tests.audit import row_counts, stored_documents
+from tests.conftest import Stack, free_port
+
+pytestmark = pytest.mark.integration
+
+_rng = random.Random(2024)
+
+
+def prepared(offset: int = 0) -> tuple[dict[str, object], PreparedOrder]:
+    order = make_order(_rng)
+    return order, PreparedOrder.of(parse_order(json.dumps(order).encode()), 0, offset)
+
+
+def unreachable_url() -> str:
+    return f"postgresql://order_viewer:order_viewer@127.0.0.1:{free_port()}/order_viewer"
+
+
+def test_a_batch_lands_in_all_four_tables_as_its_document_says(stack: Stack) -> None:
+    writer = PostgresOrderWriter(stack.database_url)
+    orders = [prepared(n) for n in range(3)]
+    try:
+        writer.write([p for _, p in orders])
+    finally:
+        writer.close()
+    uids = [str(order["order_uid"]) for order, _ in orders]
+    # stored_documents also checks each document against its rebuild from the normalized rows.
+    assert stored_documents(stack, uids) == {str(o["order_uid"]): o for o, _ in orders}
+    items = sum(len(order["items"]) for order, _ in orders)  # type: ignore[arg-type]
+    assert row_counts(stack, uids) == {"orders": 3, "delivery": 3, "payment": 3, "items": items}
+
+
+def test_a_refused_order_leaves_nothing_of_its_batch(stack: Stack) -> None:
+    good_order, good = prepared()
+    _, bad = prepared()
+    # What the validator would never pass but the database's own checks refuse.
+    negative = bad.order.payment.model_copy(update={"amount": -1})
+    broken = PreparedOrder(
+        Order.model_construct(**{**dict(bad.order), "payment": negative}),
+        0, 1, bad.document, bad.sha256,
+    )  # fmt: skip
+    writer = PostgresOrderWriter(stack.database_url)
+    try:
+        with pytest.raises(RejectedByDatabase, match="amount"):
+            writer.write([good, broken])
+        # The connection stays usable for the next batch.
+        writer.write([good])
+    finally:
+        writer.close()
+    assert row_counts(stack, [str(good_order["order_uid"]), broken.order.order_uid]) == {
+        "orders": 1,
+        "delivery": 1,
+        "payment": 1,
+        "items": len(good_order["items"]),  # type: ignore[arg-type]
+    }
+
+
+def test_an_unreachable_database_is_unavailable_not_refusing() -> None:
+    _, order = prepared()
+    writer = PostgresOrderWriter(unreachable_url())
+    with pytest.raises(DatabaseUnavailable):
+        writer.write([order])
+    with pytest.raises(DatabaseUnavailable):
+        list(newest_documents(unreachable_url(), 10))
+
+
+def test_the_reader_finds_documents_and_recent_summaries(stack: Stack) -> None:
+    order, stored = prepared()
+    writer = PostgresOrderWriter(stack.database_url)
+    try:
+        writer.write([stored])
+    finally:
+        writer.close()
+
+    async def read() -> None:
+        reader = PostgresOrderReader(stack.database_url, 2)
+        await reader.open()
+        try:
+            assert await reader.ping()
+            found = await reader.documents([stored.order.order_uid, "absent"])
+            assert [(d.order_uid, d.document, d.sha256) for d in found] == [
+                (stored.order.order_uid, stored.document, stored.sha256)
+            ]
+            recent = await reader.recent(100)
+            summary = next(s for s in recent if s.order_uid == stored.order.order_uid)
+            assert summary.item_count == len(order["items"])  # type: ignore[arg-type]
+            assert summary.amount == stored.order.payment.amount
+        finally:
+            await reader.close()
+
+    asyncio.run(read())
+
+
+def test_the_reader_says_unavailable_when_the_database_is_away() -> None:
+    async def read() -> None:
+        reader = PostgresOrderReader(unreachable_url(), 1)
+        await reader.open()
+        try:
+            assert not await reader.ping()
+            with pytest.raises(DatabaseUnavailable):
+                await reader.documents(["a"])
+        finally:
+            await reader.close()
+
+    asyncio.run(read())
