@@ -1,18 +1,22 @@
 # order-viewer: `docker build -t order-viewer .`, then `docker run order-viewer` (serve) or
 # `docker run order-viewer migrate`. Configured by the environment variables of the README.
 
-# Build stage: the project wheel, installed with its runtime dependencies into a virtualenv.
+# Build stage: the locked runtime dependencies and the project wheel, in a virtualenv.
 FROM python:3.11-slim AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /build
+# The locked versions, each checked against its hash, in a layer of their own that a change of
+# the code alone does not rebuild.
+COPY requirements/main.txt ./requirements.txt
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN python -m pip wheel --no-deps --wheel-dir /build/dist . \
-    && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install /build/dist/order_viewer-*.whl
+    && /opt/venv/bin/pip install --no-deps /build/dist/order_viewer-*.whl
 
 # Runtime stage: the Python runtime and the virtualenv, nothing else.
 FROM python:3.11-slim

@@ -2,17 +2,28 @@
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
+# Test workers, each with its own PostgreSQL and Kafka; tests sharing a service stay together.
+PARALLEL := -n 3 --dist loadgroup
 PYTHON ?= python3
 
-.PHONY: install run stack stack-down test test-unit test-integration test-faults check bench clean
+.PHONY: install lock run stack stack-down test test-unit test-integration test-faults check bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The exact versions of requirements/dev.txt, each checked against its hash; `make lock` renews it.
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps --editable .
 	touch $@
+
+## Pin every dependency (and its hashes) after a change of pyproject.toml's dependencies.
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+		--quiet -o requirements/main.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--generate-hashes --quiet -o requirements/dev.txt
 
 ## Start the local servers (when the settings point at them), migrate, send demo orders, serve.
 run: install
@@ -30,7 +41,7 @@ test: install
 	scripts/stack.sh install
 	scripts/stack.sh install-browser
 	scripts/stack.sh install-compose
-	$(BIN)/pytest
+	$(BIN)/pytest $(PARALLEL)
 
 test-unit: install
 	$(BIN)/pytest tests/unit
@@ -53,6 +64,7 @@ bench: install
 	scripts/stack.sh up
 	scripts/stack.sh install-bench-tools
 	$(BIN)/python -m benchmarks
+	$(BIN)/pytest -m perf -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -36,7 +36,8 @@ from schemathesis.core.failures import FailureGroup
 from order_viewer.generate import make_order
 from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
 
-pytestmark = pytest.mark.integration
+# One worker runs the module, so that its tests share the one service they attack.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("http_hostile")]
 
 # server.py: HTTP1Settings(header_read_timeout=10_000, max_buffer_size=64 * 1024)
 HEADER_READ_TIMEOUT = 10.0

@@ -7,16 +7,19 @@ import os
 import random
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from order_viewer.generate import break_order, make_order
 from tests.conftest import (
     ORDER_VIEWER,
+    ServiceProcess,
     Stack,
     Topics,
     consume_all,
     encode_orders,
+    fresh_database,
     produce,
     scrape,
     wait_until,
@@ -175,3 +178,23 @@ def test_produce_sends_the_orders_it_reports(stack: Stack, topics: Topics, start
     assert 0 < invalid < 60
     dead = consume_all(stack, topics.dead_letters, invalid, timeout=60)
     assert len(dead) == invalid  # the service rejected exactly those the emulator broke
+
+
+def test_a_start_up_step_that_fails_for_good_stops_the_service_with_its_reason(
+    servers: Stack, topics: Topics, tmp_path: Path
+) -> None:
+    """A migration that cannot run (the schema names a revision this version does not know, as
+    after a downgrade of the service) is no outage to wait out: the process must end with
+    status 1 and say why, not stay up and unready."""
+    with fresh_database(servers, "broken_schema") as broken:
+        with broken.connect() as connection:
+            connection.execute("UPDATE alembic_version SET version_num = 'from_the_future'")
+        service = ServiceProcess(broken, topics, tmp_path)
+        try:
+            service.start(ready=False)
+            assert service.process is not None
+            assert service.process.wait(timeout=60) == 1
+        finally:
+            service.kill()
+    assert "from_the_future" in service.log()
+    assert "the service cannot go on; stopping" in service.log()

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from order_viewer.cli import _parser
 from order_viewer.config import Settings
@@ -188,3 +191,50 @@ def test_the_image_serves_http_with_a_liveness_healthcheck() -> None:
 def test_the_build_context_leaves_out_local_state() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().splitlines())
     assert {".git", ".venv", ".stack", ".env", "tests", "test-artifacts"} <= ignored
+
+
+def locked_versions(lock: str) -> dict[str, str]:
+    """name -> pinned version of a requirements lock file (pip's hash-checking format)."""
+    pins = {}
+    for line in (ROOT / "requirements" / lock).read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ ;\\]+)", line)
+        if match:
+            pins[canonical_name(match[1])] = match[2]
+    return pins
+
+
+def canonical_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def declared(requirements: list[str]) -> dict[str, str]:
+    """name -> specifier of the requirements as pyproject.toml declares them."""
+    parsed = [Requirement(requirement) for requirement in requirements]
+    return {canonical_name(req.name): str(req.specifier) for req in parsed}
+
+
+@pytest.mark.parametrize(
+    ("lock", "extras"), [("main.txt", []), ("dev.txt", ["dev"])], ids=["main", "dev"]
+)
+def test_every_declared_dependency_is_locked_at_a_version_it_allows(
+    lock: str, extras: list[str]
+) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = declared(project["dependencies"])
+    for extra in extras:
+        wanted |= declared(project["optional-dependencies"][extra])
+    pins = locked_versions(lock)
+    for name, specifier in wanted.items():
+        assert name in pins, f"{name} is not in requirements/{lock}: run `make lock`"
+        assert SpecifierSet(specifier).contains(pins[name], prereleases=True), (
+            f"requirements/{lock} pins {name}=={pins[name]}, outside {specifier}: run `make lock`"
+        )
+
+
+def test_every_locked_version_carries_hashes() -> None:
+    for lock in ("main.txt", "dev.txt"):
+        text = (ROOT / "requirements" / lock).read_text()
+        entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
+        for entry in entries:
+            if "==" in entry:
+                assert "--hash=sha256:" in entry, entry.splitlines()[0]
