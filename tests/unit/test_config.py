@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from order_viewer.cli import main
 from order_viewer.config import ConfigurationError, Settings, kafka_security, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
 
 
 def readme_settings() -> dict[str, str]:
@@ -85,28 +84,24 @@ def test_the_poll_interval_must_cover_the_session_under_the_classic_protocol_onl
     assert load_settings().kafka_max_poll_interval_ms == 10_000
 
 
-def test_the_command_reports_a_bad_setting_in_one_line_without_secrets() -> None:
-    result = subprocess.run(
-        [str(ORDER_VIEWER), "migrate"],
-        env={"DATABASE_URL": "postgresql://user:s3cret@host:notaport/db", "PATH": "/usr/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1
-    assert result.stderr.startswith("order-viewer: invalid setting DATABASE_URL")
-    assert "s3cret" not in result.stderr
-    assert "Traceback" not in result.stderr
+def test_the_command_reports_a_bad_setting_in_one_line_without_secrets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://user:s3cret@host:notaport/db")
+    assert main(["migrate"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1
+    assert stderr.startswith("order-viewer: invalid setting DATABASE_URL")
+    assert "s3cret" not in stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["migrate"], ["produce"]])
-def test_every_command_has_help(command: list[str]) -> None:
-    result = subprocess.run(
-        [str(ORDER_VIEWER), *command, "--help"], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0
-    assert result.stdout.startswith("usage: order-viewer")
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: order-viewer")
 
 
 def test_kafka_security_settings_pass_through_and_stay_secret(
