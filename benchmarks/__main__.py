@@ -457,7 +457,9 @@ def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, f
         text=True,
         check=True,
     ).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    per_second = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    assert per_second is not None, output
+    rate = float(per_second.group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", output)
     assert p99 is not None, output
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]

@@ -32,13 +32,22 @@ def stored_count(stack: Stack, uids: list[str]) -> int:
     return int(row[0])
 
 
+def count_of(row: tuple[Any, ...] | None) -> int:
+    """The count a `SELECT count(*)` returned: it returns one row, always."""
+    assert row is not None
+    count: int = row[0]
+    return count
+
+
 def row_counts(stack: Stack, uids: list[str]) -> dict[str, int]:
     with stack.connect() as connection:
         return {
-            table: connection.execute(
-                f"SELECT count(*) FROM {table} WHERE order_uid = ANY(%s)",
-                (uids,),
-            ).fetchone()[0]
+            table: count_of(
+                connection.execute(
+                    f"SELECT count(*) FROM {table} WHERE order_uid = ANY(%s)",
+                    (uids,),
+                ).fetchone()
+            )
             for table in ("orders", "delivery", "payment", "items")
         }
 
@@ -54,20 +63,21 @@ def wait_stored(stack: Stack, uids: list[str], timeout: float = 60) -> None:
 
 def orphan_rows(stack: Stack) -> int:
     with stack.connect() as connection:
-        return (
-            sum(
+        return sum(
+            count_of(
                 connection.execute(
                     f"SELECT count(*) FROM {table} t "
                     "WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_uid = t.order_uid)"
-                ).fetchone()[0]
-                for table in ("delivery", "payment", "items")
+                ).fetchone()
             )
-            + connection.execute(
+            for table in ("delivery", "payment", "items")
+        ) + count_of(
+            connection.execute(
                 "SELECT count(*) FROM orders o WHERE NOT EXISTS "
                 "(SELECT 1 FROM delivery d WHERE d.order_uid = o.order_uid) OR NOT EXISTS "
                 "(SELECT 1 FROM payment p WHERE p.order_uid = o.order_uid) OR NOT EXISTS "
                 "(SELECT 1 FROM items i WHERE i.order_uid = o.order_uid)"
-            ).fetchone()[0]
+            ).fetchone()
         )
 
 

@@ -348,11 +348,11 @@ class RunningService:
         """Produce the orders and return once every one of them is served."""
         produce(self.stack, self.topics.orders, encode_orders(orders))
         for order in orders:
-            wait_until(
-                lambda uid=order["order_uid"]: self.process.get(f"/order/{uid}").status_code == 200,
-                30,
-                f"order {order['order_uid']} to be served",
-            )
+
+            def served(uid: str = order["order_uid"]) -> bool:
+                return self.process.get(f"/order/{uid}").status_code == 200
+
+            wait_until(served, 30, f"order {order['order_uid']} to be served")
 
 
 @pytest.fixture(scope="session")

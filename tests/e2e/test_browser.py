@@ -21,6 +21,7 @@ from playwright.sync_api import (
     Browser,
     ConsoleMessage,
     Dialog,
+    Locator,
     Page,
     Request,
     expect,
@@ -28,6 +29,7 @@ from playwright.sync_api import (
 )
 
 from order_viewer.generate import SAMPLE_ORDER, make_order
+from tests.conftest import RunningService
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -66,7 +68,7 @@ class Tab:
     def open(self, path: str = "/") -> None:
         self.page.goto(self.base_url + path)
 
-    def by(self, test_id: str) -> Any:
+    def by(self, test_id: str) -> Locator:
         return self.page.get_by_test_id(test_id)
 
     def foreign_requests(self) -> list[str]:
@@ -112,7 +114,7 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def tab(browser: Browser, service: Any) -> Iterator[Tab]:
+def tab(browser: Browser, service: RunningService) -> Iterator[Tab]:
     context = browser.new_context(
         locale="en-US", timezone_id="UTC", viewport={"width": 1280, "height": 900}
     )
@@ -139,7 +141,7 @@ def tab(browser: Browser, service: Any) -> Iterator[Tab]:
 
 
 @pytest.fixture(scope="module")
-def sample(service: Any) -> dict[str, Any]:
+def sample(service: RunningService) -> dict[str, Any]:
     order = copy.deepcopy(SAMPLE_ORDER)
     service.ingest([order])
     return order
@@ -191,7 +193,7 @@ def test_typing_an_id_and_enter_shows_the_order(tab: Tab, sample: dict[str, Any]
     tab.assert_clean()
 
 
-def test_recent_orders_are_listed_and_open_on_click(tab: Tab, service: Any) -> None:
+def test_recent_orders_are_listed_and_open_on_click(tab: Tab, service: RunningService) -> None:
     rng = random.Random(20240601)
     orders = []
     for _ in range(2):
@@ -225,7 +227,7 @@ def test_recent_orders_are_listed_and_open_on_click(tab: Tab, service: Any) -> N
     tab.assert_clean()
 
 
-def test_deep_link_opens_the_order(tab: Tab, service: Any) -> None:
+def test_deep_link_opens_the_order(tab: Tab, service: RunningService) -> None:
     order = make_order(random.Random(7), order_uid=unique_id("deep"))
     service.ingest([order])
 
@@ -240,7 +242,7 @@ def test_deep_link_opens_the_order(tab: Tab, service: Any) -> None:
 
 
 def test_unknown_id_is_not_found_and_bad_ids_are_refused_without_a_request(
-    tab: Tab, service: Any
+    tab: Tab, service: RunningService
 ) -> None:
     page = tab.page
     missing = unique_id("missing")
@@ -271,7 +273,7 @@ def test_unknown_id_is_not_found_and_bad_ids_are_refused_without_a_request(
     tab.assert_clean()
 
 
-def test_hostile_order_is_shown_as_text_and_runs_nothing(tab: Tab, service: Any) -> None:
+def test_hostile_order_is_shown_as_text_and_runs_nothing(tab: Tab, service: RunningService) -> None:
     order = make_order(random.Random(666), order_uid=unique_id("hostile"))
     order["delivery"]["name"] = HOSTILE_NAME
     order["items"][0]["name"] = HOSTILE_ITEM

@@ -9,6 +9,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -119,7 +120,9 @@ def audit(
     )
 
 
-def test_crash_loop_of_five_sigkills(stack: Stack, topics: Topics, start_service) -> None:
+def test_crash_loop_of_five_sigkills(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
     service = start_service()
     stream = Stream(50_000, seed=101).start(stack, topics.orders, seconds=15)
     uids = list(stream.valid)
@@ -139,7 +142,7 @@ def http_status(service: ServiceProcess, uid: str) -> int:
 
 
 def test_database_outage_and_crash_are_waited_out(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     service = start_service(CACHE_CAPACITY="1000")
     stream = Stream(12_000, seed=102).start(stack, topics.orders, seconds=8)
@@ -178,7 +181,7 @@ def test_database_outage_and_crash_are_waited_out(
 
 @pytest.mark.parametrize("protocol", ["classic", "consumer"])
 def test_broker_outage_and_kill_are_recovered_from(
-    stack: Stack, topics: Topics, start_service, protocol: str
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess], protocol: str
 ) -> None:
     service = start_service(KAFKA_GROUP_PROTOCOL=protocol)
     stream = Stream(6_000, seed=104, invalid_share=0.2)
@@ -219,7 +222,9 @@ async def statuses(base_urls: list[str], uids: list[str]) -> dict[int, int]:
     return counts
 
 
-def test_scale_out_rebalances_without_loss(stack: Stack, topics: Topics, start_service) -> None:
+def test_scale_out_rebalances_without_loss(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
     # A killed member keeps its partitions for the session timeout: 6 s here, not 45.
     settings = {
         "KAFKA_TOPIC_PARTITIONS": "6",
@@ -248,7 +253,7 @@ def test_scale_out_rebalances_without_loss(stack: Stack, topics: Topics, start_s
 
 
 def test_slow_database_causes_no_storm_and_loses_nothing(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     service = start_service(KAFKA_SESSION_TIMEOUT_MS="6000", KAFKA_MAX_POLL_INTERVAL_MS="10000")
     stream = Stream(8_000, seed=106).start(stack, topics.orders, seconds=6)
@@ -263,9 +268,15 @@ def test_slow_database_causes_no_storm_and_loses_nothing(
     stream.join()
     audit(stack, topics, stream, since=released)
     metrics = service.get("/metrics").text
-    consumed = float(re.search(r"^order_viewer_messages_consumed_total (\S+)", metrics, re.M)[1])
-    stored = float(re.search(r"^order_viewer_orders_stored_total (\S+)", metrics, re.M)[1])
-    replaced = float(re.search(r"^order_viewer_orders_replaced_total (\S+)", metrics, re.M)[1])
+
+    def counter(name: str) -> float:
+        found = re.search(rf"^{name} (\S+)", metrics, re.M)
+        assert found is not None, name
+        return float(found[1])
+
+    consumed = counter("order_viewer_messages_consumed_total")
+    stored = counter("order_viewer_orders_stored_total")
+    replaced = counter("order_viewer_orders_replaced_total")
     assert stored == len(stream.valid)  # each order stored once
     assert replaced == 0
     # Messages re-read after losing the partitions: at most one more pass, not a storm.
@@ -287,7 +298,7 @@ def committed_positions(stack: Stack, topics: Topics) -> dict[int, int]:
 
 
 def test_sigterm_during_a_large_batch_stops_cleanly_and_resumes_exactly(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     stream = Stream(30_000, seed=107, invalid_share=0.0)
     service = start_service(BATCH_MAX_ORDERS="5000")  # creates the topics

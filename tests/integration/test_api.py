@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
 import httpx
 import pytest
 
 from order_viewer.generate import SAMPLE_ORDER, make_order
-from tests.conftest import Stack, Topics, encode_orders, produce, wait_until
+from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +33,7 @@ HOSTILE_IDS = [
 ]
 
 
-def dated_now(order: dict) -> dict:
+def dated_now(order: dict[str, Any]) -> dict[str, Any]:
     """The order stamped with the current time, so that it is among the newest however many
     orders earlier tests left in the database (the recent list and the warm-up take the newest)."""
     stamped = copy.deepcopy(order)
@@ -38,26 +41,29 @@ def dated_now(order: dict) -> dict:
     return stamped
 
 
-def served(service, uid: str) -> bool:
+def served(service: ServiceProcess, uid: str) -> bool:
     return service.get(f"/order/{uid}").status_code == 200
 
 
 @pytest.fixture
-def sample(topics: Topics) -> dict:
+def sample(topics: Topics) -> dict[str, Any]:
     order = dated_now(SAMPLE_ORDER)
     order["order_uid"] = f"sample-{topics.group[-10:]}"
     return order
 
 
 def test_round_trip_of_the_sample_and_generated_orders(
-    stack: Stack, topics: Topics, start_service, sample
+    stack: Stack,
+    topics: Topics,
+    start_service: Callable[..., ServiceProcess],
+    sample: dict[str, Any],
 ) -> None:
     service = start_service()
     rng = random.Random(3)
     orders = [sample, *(make_order(rng) for _ in range(50))]
     produce(stack, topics.orders, encode_orders(orders))
     for order in orders:
-        wait_until(lambda o=order: served(service, o["order_uid"]), 30, "the order to be served")
+        wait_until(partial(served, service, order["order_uid"]), 30, "the order to be served")
         response = service.get(f"/order/{order['order_uid']}")
         assert response.headers["content-type"] == "application/json"
         assert response.json() == order
@@ -76,7 +82,9 @@ def test_round_trip_of_the_sample_and_generated_orders(
     }
 
 
-def test_errors_are_clear_and_never_500(stack: Stack, topics: Topics, start_service) -> None:
+def test_errors_are_clear_and_never_500(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
     service = start_service()
     unknown = service.get("/order/no-such-order")
     assert unknown.status_code == 404
@@ -100,7 +108,12 @@ def test_errors_are_clear_and_never_500(stack: Stack, topics: Topics, start_serv
     assert service.get("/docs").status_code == 200
 
 
-def test_etag_revalidation(stack: Stack, topics: Topics, start_service, sample) -> None:
+def test_etag_revalidation(
+    stack: Stack,
+    topics: Topics,
+    start_service: Callable[..., ServiceProcess],
+    sample: dict[str, Any],
+) -> None:
     service = start_service()
     produce(stack, topics.orders, encode_orders([sample]))
     wait_until(lambda: served(service, sample["order_uid"]), 30, "the sample to be served")
@@ -114,7 +127,9 @@ def test_etag_revalidation(stack: Stack, topics: Topics, start_service, sample) 
     assert stale.status_code == 200
 
 
-def test_page_is_served_with_a_strict_policy(stack: Stack, topics: Topics, start_service) -> None:
+def test_page_is_served_with_a_strict_policy(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
     service = start_service()
     page = service.get("/")
     assert page.status_code == 200
@@ -126,7 +141,10 @@ def test_page_is_served_with_a_strict_policy(stack: Stack, topics: Topics, start
 
 
 def test_database_down_cached_orders_200_uncached_503(
-    stack: Stack, topics: Topics, start_service, sample
+    stack: Stack,
+    topics: Topics,
+    start_service: Callable[..., ServiceProcess],
+    sample: dict[str, Any],
 ) -> None:
     service = start_service()
     produce(stack, topics.orders, encode_orders([sample]))
@@ -149,14 +167,17 @@ def test_database_down_cached_orders_200_uncached_503(
 
 
 def test_restart_serves_stored_orders_from_the_warmed_cache(
-    stack: Stack, topics: Topics, start_service, sample
+    stack: Stack,
+    topics: Topics,
+    start_service: Callable[..., ServiceProcess],
+    sample: dict[str, Any],
 ) -> None:
     service = start_service()
     rng = random.Random(8)
     orders = [sample, *(dated_now(make_order(rng)) for _ in range(20))]
     produce(stack, topics.orders, encode_orders(orders))
     for order in orders:
-        wait_until(lambda o=order: served(service, o["order_uid"]), 30, "the order to be served")
+        wait_until(partial(served, service, order["order_uid"]), 30, "the order to be served")
     assert service.terminate() == 0
 
     restarted = start_service()
@@ -171,7 +192,7 @@ def test_restart_serves_stored_orders_from_the_warmed_cache(
 
 
 def test_access_log_names_requests_without_their_headers(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     service = start_service(HTTP_ACCESS_LOG="true")
     service.get("/order/unknown-order", headers={"Authorization": "Bearer s3cret"})

@@ -17,12 +17,13 @@ import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from order_viewer.generate import SAMPLE_ORDER, break_order, encode, make_order
 from order_viewer.model import (
@@ -101,11 +102,14 @@ def produce_with(
 ) -> None:
     """`produce` with extra librdkafka settings (size limit, compression)."""
     producer = Producer({"bootstrap.servers": stack.bootstrap_servers, **config})
-    errors: list[Any] = []
+    errors: list[KafkaError] = []
+
+    def delivered(error: KafkaError | None, _: Message) -> None:
+        if error:
+            errors.append(error)
+
     for key, value in messages:
-        producer.produce(
-            topic, key=key, value=value, on_delivery=lambda e, _m: e and errors.append(e)
-        )
+        producer.produce(topic, key=key, value=value, on_delivery=delivered)
     assert producer.flush(60) == 0, "the broker did not take every message"
     assert not errors, errors
 
@@ -316,9 +320,10 @@ def test_oversized_hostile_message_is_dead_lettered_and_the_service_goes_on(
         ],
         **hostile.entry.get("producer", {}),
     )
-    assert service.process is not None
+    process = service.process
+    assert process is not None
     wait_until(
-        lambda: service.process.poll() is not None or topic_size(stack, topics.dead_letters) >= 1,
+        lambda: process.poll() is not None or topic_size(stack, topics.dead_letters) >= 1,
         60,
         "the dead letter (or the service's exit)",
         interval=0.25,
@@ -611,7 +616,7 @@ def write_rate(stack: Stack, uids: list[str]) -> float:
     batches, over the batches between the 10th and the 90th percentile: start-up and the last
     partial batch do not count."""
     with stack.connect() as connection:
-        batches = connection.execute(
+        batches: list[tuple[datetime, int]] = connection.execute(
             "SELECT stored_at, count(*) FROM orders WHERE order_uid = ANY(%s) "
             "GROUP BY stored_at ORDER BY stored_at",
             (uids,),

@@ -31,7 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.core.errors import InvalidSchema
 from schemathesis.core.failures import FailureGroup
+from schemathesis.core.result import Err, Ok
 
 from order_viewer.generate import make_order
 from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
@@ -74,11 +76,11 @@ def target(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
         etags = {}
         for order in orders:
             uid = order["order_uid"]
-            wait_until(
-                lambda uid=uid: service.get(f"/order/{uid}").status_code == 200,
-                30,
-                f"order {uid} to be served",
-            )
+
+            def served(uid: str = uid) -> bool:
+                return service.get(f"/order/{uid}").status_code == 200
+
+            wait_until(served, 30, f"order {uid} to be served")
             etags[uid] = service.get(f"/order/{uid}").headers["etag"]
         yield Target(service, service.port, [o["order_uid"] for o in orders], etags)
     finally:
@@ -138,6 +140,13 @@ class FuzzRun:
         return sum(self.requests.values())
 
 
+def operation_of(
+    result: Ok[schemathesis.APIOperation[Any, Any, Any, Any]] | Err[InvalidSchema],
+) -> schemathesis.APIOperation[Any, Any, Any, Any]:
+    assert isinstance(result, Ok), result.err()
+    return result.ok()
+
+
 def fuzz(
     target: Target,
     excluded_checks: list[Any],
@@ -152,13 +161,13 @@ def fuzz(
     with requests.Session() as session:
 
         def send_all(
-            operation: schemathesis.APIOperation,
+            operation: schemathesis.APIOperation[Any, Any, Any, Any],
             mode: GenerationMode,
-            strategy: st.SearchStrategy[schemathesis.Case],
+            strategy: st.SearchStrategy[schemathesis.Case[Any]],
         ) -> None:
             @settings(FUZZ_SETTINGS, max_examples=max_examples)
             @given(case=strategy)
-            def send(case: schemathesis.Case) -> None:
+            def send(case: schemathesis.Case[Any]) -> None:
                 response = case.call(session=session, timeout=10)
                 run.requests[(operation.label, mode.value, response.status_code)] += 1
                 try:
@@ -176,22 +185,25 @@ def fuzz(
                 assert mode is GenerationMode.NEGATIVE, operation.label
 
         for result in schema.get_all_operations():
-            operation = result.ok()
+            operation = operation_of(result)
             if not operations(operation.label):
                 continue
             for mode in GenerationMode:
                 strategy = operation.as_strategy(generation_mode=mode)
                 if mode is GenerationMode.POSITIVE and "order_uid" in operation.path:
                     # Stored orders too, plain and revalidated, not only ids nobody has.
-                    known = st.sampled_from(target.uids).flatmap(
-                        lambda uid, op=operation: st.one_of(
+                    def plain_and_revalidated(
+                        uid: str, op: schemathesis.APIOperation[Any, Any, Any, Any] = operation
+                    ) -> st.SearchStrategy[schemathesis.Case[Any]]:
+                        return st.one_of(
                             op.as_strategy(path_parameters={"order_uid": uid}),
                             op.as_strategy(
                                 path_parameters={"order_uid": uid},
                                 headers={"If-None-Match": target.etags[uid]},
                             ),
                         )
-                    )
+
+                    known = st.sampled_from(target.uids).flatmap(plain_and_revalidated)
                     strategy = st.one_of(strategy, known)
                 send_all(operation, mode, strategy)
     return run
@@ -238,7 +250,7 @@ def test_generated_requests_get_documented_answers(target: Target) -> None:
         f"{label}: {title}\n    {curl}" for (label, title), curl in run.failures.items()
     )
     assert not any(status >= 500 for _, _, status in run.requests)
-    documented = {result.ok().label for result in schema.get_all_operations()}
+    documented = {operation_of(result).label for result in schema.get_all_operations()}
     assert {"GET /order/{order_uid}", "GET /orders", "GET /livez", "GET /readyz"} <= documented
     assert documented == {label for label, _, _ in run.requests}
     order_statuses = {status for label, _, status in run.requests if "order_uid" in label}

@@ -6,6 +6,7 @@ import copy
 import random
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.audit import (
     wait_stored,
 )
 from tests.conftest import (
+    ServiceProcess,
     Stack,
     Topics,
     committed_lag,
@@ -31,7 +33,9 @@ from tests.conftest import (
 pytestmark = pytest.mark.integration
 
 
-def test_sample_lands_in_the_tables_exactly(stack: Stack, topics: Topics, start_service) -> None:
+def test_sample_lands_in_the_tables_exactly(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
     start_service()
     sample = copy.deepcopy(SAMPLE_ORDER)
     sample["order_uid"] = f"sample-{topics.group[-10:]}"
@@ -47,17 +51,19 @@ def test_sample_lands_in_the_tables_exactly(stack: Stack, topics: Topics, start_
         "items": 1,
     }
     with stack.connect() as connection:
-        amount, date_created = connection.execute(
+        row = connection.execute(
             "SELECT p.amount, o.date_created FROM orders o JOIN payment p USING (order_uid) "
             "WHERE order_uid = %s",
             (sample["order_uid"],),
         ).fetchone()
+    assert row is not None
+    amount, date_created = row
     assert amount == 1817
     assert date_created.isoformat() == "2021-11-26T06:22:19+00:00"
 
 
 def test_mixed_batch_stores_valid_and_dead_letters_invalid(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     start_service()
     rng = random.Random(7)
@@ -94,7 +100,7 @@ def test_mixed_batch_stores_valid_and_dead_letters_invalid(
 
 
 def test_duplicate_changes_nothing_and_newer_message_replaces(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     start_service()
     rng = random.Random(11)
@@ -131,7 +137,7 @@ def test_duplicate_changes_nothing_and_newer_message_replaces(
 
 
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     # The restarted instance waits for the killed one's session to end: 6 s here, not 45 (the
     # crash loop of tests/faults runs with the default).
@@ -152,7 +158,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
 
 
 def test_a_static_member_restarted_after_a_crash_resumes_before_its_session_expires(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     """The group keeps a killed member's partitions for its session timeout, and an instance
     that comes back under a new member id waits that long. Under the same
@@ -177,17 +183,18 @@ def test_a_static_member_restarted_after_a_crash_resumes_before_its_session_expi
 
 
 def test_a_static_member_fenced_by_another_with_its_id_stops_with_the_reason(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     """Two instances given one KAFKA_GROUP_INSTANCE_ID: the broker fences the older one, whose
     consumer can then never consume again. It must stop and say why, not look alive."""
     first = start_service(KAFKA_GROUP_INSTANCE_ID="order-viewer-0")
     wait_until(lambda: "partitions assigned" in first.log(), 30, "the first to consume")
     second = start_service(KAFKA_GROUP_INSTANCE_ID="order-viewer-0")
-    assert first.process is not None
+    fenced = first.process
+    assert fenced is not None
     assert second.process is not None
-    wait_until(lambda: first.process.poll() is not None, 60, "the fenced instance to stop")
-    assert first.process.returncode == 1
+    wait_until(lambda: fenced.poll() is not None, 60, "the fenced instance to stop")
+    assert fenced.returncode == 1
     assert (
         "Kafka reported an error the service cannot recover from: Fatal error: Broker: "
         "Static consumer fenced by other consumer with same group.instance.id"
@@ -196,7 +203,7 @@ def test_a_static_member_fenced_by_another_with_its_id_stops_with_the_reason(
 
 
 def test_database_outage_mid_stream_is_waited_out(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     service = start_service()
     rng = random.Random(99)

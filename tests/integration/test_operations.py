@@ -7,6 +7,7 @@ import os
 import random
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_metrics_follow_what_was_consumed_stored_and_served(
-    stack: Stack, topics: Topics, start_service
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
     # Room for every order earlier tests stored, so that new ones add to the cache, not evict.
     service = start_service(CACHE_CAPACITY="2000000", CACHE_MAX_BYTES=str(2**40))
@@ -82,12 +83,16 @@ def test_metrics_follow_what_was_consumed_stored_and_served(
     wait_until(lag_is_zero, 30, "the consumer lag to fall to 0", interval=1)
 
 
-def test_metrics_can_be_turned_off(stack: Stack, topics: Topics, start_service) -> None:
+def test_metrics_can_be_turned_off(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
     service = start_service(METRICS_ENABLED="false")
     assert service.get("/metrics").status_code == 404
 
 
-def test_json_logs_carry_no_personal_data(stack: Stack, topics: Topics, start_service) -> None:
+def test_json_logs_carry_no_personal_data(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
     service = start_service(LOG_FORMAT="json")
     rng = random.Random(32)
     order = make_order(rng)
@@ -152,7 +157,9 @@ def test_check_gives_a_verdict_for_each_dependency(stack: Stack) -> None:
     assert len(unreachable.stderr.splitlines()) == 0
 
 
-def test_produce_sends_the_orders_it_reports(stack: Stack, topics: Topics, start_service) -> None:
+def test_produce_sends_the_orders_it_reports(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
     start_service()  # creates the topics
     result = subprocess.run(
         [str(ORDER_VIEWER), "produce", "--count", "60", "--invalid-ratio", "0.25", "--seed", "4"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 _rng = random.Random(2024)
 
 
-def prepared(offset: int = 0) -> tuple[dict[str, object], PreparedOrder]:
+def prepared(offset: int = 0) -> tuple[dict[str, Any], PreparedOrder]:
     order = make_order(_rng)
     return order, PreparedOrder.of(parse_order(json.dumps(order).encode()), 0, offset)
 
@@ -40,7 +41,7 @@ def test_a_batch_lands_in_all_four_tables_as_its_document_says(stack: Stack) -> 
     uids = [str(order["order_uid"]) for order, _ in orders]
     # stored_documents also checks each document against its rebuild from the normalized rows.
     assert stored_documents(stack, uids) == {str(o["order_uid"]): o for o, _ in orders}
-    items = sum(len(order["items"]) for order, _ in orders)  # type: ignore[arg-type]
+    items = sum(len(order["items"]) for order, _ in orders)
     assert row_counts(stack, uids) == {"orders": 3, "delivery": 3, "payment": 3, "items": items}
 
 
@@ -65,7 +66,7 @@ def test_a_refused_order_leaves_nothing_of_its_batch(stack: Stack) -> None:
         "orders": 1,
         "delivery": 1,
         "payment": 1,
-        "items": len(good_order["items"]),  # type: ignore[arg-type]
+        "items": len(good_order["items"]),
     }
 
 
@@ -97,7 +98,7 @@ def test_the_reader_finds_documents_and_recent_summaries(stack: Stack) -> None:
             ]
             recent = await reader.recent(100)
             summary = next(s for s in recent if s.order_uid == stored.order.order_uid)
-            assert summary.item_count == len(order["items"])  # type: ignore[arg-type]
+            assert summary.item_count == len(order["items"])
             assert summary.amount == stored.order.payment.amount
         finally:
             await reader.close()

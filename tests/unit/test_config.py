@@ -22,7 +22,7 @@ def test_readme_documents_every_setting_with_its_default() -> None:
 
 
 def test_defaults_are_the_documented_contract() -> None:
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert str(settings.database_url) == (
         "postgresql://order_viewer:order_viewer@127.0.0.1:5432/order_viewer"
     )
@@ -125,4 +125,4 @@ def test_kafka_security_settings_pass_through_and_stay_secret(
 
 
 def test_plaintext_kafka_needs_no_security_settings() -> None:
-    assert kafka_security(Settings(_env_file=None)) == {"security.protocol": "PLAINTEXT"}  # type: ignore[call-arg]
+    assert kafka_security(Settings(_env_file=None)) == {"security.protocol": "PLAINTEXT"}
