@@ -30,6 +30,7 @@ test: install
 	scripts/stack.sh install
 	scripts/stack.sh install-browser
 	scripts/stack.sh install-compose
+	$(BIN)/python -m devstack.deploy_tools
 	$(BIN)/pytest
 
 test-unit: install
