@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +21,11 @@ PROMETHEUS_PACKAGE = "prometheus"
 INSTALL_COMMAND = "python -m devstack.deploy_tools"
 # Go's usual install place, which a non-login shell often lacks on its PATH.
 GO_CANDIDATES = ("/usr/local/go/bin/go",)
-# apt waits this long for another process's dpkg lock instead of failing at once.
+# apt waits this long for another process's dpkg lock instead of failing at once; `apt-get
+# update` does not wait for the lists lock, so a failed call is tried again a few times.
 DPKG_LOCK_TIMEOUT_S = 900
+APT_ATTEMPTS = 5
+APT_RETRY_PAUSE_S = 20
 
 
 def say(message: str) -> None:
@@ -52,7 +56,8 @@ def go_path() -> Path:
         (candidate for candidate in GO_CANDIDATES if os.access(candidate, os.X_OK)), None
     )
     if found is None:
-        raise SystemExit("go is needed to build helm: install Go 1.24 or later")
+        # Go 1.21 and later fetch the newer toolchain helm's go.mod asks for by themselves.
+        raise SystemExit("go is needed to build helm: install Go 1.21 or later")
     return Path(found)
 
 
@@ -77,7 +82,14 @@ def apt_get(*arguments: str) -> None:
     command = ["apt-get", "-o", f"DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT_S}", *arguments]
     if os.geteuid() != 0:
         command = ["sudo", *command]
-    subprocess.run(command, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, check=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for attempt in range(1, APT_ATTEMPTS + 1):
+        if subprocess.run(command, env=env, check=False).returncode == 0:
+            return
+        if attempt < APT_ATTEMPTS:
+            say(f"apt-get {arguments[0]} failed, trying again in {APT_RETRY_PAUSE_S} s")
+            time.sleep(APT_RETRY_PAUSE_S)
+    raise SystemExit(f"apt-get {' '.join(arguments)} failed {APT_ATTEMPTS} times")
 
 
 def stop_system_prometheus() -> None:
