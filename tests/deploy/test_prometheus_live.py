@@ -160,6 +160,8 @@ def test_every_dashboard_query_returns_data_from_the_real_service(
     lag = 'order_viewer_consumer_lag_messages{job="order-viewer"}'
     # librdkafka's statistics come every 5 s.
     wait_until(lambda: server.query(lag), 30, "the consumer lag to be scraped")
+    dead_letters = 'order_viewer_messages_dead_lettered_total{job="order-viewer"}'
+    wait_until(lambda: server.query(dead_letters), 30, "the dead letter to be scraped")
     # Two scrapes after the traffic, so every rate has two samples to compare.
     last_scrape = 'max(timestamp(up{job="order-viewer"}))'
     scraped = server.value(last_scrape) or 0
