@@ -41,6 +41,7 @@ test: install
 	scripts/stack.sh install
 	scripts/stack.sh install-browser
 	scripts/stack.sh install-compose
+	$(BIN)/python -m devstack.deploy_tools
 	$(BIN)/pytest $(PARALLEL)
 
 test-unit: install
@@ -56,8 +57,8 @@ test-integration: install
 	$(BIN)/pytest tests/integration tests/e2e
 
 check: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks devstack deploy
+	$(BIN)/ruff format --check src tests benchmarks devstack deploy
 	$(BIN)/mypy
 
 bench: install

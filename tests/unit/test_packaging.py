@@ -138,6 +138,59 @@ def test_the_service_reaches_the_compose_postgres_and_kafka() -> None:
         assert set(servers) <= advertised_addresses
 
 
+def mounts(service: str) -> dict[str, Path]:
+    """The repository's files and folders mounted in the service: mount point -> file."""
+    found = {}
+    for volume in services()[service]["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("/"):  # named volumes have no path
+            found[target] = Path(source)
+    return found
+
+
+def test_the_observability_profile_runs_prometheus_with_the_alert_rules() -> None:
+    prometheus = services()["prometheus"]
+    assert prometheus["profiles"] == ["observability"]
+    assert prometheus["image"].startswith("prom/prometheus:v")
+    files = mounts("prometheus")
+    for source in files.values():
+        assert source.exists(), source
+    config_flag = next(c for c in prometheus["command"] if c.startswith("--config.file="))
+    config_path = config_flag.split("=", 1)[1]
+    config = yaml.safe_load(files[config_path].read_text())
+    [rules] = config["rule_files"]
+    assert files[rules] == ROOT / "deploy" / "prometheus" / "alerts.yml"
+    [job] = config["scrape_configs"]
+    [target] = job["static_configs"][0]["targets"]
+    port = environment("order-viewer")["HTTP_PORT"]
+    assert target == f"order-viewer:{port}"
+    assert job["metrics_path"] == "/metrics"
+
+
+def test_the_observability_profile_runs_grafana_with_its_data_source_and_dashboard() -> None:
+    grafana = services()["grafana"]
+    assert grafana["profiles"] == ["observability"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    files = mounts("grafana")
+    provisioning = "/etc/grafana/provisioning"
+    [datasource_file] = files[f"{provisioning}/datasources"].glob("*.yml")
+    [datasource] = yaml.safe_load(datasource_file.read_text())["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["isDefault"] is True
+    prometheus_port = str(services()["prometheus"]["ports"][0]["target"])
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}"
+
+    [provider_file] = files[f"{provisioning}/dashboards"].glob("*.yml")
+    [provider] = yaml.safe_load(provider_file.read_text())["providers"]
+    folder = provider["options"]["path"]
+    dashboards = {target: source for target, source in files.items() if target.startswith(folder)}
+    assert dashboards == {
+        f"{folder}/order-viewer.json": ROOT / "deploy" / "grafana" / "order-viewer.json"
+    }
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home in dashboards
+
+
 # ------------------------------------------------------------------------------- Dockerfile
 
 

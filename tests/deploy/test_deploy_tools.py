@@ -1,0 +1,74 @@
+"""The installer of the deployment tools finds what is there and installs nothing then."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import devstack.deploy_tools as deploy_tools
+import pytest
+
+
+def executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def no_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to build or install fails the test."""
+
+    def refused(*arguments: object) -> None:
+        pytest.fail(f"tried to install: {arguments}")
+
+    monkeypatch.setattr(deploy_tools, "apt_get", refused)
+    monkeypatch.setattr(deploy_tools, "go_path", refused)
+
+
+def test_the_projects_own_helm_comes_before_one_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_install: None
+) -> None:
+    own = executable(tmp_path / "project" / "helm")
+    executable(tmp_path / "path" / "helm")
+    monkeypatch.setattr(deploy_tools, "TOOLS_BIN", own.parent)
+    monkeypatch.setenv("PATH", str(tmp_path / "path"))
+    assert deploy_tools.helm_path() == own
+    assert deploy_tools.install_helm() == own
+
+
+def test_a_helm_that_cannot_run_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "project" / "helm"
+    broken.parent.mkdir()
+    broken.write_text("not a program")
+    broken.chmod(0o644)
+    monkeypatch.setattr(deploy_tools, "TOOLS_BIN", broken.parent)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    assert deploy_tools.helm_path() is None
+    on_path = executable(tmp_path / "path" / "helm")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'nothing-here'}{os.pathsep}{on_path.parent}")
+    assert deploy_tools.helm_path() == on_path
+
+
+def test_present_prometheus_tools_are_a_no_op(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_install: None
+) -> None:
+    prometheus = executable(tmp_path / "bin" / "prometheus")
+    promtool = executable(tmp_path / "bin" / "promtool")
+    monkeypatch.setenv("PATH", str(prometheus.parent))
+    assert deploy_tools.install_prometheus() == (prometheus, promtool)
+
+
+def test_promtool_alone_is_not_enough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executable(tmp_path / "bin" / "promtool")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    installs: list[tuple[str, ...]] = []
+    monkeypatch.setattr(deploy_tools, "apt_get", lambda *arguments: installs.append(arguments))
+    monkeypatch.setattr(deploy_tools, "stop_system_prometheus", lambda: None)
+    with pytest.raises(SystemExit, match="missing after installing"):
+        deploy_tools.install_prometheus()
+    assert [arguments[0] for arguments in installs] == ["update", "install"]
+    assert "prometheus" in installs[1]
