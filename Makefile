@@ -3,10 +3,16 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
+DEVSTACK := $(BIN)/python -m devstack
 
-.PHONY: install run stack stack-down test test-unit test-integration test-faults check bench clean
+.PHONY: install venv run stack stack-down test test-unit test-integration test-faults check bench clean
 
-install: $(VENV)/.installed
+## The virtualenv, then the system's part (PostgreSQL, Java, the Kafka jars, chromium,
+## docker-compose) installed where missing: the one step that installs anything.
+install: venv
+	$(DEVSTACK) install --browser --compose
+
+venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,42 +22,37 @@ $(VENV)/.installed: pyproject.toml
 
 ## Start the local servers (when the settings point at them), migrate, send demo orders, serve.
 run: install
-	scripts/run.sh
+	$(DEVSTACK) run
 
 ## The local PostgreSQL and Kafka servers only.
-stack:
-	scripts/stack.sh up
+stack: install
+	$(DEVSTACK) up
 
-stack-down:
-	scripts/stack.sh down
+stack-down: venv
+	$(DEVSTACK) down
 
 ## Every test, unit and integration, against real servers the suite starts for itself.
 test: install
-	scripts/stack.sh install
-	scripts/stack.sh install-browser
-	scripts/stack.sh install-compose
 	$(BIN)/pytest
 
-test-unit: install
+test-unit: venv
 	$(BIN)/pytest tests/unit
 
 ## The fault-injection scenarios alone (they are part of `make test` too).
 test-faults: install
-	scripts/stack.sh install
 	$(BIN)/pytest -m faults
 
 test-integration: install
-	scripts/stack.sh install
 	$(BIN)/pytest tests/integration tests/e2e
 
-check: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+check: venv
+	$(BIN)/ruff check src tests benchmarks devstack
+	$(BIN)/ruff format --check src tests benchmarks devstack
 	$(BIN)/mypy
 
 bench: install
-	scripts/stack.sh up
-	scripts/stack.sh install-bench-tools
+	$(DEVSTACK) install --bench-tools
+	$(DEVSTACK) up
 	$(BIN)/python -m benchmarks
 
 clean:

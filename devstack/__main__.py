@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from devstack.install import bootstrap
+from devstack.install import OPTIONAL_INSTALLERS, bootstrap
 from devstack.run import run
 from devstack.settings import StackError, settings_from_env
 from devstack.stack import LocalStack
@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_env(os.environ)
         if arguments.command == "install":
-            extras = [
-                name for name in ("browser", "compose", "bench_tools") if getattr(arguments, name)
-            ]
+            extras = [name for name in OPTIONAL_INSTALLERS if getattr(arguments, name)]
             bootstrap(settings.kafka_libs_dir, extras)
         elif arguments.command == "run":
             run()

@@ -30,7 +30,8 @@ DEFAULT_KAFKA_HEAP_OPTS = "-Xms256m -Xmx512m"
 # The fallback socket directory must be short, so not below TMPDIR, which may be long itself.
 SHORT_SOCKET_ROOT = Path("/tmp")  # noqa: S108
 SHORT_SOCKET_PREFIX = "order-viewer-pg-"
-# sun_path holds 107 bytes and the socket file is "<dir>/.s.PGSQL.<port>"; 100 leaves a margin.
+# The socket file "<dir>/.s.PGSQL.<port>" and its terminating NUL must fit in sun_path (108
+# bytes on Linux); 100 leaves a margin.
 SOCKET_PATH_LIMIT = 100
 
 

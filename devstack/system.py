@@ -97,7 +97,9 @@ def locked(path: Path) -> Iterator[None]:
 
 def process_alive(pid: int) -> bool:
     """Whether `pid` runs. A child of ours that ended (the broker the test process started, then
-    killed) is reaped here; a zombie counts as ended."""
+    killed) is reaped here. A zombie has ended once it is the last of its threads: its main
+    thread shows "Z" as soon as it exits, while the others (a JVM has dozens) may still run and
+    hold the listening sockets."""
     try:
         reaped, _ = os.waitpid(pid, os.WNOHANG)
         if reaped == pid:
@@ -106,10 +108,12 @@ def process_alive(pid: int) -> bool:
         pass
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        threads = len(os.listdir(f"/proc/{pid}/task"))
     except OSError:
         return False
     # The state follows the command name, which is in parentheses and may contain any byte.
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state != "Z" or threads > 1
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:

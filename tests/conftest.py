@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,9 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack import LocalStack, settings_from_env
+
 ROOT = Path(__file__).resolve().parents[1]
-STACK_SCRIPT = ROOT / "scripts" / "stack.sh"
 ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -51,31 +52,12 @@ def wait_until(
         time.sleep(interval)
 
 
-@dataclass
-class Stack:
-    directory: Path
-    pg_port: int = field(default_factory=free_port)
-    kafka_port: int = field(default_factory=free_port)
-    controller_port: int = field(default_factory=free_port)
+class Stack(LocalStack):
+    """The run's own servers: free ports, below `directory`."""
 
-    @property
-    def database_url(self) -> str:
-        return f"postgresql://order_viewer:order_viewer@127.0.0.1:{self.pg_port}/order_viewer"
-
-    @property
-    def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
-
-    def run(self, command: str) -> None:
-        """A stack.sh command on this run's servers (up, pg-stop, pg-start, kafka-kill, ...)."""
-        env = {
-            **os.environ,
-            "STACK_DIR": str(self.directory),
-            "PG_PORT": str(self.pg_port),
-            "KAFKA_PORT": str(self.kafka_port),
-            "KAFKA_CONTROLLER_PORT": str(self.controller_port),
-        }
-        subprocess.run([str(STACK_SCRIPT), command], env=env, check=True)
+    def __init__(self, directory: Path) -> None:
+        ports = {"pg_port": free_port(), "kafka_port": free_port(), "controller_port": free_port()}
+        super().__init__(replace(settings_from_env(os.environ), directory=directory, **ports))
 
     def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self.database_url, autocommit=True)
@@ -88,10 +70,10 @@ def stack() -> Iterator[Stack]:
     base.chmod(0o755)
     servers = Stack(base / ".stack")
     try:
-        servers.run("up")
+        servers.up()
         yield servers
     finally:
-        servers.run("destroy")
+        servers.destroy()
         shutil.rmtree(base, ignore_errors=True)
 
 
