@@ -104,40 +104,39 @@ class StackSettings:
         return pg_socket_dir(self.directory, self.pg_port)
 
 
-# Environment variable -> (field, parser). The same names and defaults scripts had before.
-_PORTS = {
-    "PG_PORT": "pg_port",
-    "KAFKA_PORT": "kafka_port",
-    "KAFKA_CONTROLLER_PORT": "controller_port",
-}
-_TIMEOUTS = {
-    "PG_START_TIMEOUT": "pg_start_timeout",
-    "KAFKA_START_TIMEOUT": "kafka_start_timeout",
-    "KAFKA_STOP_TIMEOUT": "kafka_stop_timeout",
-}
-
-
 def settings_from_env(environ: Mapping[str, str]) -> StackSettings:
     """The settings of STACK_DIR, KAFKA_LIBS_DIR, the ports, KAFKA_HEAP_OPTS and the timeouts;
     unset or empty means the default, anything malformed is refused naming the variable."""
-    values: dict[str, object] = {}
-    for variable, name in _PORTS.items():
-        if raw := environ.get(variable, "").strip():
-            if not re.fullmatch(r"[0-9]{1,5}", raw):
-                raise StackError(f"{variable} must be a TCP port number, not {raw!r}")
-            values[name] = int(raw)
-    for variable, name in _TIMEOUTS.items():
-        if raw := environ.get(variable, "").strip():
-            if not re.fullmatch(r"[0-9]{1,6}(\.[0-9]+)?", raw) or float(raw) <= 0:
-                raise StackError(f"{variable} must be a positive number of seconds, not {raw!r}")
-            values[name] = float(raw)
-    if stack_dir := environ.get("STACK_DIR", ""):
-        values["directory"] = Path(stack_dir)
-    if libs_dir := environ.get("KAFKA_LIBS_DIR", ""):
-        values["kafka_libs_dir"] = Path(libs_dir)
-    if heap := environ.get("KAFKA_HEAP_OPTS", "").strip():
-        values["kafka_heap_opts"] = heap
-    return StackSettings(**values)  # type: ignore[arg-type]
+    default = StackSettings()
+    return StackSettings(
+        directory=Path(environ.get("STACK_DIR") or default.directory),
+        pg_port=_port(environ, "PG_PORT", default.pg_port),
+        kafka_port=_port(environ, "KAFKA_PORT", default.kafka_port),
+        controller_port=_port(environ, "KAFKA_CONTROLLER_PORT", default.controller_port),
+        kafka_libs_dir=Path(environ.get("KAFKA_LIBS_DIR") or default.kafka_libs_dir),
+        kafka_heap_opts=environ.get("KAFKA_HEAP_OPTS", "").strip() or default.kafka_heap_opts,
+        pg_start_timeout=_seconds(environ, "PG_START_TIMEOUT", default.pg_start_timeout),
+        kafka_start_timeout=_seconds(environ, "KAFKA_START_TIMEOUT", default.kafka_start_timeout),
+        kafka_stop_timeout=_seconds(environ, "KAFKA_STOP_TIMEOUT", default.kafka_stop_timeout),
+    )
+
+
+def _port(environ: Mapping[str, str], variable: str, default: int) -> int:
+    raw = environ.get(variable, "").strip()
+    if not raw:
+        return default
+    if not re.fullmatch(r"[0-9]{1,5}", raw) or not 1 <= int(raw) <= 65535:
+        raise StackError(f"{variable} must be a TCP port number (1-65535), not {raw!r}")
+    return int(raw)
+
+
+def _seconds(environ: Mapping[str, str], variable: str, default: float) -> float:
+    raw = environ.get(variable, "").strip()
+    if not raw:
+        return default
+    if not re.fullmatch(r"[0-9]{1,6}(\.[0-9]+)?", raw) or float(raw) <= 0:
+        raise StackError(f"{variable} must be a positive number of seconds, not {raw!r}")
+    return float(raw)
 
 
 def pg_socket_dir(stack_dir: Path, port: int) -> Path:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +103,17 @@ class LocalStack:
     def superuser_connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self.superuser_conninfo, autocommit=True)
 
+    @cached_property
+    def pg_bindir(self) -> Path:
+        """PostgreSQL's programs, looked up once (a missing one is looked up again next time)."""
+        return require_postgres(self.environ)
+
     # ------------------------------------------------------------ whole stack
 
     def up(self) -> None:
         """Start both servers (or find them running) and return once both are ready."""
         with self._lock(create=True):
-            require_postgres(self.environ)
+            _ = self.pg_bindir
             require_kafka(self.settings.kafka_libs_dir)
             # The broker boots in the background while PostgreSQL starts.
             broker = self._kafka_launch()
@@ -185,19 +191,18 @@ class LocalStack:
         if not (self.settings.pg_data / "PG_VERSION").is_file():
             return False
         try:
-            bindir = require_postgres(self.environ)
+            status = subprocess.run(
+                self._pg_ctl("status"), capture_output=True, cwd="/", check=False
+            )
         except StackError:
             return False
-        status = subprocess.run(
-            self._pg_ctl(bindir, "status"), capture_output=True, cwd="/", check=False
-        )
         return status.returncode == 0
 
-    def _pg_ctl(self, bindir: Path, *arguments: str) -> list[str]:
-        return as_pg_owner([str(bindir / "pg_ctl"), "-D", str(self.settings.pg_data), *arguments])
+    def _pg_ctl(self, *arguments: str) -> list[str]:
+        pg_ctl = self.pg_bindir / "pg_ctl"
+        return as_pg_owner([str(pg_ctl), "-D", str(self.settings.pg_data), *arguments])
 
     def _pg_start(self) -> None:
-        bindir = require_postgres(self.environ)
         self._ensure_directory()
         if self.pg_running():
             self._pg_wait_ready()
@@ -208,7 +213,7 @@ class LocalStack:
                 f"port {self.settings.pg_port} is already in use by another process "
                 "(a system PostgreSQL? try: pg_lsclusters)"
             )
-        self._pg_init_cluster(bindir)
+        self._pg_init_cluster()
         socket_dir = self.settings.pg_socket_dir
         socket_dir.mkdir(parents=True, exist_ok=True)
         log = self.directory / "postgres.log"
@@ -218,7 +223,7 @@ class LocalStack:
         self._give_to_postgres(socket_dir, log, stack_conf)
         timeout = str(int(self.settings.pg_start_timeout))
         started = run_quietly(
-            self._pg_ctl(bindir, "start", "-w", "-t", timeout, "-l", str(log)), log, cwd=Path("/")
+            self._pg_ctl("start", "-w", "-t", timeout, "-l", str(log)), log, cwd=Path("/")
         )
         if not started:
             raise StackError(
@@ -229,7 +234,7 @@ class LocalStack:
         self._pg_provision()
         self._pg_wait_ready()
 
-    def _pg_init_cluster(self, bindir: Path) -> None:
+    def _pg_init_cluster(self) -> None:
         pg_data = self.settings.pg_data
         if (pg_data / "PG_VERSION").is_file():
             return
@@ -239,7 +244,7 @@ class LocalStack:
         self._give_to_postgres(pg_data)
         init_log = self.directory / "initdb.log"
         initdb = [
-            str(bindir / "initdb"), "-D", str(pg_data), "-U", PG_SUPERUSER, "-E", "UTF8",
+            str(self.pg_bindir / "initdb"), "-D", str(pg_data), "-U", PG_SUPERUSER, "-E", "UTF8",
             "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256",
         ]  # fmt: skip
         if not run_quietly(as_pg_owner(initdb), init_log, cwd=Path("/")):
@@ -292,11 +297,8 @@ class LocalStack:
         if not self.pg_running():
             say("postgres: not running")
             return
-        bindir = require_postgres(self.environ)
         log = self.directory / "postgres.log"
-        if not run_quietly(
-            self._pg_ctl(bindir, "stop", "-m", mode, "-w", "-t", "60"), log, Path("/")
-        ):
+        if not run_quietly(self._pg_ctl("stop", "-m", mode, "-w", "-t", "60"), log, Path("/")):
             raise StackError(f"PostgreSQL did not stop ({mode})", log_tail(log))
         say(f"postgres stopped ({mode})")
 
