@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import re
+import shlex
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -78,6 +79,23 @@ class StackSettings:
         ports = (self.pg_port, self.kafka_port, self.controller_port)
         if len(set(ports)) != len(ports):
             raise StackError(f"the three ports must differ, got {ports}")
+        # The paths go into files of other formats: a comma splits Kafka's log.dirs, a colon
+        # the JVM's class path, a backslash is an escape in server.properties, and a line
+        # break ends a setting anywhere.
+        for name, path, forbidden in (
+            ("STACK_DIR", self.directory, ",\\"),
+            ("KAFKA_LIBS_DIR", self.kafka_libs_dir, ",\\:"),
+        ):
+            text = str(path)
+            if any(char in forbidden or not char.isprintable() for char in text):
+                raise StackError(
+                    f"{name} may not hold control characters or any of {' '.join(forbidden)}: "
+                    f"{text!r}"
+                )
+        try:
+            shlex.split(self.kafka_heap_opts)
+        except ValueError as error:
+            raise StackError(f"KAFKA_HEAP_OPTS cannot be split into options: {error}") from None
 
     @property
     def pg_data(self) -> Path:

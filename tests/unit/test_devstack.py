@@ -30,6 +30,7 @@ from devstack.settings import (
     pg_socket_dir,
     pg_stack_conf,
 )
+from devstack.system import process_alive, wait_for_exit
 
 # ---------------------------------------------------------------- settings from the environment
 
@@ -104,6 +105,26 @@ def test_a_malformed_port_is_refused_naming_the_variable(port: str) -> None:
 def test_a_malformed_timeout_is_refused_naming_the_variable(timeout: str) -> None:
     with pytest.raises(StackError, match="KAFKA_START_TIMEOUT"):
         settings_from_env({"KAFKA_START_TIMEOUT": timeout})
+
+
+@pytest.mark.parametrize("name", ["a,b", "back\\slash", "line\nbreak", "tab\there", "escape\x1b"])
+def test_a_stack_dir_that_would_break_the_config_files_is_refused(
+    name: str, tmp_path: Path
+) -> None:
+    with pytest.raises(StackError, match=r"^STACK_DIR may not hold"):
+        settings_from_env({"STACK_DIR": str(tmp_path / name)})
+
+
+def test_a_colon_splits_the_class_path_but_not_the_stack_dir(tmp_path: Path) -> None:
+    with pytest.raises(StackError, match=r"^KAFKA_LIBS_DIR may not hold"):
+        settings_from_env({"KAFKA_LIBS_DIR": str(tmp_path / "a:b")})
+    settings = settings_from_env({"STACK_DIR": str(tmp_path / "a:b c'd")})
+    assert settings.directory.name == "a:b c'd"
+
+
+def test_heap_options_that_cannot_be_split_are_refused() -> None:
+    with pytest.raises(StackError, match=r"^KAFKA_HEAP_OPTS cannot be split"):
+        settings_from_env({"KAFKA_HEAP_OPTS": "-Xmx1g '-Dx=unclosed"})
 
 
 def test_two_servers_cannot_share_a_port() -> None:
@@ -290,6 +311,21 @@ def test_only_this_stacks_broker_is_recognised() -> None:
         b"grep\0-F\0kafka.Kafka\0",
     ):
         assert not is_broker_command_line(recycled, properties), recycled
+
+
+def test_a_child_is_alive_until_it_ended_and_is_then_reaped() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert process_alive(child.pid)
+    finally:
+        child.kill()
+    assert wait_for_exit(child.pid, 10)
+    # process_alive collected its exit status: no zombie is left behind.
+    assert not Path(f"/proc/{child.pid}").exists()
+
+
+def test_a_pid_that_never_was_is_not_alive() -> None:
+    assert not process_alive(2**22 + 1)  # above the kernel's largest pid
 
 
 @pytest.mark.parametrize(
