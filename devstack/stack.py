@@ -126,7 +126,7 @@ class LocalStack:
             say(f"nothing to stop: {self.directory} does not exist")
             return
         with self._lock(create=False):
-            self._kafka_stop()
+            self._kafka_end(signal.SIGTERM)
             self._pg_stop("fast")
 
     def destroy(self) -> None:
@@ -141,7 +141,7 @@ class LocalStack:
             say(f"nothing to destroy: {self.directory} does not exist")
             return
         with self._lock(create=False):
-            self._kafka_stop()
+            self._kafka_end(signal.SIGTERM)
             self._pg_stop("fast")
             socket_dir = self.settings.pg_socket_dir
             if socket_dir.parent == SHORT_SOCKET_ROOT and socket_dir.name.startswith(
@@ -339,17 +339,11 @@ class LocalStack:
     def kafka_stop(self) -> None:
         """SIGTERM, and wait for the broker's orderly shutdown (SIGKILL if it hangs)."""
         with self._lock(create=False):
-            self._kafka_stop()
+            self._kafka_end(signal.SIGTERM)
 
     def kafka_kill(self) -> None:
         with self._lock(create=False):
-            if (pid := self._kafka_pid_or_forget()) is None:
-                return
-            signal_process(pid, signal.SIGKILL)
-            if not wait_for_exit(pid, 30):
-                raise StackError(f"Kafka (pid {pid}) survived SIGKILL")
-            self._pid_file.unlink(missing_ok=True)
-            say("kafka killed")
+            self._kafka_end(signal.SIGKILL)
 
     @property
     def _pid_file(self) -> Path:
@@ -367,25 +361,26 @@ class LocalStack:
             return None
         return pid if process_alive(pid) else None
 
-    def _kafka_pid_or_forget(self) -> int | None:
+    def _kafka_end(self, how: signal.Signals) -> None:
+        """Signal the broker and wait until it is gone; after a SIGTERM it is given
+        KAFKA_STOP_TIMEOUT to shut down in order, then killed."""
         pid = self.kafka_pid()
         if pid is None:
             say("kafka: not running")
             self._pid_file.unlink(missing_ok=True)
-        return pid
-
-    def _kafka_stop(self) -> None:
-        if (pid := self._kafka_pid_or_forget()) is None:
             return
-        signal_process(pid, signal.SIGTERM)
-        timeout = self.settings.kafka_stop_timeout
-        if not wait_for_exit(pid, timeout):
-            say(f"WARNING: Kafka (pid {pid}) did not exit {timeout:.0f}s after SIGTERM; SIGKILL")
+        if how == signal.SIGTERM:
+            signal_process(pid, signal.SIGTERM)
+            timeout = self.settings.kafka_stop_timeout
+            if not wait_for_exit(pid, timeout):
+                say(f"WARNING: Kafka (pid {pid}) still runs {timeout:.0f}s after SIGTERM; SIGKILL")
+                how = signal.SIGKILL
+        if how == signal.SIGKILL:
             signal_process(pid, signal.SIGKILL)
             if not wait_for_exit(pid, 30):
                 raise StackError(f"Kafka (pid {pid}) survived SIGKILL")
         self._pid_file.unlink(missing_ok=True)
-        say("kafka stopped")
+        say("kafka killed" if how == signal.SIGKILL else "kafka stopped")
 
     def _java(self, *arguments: str, heap: list[str]) -> list[str]:
         libs = f"{self.settings.kafka_libs_dir}/*"
