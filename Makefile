@@ -5,10 +5,16 @@ BIN := $(VENV)/bin
 # Test workers, each with its own PostgreSQL and Kafka; tests sharing a service stay together.
 PARALLEL := -n 3 --dist loadgroup
 PYTHON ?= python3
+DEVSTACK := $(BIN)/python -m devstack
 
-.PHONY: install lock run stack stack-down test test-unit test-integration test-faults check bench clean
+.PHONY: install venv lock run stack stack-down test test-unit test-integration test-faults check bench clean
 
-install: $(VENV)/.installed
+## The virtualenv, then the system's part the service needs (PostgreSQL, Java, the Kafka jars),
+## installed where missing: with `test`'s extras, the one step that installs anything.
+install: venv
+	$(DEVSTACK) install
+
+venv: $(VENV)/.installed
 
 # The exact versions of requirements/dev.txt, each checked against its hash; `make lock` renews it.
 $(VENV)/.installed: pyproject.toml requirements/dev.txt
@@ -19,7 +25,7 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	touch $@
 
 ## Pin every dependency (and its hashes) after a change of pyproject.toml's dependencies.
-lock: install
+lock: venv
 	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
 		--quiet -o requirements/main.txt
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
@@ -27,43 +33,38 @@ lock: install
 
 ## Start the local servers (when the settings point at them), migrate, send demo orders, serve.
 run: install
-	scripts/run.sh
+	$(DEVSTACK) run
 
 ## The local PostgreSQL and Kafka servers only.
-stack:
-	scripts/stack.sh up
+stack: install
+	$(DEVSTACK) up
 
-stack-down:
-	scripts/stack.sh down
+stack-down: venv
+	$(DEVSTACK) down
 
 ## Every test, unit and integration, against real servers the suite starts for itself.
-test: install
-	scripts/stack.sh install
-	scripts/stack.sh install-browser
-	scripts/stack.sh install-compose
-	$(BIN)/python -m devstack.deploy_tools
+test: venv
+	$(DEVSTACK) install --browser --compose --deploy-tools
 	$(BIN)/pytest $(PARALLEL)
 
-test-unit: install
+test-unit: venv
 	$(BIN)/pytest tests/unit
 
 ## The fault-injection scenarios alone (they are part of `make test` too).
 test-faults: install
-	scripts/stack.sh install
 	$(BIN)/pytest -m faults
 
 test-integration: install
-	scripts/stack.sh install
 	$(BIN)/pytest tests/integration tests/e2e
 
-check: install
+check: venv
 	$(BIN)/ruff check src tests benchmarks devstack deploy
 	$(BIN)/ruff format --check src tests benchmarks devstack deploy
 	$(BIN)/mypy
 
 bench: install
-	scripts/stack.sh up
-	scripts/stack.sh install-bench-tools
+	$(DEVSTACK) install --bench-tools
+	$(DEVSTACK) up
 	$(BIN)/python -m benchmarks
 	$(BIN)/pytest -m perf -s
 

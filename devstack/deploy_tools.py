@@ -1,35 +1,26 @@
-"""Install the tools the deployment tests need: helm (built from its Go module) and Debian's
-prometheus package (prometheus and promtool). Each step does nothing when its tool is there.
-
-Run as `python -m devstack.deploy_tools` before the tests: the tests never install anything.
-"""
+"""The tools the deployment tests need: helm (built from its Go module into the project's
+`.stack/bin`) and Debian's prometheus package (prometheus and promtool). `python -m devstack
+install --deploy-tools` installs them with the rest of the bootstrap; each step does nothing when
+its tool is there, and the tests only look them up."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS_BIN = ROOT / ".stack" / "bin"
+from devstack.packages import Bootstrap
+from devstack.settings import PROJECT_ROOT, StackError
+from devstack.system import say
+
+TOOLS_BIN = PROJECT_ROOT / ".stack" / "bin"
 HELM_MODULE = "helm.sh/helm/v3/cmd/helm"
 HELM_VERSION = "v3.22.0"
 PROMETHEUS_PACKAGE = "prometheus"
-INSTALL_COMMAND = "python -m devstack.deploy_tools"
+INSTALL_COMMAND = "python -m devstack install --deploy-tools"
 # Go's usual install place, which a non-login shell often lacks on its PATH.
 GO_CANDIDATES = ("/usr/local/go/bin/go",)
-# apt waits this long for another process's dpkg lock instead of failing at once; `apt-get
-# update` does not wait for the lists lock, so a failed call is tried again a few times.
-DPKG_LOCK_TIMEOUT_S = 900
-APT_ATTEMPTS = 5
-APT_RETRY_PAUSE_S = 20
-
-
-def say(message: str) -> None:
-    print(f"[deploy-tools] {message}", flush=True)
 
 
 def helm_path() -> Path | None:
@@ -57,7 +48,7 @@ def go_path() -> Path:
     )
     if found is None:
         # Go 1.21 and later fetch the newer toolchain helm's go.mod asks for by themselves.
-        raise SystemExit("go is needed to build helm: install Go 1.21 or later")
+        raise StackError("go is needed to build helm: install Go 1.21 or later")
     return Path(found)
 
 
@@ -74,22 +65,8 @@ def install_helm() -> Path:
     )
     installed = TOOLS_BIN / "helm"
     if not installed.is_file():
-        raise SystemExit(f"go install finished but {installed} is missing")
+        raise StackError(f"go install finished but {installed} is missing")
     return installed
-
-
-def apt_get(*arguments: str) -> None:
-    command = ["apt-get", "-o", f"DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT_S}", *arguments]
-    if os.geteuid() != 0:
-        command = ["sudo", *command]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for attempt in range(1, APT_ATTEMPTS + 1):
-        if subprocess.run(command, env=env, check=False).returncode == 0:
-            return
-        if attempt < APT_ATTEMPTS:
-            say(f"apt-get {arguments[0]} failed, trying again in {APT_RETRY_PAUSE_S} s")
-            time.sleep(APT_RETRY_PAUSE_S)
-    raise SystemExit(f"apt-get {' '.join(arguments)} failed {APT_ATTEMPTS} times")
 
 
 def stop_system_prometheus() -> None:
@@ -109,27 +86,19 @@ def stop_system_prometheus() -> None:
         )
 
 
-def install_prometheus() -> tuple[Path, Path]:
+def install_prometheus(bootstrap: Bootstrap) -> tuple[Path, Path]:
     prometheus, promtool = prometheus_path(), promtool_path()
     if prometheus is not None and promtool is not None:
         return prometheus, promtool
     say("installing Debian's prometheus package (prometheus and promtool)")
-    apt_get("update", "-qq")
-    apt_get("install", "-y", "-qq", "--no-install-recommends", PROMETHEUS_PACKAGE)
+    bootstrap.apt.install("--no-install-recommends", PROMETHEUS_PACKAGE)
     stop_system_prometheus()
     prometheus, promtool = prometheus_path(), promtool_path()
     if prometheus is None or promtool is None:
-        raise SystemExit("prometheus or promtool missing after installing the package")
+        raise StackError("prometheus or promtool missing after installing the package")
     return prometheus, promtool
 
 
-def main() -> int:
-    helm = install_helm()
-    prometheus, promtool = install_prometheus()
-    for tool in (helm, prometheus, promtool):
-        say(f"ready: {tool}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def install_deploy_tools(bootstrap: Bootstrap) -> None:
+    install_helm()
+    install_prometheus(bootstrap)

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
+from devstack import LocalStack, settings_from_env
 from order_viewer.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
-STACK_SCRIPT = ROOT / "scripts" / "stack.sh"
 ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -57,32 +57,39 @@ def wait_until(
         time.sleep(interval)
 
 
-@dataclass
+class Servers(LocalStack):
+    """The run's own PostgreSQL and Kafka: free ports, below `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(
+            replace(
+                settings_from_env(os.environ),
+                directory=directory,
+                pg_port=free_port(),
+                kafka_port=free_port(),
+                controller_port=free_port(),
+            )
+        )
+
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(self.database_url, autocommit=True)
+
+
+@dataclass(frozen=True)
 class Stack:
-    directory: Path
-    pg_port: int = field(default_factory=free_port)
-    kafka_port: int = field(default_factory=free_port)
-    controller_port: int = field(default_factory=free_port)
-    database: str = "order_viewer"
+    """The run's servers as one test module sees them: with a database of its own."""
+
+    servers: Servers
+    database: str
 
     @property
     def database_url(self) -> str:
-        return f"postgresql://order_viewer:order_viewer@127.0.0.1:{self.pg_port}/{self.database}"
+        server, _ = self.servers.database_url.rsplit("/", 1)
+        return f"{server}/{self.database}"
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
-
-    def run(self, command: str) -> None:
-        """A stack.sh command on this run's servers (up, pg-stop, pg-start, kafka-kill, ...)."""
-        env = {
-            **os.environ,
-            "STACK_DIR": str(self.directory),
-            "PG_PORT": str(self.pg_port),
-            "KAFKA_PORT": str(self.kafka_port),
-            "KAFKA_CONTROLLER_PORT": str(self.controller_port),
-        }
-        subprocess.run([str(STACK_SCRIPT), command], env=env, check=True)
+        return self.servers.bootstrap_servers
 
     def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self.database_url, autocommit=True)
@@ -92,27 +99,27 @@ TEMPLATE_DATABASE = "order_viewer_template"
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Stack]:
+def servers() -> Iterator[Servers]:
     """This run's PostgreSQL and Kafka, with a migrated template database to clone."""
     # A temp dir the postgres server user can traverse (pytest's own tmp dirs are private).
     base = Path(tempfile.mkdtemp(prefix="order-viewer-test-"))
     base.chmod(0o755)
-    servers = Stack(base / ".stack")
+    servers = Servers(base / ".stack")
     try:
-        servers.run("up")
+        servers.up()
         with servers.connect() as connection:
             connection.execute(
                 sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DATABASE))
             )
-        migrate(replace(servers, database=TEMPLATE_DATABASE).database_url)
+        migrate(Stack(servers, TEMPLATE_DATABASE).database_url)
         yield servers
     finally:
-        servers.run("destroy")
+        servers.destroy()
         shutil.rmtree(base, ignore_errors=True)
 
 
 @contextmanager
-def fresh_database(servers: Stack, label: str) -> Iterator[Stack]:
+def fresh_database(servers: Servers, label: str) -> Iterator[Stack]:
     """The servers, with a new database cloned from the migrated template (dropped afterwards)."""
     name = f"test_{label[:40]}_{uuid.uuid4().hex[:8]}"
     with servers.connect() as connection:
@@ -122,7 +129,7 @@ def fresh_database(servers: Stack, label: str) -> Iterator[Stack]:
             )
         )
     try:
-        yield replace(servers, database=name)
+        yield Stack(servers, name)
     finally:
         try:
             with servers.connect() as connection:
@@ -135,7 +142,7 @@ def fresh_database(servers: Stack, label: str) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def stack(servers: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
+def stack(servers: Servers, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """The servers, with a database of this test module's own."""
     with fresh_database(servers, request.module.__name__.rsplit(".", 1)[-1]) as isolated:
         yield isolated
@@ -356,7 +363,7 @@ class RunningService:
 
 
 @pytest.fixture(scope="session")
-def service(servers: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     suffix = uuid.uuid4().hex[:10]
     topics = Topics(
         f"orders-e2e-{suffix}", f"orders-e2e-{suffix}.dlq", f"order-viewer-e2e-{suffix}"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from devstack.deploy_tools import INSTALL_COMMAND, helm_path, prometheus_path, promtool_path
 
+from devstack.deploy_tools import INSTALL_COMMAND, helm_path, prometheus_path, promtool_path
 from order_viewer.cache import OrderCache
 from order_viewer.metrics import Metrics
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import devstack.deploy_tools as deploy_tools
 import pytest
+
+import devstack.deploy_tools as deploy_tools
+from devstack.packages import Apt, Bootstrap
+from devstack.settings import StackError
 
 
 def executable(path: Path) -> Path:
@@ -16,14 +19,29 @@ def executable(path: Path) -> Path:
     return path
 
 
+class RecordingApt(Apt):
+    """Records the packages asked for instead of installing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[str, ...]] = []
+
+    def install(self, *packages: str) -> None:
+        self.asked.append(packages)
+
+
+def recording(tmp_path: Path) -> tuple[Bootstrap, RecordingApt]:
+    apt = RecordingApt()
+    return Bootstrap(tmp_path / "kafka-libs", apt=apt), apt
+
+
 @pytest.fixture
 def no_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to build or install fails the test."""
+    """Any attempt to build helm fails the test (apt is checked through RecordingApt)."""
 
     def refused(*arguments: object) -> None:
         pytest.fail(f"tried to install: {arguments}")
 
-    monkeypatch.setattr(deploy_tools, "apt_get", refused)
     monkeypatch.setattr(deploy_tools, "go_path", refused)
 
 
@@ -59,16 +77,16 @@ def test_present_prometheus_tools_are_a_no_op(
     prometheus = executable(tmp_path / "bin" / "prometheus")
     promtool = executable(tmp_path / "bin" / "promtool")
     monkeypatch.setenv("PATH", str(prometheus.parent))
-    assert deploy_tools.install_prometheus() == (prometheus, promtool)
+    bootstrap, apt = recording(tmp_path)
+    assert deploy_tools.install_prometheus(bootstrap) == (prometheus, promtool)
+    assert apt.asked == []
 
 
 def test_promtool_alone_is_not_enough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     executable(tmp_path / "bin" / "promtool")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    installs: list[tuple[str, ...]] = []
-    monkeypatch.setattr(deploy_tools, "apt_get", lambda *arguments: installs.append(arguments))
     monkeypatch.setattr(deploy_tools, "stop_system_prometheus", lambda: None)
-    with pytest.raises(SystemExit, match="missing after installing"):
-        deploy_tools.install_prometheus()
-    assert [arguments[0] for arguments in installs] == ["update", "install"]
-    assert "prometheus" in installs[1]
+    bootstrap, apt = recording(tmp_path)
+    with pytest.raises(StackError, match="missing after installing"):
+        deploy_tools.install_prometheus(bootstrap)
+    assert apt.asked == [("--no-install-recommends", "prometheus")]

@@ -151,7 +151,7 @@ def test_database_outage_and_crash_are_waited_out(
     cached = first[-1]
     assert http_status(service, cached) == 200
 
-    stack.run("pg-stop")
+    stack.servers.pg_stop()
     try:
         outage_started = time.monotonic()
         while time.monotonic() - outage_started < 30:
@@ -161,7 +161,7 @@ def test_database_outage_and_crash_are_waited_out(
             assert http_status(service, "never-stored-order") == 503
             time.sleep(3)
     finally:
-        stack.run("pg-start")
+        stack.servers.pg_start()
     restarted = time.monotonic()
     stream.join()
     audit(stack, topics, stream, since=restarted)
@@ -169,8 +169,8 @@ def test_database_outage_and_crash_are_waited_out(
     second = Stream(8_000, seed=103).start(stack, topics.orders, seconds=6)
     second_uids = list(second.valid)
     wait_until(lambda: stored_count(stack, second_uids) > 100, 60, "a batch in flight")
-    stack.run("pg-crash")  # immediate mode: in-flight transactions are lost, not committed
-    stack.run("pg-start")
+    stack.servers.pg_crash()  # immediate mode: in-flight transactions are lost, not committed
+    stack.servers.pg_start()
     restarted = time.monotonic()
     second.join()
     audit(stack, topics, second, since=restarted)
@@ -188,16 +188,16 @@ def test_broker_outage_and_kill_are_recovered_from(
     produce(stack, topics.orders, stream.messages[:3000])
     first = list(stream.valid)[:100]
     wait_until(lambda: stored_count(stack, first) == len(first), 60, "the service to be storing")
-    stack.run("kafka-stop")
+    stack.servers.kafka_stop()
     try:
         time.sleep(30)
         assert service.process is not None
         assert service.process.poll() is None
     finally:
-        stack.run("kafka-start")
+        stack.servers.kafka_start()
     produce(stack, topics.orders, stream.messages[3000:4500])
-    stack.run("kafka-kill")
-    stack.run("kafka-start")
+    stack.servers.kafka_kill()
+    stack.servers.kafka_start()
     restarted = time.monotonic()
     produce(stack, topics.orders, stream.messages[4500:])
     audit(stack, topics, stream, since=restarted)

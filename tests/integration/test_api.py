@@ -149,7 +149,7 @@ def test_database_down_cached_orders_200_uncached_503(
     service = start_service()
     produce(stack, topics.orders, encode_orders([sample]))
     wait_until(lambda: served(service, sample["order_uid"]), 30, "the sample to be served")
-    stack.run("pg-stop")
+    stack.servers.pg_stop()
     try:
         cached = service.get(f"/order/{sample['order_uid']}")
         assert cached.status_code == 200
@@ -162,7 +162,7 @@ def test_database_down_cached_orders_200_uncached_503(
         assert ready.status_code == 503
         assert "database" in ready.json()["not_ready"]
     finally:
-        stack.run("pg-start")
+        stack.servers.pg_start()
     wait_until(lambda: service.get("/readyz").status_code == 200, 30, "readiness to return")
 
 
@@ -181,14 +181,14 @@ def test_restart_serves_stored_orders_from_the_warmed_cache(
     assert service.terminate() == 0
 
     restarted = start_service()
-    stack.run("pg-stop")
+    stack.servers.pg_stop()
     try:
         for order in orders:
             response = restarted.get(f"/order/{order['order_uid']}")
             assert response.status_code == 200
             assert response.json() == order
     finally:
-        stack.run("pg-start")
+        stack.servers.pg_start()
 
 
 def test_access_log_names_requests_without_their_headers(

@@ -215,13 +215,13 @@ def test_database_outage_mid_stream_is_waited_out(
         60,
         "the service to be storing",
     )
-    stack.run("pg-stop")
+    stack.servers.pg_stop()
     try:
         time.sleep(15)
         assert service.process is not None
         assert service.process.poll() is None, "the service must wait, not exit"
     finally:
-        stack.run("pg-start")
+        stack.servers.pg_start()
     producer.join()
     assert_stored_exactly(stack, topics, orders)
     assert "database unavailable, retrying" in service.log()

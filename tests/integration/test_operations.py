@@ -15,6 +15,7 @@ import pytest
 from order_viewer.generate import break_order, make_order
 from tests.conftest import (
     ORDER_VIEWER,
+    Servers,
     ServiceProcess,
     Stack,
     Topics,
@@ -188,7 +189,7 @@ def test_produce_sends_the_orders_it_reports(
 
 
 def test_a_start_up_step_that_fails_for_good_stops_the_service_with_its_reason(
-    servers: Stack, topics: Topics, tmp_path: Path
+    servers: Servers, topics: Topics, tmp_path: Path
 ) -> None:
     """A migration that cannot run (the schema names a revision this version does not know, as
     after a downgrade of the service) is no outage to wait out: the process must end with

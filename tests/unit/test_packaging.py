@@ -44,7 +44,7 @@ CONTRACT_DEFAULTS = (
 def compose_config() -> dict[str, Any]:
     """The compose file as docker-compose resolves it (anchors merged, syntax normalised)."""
     if shutil.which("docker-compose") is None:
-        pytest.fail("docker-compose is not installed: run `scripts/stack.sh install-compose`")
+        pytest.fail("docker-compose is not installed: run `make install`")
     result = subprocess.run(
         ["docker-compose", "-f", str(COMPOSE_FILE), "config"],
         capture_output=True,
