@@ -74,6 +74,7 @@ class LocalStack:
     def __init__(self, settings: StackSettings, environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.environ = dict(os.environ if environ is None else environ)
+        self._broker: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------ how to reach it
 
@@ -380,6 +381,10 @@ class LocalStack:
             if not wait_for_exit(pid, 30):
                 raise StackError(f"Kafka (pid {pid}) survived SIGKILL")
         self._pid_file.unlink(missing_ok=True)
+        if self._broker is not None:
+            # Its exit status may already have been collected while waiting; wait() knows that.
+            self._broker.wait()
+            self._broker = None
         say("kafka killed" if how == signal.SIGKILL else "kafka stopped")
 
     def _java(self, *arguments: str, heap: list[str]) -> list[str]:
@@ -439,6 +444,9 @@ class LocalStack:
                 start_new_session=True,
             )
         self._pid_file.write_text(f"{broker.pid}\n")
+        # Kept while this object lives, so that a broker that outlives it is not taken for a
+        # child forgotten (Popen warns when dropped while its process runs).
+        self._broker = broker
         return broker
 
     def _kafka_wait_ready(self, broker: subprocess.Popen[bytes] | None) -> None:
