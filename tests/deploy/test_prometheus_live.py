@@ -170,7 +170,9 @@ def test_every_dashboard_query_returns_data_from_the_real_service(
 
     answers = {key: server.query(expr) for key, expr in queries().items()}
     empty = {key for key, answer in answers.items() if not answer}
-    assert empty == SILENT_WHEN_HEALTHY
+    # Those two may also show data: a busy broker can make a first dead letter wait for its
+    # topic's leader, which is a retry.
+    assert empty <= SILENT_WHEN_HEALTHY
 
 
 def test_the_dead_letter_alert_fires_after_a_burst_of_invalid_messages(

@@ -56,7 +56,8 @@ def private_stack() -> Iterator[Servers]:
         devstack(servers, "up")
         yield servers
     finally:
-        devstack(servers, "destroy")
+        # Through this object, which started the broker again in the kill test and must reap it.
+        servers.destroy()
         base.rmdir()
 
 
