@@ -21,6 +21,7 @@ from granian.http import HTTP1Settings
 from granian.log import LogLevels
 from granian.server.embed import Server
 
+from order_viewer.access import AccessPolicy
 from order_viewer.api import create_app
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import MIN_HTTP_CONNECTIONS, Settings
@@ -71,8 +72,9 @@ class Service:
     reported once all three steps are done.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, access: AccessPolicy | None = None) -> None:
         self.settings = settings
+        self.access = access
         database_url = str(settings.database_url)
         self.cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
         self.reader = PostgresOrderReader(database_url, settings.database_pool_size)
@@ -124,7 +126,8 @@ class Service:
             )
             return 1
         log.info(
-            "serving HTTP on http://%s:%d (at most %d connections at once)",
+            "serving HTTP on %s://%s:%d (at most %d connections at once)",
+            "http" if self.settings.http_tls_cert_file is None else "https",
             *address,
             connections,
         )
@@ -134,7 +137,12 @@ class Service:
     async def _serve(self, connections: int) -> int:
         loop = asyncio.get_running_loop()
         server = Server(
-            create_app(self.lookup, self, self.metrics if self.settings.metrics_enabled else None),
+            create_app(
+                self.lookup,
+                self,
+                self.metrics if self.settings.metrics_enabled else None,
+                self.access,
+            ),
             address=self.settings.http_host,
             port=self.settings.http_port,
             interface=Interfaces.ASGINL,
@@ -147,6 +155,8 @@ class Service:
             # granian's name for the most connections it serves at once
             backpressure=connections,
             http1_settings=HTTP1Settings(header_read_timeout=10_000, max_buffer_size=64 * 1024),
+            ssl_cert=self.settings.http_tls_cert_file,
+            ssl_key=self.settings.http_tls_key_file,
             log_level=LogLevels.error,
             log_access=self.settings.http_access_log,
             # Our own log format for granian's lines too, rather than its own handlers.
