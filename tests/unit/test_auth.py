@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from order_viewer.masking import (
     masked_etag,
 )
 from tests.identity import AUDIENCE, ISSUER, IdentityProvider
+from tests.unit.test_packaging import services
 
 DIGEST = "a" * 64
 
@@ -535,3 +537,23 @@ def test_a_masked_view_is_computed_once_per_version_and_tagged_apart() -> None:
     newer = CachedOrder.of(json.dumps({**SAMPLE_ORDER, "entry": "X"}).encode(), b"\x02" * 32)
     assert views.masked(newer) is not masked
     assert len(views) == 2
+
+
+# ------------------------------------------------------------------------------ deployment
+
+
+def test_compose_serves_behind_the_demo_tokens_the_readme_prints() -> None:
+    root = Path(__file__).resolve().parents[2]
+    service = services()["order-viewer"]
+    env = service["environment"]
+    assert env["HTTP_AUTH"] == "token"
+    # docker-compose config resolves a bind mount to source:target:mode, the source absolute.
+    mounts = [volume.split(":") for volume in service["volumes"]]
+    [(source, _, mode)] = [m for m in mounts if m[1] == env["HTTP_TOKENS_FILE"]]
+    assert mode == "ro"
+    demo = parse_token_file(Path(source).read_text())
+    readme = (root / "README.md").read_text()
+    printed = re.findall(r"^\| `(\w+)` \| [^|]+ \| `([A-Za-z0-9_-]{43})` \|$", readme, re.M)
+    assert len(printed) == len(demo) == 2
+    for name, token in printed:
+        assert demo[token_digest(token)].name == name
