@@ -33,7 +33,9 @@ import psycopg
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.progress import Progress
+from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 
+from order_viewer.auth import new_token, token_digest
 from order_viewer.broker import ensure_topics
 from order_viewer.cache import OrderCache
 from order_viewer.config import Settings
@@ -440,8 +442,11 @@ def large_orders_benchmark(
     }
 
 
-def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, float]:
+def wrk(
+    url: str, ids_file: Path, connections: int, seconds: int, token: str | None = None
+) -> dict[str, float]:
     # One wrk thread: the server has one core to itself and the load generator the other.
+    headers = ["-H", f"Authorization: Bearer {token}"] if token is not None else []
     output = subprocess.run(
         [
             "wrk",
@@ -449,6 +454,7 @@ def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, f
             f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
+            *headers,
             "-s",
             str(WRK_SCRIPT),
             url,
@@ -476,17 +482,64 @@ def warm_up_seconds(log: Path) -> float:
     return float(match.group(2))
 
 
-def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+def newest_ids_file(bench: Bench, count: int, logs: Path) -> Path:
+    """The ids of the `count` newest orders, one a line, for random_ids.lua."""
     with bench.connect() as connection:
         ids = [
             row[0]
             for row in connection.execute(
                 "SELECT order_uid FROM orders ORDER BY date_created DESC, order_uid LIMIT %s",
-                (cached,),
+                (count,),
             )
         ]
     ids_file = logs / "ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")
+    return ids_file
+
+
+def auth_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+    """Cache hits without authentication, with a token of a file and with a JWT (whole and
+    masked views), one service after the other in the same run; audit lines go to a file."""
+    ids_file = newest_ids_file(bench, cached, logs)
+    provider = IdentityProvider()
+    tokens = {"whole": new_token(), "masked": new_token()}
+    tokens_file = logs / "tokens.txt"
+    tokens_file.write_text(
+        f"whole:{token_digest(tokens['whole'])}:orders:read:pii\n"
+        f"masked:{token_digest(tokens['masked'])}:orders:read\n"
+    )
+    token_file = {"HTTP_AUTH": "token", "HTTP_TOKENS_FILE": str(tokens_file)}
+    results: dict[str, dict[str, float]] = {}
+    with serve_jwks(provider) as jwks_url:
+        runs: dict[str, tuple[dict[str, str], str | None]] = {
+            "none": ({}, None),
+            "token": (token_file, tokens["whole"]),
+            "token, masked": (token_file, tokens["masked"]),
+            "jwt": (
+                {
+                    "HTTP_AUTH": "jwt",
+                    "HTTP_JWT_JWKS_URL": jwks_url,
+                    "HTTP_JWT_ISSUER": ISSUER,
+                    "HTTP_JWT_AUDIENCE": AUDIENCE,
+                },
+                provider.token(scope="orders:read:pii", exp=2**31 - 1),
+            ),
+        }
+        for name, (settings, token) in runs.items():
+            console.print(f"HTTP auth: cache hits with HTTP_AUTH={name}, {seconds} s")
+            run = ServiceRun(
+                bench, logs / f"auth-{name.replace(', ', '-')}.log",
+                CACHE_CAPACITY=str(cached), **settings,
+            )  # fmt: skip
+            run.wait_ready()
+            wrk(run.url, ids_file, 64, 3, token)
+            results[name] = wrk(run.url, ids_file, 64, seconds, token)
+            run.stop()
+    return results
+
+
+def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+    ids_file = newest_ids_file(bench, cached, logs)
 
     console.print(f"HTTP: cache of {cached:,} orders, wrk with 64 connections for {seconds} s")
     hit: dict[str, dict[str, float]] = {}
@@ -519,12 +572,29 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     }
 
 
+def print_auth(results: dict[str, dict[str, float]], cached: int) -> None:
+    print(f"\n## Authentication on cache hits, {cached:,} orders, wrk -t1 -c64\n")
+    print("| HTTP_AUTH | requests/s | vs. none | p99 ms | non-2xx |")
+    print("|---|---:|---:|---:|---:|")
+    base = results["none"]["rate"]
+    for name, run in results.items():
+        print(
+            f"| {name} | {run['rate']:,.0f} | {run['rate'] / base:.2f} | "
+            f"{run['p99_ms']:.2f} | {run['errors']:.0f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--orders", type=int, default=200_000)
     parser.add_argument("--cached", type=int, default=100_000)
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--only-auth",
+        action="store_true",
+        help="only the cost of authentication on cache hits (after storing --orders orders)",
+    )
     arguments = parser.parse_args()
 
     settings = Settings()
@@ -539,7 +609,12 @@ def main() -> None:
 
     ingest = ingest_benchmark(bench, messages, logs)
     bench.settle()
-    http = http_benchmark(bench, min(arguments.cached, arguments.orders), arguments.seconds, logs)
+    cached = min(arguments.cached, arguments.orders)
+    auth = auth_benchmark(bench, cached, arguments.seconds, logs)
+    print_auth(auth, cached)
+    if arguments.only_auth:
+        return
+    http = http_benchmark(bench, cached, arguments.seconds, logs)
     metrics_share = ingest_metrics_cost(messages)
     large = large_orders_benchmark(bench, settings, arguments.seed, logs)
 

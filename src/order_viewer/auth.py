@@ -362,10 +362,13 @@ class JwtVerifier:
 
     async def _key(self, kid: str) -> jwt.PyJWK | None:
         key = self._keys.get(kid)
-        if key is not None or not self._may_fetch():
+        if key is not None:
             return key
         if self._fetching is None:
             self._fetching = asyncio.Lock()
+        # A fetch under way may bring the key: wait for it rather than refuse the token.
+        if not self._fetching.locked() and not self._may_fetch():
+            return None
         async with self._fetching:
             # Another request may have fetched while this one waited.
             if kid not in self._keys and self._may_fetch():

@@ -557,3 +557,16 @@ def test_compose_serves_behind_the_demo_tokens_the_readme_prints() -> None:
     assert len(printed) == len(demo) == 2
     for name, token in printed:
         assert demo[token_digest(token)].name == name
+
+
+def test_tokens_arriving_while_the_keys_are_fetched_wait_for_them() -> None:
+    provider = IdentityProvider()
+    check = verifier(provider)
+    tokens = [provider.token(sub=f"client-{n}") for n in range(20)]
+
+    async def all_at_once() -> list[Principal]:
+        return list(await asyncio.gather(*(check.authenticate(token) for token in tokens)))
+
+    principals = asyncio.run(all_at_once())
+    assert [p.name for p in principals] == [f"client-{n}" for n in range(20)]
+    assert provider.requests == 1
