@@ -203,7 +203,12 @@ def _denial(
 
 def _audit(principal: Principal | None, path: str, status: int, view: str, client: str) -> None:
     # Never a body, a token or a personal field: who, which order, what answer, from where.
-    audit.info(
+    # Refusals at WARNING: a LOG_LEVEL that drops routine reads still records them.
+    level = logging.INFO if status < 400 or status == 404 else logging.WARNING
+    if not audit.isEnabledFor(level):
+        return
+    audit.log(
+        level,
         "order read principal=%s order_uid=%s status=%d view=%s client=%s",
         principal.name if principal is not None else "-",
         _printable(path[len("/order/") :]),

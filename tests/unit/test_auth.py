@@ -75,7 +75,6 @@ def test_no_header_is_a_missing_token() -> None:
         "Bearer ",
         "Basic YWxpY2U6c2VjcmV0",
         "Bearer a b",
-        "Bearer abc=def",
         "Bearer ünïcödé",
         "Bearer abc\x00",
         "Bearer\tabc",
