@@ -71,14 +71,15 @@ function api(path, signal) {
   return fetch(path, { headers, signal, cache: 'no-store' });
 }
 
-// The service refused the token (or there was none): forget it and ask for one.
-function askForToken(then) {
-  const hadToken = storedToken() !== null;
+// The service refused `sentToken` (null: the request carried none): forget it and ask for one.
+function askForToken(then, sentToken) {
+  const current = storedToken();
+  if (current !== null && current !== sentToken) return; // signed in again since it was sent
   storeToken(null);
-  afterSignIn = then;
+  if (then) afterSignIn = then;
   ui.signIn.hidden = false;
   ui.token.focus();
-  setStatus('auth', hadToken
+  setStatus('auth', sentToken
     ? 'The token was not accepted (expired, revoked or mistyped). Please sign in again.'
     : 'This service needs an access token to show orders. Please sign in.');
 }
@@ -355,6 +356,7 @@ async function showOrder(rawId, how, { focus = false } = {}) {
   let response = null;
   let body = null;
   let failure = null;
+  const sentToken = storedToken();
   try {
     response = await api(`/order/${encodeURIComponent(id)}`, controller.signal);
     body = await readJson(response);
@@ -398,7 +400,7 @@ async function showOrder(rawId, how, { focus = false } = {}) {
   document.title = 'Order viewer';
   const serverMessage = body && typeof body.error === 'string' ? body.error : '';
   if (response.status === 401) {
-    askForToken(retry);
+    askForToken(retry, sentToken);
   } else if (response.status === 403) {
     setStatus('error', 'Your token does not allow reading orders (it lacks the orders:read scope).');
   } else if (response.status === 429) {
@@ -462,6 +464,7 @@ async function loadRecent() {
   const controller = new AbortController();
   const timer = window.setTimeout(() => controller.abort(), TIMEOUT_MS);
   let status = 0;
+  const sentToken = storedToken();
   try {
     const response = await api(`/orders?limit=${RECENT_LIMIT}`, controller.signal);
     status = response.status;
@@ -476,7 +479,7 @@ async function loadRecent() {
     ui.recentList.replaceChildren();
     if (status === 401) {
       ui.recentStatus.textContent = 'Sign in to see the recent orders.';
-      if (ui.signIn.hidden) askForToken(null);
+      askForToken(null, sentToken);
     } else {
       ui.recentStatus.textContent = status === 503
         ? 'Recent orders are unavailable right now (database unreachable). Use Refresh to try again.'
