@@ -47,6 +47,7 @@ from order_viewer.service import Message, OrderIngest
 from order_viewer.store import PreparedOrder, WriteResult, migrate
 
 ROOT = Path(__file__).resolve().parents[1]
+AUTH_ROUNDS = 3
 WRK_SCRIPT = Path(__file__).with_name("random_ids.lua")
 console = Console(stderr=True)
 
@@ -498,8 +499,8 @@ def newest_ids_file(bench: Bench, count: int, logs: Path) -> Path:
 
 
 def auth_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
-    """Cache hits without authentication, with a token of a file and with a JWT (whole and
-    masked views), one service after the other in the same run; audit lines go to a file."""
+    """Cache hits without authentication, with a token of a file (whole and masked views) and
+    with a JWT, with and without audit lines (LOG_LEVEL=WARNING drops those of reads)."""
     ids_file = newest_ids_file(bench, cached, logs)
     provider = IdentityProvider()
     tokens = {"whole": new_token(), "masked": new_token()}
@@ -527,15 +528,29 @@ def auth_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
             "jwt, LOG_LEVEL=WARNING": ({**jwt_settings, "LOG_LEVEL": "WARNING"}, jwt_token),
             "token, LOG_LEVEL=WARNING": ({**token_file, "LOG_LEVEL": "WARNING"}, tokens["whole"]),
         }
-        for name, (settings, token) in runs.items():
-            console.print(f"HTTP auth: cache hits with HTTP_AUTH={name}, {seconds} s")
-            run = ServiceRun(
-                bench, logs / f"auth-{re.sub(r'[^a-zA-Z]+', '-', name)}.log",
-                CACHE_CAPACITY=str(cached), **settings,
-            )  # fmt: skip
+        # All running at once and measured in turns, best of AUTH_ROUNDS: on a shared machine
+        # the load of others drifts over minutes, and one run after the other would charge
+        # that drift to whichever setting came last.
+        services = {
+            name: ServiceRun(
+                bench,
+                logs / f"auth-{re.sub(r'[^a-zA-Z]+', '-', name)}.log",
+                CACHE_CAPACITY=str(cached),
+                **settings,
+            )
+            for name, (settings, _) in runs.items()
+        }
+        for name, run in services.items():
             run.wait_ready()
-            wrk(run.url, ids_file, 64, 3, token)
-            results[name] = wrk(run.url, ids_file, 64, seconds, token)
+            # Untimed, long enough for every order to be read once (masked views computed).
+            wrk(run.url, ids_file, 64, 5, runs[name][1])
+        for round_number in range(1, AUTH_ROUNDS + 1):
+            for name, run in services.items():
+                console.print(f"HTTP auth, round {round_number}: HTTP_AUTH={name}, {seconds} s")
+                measured = wrk(run.url, ids_file, 64, seconds, runs[name][1])
+                if name not in results or measured["rate"] > results[name]["rate"]:
+                    results[name] = measured
+        for run in services.values():
             run.stop()
     return results
 
@@ -575,7 +590,10 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
 
 
 def print_auth(results: dict[str, dict[str, float]], cached: int) -> None:
-    print(f"\n## Authentication on cache hits, {cached:,} orders, wrk -t1 -c64\n")
+    print(
+        f"\n## Authentication on cache hits, {cached:,} orders, wrk -t1 -c64, "
+        f"best of {AUTH_ROUNDS} turns\n"
+    )
     print("| HTTP_AUTH | requests/s | vs. none | p99 ms | non-2xx |")
     print("|---|---:|---:|---:|---:|")
     base = results["none"]["rate"]
