@@ -16,6 +16,7 @@ from order_viewer.auth import new_token, token_digest
 from order_viewer.generate import make_order
 from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
 from tests.e2e.conftest import CHROMIUM, Tab
+from tests.e2e.test_browser import now_iso
 
 pytestmark = [
     pytest.mark.e2e,
@@ -48,6 +49,7 @@ def service(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     ).start()
     order = make_order(random.Random(99), order_uid=f"e2eauth{suffix}")
     order["delivery"].update(name="Test Testov", phone="+972000000000", email="test@gmail.com")
+    order["date_created"] = now_iso()  # the newest, so among the recent orders listed
     produce(stack, topics.orders, encode_orders([order]))
     auditor = {"Authorization": f"Bearer {tokens['auditor']}"}
     wait_until(
