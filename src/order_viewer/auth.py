@@ -196,6 +196,7 @@ class TokenFile:
         self._stamp = self._file_stamp()
         self._by_prefix = self._read()
         self._checked = clock()
+        self._problem: str | None = None  # logged once, not on every look at the file
 
     def _file_stamp(self) -> tuple[int, int, int]:
         status = os.stat(self._path)
@@ -220,9 +221,12 @@ class TokenFile:
             self._stamp = stamp
             self._by_prefix = self._read()
         except (OSError, TokenFileError) as error:
-            reason = error.strerror if isinstance(error, OSError) else str(error)
-            log.error("HTTP_TOKENS_FILE not reloaded, the previous tokens stay: %s", reason)
+            problem = error.strerror if isinstance(error, OSError) else str(error)
+            if problem != self._problem:
+                log.error("HTTP_TOKENS_FILE not reloaded, the previous tokens stay: %s", problem)
+            self._problem = problem
             return
+        self._problem = None
         log.info("HTTP_TOKENS_FILE reloaded: %d clients", len(self))
 
     def __len__(self) -> int:

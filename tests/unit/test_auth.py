@@ -198,9 +198,10 @@ def test_a_token_file_broken_later_keeps_the_tokens_it_had(
     assert authenticate(tokens, token).name == "support"
     assert "not reloaded, the previous tokens stay: it is not UTF-8 text" in caplog.text
     path.unlink()
-    clock.now += 5
-    assert authenticate(tokens, token).name == "support"
-    assert "No such file or directory" in caplog.text
+    for _ in range(3):
+        clock.now += 5
+        assert authenticate(tokens, token).name == "support"
+    assert caplog.text.count("No such file or directory") == 1  # once, not every second
 
 
 # ------------------------------------------------------------------------------------- JWT
