@@ -34,7 +34,9 @@ import psycopg
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.progress import Progress
+from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 
+from order_viewer.auth import new_token, token_digest
 from order_viewer.broker import client_config, ensure_topics
 from order_viewer.cache import OrderCache
 from order_viewer.config import Settings
@@ -48,6 +50,7 @@ from order_viewer.service import prepare_batch
 from order_viewer.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
+AUTH_ROUNDS = 3
 WRK_SCRIPT = Path(__file__).with_name("random_ids.lua")
 console = Console(stderr=True)
 
@@ -439,8 +442,11 @@ def large_orders_benchmark(
     }
 
 
-def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, float]:
+def wrk(
+    url: str, ids_file: Path, connections: int, seconds: int, token: str | None = None
+) -> dict[str, float]:
     # One wrk thread: the server has one core to itself and the load generator the other.
+    headers = ["-H", f"Authorization: Bearer {token}"] if token is not None else []
     output = subprocess.run(
         [
             "wrk",
@@ -448,6 +454,7 @@ def wrk(url: str, ids_file: Path, connections: int, seconds: int) -> dict[str, f
             f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
+            *headers,
             "-s",
             str(WRK_SCRIPT),
             url,
@@ -477,17 +484,80 @@ def warm_up_seconds(log: Path) -> float:
     return float(match.group(2))
 
 
-def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+def newest_ids_file(bench: Bench, count: int, logs: Path) -> Path:
+    """The ids of the `count` newest orders, one a line, for random_ids.lua."""
     with bench.connect() as connection:
         ids = [
             row[0]
             for row in connection.execute(
                 "SELECT order_uid FROM orders ORDER BY date_created DESC, order_uid LIMIT %s",
-                (cached,),
+                (count,),
             )
         ]
     ids_file = logs / "ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")
+    return ids_file
+
+
+def auth_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+    """Cache hits without authentication, with a token of a file (whole and masked views) and
+    with a JWT, with and without audit lines (LOG_LEVEL=WARNING drops those of reads)."""
+    ids_file = newest_ids_file(bench, cached, logs)
+    provider = IdentityProvider()
+    tokens = {"whole": new_token(), "masked": new_token()}
+    tokens_file = logs / "tokens.txt"
+    tokens_file.write_text(
+        f"whole:{token_digest(tokens['whole'])}:orders:read:pii\n"
+        f"masked:{token_digest(tokens['masked'])}:orders:read\n"
+    )
+    token_file = {"HTTP_AUTH": "token", "HTTP_TOKENS_FILE": str(tokens_file)}
+    results: dict[str, dict[str, float]] = {}
+    with serve_jwks(provider) as jwks_url:
+        jwt_settings = {
+            "HTTP_AUTH": "jwt",
+            "HTTP_JWT_JWKS_URL": jwks_url,
+            "HTTP_JWT_ISSUER": ISSUER,
+            "HTTP_JWT_AUDIENCE": AUDIENCE,
+        }
+        jwt_token = provider.token(scope="orders:read:pii", exp=2**31 - 1)
+        runs: dict[str, tuple[dict[str, str], str | None]] = {
+            "none": ({}, None),
+            "token": (token_file, tokens["whole"]),
+            "token, masked": (token_file, tokens["masked"]),
+            "jwt": (jwt_settings, jwt_token),
+            # Reads pass without an audit line: what authentication alone costs.
+            "jwt, LOG_LEVEL=WARNING": ({**jwt_settings, "LOG_LEVEL": "WARNING"}, jwt_token),
+            "token, LOG_LEVEL=WARNING": ({**token_file, "LOG_LEVEL": "WARNING"}, tokens["whole"]),
+        }
+        # All running at once and measured in turns, best of AUTH_ROUNDS: on a shared machine
+        # the load of others drifts over minutes, and one run after the other would charge
+        # that drift to whichever setting came last.
+        services = {
+            name: ServiceRun(
+                bench,
+                logs / f"auth-{re.sub(r'[^a-zA-Z]+', '-', name)}.log",
+                CACHE_CAPACITY=str(cached),
+                **settings,
+            )
+            for name, (settings, _) in runs.items()
+        }
+        for name, run in services.items():
+            run.wait_ready()
+            # Untimed, long enough for every order to be read once (masked views computed).
+            wrk(run.url, ids_file, 64, 5, runs[name][1])
+        for round_number in range(1, AUTH_ROUNDS + 1):
+            for name, run in services.items():
+                console.print(f"HTTP auth, round {round_number}: HTTP_AUTH={name}, {seconds} s")
+                measured = wrk(run.url, ids_file, 64, seconds, runs[name][1])
+                if name not in results or measured["rate"] > results[name]["rate"]:
+                    results[name] = measured
+        for run in services.values():
+            run.stop()
+    return results
+
+
+def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+    ids_file = newest_ids_file(bench, cached, logs)
 
     console.print(f"HTTP: cache of {cached:,} orders, wrk with 64 connections for {seconds} s")
     hit: dict[str, dict[str, float]] = {}
@@ -520,12 +590,32 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     }
 
 
+def print_auth(results: dict[str, dict[str, float]], cached: int) -> None:
+    print(
+        f"\n## Authentication on cache hits, {cached:,} orders, wrk -t1 -c64, "
+        f"best of {AUTH_ROUNDS} turns\n"
+    )
+    print("| HTTP_AUTH | requests/s | vs. none | p99 ms | non-2xx |")
+    print("|---|---:|---:|---:|---:|")
+    base = results["none"]["rate"]
+    for name, run in results.items():
+        print(
+            f"| {name} | {run['rate']:,.0f} | {run['rate'] / base:.2f} | "
+            f"{run['p99_ms']:.2f} | {run['errors']:.0f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--orders", type=int, default=200_000)
     parser.add_argument("--cached", type=int, default=100_000)
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--only-auth",
+        action="store_true",
+        help="only the cost of authentication on cache hits (after storing --orders orders)",
+    )
     arguments = parser.parse_args()
 
     settings = Settings()
@@ -540,7 +630,12 @@ def main() -> None:
 
     ingest = ingest_benchmark(bench, messages, logs)
     bench.settle()
-    http = http_benchmark(bench, min(arguments.cached, arguments.orders), arguments.seconds, logs)
+    cached = min(arguments.cached, arguments.orders)
+    auth = auth_benchmark(bench, cached, arguments.seconds, logs)
+    print_auth(auth, cached)
+    if arguments.only_auth:
+        return
+    http = http_benchmark(bench, cached, arguments.seconds, logs)
     metrics_share = ingest_metrics_cost(messages)
     large = large_orders_benchmark(bench, settings, arguments.seed, logs)
 

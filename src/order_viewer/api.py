@@ -6,7 +6,7 @@ import re
 import time
 from importlib import resources
 from importlib.metadata import version
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from order_viewer.access import AccessGuard, AccessPolicy, request_header, viewed
 from order_viewer.cache import CachedOrder
 from order_viewer.metrics import (
     DOCS_FILES,
@@ -87,10 +88,23 @@ def _error(status: int, message: str, **extra: str) -> JSONResponse:
 
 
 _UNAVAILABLE = {"model": ErrorBody, "description": "The database is unreachable; retry later."}
+# Answers of the guarded routes when the service requires authentication.
+_GUARDED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No bearer token, or not a valid one."},
+    403: {"model": ErrorBody, "description": "The token lacks the route's scope."},
+    429: {"model": ErrorBody, "description": "Too many failed authentications from this client."},
+}
 
 
-def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | None) -> ASGIApp:
-    """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them."""
+def create_app(
+    lookup: OrderLookup,
+    readiness: Readiness,
+    metrics: Metrics | None,
+    access: AccessPolicy | None = None,
+) -> ASGIApp:
+    """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them; with
+    `access`, orders and metrics need a token with their scope."""
+    guarded: dict[int | str, dict[str, Any]] = {} if access is None else _GUARDED
     # /docs serves Swagger UI from files installed with the package, so it works where the
     # browser cannot reach a CDN. No ReDoc: its bundle still fetches a logo from its maker.
     app = FastAPIOffline(
@@ -132,6 +146,7 @@ def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | Non
             400: {"model": ErrorBody, "description": "The id cannot be an order id."},
             404: {"model": NotFoundBody, "description": "No such order."},
             503: _UNAVAILABLE,
+            **guarded,
         },
     )
     async def order(
@@ -154,14 +169,16 @@ def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | Non
             return _error(503, "the order is not in memory and the database is unreachable")
         if found is None:
             return _error(404, "no order with this id", order_uid=order_uid)
-        status, headers, body = order_reply(found, request.headers.get("if-none-match"))
+        status, headers, body = order_reply(
+            viewed(request.scope, found), request.headers.get("if-none-match")
+        )
         return Response(body, status_code=status, headers=headers)
 
     @app.get(
         "/orders",
         summary="The most recent orders",
         response_model=RecentOrdersBody,
-        responses={400: {"model": ErrorBody}, 503: _UNAVAILABLE},
+        responses={400: {"model": ErrorBody}, 503: _UNAVAILABLE, **guarded},
     )
     async def recent_orders(limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Response:
         try:
@@ -191,14 +208,22 @@ def create_app(lookup: OrderLookup, readiness: Readiness, metrics: Metrics | Non
     if metrics is not None:
         registry = metrics.registry
 
-        @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+        @app.get(
+            "/metrics",
+            summary="Prometheus metrics",
+            response_class=PlainTextResponse,
+            responses=guarded,
+        )
         async def prometheus_metrics() -> Response:
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.mount(PAGE_FILES, StaticFiles(directory=str(static)), name="static")
-    if metrics is None:
-        return CachedOrders(app, lookup, None)
-    return CachedOrders(RequestMetrics(app, metrics.http), lookup, metrics.http)
+    front = (
+        CachedOrders(app, lookup, None)
+        if metrics is None
+        else CachedOrders(RequestMetrics(app, metrics.http), lookup, metrics.http)
+    )
+    return front if access is None else AccessGuard(front, access, metrics)
 
 
 def order_reply(found: CachedOrder, if_none_match: str | None) -> tuple[int, dict[str, str], bytes]:
@@ -234,7 +259,9 @@ class CachedOrders:
             path: str = scope["path"]
             found = self._lookup.cached(path[7:]) if path.startswith("/order/") else None
             if found is not None:
-                status, headers, body = order_reply(found, _header(scope, b"if-none-match"))
+                status, headers, body = order_reply(
+                    viewed(scope, found), request_header(scope, b"if-none-match")
+                )
                 await send(
                     {
                         "type": "http.response.start",
@@ -249,13 +276,6 @@ class CachedOrders:
                     self._stats.record(ORDER_ROUTE, status, time.perf_counter() - started)
                 return
         await self._app(scope, receive, send)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 def _version() -> str:

@@ -18,6 +18,7 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 from starlette.types import ASGIApp
 
+from order_viewer.access import AccessPolicy
 from order_viewer.api import create_app
 from order_viewer.broker import DeadLetterWriter, client_config, ensure_topics
 from order_viewer.cache import OrderCache
@@ -52,7 +53,7 @@ class Parts:
     app: ASGIApp
 
 
-def build(settings: Settings) -> Parts:
+def build(settings: Settings, access: AccessPolicy | None = None) -> Parts:
     stop = threading.Event()
     max_backoff = settings.retry_max_backoff_ms / 1000
     # One health record per dependency, shared by every part that uses it, so that an outage
@@ -91,7 +92,7 @@ def build(settings: Settings) -> Parts:
     )
     lookup = OrderLookup(reader, cache)
     readiness = Readiness(lookup.database_reachable, consumer.consuming)
-    app = create_app(lookup, readiness, metrics if settings.metrics_enabled else None)
+    app = create_app(lookup, readiness, metrics if settings.metrics_enabled else None, access)
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writer, dead_letters,
         ingest, lookup, consumer, readiness, app,

@@ -5,17 +5,28 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import version
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy.exc
 
 from order_viewer import emulator, logs
+from order_viewer.access import AccessConfigurationError, access_policy
+from order_viewer.auth import (
+    check_client_name,
+    new_token,
+    parse_scopes,
+    protected_mode_problem,
+    token_digest,
+)
 from order_viewer.check import check
 from order_viewer.config import ConfigurationError, Settings, load_settings
 from order_viewer.server import serve
 from order_viewer.store import migrate
+
+T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +89,34 @@ def _parser() -> argparse.ArgumentParser:
         "--file", type=Path, default=None, help="send this file's order as it is, --count times"
     )
     produce.set_defaults(run=_produce)
+
+    token = commands.add_parser("token", help="bearer tokens for HTTP_AUTH=token")
+    token_commands = token.add_subparsers(title="token commands", required=True, metavar="COMMAND")
+    create = token_commands.add_parser(
+        "create", help="print a new random token once, and its line for HTTP_TOKENS_FILE"
+    )
+    create.add_argument("name", type=_argument(check_client_name), help="the client's name")
+    create.add_argument(
+        "--scopes",
+        type=_argument(parse_scopes),
+        required=True,
+        help="comma-separated: orders:read (personal fields masked), orders:read:pii (whole), "
+        "metrics:read",
+    )
+    create.set_defaults(run=_create_token)
     return parser
+
+
+def _argument(check: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a checker that raises ValueError with its reason."""
+
+    def parse(text: str) -> T:
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
 
 
 def _non_negative(text: str) -> int:
@@ -96,7 +134,26 @@ def _ratio(text: str) -> float:
 
 
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
-    return serve(settings)
+    problem = protected_mode_problem(settings)
+    if problem is not None:
+        print(f"order-viewer: {problem}", file=sys.stderr)
+        return 2
+    try:
+        access = access_policy(settings)
+    except AccessConfigurationError as error:
+        print(f"order-viewer: {error}", file=sys.stderr)
+        return 2
+    return serve(settings, access)
+
+
+def _create_token(_: Settings, arguments: argparse.Namespace) -> int:
+    token = new_token()
+    scopes = ",".join(sorted(arguments.scopes))
+    print(f"token for {arguments.name} (shown this once; the service keeps only its digest):")
+    print(f"  {token}")
+    print("line for HTTP_TOKENS_FILE:")
+    print(f"  {arguments.name}:{token_digest(token)}:{scopes}")
+    return 0
 
 
 def _migrate(settings: Settings, _: argparse.Namespace) -> int:

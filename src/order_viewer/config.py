@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AnyHttpUrl,
     Field,
     PostgresDsn,
     SecretStr,
@@ -121,6 +123,43 @@ class Settings(BaseSettings):
         description="Log one line per HTTP request (client, method, path, status, duration; "
         "never headers or bodies).",
     )
+    http_auth: Literal["none", "token", "jwt"] = Field(
+        default="none",
+        description="Who may read orders and metrics. none: anyone who reaches the port (refused "
+        "on an address other than loopback unless HTTP_ALLOW_ANONYMOUS). token: bearer tokens "
+        "of HTTP_TOKENS_FILE. jwt: JWTs of an identity provider (HTTP_JWT_*).",
+    )
+    http_allow_anonymous: bool = Field(
+        default=False,
+        description="Serve orders without authentication on an address other than loopback, "
+        "on purpose (HTTP_AUTH=none).",
+    )
+    http_tokens_file: Path | None = Field(
+        default=None,
+        description="With HTTP_AUTH=token: one client a line, name:sha256-hex-of-token:scope,scope "
+        "(`order-viewer token create` makes one); re-read when it changes.",
+    )
+    http_jwt_jwks_url: AnyHttpUrl | None = Field(
+        default=None,
+        description="With HTTP_AUTH=jwt: the identity provider's JSON Web Key Set (RS256, ES256 "
+        "and EdDSA keys).",
+    )
+    http_jwt_issuer: str | None = Field(
+        default=None, min_length=1, description="With HTTP_AUTH=jwt: the `iss` tokens must carry."
+    )
+    http_jwt_audience: str | None = Field(
+        default=None,
+        min_length=1,
+        description="With HTTP_AUTH=jwt: the `aud` tokens must carry (this service's name at the "
+        "identity provider).",
+    )
+    http_tls_cert_file: Path | None = Field(
+        default=None,
+        description="Certificate chain (PEM) to serve HTTPS with; needs HTTP_TLS_KEY_FILE.",
+    )
+    http_tls_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of HTTP_TLS_CERT_FILE."
+    )
     metrics_enabled: bool = Field(
         default=True,
         description="Serve Prometheus metrics at /metrics and count every HTTP request.",
@@ -149,6 +188,19 @@ class Settings(BaseSettings):
             for name in ("kafka_session_timeout_ms", "kafka_group_instance_id"):
                 if name in self.model_fields_set:
                     raise ValueError(f"{name.upper()} applies to KAFKA_GROUP_PROTOCOL=classic only")
+        return self
+
+    @model_validator(mode="after")
+    def _authentication_is_complete(self) -> Settings:
+        needed = {
+            "token": ("http_tokens_file",),
+            "jwt": ("http_jwt_jwks_url", "http_jwt_issuer", "http_jwt_audience"),
+        }.get(self.http_auth, ())
+        for name in needed:
+            if getattr(self, name) is None:
+                raise ValueError(f"HTTP_AUTH={self.http_auth} needs {name.upper()}")
+        if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):
+            raise ValueError("HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE go together")
         return self
 
     @field_validator("kafka_max_poll_interval_ms")

@@ -15,6 +15,7 @@ from granian.log import LogLevels
 from granian.server.embed import Server
 
 from order_viewer import bootstrap
+from order_viewer.access import AccessPolicy
 from order_viewer.config import MIN_HTTP_CONNECTIONS, Settings
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ def http_connection_limit(wanted: int, open_files_limit: int, read_pool_size: in
     return min(wanted, open_files_limit - FILES_BESIDES_CONNECTIONS - read_pool_size)
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGINT or SIGTERM; the exit status: 0 after a stop, 1 if the service could
-    not start or go on (the reason is logged)."""
+def serve(settings: Settings, access: AccessPolicy | None) -> int:
+    """Serve until SIGINT or SIGTERM, with `access` guarding the routes with order data (None:
+    open to all); the exit status: 0 after a stop, 1 if the service could not start or go on
+    (the reason is logged)."""
     address = (settings.http_host, settings.http_port)
     try:
         # Asked before anything starts, so a taken port is one clear line, not a traceback
@@ -72,9 +74,14 @@ def serve(settings: Settings) -> int:
             needed + MIN_HTTP_CONNECTIONS,
         )
         return 1
-    log.info("serving HTTP on http://%s:%d (at most %d connections at once)", *address, connections)
+    log.info(
+        "serving HTTP on %s://%s:%d (at most %d connections at once)",
+        "http" if settings.http_tls_cert_file is None else "https",
+        *address,
+        connections,
+    )
     # uvloop's event loop answers cached orders about half again as fast as asyncio's.
-    return uvloop.run(_serve(bootstrap.build(settings), connections))
+    return uvloop.run(_serve(bootstrap.build(settings, access), connections))
 
 
 async def _serve(parts: bootstrap.Parts, connections: int) -> int:
@@ -94,6 +101,8 @@ async def _serve(parts: bootstrap.Parts, connections: int) -> int:
         # granian's name for the most connections it serves at once
         backpressure=connections,
         http1_settings=HTTP1Settings(header_read_timeout=10_000, max_buffer_size=64 * 1024),
+        ssl_cert=settings.http_tls_cert_file,
+        ssl_key=settings.http_tls_key_file,
         log_level=LogLevels.error,
         log_access=settings.http_access_log,
         # Our own log format for granian's lines too, rather than its own handlers.

@@ -3,6 +3,7 @@ needed: `docker-compose config` (installed by `make test`'s bootstrap) validates
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from functools import cache
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from order_viewer.auth import parse_token_file, token_digest
 from order_viewer.cli import _parser
 from order_viewer.config import Settings
 from tests.unit.test_packaging import CONTRACT_DEFAULTS, ROOT, SETTINGS, healthcheck_url
@@ -165,3 +167,20 @@ def test_the_observability_profile_runs_grafana_with_its_data_source_and_dashboa
 
 
 # ------------------------------------------------------------------------------- Dockerfile
+
+
+def test_compose_serves_behind_the_demo_tokens_the_readme_prints() -> None:
+    root = Path(__file__).resolve().parents[2]
+    service = services()["order-viewer"]
+    env = service["environment"]
+    assert env["HTTP_AUTH"] == "token"
+    # docker-compose config resolves a bind mount to source:target:mode, the source absolute.
+    mounts = [volume.split(":") for volume in service["volumes"]]
+    [(source, _, mode)] = [m for m in mounts if m[1] == env["HTTP_TOKENS_FILE"]]
+    assert mode == "ro"
+    demo = parse_token_file(Path(source).read_text())
+    readme = (root / "README.md").read_text()
+    printed = re.findall(r"^\| `(\w+)` \| [^|]+ \| `([A-Za-z0-9_-]{43})` \|$", readme, re.M)
+    assert len(printed) == len(demo) == 2
+    for name, token in printed:
+        assert demo[token_digest(token)].name == name

@@ -1,6 +1,7 @@
 """The web page at `/`, driven in a real (Debian) Chromium against the running service.
 
-Needs the `service` fixture of tests/conftest.py: `service.base_url` and `service.ingest(orders)`.
+Needs the `service` fixture of tests/conftest.py: `service.base_url` and `service.ingest(orders)`;
+the browser and its tabs come from tests/e2e/conftest.py.
 """
 
 from __future__ import annotations
@@ -10,38 +11,17 @@ import json
 import random
 import re
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import (
-    Browser,
-    ConsoleMessage,
-    Dialog,
-    Locator,
-    Page,
-    Request,
-    expect,
-    sync_playwright,
-)
+from playwright.sync_api import expect
 
 from order_viewer.generate import SAMPLE_ORDER, make_order
 from tests.conftest import RunningService
+from tests.e2e.conftest import Tab
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = PROJECT_ROOT / "test-artifacts" / "order-page.png"
 SAMPLE_ID = "b563feb7b2b84b6test"
@@ -54,45 +34,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("browser")]
 expect.set_options(timeout=10_000)
 
 
-@dataclass
-class Tab:
-    """A page plus everything it did: requests, console messages, errors and dialogs."""
-
-    page: Page
-    base_url: str
-    requests: list[str] = field(default_factory=list)
-    console: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    dialogs: list[str] = field(default_factory=list)
-
-    def open(self, path: str = "/") -> None:
-        self.page.goto(self.base_url + path)
-
-    def by(self, test_id: str) -> Locator:
-        return self.page.get_by_test_id(test_id)
-
-    def foreign_requests(self) -> list[str]:
-        """Requests that left the service (data: and blob: URLs stay in the browser)."""
-        return [
-            url
-            for url in self.requests
-            if not url.startswith(("data:", "blob:", self.base_url + "/"))
-        ]
-
-    def order_requests(self) -> list[str]:
-        return [url for url in self.requests if "/order/" in url]
-
-    def wait_loaded(self) -> None:
-        expect(self.by("status")).to_have_attribute("data-state", "loaded")
-
-    def assert_clean(self) -> None:
-        """No script error, no Content-Security-Policy violation, no dialog."""
-        assert self.errors == [], f"uncaught errors in the page: {self.errors}"
-        violations = [m for m in self.console if "Content Security Policy" in m]
-        assert violations == [], f"CSP violations: {violations}"
-        assert self.dialogs == [], f"dialogs opened: {self.dialogs}"
-
-
 def unique_id(tag: str) -> str:
     return f"e2e{tag}{uuid.uuid4().hex[:16]}"
 
@@ -102,46 +43,7 @@ def now_iso() -> str:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make install` installs it")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def tab(browser: Browser, service: RunningService) -> Iterator[Tab]:
-    context = browser.new_context(
-        locale="en-US", timezone_id="UTC", viewport={"width": 1280, "height": 900}
-    )
-    context.set_default_timeout(10_000)
-    page = context.new_page()
-    tab = Tab(page=page, base_url=service.base_url.rstrip("/"))
-
-    def on_dialog(dialog: Dialog) -> None:
-        tab.dialogs.append(f"{dialog.type}: {dialog.message}")
-        dialog.dismiss()
-
-    def on_console(message: ConsoleMessage) -> None:
-        tab.console.append(f"{message.type}: {message.text}")
-
-    def on_request(request: Request) -> None:
-        tab.requests.append(request.url)
-
-    page.on("dialog", on_dialog)
-    page.on("console", on_console)
-    page.on("pageerror", lambda error: tab.errors.append(str(error)))
-    page.on("request", on_request)
-    yield tab
-    context.close()
-
-
-@pytest.fixture(scope="module")
-def sample(service: RunningService) -> dict[str, Any]:
+def sample(service: Any) -> dict[str, Any]:
     order = copy.deepcopy(SAMPLE_ORDER)
     service.ingest([order])
     return order

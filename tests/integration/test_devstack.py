@@ -18,7 +18,8 @@ from devstack.settings import PROJECT_ROOT
 from devstack.system import port_in_use, process_alive
 from tests.conftest import Servers
 
-pytestmark = pytest.mark.integration
+# One worker runs the module, so that its tests share its private stack.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("devstack")]
 
 
 def devstack(stack: Servers, command: str) -> None:

@@ -152,13 +152,15 @@ def fuzz(
     excluded_checks: list[Any],
     operations: Callable[[str], bool] = lambda _: True,
     max_examples: int = EXAMPLES_PER_OPERATION,
+    headers: dict[str, str] | None = None,
 ) -> FuzzRun:
     """Send generated requests (positive and, where the schema allows, negative ones) to every
     operation `operations` selects, checking each response; failures are collected, not raised,
-    so that one run covers everything."""
+    so that one run covers everything. `headers` go with every request (credentials)."""
     schema = schemathesis.openapi.from_url(target.url("/openapi.json"))
     run = FuzzRun(collections.Counter(), {})
     with requests.Session() as session:
+        session.headers.update(headers or {})
 
         def send_all(
             operation: schemathesis.APIOperation[Any, Any, Any, Any],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from order_viewer.auth import new_token, token_digest
 from order_viewer.generate import break_order, make_order
 from tests.conftest import (
     ORDER_VIEWER,
@@ -92,9 +93,17 @@ def test_metrics_can_be_turned_off(
 
 
 def test_json_logs_carry_no_personal_data(
-    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+    stack: Stack,
+    topics: Topics,
+    start_service: Callable[..., ServiceProcess],
+    tmp_path: Path,
 ) -> None:
-    service = start_service(LOG_FORMAT="json")
+    # With authentication, so that order reads leave audit lines to check as well.
+    token = new_token()
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"auditor:{token_digest(token)}:orders:read:pii\n")
+    service = start_service(LOG_FORMAT="json", HTTP_AUTH="token", HTTP_TOKENS_FILE=str(tokens))
+    authorized = {"Authorization": f"Bearer {token}"}
     rng = random.Random(32)
     order = make_order(rng)
     order["delivery"].update(name="Zelda Personal", phone="+70001112233", email="zelda@example.org")
@@ -102,16 +111,25 @@ def test_json_logs_carry_no_personal_data(
     produce(
         stack, topics.orders, [*encode_orders([order]), (b"broken", json.dumps(broken).encode())]
     )
-    wait_until(lambda: service.get(f"/order/{order['order_uid']}").status_code == 200, 30, "stored")
+    wait_until(
+        lambda: service.get(f"/order/{order['order_uid']}", headers=authorized).status_code == 200,
+        30,
+        "stored",
+    )
+    assert service.get(f"/order/{order['order_uid']}").status_code == 401
     wait_until(lambda: "wrong_type" in service.log(), 30, "the rejection to be logged")
     service.terminate()
     lines = [line for line in service.log_path.read_text().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all({"time", "level", "logger", "event"} <= set(record) for record in records)
+    audited = [record for record in records if record["logger"] == "order_viewer.audit"]
+    assert any(" status=200 view=whole " in record["event"] for record in audited)
+    assert any(" status=401 " in record["event"] for record in audited)
     rejected = next(record for record in records if record.get("reason") == "wrong_type")
     assert rejected["partition"] >= 0
     assert rejected["offset"] >= 0
     text = "\n".join(lines)
+    assert token not in text
     for personal in (
         "Zelda Personal",
         "+70001112233",

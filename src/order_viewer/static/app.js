@@ -1,10 +1,13 @@
 // Order viewer: looks orders up by id over the service's JSON API.
 // Every value that comes from the server is put into the page with textContent
 // (never innerHTML), so an order containing markup is shown literally.
+// When the service requires a token, it is kept in sessionStorage (this tab only) and sent in
+// the Authorization header; it never goes into a URL or the page.
 
 const ID_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
 const RECENT_LIMIT = 20;
 const TIMEOUT_MS = 15000;
+const TOKEN_KEY = 'order-viewer.token';
 
 const byId = (id) => document.getElementById(id);
 const ui = {
@@ -28,6 +31,10 @@ const ui = {
   recentList: byId('recent-list'),
   recentStatus: byId('recent-status'),
   recentRefresh: byId('recent-refresh'),
+  signIn: byId('sign-in'),
+  token: byId('token'),
+  signOut: byId('sign-out'),
+  maskedNote: byId('masked-note'),
 };
 
 let currentId = null; // the order shown, or being loaded
@@ -35,6 +42,47 @@ let generation = 0; // bumps on every lookup; stale answers are dropped
 let inflight = null; // AbortController of the running lookup
 let retryAction = null;
 let recentLoading = false;
+let afterSignIn = null; // what to do again once a token is given
+
+// ---------------------------------------------------------------- credentials
+
+function storedToken() {
+  try {
+    return window.sessionStorage.getItem(TOKEN_KEY);
+  } catch {
+    return null; // storage disabled: the token cannot be kept, the user is asked each time
+  }
+}
+
+function storeToken(token) {
+  try {
+    if (token === null) window.sessionStorage.removeItem(TOKEN_KEY);
+    else window.sessionStorage.setItem(TOKEN_KEY, token);
+  } catch {
+    // nothing to do: see storedToken
+  }
+  ui.signOut.hidden = storedToken() === null;
+}
+
+function api(path, signal) {
+  const headers = { Accept: 'application/json' };
+  const token = storedToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  return fetch(path, { headers, signal, cache: 'no-store' });
+}
+
+// The service refused `sentToken` (null: the request carried none): forget it and ask for one.
+function askForToken(then, sentToken) {
+  const current = storedToken();
+  if (current !== null && current !== sentToken) return; // signed in again since it was sent
+  storeToken(null);
+  if (then) afterSignIn = then;
+  ui.signIn.hidden = false;
+  ui.token.focus();
+  setStatus('auth', sentToken
+    ? 'The token was not accepted (expired, revoked or mistyped). Please sign in again.'
+    : 'This service needs an access token to show orders. Please sign in.');
+}
 
 // ---------------------------------------------------------------- formatting
 
@@ -308,11 +356,9 @@ async function showOrder(rawId, how, { focus = false } = {}) {
   let response = null;
   let body = null;
   let failure = null;
+  const sentToken = storedToken();
   try {
-    response = await fetch(`/order/${encodeURIComponent(id)}`, {
-      headers: { Accept: 'application/json' },
-      signal: controller.signal,
-    });
+    response = await api(`/order/${encodeURIComponent(id)}`, controller.signal);
     body = await readJson(response);
   } catch (error) {
     failure = error;
@@ -335,6 +381,10 @@ async function showOrder(rawId, how, { focus = false } = {}) {
   if (response.ok && body && typeof body === 'object') {
     try {
       renderOrder(body);
+      // The service tags the masked view of an order apart from the whole one.
+      const masked = (response.headers.get('ETag') || '').endsWith('-masked"');
+      ui.maskedNote.hidden = !masked;
+      for (const dd of ui.delivery.querySelectorAll('dd')) dd.classList.toggle('masked', masked);
     } catch {
       showView(false);
       setStatus('error', `Order ${id} could not be displayed: the server sent unexpected data.`, retry);
@@ -349,7 +399,14 @@ async function showOrder(rawId, how, { focus = false } = {}) {
   showView(false);
   document.title = 'Order viewer';
   const serverMessage = body && typeof body.error === 'string' ? body.error : '';
-  if (response.status === 404) {
+  if (response.status === 401) {
+    askForToken(retry, sentToken);
+  } else if (response.status === 403) {
+    setStatus('error', 'Your token does not allow reading orders (it lacks the orders:read scope).');
+  } else if (response.status === 429) {
+    const wait = retryAfterSeconds(response.headers.get('Retry-After'));
+    setStatus('error', `Too many failed sign-ins from this address. Please try again in ${plural(wait ?? 60, 'second', 'seconds')}.`, retry);
+  } else if (response.status === 404) {
     setStatus('not-found', `Order ${id} was not found. Check the ID, or try again later if it was sent just now.`);
   } else if (response.status === 400) {
     rejectId(id, serverMessage);
@@ -407,11 +464,9 @@ async function loadRecent() {
   const controller = new AbortController();
   const timer = window.setTimeout(() => controller.abort(), TIMEOUT_MS);
   let status = 0;
+  const sentToken = storedToken();
   try {
-    const response = await fetch(`/orders?limit=${RECENT_LIMIT}`, {
-      headers: { Accept: 'application/json' },
-      signal: controller.signal,
-    });
+    const response = await api(`/orders?limit=${RECENT_LIMIT}`, controller.signal);
     status = response.status;
     const body = await readJson(response);
     if (!response.ok || !body || !Array.isArray(body.orders)) throw new Error(`HTTP ${status}`);
@@ -421,9 +476,15 @@ async function loadRecent() {
     ui.recentStatus.textContent = orders.length ? '' : 'No orders yet.';
   } catch {
     ui.recent.dataset.state = 'error';
-    ui.recentStatus.textContent = status === 503
-      ? 'Recent orders are unavailable right now (database unreachable). Use Refresh to try again.'
-      : 'Recent orders could not be loaded. Use Refresh to try again.';
+    ui.recentList.replaceChildren();
+    if (status === 401) {
+      ui.recentStatus.textContent = 'Sign in to see the recent orders.';
+      askForToken(null, sentToken);
+    } else {
+      ui.recentStatus.textContent = status === 503
+        ? 'Recent orders are unavailable right now (database unreachable). Use Refresh to try again.'
+        : 'Recent orders could not be loaded. Use Refresh to try again.';
+    }
   } finally {
     window.clearTimeout(timer);
     ui.recentList.removeAttribute('aria-busy');
@@ -453,6 +514,36 @@ ui.rawToggle.addEventListener('click', () => {
 
 ui.recentRefresh.addEventListener('click', () => loadRecent());
 
+ui.signIn.addEventListener('submit', (event) => {
+  event.preventDefault();
+  const token = ui.token.value.trim();
+  ui.token.value = ''; // out of the page at once
+  if (!token) {
+    setStatus('auth', 'Enter an access token first.');
+    ui.token.focus();
+    return;
+  }
+  storeToken(token);
+  ui.signIn.hidden = true;
+  const then = afterSignIn;
+  afterSignIn = null;
+  if (then) then();
+  else setStatus('idle', 'Signed in. Enter an order ID, or pick one of the recent orders.');
+  loadRecent();
+  ui.input.focus();
+});
+
+ui.signOut.addEventListener('click', () => {
+  storeToken(null);
+  clearOrder();
+  ui.recentList.replaceChildren();
+  ui.recentStatus.textContent = 'Sign in to see the recent orders.';
+  afterSignIn = null;
+  ui.signIn.hidden = false;
+  ui.token.focus();
+  setStatus('auth', 'Signed out: the token is forgotten. Sign in to see orders again.');
+});
+
 ui.recentList.addEventListener('click', (event) => {
   const link = event.target instanceof Element ? event.target.closest('a[data-order-uid]') : null;
   if (!link || event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) return;
@@ -466,6 +557,7 @@ window.addEventListener('popstate', () => {
   else showOrder(id, 'none');
 });
 
+ui.signOut.hidden = storedToken() === null;
 const initial = idFromUrl();
 if (initial !== null) showOrder(initial, 'replace');
 loadRecent();

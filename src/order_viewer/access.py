@@ -1,0 +1,224 @@
+"""Access control in front of the HTTP app: authentication, scopes, the masked view, the limit on
+failed attempts and the audit trail of order reads.
+
+Only the routes that carry order data or metrics are guarded; health, the page, its files and
+the API description stay open, since they carry none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from order_viewer.auth import (
+    METRICS_READ,
+    ORDERS_READ,
+    Authenticator,
+    AuthFailure,
+    FailureLimiter,
+    JwtVerifier,
+    Principal,
+    TokenFileError,
+    bearer_token,
+    open_token_file,
+)
+from order_viewer.cache import CachedOrder
+from order_viewer.config import Settings
+from order_viewer.masking import MaskedViews
+from order_viewer.metrics import HttpStats, Metrics, route_template
+
+audit = logging.getLogger("order_viewer.audit")
+
+# The key of the request scope under which the guard leaves the view a principal may see; the
+# order routes apply it to the order they found (absent: the order whole).
+ORDER_VIEW = "order_viewer.view"
+REALM = 'Bearer realm="order-viewer"'
+
+
+def request_header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def viewed(scope: Scope, found: CachedOrder) -> CachedOrder:
+    """The order as the request's principal may see it."""
+    view: Callable[[CachedOrder], CachedOrder] | None = scope.get(ORDER_VIEW)
+    return found if view is None else view(found)
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    authenticator: Authenticator
+    limiter: FailureLimiter
+    views: MaskedViews
+
+
+class AccessConfigurationError(Exception):
+    """The authentication settings point at something unusable; the message says what."""
+
+
+def access_policy(settings: Settings) -> AccessPolicy | None:
+    """The policy the settings ask for; None with HTTP_AUTH=none."""
+    authenticator: Authenticator
+    if settings.http_auth == "token":
+        assert settings.http_tokens_file is not None  # the settings validated it
+        try:
+            authenticator = open_token_file(settings.http_tokens_file)
+        except TokenFileError as error:
+            raise AccessConfigurationError(f"HTTP_TOKENS_FILE: {error}") from None
+    elif settings.http_auth == "jwt":
+        assert settings.http_jwt_jwks_url is not None
+        assert settings.http_jwt_issuer is not None
+        assert settings.http_jwt_audience is not None
+        authenticator = JwtVerifier(
+            str(settings.http_jwt_jwks_url), settings.http_jwt_issuer, settings.http_jwt_audience
+        )
+    else:
+        return None
+    return AccessPolicy(
+        authenticator,
+        FailureLimiter(),
+        MaskedViews(settings.cache_capacity, settings.cache_max_bytes),
+    )
+
+
+def _required_scope(path: str) -> str | None:
+    if path.startswith("/order"):  # /order/{id} and /orders
+        return ORDERS_READ
+    if path == "/metrics":
+        return METRICS_READ
+    return None
+
+
+class AccessGuard:
+    """ASGI wrapper that lets a request on a guarded route through only with a token that
+    carries the route's scope, and writes one audit line per order read."""
+
+    def __init__(self, app: ASGIApp, policy: AccessPolicy, metrics: Metrics | None) -> None:
+        self._app = app
+        self._authenticator = policy.authenticator
+        self._limiter = policy.limiter
+        self._masked = policy.views.masked
+        self._stats: HttpStats | None = None
+        self._failures: Counter | None = None
+        if metrics is not None:
+            self._stats = metrics.http
+            self._failures = Counter(
+                "order_viewer_http_auth_failures",
+                "Requests refused for their credentials (401) or for too many failures (429), "
+                "by reason.",
+                ["reason"],
+                registry=metrics.registry,
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        needed = _required_scope(scope["path"]) if scope["type"] == "http" else None
+        if needed is None:
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        client = scope["client"][0] if scope.get("client") else "-"
+        principal: Principal | None = None
+        wait = self._limiter.retry_after(client)
+        if wait is not None:
+            denial = _denial(429, "too many failed authentications", {"retry-after": str(wait)})
+            self._count_failure("rate_limited")
+        else:
+            try:
+                token = bearer_token(request_header(scope, b"authorization"))
+                principal = await self._authenticator.authenticate(token)
+            except AuthFailure as failure:
+                self._limiter.failed(client)
+                self._count_failure(failure.reason)
+                challenge = (
+                    REALM if failure.reason == "missing" else f'{REALM}, error="invalid_token"'
+                )
+                denial = _denial(
+                    401, "a valid bearer token is needed", {"www-authenticate": challenge}
+                )
+            else:
+                if principal.may(needed):
+                    await self._pass(scope, receive, send, principal, client)
+                    return
+                denial = _denial(
+                    403,
+                    f"the token lacks the scope {needed}",
+                    {"www-authenticate": f'{REALM}, error="insufficient_scope", scope="{needed}"'},
+                )
+        status, headers, body = denial
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        if self._stats is not None:
+            self._stats.record(route_template(scope["path"]), status, time.perf_counter() - started)
+        if scope["path"].startswith("/order/"):
+            _audit(principal, scope["path"], status, "-", client)
+
+    async def _pass(
+        self, scope: Scope, receive: Receive, send: Send, principal: Principal, client: str
+    ) -> None:
+        masked = not principal.sees_personal_data
+        if masked:
+            scope[ORDER_VIEW] = self._masked
+        if not scope["path"].startswith("/order/"):
+            await self._app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                # Each principal's view has its own ETag; shared caches must keep none of them.
+                message["headers"] = [*message["headers"], *_PRIVATE]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_noting_status)
+        finally:
+            _audit(principal, scope["path"], status, "masked" if masked else "whole", client)
+
+    def _count_failure(self, reason: str) -> None:
+        if self._failures is not None:
+            self._failures.labels(reason).inc()
+
+
+_PRIVATE = ((b"vary", b"Authorization"), (b"cache-control", b"private"))
+
+
+def _denial(
+    status: int, message: str, extra: dict[str, str]
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(name.encode(), value.encode()) for name, value in extra.items()]
+    return status, headers, json.dumps({"error": message}).encode()
+
+
+def _audit(principal: Principal | None, path: str, status: int, view: str, client: str) -> None:
+    # Never a body, a token or a personal field: who, which order, what answer, from where.
+    # Refusals at WARNING: a LOG_LEVEL that drops routine reads still records them.
+    level = logging.INFO if status < 400 or status == 404 else logging.WARNING
+    if not audit.isEnabledFor(level):
+        return
+    audit.log(
+        level,
+        "order read principal=%s order_uid=%s status=%d view=%s client=%s",
+        principal.name if principal is not None else "-",
+        _printable(path[len("/order/") :]),
+        status,
+        view,
+        client,
+        extra={"order_uid": path[len("/order/") :][:80]},
+    )
+
+
+def _printable(text: str) -> str:
+    """An id as a client sent it, which may be anything: escaped, and cut, for a log line."""
+    return json.dumps(text[:80])[1:-1]

@@ -1,0 +1,465 @@
+"""Who may read what: bearer tokens from a file or JWTs of an identity provider, their scopes,
+the cache of verified JWTs, and the limiter of failed authentications."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import time
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import jwt
+
+from order_viewer.config import Settings
+
+log = logging.getLogger(__name__)
+
+ORDERS_READ = "orders:read"
+ORDERS_READ_PII = "orders:read:pii"
+METRICS_READ = "metrics:read"
+SCOPES = frozenset({ORDERS_READ, ORDERS_READ_PII, METRICS_READ})
+
+# Asymmetric only: with no shared secret in the service there is no HMAC key to confuse with a
+# public one, and `none` is not a signature.
+JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+JWT_LEEWAY_SECONDS = 30
+JWKS_REFETCH_SECONDS = 30
+JWKS_MAX_BYTES = 1024 * 1024
+JWKS_TIMEOUT_SECONDS = 5
+# Verified JWTs remembered at once; beyond, the oldest is checked again when it comes back.
+VERIFIED_TOKENS = 10_000
+# A JWT with a few claims is under 1 KB; anything far larger is not one we issued.
+MAX_TOKEN_CHARS = 8192
+
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+# Token-file lookups go by this many hex digits of the digest, then compare it whole.
+_PREFIX = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated client: its name (token-file name or JWT `sub`) and its scopes."""
+
+    name: str
+    scopes: frozenset[str]
+
+    def may(self, scope: str) -> bool:
+        # Reading orders whole includes reading them masked.
+        return scope in self.scopes or (scope == ORDERS_READ and ORDERS_READ_PII in self.scopes)
+
+    @property
+    def sees_personal_data(self) -> bool:
+        return ORDERS_READ_PII in self.scopes
+
+
+class AuthFailure(Exception):
+    """Authentication failed; `reason` is a short fixed word, fit for a metric label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, token: str) -> Principal:
+        """The principal the token stands for; raises AuthFailure."""
+        ...
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer` header; raises AuthFailure."""
+    if authorization is None:
+        raise AuthFailure("missing")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip(" ")
+    # Printable ASCII without spaces, as RFC 6750's b64token; its exact alphabet is left to the
+    # lookup, which finds nothing for a token nobody issued (and this runs on every request).
+    if (
+        scheme.lower() != "bearer"
+        or not token
+        or len(token) > MAX_TOKEN_CHARS
+        or not token.isascii()
+        or not token.isprintable()
+        or " " in token
+    ):
+        raise AuthFailure("malformed")
+    return token
+
+
+def protected_mode_problem(settings: Settings) -> str | None:
+    """Why the settings would serve personal data to anyone, or None."""
+    if settings.http_auth != "none" or settings.http_allow_anonymous:
+        return None
+    if _is_loopback(settings.http_host):
+        return None
+    return (
+        f"HTTP_AUTH=none with HTTP_HOST={settings.http_host} serves every customer's personal "
+        "data to anyone who can reach it: set HTTP_AUTH to token or jwt, or "
+        "HTTP_ALLOW_ANONYMOUS=true if that is intended"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------------------ token file
+
+
+class TokenFileError(Exception):
+    """The token file cannot be used; the message names the line, never its content."""
+
+
+def parse_scopes(text: str) -> frozenset[str]:
+    scopes = frozenset(scope.strip() for scope in text.split(","))
+    unknown = scopes - SCOPES
+    if unknown or not scopes:
+        raise ValueError(f"unknown scope; known are {', '.join(sorted(SCOPES))}")
+    return scopes
+
+
+def check_client_name(name: str) -> str:
+    if not _CLIENT_NAME.fullmatch(name):
+        raise ValueError("a client name is 1 to 64 letters, digits, '.', '_', '@' or '-'")
+    return name
+
+
+def parse_token_file(text: str) -> dict[str, Principal]:
+    """Principals by token digest. Blank lines and `#` comments are skipped; any other line
+    that is not `name:sha256-hex:scope,scope` refuses the whole file, since a half-read file
+    would lock out or let in the wrong clients."""
+    principals: dict[str, Principal] = {}
+    names: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            raise TokenFileError(f"line {number}: expected name:sha256-hex:scope,scope")
+        name, digest, scopes = parts[0], parts[1].lower(), parts[2]
+        try:
+            check_client_name(name)
+            if not _DIGEST.fullmatch(digest):
+                raise ValueError("the second field must be 64 hexadecimal digits (SHA-256)")
+            principal = Principal(name, parse_scopes(scopes))
+        except ValueError as error:
+            raise TokenFileError(f"line {number}: {error}") from None
+        if name in names:
+            raise TokenFileError(f"line {number}: client {name} is listed twice")
+        if digest in principals:
+            raise TokenFileError(f"line {number}: the same token is listed twice")
+        names.add(name)
+        principals[digest] = principal
+    return principals
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    """256 random bits, URL-safe (and a valid RFC 6750 b64token)."""
+    return secrets.token_urlsafe(32)
+
+
+class TokenFile:
+    """Bearer tokens of HTTP_TOKENS_FILE, which holds only their SHA-256 digests.
+
+    The file is looked at again at most once a second (a stat) and re-read when it changed,
+    so a line removed revokes its token within a second; a file that no longer parses keeps
+    the previous table and logs why.
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self._path = path
+        self._clock = clock
+        self._stamp = self._file_stamp()
+        self._by_prefix = self._read()
+        self._checked = clock()
+        self._problem: str | None = None  # logged once, not on every look at the file
+
+    def _file_stamp(self) -> tuple[int, int, int]:
+        status = os.stat(self._path)
+        return status.st_ino, status.st_mtime_ns, status.st_size
+
+    def _read(self) -> dict[str, list[tuple[str, Principal]]]:
+        try:
+            text = self._path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TokenFileError("it is not UTF-8 text") from None
+        by_prefix: dict[str, list[tuple[str, Principal]]] = {}
+        for digest, principal in parse_token_file(text).items():
+            by_prefix.setdefault(digest[:_PREFIX], []).append((digest, principal))
+        return by_prefix
+
+    def reload_if_changed(self) -> None:
+        self._checked = self._clock()
+        try:
+            stamp = self._file_stamp()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            self._by_prefix = self._read()
+        except (OSError, TokenFileError) as error:
+            problem = error.strerror if isinstance(error, OSError) else str(error)
+            if problem != self._problem:
+                log.error("HTTP_TOKENS_FILE not reloaded, the previous tokens stay: %s", problem)
+            self._problem = problem
+            return
+        self._problem = None
+        log.info("HTTP_TOKENS_FILE reloaded: %d clients", len(self))
+
+    def __len__(self) -> int:
+        return sum(len(bucket) for bucket in self._by_prefix.values())
+
+    async def authenticate(self, token: str) -> Principal:
+        if self._clock() - self._checked >= 1.0:
+            self.reload_if_changed()
+        digest = token_digest(token)
+        # Found by a prefix in O(1), then compared whole in constant time, so the time of an
+        # answer does not tell how much of a stored digest a guess matched.
+        for stored, principal in self._by_prefix.get(digest[:_PREFIX], ()):
+            if hmac.compare_digest(stored, digest):
+                return principal
+        raise AuthFailure("unknown_token")
+
+
+def open_token_file(path: Path) -> TokenFile:
+    """Raises TokenFileError naming the file's problem."""
+    try:
+        return TokenFile(path)
+    except OSError as error:
+        raise TokenFileError(f"cannot read it: {error.strerror}") from None
+
+
+# ------------------------------------------------------------------------------------- JWT
+
+
+def fetch_url(url: str) -> bytes:
+    """GET `url` (http or https only: the setting is validated as such) with a time limit."""
+    with urllib.request.urlopen(url, timeout=JWKS_TIMEOUT_SECONDS) as response:  # noqa: S310
+        body: bytes = response.read(JWKS_MAX_BYTES + 1)
+    if len(body) > JWKS_MAX_BYTES:
+        raise ValueError(f"the key set is larger than {JWKS_MAX_BYTES} bytes")
+    return body
+
+
+def parse_jwks(body: bytes) -> dict[str, jwt.PyJWK]:
+    """The usable keys of a JSON Web Key Set by `kid`: asymmetric keys of the allowed
+    algorithms only; other keys (symmetric ones above all) are left out."""
+    document = json.loads(body)
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list):
+        raise ValueError("not a JSON Web Key Set (no `keys` list)")
+    usable: dict[str, jwt.PyJWK] = {}
+    for entry in keys:
+        if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
+            continue
+        if entry.get("use", "sig") != "sig" or entry.get("kty") not in ("RSA", "EC", "OKP"):
+            continue
+        try:
+            key = jwt.PyJWK(entry)
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
+            continue
+        if key.algorithm_name in JWT_ALGORITHMS:
+            usable[entry["kid"]] = key
+    return usable
+
+
+_FAILURES: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid"),
+    (jwt.InvalidIssuerError, "wrong_issuer"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.InvalidSignatureError, "bad_signature"),
+)
+
+
+class JwtVerifier:
+    """JWTs signed by the keys of an identity provider's JWKS, for one issuer and audience.
+
+    Keys are fetched on first use and again for a `kid` not known yet, at most once every
+    JWKS_REFETCH_SECONDS (so a stream of made-up `kid`s cannot make the service hammer the
+    provider). A verified token is remembered until its expiry, so a client that sends the same
+    token on every request pays for one signature check.
+    """
+
+    def __init__(
+        self,
+        jwks_url: str,
+        issuer: str,
+        audience: str,
+        *,
+        fetch: Callable[[str], bytes] = fetch_url,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._jwks_url = jwks_url
+        self._issuer = issuer
+        self._audience = audience
+        self._fetch = fetch
+        self._clock = clock
+        self._monotonic = monotonic
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._fetching: asyncio.Lock | None = None
+        self._verified: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    async def authenticate(self, token: str) -> Principal:
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            if self._clock() < remembered[0]:
+                return remembered[1]
+            del self._verified[token]
+        principal, until = await self._verify(token)
+        self._verified[token] = (until, principal)
+        if len(self._verified) > VERIFIED_TOKENS:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthFailure("malformed") from None
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if algorithm not in JWT_ALGORITHMS:
+            raise AuthFailure("algorithm")
+        key = await self._key(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise AuthFailure("unknown_key")
+        # The algorithm comes from the key the provider published, never from the token.
+        if key.algorithm_name != algorithm:
+            raise AuthFailure("algorithm")
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[key.algorithm_name],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=JWT_LEEWAY_SECONDS,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.PyJWTError as error:
+            reason = next((name for kind, name in _FAILURES if isinstance(error, kind)), "invalid")
+            raise AuthFailure(reason) from None
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not 0 < len(subject) <= 256:
+            raise AuthFailure("invalid")
+        principal = Principal(subject, _claimed_scopes(claims))
+        return principal, float(claims["exp"]) + JWT_LEEWAY_SECONDS
+
+    async def _key(self, kid: str) -> jwt.PyJWK | None:
+        key = self._keys.get(kid)
+        if key is not None:
+            return key
+        if self._fetching is None:
+            self._fetching = asyncio.Lock()
+        # A fetch under way may bring the key: wait for it rather than refuse the token.
+        if not self._fetching.locked() and not self._may_fetch():
+            return None
+        async with self._fetching:
+            # Another request may have fetched while this one waited.
+            if kid not in self._keys and self._may_fetch():
+                self._fetched_at = self._monotonic()
+                try:
+                    body = await asyncio.to_thread(self._fetch, self._jwks_url)
+                    self._keys = parse_jwks(body)
+                except (OSError, ValueError) as error:
+                    log.warning(
+                        "cannot fetch the JWKS, keeping %d known keys: %s", len(self._keys), error
+                    )
+                else:
+                    log.info("JWKS fetched: %d usable keys", len(self._keys))
+        return self._keys.get(kid)
+
+    def _may_fetch(self) -> bool:
+        return (
+            self._fetched_at is None or self._monotonic() - self._fetched_at >= JWKS_REFETCH_SECONDS
+        )
+
+
+def _claimed_scopes(claims: dict[str, Any]) -> frozenset[str]:
+    """Scopes from `scope` (space-separated, RFC 8693) or `scp` (a list, or a string as some
+    providers send it); only the ones this service knows."""
+    claimed = claims.get("scope", claims.get("scp"))
+    names: Iterable[Any]
+    if isinstance(claimed, str):
+        names = claimed.split()
+    elif isinstance(claimed, list):
+        names = claimed
+    else:
+        names = ()
+    return frozenset(name for name in names if isinstance(name, str) and name in SCOPES)
+
+
+# ------------------------------------------------------------------------------ brute force
+
+
+class FailureLimiter:
+    """Counts failed authentications per client address in fixed windows of `window` seconds;
+    past `limit` in one window, the address is refused until the window ends.
+
+    At most `max_clients` addresses are tracked: a flood of new addresses evicts the oldest
+    windows, so memory stays bounded whatever the traffic.
+    """
+
+    def __init__(
+        self,
+        limit: int = 20,
+        window: float = 60.0,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._clock = clock
+        # address -> [window start, failures in it]
+        self._clients: OrderedDict[str, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def retry_after(self, client: str) -> int | None:
+        """Seconds until `client` may try again, or None when it may now."""
+        entry = self._clients.get(client)
+        if entry is None:
+            return None
+        left = entry[0] + self.window - self._clock()
+        if left <= 0:
+            del self._clients[client]
+            return None
+        return math.ceil(left) if entry[1] > self.limit else None
+
+    def failed(self, client: str) -> None:
+        now = self._clock()
+        entry = self._clients.get(client)
+        if entry is None or now - entry[0] >= self.window:
+            self._clients.pop(client, None)
+            self._clients[client] = [now, 1]
+            while len(self._clients) > self.max_clients:
+                self._clients.popitem(last=False)
+        else:
+            entry[1] += 1

@@ -1,0 +1,134 @@
+"""The page in Chromium against a service that requires tokens: it asks for one, shows an order
+masked or whole as the token allows, keeps the token out of URLs and the page, and signs out."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+
+from order_viewer.auth import new_token, token_digest
+from order_viewer.generate import make_order
+from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
+from tests.e2e.conftest import Tab
+from tests.e2e.test_browser import now_iso
+
+# One worker runs the module, so that its tests share its one guarded service.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("browser_auth")]
+
+
+@dataclass
+class GuardedService:
+    base_url: str
+    tokens: dict[str, str]
+    order: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def service(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuardedService]:
+    """This module's service, in place of the shared anonymous one: token authentication, one
+    order with known personal details."""
+    directory = tmp_path_factory.mktemp("browser-auth")
+    tokens = {"support": new_token(), "auditor": new_token()}
+    tokens_file = directory / "tokens.txt"
+    tokens_file.write_text(
+        f"support:{token_digest(tokens['support'])}:orders:read\n"
+        f"auditor:{token_digest(tokens['auditor'])}:orders:read:pii\n"
+    )
+    suffix = uuid.uuid4().hex[:10]
+    topics = Topics(f"orders-ba-{suffix}", f"orders-ba-{suffix}.dlq", f"ov-ba-{suffix}")
+    process = ServiceProcess(
+        stack, topics, directory, HTTP_AUTH="token", HTTP_TOKENS_FILE=str(tokens_file)
+    ).start()
+    order = make_order(random.Random(99), order_uid=f"e2eauth{suffix}")
+    order["delivery"].update(name="Test Testov", phone="+972000000000", email="test@gmail.com")
+    order["date_created"] = now_iso()  # the newest, so among the recent orders listed
+    produce(stack, topics.orders, encode_orders([order]))
+    auditor = {"Authorization": f"Bearer {tokens['auditor']}"}
+    wait_until(
+        lambda: process.get(f"/order/{order['order_uid']}", headers=auditor).status_code == 200,
+        30,
+        "the order to be served",
+    )
+    try:
+        yield GuardedService(process.base_url, tokens, order)
+    finally:
+        process.kill()
+
+
+def sign_in(tab: Tab, token: str) -> None:
+    expect(tab.by("sign-in")).to_be_visible()
+    expect(tab.by("status")).to_have_attribute("data-state", "auth")
+    tab.by("token-input").fill(token)
+    tab.by("token-submit").click()
+
+
+def assert_token_kept_out_of_sight(tab: Tab, token: str) -> None:
+    assert not any(token in url for url in tab.requests), "the token went into a URL"
+    assert token not in tab.page.url
+    assert token not in tab.page.content(), "the token is in the page"
+    assert tab.by("token-input").input_value() == ""
+
+
+def test_the_page_asks_for_a_token_and_shows_a_masked_order(
+    tab: Tab, service: GuardedService
+) -> None:
+    uid = service.order["order_uid"]
+    token = service.tokens["support"]
+    tab.open(f"/?id={uid}")
+    sign_in(tab, token)
+    tab.wait_loaded()
+    delivery = tab.by("section-delivery")
+    expect(delivery).to_contain_text("T*** T*****")
+    expect(delivery).to_contain_text("+97********00")
+    expect(delivery).to_contain_text("t***@gmail.com")
+    expect(delivery).not_to_contain_text("Test Testov")
+    expect(tab.by("masked-note")).to_be_visible()
+    expect(tab.by("sign-in")).to_be_hidden()
+    expect(tab.by("recent-list")).to_contain_text(uid)
+    assert tab.page.evaluate("sessionStorage.getItem('order-viewer.token')") == token
+    assert_token_kept_out_of_sight(tab, token)
+    tab.assert_clean()
+
+
+def test_a_pii_token_shows_the_whole_order_and_sign_out_forgets_it(
+    tab: Tab, service: GuardedService
+) -> None:
+    uid = service.order["order_uid"]
+    token = service.tokens["auditor"]
+    tab.open("/")
+    sign_in(tab, token)
+    tab.by("order-input").fill(uid)
+    tab.by("order-submit").click()
+    tab.wait_loaded()
+    delivery = tab.by("section-delivery")
+    expect(delivery).to_contain_text("Test Testov")
+    expect(delivery).to_contain_text("+972000000000")
+    expect(tab.by("masked-note")).to_be_hidden()
+    assert_token_kept_out_of_sight(tab, token)
+
+    tab.by("sign-out").click()
+    expect(tab.by("sign-in")).to_be_visible()
+    expect(tab.by("order-view")).to_be_hidden()
+    expect(tab.by("sign-out")).to_be_hidden()
+    assert tab.page.evaluate("sessionStorage.getItem('order-viewer.token')") is None
+    tab.open(f"/?id={uid}")  # a reload asks again
+    expect(tab.by("sign-in")).to_be_visible()
+    expect(delivery).not_to_contain_text("Test Testov")
+    tab.assert_clean()
+
+
+def test_a_wrong_token_is_refused_and_asked_for_again(tab: Tab, service: GuardedService) -> None:
+    tab.open(f"/?id={service.order['order_uid']}")
+    sign_in(tab, "not-the-token")
+    expect(tab.by("status")).to_contain_text("not accepted")
+    expect(tab.by("sign-in")).to_be_visible()
+    assert tab.page.evaluate("sessionStorage.getItem('order-viewer.token')") is None
+    sign_in(tab, service.tokens["support"])
+    tab.wait_loaded()
+    expect(tab.by("section-delivery")).to_contain_text("T*** T*****")

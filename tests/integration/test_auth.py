@@ -1,0 +1,551 @@
+"""Access control of a running service: bearer tokens from a file, JWTs of an identity provider
+the test runs itself (keys it generates, its JWKS served on loopback), scopes, masked and whole
+orders, audit lines, the limit on failed attempts, protected mode and HTTPS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import random
+import ssl
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
+
+from order_viewer.auth import new_token, token_digest
+from order_viewer.generate import make_order
+from order_viewer.masking import masked_document
+from tests.conftest import (
+    ORDER_VIEWER,
+    ServiceProcess,
+    Stack,
+    Topics,
+    encode_orders,
+    produce,
+    wait_until,
+)
+from tests.conftest import metric_value as value
+from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
+from tests.integration.test_http_hostile import SCHEMA_DESCRIBES_REQUESTS, Target, fuzz
+
+# One worker runs the module, so that its tests share its two guarded services.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("auth")]
+
+PERSONAL = ("name", "phone", "email", "address", "city", "zip")
+OPEN_PATHS = ("/livez", "/readyz", "/openapi.json", "/docs", "/", "/static/app.js")
+
+
+def personal_values(orders: list[dict[str, Any]]) -> set[str]:
+    """The personal fields of the orders that are long enough to be looked for in a text
+    (a generated order may leave one empty)."""
+    return {
+        order["delivery"][field]
+        for order in orders
+        for field in PERSONAL
+        if len(order["delivery"][field]) >= 3
+    }
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def client_at(address: str) -> httpx.Client:
+    """A client whose requests come from `address` (any of 127/8 reaches the service), so that
+    the failures one test provokes do not count against another's address."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10)
+
+
+@dataclass
+class Guarded:
+    service: ServiceProcess
+    orders: list[dict[str, Any]]
+    tokens: dict[str, str]
+    tokens_file: Path | None = None
+
+    def get(self, path: str, token: str | None = None, **headers: str) -> httpx.Response:
+        if token is not None:
+            headers = {**headers, **bearer(token)}
+        return self.service.get(path, headers=headers)
+
+    def audit(self) -> list[dict[str, Any]]:
+        records = [json.loads(line) for line in self.service.log().splitlines() if line.strip()]
+        return [record for record in records if record["logger"] == "order_viewer.audit"]
+
+
+def start_guarded(
+    stack: Stack, directory: Path, tag: str, tokens: dict[str, str], **settings: str
+) -> tuple[ServiceProcess, list[dict[str, Any]]]:
+    """A service over topics of its own, with three orders stored and served to `tokens`'
+    first (a whole-view) token."""
+    suffix = uuid.uuid4().hex[:10]
+    topics = Topics(f"orders-{tag}-{suffix}", f"orders-{tag}-{suffix}.dlq", f"ov-{tag}-{suffix}")
+    service = ServiceProcess(stack, topics, directory, LOG_FORMAT="json", **settings).start()
+    rng = random.Random(tag)
+    orders = [make_order(rng) for _ in range(3)]
+    produce(stack, topics.orders, encode_orders(orders))
+    whole = next(iter(tokens.values()))
+
+    def served(uid: str) -> bool:
+        return service.get(f"/order/{uid}", headers=bearer(whole)).status_code == 200
+
+    for order in orders:
+        wait_until(
+            partial(served, order["order_uid"]), 30, f"order {order['order_uid']} to be served"
+        )
+    return service, orders
+
+
+def write_tokens(path: Path, tokens: dict[str, str], scopes: dict[str, str]) -> None:
+    path.write_text(
+        "# demo clients\n"
+        + "".join(f"{name}:{token_digest(tokens[name])}:{scopes[name]}\n" for name in scopes)
+    )
+
+
+# The principal behind each view's token, in both services (token-file names, JWT `sub`s).
+PRINCIPALS = {"whole": "auditor", "masked": "support", "metrics": "prometheus"}
+TOKEN_SCOPES = {
+    "auditor": "orders:read:pii,metrics:read",
+    "support": "orders:read",
+    "prometheus": "metrics:read",
+    "leaver": "orders:read",
+}
+
+
+@pytest.fixture(scope="module")
+def by_token(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
+    directory = tmp_path_factory.mktemp("token-auth")
+    tokens = {name: new_token() for name in TOKEN_SCOPES}
+    tokens_file = directory / "tokens.txt"
+    write_tokens(tokens_file, tokens, TOKEN_SCOPES)
+    service, orders = start_guarded(
+        stack, directory, "token", tokens, HTTP_AUTH="token", HTTP_TOKENS_FILE=str(tokens_file)
+    )
+    try:
+        yield Guarded(service, orders, tokens, tokens_file)
+    finally:
+        service.kill()
+
+
+@pytest.fixture(scope="module")
+def provider() -> IdentityProvider:
+    return IdentityProvider()
+
+
+@pytest.fixture(scope="module")
+def by_jwt(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory, provider: IdentityProvider
+) -> Iterator[Guarded]:
+    """JWT authentication over a cache that keeps nothing, so that every order read takes the
+    database path (the token service above answers from the cache)."""
+    tokens = {
+        "whole": provider.token(sub="auditor", scope="orders:read:pii metrics:read"),
+        "masked": provider.token("ec-1", sub="support", scp=["orders:read"], scope=None),
+        "metrics": provider.token("ed-1", sub="prometheus", scope="metrics:read"),
+    }
+    with serve_jwks(provider) as jwks_url:
+        service, orders = start_guarded(
+            stack,
+            tmp_path_factory.mktemp("jwt-auth"),
+            "jwt",
+            tokens,
+            HTTP_AUTH="jwt",
+            HTTP_JWT_JWKS_URL=jwks_url,
+            HTTP_JWT_ISSUER=ISSUER,
+            HTTP_JWT_AUDIENCE=AUDIENCE,
+            CACHE_CAPACITY="0",
+        )
+        try:
+            yield Guarded(service, orders, tokens)
+        finally:
+            service.kill()
+
+
+@pytest.fixture(params=["token", "jwt"])
+def guarded(request: pytest.FixtureRequest) -> Guarded:
+    """Each service, with its tokens renamed by their view: whole, masked, metrics."""
+    found: Guarded = request.getfixturevalue(f"by_{request.param}")
+    if request.param == "jwt":
+        return found
+    return Guarded(
+        found.service, found.orders, {view: found.tokens[name] for view, name in PRINCIPALS.items()}
+    )
+
+
+def test_order_data_and_metrics_need_a_token_and_the_rest_stays_open(guarded: Guarded) -> None:
+    uid = guarded.orders[0]["order_uid"]
+    for path in (f"/order/{uid}", "/order/unknown-order", "/orders", "/metrics"):
+        response = guarded.get(path)
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"] == 'Bearer realm="order-viewer"'
+        assert response.json() == {"error": "a valid bearer token is needed"}
+    for path in OPEN_PATHS:
+        assert guarded.get(path).status_code == 200, path
+
+
+def test_orders_read_sees_personal_fields_masked_and_pii_sees_them_whole(
+    guarded: Guarded,
+) -> None:
+    for order in guarded.orders:
+        uid = order["order_uid"]
+        whole = guarded.get(f"/order/{uid}", guarded.tokens["whole"])
+        masked = guarded.get(f"/order/{uid}", guarded.tokens["masked"])
+        assert whole.status_code == masked.status_code == 200
+        assert whole.json() == order
+        assert masked.content == masked_document(whole.content)
+        for personal in personal_values([order]):
+            assert personal not in masked.text
+        assert masked.headers["etag"] != whole.headers["etag"]
+        for response in (whole, masked):
+            assert response.headers["vary"] == "Authorization"
+            assert "private" in response.headers["cache-control"]
+
+        # Each view revalidates against its own tag only.
+        revalidated = guarded.get(
+            f"/order/{uid}", guarded.tokens["masked"], **{"If-None-Match": masked.headers["etag"]}
+        )
+        assert revalidated.status_code == 304
+        assert revalidated.content == b""
+        with_whole_tag = guarded.get(
+            f"/order/{uid}", guarded.tokens["masked"], **{"If-None-Match": whole.headers["etag"]}
+        )
+        assert with_whole_tag.status_code == 200
+        assert with_whole_tag.content == masked.content
+    recent = guarded.get("/orders", guarded.tokens["masked"])
+    assert recent.status_code == 200
+    assert {o["order_uid"] for o in guarded.orders} <= {
+        o["order_uid"] for o in recent.json()["orders"]
+    }
+
+
+def test_a_token_without_the_scope_is_forbidden(guarded: Guarded) -> None:
+    uid = guarded.orders[0]["order_uid"]
+    forbidden = guarded.get(f"/order/{uid}", guarded.tokens["metrics"])
+    assert forbidden.status_code == 403
+    assert forbidden.headers["www-authenticate"] == (
+        'Bearer realm="order-viewer", error="insufficient_scope", scope="orders:read"'
+    )
+    assert guarded.get("/orders", guarded.tokens["metrics"]).status_code == 403
+    assert guarded.get("/metrics", guarded.tokens["masked"]).status_code == 403
+    metrics = guarded.get("/metrics", guarded.tokens["metrics"])
+    assert metrics.status_code == 200
+    assert "order_viewer_http_auth_failures_total" in metrics.text
+
+
+def test_every_order_read_leaves_one_audit_line_without_personal_data(
+    guarded: Guarded,
+) -> None:
+    order = guarded.orders[1]
+    uid = order["order_uid"]
+    # Written once the answer is sent, so counted from before the first read.
+    before = len(guarded.audit())
+    whole = guarded.get(f"/order/{uid}", guarded.tokens["whole"])
+    reads = [
+        (guarded.tokens["whole"], {}, 200),
+        (guarded.tokens["masked"], {}, 200),
+        (guarded.tokens["whole"], {"If-None-Match": whole.headers["etag"]}, 304),
+        (guarded.tokens["metrics"], {}, 403),
+        ("made-up-token", {}, 401),
+    ]
+    for token, headers, status in reads:
+        assert guarded.get(f"/order/{uid}", token, **headers).status_code == status
+    assert guarded.get("/order/no-such-order-here", guarded.tokens["masked"]).status_code == 404
+
+    def seven_more() -> list[dict[str, Any]]:
+        lines = guarded.audit()[before:]
+        return lines if len(lines) >= 7 else []
+
+    lines = wait_until(seven_more, 10, "the audit lines")
+    assert len(lines) == 7
+    statuses = [(line["order_uid"], line["event"].split(" status=")[1]) for line in lines]
+    assert statuses == [
+        (uid, "200 view=whole client=127.0.0.1"),
+        (uid, "200 view=whole client=127.0.0.1"),
+        (uid, "200 view=masked client=127.0.0.1"),
+        (uid, "304 view=whole client=127.0.0.1"),
+        (uid, "403 view=- client=127.0.0.1"),
+        (uid, "401 view=- client=127.0.0.1"),
+        ("no-such-order-here", "404 view=masked client=127.0.0.1"),
+    ]
+    principals = [PRINCIPALS[view] for view in ("whole", "whole", "masked", "whole", "metrics")]
+    principals += ["-", PRINCIPALS["masked"]]
+    assert [line["event"].split()[2] for line in lines] == [f"principal={p}" for p in principals]
+    log = guarded.service.log()
+    for secret in (*guarded.tokens.values(), "made-up-token"):
+        assert secret not in log
+    for personal in personal_values(guarded.orders):
+        assert personal not in log
+
+
+def test_a_removed_token_line_is_refused_within_seconds(by_token: Guarded) -> None:
+    uid = by_token.orders[0]["order_uid"]
+    leaver = by_token.tokens["leaver"]
+    assert by_token.get(f"/order/{uid}", leaver).status_code == 200
+    assert by_token.tokens_file is not None
+    write_tokens(
+        by_token.tokens_file,
+        by_token.tokens,
+        {name: scopes for name, scopes in TOKEN_SCOPES.items() if name != "leaver"},
+    )
+    wait_until(
+        lambda: by_token.get(f"/order/{uid}", leaver).status_code == 401, 5, "the revocation"
+    )
+    assert by_token.get(f"/order/{uid}", by_token.tokens["support"]).status_code == 200
+
+
+def bad_tokens(provider: IdentityProvider) -> dict[str, tuple[str | None, str]]:
+    """Each attack and the failure reason the service counts for it."""
+    now = int(datetime.datetime.now(datetime.UTC).timestamp())
+    return {
+        "missing": (None, "missing"),
+        "malformed": ("not-a.jwt", "malformed"),
+        "not a bearer": ("Basic YWxpY2U6c2VjcmV0", "malformed"),
+        "expired": (provider.token(exp=now - 60), "expired"),
+        "not yet valid": (provider.token(nbf=now + 60), "not_yet_valid"),
+        "another issuer": (provider.token(iss="https://evil.example/"), "wrong_issuer"),
+        "another audience": (provider.token(aud="billing"), "wrong_audience"),
+        "alg none": (provider.unsigned_token(), "algorithm"),
+        "HS256 keyed with the public key": (provider.hmac_with_public_key(), "algorithm"),
+        "unknown kid": (provider.token(headers={"kid": "stolen-key"}), "unknown_key"),
+    }
+
+
+def test_every_bad_jwt_is_a_401_never_a_5xx(by_jwt: Guarded, provider: IdentityProvider) -> None:
+    uid = by_jwt.orders[0]["order_uid"]
+    before = scrape_as(by_jwt, by_jwt.tokens["whole"])
+    cases = bad_tokens(provider)
+    with client_at("127.0.0.4") as client:
+        for case, (token, _) in cases.items():
+            headers = {}
+            if token is not None:
+                headers["Authorization"] = token if token.startswith("Basic") else f"Bearer {token}"
+            response = client.get(f"{by_jwt.service.base_url}/order/{uid}", headers=headers)
+            assert response.status_code == 401, case
+            assert response.headers["www-authenticate"].startswith("Bearer"), case
+            assert by_jwt.orders[0]["delivery"]["name"] not in response.text
+    after = scrape_as(by_jwt, by_jwt.tokens["whole"])
+    reasons: dict[str, int] = {}
+    for _, reason in cases.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in reasons.items():
+        counted = value(after, "order_viewer_http_auth_failures_total", reason=reason) - value(
+            before, "order_viewer_http_auth_failures_total", reason=reason
+        )
+        assert counted == count, reason
+
+
+def test_a_token_file_line_that_is_not_a_token_of_the_file_is_refused(by_token: Guarded) -> None:
+    uid = by_token.orders[0]["order_uid"]
+    with client_at("127.0.0.5") as client:
+        for token in (
+            new_token(),
+            token_digest(by_token.tokens["auditor"]),  # the digest is not the token
+            by_token.tokens["auditor"] + "x",
+            by_token.tokens["auditor"][:-1],
+        ):
+            response = client.get(f"{by_token.service.base_url}/order/{uid}", headers=bearer(token))
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == (
+                'Bearer realm="order-viewer", error="invalid_token"'
+            )
+
+
+def test_more_than_twenty_failures_in_a_minute_get_429_for_that_address_only(
+    by_token: Guarded,
+) -> None:
+    uid = by_token.orders[0]["order_uid"]
+    url = f"{by_token.service.base_url}/order/{uid}"
+    with client_at("127.0.0.3") as attacker:
+        statuses = [attacker.get(url, headers=bearer(new_token())).status_code for _ in range(21)]
+        assert statuses == [401] * 21
+        refused = attacker.get(url, headers=bearer(new_token()))
+        assert refused.status_code == 429
+        assert 50 <= int(refused.headers["retry-after"]) <= 60
+        # Even the right token waits: a guess that succeeded must look like the others.
+        assert attacker.get(url, headers=bearer(by_token.tokens["auditor"])).status_code == 429
+    assert by_token.get(f"/order/{uid}", by_token.tokens["auditor"]).status_code == 200
+    samples = scrape_as(by_token, by_token.tokens["auditor"])
+    assert value(samples, "order_viewer_http_auth_failures_total", reason="rate_limited") == 2
+    assert (
+        value(samples, "order_viewer_http_requests_total", route="/order/{order_uid}", status="429")
+        == 2
+    )
+
+
+def scrape_as(guarded: Guarded, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = guarded.get("/metrics", token)
+    assert response.status_code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_generated_requests_with_a_valid_token_get_no_5xx(by_jwt: Guarded) -> None:
+    target = Target(
+        by_jwt.service,
+        by_jwt.service.port,
+        [order["order_uid"] for order in by_jwt.orders],
+        {
+            order["order_uid"]: by_jwt.get(
+                f"/order/{order['order_uid']}", by_jwt.tokens["whole"]
+            ).headers["etag"]
+            for order in by_jwt.orders
+        },
+    )
+    run = fuzz(
+        target,
+        excluded_checks=[SCHEMA_DESCRIBES_REQUESTS],
+        max_examples=60,
+        headers=bearer(by_jwt.tokens["whole"]),
+    )
+    assert not run.failures, run.failures
+    assert run.total >= 100
+    assert not any(status >= 500 for _, _, status in run.requests)
+    assert not any(status in (401, 403) for _, _, status in run.requests)
+
+
+# ------------------------------------------------------------------------ start-up settings
+
+
+def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ORDER_VIEWER), "serve"],
+        env={**os.environ, "DATABASE_URL": "postgresql://x@127.0.0.1:1/x", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1"])
+def test_protected_mode_refuses_anonymous_access_beyond_loopback(host: str) -> None:
+    refused = run_serve({"HTTP_HOST": host})
+    assert refused.returncode == 2
+    [line] = refused.stderr.splitlines()
+    assert line.startswith("order-viewer: HTTP_AUTH=none with HTTP_HOST=")
+    assert "HTTP_ALLOW_ANONYMOUS" in line
+    assert refused.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "order-viewer: HTTP_TOKENS_FILE: cannot read it: No such file or directory"),
+        ("support:s3cret:orders:read\n", "order-viewer: HTTP_TOKENS_FILE: line 1: "),
+    ],
+)
+def test_an_unusable_token_file_stops_start_up_in_one_line(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    path = tmp_path / "tokens.txt"
+    if content is not None:
+        path.write_text(content)
+    refused = run_serve({"HTTP_AUTH": "token", "HTTP_TOKENS_FILE": str(path)})
+    assert refused.returncode == 2
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(message)
+    assert "s3cret" not in line
+
+
+def test_token_create_prints_a_token_once_and_the_line_that_admits_it() -> None:
+    created = subprocess.run(
+        [str(ORDER_VIEWER), "token", "create", "support", "--scopes", "orders:read,metrics:read"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = created.stdout.splitlines()
+    token = lines[1].strip()
+    assert lines[3].strip() == f"support:{token_digest(token)}:metrics:read,orders:read"
+    again = subprocess.run(
+        [str(ORDER_VIEWER), "token", "create", "support", "--scopes", "orders:read"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert again.stdout.splitlines()[1].strip() != token
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "order-viewer test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_https_with_a_certificate_of_the_operators(
+    stack: Stack, topics: Topics, start_service: Any, tmp_path: Path
+) -> None:
+    cert_file, key_file = self_signed(tmp_path)
+    token = new_token()
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"support:{token_digest(token)}:orders:read\n")
+    service = start_service(
+        ready=False,
+        HTTP_AUTH="token",
+        HTTP_TOKENS_FILE=str(tokens),
+        HTTP_TLS_CERT_FILE=str(cert_file),
+        HTTP_TLS_KEY_FILE=str(key_file),
+    )
+    https = f"https://127.0.0.1:{service.port}"
+    trusted = ssl.create_default_context(cafile=str(cert_file))
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{https}/readyz", verify=trusted, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, 60, "the service to answer over HTTPS")
+    order = httpx.get(f"{https}/order/not-stored-here", headers=bearer(token), verify=trusted)
+    assert order.status_code == 404
+    assert httpx.get(f"{https}/order/x", verify=trusted).status_code == 401
+    with pytest.raises(httpx.ConnectError):  # a certificate nobody vouched for
+        httpx.get(f"{https}/livez", timeout=5)
+    with pytest.raises(httpx.TransportError):  # no plain HTTP on the port
+        httpx.get(f"http://127.0.0.1:{service.port}/livez", timeout=5)
+    assert "serving HTTP on https://127.0.0.1:" in service.log()

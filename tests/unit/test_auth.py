@@ -1,0 +1,551 @@
+"""The pure parts of access control: bearer headers, the token file, JWT verification over a
+JWKS the test generates, the failure limiter, protected mode and the masking rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from order_viewer.auth import (
+    JWKS_REFETCH_SECONDS,
+    ORDERS_READ,
+    ORDERS_READ_PII,
+    AuthFailure,
+    FailureLimiter,
+    JwtVerifier,
+    Principal,
+    TokenFile,
+    TokenFileError,
+    bearer_token,
+    new_token,
+    parse_jwks,
+    parse_token_file,
+    protected_mode_problem,
+    token_digest,
+)
+from order_viewer.cache import CachedOrder
+from order_viewer.config import ConfigurationError, Settings, load_settings
+from order_viewer.generate import SAMPLE_ORDER
+from order_viewer.masking import (
+    MaskedViews,
+    mask_email,
+    mask_phone,
+    mask_words,
+    mask_zip,
+    masked_document,
+    masked_etag,
+)
+from tests.identity import AUDIENCE, ISSUER, IdentityProvider
+
+DIGEST = "a" * 64
+
+# ----------------------------------------------------------------------------- bearer header
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer abc.def-ghi_jkl~mno+pqr/stu==", "abc.def-ghi_jkl~mno+pqr/stu=="),
+        ("BEARER   abc ", "abc"),
+    ],
+)
+def test_a_bearer_header_gives_its_token(header: str, token: str) -> None:
+    assert bearer_token(header) == token
+
+
+def test_no_header_is_a_missing_token() -> None:
+    with pytest.raises(AuthFailure) as failure:
+        bearer_token(None)
+    assert failure.value.reason == "missing"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "Bearer",
+        "Bearer ",
+        "Basic YWxpY2U6c2VjcmV0",
+        "Bearer a b",
+        "Bearer ünïcödé",
+        "Bearer abc\x00",
+        "Bearer\tabc",
+        "Bearerabc",
+        "Bearer " + "a" * 9000,
+    ],
+)
+def test_a_malformed_header_is_refused(header: str) -> None:
+    with pytest.raises(AuthFailure) as failure:
+        bearer_token(header)
+    assert failure.value.reason == "malformed"
+
+
+# -------------------------------------------------------------------------------- token file
+
+
+def test_the_token_file_gives_each_digest_its_client_and_scopes() -> None:
+    text = (
+        "# clients of the order viewer\n"
+        "\n"
+        f"support:{DIGEST}:orders:read\r\n"
+        f"  auditor:{'B' * 64}:orders:read:pii, metrics:read  \n"
+    )
+    principals = parse_token_file(text)
+    assert principals == {
+        DIGEST: Principal("support", frozenset({ORDERS_READ})),
+        "b" * 64: Principal("auditor", frozenset({ORDERS_READ_PII, "metrics:read"})),
+    }
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("support", "expected name:sha256-hex:scope,scope"),
+        (f"support:{DIGEST}", "expected name:sha256-hex:scope,scope"),
+        (f":{DIGEST}:orders:read", "a client name is"),
+        (f"sup port:{DIGEST}:orders:read", "a client name is"),
+        (f"\ufeffsupport:{DIGEST}:orders:read", "a client name is"),
+        (f"{'n' * 65}:{DIGEST}:orders:read", "a client name is"),
+        (f"support\x00:{DIGEST}:orders:read", "a client name is"),
+        ("support:s3cret-token-in-clear:orders:read", "64 hexadecimal digits"),
+        (f"support:{DIGEST[:-1]}:orders:read", "64 hexadecimal digits"),
+        (f"support:{DIGEST}g:orders:read", "64 hexadecimal digits"),
+        (f"support:{DIGEST}:", "unknown scope"),
+        (f"support:{DIGEST}:orders:write", "unknown scope"),
+        (f"support:{DIGEST}:orders:read,,", "unknown scope"),
+        (f"support:{DIGEST}:" + "x" * 100_000, "unknown scope"),
+    ],
+)
+def test_a_hostile_line_refuses_the_file_naming_the_line_not_its_content(
+    line: str, problem: str
+) -> None:
+    with pytest.raises(TokenFileError) as refused:
+        parse_token_file(f"# first\n{line}\n")
+    message = str(refused.value)
+    assert message.startswith("line 2: ")
+    assert problem in message
+    assert "s3cret" not in message
+    assert len(message) < 200
+
+
+def test_a_client_or_a_token_listed_twice_refuses_the_file() -> None:
+    with pytest.raises(TokenFileError, match="line 2: client a is listed twice"):
+        parse_token_file(f"a:{DIGEST}:orders:read\na:{'b' * 64}:orders:read\n")
+    with pytest.raises(TokenFileError, match="line 2: the same token is listed twice"):
+        parse_token_file(f"a:{DIGEST}:orders:read\nb:{DIGEST.upper()}:orders:read\n")
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def authenticate(authenticator: Any, token: str) -> Principal:
+    principal: Principal = asyncio.run(authenticator.authenticate(token))
+    return principal
+
+
+def reason(authenticator: Any, token: str) -> str:
+    with pytest.raises(AuthFailure) as failure:
+        authenticate(authenticator, token)
+    return failure.value.reason
+
+
+def test_a_token_is_known_by_its_digest_and_a_removed_line_revokes_it(tmp_path: Path) -> None:
+    support, auditor = new_token(), new_token()
+    assert support != auditor
+    assert len(support) >= 43
+    path = tmp_path / "tokens"
+    path.write_text(
+        f"support:{token_digest(support)}:orders:read\n"
+        f"auditor:{token_digest(auditor)}:orders:read:pii\n"
+    )
+    clock = Clock()
+    tokens = TokenFile(path, clock)
+    assert authenticate(tokens, support).name == "support"
+    assert authenticate(tokens, auditor).sees_personal_data
+    assert reason(tokens, new_token()) == "unknown_token"
+    assert reason(tokens, token_digest(support)) == "unknown_token"  # the digest is no token
+
+    path.write_text(f"auditor:{token_digest(auditor)}:orders:read:pii\n")
+    assert authenticate(tokens, support).name == "support"  # looked at once a second
+    clock.now += 1
+    assert reason(tokens, support) == "unknown_token"
+    assert authenticate(tokens, auditor).name == "auditor"
+
+
+def test_a_token_file_broken_later_keeps_the_tokens_it_had(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = new_token()
+    path = tmp_path / "tokens"
+    path.write_text(f"support:{token_digest(token)}:orders:read\n")
+    clock = Clock()
+    tokens = TokenFile(path, clock)
+    path.write_bytes(b"support:\xff\xfe:orders:read\n")
+    clock.now += 5
+    assert authenticate(tokens, token).name == "support"
+    assert "not reloaded, the previous tokens stay: it is not UTF-8 text" in caplog.text
+    path.unlink()
+    for _ in range(3):
+        clock.now += 5
+        assert authenticate(tokens, token).name == "support"
+    assert caplog.text.count("No such file or directory") == 1  # once, not every second
+
+
+# ------------------------------------------------------------------------------------- JWT
+
+
+@pytest.fixture(scope="module")
+def provider() -> IdentityProvider:
+    return IdentityProvider()
+
+
+def verifier(provider: IdentityProvider, clock: Clock | None = None) -> JwtVerifier:
+    return JwtVerifier(
+        "http://127.0.0.1:1/jwks",
+        ISSUER,
+        AUDIENCE,
+        fetch=provider.fetch,
+        monotonic=clock or Clock(),
+    )
+
+
+@pytest.mark.parametrize("kid", ["rsa-1", "ec-1", "ed-1"])
+def test_a_token_signed_by_a_published_key_names_its_subject_and_scopes(
+    provider: IdentityProvider, kid: str
+) -> None:
+    token = provider.token(kid, sub="bob", scope="orders:read metrics:read admin")
+    assert authenticate(verifier(provider), token) == Principal(
+        "bob", frozenset({ORDERS_READ, "metrics:read"})
+    )
+
+
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [
+        ({"scope": None, "scp": ["orders:read:pii", 7]}, {ORDERS_READ_PII}),
+        ({"scope": None, "scp": "orders:read"}, {ORDERS_READ}),
+        ({"scope": None}, set()),
+        ({"scope": {"orders:read": True}}, set()),
+    ],
+)
+def test_scopes_come_from_scope_or_scp(
+    provider: IdentityProvider, claims: dict[str, Any], scopes: set[str]
+) -> None:
+    assert authenticate(verifier(provider), provider.token(**claims)).scopes == scopes
+
+
+def test_every_bad_token_is_refused_with_its_reason(provider: IdentityProvider) -> None:
+    now = int(time.time())
+    check = verifier(provider)
+    cases = {
+        "expired": provider.token(exp=now - 31),
+        "not_yet_valid": provider.token(nbf=now + 31),
+        "wrong_issuer": provider.token(iss="https://elsewhere.example/"),
+        "wrong_audience": provider.token(aud="another-service"),
+        "algorithm": provider.unsigned_token(),
+        "unknown_key": provider.token(headers={"kid": "nobody"}),
+        "malformed": "not.a.jwt",
+    }
+    for expected, token in cases.items():
+        assert reason(check, token) == expected, expected
+    assert reason(check, provider.hmac_with_public_key()) == "algorithm"
+    assert reason(check, provider.token(sub=None)) == "invalid"
+    assert reason(check, provider.token(exp=None)) == "invalid"
+    assert reason(check, provider.token(sub="")) == "invalid"
+    assert reason(check, provider.token(exp="tomorrow")) == "invalid"
+    # A token signed by one published key but naming another's kid.
+    header, payload, _ = provider.token("rsa-1").split(".")
+    _, _, other_signature = provider.token("rsa-1", sub="mallory").split(".")
+    assert reason(check, f"{header}.{payload}.{other_signature}") == "bad_signature"
+    assert reason(check, provider.token("ec-1", headers={"kid": "rsa-1"})) == "algorithm"
+
+
+def test_thirty_seconds_of_clock_skew_are_forgiven(provider: IdentityProvider) -> None:
+    now = int(time.time())
+    check = verifier(provider)
+    assert authenticate(check, provider.token(exp=now - 20)).name == "alice"
+    assert authenticate(check, provider.token(nbf=now + 20)).name == "alice"
+
+
+def test_an_unknown_kid_refetches_the_keys_at_most_once_per_30_seconds() -> None:
+    provider = IdentityProvider()
+    clock = Clock()
+    check = verifier(provider, clock)
+    assert authenticate(check, provider.token()).name == "alice"
+    assert provider.requests == 1
+    for _ in range(5):
+        assert reason(check, provider.token(headers={"kid": "made-up"})) == "unknown_key"
+    assert provider.requests == 1  # fetched less than 30 s ago
+
+    provider.add_key("rsa-2")
+    assert reason(check, provider.token("rsa-2")) == "unknown_key"
+    clock.now += JWKS_REFETCH_SECONDS
+    assert authenticate(check, provider.token("rsa-2")).name == "alice"  # a rotated key
+    assert provider.requests == 2
+
+
+def test_a_verified_token_is_remembered_until_it_expires(provider: IdentityProvider) -> None:
+    now = time.time()
+    wall = Clock(now)
+    check = JwtVerifier(
+        "http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, fetch=provider.fetch, clock=wall
+    )
+    token = provider.token(exp=int(now) + 60)
+    first = authenticate(check, token)
+    decoded: list[str] = []
+    original = check._verify
+
+    async def counting(token: str) -> Any:
+        decoded.append(token)
+        return await original(token)
+
+    check._verify = counting  # type: ignore[method-assign]
+    assert authenticate(check, token) is first
+    assert decoded == []
+    # Past exp and its leeway by the cache's clock: verified again (PyJWT reads the real clock,
+    # for which the token is still valid, so the check passes once more).
+    wall.now = now + 60 + 31
+    assert authenticate(check, token) == first
+    assert decoded == [token]
+
+
+def test_keys_a_jwks_must_not_offer_are_left_out(provider: IdentityProvider) -> None:
+    published = json.loads(provider.jwks())["keys"]
+    hostile = [
+        {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0", "alg": "HS256"},
+        {**published[0], "kid": "rsa-as-hs", "alg": "HS256"},
+        {**published[0], "kid": "encryption", "use": "enc"},
+        {**published[0], "kid": 7},
+        {"kty": "RSA", "kid": "broken", "n": "AQ", "e": "!!"},
+        "not a key",
+    ]
+    keys = parse_jwks(json.dumps({"keys": [*published, *hostile]}).encode())
+    assert set(keys) == {"rsa-1", "ec-1", "ed-1"}
+    for body in (b"[]", b'{"keys": {}}', b"{}"):
+        with pytest.raises(ValueError, match="not a JSON Web Key Set"):
+            parse_jwks(body)
+
+
+# ------------------------------------------------------------------------------ brute force
+
+
+def test_past_twenty_failures_in_a_minute_a_client_waits_for_the_window_to_end() -> None:
+    clock = Clock()
+    limiter = FailureLimiter(clock=clock)
+    for _ in range(20):
+        limiter.failed("10.0.0.1")
+    assert limiter.retry_after("10.0.0.1") is None
+    limiter.failed("10.0.0.1")
+    assert limiter.retry_after("10.0.0.1") == 60
+    assert limiter.retry_after("10.0.0.2") is None
+    clock.now += 45.5
+    assert limiter.retry_after("10.0.0.1") == 15
+    clock.now += 14.5
+    assert limiter.retry_after("10.0.0.1") is None
+    limiter.failed("10.0.0.1")  # a new window, counted from one
+    assert limiter.retry_after("10.0.0.1") is None
+
+
+def test_the_limiter_tracks_a_bounded_number_of_clients() -> None:
+    clock = Clock()
+    limiter = FailureLimiter(max_clients=100, clock=clock)
+    for _ in range(21):
+        limiter.failed("attacker")
+    for n in range(100_000):
+        limiter.failed(f"2001:db8::{n:x}")
+        clock.now += 0.0001
+    assert len(limiter) == 100
+    assert limiter.retry_after("attacker") is None  # evicted, oldest first
+
+
+# ---------------------------------------------------------------------------- protected mode
+
+
+@pytest.mark.parametrize(
+    ("env", "refused"),
+    [
+        ({}, False),
+        ({"HTTP_HOST": "localhost"}, False),
+        ({"HTTP_HOST": "::1"}, False),
+        ({"HTTP_HOST": "127.0.0.2"}, False),
+        ({"HTTP_HOST": "0.0.0.0"}, True),
+        ({"HTTP_HOST": "::"}, True),
+        ({"HTTP_HOST": "192.168.1.10"}, True),
+        ({"HTTP_HOST": "orders.internal"}, True),
+        ({"HTTP_HOST": "0.0.0.0", "HTTP_ALLOW_ANONYMOUS": "true"}, False),
+        ({"HTTP_HOST": "0.0.0.0", "HTTP_AUTH": "token", "HTTP_TOKENS_FILE": "t"}, False),
+    ],
+)
+def test_protected_mode_refuses_anonymous_access_beyond_loopback(
+    env: dict[str, str], refused: bool
+) -> None:
+    values: dict[str, Any] = {name.lower(): value for name, value in env.items()}
+    settings = Settings(_env_file=None, **values)
+    problem = protected_mode_problem(settings)
+    assert (problem is not None) == refused
+    if problem is not None:
+        assert "HTTP_AUTH=none" in problem
+        assert f"HTTP_HOST={env['HTTP_HOST']}" in problem
+        assert "\n" not in problem
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HTTP_AUTH": "token"}, "HTTP_AUTH=token needs HTTP_TOKENS_FILE"),
+        ({"HTTP_AUTH": "jwt"}, "HTTP_AUTH=jwt needs HTTP_JWT_JWKS_URL"),
+        (
+            {"HTTP_AUTH": "jwt", "HTTP_JWT_JWKS_URL": "https://id/jwks", "HTTP_JWT_ISSUER": "i"},
+            "HTTP_AUTH=jwt needs HTTP_JWT_AUDIENCE",
+        ),
+        (
+            {"HTTP_TLS_CERT_FILE": "cert.pem"},
+            "HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE go together",
+        ),
+    ],
+)
+def test_incomplete_authentication_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=f"^invalid settings: .*{message}"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HTTP_AUTH", "basic"),
+        ("HTTP_JWT_JWKS_URL", "file:///etc/passwd"),
+        ("HTTP_JWT_JWKS_URL", "not a url"),
+        ("HTTP_JWT_ISSUER", ""),
+    ],
+)
+def test_a_malformed_authentication_setting_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=f"^invalid setting {variable}: "):
+        load_settings()
+
+
+# ----------------------------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        ("Test Testov", "T*** T*****"),
+        ("", ""),
+        ("A", "*"),
+        ("Al", "A*"),
+        ("  Jean-Luc   Picard ", "  J*******   P***** "),
+        ("Иван Петров", "И*** П*****"),
+        ("李小龙", "李**"),
+        ("Ploshad Mira 15", "P****** M*** 1*"),
+    ],
+)
+def test_names_addresses_and_cities_keep_each_words_first_character(
+    value: str, masked: str
+) -> None:
+    assert mask_words(value) == masked
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        ("+972000000000", "+97********00"),
+        ("+97200000000", "+97*******00"),
+        ("+7 (900) 123-45-67", "+7 *************67"),
+        ("12345", "12***"),
+        ("123", "1**"),
+        ("1", "*"),
+        ("", ""),
+    ],
+)
+def test_phones_keep_their_prefix_and_last_two_digits(value: str, masked: str) -> None:
+    assert mask_phone(value) == masked
+    assert len(mask_phone(value)) == len(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        ("test@gmail.com", "t***@gmail.com"),
+        ("ab@x.org", "a*@x.org"),
+        ("a@x.org", "*@x.org"),
+        ('"odd@local"@example.org', '"**********@example.org'),
+        ("no-at-sign", "n*********"),
+        ("@example.org", "@***********"),
+        ("", ""),
+    ],
+)
+def test_emails_keep_their_first_character_and_domain(value: str, masked: str) -> None:
+    assert mask_email(value) == masked
+
+
+def test_zip_codes_keep_two_characters() -> None:
+    assert mask_zip("2639809") == "26*****"
+    assert mask_zip("123") == "1**"
+
+
+def test_the_masked_document_hides_the_delivery_and_keeps_the_rest() -> None:
+    order = json.loads(json.dumps(SAMPLE_ORDER))
+    masked = json.loads(masked_document(json.dumps(order).encode()))
+    delivery, original = masked["delivery"], order["delivery"]
+    for field in ("name", "phone", "email", "address", "city", "zip"):
+        assert delivery[field] != original[field], field
+        assert len(delivery[field]) == len(original[field])
+        assert "*" in delivery[field]
+    assert delivery["region"] == original["region"]
+    masked.pop("delivery")
+    order.pop("delivery")
+    assert masked == order
+
+
+def test_odd_documents_are_masked_without_error() -> None:
+    assert json.loads(masked_document(b'{"delivery": {"phone": 79001234567, "name": null}}')) == {
+        "delivery": {"phone": "790******67", "name": None}
+    }
+    assert json.loads(masked_document(b'{"delivery": "nobody"}')) == {"delivery": "nobody"}
+    assert json.loads(masked_document(b"[1, 2]")) == [1, 2]
+    unicode = masked_document('{"delivery": {"name": "Zoë Ünïcödé"}}'.encode())
+    assert unicode.decode() == '{"delivery":{"name":"Z** Ü******"}}'
+
+
+def test_a_masked_view_is_computed_once_per_version_and_tagged_apart() -> None:
+    views = MaskedViews(capacity=10, max_bytes=None)
+    whole = CachedOrder.of(json.dumps(SAMPLE_ORDER).encode(), b"\x01" * 32)
+    masked = views.masked(whole)
+    assert views.masked(whole) is masked
+    assert masked.etag == masked_etag(whole.etag) != whole.etag
+    assert masked.etag.startswith('"')
+    assert masked.etag.endswith('"')
+    newer = CachedOrder.of(json.dumps({**SAMPLE_ORDER, "entry": "X"}).encode(), b"\x02" * 32)
+    assert views.masked(newer) is not masked
+    assert len(views) == 2
+
+
+def test_tokens_arriving_while_the_keys_are_fetched_wait_for_them() -> None:
+    provider = IdentityProvider()
+    check = verifier(provider)
+    tokens = [provider.token(sub=f"client-{n}") for n in range(20)]
+
+    async def all_at_once() -> list[Principal]:
+        return list(await asyncio.gather(*(check.authenticate(token) for token in tokens)))
+
+    principals = asyncio.run(all_at_once())
+    assert [p.name for p in principals] == [f"client-{n}" for n in range(20)]
+    assert provider.requests == 1
