@@ -132,7 +132,9 @@ def fresh_database(servers: Servers, label: str) -> Iterator[Stack]:
         yield Stack(servers, name)
     finally:
         try:
-            with servers.connect() as connection:
+            # As the superuser: FORCE ends the database's other sessions, and an autovacuum
+            # worker's is one the owner may not end.
+            with servers.superuser_connect() as connection:
                 connection.execute(
                     sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
                 )

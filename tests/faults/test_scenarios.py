@@ -179,6 +179,9 @@ def test_database_outage_and_crash_are_waited_out(
     assert "database recovered" in service.log()
 
 
+# Two broker restarts, the outage and the audit each have a limit of their own; on a loaded
+# machine they add up to more than the suite's default five minutes.
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("protocol", ["classic", "consumer"])
 def test_broker_outage_and_kill_are_recovered_from(
     stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess], protocol: str
