@@ -40,7 +40,7 @@ def fake_subject() -> Iterator[Subject]:
 
 
 def postgres_subject(stack: Stack) -> Iterator[Subject]:
-    writer = PostgresOrderWriter(stack.database_url)
+    writer = PostgresOrderWriter(stack.database_url, "tests")
 
     def stored(uid: str) -> bytes | None:
         with stack.connect() as connection:
