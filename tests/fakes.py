@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Generator, Sequence
+from datetime import datetime
 
 from order_viewer.model import PreparedOrder, later, supersedes
 from order_viewer.ports import (
     DatabaseUnavailable,
     Deletion,
+    Expired,
     OrderSummary,
     RejectedByDatabase,
     RejectedMessage,
@@ -55,7 +57,9 @@ class FakeWriter:
         for prepared in batch:
             uid = prepared.order.order_uid
             tombstone = self.tombstones.get(uid)
-            if tombstone is not None and not later((prepared.partition, prepared.offset), tombstone):
+            if tombstone is not None and not later(
+                (prepared.partition, prepared.offset), tombstone
+            ):
                 continue
             old = self.stored.get(uid)
             if old is None:
@@ -124,3 +128,25 @@ class FakeDeadLetters:
             raise Stopped
         self.sent.extend(rejected)
         self.events.append(f"dead-lettered {[entry.message.offset for entry in rejected]}")
+
+
+class FakeExpirer:
+    """Expires from a FakeWriter's orders, oldest first, as the PostgreSQL expirer does."""
+
+    def __init__(self, writer: FakeWriter) -> None:
+        self.writer = writer
+        self.limits: list[int] = []
+        self.unavailable_for = 0
+
+    def expire(self, before: datetime, limit: int) -> Expired:
+        if self.unavailable_for:
+            self.unavailable_for -= 1
+            raise DatabaseUnavailable("connection refused")
+        self.limits.append(limit)
+        old = sorted(
+            (p for p in self.writer.stored.values() if p.order.date_created < before),
+            key=lambda p: p.order.date_created,
+        )[:limit]
+        for prepared in old:
+            del self.writer.stored[prepared.order.order_uid]
+        return Expired(tuple(p.order.order_uid for p in old), 0)

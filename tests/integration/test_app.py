@@ -34,9 +34,7 @@ class App:
         self.consuming = threading.Event()
         self.lookup = OrderLookup(self.reader, self.cache)
         self.listening = threading.Event()
-        self.readiness = Readiness(
-            self.lookup.database_reachable, self.consuming, self.listening
-        )
+        self.readiness = Readiness(self.lookup.database_reachable, self.consuming, self.listening)
         self.metrics = Metrics(self.cache)
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(create_app(self.lookup, self.readiness, self.metrics)),
