@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.conftest import ServiceProcess, Stack
+from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
 
 # What the contract allows between a commit and every instance serving it.
 ALLOWED_DELAY_SECONDS = 1.0
@@ -133,9 +133,9 @@ class Observer:
                     allowed.add(settled[-1])
                 if settled and read.version not in allowed:
                     stale.append(
-                        f"instance {read.instance} served {read.order_uid} as {read.version} "
-                        f"{read.began - history[-1][0]:+.3f} s after the last commit; "
-                        f"committed: {[(round(s - read.began, 3), v) for s, v in history]}"
+                        f"instance {read.instance} served {read.order_uid} as {read.version}; "
+                        "committed (seconds from the read, version): "
+                        f"{[(round(s - read.began, 3), v) for s, v in history]}"
                     )
         return stale
 
@@ -170,3 +170,26 @@ def percentile(values: list[float], share: float) -> float:
 
 def versioned(order: dict[str, Any], version: int) -> dict[str, Any]:
     return {**order, "delivery": {**order["delivery"], "name": f"v{version}"}}
+
+
+def update_in_rounds(
+    stack: Stack,
+    topics: Topics,
+    observer: Observer,
+    orders: list[dict[str, object]],
+    rounds: range,
+    pause: float,
+) -> None:
+    """Each round produces a new version of every order, waits until all are committed, then
+    lets the readers read for `pause` seconds."""
+    for version in rounds:
+        produce(stack, topics.orders, encode_orders([versioned(o, version) for o in orders]))
+        wait_until(
+            lambda v=version: all(
+                observer.committed_version(str(o["order_uid"])) == v for o in orders
+            ),
+            30,
+            f"version {version} to be committed",
+            interval=0.02,
+        )
+        time.sleep(pause)

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 
 from order_viewer.generate import make_order
-from tests.coherence import DELETED, Observer, percentile, versioned
-from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
+from tests.coherence import DELETED, Observer, percentile, update_in_rounds
+from tests.conftest import ServiceProcess, Stack, Topics, produce, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -26,29 +26,6 @@ SETTINGS = {
 def three_instances(start_service: Callable[..., ServiceProcess]) -> list[ServiceProcess]:
     first = start_service(**SETTINGS)  # creates the topics with six partitions
     return [first, start_service(**SETTINGS), start_service(**SETTINGS)]
-
-
-def update_in_rounds(
-    stack: Stack,
-    topics: Topics,
-    observer: Observer,
-    orders: list[dict[str, object]],
-    rounds: range,
-    pause: float,
-) -> None:
-    """Each round produces a new version of every order, waits until all are committed, then
-    lets the readers read for `pause` seconds."""
-    for version in rounds:
-        produce(stack, topics.orders, encode_orders([versioned(o, version) for o in orders]))
-        wait_until(
-            lambda v=version: all(
-                observer.committed_version(str(o["order_uid"])) == v for o in orders
-            ),
-            30,
-            f"version {version} to be committed",
-            interval=0.02,
-        )
-        time.sleep(pause)
 
 
 def test_every_instance_serves_the_newest_version_and_deletion_within_a_second(
