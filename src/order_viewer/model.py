@@ -67,6 +67,9 @@ REASON_CODES: Final[Mapping[str, str]] = MappingProxyType(
     }
 )
 
+# The one reason set after validation: the database refused an order the validator passed.
+DB_REJECTED: Final = "db_rejected"
+
 _STRICT = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 Text = Annotated[str, StringConstraints(pattern=_NO_NUL_PATTERN)]

@@ -17,6 +17,7 @@ from functools import partial
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.metrics import Metrics
 from order_viewer.model import (
+    DB_REJECTED,
     InvalidOrder,
     PreparedOrder,
     Rejection,
@@ -170,7 +171,7 @@ class OrderIngest:
                 for deletion in deletions:
                     self._write([], [deletion], batch, outcome)
                 return
-            rejection = Rejection("db_rejected", f"the database refused the order: {refused}", None)
+            rejection = Rejection(DB_REJECTED, f"the database refused the order: {refused}", None)
             message = (
                 batch.orders[orders[0].order.order_uid][1]
                 if orders
