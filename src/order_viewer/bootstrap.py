@@ -126,14 +126,17 @@ def build(settings: Settings) -> Parts:
     )
     lookup = OrderLookup(reader, cache)
 
+    def warm_again() -> None:
+        try:
+            warm_up(cache, partial(newest_documents, database_url), database, metrics)
+        except Stopped:
+            return
+        except Exception:
+            # The cache then fills as orders are read; nothing is wrong with what it serves.
+            log.exception("warming the cache again failed")
+
     def rewarm() -> None:
-        threading.Thread(
-            target=_logging_failure(
-                partial(warm_up, cache, partial(newest_documents, database_url), database, metrics)
-            ),
-            name="rewarm",
-            daemon=True,
-        ).start()
+        threading.Thread(target=warm_again, name="rewarm", daemon=True).start()
 
     coherence = CacheCoherence(cache, metrics, rewarm)
     listener = PostgresChangeListener(database_url, instance, coherence, database)
@@ -224,7 +227,7 @@ def run_in_background(parts: Parts, on_failure: Callable[[], object]) -> list[th
 
 
 def _logging_failure(
-    target: Callable[[], object], failed: Callable[[], object] = lambda: None
+    target: Callable[[], object], failed: Callable[[], object]
 ) -> Callable[[], None]:
     """`target` run to its end; if it fails for another reason than a stop, the reason is logged
     and `failed` called."""

@@ -252,7 +252,8 @@ class _CacheCollector(Collector):
         )
         yield CounterMetricFamily(
             "order_viewer_cache_resets",
-            "Times the cache was emptied because changes could go unheard.",
+            "Times the cache was emptied and set aside because changes could go unheard "
+            "(once at start, until the change listener first listens).",
             value=cache.resets,
         )
         yield CounterMetricFamily(

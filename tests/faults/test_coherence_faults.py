@@ -91,17 +91,19 @@ def test_a_terminated_listener_connection_never_leaves_a_stale_read(
     assert len(kills) >= 2 * len(services)
     assert not observer.errors
     assert observer.stale_reads() == []
+    print(
+        f"\nlistener faults: {len(kills)} listener connections terminated over 6 rounds of "
+        f"versions; {len(observer.reads)} reads over 2 instances, stale reads 0"
+    )
     for service in services:
         samples = scrape(service)
         # One reset as built, then one per lost connection.
         assert metric_value(samples, "order_viewer_cache_resets_total") >= 2
         assert service.get("/readyz").status_code == 200
         assert "the change listener lost its connection" in service.log()
-        # Warmed again: the orders are cached once more, and served from the cache.
-        hits = metric_value(samples, "order_viewer_cache_hits_total")
-        service.get(f"/order/{orders[0]['order_uid']}")
-        service.get(f"/order/{orders[0]['order_uid']}")
-        assert metric_value(scrape(service), "order_viewer_cache_hits_total") > hits
+        # Warmed at start, and again after each reconnection.
+        assert service.log().count("cache warmed with") >= 2
+        assert metric_value(samples, "order_viewer_cache_entries") > 0
 
 
 def test_a_crash_between_a_delete_and_its_commit_deletes_once_after_the_restart(
