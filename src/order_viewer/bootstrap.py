@@ -43,6 +43,7 @@ from order_viewer.store import (
     PostgresOrderWriter,
     migrate,
     newest_documents,
+    stored_versions,
 )
 
 log = logging.getLogger(__name__)
@@ -126,19 +127,9 @@ def build(settings: Settings) -> Parts:
     )
     lookup = OrderLookup(reader, cache)
 
-    def warm_again() -> None:
-        try:
-            warm_up(cache, partial(newest_documents, database_url), database, metrics)
-        except Stopped:
-            return
-        except Exception:
-            # The cache then fills as orders are read; nothing is wrong with what it serves.
-            log.exception("warming the cache again failed")
-
-    def rewarm() -> None:
-        threading.Thread(target=warm_again, name="rewarm", daemon=True).start()
-
-    coherence = CacheCoherence(cache, metrics, rewarm)
+    coherence = CacheCoherence(
+        cache, metrics, partial(stored_versions, database_url), database, _in_background
+    )
     listener = PostgresChangeListener(database_url, instance, coherence, database)
     expirer = (
         PostgresOrderExpirer(database_url, instance)
@@ -224,6 +215,22 @@ def run_in_background(parts: Parts, on_failure: Callable[[], object]) -> list[th
     for thread in threads:
         thread.start()
     return threads
+
+
+def _in_background(target: Callable[[], object]) -> None:
+    """`target` in a thread of its own that does not hold up the process's exit; a failure is
+    logged, not fatal (used to check the cache after the change listener reconnects: if that
+    fails, the cache keeps answering nothing, and the next reconnection tries again)."""
+
+    def run() -> None:
+        try:
+            target()
+        except Stopped:
+            return
+        except Exception:
+            log.exception("checking the cached orders failed")
+
+    threading.Thread(target=run, name="cache-check", daemon=True).start()
 
 
 def _logging_failure(

@@ -17,7 +17,13 @@ class CachedOrder:
 
     @classmethod
     def of(cls, body: bytes, sha256: bytes) -> CachedOrder:
-        return cls(body, f'"{sha256[:16].hex()}"')
+        return cls(body, etag_of(sha256))
+
+
+def etag_of(sha256: bytes) -> str:
+    """The entity tag of a version: a prefix of its content's digest, so that the tag of a stored
+    version can be told from its digest alone."""
+    return f'"{sha256[:16].hex()}"'
 
 
 # How many recently changed ids the cache remembers to refuse reads that began before the change;
@@ -38,6 +44,10 @@ class OrderCache:
     from `writes`, and the cache remembers the number of the last change of each recently
     changed id: a read notes `writes` before it starts, and what it read of an id changed since
     is not kept.
+
+    While changes may go unheard (`suspend`), the cache answers no lookup; it keeps its entries
+    for `kept` (what to serve when the database cannot be reached either) and for `verify`, which
+    drops those that changed meanwhile before `resume`.
     """
 
     def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
@@ -58,7 +68,7 @@ class OrderCache:
         self.misses = 0
         self.evictions = 0
         self.invalidations = 0
-        self.resets = 0
+        self.suspensions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -71,18 +81,43 @@ class OrderCache:
 
     @property
     def suspended(self) -> bool:
-        """Whether the cache keeps nothing, until changes can be heard again."""
+        """Whether the cache answers no lookup, until its entries are verified again."""
         return self._suspended
 
     def get(self, order_uid: str) -> CachedOrder | None:
         with self._lock:
-            entry = self._entries.get(order_uid)
+            entry = None if self._suspended else self._entries.get(order_uid)
             if entry is None:
                 self.misses += 1
                 return None
             self._entries.move_to_end(order_uid)
             self.hits += 1
             return entry
+
+    def kept(self, order_uid: str) -> CachedOrder | None:
+        """The entry of an order, even while the cache is suspended: what is left to serve when
+        the database cannot be reached (and then nothing can be committed there either)."""
+        with self._lock:
+            return self._entries.get(order_uid)
+
+    def etags(self) -> dict[str, str]:
+        """The entity tag of every entry, to check against what is stored."""
+        with self._lock:
+            return {order_uid: entry.etag for order_uid, entry in self._entries.items()}
+
+    def verify(self, stored_etags: dict[str, str], checked: Iterable[str]) -> int:
+        """Drop the checked entries whose tag is not the stored one (`stored_etags` lacks the
+        orders no longer stored); how many were dropped. An entry written since the check read
+        the database may be dropped too, which costs a miss and nothing else."""
+        with self._lock:
+            dropped = 0
+            for order_uid in checked:
+                entry = self._entries.get(order_uid)
+                if entry is not None and entry.etag != stored_etags.get(order_uid):
+                    self._drop(order_uid)
+                    dropped += 1
+            self.invalidations += dropped
+            return dropped
 
     def put_written(self, entries: dict[str, CachedOrder]) -> None:
         """Store orders the database has just committed, replacing older copies."""
@@ -91,7 +126,7 @@ class OrderCache:
             for order_uid, entry in entries.items():
                 self._drop(order_uid)
                 # One order over the whole bound would only empty the cache and then go itself.
-                if not self._suspended and self._fits(entry):
+                if self._fits(entry):
                     self._entries[order_uid] = entry
                     self.bytes += len(entry.body)
             self._evict()
@@ -105,24 +140,21 @@ class OrderCache:
                 self.invalidations += self._drop(order_uid)
 
     def suspend(self) -> None:
-        """Empty the cache and keep nothing until `resume`: changes may go unheard meanwhile."""
+        """Answer no lookup and keep no read until `resume`: changes may go unheard meanwhile.
+        Writes of this instance are still kept (each was the newest when it committed)."""
         with self._lock:
             self._writes += 1
             self._floor = self._writes
             self._suspended = True
-            self._entries.clear()
-            self._changed.clear()
-            self.bytes = 0
-            self.resets += 1
+            self.suspensions += 1
 
     def resume(self) -> None:
-        """Keep orders again, now that every change is heard; reads that began before are
-        refused, and warm-up may fill the cache again."""
+        """Answer lookups again, once every change is heard and the entries were verified;
+        reads that began before are refused."""
         with self._lock:
             self._writes += 1
             self._floor = self._writes
             self._suspended = False
-            self.warm_full = self.capacity == 0
 
     def fill(self, entries: dict[str, CachedOrder], writes_before_read: int) -> int:
         """Keep orders read from the database, except those changed since the read began (the

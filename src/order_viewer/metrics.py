@@ -56,7 +56,7 @@ class Metrics:
         self.listener_connected = Gauge(
             "order_viewer_change_listener_connected",
             "1 while the connection that hears other instances' changes is listening, else 0 "
-            "(the cache is then empty and unused).",
+            "(the cache then answers nothing until its entries are verified).",
             registry=registry,
         )
         self.changes_heard = Counter(
@@ -251,10 +251,10 @@ class _CacheCollector(Collector):
             value=cache.invalidations,
         )
         yield CounterMetricFamily(
-            "order_viewer_cache_resets",
-            "Times the cache was emptied and set aside because changes could go unheard "
-            "(once at start, until the change listener first listens).",
-            value=cache.resets,
+            "order_viewer_cache_suspensions",
+            "Times the cache stopped answering because changes could go unheard (once at "
+            "start, until the change listener first listens).",
+            value=cache.suspensions,
         )
         yield CounterMetricFamily(
             "order_viewer_cache_evictions",

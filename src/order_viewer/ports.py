@@ -141,6 +141,13 @@ class NewestDocuments(Protocol):
         ...
 
 
+class StoredVersions(Protocol):
+    def __call__(self, order_uids: list[str]) -> dict[str, bytes]:
+        """The content SHA-256 of each of these orders that is stored; raises
+        DatabaseUnavailable."""
+        ...
+
+
 class DeadLetters(Protocol):
     def send(self, rejected: Sequence[RejectedMessage]) -> None:
         """Returns once the dead-letter topic has acknowledged every one; raises Stopped if a

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-from order_viewer.cache import CachedOrder, OrderCache
+from order_viewer.cache import CachedOrder, OrderCache, etag_of
 from order_viewer.metrics import Metrics
 from order_viewer.model import (
     DB_REJECTED,
@@ -37,6 +37,7 @@ from order_viewer.ports import (
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
+    StoredVersions,
 )
 from order_viewer.retry import Patience, retry
 
@@ -295,6 +296,9 @@ class OrderLookup:
         return self._cache.get(order_uid)
 
     async def load(self, order_uid: str) -> CachedOrder | None:
+        """The stored order, or None; raises DatabaseUnavailable when the database cannot be
+        reached and the cache kept no copy (it keeps them, without answering from them, while
+        it cannot hear other instances' changes: with the database away, none can be made)."""
         future = self._in_flight.get(order_uid)
         if future is None:
             loop = asyncio.get_running_loop()
@@ -302,8 +306,14 @@ class OrderLookup:
             if not self._queued:
                 loop.call_soon(self._send_queued)
             self._queued.append(order_uid)
-        # Shielded: one request giving up must not cancel the query the others wait for.
-        return await asyncio.shield(future)
+        try:
+            # Shielded: one request giving up must not cancel the query the others wait for.
+            return await asyncio.shield(future)
+        except DatabaseUnavailable:
+            kept = self._cache.kept(order_uid)
+            if kept is None:
+                raise
+            return kept
 
     def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
@@ -339,16 +349,31 @@ class OrderLookup:
 class CacheCoherence:
     """Keeps this instance's cache in step with what the other instances commit (the `Changes`
     the change listener reports): a replaced or deleted order is dropped from the cache, and any
-    read of it under way is not kept. While changes cannot be heard, nothing is cached: the cache
-    is emptied when the listener's connection is lost, every read goes to the database until it
-    listens again, and then the cache is warmed again (`rewarm`, which runs beside the listener
-    so that changes are heard while it reads)."""
+    read of it under way is not kept.
 
-    def __init__(self, cache: OrderCache, metrics: Metrics, rewarm: Callable[[], object]) -> None:
+    While changes cannot be heard, the cache answers nothing (every lookup reads the database,
+    or, if that cannot be reached either, gets what the cache kept). Once the listener listens
+    again, every cached entry is checked against the stored version's digest, those that changed
+    meanwhile are dropped, and only then does the cache answer again; this runs beside the
+    listener (`in_background`), so changes are heard while it reads.
+    """
+
+    def __init__(
+        self,
+        cache: OrderCache,
+        metrics: Metrics,
+        stored_versions: StoredVersions,
+        database: Patience,
+        in_background: Callable[[Callable[[], object]], object],
+    ) -> None:
         self._cache = cache
         self._metrics = metrics
-        self._rewarm = rewarm
+        self._stored_versions = stored_versions
+        self._database = database
+        self._in_background = in_background
         self.listening_now = threading.Event()
+        self._lock = threading.Lock()
+        self._losses = 0
         self._listened_before = False
 
     def changed(self, order_uids: Sequence[str]) -> None:
@@ -356,19 +381,45 @@ class CacheCoherence:
         self._metrics.changes_heard.inc(len(order_uids))
 
     def lost(self) -> None:
+        with self._lock:
+            self._losses += 1
+            self._cache.suspend()
         self.listening_now.clear()
         self._metrics.listener_connected.set(0)
-        self._cache.suspend()
-        log.warning("the change listener lost its connection: the cache is emptied and unused")
+        log.warning(
+            "the change listener lost its connection: the cache answers nothing until it is "
+            "listening again and the cached orders are checked"
+        )
 
     def listening(self) -> None:
-        self._cache.resume()
-        self._metrics.listener_connected.set(1)
         self.listening_now.set()
-        if self._listened_before:
-            log.info("the change listener is back: warming the cache again")
-            self._rewarm()
-        self._listened_before = True
+        self._metrics.listener_connected.set(1)
+        if not self._listened_before:
+            # At start nothing is cached yet: nothing to check.
+            self._listened_before = True
+            self._cache.resume()
+            return
+        with self._lock:
+            losses = self._losses
+        self._in_background(partial(self._verify, losses))
+
+    def _verify(self, losses: int) -> None:
+        etags = self._cache.etags()
+        stored = retry(
+            partial(self._stored_versions, list(etags)),
+            transient=(DatabaseUnavailable,),
+            patience=self._database,
+        )
+        dropped = self._cache.verify({uid: etag_of(sha) for uid, sha in stored.items()}, etags)
+        with self._lock:
+            if self._losses != losses:
+                return  # lost again meanwhile: the next reconnection checks again
+            self._cache.resume()
+        log.info(
+            "the change listener is listening again: %d cached orders checked, %d had changed "
+            "and were dropped; the cache answers again",
+            len(etags), dropped,
+        )  # fmt: skip
 
 
 def expire_orders(

@@ -477,6 +477,29 @@ def newest_documents(
         raise
 
 
+def stored_versions(
+    database_url: str, order_uids: list[str], chunk: int = 10_000
+) -> dict[str, bytes]:
+    """The content SHA-256 of each of these orders that is stored, read over a connection of
+    its own in chunks of `chunk` ids."""
+    versions: dict[str, bytes] = {}
+    try:
+        with psycopg.connect(
+            database_url, autocommit=True, connect_timeout=5, application_name="order-viewer-verify"
+        ) as connection:
+            for start in range(0, len(order_uids), chunk):
+                rows = connection.execute(
+                    "SELECT order_uid, content_sha256 FROM orders WHERE order_uid = ANY(%s)",
+                    (order_uids[start : start + chunk],),
+                ).fetchall()
+                versions.update((str(uid), bytes(sha)) for uid, sha in rows)
+    except psycopg.Error as error:
+        if is_transient(error):
+            raise DatabaseUnavailable(str(error).strip()) from error
+        raise
+    return versions
+
+
 def _stored_document(row: tuple[object, ...]) -> StoredDocument:
     order_uid, document, sha256 = row
     assert isinstance(order_uid, str)

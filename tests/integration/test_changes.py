@@ -26,6 +26,7 @@ from order_viewer.store import (
     PostgresOrderExpirer,
     PostgresOrderWriter,
     change_payloads,
+    stored_versions,
 )
 from tests.audit import orphan_rows, row_counts
 from tests.conftest import Stack, wait_until
@@ -274,3 +275,16 @@ def test_the_expirer_deletes_the_oldest_in_bounded_batches_and_skips_locked_rows
     assert orphan_rows(stack) == 0
     announced = [uid for payload in heard(listening) for uid in payload.split(" ")[1:]]
     assert sorted(announced) == sorted(expired)
+
+
+def test_stored_versions_are_the_digests_of_the_stored_orders_only(
+    stack: Stack, writer: PostgresOrderWriter
+) -> None:
+    a, b = make_order(_rng), make_order(_rng)
+    writer.write([prepared(a, 1), prepared(b, 2)])
+    writer.write([], [Deletion(b["order_uid"], 0, 3)])
+    uids = [a["order_uid"], b["order_uid"], "never-stored", "'; DROP TABLE orders; --"]
+    assert stored_versions(stack.database_url, uids, chunk=2) == {
+        a["order_uid"]: prepared(a, 1).sha256
+    }
+    assert stored_versions(stack.database_url, []) == {}

@@ -151,26 +151,29 @@ def test_an_invalidation_drops_the_copy_and_refuses_a_read_of_it_under_way() -> 
     assert cache.fill({"a": entry("a2")}, cache.writes) == 1
 
 
-def test_a_suspended_cache_keeps_nothing_and_refuses_reads_begun_before_its_resumption() -> None:
+def test_a_suspended_cache_answers_nothing_keeps_its_entries_and_refuses_reads() -> None:
     cache = OrderCache(capacity=10)
-    cache.warm({"a": entry("a")}, cache.writes)
-    cache.warm_full = True
+    cache.warm({"a": entry("a"), "b": entry("b")}, cache.writes)
     before_suspension = cache.writes
     cache.suspend()
-    assert (len(cache), cache.bytes, cache.resets, cache.suspended) == (0, 0, 1, True)
+    assert (cache.get("a"), cache.suspended, cache.suspensions) == (None, True, 1)
+    assert cache.kept("a") == entry("a")  # for when the database cannot be reached either
     during = cache.writes
-    cache.put_written({"b": entry("b")})
-    assert cache.fill({"c": entry("c")}, cache.writes) == 0
-    assert cache.warm({"c": entry("c")}, cache.writes) == 0
-    assert len(cache) == 0
+    cache.put_written({"c": entry("c")})  # this instance's own commit: the newest at the time
+    assert cache.kept("c") == entry("c")
+    assert cache.fill({"d": entry("d")}, cache.writes) == 0
+    assert cache.warm({"d": entry("d")}, cache.writes) == 0
+    assert cache.etags() == {"a": entry("a").etag, "b": entry("b").etag, "c": entry("c").etag}
+    # "a" changed meanwhile, "b" was deleted, "c" is as stored; "e" was never cached.
+    stored = {"a": entry("a2").etag, "c": entry("c").etag, "e": entry("e").etag}
+    assert cache.verify(stored, ["a", "b", "c", "e"]) == 2
     cache.resume()
     assert not cache.suspended
-    assert not cache.warm_full  # warm-up may fill it again
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, None, entry("c"))
     assert cache.fill({"a": entry("a")}, before_suspension) == 0
-    assert cache.fill({"c": entry("c")}, during) == 0
-    assert cache.fill({"c": entry("c")}, cache.writes) == 1
-    cache.put_written({"b": entry("b")})
-    assert cache.get("b") == entry("b")
+    assert cache.fill({"d": entry("d")}, during) == 0
+    assert cache.fill({"d": entry("d")}, cache.writes) == 1
+    assert cache.get("d") == entry("d")
 
 
 def test_a_read_older_than_the_changes_remembered_is_refused_whole(

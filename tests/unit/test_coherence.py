@@ -3,10 +3,12 @@ layer over fakes of its ports (tests/fakes.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,10 +16,16 @@ import pytest
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.metrics import Metrics
-from order_viewer.ports import Message, Stopped
+from order_viewer.ports import DatabaseUnavailable, Message, Stopped
 from order_viewer.retry import Health, Patience
-from order_viewer.service import CacheCoherence, OrderIngest, expire_orders, prepare_batch
-from tests.fakes import FakeDeadLetters, FakeExpirer, FakeWriter
+from order_viewer.service import (
+    CacheCoherence,
+    OrderIngest,
+    OrderLookup,
+    expire_orders,
+    prepare_batch,
+)
+from tests.fakes import FakeDeadLetters, FakeExpirer, FakeReader, FakeWriter
 
 
 def order(uid: str, name: str = "Test Testov", date: str = "2021-11-26T06:22:19Z") -> bytes:
@@ -136,22 +144,37 @@ def test_a_deletion_the_database_refuses_is_dead_lettered_alone() -> None:
     ]
 
 
-def entry(text: str) -> CachedOrder:
-    return CachedOrder.of(text.encode(), text.encode().ljust(32, b"\0"))
-
-
 class Coherence:
     def __init__(self) -> None:
         self.cache = OrderCache(10)
         self.metrics = Metrics(self.cache)
-        self.rewarms = 0
-        self.service = CacheCoherence(self.cache, self.metrics, self.rewarm)
+        self.stored: dict[str, bytes] = {}
+        self.unavailable_for = 0
+        self.pending: list[Callable[[], object]] = []
+        self.service = CacheCoherence(
+            self.cache, self.metrics, self.versions, patience(), self.pending.append
+        )
 
-    def rewarm(self) -> None:
-        self.rewarms += 1
+    def versions(self, order_uids: list[str]) -> dict[str, bytes]:
+        if self.unavailable_for:
+            self.unavailable_for -= 1
+            raise DatabaseUnavailable("connection refused")
+        return {uid: self.stored[uid] for uid in order_uids if uid in self.stored}
+
+    def run_pending(self) -> None:
+        while self.pending:
+            self.pending.pop(0)()
 
     def sample(self, name: str) -> float | None:
         return self.metrics.registry.get_sample_value(name)
+
+
+def entry(text: str) -> CachedOrder:
+    return CachedOrder.of(text.encode(), sha(text))
+
+
+def sha(text: str) -> bytes:
+    return text.encode().ljust(32, b"\0")
 
 
 def test_a_change_heard_drops_the_cached_copy_and_a_read_of_it_under_way() -> None:
@@ -168,26 +191,42 @@ def test_a_change_heard_drops_the_cached_copy_and_a_read_of_it_under_way() -> No
     assert coherence.sample("order_viewer_cache_invalidations_total") == 1
 
 
-def test_a_lost_listener_empties_the_cache_until_it_listens_again_then_warms_it() -> None:
+def test_after_a_lost_listener_the_cache_answers_again_only_once_its_entries_are_checked() -> None:
     coherence = Coherence()
     cache = coherence.cache
-    cache.suspend()  # as built: nothing kept before the first LISTEN
+    cache.suspend()  # as built: nothing answered before the first LISTEN
     coherence.service.listening()
     assert coherence.service.listening_now.is_set()
     assert coherence.sample("order_viewer_change_listener_connected") == 1
-    assert coherence.rewarms == 0  # start-up warms the cache itself
-    cache.put_written({"a": entry("a")})
+    assert coherence.pending == []  # nothing cached at start: nothing to check
+    cache.put_written({"a": entry("a1"), "b": entry("b1"), "c": entry("c1")})
     coherence.service.lost()
     assert not coherence.service.listening_now.is_set()
     assert coherence.sample("order_viewer_change_listener_connected") == 0
-    assert len(cache) == 0
-    cache.put_written({"b": entry("b")})
-    assert cache.get("b") is None
+    assert cache.get("a") is None
+    # Unheard meanwhile: "a" replaced, "b" deleted; "c" unchanged.
+    coherence.stored = {"a": sha("a2"), "c": sha("c1")}
+    coherence.unavailable_for = 1
     coherence.service.listening()
-    assert coherence.rewarms == 1
-    cache.put_written({"b": entry("b")})
-    assert cache.get("b") == entry("b")
-    assert coherence.sample("order_viewer_cache_resets_total") == 2
+    assert cache.get("c") is None  # not before the check
+    coherence.run_pending()
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, None, entry("c1"))
+    assert coherence.sample("order_viewer_cache_suspensions_total") == 2
+
+
+def test_a_check_overtaken_by_another_loss_does_not_let_the_cache_answer() -> None:
+    coherence = Coherence()
+    coherence.service.listening()
+    coherence.cache.put_written({"a": entry("a1")})
+    coherence.stored = {"a": sha("a1")}
+    coherence.service.lost()
+    coherence.service.listening()
+    coherence.service.lost()  # before the first check ran
+    coherence.run_pending()
+    assert coherence.cache.suspended
+    coherence.service.listening()
+    coherence.run_pending()
+    assert coherence.cache.get("a") == entry("a1")
 
 
 def dated(uid: str, days_ago: int) -> bytes:
@@ -229,3 +268,21 @@ def test_retention_stops_waiting_for_the_database_on_stop() -> None:
             expirer, ingest.cache, ingest.metrics, patience(stop),
             retention=timedelta(days=1), batch=10,
         )  # fmt: skip
+
+
+def test_with_the_database_away_too_a_lookup_gets_what_the_suspended_cache_kept() -> None:
+    cache = OrderCache(10)
+    cache.put_written({"a": entry("a1")})
+    cache.suspend()
+    reader = FakeReader({})
+    reader.unavailable = True
+    lookup = OrderLookup(reader, cache)
+
+    async def look() -> None:
+        assert lookup.cached("a") is None
+        assert await lookup.load("a") == entry("a1")
+        with pytest.raises(DatabaseUnavailable):
+            await lookup.load("b")
+
+    asyncio.run(look())
+    assert reader.queries == 2
