@@ -126,7 +126,6 @@ def build(settings: Settings) -> Parts:
         metrics=metrics,
     )
     lookup = OrderLookup(reader, cache)
-
     coherence = CacheCoherence(
         cache, metrics, partial(stored_versions, database_url), database, _in_background
     )
