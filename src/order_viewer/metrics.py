@@ -238,6 +238,12 @@ class _CacheCollector(Collector):
                 "Most bytes of order bodies the cache keeps.",
                 value=cache.max_bytes,
             )
+        yield GaugeMetricFamily(
+            "order_viewer_cache_suspended",
+            "1 while the cache answers no lookup (changes could go unheard, or its entries are "
+            "being checked after the change listener reconnected), else 0.",
+            value=int(cache.suspended),
+        )
         yield CounterMetricFamily(
             "order_viewer_cache_hits", "Lookups answered from the cache.", value=cache.hits
         )

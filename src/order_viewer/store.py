@@ -1,8 +1,8 @@
-"""PostgreSQL adapters: the batch writer the consumer uses and the reader the HTTP side uses."""
+"""PostgreSQL adapters: the batch writer the consumer uses, the reader the HTTP side uses, and
+what keeps instances in step: the change listener, the cache check and the retention expirer."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from datetime import datetime
@@ -26,8 +26,6 @@ from order_viewer.ports import (
     WriteResult,
 )
 from order_viewer.retry import Patience, retry
-
-log = logging.getLogger(__name__)
 
 # SQLSTATE classes that mean "try again": connection exceptions, resource shortage, operator
 # intervention (shutdown, crash recovery), and the transaction rollbacks (serialization, deadlock).

@@ -103,6 +103,7 @@ def test_a_terminated_listener_connection_never_leaves_a_stale_read(
         assert "the change listener lost its connection" in service.log()
         # Checked after a reconnection, and answering again.
         assert "the cache answers again" in service.log()
+        assert metric_value(samples, "order_viewer_cache_suspended") == 0
         service.get(f"/order/{orders[0]['order_uid']}")  # cached now, if it was not
         hits = metric_value(scrape(service), "order_viewer_cache_hits_total")
         service.get(f"/order/{orders[0]['order_uid']}")

@@ -209,7 +209,9 @@ def test_after_a_lost_listener_the_cache_answers_again_only_once_its_entries_are
     coherence.unavailable_for = 1
     coherence.service.listening()
     assert cache.get("c") is None  # not before the check
+    assert coherence.sample("order_viewer_cache_suspended") == 1
     coherence.run_pending()
+    assert coherence.sample("order_viewer_cache_suspended") == 0
     assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, None, entry("c1"))
     assert coherence.sample("order_viewer_cache_suspensions_total") == 2
 
