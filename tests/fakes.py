@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Generator, Sequence
+from datetime import datetime
 
-from order_viewer.model import PreparedOrder, supersedes
+from order_viewer.model import PreparedOrder, later, supersedes
 from order_viewer.ports import (
     DatabaseUnavailable,
+    Deletion,
+    Expired,
     OrderSummary,
     RejectedByDatabase,
     RejectedMessage,
@@ -24,21 +27,40 @@ class FakeWriter:
 
     def __init__(self) -> None:
         self.stored: dict[str, PreparedOrder] = {}
+        # order_uid -> (partition, offset) of its latest tombstone
+        self.tombstones: dict[str, tuple[int, int]] = {}
         self.batches: list[list[str]] = []
         self.refuse: set[str] = set()
         # How many of the next writes fail as if the database were down.
         self.unavailable_for = 0
 
-    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult:
+    def write(
+        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+    ) -> WriteResult:
         if self.unavailable_for:
             self.unavailable_for -= 1
             raise DatabaseUnavailable("connection refused")
-        if any(prepared.order.order_uid in self.refuse for prepared in batch):
+        uids = [prepared.order.order_uid for prepared in batch]
+        if any(uid in self.refuse for uid in [*uids, *(d.order_uid for d in deletions)]):
             raise RejectedByDatabase("value too long for type")
-        self.batches.append([prepared.order.order_uid for prepared in batch])
+        self.batches.append(uids)
+        deleted = []
+        for deletion in deletions:
+            uid, position = deletion.order_uid, (deletion.partition, deletion.offset)
+            if uid not in self.tombstones or later(position, self.tombstones[uid]):
+                self.tombstones[uid] = position
+            old = self.stored.get(uid)
+            if old is not None and later(position, (old.partition, old.offset)):
+                del self.stored[uid]
+                deleted.append(uid)
         inserted, replaced = [], []
         for prepared in batch:
             uid = prepared.order.order_uid
+            tombstone = self.tombstones.get(uid)
+            if tombstone is not None and not later(
+                (prepared.partition, prepared.offset), tombstone
+            ):
+                continue
             old = self.stored.get(uid)
             if old is None:
                 inserted.append(uid)
@@ -47,7 +69,7 @@ class FakeWriter:
             else:
                 continue
             self.stored[uid] = prepared
-        return WriteResult(tuple(inserted), tuple(replaced))
+        return WriteResult(tuple(inserted), tuple(replaced), tuple(deleted))
 
     def newest(self, limit: int) -> Generator[list[StoredDocument], None, None]:
         newest_first = sorted(
@@ -106,3 +128,25 @@ class FakeDeadLetters:
             raise Stopped
         self.sent.extend(rejected)
         self.events.append(f"dead-lettered {[entry.message.offset for entry in rejected]}")
+
+
+class FakeExpirer:
+    """Expires from a FakeWriter's orders, oldest first, as the PostgreSQL expirer does."""
+
+    def __init__(self, writer: FakeWriter) -> None:
+        self.writer = writer
+        self.limits: list[int] = []
+        self.unavailable_for = 0
+
+    def expire(self, before: datetime, limit: int) -> Expired:
+        if self.unavailable_for:
+            self.unavailable_for -= 1
+            raise DatabaseUnavailable("connection refused")
+        self.limits.append(limit)
+        old = sorted(
+            (p for p in self.writer.stored.values() if p.order.date_created < before),
+            key=lambda p: p.order.date_created,
+        )[:limit]
+        for prepared in old:
+            del self.writer.stored[prepared.order.order_uid]
+        return Expired(tuple(p.order.order_uid for p in old), 0)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 
 import psycopg
@@ -27,10 +29,29 @@ from order_viewer.consumer import Batching, OrderConsumer, group_membership
 from order_viewer.metrics import Metrics
 from order_viewer.ports import Stopped
 from order_viewer.retry import Health, Patience, retry
-from order_viewer.service import OrderIngest, OrderLookup, Readiness, warm_up
-from order_viewer.store import PostgresOrderReader, PostgresOrderWriter, migrate, newest_documents
+from order_viewer.service import (
+    CacheCoherence,
+    OrderIngest,
+    OrderLookup,
+    Readiness,
+    expire_orders,
+    warm_up,
+)
+from order_viewer.store import (
+    PostgresChangeListener,
+    PostgresOrderExpirer,
+    PostgresOrderReader,
+    PostgresOrderWriter,
+    migrate,
+    newest_documents,
+    stored_versions,
+)
 
 log = logging.getLogger(__name__)
+
+# How often the retention sweep looks for expired orders, and how many it deletes per transaction.
+RETENTION_SWEEP_SECONDS = 60.0
+RETENTION_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +70,9 @@ class Parts:
     ingest: OrderIngest
     lookup: OrderLookup
     consumer: OrderConsumer
+    coherence: CacheCoherence
+    listener: PostgresChangeListener
+    expirer: PostgresOrderExpirer | None
     readiness: Readiness
     app: ASGIApp
 
@@ -65,14 +89,26 @@ def build(settings: Settings, access: AccessPolicy | None = None) -> Parts:
         Health("Kafka broker", logging.getLogger("order_viewer.broker")), stop, max_backoff
     )
     database_url = str(settings.database_url)
+    # Names this instance in its change notifications, so that it skips its own.
+    instance = uuid.uuid4().hex
     cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
+    # Nothing is cached until the change listener listens: a copy kept before could change
+    # unheard.
+    cache.suspend()
     metrics = Metrics(cache)
     reader = PostgresOrderReader(database_url, settings.database_pool_size)
-    writer = PostgresOrderWriter(database_url)
+    writer = PostgresOrderWriter(database_url, instance)
     dead_letters = DeadLetterWriter(
         client_config(settings), settings.kafka_dlq_topic, broker, metrics
     )
-    ingest = OrderIngest(writer, cache, dead_letters, database, metrics)
+    ingest = OrderIngest(
+        writer,
+        cache,
+        dead_letters,
+        database,
+        metrics,
+        delete_on_tombstone=settings.kafka_tombstones == "delete",
+    )
     consumer = OrderConsumer(
         client=client_config(
             settings,
@@ -91,16 +127,26 @@ def build(settings: Settings, access: AccessPolicy | None = None) -> Parts:
         metrics=metrics,
     )
     lookup = OrderLookup(reader, cache)
-    readiness = Readiness(lookup.database_reachable, consumer.consuming)
+    coherence = CacheCoherence(
+        cache, metrics, partial(stored_versions, database_url), database, _in_background
+    )
+    listener = PostgresChangeListener(database_url, instance, coherence, database)
+    expirer = (
+        PostgresOrderExpirer(database_url, instance)
+        if settings.order_retention_days is not None
+        else None
+    )
+    readiness = Readiness(lookup.database_reachable, consumer.consuming, coherence.listening_now)
     app = create_app(lookup, readiness, metrics if settings.metrics_enabled else None, access)
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writer, dead_letters,
-        ingest, lookup, consumer, readiness, app,
+        ingest, lookup, consumer, coherence, listener, expirer, readiness, app,
     )  # fmt: skip
 
 
 def start(parts: Parts) -> None:
-    """The start-up steps, in order, then consumption until the stop: the schema, the warm cache,
+    """The start-up steps, in order, then consumption until the stop: the schema, the change
+    listener listening (it runs in a thread of its own, see `run_in_background`), the warm cache,
     the topics, the consumer. Raises Stopped if a stop comes while a dependency is away, and any
     other exception to say the process cannot go on."""
     settings = parts.settings
@@ -109,6 +155,9 @@ def start(parts: Parts) -> None:
         transient=(psycopg.OperationalError, sqlalchemy.exc.OperationalError),
         patience=parts.database,
     )
+    while not parts.coherence.listening_now.wait(0.1):
+        if parts.stop.is_set():
+            raise Stopped
     warm_up(
         parts.cache,
         partial(newest_documents, str(settings.database_url)),
@@ -125,13 +174,74 @@ def start(parts: Parts) -> None:
     parts.consumer.run()
 
 
-def run_in_background(parts: Parts, on_failure: Callable[[], object]) -> threading.Thread:
-    """`start` in a thread of its own; if it fails, the reason is logged and `on_failure` called
-    (the server stops and the process exits with 1), never a service that stays up unready."""
+def sweep_expired(parts: Parts, retention_days: int) -> None:
+    """Delete expired orders now and then every RETENTION_SWEEP_SECONDS, until the stop; the
+    first sweep waits for the schema and the warm cache."""
+    assert parts.expirer is not None
+    while not parts.readiness.warmed.wait(0.5):
+        if parts.stop.is_set():
+            return
+    while True:
+        expire_orders(
+            parts.expirer, parts.cache, parts.metrics, parts.database,
+            retention=timedelta(days=retention_days), batch=RETENTION_BATCH,
+        )  # fmt: skip
+        if parts.stop.wait(RETENTION_SWEEP_SECONDS):
+            return
+
+
+def run_in_background(parts: Parts, on_failure: Callable[[], object]) -> list[threading.Thread]:
+    """`start`, the change listener and the retention sweep, each in a thread of its own; if one
+    fails, the reason is logged and `on_failure` called (the server stops and the process exits
+    with 1), never a service that stays up unready."""
+
+    def failed() -> None:
+        parts.readiness.failed.set()
+        parts.stop.set()
+        on_failure()
+
+    targets: list[tuple[str, Callable[[], object]]] = [
+        ("listener", parts.listener.run),
+        ("consumer", partial(start, parts)),
+    ]
+    if parts.settings.order_retention_days is not None:
+        targets.append(
+            ("retention", partial(sweep_expired, parts, parts.settings.order_retention_days))
+        )
+    threads = [
+        threading.Thread(target=_logging_failure(target, failed), name=name)
+        for name, target in targets
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _in_background(target: Callable[[], object]) -> None:
+    """`target` in a thread of its own that does not hold up the process's exit; a failure is
+    logged, not fatal (used to check the cache after the change listener reconnects: if that
+    fails, the cache keeps answering nothing, and the next reconnection tries again)."""
 
     def run() -> None:
         try:
-            start(parts)
+            target()
+        except Stopped:
+            return
+        except Exception:
+            log.exception("checking the cached orders failed")
+
+    threading.Thread(target=run, name="cache-check", daemon=True).start()
+
+
+def _logging_failure(
+    target: Callable[[], object], failed: Callable[[], object]
+) -> Callable[[], None]:
+    """`target` run to its end; if it fails for another reason than a stop, the reason is logged
+    and `failed` called."""
+
+    def run() -> None:
+        try:
+            target()
         except Stopped:
             return
         except KafkaException as error:
@@ -144,14 +254,13 @@ def run_in_background(parts: Parts, on_failure: Callable[[], object]) -> threadi
             log.exception("the service cannot go on; stopping")
         else:
             return
-        parts.readiness.failed.set()
-        on_failure()
+        failed()
 
-    thread = threading.Thread(target=run, name="consumer")
-    thread.start()
-    return thread
+    return run
 
 
 def close(parts: Parts) -> None:
     parts.dead_letters.close()
     parts.writer.close()
+    if parts.expirer is not None:
+        parts.expirer.close()

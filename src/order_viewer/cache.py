@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -16,15 +17,37 @@ class CachedOrder:
 
     @classmethod
     def of(cls, body: bytes, sha256: bytes) -> CachedOrder:
-        return cls(body, f'"{sha256[:16].hex()}"')
+        return cls(body, etag_of(sha256))
+
+
+def etag_of(sha256: bytes) -> str:
+    """The entity tag of a version: a prefix of its content's digest, so that the tag of a stored
+    version can be told from its digest alone."""
+    return f'"{sha256[:16].hex()}"'
+
+
+# How many recently changed ids the cache remembers to refuse reads that began before the change;
+# a read that began before the oldest remembered change is refused whole.
+CHANGES_REMEMBERED = 50_000
 
 
 class OrderCache:
     """Least-recently-used cache of orders by order_uid, bounded by a number of orders and by the
     bytes of their bodies (orders run from 1 KB to over 200 KB, so a count alone bounds nothing).
 
-    The consumer thread writes while the HTTP event loop reads, so every access holds one lock;
-    each critical section is a dictionary operation, far shorter than a request.
+    The consumer thread writes, the change listener invalidates and the HTTP event loop reads,
+    so every access holds one lock; each critical section is a few dictionary operations, far
+    shorter than a request.
+
+    A database read that fills the cache may have read a version that changed while it ran. Each
+    change (a write here, an invalidation heard from another instance) therefore takes a number
+    from `writes`, and the cache remembers the number of the last change of each recently
+    changed id: a read notes `writes` before it starts, and what it read of an id changed since
+    is not kept.
+
+    While changes may go unheard (`suspend`), the cache answers no lookup; it keeps its entries
+    for `kept` (what to serve when the database cannot be reached either) and for `verify`, which
+    drops those that changed meanwhile before `resume`.
     """
 
     def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
@@ -36,22 +59,34 @@ class OrderCache:
         self._entries: OrderedDict[str, CachedOrder] = OrderedDict()
         self._lock = threading.Lock()
         self._writes = 0
+        self._changed: OrderedDict[str, int] = OrderedDict()
+        # Reads that began before this change are refused whole: the ids they may have missed
+        # are no longer remembered, or changes went unheard.
+        self._floor = 0
+        self._suspended = False
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.invalidations = 0
+        self.suspensions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
     def writes(self) -> int:
-        """How many times the consumer has written; a reader that fills the cache after a
-        database read compares it before and after, so it never puts back an older version."""
+        """The number of the latest change; a read that fills the cache notes it before it
+        starts, so that it never puts back a version older than one written meanwhile."""
         return self._writes
+
+    @property
+    def suspended(self) -> bool:
+        """Whether the cache answers no lookup, until its entries are verified again."""
+        return self._suspended
 
     def get(self, order_uid: str) -> CachedOrder | None:
         with self._lock:
-            entry = self._entries.get(order_uid)
+            entry = None if self._suspended else self._entries.get(order_uid)
             if entry is None:
                 self.misses += 1
                 return None
@@ -59,29 +94,75 @@ class OrderCache:
             self.hits += 1
             return entry
 
+    def kept(self, order_uid: str) -> CachedOrder | None:
+        """The entry of an order, even while the cache is suspended: what is left to serve when
+        the database cannot be reached (and then nothing can be committed there either)."""
+        with self._lock:
+            return self._entries.get(order_uid)
+
+    def etags(self) -> dict[str, str]:
+        """The entity tag of every entry, to check against what is stored."""
+        with self._lock:
+            return {order_uid: entry.etag for order_uid, entry in self._entries.items()}
+
+    def verify(self, stored_etags: dict[str, str], checked: Iterable[str]) -> int:
+        """Drop the checked entries whose tag is not the stored one (`stored_etags` lacks the
+        orders no longer stored); how many were dropped. An entry written since the check read
+        the database may be dropped too, which costs a miss and nothing else."""
+        with self._lock:
+            dropped = 0
+            for order_uid in checked:
+                entry = self._entries.get(order_uid)
+                if entry is not None and entry.etag != stored_etags.get(order_uid):
+                    self._drop(order_uid)
+                    dropped += 1
+            self.invalidations += dropped
+            return dropped
+
     def put_written(self, entries: dict[str, CachedOrder]) -> None:
         """Store orders the database has just committed, replacing older copies."""
         with self._lock:
-            self._writes += 1
+            self._change(entries)
             for order_uid, entry in entries.items():
-                replaced = self._entries.pop(order_uid, None)
-                if replaced is not None:
-                    self.bytes -= len(replaced.body)
+                self._drop(order_uid)
                 # One order over the whole bound would only empty the cache and then go itself.
                 if self._fits(entry):
                     self._entries[order_uid] = entry
                     self.bytes += len(entry.body)
             self._evict()
 
-    def fill(self, entries: dict[str, CachedOrder], writes_before_read: int) -> int:
-        """Keep orders read from the database, unless the consumer wrote since the read began
-        (the read may then be older than what the consumer stored); a copy already here wins.
-        Returns how many were kept."""
+    def invalidate(self, order_uids: Iterable[str]) -> None:
+        """Forget these orders (replaced or deleted elsewhere), and any read of them under way."""
         with self._lock:
-            if self._writes != writes_before_read:
-                return 0
+            order_uids = list(order_uids)
+            self._change(order_uids)
+            for order_uid in order_uids:
+                self.invalidations += self._drop(order_uid)
+
+    def suspend(self) -> None:
+        """Answer no lookup and keep no read until `resume`: changes may go unheard meanwhile.
+        Writes of this instance are still kept (each was the newest when it committed)."""
+        with self._lock:
+            self._writes += 1
+            self._floor = self._writes
+            self._suspended = True
+            self.suspensions += 1
+
+    def resume(self) -> None:
+        """Answer lookups again, once every change is heard and the entries were verified;
+        reads that began before are refused."""
+        with self._lock:
+            self._writes += 1
+            self._floor = self._writes
+            self._suspended = False
+
+    def fill(self, entries: dict[str, CachedOrder], writes_before_read: int) -> int:
+        """Keep orders read from the database, except those changed since the read began (the
+        read may then be older than what is stored now); a copy already here wins. Returns how
+        many were kept."""
+        with self._lock:
             kept = 0
-            for order_uid, entry in entries.items():
+            for order_uid, entry in self._unchanged_since(entries, writes_before_read):
                 if order_uid not in self._entries and self._fits(entry):
                     self._entries[order_uid] = entry
                     self.bytes += len(entry.body)
@@ -89,13 +170,13 @@ class OrderCache:
             self._evict()
             return kept
 
-    def warm(self, entries: dict[str, CachedOrder]) -> int:
+    def warm(self, entries: dict[str, CachedOrder], writes_before_read: int) -> int:
         """Keep orders older than every one cached so far (warm-up reads the newest first), so
-        they are evicted before them; stops when the cache is full, and says so in `warm_full`.
-        Returns how many were kept."""
+        they are evicted before them, except those changed since the read began; stops when the
+        cache is full, and says so in `warm_full`. Returns how many were kept."""
         with self._lock:
             kept = 0
-            for order_uid, entry in entries.items():
+            for order_uid, entry in self._unchanged_since(entries, writes_before_read):
                 if self._full(len(entry.body)):
                     self.warm_full = True
                     break
@@ -105,6 +186,35 @@ class OrderCache:
                     self.bytes += len(entry.body)
                     kept += 1
             return kept
+
+    def _unchanged_since(
+        self, entries: dict[str, CachedOrder], writes_before_read: int
+    ) -> list[tuple[str, CachedOrder]]:
+        if self._suspended or writes_before_read < self._floor:
+            return []
+        changed = self._changed
+        return [
+            (order_uid, entry)
+            for order_uid, entry in entries.items()
+            if changed.get(order_uid, 0) <= writes_before_read
+        ]
+
+    def _change(self, order_uids: Iterable[str]) -> None:
+        self._writes += 1
+        changed = self._changed
+        for order_uid in order_uids:
+            changed[order_uid] = self._writes
+            changed.move_to_end(order_uid)
+        while len(changed) > CHANGES_REMEMBERED:
+            _, forgotten = changed.popitem(last=False)
+            self._floor = max(self._floor, forgotten)
+
+    def _drop(self, order_uid: str) -> bool:
+        dropped = self._entries.pop(order_uid, None)
+        if dropped is None:
+            return False
+        self.bytes -= len(dropped.body)
+        return True
 
     def _full(self, more: int) -> bool:
         return len(self._entries) >= self.capacity or self._too_big(more)

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import sqlalchemy.exc
 
-from order_viewer import emulator, logs
+from order_viewer import dlq, emulator, logs
 from order_viewer.access import AccessConfigurationError, access_policy
 from order_viewer.auth import (
     check_client_name,
@@ -104,6 +104,32 @@ def _parser() -> argparse.ArgumentParser:
         "metrics:read",
     )
     create.set_defaults(run=_create_token)
+
+    dead_letters = commands.add_parser(
+        "dlq", help="the dead-letter topic: counts by reason, replay"
+    ).add_subparsers(title="dead-letter commands", required=True, metavar="COMMAND")
+    dlq_stats = dead_letters.add_parser(
+        "stats", help="count the dead letters by reason code, with the first and last time"
+    )
+    dlq_stats.set_defaults(run=_dlq_stats)
+    replay = dead_letters.add_parser(
+        "replay", help="send dead letters back to the orders topic (their key and value as is)"
+    )
+    replay.add_argument("--reason", choices=dlq.KNOWN_REASONS, help="only this reason code")
+    replay.add_argument(
+        "--since",
+        type=_argument(dlq.parse_time),
+        help="only those dead-lettered at or after this ISO 8601 time",
+    )
+    replay.add_argument(
+        "--until",
+        type=_argument(dlq.parse_time),
+        help="only those dead-lettered before this ISO 8601 time",
+    )
+    replay.add_argument(
+        "--dry-run", action="store_true", help="count what would be sent, send nothing"
+    )
+    replay.set_defaults(run=_dlq_replay)
     return parser
 
 
@@ -190,6 +216,38 @@ def _produce(settings: Settings, arguments: argparse.Namespace) -> int:
     print(
         f"sent {summary.sent} messages ({summary.invalid} invalid) to {settings.kafka_topic} "
         f"in {summary.seconds:.2f} s ({summary.rate:,.0f}/s); {summary.failed} failed"
+    )
+    return 1 if summary.failed else 0
+
+
+def _dlq_stats(settings: Settings, _: argparse.Namespace) -> int:
+    try:
+        by_reason = dlq.stats(settings, interactive=sys.stderr.isatty())
+    except dlq.DeadLetterToolError as error:
+        print(f"order-viewer: {error}", file=sys.stderr)
+        return 1
+    dlq.print_stats(by_reason, settings.kafka_dlq_topic)
+    return 0
+
+
+def _dlq_replay(settings: Settings, arguments: argparse.Namespace) -> int:
+    if arguments.since and arguments.until and arguments.since >= arguments.until:
+        print("order-viewer: --since must be before --until", file=sys.stderr)
+        return 2
+    selection = dlq.Selection(arguments.reason, arguments.since, arguments.until)
+    try:
+        summary = dlq.replay(
+            settings, selection, dry_run=arguments.dry_run, interactive=sys.stderr.isatty()
+        )
+    except dlq.DeadLetterToolError as error:
+        print(f"order-viewer: {error}", file=sys.stderr)
+        return 1
+    skipped = ", ".join(f"{count} {why}" for why, count in summary.skipped.items()) or "none"
+    action = "would send" if arguments.dry_run else "sent"
+    sent = summary.selected - summary.skipped.total() if arguments.dry_run else summary.sent
+    print(
+        f"{summary.selected} dead letters selected; {action} {sent} to {settings.kafka_topic} "
+        f"in {summary.seconds:.2f} s; skipped: {skipped}; {summary.failed} failed"
     )
     return 1 if summary.failed else 0
 

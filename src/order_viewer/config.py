@@ -90,6 +90,17 @@ class Settings(BaseSettings):
         description="How long one batch may take (a database outage included) before the "
         "consumer gives its partitions to another instance.",
     )
+    kafka_tombstones: Literal["dead-letter", "delete"] = Field(
+        default="dead-letter",
+        description="What a message with a key and no value does. dead-letter: it is rejected "
+        "as empty_value. delete: it deletes the order of that key (an older message of it "
+        "delivered afterwards does not bring it back).",
+    )
+    order_retention_days: Positive | None = Field(
+        default=None,
+        description="Delete orders whose date_created is older than this many days, in the "
+        "background; unset: keep them for ever.",
+    )
     batch_max_orders: Positive = Field(
         default=2000, description="Most messages written in one database transaction."
     )

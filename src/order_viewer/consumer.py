@@ -15,7 +15,7 @@ from order_viewer.config import Settings
 from order_viewer.metrics import Metrics
 from order_viewer.ports import Message, Stopped
 from order_viewer.retry import Health
-from order_viewer.service import BatchOutcome, OrderIngest, PreparedBatch, prepare_batch
+from order_viewer.service import BatchOutcome, OrderIngest, PreparedBatch
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class OrderConsumer:
             while not self._stop.is_set():
                 polled = self._poll(consumer)
                 for messages in by_size(polled, self._batching.max_bytes) or [[]]:
-                    prepared = prepare_batch(messages) if messages else None
+                    prepared = self._ingest.prepare(messages) if messages else None
                     if writing is not None:
                         finished, writing = writing, None
                         settle(*finished)

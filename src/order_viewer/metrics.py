@@ -43,6 +43,27 @@ class Metrics:
             "Stored orders replaced by a later message with other content.",
             registry=registry,
         )
+        self.orders_deleted = Counter(
+            "order_viewer_orders_deleted",
+            "Stored orders deleted by a tombstone (KAFKA_TOMBSTONES=delete).",
+            registry=registry,
+        )
+        self.orders_expired = Counter(
+            "order_viewer_orders_expired",
+            "Stored orders deleted by this instance for being older than ORDER_RETENTION_DAYS.",
+            registry=registry,
+        )
+        self.listener_connected = Gauge(
+            "order_viewer_change_listener_connected",
+            "1 while the connection that hears other instances' changes is listening, else 0 "
+            "(the cache then answers nothing until its entries are verified).",
+            registry=registry,
+        )
+        self.changes_heard = Counter(
+            "order_viewer_changes_heard",
+            "Orders other instances replaced or deleted, as heard by this one.",
+            registry=registry,
+        )
         self.dead_lettered = Counter(
             "order_viewer_messages_dead_lettered",
             "Messages sent to the dead-letter topic, by reason code.",
@@ -217,11 +238,29 @@ class _CacheCollector(Collector):
                 "Most bytes of order bodies the cache keeps.",
                 value=cache.max_bytes,
             )
+        yield GaugeMetricFamily(
+            "order_viewer_cache_suspended",
+            "1 while the cache answers no lookup (changes could go unheard, or its entries are "
+            "being checked after the change listener reconnected), else 0.",
+            value=int(cache.suspended),
+        )
         yield CounterMetricFamily(
             "order_viewer_cache_hits", "Lookups answered from the cache.", value=cache.hits
         )
         yield CounterMetricFamily(
             "order_viewer_cache_misses", "Lookups not in the cache.", value=cache.misses
+        )
+        yield CounterMetricFamily(
+            "order_viewer_cache_invalidations",
+            "Cached orders dropped because another instance replaced or deleted them, or this "
+            "one deleted them.",
+            value=cache.invalidations,
+        )
+        yield CounterMetricFamily(
+            "order_viewer_cache_suspensions",
+            "Times the cache stopped answering because changes could go unheard (once at "
+            "start, until the change listener first listens).",
+            value=cache.suspensions,
         )
         yield CounterMetricFamily(
             "order_viewer_cache_evictions",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,6 +66,9 @@ REASON_CODES: Final[Mapping[str, str]] = MappingProxyType(
         "error: report it as a bug)",
     }
 )
+
+# The one reason set after validation: the database refused an order the validator passed.
+DB_REJECTED: Final = "db_rejected"
 
 _STRICT = ConfigDict(strict=True, extra="ignore", frozen=True)
 
@@ -342,7 +346,28 @@ def supersedes(incoming: tuple[bytes, int, int], stored: tuple[bytes, int, int])
     writer states the same rule in SQL; the writer contract tests hold both to it."""
     sha256, partition, offset = incoming
     stored_sha256, stored_partition, stored_offset = stored
-    return sha256 != stored_sha256 and (partition != stored_partition or offset > stored_offset)
+    return sha256 != stored_sha256 and later((partition, offset), (stored_partition, stored_offset))
+
+
+def later(incoming: tuple[int, int], stored: tuple[int, int]) -> bool:
+    """Whether a message at (partition, offset) came after the one that made what is stored (an
+    order's version or its deletion). Another partition counts as later, as in `supersedes`."""
+    return incoming[0] != stored[0] or incoming[1] > stored[1]
+
+
+def tombstone_uid(key: bytes | None) -> str:
+    """The order_uid a tombstone (a keyed message without a value) deletes: its key, which must be
+    a valid order_uid; raises InvalidOrder otherwise."""
+    if key is None:
+        raise InvalidOrder(_EMPTY_REJECTION)
+    try:
+        uid = key.decode("utf-8")
+    except UnicodeDecodeError:
+        uid = ""
+    if not re.fullmatch(ORDER_UID_PATTERN.strip("^$"), uid):
+        message = "The tombstone's key is not an order_uid (1 to 64 of A-Z, a-z, 0-9, _ and -)."
+        raise InvalidOrder(Rejection("invalid_format", message, "key"))
+    return uid
 
 
 def consistency_problems(order: Order) -> list[str]:

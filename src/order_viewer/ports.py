@@ -33,12 +33,23 @@ class RejectedMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Deletion:
+    """A tombstone: delete this order, unless a later message of it is what is stored."""
+
+    order_uid: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Which orders of a written batch were new and which replaced a stored version; the rest
-    were unchanged (an identical or older message)."""
+    """Which orders of a written batch were new, which replaced a stored version and which were
+    deleted; the rest were unchanged (an identical or older message, or a tombstone of an order
+    not stored or stored from a later message)."""
 
     inserted: tuple[str, ...]
     replaced: tuple[str, ...]
+    deleted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +83,45 @@ class Stopped(Exception):
 
 
 class OrderWriter(Protocol):
-    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult:
-        """Store every order of the batch in one transaction, or none of them. The batch holds
-        each order_uid once; a stored order is replaced only as `model.supersedes` says.
-        Raises DatabaseUnavailable or RejectedByDatabase."""
+    def write(
+        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+    ) -> WriteResult:
+        """Store every order of the batch and apply every deletion in one transaction, or none
+        of them, and tell the other instances which of their cached orders changed when (and
+        only if) it commits. The batch and the deletions hold each order_uid once between them;
+        a stored order is replaced only as `model.supersedes` says, deleted only by a later
+        tombstone (`model.later`), and an order is not stored again from a message older than
+        its tombstone. Raises DatabaseUnavailable or RejectedByDatabase."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    order_uids: tuple[str, ...]
+    tombstones: int
+
+
+class OrderExpirer(Protocol):
+    def expire(self, before: datetime, limit: int) -> Expired:
+        """Delete at most `limit` orders created before the instant and at most `limit`
+        tombstones recorded before it, in one transaction that tells the other instances;
+        skips rows a writer holds rather than waiting for them. Raises DatabaseUnavailable."""
+        ...
+
+
+class Changes(Protocol):
+    """What an instance does when it hears of orders another instance changed."""
+
+    def changed(self, order_uids: Sequence[str]) -> None:
+        """These orders were replaced or deleted by a committed transaction."""
+        ...
+
+    def lost(self) -> None:
+        """Changes may now go unheard (the connection that listens for them is gone)."""
+        ...
+
+    def listening(self) -> None:
+        """Every change committed from now on will be heard."""
         ...
 
 
@@ -92,6 +138,13 @@ class OrderReader(Protocol):
 class NewestDocuments(Protocol):
     def __call__(self, limit: int) -> Generator[list[StoredDocument], None, None]:
         """The newest `limit` stored orders, newest first, in chunks; raises DatabaseUnavailable."""
+        ...
+
+
+class StoredVersions(Protocol):
+    def __call__(self, order_uids: list[str]) -> dict[str, bytes]:
+        """The content SHA-256 of each of these orders that is stored; raises
+        DatabaseUnavailable."""
         ...
 
 

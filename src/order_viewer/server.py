@@ -121,7 +121,8 @@ async def _serve(parts: bootstrap.Parts, connections: int) -> int:
         await server.serve()
     finally:
         parts.stop.set()
-        await asyncio.to_thread(background.join)
+        for thread in background:
+            await asyncio.to_thread(thread.join)
         bootstrap.close(parts)
         await parts.reader.close()
     return 1 if parts.readiness.failed.is_set() else 0

@@ -11,26 +11,33 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
 
-from order_viewer.cache import CachedOrder, OrderCache
+from order_viewer.cache import CachedOrder, OrderCache, etag_of
 from order_viewer.metrics import Metrics
 from order_viewer.model import (
+    DB_REJECTED,
     InvalidOrder,
     PreparedOrder,
     Rejection,
     consistency_problems,
     parse_order,
+    tombstone_uid,
 )
 from order_viewer.ports import (
     DatabaseUnavailable,
     DeadLetters,
+    Deletion,
     Message,
     NewestDocuments,
+    OrderExpirer,
     OrderReader,
     OrderSummary,
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
+    StoredVersions,
 )
 from order_viewer.retry import Patience, retry
 
@@ -43,6 +50,7 @@ PROGRESS_INTERVAL_SECONDS = 10.0
 class BatchOutcome:
     inserted: int = 0
     replaced: int = 0
+    deleted: int = 0
     unchanged: int = 0
     inconsistent: int = 0
     rejected: list[RejectedMessage] = field(default_factory=list)
@@ -50,19 +58,28 @@ class BatchOutcome:
 
 @dataclass(slots=True)
 class PreparedBatch:
-    """A batch validated and serialized, ready to store: the newest message of each order."""
+    """A batch validated and serialized, ready to store: the newest message of each order, a
+    version in `orders` or a tombstone in `deletions`."""
 
     messages: Sequence[Message]
     orders: dict[str, tuple[PreparedOrder, Message]]
     rejected: list[RejectedMessage]
     inconsistent: int
+    deletions: dict[str, tuple[Deletion, Message]] = field(default_factory=dict)
 
 
-def prepare_batch(messages: Sequence[Message]) -> PreparedBatch:
-    """Validate and serialize a batch; the newest message of each order_uid is the one kept."""
+def prepare_batch(messages: Sequence[Message], delete_on_tombstone: bool = False) -> PreparedBatch:
+    """Validate and serialize a batch; the newest message of each order_uid is the one kept. A
+    tombstone (a key without a value) deletes its order if `delete_on_tombstone`, and is
+    rejected as `empty_value` otherwise."""
     batch = PreparedBatch(messages, {}, [], 0)
     for message in messages:
         try:
+            if message.value is None and delete_on_tombstone:
+                uid = tombstone_uid(message.key)
+                batch.orders.pop(uid, None)
+                batch.deletions[uid] = (Deletion(uid, message.partition, message.offset), message)
+                continue
             order = parse_order(message.value)
         except InvalidOrder as invalid:
             batch.rejected.append(RejectedMessage(message, invalid.rejection))
@@ -70,6 +87,7 @@ def prepare_batch(messages: Sequence[Message]) -> PreparedBatch:
         if consistency_problems(order):
             batch.inconsistent += 1
         # Same key, same partition: a later message of an order_uid in the batch is newer.
+        batch.deletions.pop(order.order_uid, None)
         batch.orders[order.order_uid] = (
             PreparedOrder.of(order, message.partition, message.offset),
             message,
@@ -96,14 +114,20 @@ class OrderIngest:
         dead_letters: DeadLetters,
         database: Patience,
         metrics: Metrics,
+        *,
+        delete_on_tombstone: bool = False,
     ) -> None:
         self._writer = writer
         self._cache = cache
         self._dead_letters = dead_letters
         self._database = database
         self._metrics = metrics
+        self._delete_on_tombstone = delete_on_tombstone
         self._since_report: Counter[str] = Counter()
         self._last_report = time.monotonic()
+
+    def prepare(self, messages: Sequence[Message]) -> PreparedBatch:
+        return prepare_batch(messages, self._delete_on_tombstone)
 
     def store(self, batch: PreparedBatch) -> BatchOutcome:
         """The batch's valid orders stored and cached, retrying the whole batch while the
@@ -113,8 +137,13 @@ class OrderIngest:
         def attempt() -> BatchOutcome:
             started = time.perf_counter()
             outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
-            if batch.orders:
-                self._write([prepared for prepared, _ in batch.orders.values()], batch, outcome)
+            if batch.orders or batch.deletions:
+                self._write(
+                    [prepared for prepared, _ in batch.orders.values()],
+                    [deletion for deletion, _ in batch.deletions.values()],
+                    batch,
+                    outcome,
+                )
             self._metrics.write_duration.observe(time.perf_counter() - started)
             return outcome
 
@@ -126,31 +155,46 @@ class OrderIngest:
         )
 
     def _write(
-        self, orders: list[PreparedOrder], batch: PreparedBatch, outcome: BatchOutcome
+        self,
+        orders: list[PreparedOrder],
+        deletions: list[Deletion],
+        batch: PreparedBatch,
+        outcome: BatchOutcome,
     ) -> None:
         try:
-            result = self._writer.write(orders)
+            result = self._writer.write(orders, deletions)
         except RejectedByDatabase as refused:
-            if len(orders) > 1:
+            if len(orders) + len(deletions) > 1:
                 # One order the validator passed but the database refuses must not sink the
                 # others: write each alone and dead-letter only the ones refused.
                 for prepared in orders:
-                    self._write([prepared], batch, outcome)
+                    self._write([prepared], [], batch, outcome)
+                for deletion in deletions:
+                    self._write([], [deletion], batch, outcome)
                 return
-            rejection = Rejection("db_rejected", f"the database refused the order: {refused}", None)
-            outcome.rejected.append(
-                RejectedMessage(batch.orders[orders[0].order.order_uid][1], rejection)
+            rejection = Rejection(DB_REJECTED, f"the database refused the order: {refused}", None)
+            message = (
+                batch.orders[orders[0].order.order_uid][1]
+                if orders
+                else batch.deletions[deletions[0].order_uid][1]
             )
+            outcome.rejected.append(RejectedMessage(message, rejection))
             return
         outcome.inserted += len(result.inserted)
         outcome.replaced += len(result.replaced)
-        outcome.unchanged += len(orders) - len(result.inserted) - len(result.replaced)
+        outcome.deleted += len(result.deleted)
+        outcome.unchanged += (
+            len(orders) + len(deletions)
+            - len(result.inserted) - len(result.replaced) - len(result.deleted)
+        )  # fmt: skip
         self._cache.put_written(
             {
                 uid: CachedOrder.of(batch.orders[uid][0].document, batch.orders[uid][0].sha256)
                 for uid in (*result.inserted, *result.replaced)
             }
         )
+        if result.deleted:
+            self._cache.invalidate(result.deleted)
 
     def settle(
         self,
@@ -182,6 +226,7 @@ class OrderIngest:
         metrics = self._metrics
         metrics.orders_stored.inc(outcome.inserted)
         metrics.orders_replaced.inc(outcome.replaced)
+        metrics.orders_deleted.inc(outcome.deleted)
         for entry in outcome.rejected:
             metrics.dead_lettered.labels(entry.rejection.code).inc()
         if batch.orders:
@@ -210,10 +255,13 @@ def warm_up(
 
     def attempt() -> int:
         loaded = 0
+        # The read is one snapshot: what changed after it began is not put in the cache.
+        writes_before_read = cache.writes
         with contextlib.closing(newest(cache.capacity)) as chunks:
             for chunk in chunks:
                 loaded += cache.warm(
-                    {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in chunk}
+                    {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in chunk},
+                    writes_before_read,
                 )
                 if cache.warm_full:
                     break
@@ -248,6 +296,9 @@ class OrderLookup:
         return self._cache.get(order_uid)
 
     async def load(self, order_uid: str) -> CachedOrder | None:
+        """The stored order, or None; raises DatabaseUnavailable when the database cannot be
+        reached and the cache kept no copy (it keeps them, without answering from them, while
+        it cannot hear other instances' changes: with the database away, none can be made)."""
         future = self._in_flight.get(order_uid)
         if future is None:
             loop = asyncio.get_running_loop()
@@ -255,8 +306,14 @@ class OrderLookup:
             if not self._queued:
                 loop.call_soon(self._send_queued)
             self._queued.append(order_uid)
-        # Shielded: one request giving up must not cancel the query the others wait for.
-        return await asyncio.shield(future)
+        try:
+            # Shielded: one request giving up must not cancel the query the others wait for.
+            return await asyncio.shield(future)
+        except DatabaseUnavailable:
+            kept = self._cache.kept(order_uid)
+            if kept is None:
+                raise
+            return kept
 
     def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
@@ -289,15 +346,131 @@ class OrderLookup:
         return await self._reader.ping()
 
 
-class Readiness:
-    """What `/readyz` reports: the database reachable, the cache warmed, the consumer consuming.
-    The start-up thread sets the events and the event loop reads them."""
+class CacheCoherence:
+    """Keeps this instance's cache in step with what the other instances commit (the `Changes`
+    the change listener reports): a replaced or deleted order is dropped from the cache, and any
+    read of it under way is not kept.
+
+    While changes cannot be heard, the cache answers nothing (every lookup reads the database,
+    or, if that cannot be reached either, gets what the cache kept). Once the listener listens
+    again, every cached entry is checked against the stored version's digest, those that changed
+    meanwhile are dropped, and only then does the cache answer again; this runs beside the
+    listener (`in_background`), so changes are heard while it reads.
+    """
 
     def __init__(
-        self, database_reachable: Callable[[], Awaitable[bool]], consuming: threading.Event
+        self,
+        cache: OrderCache,
+        metrics: Metrics,
+        stored_versions: StoredVersions,
+        database: Patience,
+        in_background: Callable[[Callable[[], object]], object],
+    ) -> None:
+        self._cache = cache
+        self._metrics = metrics
+        self._stored_versions = stored_versions
+        self._database = database
+        self._in_background = in_background
+        self.listening_now = threading.Event()
+        self._lock = threading.Lock()
+        self._losses = 0
+        self._listened_before = False
+
+    def changed(self, order_uids: Sequence[str]) -> None:
+        self._cache.invalidate(order_uids)
+        self._metrics.changes_heard.inc(len(order_uids))
+
+    def lost(self) -> None:
+        with self._lock:
+            self._losses += 1
+            self._cache.suspend()
+        self.listening_now.clear()
+        self._metrics.listener_connected.set(0)
+        log.warning(
+            "the change listener lost its connection: the cache answers nothing until it is "
+            "listening again and the cached orders are checked"
+        )
+
+    def listening(self) -> None:
+        self.listening_now.set()
+        self._metrics.listener_connected.set(1)
+        if not self._listened_before:
+            # At start nothing is cached yet: nothing to check.
+            self._listened_before = True
+            self._cache.resume()
+            return
+        with self._lock:
+            losses = self._losses
+        self._in_background(partial(self._verify, losses))
+
+    def _verify(self, losses: int) -> None:
+        etags = self._cache.etags()
+        stored = retry(
+            partial(self._stored_versions, list(etags)),
+            transient=(DatabaseUnavailable,),
+            patience=self._database,
+        )
+        dropped = self._cache.verify({uid: etag_of(sha) for uid, sha in stored.items()}, etags)
+        with self._lock:
+            if self._losses != losses:
+                return  # lost again meanwhile: the next reconnection checks again
+            self._cache.resume()
+        log.info(
+            "the change listener is listening again: %d cached orders checked, %d had changed "
+            "and were dropped; the cache answers again",
+            len(etags), dropped,
+        )  # fmt: skip
+
+
+def expire_orders(
+    expirer: OrderExpirer,
+    cache: OrderCache,
+    metrics: Metrics,
+    database: Patience,
+    *,
+    retention: timedelta,
+    batch: int,
+) -> int:
+    """Delete the orders created more than `retention` ago, `batch` at a time (each batch its own
+    short transaction, so that ingestion never waits long behind one), and drop them from the
+    cache; waits out database outages. How many orders were deleted; raises Stopped if a stop
+    comes first."""
+    before = datetime.now(UTC) - retention
+    total = 0
+    while True:
+        expired = retry(
+            partial(expirer.expire, before, batch),
+            transient=(DatabaseUnavailable,),
+            patience=database,
+            on_retry=metrics.retries.labels("retention").inc,
+        )
+        if expired.order_uids:
+            cache.invalidate(expired.order_uids)
+            metrics.orders_expired.inc(len(expired.order_uids))
+            total += len(expired.order_uids)
+        if (
+            len(expired.order_uids) < batch and expired.tombstones < batch
+        ) or database.stop.is_set():
+            break
+    if total:
+        log.info("deleted %d orders created before %s", total, before.isoformat())
+    return total
+
+
+class Readiness:
+    """What `/readyz` reports: the database reachable, the change listener listening, the cache
+    warmed, the consumer consuming. The start-up and listener threads set the events and the
+    event loop reads them."""
+
+    def __init__(
+        self,
+        database_reachable: Callable[[], Awaitable[bool]],
+        consuming: threading.Event,
+        listening: threading.Event,
     ) -> None:
         self._database_reachable = database_reachable
         self._consuming = consuming
+        self._listening = listening
         self.warmed = threading.Event()
         # Set when a start-up step or the consumer failed for good: the process is stopping.
         self.failed = threading.Event()
@@ -306,6 +479,8 @@ class Readiness:
         not_ready = {}
         if not await self._database_reachable():
             not_ready["database"] = "unreachable"
+        if not self._listening.is_set():
+            not_ready["listener"] = "not listening for changes"
         if not self.warmed.is_set():
             not_ready["cache"] = "warming up"
         if not self._consuming.is_set():

@@ -1,8 +1,11 @@
-"""PostgreSQL adapters: the batch writer the consumer uses and the reader the HTTP side uses."""
+"""PostgreSQL adapters: the batch writer the consumer uses, the reader the HTTP side uses, and
+what keeps instances in step: the change listener, the cache check and the retention expirer."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+import threading
+from collections.abc import Generator, Iterator, Sequence
+from datetime import datetime
 from importlib import resources
 
 import psycopg
@@ -12,12 +15,17 @@ from psycopg_pool import AsyncConnectionPool
 
 from order_viewer.model import PreparedOrder
 from order_viewer.ports import (
+    Changes,
     DatabaseUnavailable,
+    Deletion,
+    Expired,
     OrderSummary,
     RejectedByDatabase,
+    Stopped,
     StoredDocument,
     WriteResult,
 )
+from order_viewer.retry import Patience, retry
 
 # SQLSTATE classes that mean "try again": connection exceptions, resource shortage, operator
 # intervention (shutdown, crash recovery), and the transaction rollbacks (serialization, deadlock).
@@ -64,10 +72,16 @@ _CREATE_STAGING = (
 )
 
 # model.supersedes in SQL: an existing order is replaced only by a different version from a later
-# message, so an identical redelivery changes nothing and an older one redelivered loses.
+# message, so an identical redelivery changes nothing and an older one redelivered loses; and an
+# order is not stored again from a message older than its tombstone (model.later).
 _MERGE_ORDERS = f"""
 INSERT INTO orders ({_ORDER_COLUMNS})
-SELECT {_ORDER_COLUMNS} FROM stage_orders
+SELECT {_ORDER_COLUMNS} FROM stage_orders s
+WHERE NOT EXISTS (
+    SELECT FROM order_tombstones t
+    WHERE t.order_uid = s.order_uid
+      AND t.kafka_partition = s.kafka_partition AND t.kafka_offset >= s.kafka_offset
+)
 ON CONFLICT (order_uid) DO UPDATE SET
     track_number = excluded.track_number, entry = excluded.entry, locale = excluded.locale,
     internal_signature = excluded.internal_signature, customer_id = excluded.customer_id,
@@ -90,21 +104,72 @@ _DELETE_PARTS = (
 )
 
 
+_TOMBSTONES = (
+    "unnest(%(uids)s::text[], %(partitions)s::integer[], %(offsets)s::bigint[]) "
+    "AS d(order_uid, kafka_partition, kafka_offset)"
+)
+
+# A tombstone is kept at the latest position seen, as a stored order is.
+_RECORD_TOMBSTONES = f"""
+INSERT INTO order_tombstones (order_uid, kafka_partition, kafka_offset)
+SELECT order_uid, kafka_partition, kafka_offset FROM {_TOMBSTONES}
+ON CONFLICT (order_uid) DO UPDATE SET
+    kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset,
+    deleted_at = now()
+WHERE order_tombstones.kafka_partition <> excluded.kafka_partition
+   OR order_tombstones.kafka_offset < excluded.kafka_offset
+"""  # noqa: S608 (only the constant above is interpolated)
+
+# Delivery, payment and items go with their order (ON DELETE CASCADE).
+_DELETE_ORDERS = f"""
+DELETE FROM orders o USING {_TOMBSTONES}
+WHERE o.order_uid = d.order_uid
+  AND (o.kafka_partition <> d.kafka_partition OR o.kafka_offset < d.kafka_offset)
+RETURNING o.order_uid
+"""  # noqa: S608 (only the constant above is interpolated)
+
+# The channel on which every instance hears which orders the others replaced or deleted.
+CHANGES_CHANNEL = "order_viewer_changes"
+# PostgreSQL refuses a notification payload of 8,000 bytes or more.
+_LARGEST_PAYLOAD = 7900
+
+
+def change_payloads(instance: str, order_uids: Sequence[str]) -> Iterator[str]:
+    """The notifications that name these orders: the sending instance (which has updated its
+    own cache already), then the ids, space-separated, each payload under PostgreSQL's limit."""
+    payload = instance
+    for uid in order_uids:
+        if len(payload) + 1 + len(uid) > _LARGEST_PAYLOAD:
+            yield payload
+            payload = instance
+        payload += " " + uid
+    if payload != instance:
+        yield payload
+
+
+def _notify_changes(
+    cursor: psycopg.Cursor[tuple[object, ...]], instance: str, order_uids: Sequence[str]
+) -> None:
+    # Sent within the transaction: PostgreSQL delivers it when, and only if, it commits.
+    for payload in change_payloads(instance, order_uids):
+        cursor.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, payload))
+
+
+def _connect_writing(database_url: str, name: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(database_url, autocommit=True, connect_timeout=5, application_name=name)
+
+
 class PostgresOrderWriter:
     """Writes batches of orders, each batch in one transaction, over one dedicated connection."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, instance: str) -> None:
         self._database_url = database_url
+        self._instance = instance
         self._connection: psycopg.Connection[tuple[object, ...]] | None = None
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._connection is None or self._connection.closed or self._connection.broken:
-            connection = psycopg.connect(
-                self._database_url,
-                autocommit=True,
-                connect_timeout=5,
-                application_name="order-viewer-writer",
-            )
+            connection = _connect_writing(self._database_url, "order-viewer-writer")
             connection.execute(_CREATE_STAGING)
             self._connection = connection
         return self._connection
@@ -114,22 +179,39 @@ class PostgresOrderWriter:
             self._connection.close()
             self._connection = None
 
-    def write(self, batch: Sequence[PreparedOrder]) -> WriteResult:
-        """Store every order of the batch, or none of them.
+    def write(
+        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+    ) -> WriteResult:
+        """Store every order of the batch and apply every deletion, or none of them.
 
-        The batch must hold each order_uid once (the newest message of it).
+        The batch and the deletions must hold each order_uid once (its newest message).
         """
+        written: dict[str, bool] = {}
+        deleted: list[str] = []
         try:
             connection = self._connect()
             with connection.transaction(), connection.cursor() as cursor:
-                _copy_order_rows(cursor, batch)
-                cursor.execute(_MERGE_ORDERS)
-                written = {str(uid): bool(replaced) for uid, replaced in cursor.fetchall()}
+                if deletions:
+                    tombstones = {
+                        "uids": [d.order_uid for d in deletions],
+                        "partitions": [d.partition for d in deletions],
+                        "offsets": [d.offset for d in deletions],
+                    }
+                    cursor.execute(_RECORD_TOMBSTONES, tombstones)
+                    cursor.execute(_DELETE_ORDERS, tombstones)
+                    deleted = [str(uid) for (uid,) in cursor.fetchall()]
+                if batch:
+                    _copy_order_rows(cursor, batch)
+                    cursor.execute(_MERGE_ORDERS)
+                    written = {str(uid): bool(replaced) for uid, replaced in cursor.fetchall()}
                 replaced = [uid for uid, was_replaced in written.items() if was_replaced]
                 if replaced:
                     for statement in _DELETE_PARTS:
                         cursor.execute(statement, {"uids": replaced})
-                _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
+                if written:
+                    _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
+                # New orders need no word: no instance can hold a copy of what did not exist.
+                _notify_changes(cursor, self._instance, [*replaced, *deleted])
         except psycopg.Error as error:
             if is_transient(error):
                 self.close()
@@ -138,7 +220,123 @@ class PostgresOrderWriter:
         return WriteResult(
             inserted=tuple(uid for uid, was_replaced in written.items() if not was_replaced),
             replaced=tuple(replaced),
+            deleted=tuple(deleted),
         )
+
+
+# Oldest first, so that an interrupted sweep has removed the most overdue; SKIP LOCKED leaves
+# the rows a batch is writing to the next sweep instead of waiting for (or blocking) it.
+_EXPIRE_ORDERS = """
+DELETE FROM orders WHERE order_uid IN (
+    SELECT order_uid FROM orders WHERE date_created < %(before)s
+    ORDER BY date_created LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+RETURNING order_uid
+"""
+_EXPIRE_TOMBSTONES = """
+DELETE FROM order_tombstones WHERE order_uid IN (
+    SELECT order_uid FROM order_tombstones WHERE deleted_at < %(before)s
+    LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+class PostgresOrderExpirer:
+    """Deletes orders past their retention in bounded transactions, over its own connection."""
+
+    def __init__(self, database_url: str, instance: str) -> None:
+        self._database_url = database_url
+        self._instance = instance
+        self._connection: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def expire(self, before: datetime, limit: int) -> Expired:
+        try:
+            if self._connection is None or self._connection.closed:
+                self._connection = _connect_writing(self._database_url, "order-viewer-retention")
+            connection = self._connection
+            with connection.transaction(), connection.cursor() as cursor:
+                cursor.execute(_EXPIRE_ORDERS, {"before": before, "limit": limit})
+                expired = tuple(str(uid) for (uid,) in cursor.fetchall())
+                cursor.execute(_EXPIRE_TOMBSTONES, {"before": before, "limit": limit})
+                tombstones = cursor.rowcount
+                _notify_changes(cursor, self._instance, expired)
+        except psycopg.Error as error:
+            if is_transient(error):
+                self.close()
+                raise DatabaseUnavailable(str(error).strip()) from error
+            raise
+        return Expired(expired, tombstones)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+class PostgresChangeListener:
+    """Hears, on a connection of its own, which orders other instances replaced or deleted, and
+    tells `changes`: `listening` once LISTEN is in place, `changed` for each notification from
+    another instance, `lost` as soon as the connection is (then it connects again, waiting out
+    the database's outages). Runs until the stop of its `patience`."""
+
+    # How often the loop looks at the stop while no notification comes.
+    STOP_CHECK_SECONDS = 0.5
+
+    def __init__(
+        self, database_url: str, instance: str, changes: Changes, patience: Patience
+    ) -> None:
+        self._database_url = database_url
+        self._instance = instance
+        self._changes = changes
+        self._patience = patience
+
+    def run(self) -> None:
+        stop = self._patience.stop
+        while not stop.is_set():
+            try:
+                connection = retry(
+                    self._listen, transient=(DatabaseUnavailable,), patience=self._patience
+                )
+            except Stopped:
+                return
+            try:
+                self._changes.listening()
+                self._hear(connection, stop)
+            except psycopg.Error as error:
+                self._changes.lost()
+                self._patience.health.failed(f"change listener: {str(error).strip()}")
+            finally:
+                connection.close()
+
+    def _listen(self) -> psycopg.Connection[tuple[object, ...]]:
+        try:
+            connection = psycopg.connect(
+                self._database_url,
+                autocommit=True,
+                connect_timeout=5,
+                application_name="order-viewer-listener",
+                # A peer that vanished without closing the connection is noticed in seconds,
+                # not after the system's two-hour keepalive default.
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=2,
+            )
+            connection.execute(f"LISTEN {CHANGES_CHANNEL}")
+        except psycopg.Error as error:
+            if is_transient(error):
+                raise DatabaseUnavailable(str(error).strip()) from error
+            raise
+        return connection
+
+    def _hear(
+        self, connection: psycopg.Connection[tuple[object, ...]], stop: threading.Event
+    ) -> None:
+        while not stop.is_set():
+            for notification in connection.notifies(timeout=self.STOP_CHECK_SECONDS):
+                instance, _, ids = notification.payload.partition(" ")
+                if instance != self._instance and ids:
+                    self._changes.changed(ids.split(" "))
 
 
 def _describe(error: psycopg.Error) -> str:
@@ -275,6 +473,29 @@ def newest_documents(
         if is_transient(error):
             raise DatabaseUnavailable(str(error).strip()) from error
         raise
+
+
+def stored_versions(
+    database_url: str, order_uids: list[str], chunk: int = 10_000
+) -> dict[str, bytes]:
+    """The content SHA-256 of each of these orders that is stored, read over a connection of
+    its own in chunks of `chunk` ids."""
+    versions: dict[str, bytes] = {}
+    try:
+        with psycopg.connect(
+            database_url, autocommit=True, connect_timeout=5, application_name="order-viewer-verify"
+        ) as connection:
+            for start in range(0, len(order_uids), chunk):
+                rows = connection.execute(
+                    "SELECT order_uid, content_sha256 FROM orders WHERE order_uid = ANY(%s)",
+                    (order_uids[start : start + chunk],),
+                ).fetchall()
+                versions.update((str(uid), bytes(sha)) for uid, sha in rows)
+    except psycopg.Error as error:
+        if is_transient(error):
+            raise DatabaseUnavailable(str(error).strip()) from error
+        raise
+    return versions
 
 
 def _stored_document(row: tuple[object, ...]) -> StoredDocument:

@@ -33,7 +33,8 @@ class App:
         self.reader = PostgresOrderReader(database_url, 2)
         self.consuming = threading.Event()
         self.lookup = OrderLookup(self.reader, self.cache)
-        self.readiness = Readiness(self.lookup.database_reachable, self.consuming)
+        self.listening = threading.Event()
+        self.readiness = Readiness(self.lookup.database_reachable, self.consuming, self.listening)
         self.metrics = Metrics(self.cache)
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(create_app(self.lookup, self.readiness, self.metrics)),
@@ -56,7 +57,7 @@ def run(database_url: str, scenario: Callable[[App], Awaitable[None]]) -> None:
 
 def stored_order(stack: Stack) -> PreparedOrder:
     order = PreparedOrder.of(parse_order(json.dumps(make_order(_rng)).encode()), 0, 0)
-    writer = PostgresOrderWriter(stack.database_url)
+    writer = PostgresOrderWriter(stack.database_url, "tests")
     try:
         writer.write([order])
     finally:
@@ -122,13 +123,18 @@ def test_an_uncached_order_with_the_database_away_is_503_with_retry_after() -> N
     run(url, scenario)
 
 
-def test_readiness_follows_warm_up_and_consumption(stack: Stack) -> None:
+def test_readiness_follows_the_listener_warm_up_and_consumption(stack: Stack) -> None:
     async def scenario(app: App) -> None:
         first = await app.client.get("/readyz")
         assert first.status_code == 503
-        assert first.json()["not_ready"] == {"cache": "warming up", "consumer": "not consuming"}
+        assert first.json()["not_ready"] == {
+            "listener": "not listening for changes",
+            "cache": "warming up",
+            "consumer": "not consuming",
+        }
         app.readiness.warmed.set()
         app.consuming.set()
+        app.listening.set()
         ready = await app.client.get("/readyz")
         assert (ready.status_code, ready.json()["status"]) == (200, "ready")
 

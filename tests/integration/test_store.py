@@ -32,7 +32,7 @@ def unreachable_url() -> str:
 
 
 def test_a_batch_lands_in_all_four_tables_as_its_document_says(stack: Stack) -> None:
-    writer = PostgresOrderWriter(stack.database_url)
+    writer = PostgresOrderWriter(stack.database_url, "tests")
     orders = [prepared(n) for n in range(3)]
     try:
         writer.write([p for _, p in orders])
@@ -54,7 +54,7 @@ def test_a_refused_order_leaves_nothing_of_its_batch(stack: Stack) -> None:
         Order.model_construct(**{**dict(bad.order), "payment": negative}),
         0, 1, bad.document, bad.sha256,
     )  # fmt: skip
-    writer = PostgresOrderWriter(stack.database_url)
+    writer = PostgresOrderWriter(stack.database_url, "tests")
     try:
         with pytest.raises(RejectedByDatabase, match="amount"):
             writer.write([good, broken])
@@ -72,7 +72,7 @@ def test_a_refused_order_leaves_nothing_of_its_batch(stack: Stack) -> None:
 
 def test_an_unreachable_database_is_unavailable_not_refusing() -> None:
     _, order = prepared()
-    writer = PostgresOrderWriter(unreachable_url())
+    writer = PostgresOrderWriter(unreachable_url(), "tests")
     with pytest.raises(DatabaseUnavailable):
         writer.write([order])
     with pytest.raises(DatabaseUnavailable):
@@ -81,7 +81,7 @@ def test_an_unreachable_database_is_unavailable_not_refusing() -> None:
 
 def test_the_reader_finds_documents_and_recent_summaries(stack: Stack) -> None:
     order, stored = prepared()
-    writer = PostgresOrderWriter(stack.database_url)
+    writer = PostgresOrderWriter(stack.database_url, "tests")
     try:
         writer.write([stored])
     finally:

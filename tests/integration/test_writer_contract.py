@@ -15,7 +15,7 @@ import pytest
 
 from order_viewer.generate import make_order
 from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.ports import OrderWriter, WriteResult
+from order_viewer.ports import Deletion, OrderWriter, WriteResult
 from order_viewer.store import PostgresOrderWriter, newest_documents
 from tests.conftest import Stack
 from tests.fakes import FakeWriter
@@ -40,7 +40,7 @@ def fake_subject() -> Iterator[Subject]:
 
 
 def postgres_subject(stack: Stack) -> Iterator[Subject]:
-    writer = PostgresOrderWriter(stack.database_url)
+    writer = PostgresOrderWriter(stack.database_url, "tests")
 
     def stored(uid: str) -> bytes | None:
         with stack.connect() as connection:
@@ -141,3 +141,60 @@ def test_newest_documents_come_newest_first_up_to_the_limit(subject: Subject) ->
     ]
     subject.writer.write([prepared(order, 0, n) for n, order in enumerate(dated)])
     assert subject.newest(3) == [f"{marker}-4", f"{marker}-3", f"{marker}-2"]
+
+
+def tombstone(order: dict[str, Any], partition: int, offset: int) -> Deletion:
+    return Deletion(order["order_uid"], partition, offset)
+
+
+def test_a_tombstone_deletes_and_a_second_one_changes_nothing(subject: Subject) -> None:
+    a, b = new_order(), new_order()
+    subject.writer.write([prepared(a, 0, 1), prepared(b, 0, 2)])
+    result = subject.writer.write([], [tombstone(a, 0, 3)])
+    assert result == WriteResult((), (), (a["order_uid"],))
+    assert subject.stored(a["order_uid"]) is None
+    assert subject.stored(b["order_uid"]) == prepared(b, 0, 2).document
+    assert subject.writer.write([], [tombstone(a, 0, 3)]) == WriteResult((), (), ())
+    assert subject.writer.write([], [tombstone(new_order(), 0, 9)]) == WriteResult((), (), ())
+
+
+def test_an_older_message_after_a_tombstone_does_not_bring_the_order_back(
+    subject: Subject,
+) -> None:
+    a = new_order()
+    subject.writer.write([prepared(a, 0, 1)])
+    subject.writer.write([], [tombstone(a, 0, 5)])
+    assert subject.writer.write([prepared(a, 0, 1)]) == WriteResult((), ())
+    assert subject.writer.write([prepared(renamed(a, "Older"), 0, 4)]) == WriteResult((), ())
+    assert subject.stored(a["order_uid"]) is None
+    # A tombstone delivered again after a later tombstone does not move it back either.
+    subject.writer.write([], [tombstone(a, 0, 2)])
+    assert subject.writer.write([prepared(a, 0, 3)]) == WriteResult((), ())
+    later_version = renamed(a, "Later")
+    assert subject.writer.write([prepared(later_version, 0, 6)]) == WriteResult(
+        (a["order_uid"],), ()
+    )
+    assert subject.stored(a["order_uid"]) == prepared(later_version, 0, 6).document
+
+
+def test_an_older_tombstone_does_not_delete_a_later_version(subject: Subject) -> None:
+    a = new_order()
+    subject.writer.write([prepared(a, 0, 7)])
+    assert subject.writer.write([], [tombstone(a, 0, 6)]) == WriteResult((), (), ())
+    assert subject.stored(a["order_uid"]) == prepared(a, 0, 7).document
+
+
+def test_a_tombstone_before_the_first_version_keeps_that_version_out(subject: Subject) -> None:
+    a = new_order()
+    subject.writer.write([], [tombstone(a, 1, 8)])
+    assert subject.writer.write([prepared(a, 1, 7)]) == WriteResult((), ())
+    assert subject.writer.write([prepared(a, 2, 0)]) == WriteResult((a["order_uid"],), ())
+
+
+def test_versions_and_tombstones_of_other_orders_share_a_batch(subject: Subject) -> None:
+    a, b, c = new_order(), new_order(), new_order()
+    subject.writer.write([prepared(a, 0, 1), prepared(b, 0, 2)])
+    result = subject.writer.write(
+        [prepared(renamed(b, "B2"), 0, 4), prepared(c, 0, 5)], [tombstone(a, 0, 3)]
+    )
+    assert result == WriteResult((c["order_uid"],), (b["order_uid"],), (a["order_uid"],))

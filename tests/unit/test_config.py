@@ -44,6 +44,12 @@ def test_defaults_are_the_documented_contract() -> None:
         ("DATABASE_URL", "mysql://nope"),
         ("KAFKA_TOPIC", ""),
         ("KAFKA_GROUP_PROTOCOL", "new"),
+        ("KAFKA_TOMBSTONES", "Delete"),
+        ("KAFKA_TOMBSTONES", ""),
+        ("ORDER_RETENTION_DAYS", "0"),
+        ("ORDER_RETENTION_DAYS", "-3"),
+        ("ORDER_RETENTION_DAYS", "1.5"),
+        ("ORDER_RETENTION_DAYS", "forever"),
     ],
 )
 def test_a_malformed_setting_names_its_variable(

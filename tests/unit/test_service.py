@@ -201,16 +201,22 @@ def test_readiness_names_each_part_that_is_not_ready() -> None:
     async def database_reachable() -> bool:
         return reachable
 
-    readiness = Readiness(database_reachable, consuming)
+    listening = threading.Event()
+    readiness = Readiness(database_reachable, consuming, listening)
     assert asyncio.run(readiness.not_ready()) == {
+        "listener": "not listening for changes",
         "cache": "warming up",
         "consumer": "not consuming",
     }
     readiness.warmed.set()
     consuming.set()
+    listening.set()
     assert asyncio.run(readiness.not_ready()) == {}
     reachable = False
     assert asyncio.run(readiness.not_ready()) == {"database": "unreachable"}
+    reachable = True
+    listening.clear()
+    assert asyncio.run(readiness.not_ready()) == {"listener": "not listening for changes"}
 
 
 def test_a_miss_reads_the_database_once_and_fills_the_cache() -> None:
