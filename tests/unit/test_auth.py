@@ -424,23 +424,6 @@ def test_incomplete_authentication_settings_are_refused(
         load_settings()
 
 
-@pytest.mark.parametrize(
-    ("variable", "value"),
-    [
-        ("HTTP_AUTH", "basic"),
-        ("HTTP_JWT_JWKS_URL", "file:///etc/passwd"),
-        ("HTTP_JWT_JWKS_URL", "not a url"),
-        ("HTTP_JWT_ISSUER", ""),
-    ],
-)
-def test_a_malformed_authentication_setting_names_its_variable(
-    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
-) -> None:
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(ConfigurationError, match=f"^invalid setting {variable}: "):
-        load_settings()
-
-
 # ----------------------------------------------------------------------------------- masking
 
 

@@ -4,8 +4,6 @@ layer over fakes of its ports (tests/fakes.py)."""
 from __future__ import annotations
 
 import asyncio
-import copy
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -14,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from order_viewer.cache import CachedOrder, OrderCache
-from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.metrics import Metrics
 from order_viewer.ports import DatabaseUnavailable, Message, Stopped
 from order_viewer.retry import Health, Patience
@@ -26,14 +23,7 @@ from order_viewer.service import (
     prepare_batch,
 )
 from tests.fakes import FakeDeadLetters, FakeExpirer, FakeReader, FakeWriter
-
-
-def order(uid: str, name: str = "Test Testov", date: str = "2021-11-26T06:22:19Z") -> bytes:
-    document = copy.deepcopy(SAMPLE_ORDER)
-    document["order_uid"] = uid
-    document["delivery"]["name"] = name
-    document["date_created"] = date
-    return json.dumps(document).encode()
+from tests.unit.test_service import order
 
 
 def keyed(offset: int, key: bytes | None, value: bytes | None, partition: int = 0) -> Message:

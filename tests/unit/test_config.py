@@ -50,6 +50,10 @@ def test_defaults_are_the_documented_contract() -> None:
         ("ORDER_RETENTION_DAYS", "-3"),
         ("ORDER_RETENTION_DAYS", "1.5"),
         ("ORDER_RETENTION_DAYS", "forever"),
+        ("HTTP_AUTH", "basic"),
+        ("HTTP_JWT_JWKS_URL", "file:///etc/passwd"),
+        ("HTTP_JWT_JWKS_URL", "not a url"),
+        ("HTTP_JWT_ISSUER", ""),
     ],
 )
 def test_a_malformed_setting_names_its_variable(
