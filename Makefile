@@ -61,6 +61,7 @@ check: venv
 	$(BIN)/ruff check src tests benchmarks devstack deploy
 	$(BIN)/ruff format --check src tests benchmarks devstack deploy
 	$(BIN)/mypy
+	$(BIN)/shellcheck .ci/run
 
 bench: install
 	$(DEVSTACK) install --bench-tools
