@@ -232,5 +232,6 @@ def _audit(principal: Principal | None, path: str, status: int, view: str, clien
 
 
 def _printable(text: str) -> str:
-    """An id as a client sent it, which may be anything: escaped, for a log line."""
-    return json.dumps(text)[1:-1]
+    """An id as a client sent it, which may be anything: escaped, for a log line (what
+    json.dumps writes for a string, without its quotes or its per-call checks)."""
+    return json.encoder.encode_basestring_ascii(text)[1:-1]
