@@ -3,6 +3,7 @@ formatted and written by a thread of their own."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -98,7 +99,8 @@ class BackgroundHandler(logging.Handler):
     At most `capacity` records wait; with the queue full, a thread that logs waits for room, so
     when the output cannot keep up the service slows to its pace (as with a direct write to a
     slow output) and no line is dropped. `flush` returns once every record queued before it is
-    written; `logging.shutdown` calls it at exit, so a stop (SIGTERM included) loses nothing.
+    written, and `stop`, called at exit, writes what is pending: a stop (SIGTERM included)
+    loses nothing.
     """
 
     def __init__(self, stream: TextIO, capacity: int = QUEUE_CAPACITY) -> None:
@@ -107,8 +109,12 @@ class BackgroundHandler(logging.Handler):
         self._capacity = capacity
         self._queue: queue.SimpleQueue[logging.LogRecord | _Flushed | object] = queue.SimpleQueue()
         self._room = threading.Condition()
+        self._stopped = False
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
+        # Not left to logging.shutdown at exit: a dictConfig (granian's) makes logging forget
+        # the handlers it had, and the lines still queued were lost.
+        atexit.register(self.stop)
 
     def emit(self, record: logging.LogRecord) -> None:
         # The message as it reads now: its arguments may change before the writer formats it.
@@ -118,6 +124,9 @@ class BackgroundHandler(logging.Handler):
             self.handleError(record)  # as a direct write would: reported, never raised
             return
         record.args = None
+        if self._stopped:  # a line after the exit hook (another hook's, a late thread's)
+            self._write_out([record])
+            return
         # Handler.handle holds the handler's lock around emit, so one thread at a time gets
         # here and the queue never exceeds its capacity.
         if self._queue.qsize() >= self._capacity:
@@ -139,40 +148,48 @@ class BackgroundHandler(logging.Handler):
         super().close()
 
     def stop(self) -> None:
-        """Write what is pending and end the writer thread."""
-        if self._writer.is_alive():
+        """Write what is pending and end the writer thread; later records are written at once."""
+        atexit.unregister(self.stop)
+        self.acquire()  # emit holds it: each record goes either before the end or after it
+        try:
+            if self._stopped:
+                return
+            self._stopped = True
             self._queue.put(_STOP)
-            self._writer.join()
+        finally:
+            self.release()
+        self._writer.join()
 
     def _write(self) -> None:
         while True:
             batch = [self._queue.get()]
-            # Each wake-up of this thread takes the GIL from the event loop, which then waits
-            # to get it back: one a line cost more than the line itself. Lines gathered for a
-            # moment make one wake-up and one write for hundreds under load.
+            # Each wake-up of this thread takes the GIL from the event loop: lines gathered
+            # for a moment make one wake-up and one write for hundreds under load.
             time.sleep(GATHER_SECONDS)
             # Single reader: whatever qsize counts is there to take.
             batch += [self._queue.get_nowait() for _ in range(self._queue.qsize())]
             with self._room:
                 self._room.notify_all()
-            lines = []
-            for item in batch:
-                if isinstance(item, logging.LogRecord):
-                    try:
-                        lines.append(self.format(item) + "\n")
-                    except Exception:
-                        self.handleError(item)
-            if lines:
-                try:
-                    self._stream.write("".join(lines))
-                    self._stream.flush()
-                except Exception:
-                    self.handleError(next(r for r in batch if isinstance(r, logging.LogRecord)))
+            self._write_out([item for item in batch if isinstance(item, logging.LogRecord)])
             for item in batch:
                 if isinstance(item, _Flushed):
                     item.set()
             if _STOP in batch:
                 return
+
+    def _write_out(self, records: list[logging.LogRecord]) -> None:
+        lines = []
+        for record in records:
+            try:
+                lines.append(self.format(record) + "\n")
+            except Exception:
+                self.handleError(record)
+        if lines:
+            try:
+                self._stream.write("".join(lines))
+                self._stream.flush()
+            except Exception:
+                self.handleError(records[0])
 
 
 def configure(level: str, log_format: Literal["console", "json"]) -> None:

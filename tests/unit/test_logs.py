@@ -293,6 +293,8 @@ def test_stop_writes_what_is_pending_and_ends_the_thread(stream: SlowStream) -> 
     handler.stop()
     assert stream.getvalue() == "pending\n"
     assert threading.active_count() == before - 1
+    logger.info("after the stop")  # another exit hook's line: written at once
+    assert stream.getvalue() == "pending\nafter the stop\n"
     handler.flush()  # nothing to wait for once stopped
     handler.stop()
 
@@ -319,10 +321,13 @@ def test_configure_again_replaces_the_writer() -> None:
 
 
 EXIT_ON_SIGTERM = """
-import logging, os, signal, sys
+import logging, logging.config, os, signal, sys
 from order_viewer import logs
 
 logs.configure("INFO", "json")
+# As granian does when its server is made: every handler known to logging is closed and
+# forgotten, so logging.shutdown at exit no longer flushes ours.
+logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 audit = logging.getLogger("order_viewer.audit")
 for number in range(20_000):
@@ -332,8 +337,8 @@ os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_lines_queued_when_the_process_is_stopped_are_written() -> None:
-    """A stop that ends the process the way `serve` does on SIGTERM (the interpreter exits,
-    logging shuts down) writes every line logged before it."""
+    """A stop that ends the process the way `serve` does on SIGTERM (the interpreter exits)
+    writes every line logged before it, after a dictConfig too."""
     finished = subprocess.run(
         [sys.executable, "-c", EXIT_ON_SIGTERM],
         check=False,
