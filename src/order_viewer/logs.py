@@ -135,10 +135,15 @@ class BackgroundHandler(logging.Handler):
         self._queue.put(record)
 
     def flush(self) -> None:
-        if self._writer.is_alive():
-            flushed = _Flushed()
+        flushed = _Flushed()
+        self.acquire()  # as in stop: the mark goes in before the end, or not at all
+        try:
+            if self._stopped:
+                return
             self._queue.put(flushed)
-            flushed.wait()
+        finally:
+            self.release()
+        flushed.wait()
 
     def close(self) -> None:
         # dictConfig closes every handler it finds (granian configures its loggers with it
