@@ -24,10 +24,10 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import psycopg
@@ -36,7 +36,9 @@ from rich.console import Console
 from rich.progress import Progress
 from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 
-from order_viewer.auth import new_token, token_digest
+from order_viewer import logs as log_setup
+from order_viewer.access import _audit
+from order_viewer.auth import ORDERS_READ_PII, Principal, new_token, token_digest
 from order_viewer.broker import client_config, ensure_topics
 from order_viewer.cache import OrderCache
 from order_viewer.config import Settings
@@ -51,6 +53,7 @@ from order_viewer.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH_ROUNDS = 3
+AUDIT_LINES = 50_000
 WRK_SCRIPT = Path(__file__).with_name("random_ids.lua")
 console = Console(stderr=True)
 
@@ -556,6 +559,32 @@ def auth_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     return results
 
 
+def audit_line_cost(log_format: Literal["console", "json"], logs_dir: Path) -> dict[str, float]:
+    """Microseconds per audit line with the service's log set-up, in this process: on the thread
+    that logs (in the service, the event loop) and in CPU of all threads (the writer's
+    formatting and writes included). Steadier than wrk on a shared machine."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    principal = Principal("whole", frozenset({ORDERS_READ_PII}))
+    with (logs_dir / f"audit-{log_format}.log").open("w") as output:
+        with redirect_stderr(output):
+            log_setup.configure("INFO", log_format)
+        (handler,) = root.handlers
+        assert isinstance(handler, log_setup.BackgroundHandler)
+        try:
+            thread, process = time.thread_time(), time.process_time()
+            for number in range(AUDIT_LINES):
+                _audit(principal, f"/order/{number:020d}", 200, "whole", "127.0.0.1")
+            thread = time.thread_time() - thread
+            handler.flush()
+            process = time.process_time() - process
+        finally:
+            handler.stop()
+            root.handlers = saved[0]
+            root.setLevel(saved[1])
+    return {"thread_us": thread / AUDIT_LINES * 1e6, "process_us": process / AUDIT_LINES * 1e6}
+
+
 def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
     ids_file = newest_ids_file(bench, cached, logs)
 
@@ -590,7 +619,9 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     }
 
 
-def print_auth(results: dict[str, dict[str, float]], cached: int) -> None:
+def print_auth(
+    results: dict[str, dict[str, float]], lines: dict[str, dict[str, float]], cached: int
+) -> None:
     print(
         f"\n## Authentication on cache hits, {cached:,} orders, wrk -t1 -c64, "
         f"best of {AUTH_ROUNDS} turns\n"
@@ -603,6 +634,10 @@ def print_auth(results: dict[str, dict[str, float]], cached: int) -> None:
             f"| {name} | {run['rate']:,.0f} | {run['rate'] / base:.2f} | "
             f"{run['p99_ms']:.2f} | {run['errors']:.0f} |"
         )
+    print("\n| audit line, LOG_FORMAT | µs on the logging thread | µs of CPU in all |")
+    print("|---|---:|---:|")
+    for log_format, cost in lines.items():
+        print(f"| {log_format} | {cost['thread_us']:.2f} | {cost['process_us']:.2f} |")
 
 
 def main() -> None:
@@ -632,7 +667,8 @@ def main() -> None:
     bench.settle()
     cached = min(arguments.cached, arguments.orders)
     auth = auth_benchmark(bench, cached, arguments.seconds, logs)
-    print_auth(auth, cached)
+    lines = {log_format: audit_line_cost(log_format, logs) for log_format in ("console", "json")}
+    print_auth(auth, lines, cached)
     if arguments.only_auth:
         return
     http = http_benchmark(bench, cached, arguments.seconds, logs)

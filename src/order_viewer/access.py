@@ -207,18 +207,31 @@ def _audit(principal: Principal | None, path: str, status: int, view: str, clien
     level = logging.INFO if status < 400 or status == 404 else logging.WARNING
     if not audit.isEnabledFor(level):
         return
-    audit.log(
-        level,
-        "order read principal=%s order_uid=%s status=%d view=%s client=%s",
-        principal.name if principal is not None else "-",
-        _printable(path[len("/order/") :]),
-        status,
-        view,
-        client,
-        extra={"order_uid": path[len("/order/") :][:80]},
+    order_uid = path[len("/order/") :][:80]
+    # Made and handed to the logger's handlers directly, as Logger.log would but without its
+    # search of the stack for the caller (a tenth of the line's cost): it is always this line.
+    audit.handle(
+        audit.makeRecord(
+            audit.name,
+            level,
+            __file__,
+            0,
+            "order read principal=%s order_uid=%s status=%d view=%s client=%s",
+            (
+                principal.name if principal is not None else "-",
+                _printable(order_uid),
+                status,
+                view,
+                client,
+            ),
+            None,
+            "_audit",
+            {"order_uid": order_uid},
+        )
     )
 
 
 def _printable(text: str) -> str:
-    """An id as a client sent it, which may be anything: escaped, and cut, for a log line."""
-    return json.dumps(text[:80])[1:-1]
+    """An id as a client sent it, which may be anything: escaped, for a log line (what
+    json.dumps writes for a string, without its quotes or its per-call checks)."""
+    return json.encoder.encode_basestring_ascii(text)[1:-1]
