@@ -63,7 +63,7 @@ check: venv
 	$(BIN)/mypy
 	$(BIN)/shellcheck .ci/run
 
-bench: install
+bench: venv
 	$(DEVSTACK) install --bench-tools
 	$(DEVSTACK) up
 	$(BIN)/python -m benchmarks

@@ -7,8 +7,8 @@ import os
 import sys
 
 from devstack.install import OPTIONAL_INSTALLERS, bootstrap
-from devstack.run import run
-from devstack.settings import StackError, settings_from_env
+from devstack.run import environment, run
+from devstack.settings import PROJECT_ROOT, StackError, settings_from_env
 from devstack.stack import LocalStack
 from devstack.system import fail, say
 
@@ -73,17 +73,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     arguments = parser().parse_args(argv)
     try:
-        settings = settings_from_env(os.environ)
+        # Every command sees `.env` as `run` and the service do, so that they all act on the
+        # same stack directory and jars.
+        env = environment(os.environ, PROJECT_ROOT / ".env")
+        settings = settings_from_env(env)
         if arguments.command == "install":
             extras = [name for name in OPTIONAL_INSTALLERS if getattr(arguments, name)]
             bootstrap(settings.kafka_libs_dir, extras)
         elif arguments.command == "run":
-            run()
+            run(env)
         elif arguments.command == "status":
-            for line in LocalStack(settings).status():
+            for line in LocalStack(settings, env).status():
                 say(line)
         else:
-            stack = LocalStack(settings)
+            stack = LocalStack(settings, env)
             getattr(stack, arguments.command.replace("-", "_"))()
     except StackError as error:
         fail(error)

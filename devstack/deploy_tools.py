@@ -12,7 +12,7 @@ from pathlib import Path
 
 from devstack.packages import Bootstrap
 from devstack.settings import PROJECT_ROOT, StackError
-from devstack.system import say
+from devstack.system import as_root, say
 
 TOOLS_BIN = PROJECT_ROOT / ".stack" / "bin"
 HELM_MODULE = "helm.sh/helm/v3/cmd/helm"
@@ -72,14 +72,15 @@ def install_helm() -> Path:
 def stop_system_prometheus() -> None:
     """Debian's package starts a system Prometheus on port 9090 at boot and after install; the
     tests run their own on free ports and want no stray server scraping or holding ports."""
+    # As root, like the package's install: a plain user's stop would fail and change nothing.
     if Path("/run/systemd/system").is_dir():
-        subprocess.run(["systemctl", "disable", "--now", PROMETHEUS_PACKAGE], check=False)
+        subprocess.run(as_root(["systemctl", "disable", "--now", PROMETHEUS_PACKAGE]), check=False)
         return
     if shutil.which("update-rc.d"):
-        subprocess.run(["update-rc.d", PROMETHEUS_PACKAGE, "disable"], check=False)
+        subprocess.run(as_root(["update-rc.d", PROMETHEUS_PACKAGE, "disable"]), check=False)
     if shutil.which("service"):
         subprocess.run(
-            ["service", PROMETHEUS_PACKAGE, "stop"],
+            as_root(["service", PROMETHEUS_PACKAGE, "stop"]),
             check=False,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -32,8 +32,9 @@ def environment(environ: Mapping[str, str], dotenv_file: Path) -> dict[str, str]
     return merge_dotenv(environ, dotenv_values(dotenv_file))
 
 
-def run() -> NoReturn:
-    env = environment(os.environ, PROJECT_ROOT / ".env")
+def run(env: dict[str, str]) -> NoReturn:
+    """`env`: the environment with `.env` added (`environment`)."""
+    env = dict(env)
     stack = LocalStack(settings_from_env(env), env)
     # The servers started here are the ones the service must use, whatever their ports.
     if not env.get("DATABASE_URL"):
