@@ -136,7 +136,10 @@ class AccessGuard:
                 token = bearer_token(request_header(scope, b"authorization"))
                 principal = await self._authenticator.authenticate(token)
             except AuthFailure as failure:
-                self._limiter.failed(client)
+                # No token guesses nothing, and a page loads without one before its sign-in:
+                # counted, a few tabs behind one address would lock everyone there out.
+                if failure.reason != "missing":
+                    self._limiter.failed(client)
                 self._count_failure(failure.reason)
                 challenge = (
                     REALM if failure.reason == "missing" else f'{REALM}, error="invalid_token"'

@@ -1,14 +1,18 @@
-"""The audit line of an order read: its logger, level and fields, whatever id a client sent."""
+"""The access guard's answers, and the audit line of an order read: its logger, level and
+fields, whatever id a client sent."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
-from order_viewer.access import _audit
-from order_viewer.auth import ORDERS_READ, Principal
+from order_viewer.access import AccessGuard, AccessPolicy, _audit
+from order_viewer.auth import ORDERS_READ, AuthFailure, FailureLimiter, Principal
+from order_viewer.masking import MaskedViews
 
 SUPPORT = Principal("support", frozenset({ORDERS_READ}))
 
@@ -87,3 +91,61 @@ def test_an_id_of_any_kind_is_escaped_and_cut_on_one_line(
     written = message.split(" order_uid=")[1].rsplit(" status=404 ", 1)[0]
     assert json.loads(f'"{written}"') == uid[:80]
     assert record.order_uid == uid[:80]  # type: ignore[attr-defined]
+
+
+VALID = "valid-token"
+
+
+class OneToken:
+    async def authenticate(self, token: str) -> Principal:
+        if token != VALID:
+            raise AuthFailure("unknown_token")
+        return SUPPORT
+
+
+async def answer_ok(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def status_of(guard: AccessGuard, authorization: str | None, client: str = "203.0.113.9") -> int:
+    headers = [] if authorization is None else [(b"authorization", authorization.encode())]
+    scope: Scope = {
+        "type": "http",
+        "path": "/orders",
+        "headers": headers,
+        "client": (client, 50000),
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(guard(scope, receive, send))
+    status: int = sent[0]["status"]
+    return status
+
+
+def guard() -> AccessGuard:
+    policy = AccessPolicy(OneToken(), FailureLimiter(), MaskedViews(10, None))
+    return AccessGuard(answer_ok, policy, None)
+
+
+def test_requests_without_a_token_do_not_lock_out_their_address() -> None:
+    # Page loads in many tabs behind one address, none signed in yet.
+    checked = guard()
+    for _ in range(60):
+        assert status_of(checked, None) == 401
+    assert status_of(checked, f"Bearer {VALID}") == 200
+
+
+def test_wrong_tokens_still_lock_out_their_address() -> None:
+    checked = guard()
+    statuses = [status_of(checked, "Bearer guess") for _ in range(22)]
+    assert statuses[:21] == [401] * 21
+    assert statuses[21] == 429
+    assert status_of(checked, f"Bearer {VALID}") == 429
+    assert status_of(checked, f"Bearer {VALID}", client="203.0.113.10") == 200
