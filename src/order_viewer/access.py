@@ -23,6 +23,7 @@ from order_viewer.auth import (
     AuthFailure,
     FailureLimiter,
     JwtVerifier,
+    KeysUnavailable,
     Principal,
     TokenFileError,
     bearer_token,
@@ -146,6 +147,13 @@ class AccessGuard:
                 )
                 denial = _denial(
                     401, "a valid bearer token is needed", {"www-authenticate": challenge}
+                )
+            except KeysUnavailable as unavailable:
+                # The provider is away, not the token bad: neither counted nor to be dropped.
+                denial = _denial(
+                    503,
+                    "the identity provider's keys are unavailable",
+                    {"retry-after": str(unavailable.retry_after)},
                 )
             else:
                 if principal.may(needed):

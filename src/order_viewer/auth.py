@@ -37,6 +37,8 @@ SCOPES = frozenset({ORDERS_READ, ORDERS_READ_PII, METRICS_READ})
 JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 JWT_LEEWAY_SECONDS = 30
 JWKS_REFETCH_SECONDS = 30
+# After a failed fetch: the provider is tried again this soon, while tokens wait with a 503.
+JWKS_RETRY_SECONDS = 2
 JWKS_MAX_BYTES = 1024 * 1024
 JWKS_TIMEOUT_SECONDS = 5
 # Verified JWTs remembered at once; beyond, the oldest is checked again when it comes back.
@@ -74,9 +76,19 @@ class AuthFailure(Exception):
         self.reason = reason
 
 
+class KeysUnavailable(Exception):
+    """The keys to check a token could not be fetched: the token may be good, so the client
+    should try again in `retry_after` seconds rather than drop it."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the signing keys are unavailable, retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
 class Authenticator(Protocol):
     async def authenticate(self, token: str) -> Principal:
-        """The principal the token stands for; raises AuthFailure."""
+        """The principal the token stands for; raises AuthFailure, or KeysUnavailable when
+        nothing could tell whether the token is good."""
         ...
 
 
@@ -300,8 +312,10 @@ class JwtVerifier:
 
     Keys are fetched on first use and again for a `kid` not known yet, at most once every
     JWKS_REFETCH_SECONDS (so a stream of made-up `kid`s cannot make the service hammer the
-    provider). A verified token is remembered until its expiry, so a client that sends the same
-    token on every request pays for one signature check.
+    provider). While the last fetch failed, a token whose key is not known raises
+    KeysUnavailable, and the fetch is tried again after JWKS_RETRY_SECONDS. A verified token is
+    remembered until its expiry, so a client that sends the same token on every request pays for
+    one signature check.
     """
 
     def __init__(
@@ -322,6 +336,7 @@ class JwtVerifier:
         self._monotonic = monotonic
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
+        self._fetch_failed = False
         self._fetching: asyncio.Lock | None = None
         self._verified: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
 
@@ -377,27 +392,36 @@ class JwtVerifier:
         if self._fetching is None:
             self._fetching = asyncio.Lock()
         # A fetch under way may bring the key: wait for it rather than refuse the token.
-        if not self._fetching.locked() and not self._may_fetch():
-            return None
-        async with self._fetching:
-            # Another request may have fetched while this one waited.
-            if kid not in self._keys and self._may_fetch():
-                self._fetched_at = self._monotonic()
-                try:
-                    body = await asyncio.to_thread(self._fetch, self._jwks_url)
-                    self._keys = parse_jwks(body)
-                except (OSError, ValueError) as error:
-                    log.warning(
-                        "cannot fetch the JWKS, keeping %d known keys: %s", len(self._keys), error
-                    )
-                else:
-                    log.info("JWKS fetched: %d usable keys", len(self._keys))
-        return self._keys.get(kid)
+        if self._fetching.locked() or self._may_fetch():
+            async with self._fetching:
+                # Another request may have fetched while this one waited.
+                if kid not in self._keys and self._may_fetch():
+                    await self._fetch_keys()
+        key = self._keys.get(kid)
+        if key is None and self._fetch_failed:
+            raise KeysUnavailable(max(1, math.ceil(self._pause_left())))
+        return key
+
+    async def _fetch_keys(self) -> None:
+        self._fetched_at = self._monotonic()
+        try:
+            body = await asyncio.to_thread(self._fetch, self._jwks_url)
+            self._keys = parse_jwks(body)
+        except (OSError, ValueError) as error:
+            self._fetch_failed = True
+            log.warning("cannot fetch the JWKS, keeping %d known keys: %s", len(self._keys), error)
+        else:
+            self._fetch_failed = False
+            log.info("JWKS fetched: %d usable keys", len(self._keys))
+
+    def _pause_left(self) -> float:
+        if self._fetched_at is None:
+            return 0.0
+        pause = JWKS_RETRY_SECONDS if self._fetch_failed else JWKS_REFETCH_SECONDS
+        return self._fetched_at + pause - self._monotonic()
 
     def _may_fetch(self) -> bool:
-        return (
-            self._fetched_at is None or self._monotonic() - self._fetched_at >= JWKS_REFETCH_SECONDS
-        )
+        return self._pause_left() <= 0
 
 
 def _claimed_scopes(claims: dict[str, Any]) -> frozenset[str]:

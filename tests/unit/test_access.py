@@ -11,8 +11,17 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from order_viewer.access import AccessGuard, AccessPolicy, _audit
-from order_viewer.auth import ORDERS_READ, AuthFailure, FailureLimiter, Principal
+from order_viewer.auth import (
+    JWKS_RETRY_SECONDS,
+    ORDERS_READ,
+    Authenticator,
+    AuthFailure,
+    FailureLimiter,
+    JwtVerifier,
+    Principal,
+)
 from order_viewer.masking import MaskedViews
+from tests.identity import AUDIENCE, ISSUER, IdentityProvider
 
 SUPPORT = Principal("support", frozenset({ORDERS_READ}))
 
@@ -108,7 +117,9 @@ async def answer_ok(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-def status_of(guard: AccessGuard, authorization: str | None, client: str = "203.0.113.9") -> int:
+def answer(
+    guard: AccessGuard, authorization: str | None, client: str = "203.0.113.9"
+) -> tuple[int, dict[bytes, bytes]]:
     headers = [] if authorization is None else [(b"authorization", authorization.encode())]
     scope: Scope = {
         "type": "http",
@@ -125,12 +136,15 @@ def status_of(guard: AccessGuard, authorization: str | None, client: str = "203.
         sent.append(message)
 
     asyncio.run(guard(scope, receive, send))
-    status: int = sent[0]["status"]
-    return status
+    return sent[0]["status"], dict(sent[0]["headers"])
 
 
-def guard() -> AccessGuard:
-    policy = AccessPolicy(OneToken(), FailureLimiter(), MaskedViews(10, None))
+def status_of(guard: AccessGuard, authorization: str | None, client: str = "203.0.113.9") -> int:
+    return answer(guard, authorization, client)[0]
+
+
+def guard(authenticator: Authenticator | None = None) -> AccessGuard:
+    policy = AccessPolicy(authenticator or OneToken(), FailureLimiter(), MaskedViews(10, None))
     return AccessGuard(answer_ok, policy, None)
 
 
@@ -149,3 +163,28 @@ def test_wrong_tokens_still_lock_out_their_address() -> None:
     assert statuses[21] == 429
     assert status_of(checked, f"Bearer {VALID}") == 429
     assert status_of(checked, f"Bearer {VALID}", client="203.0.113.10") == 200
+
+
+def test_an_identity_provider_away_is_a_503_to_retry_not_a_bad_token() -> None:
+    provider = IdentityProvider()
+    away = True
+
+    def fetch(url: str) -> bytes:
+        if away:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return provider.fetch(url)
+
+    now = [1000.0]
+    verifier = JwtVerifier(
+        "http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, fetch=fetch, monotonic=lambda: now[0]
+    )
+    checked = guard(verifier)
+    token = provider.token()
+    for _ in range(25):
+        status, headers = answer(checked, f"Bearer {token}")
+        assert status == 503
+        assert 1 <= int(headers[b"retry-after"]) <= JWKS_RETRY_SECONDS
+        assert b"www-authenticate" not in headers  # nothing tells the page to drop the token
+    away = False
+    now[0] += JWKS_RETRY_SECONDS
+    assert status_of(checked, f"Bearer {token}") == 200  # and the address was not locked out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,13 @@ import pytest
 
 from order_viewer.auth import (
     JWKS_REFETCH_SECONDS,
+    JWKS_RETRY_SECONDS,
     ORDERS_READ,
     ORDERS_READ_PII,
     AuthFailure,
     FailureLimiter,
     JwtVerifier,
+    KeysUnavailable,
     Principal,
     TokenFile,
     TokenFileError,
@@ -293,6 +296,70 @@ def test_an_unknown_kid_refetches_the_keys_at_most_once_per_30_seconds() -> None
     clock.now += JWKS_REFETCH_SECONDS
     assert authenticate(check, provider.token("rsa-2")).name == "alice"  # a rotated key
     assert provider.requests == 2
+
+
+class ProviderDown:
+    """The provider's JWKS endpoint, failing while `down` says so."""
+
+    def __init__(self, provider: IdentityProvider, error: Exception) -> None:
+        self.provider = provider
+        self.error = error
+        self.down = True
+        self.attempts = 0
+
+    def __call__(self, url: str) -> bytes:
+        self.attempts += 1
+        if self.down:
+            raise self.error
+        return self.provider.fetch(url)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionRefusedError(111, "Connection refused"), TimeoutError(), ValueError("not JSON")],
+)
+def test_keys_that_cannot_be_fetched_ask_to_retry_soon_rather_than_refuse_the_token(
+    provider: IdentityProvider, error: Exception
+) -> None:
+    clock = Clock()
+    endpoint = ProviderDown(provider, error)
+    check = JwtVerifier(
+        "http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, fetch=endpoint, monotonic=clock
+    )
+    token = provider.token()
+    for waited in (0.0, 0.5, 1.5):
+        clock.now = 1000.0 + waited
+        with pytest.raises(KeysUnavailable) as unavailable:
+            authenticate(check, token)
+        assert unavailable.value.retry_after == max(1, math.ceil(JWKS_RETRY_SECONDS - waited))
+    assert endpoint.attempts == 1  # not hammered while it is down
+
+    endpoint.down = False
+    clock.now = 1000.0 + JWKS_RETRY_SECONDS
+    assert authenticate(check, token).name == "alice"
+    assert endpoint.attempts == 2
+    # Back to the normal pause between fetches for a made-up kid.
+    assert reason(check, provider.token(headers={"kid": "made-up"})) == "unknown_key"
+    clock.now += JWKS_RETRY_SECONDS
+    assert reason(check, provider.token(headers={"kid": "made-up"})) == "unknown_key"
+    assert endpoint.attempts == 2
+
+
+def test_a_provider_down_after_a_fetch_keeps_the_keys_it_gave(
+    provider: IdentityProvider,
+) -> None:
+    clock = Clock()
+    endpoint = ProviderDown(provider, ConnectionResetError(104, "Connection reset"))
+    endpoint.down = False
+    check = JwtVerifier(
+        "http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, fetch=endpoint, monotonic=clock
+    )
+    assert authenticate(check, provider.token(sub="first")).name == "first"
+    endpoint.down = True
+    clock.now += JWKS_REFETCH_SECONDS
+    with pytest.raises(KeysUnavailable):
+        authenticate(check, provider.token(headers={"kid": "rotated"}))
+    assert authenticate(check, provider.token(sub="second")).name == "second"
 
 
 def test_a_verified_token_is_remembered_until_it_expires(provider: IdentityProvider) -> None:

@@ -414,7 +414,7 @@ async function showOrder(rawId, how, { focus = false } = {}) {
     const wait = retryAfterSeconds(response.headers.get('Retry-After'));
     const when = wait ? ` in ${plural(wait, 'second', 'seconds')}` : ' in a moment';
     setStatus('unavailable',
-      `The service is temporarily unavailable (its database cannot be reached). Please try again${when}.`, retry);
+      `The service is temporarily unavailable (its database or its sign-in provider cannot be reached). Please try again${when}.`, retry);
   } else {
     setStatus('error', `The server could not answer (HTTP ${response.status}). Please try again.`, retry);
   }
@@ -482,7 +482,7 @@ async function loadRecent() {
       askForToken(null, sentToken);
     } else {
       ui.recentStatus.textContent = status === 503
-        ? 'Recent orders are unavailable right now (database unreachable). Use Refresh to try again.'
+        ? 'Recent orders are unavailable right now (database or sign-in provider unreachable). Use Refresh to try again.'
         : 'Recent orders could not be loaded. Use Refresh to try again.';
     }
   } finally {
