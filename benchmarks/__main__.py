@@ -37,7 +37,7 @@ from rich.progress import Progress
 from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 
 from order_viewer import logs as log_setup
-from order_viewer.access import _audit
+from order_viewer.access import audit_order_read
 from order_viewer.auth import ORDERS_READ_PII, Principal, new_token, token_digest
 from order_viewer.broker import client_config, ensure_topics
 from order_viewer.cache import OrderCache
@@ -574,7 +574,7 @@ def audit_line_cost(log_format: Literal["console", "json"], logs_dir: Path) -> d
         try:
             thread, process = time.thread_time(), time.process_time()
             for number in range(AUDIT_LINES):
-                _audit(principal, f"/order/{number:020d}", 200, "whole", "127.0.0.1")
+                audit_order_read(principal, f"/order/{number:020d}", 200, "whole", "127.0.0.1")
             thread = time.thread_time() - thread
             handler.flush()
             process = time.process_time() - process

@@ -170,7 +170,7 @@ class AccessGuard:
         if self._stats is not None:
             self._stats.record(route_template(scope["path"]), status, time.perf_counter() - started)
         if scope["path"].startswith("/order/"):
-            _audit(principal, scope["path"], status, "-", client)
+            audit_order_read(principal, scope["path"], status, "-", client)
 
     async def _pass(
         self, scope: Scope, receive: Receive, send: Send, principal: Principal, client: str
@@ -194,7 +194,9 @@ class AccessGuard:
         try:
             await self._app(scope, receive, send_noting_status)
         finally:
-            _audit(principal, scope["path"], status, "masked" if masked else "whole", client)
+            audit_order_read(
+                principal, scope["path"], status, "masked" if masked else "whole", client
+            )
 
     def _count_failure(self, reason: str) -> None:
         if self._failures is not None:
@@ -212,7 +214,11 @@ def _denial(
     return status, headers, json.dumps({"error": message}).encode()
 
 
-def _audit(principal: Principal | None, path: str, status: int, view: str, client: str) -> None:
+def audit_order_read(
+    principal: Principal | None, path: str, status: int, view: str, client: str
+) -> None:
+    """The audit line of a request on /order/{order_uid}; the principal's name is escaped like
+    the id, since a JWT `sub` may hold anything."""
     # Never a body, a token or a personal field: who, which order, what answer, from where.
     # Refusals at WARNING: a LOG_LEVEL that drops routine reads still records them.
     level = logging.INFO if status < 400 or status == 404 else logging.WARNING
@@ -229,20 +235,21 @@ def _audit(principal: Principal | None, path: str, status: int, view: str, clien
             0,
             "order read principal=%s order_uid=%s status=%d view=%s client=%s",
             (
-                principal.name if principal is not None else "-",
+                _printable(principal.name) if principal is not None else "-",
                 _printable(order_uid),
                 status,
                 view,
                 client,
             ),
             None,
-            "_audit",
+            "audit_order_read",
             {"order_uid": order_uid},
         )
     )
 
 
 def _printable(text: str) -> str:
-    """An id as a client sent it, which may be anything: escaped, for a log line (what
-    json.dumps writes for a string, without its quotes or its per-call checks)."""
-    return json.encoder.encode_basestring_ascii(text)[1:-1]
+    """An id or a name as a client sent it, which may be anything: escaped, for a log line
+    (what json.dumps writes for a string, without its quotes or its per-call checks), spaces
+    too, so that no value can pass for the fields after it."""
+    return json.encoder.encode_basestring_ascii(text)[1:-1].replace(" ", "\\u0020")

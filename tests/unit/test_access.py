@@ -10,7 +10,7 @@ import logging
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from order_viewer.access import AccessGuard, AccessPolicy, _audit
+from order_viewer.access import AccessGuard, AccessPolicy, audit_order_read
 from order_viewer.auth import (
     JWKS_RETRY_SECONDS,
     ORDERS_READ,
@@ -34,8 +34,8 @@ def test_the_line_names_who_read_which_order_with_what_answer_from_where(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
-    _audit(SUPPORT, "/order/b563feb7b2b84b6test", 200, "masked", "10.0.0.7")
-    _audit(None, "/order/b563feb7b2b84b6test", 401, "-", "10.0.0.8")
+    audit_order_read(SUPPORT, "/order/b563feb7b2b84b6test", 200, "masked", "10.0.0.7")
+    audit_order_read(None, "/order/b563feb7b2b84b6test", 401, "-", "10.0.0.8")
     read, refused = audit_records(caplog)
     assert read.getMessage() == (
         "order read principal=support order_uid=b563feb7b2b84b6test status=200 view=masked "
@@ -43,7 +43,7 @@ def test_the_line_names_who_read_which_order_with_what_answer_from_where(
     )
     assert read.levelno == logging.INFO
     assert read.order_uid == "b563feb7b2b84b6test"  # type: ignore[attr-defined]
-    assert (read.funcName, read.module) == ("_audit", "access")
+    assert (read.funcName, read.module) == ("audit_order_read", "access")
     assert refused.getMessage() == (
         "order read principal=- order_uid=b563feb7b2b84b6test status=401 view=- client=10.0.0.8"
     )
@@ -65,14 +65,14 @@ def test_refusals_are_warnings_and_reads_are_info(
     caplog: pytest.LogCaptureFixture, status: int, level: int
 ) -> None:
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
-    _audit(SUPPORT, "/order/x", status, "masked", "10.0.0.7")
+    audit_order_read(SUPPORT, "/order/x", status, "masked", "10.0.0.7")
     assert [record.levelno for record in audit_records(caplog)] == [level]
 
 
 def test_a_level_above_info_keeps_only_the_refusals(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="order_viewer.audit")
     for status in (200, 304, 404, 403):
-        _audit(SUPPORT, "/order/x", status, "masked", "10.0.0.7")
+        audit_order_read(SUPPORT, "/order/x", status, "masked", "10.0.0.7")
     assert [record.getMessage().split()[4] for record in audit_records(caplog)] == ["status=403"]
 
 
@@ -92,7 +92,7 @@ def test_an_id_of_any_kind_is_escaped_and_cut_on_one_line(
     caplog: pytest.LogCaptureFixture, uid: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
-    _audit(SUPPORT, f"/order/{uid}", 404, "masked", "10.0.0.7")
+    audit_order_read(SUPPORT, f"/order/{uid}", 404, "masked", "10.0.0.7")
     (record,) = audit_records(caplog)
     message = record.getMessage()
     assert message.isascii()
@@ -100,6 +100,38 @@ def test_an_id_of_any_kind_is_escaped_and_cut_on_one_line(
     written = message.split(" order_uid=")[1].rsplit(" status=404 ", 1)[0]
     assert json.loads(f'"{written}"') == uid[:80]
     assert record.order_uid == uid[:80]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        "mallory\n2026-01-01 INFO order_viewer.audit order read principal=admin",
+        "mallory order_uid=other status=200 view=whole client=10.0.0.1",
+        "\r\x00\x1b[2K\x7f\u2028\u0085",
+        "ünïcode-☃",
+        "\ud800",
+    ],
+)
+def test_a_principal_of_any_name_is_escaped_on_one_line(
+    caplog: pytest.LogCaptureFixture, sub: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="order_viewer.audit")
+    audit_order_read(Principal(sub, frozenset({ORDERS_READ})), "/order/x", 200, "masked", "-")
+    (record,) = audit_records(caplog)
+    message = record.getMessage()
+    assert message.isascii()
+    assert message.isprintable()
+    fields = message.split(" ")
+    assert fields[:2] == ["order", "read"]
+    assert [field.split("=")[0] for field in fields[2:]] == [
+        "principal",
+        "order_uid",
+        "status",
+        "view",
+        "client",
+    ]
+    assert json.loads(f'"{fields[2].removeprefix("principal=")}"') == sub
+    assert fields[3:] == ["order_uid=x", "status=200", "view=masked", "client=-"]
 
 
 VALID = "valid-token"
