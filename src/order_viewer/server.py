@@ -7,6 +7,8 @@ import logging
 import resource
 import signal
 import socket
+import ssl
+from pathlib import Path
 
 import uvloop
 from granian.constants import HTTPModes, Interfaces
@@ -47,6 +49,34 @@ def http_connection_limit(wanted: int, open_files_limit: int, read_pool_size: in
     return min(wanted, open_files_limit - FILES_BESIDES_CONNECTIONS - read_pool_size)
 
 
+def tls_problem(cert_file: Path, key_file: Path) -> str | None:
+    """What makes these files unfit to serve HTTPS with, naming the setting at fault, or None.
+    Checked with OpenSSL before anything starts: the HTTP server would only find out after
+    the Kafka and database clients were built, with a traceback."""
+    for setting, path in (("HTTP_TLS_CERT_FILE", cert_file), ("HTTP_TLS_KEY_FILE", key_file)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as error:
+            return f"{setting} {path}: cannot read it: {error.strerror}"
+    try:
+        ssl.create_default_context(cafile=cert_file)
+    except ssl.SSLError:
+        return f"HTTP_TLS_CERT_FILE {cert_file}: no PEM certificate in it"
+    try:
+        # A password callback, so that an encrypted key fails here instead of prompting.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            cert_file, key_file, password=lambda: b""
+        )
+    except (OSError, ssl.SSLError) as error:
+        if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+            return (
+                f"HTTP_TLS_KEY_FILE {key_file}: not the key of the HTTP_TLS_CERT_FILE certificate"
+            )
+        return f"HTTP_TLS_KEY_FILE {key_file}: no unencrypted PEM private key in it"
+    return None
+
+
 def serve(settings: Settings, access: AccessPolicy | None) -> int:
     """Serve until SIGINT or SIGTERM, with `access` guarding the routes with order data (None:
     open to all); the exit status: 0 after a stop, 1 if the service could not start or go on
@@ -60,6 +90,12 @@ def serve(settings: Settings, access: AccessPolicy | None) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", *address, error.strerror)
         return 1
+    if settings.http_tls_cert_file is not None:
+        assert settings.http_tls_key_file is not None  # the settings validated it
+        problem = tls_problem(settings.http_tls_cert_file, settings.http_tls_key_file)
+        if problem is not None:
+            log.error("cannot serve HTTPS: %s", problem)
+            return 1
     open_files = raise_open_files_limit()
     connections = http_connection_limit(
         settings.http_max_connections, open_files, settings.database_pool_size
