@@ -77,7 +77,11 @@ class Parts:
     app: ASGIApp
 
 
-def build(settings: Settings, access: AccessPolicy | None = None) -> Parts:
+def build(settings: Settings, access: AccessPolicy | None) -> Parts:
+    """Every part of the service, unstarted; `access` guards the routes with order data, and
+    None (open to all) is refused when the settings ask for authentication."""
+    if access is None and settings.http_auth != "none":
+        raise ValueError(f"HTTP_AUTH={settings.http_auth} but no access policy to enforce it")
     stop = threading.Event()
     max_backoff = settings.retry_max_backoff_ms / 1000
     # One health record per dependency, shared by every part that uses it, so that an outage

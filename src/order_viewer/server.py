@@ -79,8 +79,8 @@ def tls_problem(cert_file: Path, key_file: Path) -> str | None:
 
 def serve(settings: Settings, access: AccessPolicy | None) -> int:
     """Serve until SIGINT or SIGTERM, with `access` guarding the routes with order data (None:
-    open to all); the exit status: 0 after a stop, 1 if the service could not start or go on
-    (the reason is logged)."""
+    open to all, refused unless HTTP_AUTH=none); the exit status: 0 after a stop, 1 if the
+    service could not start or go on (the reason is logged)."""
     address = (settings.http_host, settings.http_port)
     try:
         # Asked before anything starts, so a taken port is one clear line, not a traceback

@@ -10,6 +10,7 @@ import logging
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
+from order_viewer import bootstrap
 from order_viewer.access import AccessGuard, AccessPolicy, audit_order_read
 from order_viewer.auth import (
     JWKS_RETRY_SECONDS,
@@ -20,6 +21,7 @@ from order_viewer.auth import (
     JwtVerifier,
     Principal,
 )
+from order_viewer.config import Settings
 from order_viewer.masking import MaskedViews
 from tests.identity import AUDIENCE, ISSUER, IdentityProvider
 
@@ -220,3 +222,23 @@ def test_an_identity_provider_away_is_a_503_to_retry_not_a_bad_token() -> None:
     away = False
     now[0] += JWKS_RETRY_SECONDS
     assert status_of(checked, f"Bearer {token}") == 200  # and the address was not locked out
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"http_auth": "token", "http_tokens_file": "tokens"},
+        {
+            "http_auth": "jwt",
+            "http_jwt_jwks_url": "https://id.example/jwks",
+            "http_jwt_issuer": ISSUER,
+            "http_jwt_audience": AUDIENCE,
+        },
+    ],
+)
+def test_no_access_policy_is_refused_when_the_settings_ask_for_authentication(
+    auth: dict[str, str],
+) -> None:
+    settings = Settings(_env_file=None, **auth)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"HTTP_AUTH={auth['http_auth']} but no access policy"):
+        bootstrap.build(settings, None)
