@@ -132,3 +132,31 @@ def test_a_wrong_token_is_refused_and_asked_for_again(tab: Tab, service: Guarded
     sign_in(tab, service.tokens["support"])
     tab.wait_loaded()
     expect(tab.by("section-delivery")).to_contain_text("T*** T*****")
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "tok€n",  # beyond Latin-1: fetch() would throw on it
+        "🔑" * 10,
+        "tökén",
+        "two words",
+        "tab\there",
+        "zero\u200bwidth",
+        "nul\x00byte",
+    ],
+)
+def test_a_token_that_cannot_be_one_is_refused_at_once_and_not_kept(
+    tab: Tab, service: GuardedService, typed: str
+) -> None:
+    tab.open(f"/?id={service.order['order_uid']}")
+    sign_in(tab, typed)
+    expect(tab.by("status")).to_contain_text("That is not an access token")
+    expect(tab.by("status")).to_have_attribute("data-state", "auth")
+    expect(tab.by("sign-in")).to_be_visible()
+    assert tab.page.evaluate("sessionStorage.getItem('order-viewer.token')") is None
+    assert tab.order_requests() == [f"{service.base_url}/order/{service.order['order_uid']}"]
+    sign_in(tab, f"  {service.tokens['support']}  ")  # pasted with spaces around: kept
+    tab.wait_loaded()
+    expect(tab.by("section-delivery")).to_contain_text("T*** T*****")
+    tab.assert_clean()

@@ -523,6 +523,13 @@ ui.signIn.addEventListener('submit', (event) => {
     ui.token.focus();
     return;
   }
+  // What a bearer token may hold; fetch() throws on a header beyond Latin-1, and the page would
+  // then fail as if the network were down until sign-out.
+  if (!/^[\x21-\x7e]+$/.test(token)) {
+    setStatus('auth', 'That is not an access token: a token has only letters, digits and punctuation, without spaces. Please paste it again.');
+    ui.token.focus();
+    return;
+  }
   storeToken(token);
   ui.signIn.hidden = true;
   const then = afterSignIn;
