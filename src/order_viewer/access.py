@@ -119,6 +119,7 @@ class AccessGuard:
                 ["reason"],
                 registry=metrics.registry,
             )
+            metrics.count_masked_views(policy.views)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         needed = _required_scope(scope["path"]) if scope["type"] == "http" else None

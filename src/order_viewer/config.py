@@ -181,7 +181,8 @@ class Settings(BaseSettings):
     cache_max_bytes: Annotated[int, Field(ge=0)] = Field(
         default=256 * 1024 * 1024,
         description="Most bytes of order bodies kept in memory (least recently used evicted); "
-        "binds before CACHE_CAPACITY when orders are large.",
+        "binds before CACHE_CAPACITY when orders are large. With HTTP_AUTH set, masked views of "
+        "orders are kept in a second cache with the same bounds, so up to twice this.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Lowest level of log lines printed."

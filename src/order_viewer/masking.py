@@ -83,6 +83,10 @@ class MaskedViews:
     def __len__(self) -> int:
         return len(self._views)
 
+    @property
+    def bytes(self) -> int:
+        return self._views.bytes
+
     def masked(self, whole: CachedOrder) -> CachedOrder:
         view = self._views.get(whole.etag)
         if view is None:

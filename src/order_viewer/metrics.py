@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from order_viewer.cache import OrderCache
+from order_viewer.masking import MaskedViews
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ORDER_ROUTE = "/order/{order_uid}"
@@ -115,6 +116,10 @@ class Metrics:
         registry.register(self.http)
         registry.register(_CacheCollector(cache))
 
+    def count_masked_views(self, views: MaskedViews) -> None:
+        """Gauges of the masked views too, which exist only with authentication on."""
+        self.registry.register(_MaskedViewsCollector(views))
+
     def order_stored(self, date_created: datetime) -> None:
         if self._newest_order is None or date_created > self._newest_order:
             self._newest_order = date_created
@@ -213,6 +218,25 @@ class RequestMetrics:
             await self._app(scope, receive, send_noting_status)
         finally:
             self._stats.record(route_template(scope["path"]), status, time.perf_counter() - started)
+
+
+class _MaskedViewsCollector(Collector):
+    """The masked views' cache, which the cache's bounds bound too: memory beside the cache's."""
+
+    def __init__(self, views: MaskedViews) -> None:
+        self._views = views
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "order_viewer_masked_views_entries",
+            "Masked orders kept for tokens without orders:read:pii.",
+            value=len(self._views),
+        )
+        yield GaugeMetricFamily(
+            "order_viewer_masked_views_bytes",
+            "Bytes of masked order bodies kept, beside the cache's (bounded by CACHE_MAX_BYTES).",
+            value=self._views.bytes,
+        )
 
 
 class _CacheCollector(Collector):

@@ -21,8 +21,11 @@ from order_viewer.auth import (
     JwtVerifier,
     Principal,
 )
+from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import Settings
+from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.masking import MaskedViews
+from order_viewer.metrics import Metrics
 from tests.identity import AUDIENCE, ISSUER, IdentityProvider
 
 SUPPORT = Principal("support", frozenset({ORDERS_READ}))
@@ -242,3 +245,23 @@ def test_no_access_policy_is_refused_when_the_settings_ask_for_authentication(
     settings = Settings(_env_file=None, **auth)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=f"HTTP_AUTH={auth['http_auth']} but no access policy"):
         bootstrap.build(settings, None)
+
+
+def test_the_masked_views_beside_the_cache_are_measured() -> None:
+    metrics = Metrics(OrderCache(10))
+    views = MaskedViews(10, None)
+    AccessGuard(answer_ok, AccessPolicy(OneToken(), FailureLimiter(), views), metrics)
+
+    def gauges() -> tuple[float | None, float | None]:
+        return (
+            metrics.registry.get_sample_value("order_viewer_masked_views_entries"),
+            metrics.registry.get_sample_value("order_viewer_masked_views_bytes"),
+        )
+
+    assert gauges() == (0, 0)
+    whole = CachedOrder(json.dumps(SAMPLE_ORDER).encode(), '"v1"')
+    masked = views.masked(whole)
+    views.masked(whole)
+    assert gauges() == (1, len(masked.body))
+    views.masked(CachedOrder(whole.body, '"v2"'))
+    assert gauges() == (2, 2 * len(masked.body))
