@@ -143,8 +143,8 @@ class TokenFileError(Exception):
 
 def parse_scopes(text: str) -> frozenset[str]:
     scopes = frozenset(scope.strip() for scope in text.split(","))
-    unknown = scopes - SCOPES
-    if unknown or not scopes:
+    # An empty text or a comma too many gives an empty scope, which is unknown too.
+    if scopes - SCOPES:
         raise ValueError(f"unknown scope; known are {', '.join(sorted(SCOPES))}")
     return scopes
 

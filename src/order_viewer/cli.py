@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterable
 from importlib.metadata import version
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import sqlalchemy.exc
 
@@ -42,8 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     return command
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refuses a command line in one line on stderr, as every other refusal of the command is
+    written; the usage is a --help away. Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="order-viewer",
         description="Orders from Kafka into PostgreSQL, served by id over HTTP. "
         "Configured by environment variables (see the README).",
