@@ -370,6 +370,28 @@ def test_the_service_monitor_scrapes_each_pod_once_through_the_headless_service(
     assert "ServiceMonitor" not in {kind for kind, _ in render(helm)}
 
 
+def test_the_service_monitor_sends_a_bearer_token_from_its_secret(helm: Path) -> None:
+    [endpoint] = one(render(helm, PRODUCTION_VALUES), "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "order-viewer-metrics-token", "key": "token"},
+    }
+    jwt = render(
+        helm,
+        None,
+        *JWT,
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.bearerTokenSecret.name=scrape",
+        "serviceMonitor.bearerTokenSecret.key=access-token",
+    )
+    [endpoint] = one(jwt, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"] == {"name": "scrape", "key": "access-token"}
+    # Without authentication /metrics is open: no token to send.
+    anonymous = render(helm, None, *ANONYMOUS, "serviceMonitor.enabled=true")
+    [endpoint] = one(anonymous, "ServiceMonitor")["spec"]["endpoints"]
+    assert "authorization" not in endpoint
+
+
 # ------------------------------------------------------------------ refused values
 
 
@@ -423,6 +445,22 @@ def test_a_secret_among_the_plain_settings_is_refused_without_echoing_it(
         (("httpAuth.tokensSecret=",), "httpAuth.mode=token needs httpAuth.tokensSecret"),
         (("httpAuth.mode=jwt",), "httpAuth.mode=jwt needs settings.HTTP_JWT_JWKS_URL"),
         (JWT[:3], "httpAuth.mode=jwt needs settings.HTTP_JWT_AUDIENCE"),
+        (
+            ("serviceMonitor.enabled=true",),
+            "serviceMonitor.bearerTokenSecret.name: with httpAuth.mode=token, /metrics needs",
+        ),
+        (
+            (*JWT, "serviceMonitor.enabled=true"),
+            "serviceMonitor.bearerTokenSecret.name: with httpAuth.mode=jwt",
+        ),
+        (
+            (
+                "serviceMonitor.enabled=true",
+                "serviceMonitor.bearerTokenSecret.name=scrape",
+                "serviceMonitor.bearerTokenSecret.key=",
+            ),
+            "serviceMonitor.bearerTokenSecret.key: name the Secret's key",
+        ),
     ],
 )
 def test_values_the_service_would_refuse_fail_the_render(

@@ -96,6 +96,14 @@ told it is intended: refuse here what would otherwise crash-loop every pod.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- with .Values.serviceMonitor }}
+{{- if and .enabled (ne $mode "none") (not .bearerTokenSecret.name) }}
+{{- fail (printf "serviceMonitor.bearerTokenSecret.name: with httpAuth.mode=%s, /metrics needs a bearer token with the metrics:read scope; name the Secret that holds one" $mode) }}
+{{- end }}
+{{- if and .bearerTokenSecret.name (not .bearerTokenSecret.key) }}
+{{- fail "serviceMonitor.bearerTokenSecret.key: name the Secret's key that holds the token" }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The container's environment: plain settings by the ConfigMap, the rest here. */}}
