@@ -57,6 +57,36 @@ def wait_until(
         time.sleep(interval)
 
 
+def wait_http_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    what: str,
+    timeout: float = 60,
+    **httpx_kwargs: Any,
+) -> None:
+    """Poll `url` until it answers 200; fail with the end of `process`'s log if it exits first
+    (`what` names it) or after `timeout` s."""
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            log = log_path.read_text(errors="replace")[-5000:]
+            pytest.fail(f"{what} exited with {process.returncode}:\n{log}")
+        try:
+            return httpx.get(url, timeout=2, **httpx_kwargs).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, timeout, f"{what} to be ready")
+
+
+def kill(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL, and wait for the end; nothing to do if it never started or already ended."""
+    if process is not None:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
 class Servers(LocalStack):
     """The run's own PostgreSQL and Kafka: free ports, below `directory`."""
 
@@ -207,25 +237,16 @@ class ServiceProcess:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        def ready() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"service exited with {self.process.returncode}:\n{self.log()[-5000:]}")
-            try:
-                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, timeout, "the service to be ready")
+        assert self.process is not None
+        wait_http_ready(
+            f"{self.base_url}/readyz", self.process, self.log_path, "the service", timeout
+        )
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(f"{self.base_url}{path}", timeout=10, **kwargs)
 
     def kill(self) -> None:
-        """SIGKILL, and wait for the end; nothing to do if it never started or already ended."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+        kill(self.process)
 
     def terminate(self, timeout: float = 15) -> int:
         assert self.process is not None

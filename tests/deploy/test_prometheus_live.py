@@ -22,7 +22,9 @@ from tests.conftest import (
     Topics,
     encode_orders,
     free_port,
+    kill,
     produce,
+    wait_http_ready,
     wait_until,
 )
 from tests.deploy.conftest import ALERTS
@@ -79,15 +81,7 @@ class Prometheus:
             )
 
     def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, 60, "prometheus to be ready")
+        wait_http_ready(f"{self.url}/-/ready", self.process, self.log_path, "prometheus")
 
     def api(self, path: str, **params: str) -> Any:
         response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
@@ -107,8 +101,7 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
+        kill(self.process)
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from tests.conftest import (
     Topics,
     encode_orders,
     produce,
+    wait_http_ready,
     wait_until,
 )
 from tests.conftest import metric_value as value
@@ -533,14 +534,14 @@ def test_https_with_a_certificate_of_the_operators(
     )
     https = f"https://127.0.0.1:{service.port}"
     trusted = ssl.create_default_context(cafile=str(cert_file))
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{https}/readyz", verify=trusted, timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(ready, 60, "the service to answer over HTTPS")
+    assert service.process is not None
+    wait_http_ready(
+        f"{https}/readyz",
+        service.process,
+        service.log_path,
+        "the service over HTTPS",
+        verify=trusted,
+    )
     order = httpx.get(f"{https}/order/not-stored-here", headers=bearer(token), verify=trusted)
     assert order.status_code == 404
     assert httpx.get(f"{https}/order/x", verify=trusted).status_code == 401
