@@ -187,10 +187,15 @@ class Topics:
     group: str
 
 
+def new_topics(tag: str = "") -> Topics:
+    """Topic names and a consumer group no other test uses; `tag` tells whose they are."""
+    suffix = f"{tag}-{uuid.uuid4().hex[:10]}" if tag else uuid.uuid4().hex[:10]
+    return Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
+
+
 @pytest.fixture
 def topics() -> Topics:
-    suffix = uuid.uuid4().hex[:10]
-    return Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
+    return new_topics()
 
 
 def with_open_files_limit(limit: int, command: list[str]) -> list[str]:
@@ -257,9 +262,12 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def scrape(service: ServiceProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, keyed by name and sorted labels."""
-    response = service.get("/metrics")
+def scrape(
+    service: ServiceProcess, **get_kwargs: Any
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, keyed by name and sorted labels; `get_kwargs` go to the request
+    (headers=... for a token)."""
+    response = service.get("/metrics", **get_kwargs)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return {
@@ -387,10 +395,7 @@ class RunningService:
 
 @pytest.fixture(scope="session")
 def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
-    suffix = uuid.uuid4().hex[:10]
-    topics = Topics(
-        f"orders-e2e-{suffix}", f"orders-e2e-{suffix}.dlq", f"order-viewer-e2e-{suffix}"
-    )
+    topics = new_topics("e2e")
     with fresh_database(servers, "e2e") as stack:
         process = ServiceProcess(stack, topics, tmp_path_factory.mktemp("service")).start()
         yield RunningService(stack, process, topics)

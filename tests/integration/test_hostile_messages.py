@@ -43,6 +43,7 @@ from tests.conftest import (
     committed_lag,
     consume_all,
     metric_value,
+    new_topics,
     produce,
     scrape,
     wait_until,
@@ -643,8 +644,7 @@ def start_on_backlog(
     **settings: str,
 ) -> tuple[ServiceProcess, Topics]:
     """Produce the messages to new topics first, then start a service on them."""
-    suffix = uuid.uuid4().hex[:10]
-    topics = Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
+    topics = new_topics()
     make_topics(stack, topics)
     produce(stack, topics.orders, messages)
     service = start_service(
