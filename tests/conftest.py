@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +25,7 @@ import httpx
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
@@ -300,7 +301,28 @@ def start_service(
         service.kill()
 
 
-def produce(stack: Stack, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+def create_topics(stack: Stack, names: Sequence[str], partitions: int) -> None:
+    """Create the topics before anything uses them (each must be new)."""
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap_servers})
+    created = admin.create_topics([NewTopic(name, num_partitions=partitions) for name in names])
+    for future in created.values():
+        future.result()
+
+
+@dataclass(frozen=True)
+class Record:
+    """A message with what a plain (key, value) pair leaves to the producer."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, str | bytes | None]] | None = None
+    timestamp_ms: int = 0  # 0: the producer's clock
+    partition: int = -1  # -1: the producer's partitioner
+
+
+def produce(
+    stack: Stack, topic: str, messages: Sequence[tuple[bytes | None, bytes | None] | Record]
+) -> None:
     """Produce and wait until the broker acknowledged every message (the topic must exist)."""
     producer = Producer({"bootstrap.servers": stack.bootstrap_servers, "linger.ms": 10})
     failures: list[Any] = []
@@ -309,10 +331,19 @@ def produce(stack: Stack, topic: str, messages: list[tuple[bytes | None, bytes |
         if error is not None:
             failures.append(error)
 
-    for key, value in messages:
+    for message in messages:
+        record = message if isinstance(message, Record) else Record(*message)
         while True:
             try:
-                producer.produce(topic, key=key, value=value, on_delivery=delivered)
+                producer.produce(
+                    topic,
+                    key=record.key,
+                    value=record.value,
+                    headers=record.headers,
+                    timestamp=record.timestamp_ms,
+                    partition=record.partition,
+                    on_delivery=delivered,
+                )
                 break
             except BufferError:
                 producer.poll(0.1)

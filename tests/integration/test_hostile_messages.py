@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from order_viewer.generate import SAMPLE_ORDER, break_order, encode, make_order
 from order_viewer.model import (
@@ -42,6 +41,7 @@ from tests.conftest import (
     Topics,
     committed_lag,
     consume_all,
+    create_topics,
     metric_value,
     new_topics,
     produce,
@@ -87,15 +87,6 @@ SENT_APART = [name for name, entry in MANIFEST.items() if "apart" in entry]
 
 
 # --- Helpers ----------------------------------------------------------------------------------
-
-
-def make_topics(stack: Stack, topics: Topics) -> None:
-    """Create the topics as the service would, so that a backlog can be produced before it runs."""
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap_servers})
-    for future in admin.create_topics(
-        [NewTopic(name, num_partitions=3) for name in (topics.orders, topics.dead_letters)]
-    ).values():
-        future.result()
 
 
 def produce_with(
@@ -645,7 +636,8 @@ def start_on_backlog(
 ) -> tuple[ServiceProcess, Topics]:
     """Produce the messages to new topics first, then start a service on them."""
     topics = new_topics()
-    make_topics(stack, topics)
+    # Created as the service would, so that a backlog can be produced before it runs.
+    create_topics(stack, [topics.orders, topics.dead_letters], 3)
     produce(stack, topics.orders, messages)
     service = start_service(
         KAFKA_TOPIC=topics.orders,
