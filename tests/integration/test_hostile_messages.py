@@ -34,7 +34,7 @@ from order_viewer.model import (
     order_json,
     parse_order,
 )
-from tests.audit import stored_count, stored_documents
+from tests.audit import stored_count, stored_documents, wait_stored
 from tests.conftest import (
     ServiceProcess,
     Stack,
@@ -117,15 +117,6 @@ def topic_size(stack: Stack, topic: str) -> int:
         )
     finally:
         consumer.close()
-
-
-def wait_stored(stack: Stack, uids: list[str], timeout: float = 120) -> None:
-    wait_until(
-        lambda: stored_count(stack, uids) == len(uids),
-        timeout,
-        f"{len(uids)} orders to be stored",
-        interval=0.25,
-    )
 
 
 def dead_letters(stack: Stack, topics: Topics, expected: int) -> dict[bytes | None, Any]:
@@ -246,7 +237,7 @@ def test_every_hostile_message_is_dead_lettered_with_its_reason(
     rejected = [hostile for hostile in STREAMED if hostile.expected != STORED]
     valid_uids = [order["order_uid"] for order in valid]
     stored_uids = [hostile.entry["order_uid"] for hostile in stored]
-    wait_stored(stack, valid_uids + stored_uids)
+    wait_stored(stack, valid_uids + stored_uids, timeout=120)
     wait_lag_zero(stack, topics)
 
     # Valid orders around the hostile ones: stored exactly.
