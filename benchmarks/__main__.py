@@ -35,8 +35,8 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import Progress
-from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 
+from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import logs as log_setup
 from order_viewer.access import _audit
 from order_viewer.auth import ORDERS_READ_PII, Principal, new_token, token_digest

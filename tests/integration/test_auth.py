@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer.auth import new_token, token_digest
 from order_viewer.generate import make_order
 from order_viewer.masking import masked_document
@@ -40,7 +41,6 @@ from tests.conftest import (
     wait_until,
 )
 from tests.conftest import metric_value as value
-from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from tests.integration.test_http_hostile import SCHEMA_DESCRIBES_REQUESTS, Target, fuzz
 
 # One worker runs the module, so that its tests share its two guarded services.

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer.auth import (
     JWKS_REFETCH_SECONDS,
     ORDERS_READ,
@@ -40,7 +41,6 @@ from order_viewer.masking import (
     masked_document,
     masked_etag,
 )
-from tests.identity import AUDIENCE, ISSUER, IdentityProvider
 
 DIGEST = "a" * 64
 
