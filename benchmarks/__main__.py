@@ -32,14 +32,15 @@ from typing import Any, Literal
 import httpx
 import psycopg
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import Progress
-from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 
+from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import logs as log_setup
 from order_viewer.access import audit_order_read
 from order_viewer.auth import ORDERS_READ_PII, Principal, new_token, token_digest
-from order_viewer.broker import client_config, ensure_topics
+from order_viewer.broker import client_config
 from order_viewer.cache import OrderCache
 from order_viewer.config import Settings
 from order_viewer.consumer import by_size
@@ -47,7 +48,6 @@ from order_viewer.generate import encode, make_order
 from order_viewer.metrics import Metrics
 from order_viewer.model import MAX_ITEMS, PreparedOrder, parse_order
 from order_viewer.ports import Message
-from order_viewer.retry import Health, Patience
 from order_viewer.service import prepare_batch
 from order_viewer.store import migrate
 
@@ -385,12 +385,13 @@ LARGE_ORDERS = 1500
 
 def with_new_topic(bench: Bench, settings: Settings) -> Bench:
     topic = f"bench-{uuid.uuid4().hex[:8]}"
-    ensure_topics(
-        client_config(settings),
-        [topic, f"{topic}.dlq"],
-        settings.kafka_topic_partitions,
-        Patience(Health("Kafka broker", logging.getLogger("bench")), threading.Event(), 5.0),
+    admin = AdminClient(client_config(settings))
+    partitions = settings.kafka_topic_partitions
+    created = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions) for name in (topic, f"{topic}.dlq")]
     )
+    for future in created.values():
+        future.result()
     return replace(bench, topic=topic)
 
 

@@ -25,11 +25,11 @@ def stored_documents(stack: Stack, uids: list[str]) -> dict[str, Any]:
 
 def stored_count(stack: Stack, uids: list[str]) -> int:
     with stack.connect() as connection:
-        row = connection.execute(
-            "SELECT count(*) FROM orders WHERE order_uid = ANY(%s)", (uids,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+        return count_of(
+            connection.execute(
+                "SELECT count(*) FROM orders WHERE order_uid = ANY(%s)", (uids,)
+            ).fetchone()
+        )
 
 
 def count_of(row: tuple[Any, ...] | None) -> int:

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +25,7 @@ import httpx
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
@@ -55,6 +56,36 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_http_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    what: str,
+    timeout: float = 60,
+    **httpx_kwargs: Any,
+) -> None:
+    """Poll `url` until it answers 200; fail with the end of `process`'s log if it exits first
+    (`what` names it) or after `timeout` s."""
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            log = log_path.read_text(errors="replace")[-5000:]
+            pytest.fail(f"{what} exited with {process.returncode}:\n{log}")
+        try:
+            return httpx.get(url, timeout=2, **httpx_kwargs).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, timeout, f"{what} to be ready")
+
+
+def kill(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL, and wait for the end; nothing to do if it never started or already ended."""
+    if process is not None:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
 
 
 class Servers(LocalStack):
@@ -157,10 +188,15 @@ class Topics:
     group: str
 
 
+def new_topics(tag: str = "") -> Topics:
+    """Topic names and a consumer group no other test uses; `tag` tells whose they are."""
+    suffix = f"{tag}-{uuid.uuid4().hex[:10]}" if tag else uuid.uuid4().hex[:10]
+    return Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
+
+
 @pytest.fixture
 def topics() -> Topics:
-    suffix = uuid.uuid4().hex[:10]
-    return Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
+    return new_topics()
 
 
 def with_open_files_limit(limit: int, command: list[str]) -> list[str]:
@@ -207,25 +243,16 @@ class ServiceProcess:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        def ready() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"service exited with {self.process.returncode}:\n{self.log()[-5000:]}")
-            try:
-                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, timeout, "the service to be ready")
+        assert self.process is not None
+        wait_http_ready(
+            f"{self.base_url}/readyz", self.process, self.log_path, "the service", timeout
+        )
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(f"{self.base_url}{path}", timeout=10, **kwargs)
 
     def kill(self) -> None:
-        """SIGKILL, and wait for the end; nothing to do if it never started or already ended."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+        kill(self.process)
 
     def terminate(self, timeout: float = 15) -> int:
         assert self.process is not None
@@ -236,9 +263,12 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def scrape(service: ServiceProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, keyed by name and sorted labels."""
-    response = service.get("/metrics")
+def scrape(
+    service: ServiceProcess, **get_kwargs: Any
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, keyed by name and sorted labels; `get_kwargs` go to the request
+    (headers=... for a token)."""
+    response = service.get("/metrics", **get_kwargs)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return {
@@ -271,7 +301,28 @@ def start_service(
         service.kill()
 
 
-def produce(stack: Stack, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+def create_topics(stack: Stack, names: Sequence[str], partitions: int) -> None:
+    """Create the topics before anything uses them (each must be new)."""
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap_servers})
+    created = admin.create_topics([NewTopic(name, num_partitions=partitions) for name in names])
+    for future in created.values():
+        future.result()
+
+
+@dataclass(frozen=True)
+class Record:
+    """A message with what a plain (key, value) pair leaves to the producer."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, str | bytes | None]] | None = None
+    timestamp_ms: int = 0  # 0: the producer's clock
+    partition: int = -1  # -1: the producer's partitioner
+
+
+def produce(
+    stack: Stack, topic: str, messages: Sequence[tuple[bytes | None, bytes | None] | Record]
+) -> None:
     """Produce and wait until the broker acknowledged every message (the topic must exist)."""
     producer = Producer({"bootstrap.servers": stack.bootstrap_servers, "linger.ms": 10})
     failures: list[Any] = []
@@ -280,10 +331,19 @@ def produce(stack: Stack, topic: str, messages: list[tuple[bytes | None, bytes |
         if error is not None:
             failures.append(error)
 
-    for key, value in messages:
+    for message in messages:
+        record = message if isinstance(message, Record) else Record(*message)
         while True:
             try:
-                producer.produce(topic, key=key, value=value, on_delivery=delivered)
+                producer.produce(
+                    topic,
+                    key=record.key,
+                    value=record.value,
+                    headers=record.headers,
+                    timestamp=record.timestamp_ms,
+                    partition=record.partition,
+                    on_delivery=delivered,
+                )
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -366,10 +426,7 @@ class RunningService:
 
 @pytest.fixture(scope="session")
 def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
-    suffix = uuid.uuid4().hex[:10]
-    topics = Topics(
-        f"orders-e2e-{suffix}", f"orders-e2e-{suffix}.dlq", f"order-viewer-e2e-{suffix}"
-    )
+    topics = new_topics("e2e")
     with fresh_database(servers, "e2e") as stack:
         process = ServiceProcess(stack, topics, tmp_path_factory.mktemp("service")).start()
         yield RunningService(stack, process, topics)

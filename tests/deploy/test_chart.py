@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from order_viewer.auth import protected_mode_problem
 from order_viewer.config import Settings
 from tests.deploy.conftest import CHART, PRODUCTION_VALUES
 
@@ -239,19 +240,19 @@ def test_the_production_values_wire_sasl_tls_and_the_token_file(helm: Path) -> N
     assert "KAFKA_SSL_CERTIFICATE_LOCATION" not in env
     tokens_dir = mount_of(manifests, "http-tokens")
     assert env["HTTP_TOKENS_FILE"]["value"] == f"{tokens_dir}/tokens"
-    assert "HTTP_AUTH" not in env, "an empty httpAuth.mode leaves the service's default"
+    assert env["HTTP_AUTH"] == {"name": "HTTP_AUTH", "value": "token"}
 
 
 def test_http_auth_mode_and_a_token_file_secret_are_passed_on(helm: Path) -> None:
     manifests = render(
         helm,
         None,
-        "httpAuth.mode=required",
+        "httpAuth.mode=token",
         "httpAuth.tokensSecret=api-tokens",
         "httpAuth.tokensKey=tokens.txt",
     )
     env = env_of(manifests)
-    assert env["HTTP_AUTH"] == {"name": "HTTP_AUTH", "value": "required"}
+    assert env["HTTP_AUTH"] == {"name": "HTTP_AUTH", "value": "token"}
     directory = mount_of(manifests, "http-tokens")
     assert env["HTTP_TOKENS_FILE"]["value"] == f"{directory}/tokens.txt"
     volume = volume_of(manifests, "http-tokens")["secret"]
@@ -260,7 +261,45 @@ def test_http_auth_mode_and_a_token_file_secret_are_passed_on(helm: Path) -> Non
     [mount] = [m for m in container(manifests)["volumeMounts"] if m["name"] == "http-tokens"]
     assert mount["readOnly"] is True
     # Without the Secret, nothing of it is rendered.
-    assert "HTTP_TOKENS_FILE" not in env_of(render(helm))
+    anonymous = render(helm, None, *ANONYMOUS, "httpAuth.tokensSecret=")
+    assert "HTTP_TOKENS_FILE" not in env_of(anonymous)
+    assert "http-tokens" not in {m["name"] for m in container(anonymous)["volumeMounts"]}
+
+
+# Values under which the service starts on the pods' 0.0.0.0; each is a complete HTTP_AUTH mode.
+JWT = (
+    "httpAuth.mode=jwt",
+    "settings.HTTP_JWT_JWKS_URL=https://idp.example.com/jwks.json",
+    "settings.HTTP_JWT_ISSUER=https://idp.example.com/",
+    "settings.HTTP_JWT_AUDIENCE=order-viewer",
+)
+ANONYMOUS = ("httpAuth.mode=none", "settings.HTTP_ALLOW_ANONYMOUS=true")
+STARTING = {
+    "default": (None, ()),
+    "production": (PRODUCTION_VALUES, ()),
+    "jwt": (None, JWT),
+    "anonymous": (None, ANONYMOUS),
+    "anonymous-empty-mode": (None, ("httpAuth.mode=", "settings.HTTP_ALLOW_ANONYMOUS=true")),
+}
+
+
+@pytest.mark.parametrize(("values", "settings"), STARTING.values(), ids=STARTING.keys())
+def test_the_rendered_pods_pass_the_services_start_checks(
+    helm: Path, values: Path | None, settings: tuple[str, ...]
+) -> None:
+    manifests = render(helm, values, *settings)
+    environment = dict(one(manifests, "ConfigMap")["data"])
+    for name, entry in env_of(manifests).items():
+        if "value" in entry:
+            environment[name] = entry["value"]
+        elif name == "KAFKA_GROUP_INSTANCE_ID":
+            environment[name] = "order-viewer-0"
+        elif name == "DATABASE_URL":
+            environment[name] = "postgresql://order_viewer@db/order_viewer"
+        else:
+            environment[name] = "from-a-secret"
+    parsed = Settings(_env_file=None, **{name.lower(): v for name, v in environment.items()})
+    assert protected_mode_problem(parsed) is None
 
 
 def test_kafka_client_certificates_come_with_their_key_and_its_password(helm: Path) -> None:
@@ -331,6 +370,28 @@ def test_the_service_monitor_scrapes_each_pod_once_through_the_headless_service(
     assert "ServiceMonitor" not in {kind for kind, _ in render(helm)}
 
 
+def test_the_service_monitor_sends_a_bearer_token_from_its_secret(helm: Path) -> None:
+    [endpoint] = one(render(helm, PRODUCTION_VALUES), "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "order-viewer-metrics-token", "key": "token"},
+    }
+    jwt = render(
+        helm,
+        None,
+        *JWT,
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.bearerTokenSecret.name=scrape",
+        "serviceMonitor.bearerTokenSecret.key=access-token",
+    )
+    [endpoint] = one(jwt, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"] == {"name": "scrape", "key": "access-token"}
+    # Without authentication /metrics is open: no token to send.
+    anonymous = render(helm, None, *ANONYMOUS, "serviceMonitor.enabled=true")
+    [endpoint] = one(anonymous, "ServiceMonitor")["spec"]["endpoints"]
+    assert "authorization" not in endpoint
+
+
 # ------------------------------------------------------------------ refused values
 
 
@@ -367,6 +428,38 @@ def test_a_secret_among_the_plain_settings_is_refused_without_echoing_it(
         (
             ("kafka.tls.existingSecret=kafka-client", "kafka.tls.keyPasswordKey=pw"),
             "keyPasswordKey needs kafka.tls.keyKey",
+        ),
+        (("httpAuth.mode=",), "httpAuth.mode is empty or none: the pods listen on 0.0.0.0"),
+        (("httpAuth.mode=none",), "httpAuth.mode is empty or none"),
+        (
+            ("httpAuth.mode=none", "settings.HTTP_ALLOW_ANONYMOUS=false"),
+            "httpAuth.mode is empty or none",
+        ),
+        (
+            ("httpAuth.mode=none", "settings.HTTP_ALLOW_ANONYMOUS=yes please"),
+            "httpAuth.mode is empty or none",
+        ),
+        (("httpAuth.mode=required",), 'httpAuth.mode="required": the service takes none'),
+        (("httpAuth.mode=Token",), 'httpAuth.mode="Token": the service takes none'),
+        (("httpAuth.mode=true",), 'httpAuth.mode="true": the service takes none'),
+        (("httpAuth.tokensSecret=",), "httpAuth.mode=token needs httpAuth.tokensSecret"),
+        (("httpAuth.mode=jwt",), "httpAuth.mode=jwt needs settings.HTTP_JWT_JWKS_URL"),
+        (JWT[:3], "httpAuth.mode=jwt needs settings.HTTP_JWT_AUDIENCE"),
+        (
+            ("serviceMonitor.enabled=true",),
+            "serviceMonitor.bearerTokenSecret.name: with httpAuth.mode=token, /metrics needs",
+        ),
+        (
+            (*JWT, "serviceMonitor.enabled=true"),
+            "serviceMonitor.bearerTokenSecret.name: with httpAuth.mode=jwt",
+        ),
+        (
+            (
+                "serviceMonitor.enabled=true",
+                "serviceMonitor.bearerTokenSecret.name=scrape",
+                "serviceMonitor.bearerTokenSecret.key=",
+            ),
+            "serviceMonitor.bearerTokenSecret.key: name the Secret's key",
         ),
     ],
 )

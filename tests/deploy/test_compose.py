@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from order_viewer.auth import parse_token_file, token_digest
+from order_viewer.auth import METRICS_READ, parse_token_file, token_digest
 from order_viewer.cli import _parser
 from order_viewer.config import Settings
 from tests.unit.test_packaging import CONTRACT_DEFAULTS, ROOT, SETTINGS, healthcheck_url
@@ -123,6 +123,27 @@ def mounts(service: str) -> dict[str, Path]:
     return found
 
 
+def prometheus_config() -> dict[str, Any]:
+    prometheus = services()["prometheus"]
+    files = mounts("prometheus")
+    config_flag = next(c for c in prometheus["command"] if c.startswith("--config.file="))
+    config_path = config_flag.split("=", 1)[1]
+    config: dict[str, Any] = yaml.safe_load(files[config_path].read_text())
+    return config
+
+
+def demo_tokens() -> dict[str, Any]:
+    """The token file the compose service reads, by token digest."""
+    service = services()["order-viewer"]
+    env = service["environment"]
+    assert env["HTTP_AUTH"] == "token"
+    # docker-compose config resolves a bind mount to source:target:mode, the source absolute.
+    mounts = [volume.split(":") for volume in service["volumes"]]
+    [(source, _, mode)] = [m for m in mounts if m[1] == env["HTTP_TOKENS_FILE"]]
+    assert mode == "ro"
+    return dict(parse_token_file(Path(source).read_text()))
+
+
 def test_the_observability_profile_runs_prometheus_with_the_alert_rules() -> None:
     prometheus = services()["prometheus"]
     assert prometheus["profiles"] == ["observability"]
@@ -130,9 +151,7 @@ def test_the_observability_profile_runs_prometheus_with_the_alert_rules() -> Non
     files = mounts("prometheus")
     for source in files.values():
         assert source.exists(), source
-    config_flag = next(c for c in prometheus["command"] if c.startswith("--config.file="))
-    config_path = config_flag.split("=", 1)[1]
-    config = yaml.safe_load(files[config_path].read_text())
+    config = prometheus_config()
     [rules] = config["rule_files"]
     assert files[rules] == ROOT / "deploy" / "prometheus" / "alerts.yml"
     [job] = config["scrape_configs"]
@@ -140,6 +159,15 @@ def test_the_observability_profile_runs_prometheus_with_the_alert_rules() -> Non
     port = environment("order-viewer")["HTTP_PORT"]
     assert target == f"order-viewer:{port}"
     assert job["metrics_path"] == "/metrics"
+
+
+def test_the_compose_prometheus_scrapes_with_a_demo_token_for_metrics_only() -> None:
+    [job] = prometheus_config()["scrape_configs"]
+    authorization = job["authorization"]
+    assert authorization.get("type", "Bearer") == "Bearer"
+    client = demo_tokens().get(token_digest(authorization["credentials"]))
+    assert client is not None, "the scrape token is none of the service's token file"
+    assert client.scopes == {METRICS_READ}
 
 
 def test_the_observability_profile_runs_grafana_with_its_data_source_and_dashboard() -> None:
@@ -171,16 +199,9 @@ def test_the_observability_profile_runs_grafana_with_its_data_source_and_dashboa
 
 def test_compose_serves_behind_the_demo_tokens_the_readme_prints() -> None:
     root = Path(__file__).resolve().parents[2]
-    service = services()["order-viewer"]
-    env = service["environment"]
-    assert env["HTTP_AUTH"] == "token"
-    # docker-compose config resolves a bind mount to source:target:mode, the source absolute.
-    mounts = [volume.split(":") for volume in service["volumes"]]
-    [(source, _, mode)] = [m for m in mounts if m[1] == env["HTTP_TOKENS_FILE"]]
-    assert mode == "ro"
-    demo = parse_token_file(Path(source).read_text())
+    demo = demo_tokens()
     readme = (root / "README.md").read_text()
     printed = re.findall(r"^\| `(\w+)` \| [^|]+ \| `([A-Za-z0-9_-]{43})` \|$", readme, re.M)
-    assert len(printed) == len(demo) == 2
+    assert len(printed) == len(demo) == 3
     for name, token in printed:
         assert demo[token_digest(token)].name == name

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from order_viewer.auth import new_token, token_digest
 from order_viewer.generate import make_order
 from tests.conftest import (
     ServiceProcess,
@@ -21,7 +22,9 @@ from tests.conftest import (
     Topics,
     encode_orders,
     free_port,
+    kill,
     produce,
+    wait_http_ready,
     wait_until,
 )
 from tests.deploy.conftest import ALERTS
@@ -38,18 +41,28 @@ SILENT_WHEN_HEALTHY = {
 
 SCRAPE_INTERVAL = "1s"
 
+# The service runs as deployed, with bearer tokens: Prometheus scrapes with a metrics:read one,
+# the tests read orders with another.
+SCRAPER_TOKEN = new_token()
+READER_TOKEN = new_token()
+READER = {"Authorization": f"Bearer {READER_TOKEN}"}
+
 
 class Prometheus:
     """Prometheus as a subprocess on a free port, over one service, with the project's rules."""
 
-    def __init__(self, binary: Path, directory: Path, target: str) -> None:
+    def __init__(self, binary: Path, directory: Path, target: str, token: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
             "rule_files": [str(ALERTS)],
             "scrape_configs": [
-                {"job_name": "order-viewer", "static_configs": [{"targets": [target]}]}
+                {
+                    "job_name": "order-viewer",
+                    "authorization": {"type": "Bearer", "credentials": token},
+                    "static_configs": [{"targets": [target]}],
+                }
             ],
         }
         config_file = directory / "prometheus.yml"
@@ -68,15 +81,7 @@ class Prometheus:
             )
 
     def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, 60, "prometheus to be ready")
+        wait_http_ready(f"{self.url}/-/ready", self.process, self.log_path, "prometheus")
 
     def api(self, path: str, **params: str) -> Any:
         response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
@@ -96,16 +101,20 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
+        kill(self.process)
 
 
 @pytest.fixture
 def observed(
     start_service: Callable[..., ServiceProcess], prometheus: Path, tmp_path: Path
 ) -> Iterator[tuple[ServiceProcess, Prometheus]]:
-    service = start_service()
-    server = Prometheus(prometheus, tmp_path, f"127.0.0.1:{service.port}")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(
+        f"prometheus:{token_digest(SCRAPER_TOKEN)}:metrics:read\n"
+        f"support:{token_digest(READER_TOKEN)}:orders:read\n"
+    )
+    service = start_service(HTTP_AUTH="token", HTTP_TOKENS_FILE=str(tokens))
+    server = Prometheus(prometheus, tmp_path, f"127.0.0.1:{service.port}", SCRAPER_TOKEN)
     try:
         server.wait_ready()
         wait_until(lambda: server.value('up{job="order-viewer"}') == 1, 30, "the first scrape")
@@ -153,11 +162,11 @@ def test_every_dashboard_query_returns_data_from_the_real_service(
     produce(stack, topics.orders, [(b"bad", b"{not json")])
 
     def served(uid: str) -> bool:
-        return service.get(f"/order/{uid}").status_code == 200
+        return service.get(f"/order/{uid}", headers=READER).status_code == 200
 
     for order in orders:
         wait_until(partial(served, order["order_uid"]), 30, "an order to be served")
-    service.get("/order/0000000000000000unknown")
+    service.get("/order/0000000000000000unknown", headers=READER)
     lag = 'order_viewer_consumer_lag_messages{job="order-viewer"}'
     # librdkafka's statistics come every 5 s.
     wait_until(lambda: server.query(lag), 30, "the consumer lag to be scraped")

@@ -11,7 +11,6 @@ import os
 import random
 import ssl
 import subprocess
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -24,8 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer.auth import new_token, token_digest
 from order_viewer.generate import make_order
 from order_viewer.masking import masked_document
@@ -35,11 +34,13 @@ from tests.conftest import (
     Stack,
     Topics,
     encode_orders,
+    new_topics,
     produce,
+    scrape,
+    wait_http_ready,
     wait_until,
 )
 from tests.conftest import metric_value as value
-from tests.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from tests.integration.test_http_hostile import SCHEMA_DESCRIBES_REQUESTS, Target, fuzz
 
 # One worker runs the module, so that its tests share its two guarded services.
@@ -92,8 +93,7 @@ def start_guarded(
 ) -> tuple[ServiceProcess, list[dict[str, Any]]]:
     """A service over topics of its own, with three orders stored and served to `tokens`'
     first (a whole-view) token."""
-    suffix = uuid.uuid4().hex[:10]
-    topics = Topics(f"orders-{tag}-{suffix}", f"orders-{tag}-{suffix}.dlq", f"ov-{tag}-{suffix}")
+    topics = new_topics(tag)
     service = ServiceProcess(stack, topics, directory, LOG_FORMAT="json", **settings).start()
     rng = random.Random(tag)
     orders = [make_order(rng) for _ in range(3)]
@@ -327,7 +327,7 @@ def bad_tokens(provider: IdentityProvider) -> dict[str, tuple[str | None, str]]:
 
 def test_every_bad_jwt_is_a_401_never_a_5xx(by_jwt: Guarded, provider: IdentityProvider) -> None:
     uid = by_jwt.orders[0]["order_uid"]
-    before = scrape_as(by_jwt, by_jwt.tokens["whole"])
+    before = scrape(by_jwt.service, headers=bearer(by_jwt.tokens["whole"]))
     cases = bad_tokens(provider)
     with client_at("127.0.0.4") as client:
         for case, (token, _) in cases.items():
@@ -338,7 +338,7 @@ def test_every_bad_jwt_is_a_401_never_a_5xx(by_jwt: Guarded, provider: IdentityP
             assert response.status_code == 401, case
             assert response.headers["www-authenticate"].startswith("Bearer"), case
             assert by_jwt.orders[0]["delivery"]["name"] not in response.text
-    after = scrape_as(by_jwt, by_jwt.tokens["whole"])
+    after = scrape(by_jwt.service, headers=bearer(by_jwt.tokens["whole"]))
     reasons: dict[str, int] = {}
     for _, reason in cases.values():
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -379,22 +379,12 @@ def test_more_than_twenty_failures_in_a_minute_get_429_for_that_address_only(
         # Even the right token waits: a guess that succeeded must look like the others.
         assert attacker.get(url, headers=bearer(by_token.tokens["auditor"])).status_code == 429
     assert by_token.get(f"/order/{uid}", by_token.tokens["auditor"]).status_code == 200
-    samples = scrape_as(by_token, by_token.tokens["auditor"])
+    samples = scrape(by_token.service, headers=bearer(by_token.tokens["auditor"]))
     assert value(samples, "order_viewer_http_auth_failures_total", reason="rate_limited") == 2
     assert (
         value(samples, "order_viewer_http_requests_total", route="/order/{order_uid}", status="429")
         == 2
     )
-
-
-def scrape_as(guarded: Guarded, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = guarded.get("/metrics", token)
-    assert response.status_code == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
 
 
 def test_generated_requests_with_a_valid_token_get_no_5xx(by_jwt: Guarded) -> None:
@@ -465,25 +455,23 @@ def test_an_unusable_token_file_stops_start_up_in_one_line(
     assert "s3cret" not in line
 
 
-def test_token_create_prints_a_token_once_and_the_line_that_admits_it() -> None:
+def token_create(name: str, scopes: str) -> list[str]:
+    """The output lines of `order-viewer token create`."""
     created = subprocess.run(
-        [str(ORDER_VIEWER), "token", "create", "support", "--scopes", "orders:read,metrics:read"],
+        [str(ORDER_VIEWER), "token", "create", name, "--scopes", scopes],
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     )
-    lines = created.stdout.splitlines()
+    return created.stdout.splitlines()
+
+
+def test_token_create_prints_a_token_once_and_the_line_that_admits_it() -> None:
+    lines = token_create("support", "orders:read,metrics:read")
     token = lines[1].strip()
     assert lines[3].strip() == f"support:{token_digest(token)}:metrics:read,orders:read"
-    again = subprocess.run(
-        [str(ORDER_VIEWER), "token", "create", "support", "--scopes", "orders:read"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert again.stdout.splitlines()[1].strip() != token
+    assert token_create("support", "orders:read")[1].strip() != token
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -533,14 +521,14 @@ def test_https_with_a_certificate_of_the_operators(
     )
     https = f"https://127.0.0.1:{service.port}"
     trusted = ssl.create_default_context(cafile=str(cert_file))
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{https}/readyz", verify=trusted, timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(ready, 60, "the service to answer over HTTPS")
+    assert service.process is not None
+    wait_http_ready(
+        f"{https}/readyz",
+        service.process,
+        service.log_path,
+        "the service over HTTPS",
+        verify=trusted,
+    )
     order = httpx.get(f"{https}/order/not-stored-here", headers=bearer(token), verify=trusted)
     assert order.status_code == 404
     assert httpx.get(f"{https}/order/x", verify=trusted).status_code == 401

@@ -4,27 +4,24 @@ exactly once by a running service."""
 
 from __future__ import annotations
 
-import logging
 import random
 import subprocess
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
 
 from order_viewer import dlq
-from order_viewer.broker import ensure_topics
 from order_viewer.config import Settings
 from order_viewer.generate import encode, make_order
-from order_viewer.retry import Health, Patience
 from tests.conftest import (
     ORDER_VIEWER,
+    Record,
     ServiceProcess,
     Stack,
     Topics,
+    create_topics,
     metric_value,
     produce,
     read_topic,
@@ -47,28 +44,20 @@ def settings_for(stack: Stack, topics: Topics) -> Settings:
     )
 
 
-def create_topics(stack: Stack, topics: Topics) -> None:
-    patience = Patience(Health("broker", logging.getLogger("test")), threading.Event(), 0.5)
-    ensure_topics(
-        {"bootstrap.servers": stack.bootstrap_servers},
-        [topics.orders, topics.dead_letters],
-        2,
-        patience,
-    )
-
-
-def write_dead_letters(stack: Stack, topic: str, letters: list[dict[str, Any]]) -> None:
-    producer = Producer({"bootstrap.servers": stack.bootstrap_servers})
-    for letter in letters:
-        producer.produce(
-            topic,
-            key=letter.get("key"),
-            value=letter.get("value"),
-            headers=letter.get("headers"),
-            timestamp=int(letter["at"].timestamp() * 1000),
-            partition=letter.get("partition", 0),
+def write_dead_letters(stack: Stack, topics: Topics, letters: list[dict[str, Any]]) -> None:
+    """The letters on new topics of two partitions, at their times (partition 0 unless given)."""
+    create_topics(stack, [topics.orders, topics.dead_letters], 2)
+    records = [
+        Record(
+            letter.get("key"),
+            letter.get("value"),
+            letter.get("headers"),
+            int(letter["at"].timestamp() * 1000),
+            letter.get("partition", 0),
         )
-    assert producer.flush(30) == 0
+        for letter in letters
+    ]
+    produce(stack, topics.dead_letters, records)
 
 
 def headers(code: bytes) -> list[tuple[str, bytes]]:
@@ -102,8 +91,7 @@ HAND_MADE: list[dict[str, Any]] = [
 
 
 def test_stats_count_by_reason_with_first_and_last_time(stack: Stack, topics: Topics) -> None:
-    create_topics(stack, topics)
-    write_dead_letters(stack, topics.dead_letters, HAND_MADE)
+    write_dead_letters(stack, topics, HAND_MADE)
     by_reason = dlq.stats(settings_for(stack, topics), interactive=False)
     counts = {reason: (s.count, s.first, s.last) for reason, s in by_reason.items()}
     assert counts == {
@@ -117,8 +105,7 @@ def test_stats_count_by_reason_with_first_and_last_time(stack: Stack, topics: To
 def test_replay_sends_the_selection_only_with_where_it_came_from(
     stack: Stack, topics: Topics
 ) -> None:
-    create_topics(stack, topics)
-    write_dead_letters(stack, topics.dead_letters, HAND_MADE)
+    write_dead_letters(stack, topics, HAND_MADE)
     settings = settings_for(stack, topics)
 
     def run(selection: dlq.Selection, dry_run: bool = False) -> dlq.ReplaySummary:

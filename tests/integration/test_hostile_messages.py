@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from order_viewer.generate import SAMPLE_ORDER, break_order, encode, make_order
 from order_viewer.model import (
@@ -35,14 +34,16 @@ from order_viewer.model import (
     order_json,
     parse_order,
 )
-from tests.audit import stored_count, stored_documents
+from tests.audit import stored_count, stored_documents, wait_stored
 from tests.conftest import (
     ServiceProcess,
     Stack,
     Topics,
     committed_lag,
     consume_all,
+    create_topics,
     metric_value,
+    new_topics,
     produce,
     scrape,
     wait_until,
@@ -88,15 +89,6 @@ SENT_APART = [name for name, entry in MANIFEST.items() if "apart" in entry]
 # --- Helpers ----------------------------------------------------------------------------------
 
 
-def make_topics(stack: Stack, topics: Topics) -> None:
-    """Create the topics as the service would, so that a backlog can be produced before it runs."""
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap_servers})
-    for future in admin.create_topics(
-        [NewTopic(name, num_partitions=3) for name in (topics.orders, topics.dead_letters)]
-    ).values():
-        future.result()
-
-
 def produce_with(
     stack: Stack, topic: str, messages: list[tuple[bytes | None, bytes | None]], **config: Any
 ) -> None:
@@ -125,15 +117,6 @@ def topic_size(stack: Stack, topic: str) -> int:
         )
     finally:
         consumer.close()
-
-
-def wait_stored(stack: Stack, uids: list[str], timeout: float = 120) -> None:
-    wait_until(
-        lambda: stored_count(stack, uids) == len(uids),
-        timeout,
-        f"{len(uids)} orders to be stored",
-        interval=0.25,
-    )
 
 
 def dead_letters(stack: Stack, topics: Topics, expected: int) -> dict[bytes | None, Any]:
@@ -254,7 +237,7 @@ def test_every_hostile_message_is_dead_lettered_with_its_reason(
     rejected = [hostile for hostile in STREAMED if hostile.expected != STORED]
     valid_uids = [order["order_uid"] for order in valid]
     stored_uids = [hostile.entry["order_uid"] for hostile in stored]
-    wait_stored(stack, valid_uids + stored_uids)
+    wait_stored(stack, valid_uids + stored_uids, timeout=120)
     wait_lag_zero(stack, topics)
 
     # Valid orders around the hostile ones: stored exactly.
@@ -643,9 +626,9 @@ def start_on_backlog(
     **settings: str,
 ) -> tuple[ServiceProcess, Topics]:
     """Produce the messages to new topics first, then start a service on them."""
-    suffix = uuid.uuid4().hex[:10]
-    topics = Topics(f"orders-{suffix}", f"orders-{suffix}.dlq", f"order-viewer-{suffix}")
-    make_topics(stack, topics)
+    topics = new_topics()
+    # Created as the service would, so that a backlog can be produced before it runs.
+    create_topics(stack, [topics.orders, topics.dead_letters], 3)
     produce(stack, topics.orders, messages)
     service = start_service(
         KAFKA_TOPIC=topics.orders,

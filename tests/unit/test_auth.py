@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer.auth import (
     JWKS_REFETCH_SECONDS,
     JWKS_RETRY_SECONDS,
@@ -43,7 +44,6 @@ from order_viewer.masking import (
     masked_document,
     masked_etag,
 )
-from tests.identity import AUDIENCE, ISSUER, IdentityProvider
 
 DIGEST = "a" * 64
 

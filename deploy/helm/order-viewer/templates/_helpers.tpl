@@ -71,6 +71,39 @@ Refuses values that would put a secret in a ConfigMap, or ask for settings the s
 {{- if and .Values.kafka.tls.keyPasswordKey (not .Values.kafka.tls.keyKey) }}
 {{- fail "kafka.tls.keyPasswordKey needs kafka.tls.keyKey" }}
 {{- end }}
+{{- include "order-viewer.validateHttpAuth" . }}
+{{- end }}
+
+{{/*
+The pods listen on 0.0.0.0, where the service refuses to start without authentication unless
+told it is intended: refuse here what would otherwise crash-loop every pod.
+*/}}
+{{- define "order-viewer.validateHttpAuth" -}}
+{{- $mode := toString (default "none" .Values.httpAuth.mode) }}
+{{- if not (has $mode (list "none" "token" "jwt")) }}
+{{- fail (printf "httpAuth.mode=%q: the service takes none, token or jwt" $mode) }}
+{{- end }}
+{{- if and (eq $mode "none") (ne (toString .Values.settings.HTTP_ALLOW_ANONYMOUS) "true") }}
+{{- fail "httpAuth.mode is empty or none: the pods listen on 0.0.0.0, where the service refuses to serve orders to anyone without authentication; set httpAuth.mode to token (with httpAuth.tokensSecret) or jwt, or settings.HTTP_ALLOW_ANONYMOUS=\"true\" if anonymous access is intended" }}
+{{- end }}
+{{- if and (eq $mode "token") (not .Values.httpAuth.tokensSecret) }}
+{{- fail "httpAuth.mode=token needs httpAuth.tokensSecret: name the Secret that holds the token file" }}
+{{- end }}
+{{- if eq $mode "jwt" }}
+{{- range $name := list "HTTP_JWT_JWKS_URL" "HTTP_JWT_ISSUER" "HTTP_JWT_AUDIENCE" }}
+{{- if not (index $.Values.settings $name) }}
+{{- fail (printf "httpAuth.mode=jwt needs settings.%s" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.serviceMonitor }}
+{{- if and .enabled (ne $mode "none") (not .bearerTokenSecret.name) }}
+{{- fail (printf "serviceMonitor.bearerTokenSecret.name: with httpAuth.mode=%s, /metrics needs a bearer token with the metrics:read scope; name the Secret that holds one" $mode) }}
+{{- end }}
+{{- if and .bearerTokenSecret.name (not .bearerTokenSecret.key) }}
+{{- fail "serviceMonitor.bearerTokenSecret.key: name the Secret's key that holds the token" }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The container's environment: plain settings by the ConfigMap, the rest here. */}}

@@ -1,5 +1,6 @@
-"""A small identity provider for the tests: keys it generates, their JWKS (as bytes, or served
-over HTTP on loopback), tokens signed with them, and the forged tokens an attacker would try."""
+"""A small identity provider for the tests and the benchmarks: keys it generates, their JWKS
+(as bytes, or served over HTTP on loopback), tokens signed with them, and the forged tokens an
+attacker would try."""
 
 from __future__ import annotations
 
