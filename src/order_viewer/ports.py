@@ -71,7 +71,8 @@ class OrderSummary:
 
 class DatabaseUnavailable(Exception):
     """The database cannot answer now (down, unreachable, restarting); the same request may
-    succeed later, and nothing of a write was kept."""
+    succeed later. A write it interrupted was kept only if the connection was lost during
+    COMMIT after the server committed."""
 
 
 class RejectedByDatabase(Exception):

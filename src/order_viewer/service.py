@@ -131,7 +131,7 @@ class OrderIngest:
 
     def store(self, batch: PreparedBatch) -> BatchOutcome:
         """The batch's valid orders stored and cached, retrying the whole batch while the
-        database is away (nothing of a failed attempt was kept). Raises Stopped if a stop comes
+        database is away (storing a batch again changes nothing). Raises Stopped if a stop comes
         first."""
 
         def attempt() -> BatchOutcome:
@@ -147,11 +147,18 @@ class OrderIngest:
             self._metrics.write_duration.observe(time.perf_counter() - started)
             return outcome
 
+        def forget_batch() -> None:
+            # A connection lost during COMMIT leaves the attempt's fate unknown: if the server
+            # committed, the retry finds nothing left to replace or delete, and this instance's
+            # listener skips its own notifications, so no cached copy of the batch may outlive it.
+            self._cache.invalidate([*batch.orders, *batch.deletions])
+            self._metrics.retries.labels("database").inc()
+
         return retry(
             attempt,
             transient=(DatabaseUnavailable,),
             patience=self._database,
-            on_retry=self._metrics.retries.labels("database").inc,
+            on_retry=forget_batch,
         )
 
     def _write(

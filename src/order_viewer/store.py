@@ -259,7 +259,10 @@ class PostgresOrderExpirer:
                 expired = tuple(str(uid) for (uid,) in cursor.fetchall())
                 cursor.execute(_EXPIRE_TOMBSTONES, {"before": before, "limit": limit})
                 tombstones = cursor.rowcount
-                _notify_changes(cursor, self._instance, expired)
+                # Under a sender name of its own, so that this instance's listener hears the
+                # sweep too: a sweep whose COMMIT went through but whose answer was lost is
+                # retried finding nothing, and only the notification drops what it deleted.
+                _notify_changes(cursor, f"{self._instance}-retention", expired)
         except psycopg.Error as error:
             if is_transient(error):
                 self.close()

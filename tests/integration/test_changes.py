@@ -277,6 +277,26 @@ def test_the_expirer_deletes_the_oldest_in_bounded_batches_and_skips_locked_rows
     assert sorted(announced) == sorted(expired)
 
 
+def test_the_expirers_deletions_are_heard_by_its_own_instance_too(
+    stack: Stack, listener: tuple[Recorder, threading.Event]
+) -> None:
+    recorder, _ = listener
+    old = created(make_order(_rng), 40_000)
+    own, expirer = (
+        PostgresOrderWriter(stack.database_url, "me"),
+        PostgresOrderExpirer(stack.database_url, "me"),
+    )
+    try:
+        own.write([prepared(old, 1)])
+        expired = expirer.expire(datetime.now(UTC) - timedelta(days=36_500), 10)
+    finally:
+        own.close()
+        expirer.close()
+    assert expired.order_uids == (old["order_uid"],)
+    wait_until(lambda: recorder.count("changed") == 1, 10, "the expiry to be heard")
+    assert recorder.events[1:] == [("changed", (old["order_uid"],))]
+
+
 def test_stored_versions_are_the_digests_of_the_stored_orders_only(
     stack: Stack, writer: PostgresOrderWriter
 ) -> None:

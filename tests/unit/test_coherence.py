@@ -72,6 +72,20 @@ def test_a_tombstone_deletes_its_order_and_its_cached_copy() -> None:
     assert ingest.writer.stored["a"].order.delivery.name == "Back Again"
 
 
+def test_a_batch_committed_but_reported_lost_leaves_no_stale_copy_cached() -> None:
+    ingest = Ingest()
+    ingest.all([keyed(0, b"a", order("a")), keyed(1, b"b", order("b"))])
+    assert ingest.cache.get("a") is not None
+    assert ingest.cache.get("b") is not None
+    ingest.writer.lost_after_commit_for = 1
+    # The retry finds the replacement and the deletion done: it reports neither.
+    ingest.all([keyed(2, b"a", order("a", "Renamed")), keyed(3, b"b", None)])
+    assert ingest.writer.stored["a"].order.delivery.name == "Renamed"
+    assert "b" not in ingest.writer.stored
+    assert ingest.cache.get("a") is None
+    assert ingest.cache.get("b") is None
+
+
 def test_under_dead_letter_a_tombstone_is_rejected_as_before() -> None:
     ingest = Ingest(delete_on_tombstone=False)
     ingest.all([keyed(0, b"a", order("a")), keyed(1, b"a", None)])
