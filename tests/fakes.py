@@ -102,6 +102,8 @@ class FakeReader:
         self.asked: list[list[str]] = []
         self.queries = 0
         self.unavailable = False
+        # Raised instead of the default when `unavailable` (a subclass: DatabaseBusy).
+        self.unavailable_as: type[DatabaseUnavailable] = DatabaseUnavailable
         self.release = asyncio.Event()
         self.release.set()
 
@@ -110,7 +112,7 @@ class FakeReader:
         self.asked.append(order_uids)
         await self.release.wait()
         if self.unavailable:
-            raise DatabaseUnavailable("connection refused")
+            raise self.unavailable_as("connection refused")
         return [
             StoredDocument(uid, self.stored[uid], b"\x01" * 32)
             for uid in order_uids

@@ -75,6 +75,11 @@ class DatabaseUnavailable(Exception):
     COMMIT after the server committed."""
 
 
+class DatabaseBusy(DatabaseUnavailable):
+    """The database is running but cannot answer now (no pooled connection free in time, out of
+    a resource, a statement timed out): others may be committing meanwhile."""
+
+
 class RejectedByDatabase(Exception):
     """The database refused a batch for what is in it; retrying it unchanged cannot help."""
 

@@ -26,6 +26,7 @@ from order_viewer.model import (
     tombstone_uid,
 )
 from order_viewer.ports import (
+    DatabaseBusy,
     DatabaseUnavailable,
     DeadLetters,
     Deletion,
@@ -305,7 +306,8 @@ class OrderLookup:
     async def load(self, order_uid: str) -> CachedOrder | None:
         """The stored order, or None; raises DatabaseUnavailable when the database cannot be
         reached and the cache kept no copy (it keeps them, without answering from them, while
-        it cannot hear other instances' changes: with the database away, none can be made)."""
+        it cannot hear other instances' changes: with the database away, none can be made).
+        A busy database (DatabaseBusy) gets no kept copy served: others may be committing."""
         future = self._in_flight.get(order_uid)
         if future is None:
             loop = asyncio.get_running_loop()
@@ -316,6 +318,8 @@ class OrderLookup:
         try:
             # Shielded: one request giving up must not cancel the query the others wait for.
             return await asyncio.shield(future)
+        except DatabaseBusy:
+            raise
         except DatabaseUnavailable:
             kept = self._cache.kept(order_uid)
             if kept is None:

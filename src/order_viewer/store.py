@@ -11,11 +11,12 @@ from importlib import resources
 import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from order_viewer.model import PreparedOrder
 from order_viewer.ports import (
     Changes,
+    DatabaseBusy,
     DatabaseUnavailable,
     Deletion,
     Expired,
@@ -36,6 +37,23 @@ def is_transient(error: psycopg.Error) -> bool:
     if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
         return True
     return error.sqlstate is not None and error.sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES)
+
+
+# Resource shortage and a statement timeout: the server is up, only too busy to answer.
+_BUSY_SQLSTATE_CLASS = "53"
+_QUERY_CANCELED = "57014"
+
+
+def unavailable(error: psycopg.Error) -> DatabaseUnavailable:
+    """What a transient error says to the service: busy if the server is up and answering
+    others, unavailable otherwise."""
+    sqlstate = error.sqlstate or ""
+    busy = (
+        isinstance(error, PoolTimeout)
+        or sqlstate.startswith(_BUSY_SQLSTATE_CLASS)
+        or sqlstate == _QUERY_CANCELED
+    )
+    return (DatabaseBusy if busy else DatabaseUnavailable)(str(error).strip())
 
 
 def migrate(database_url: str) -> None:
@@ -215,7 +233,7 @@ class PostgresOrderWriter:
         except psycopg.Error as error:
             if is_transient(error):
                 self.close()
-                raise DatabaseUnavailable(str(error).strip()) from error
+                raise unavailable(error) from error
             raise RejectedByDatabase(_describe(error)) from error
         return WriteResult(
             inserted=tuple(uid for uid, was_replaced in written.items() if not was_replaced),
@@ -266,7 +284,7 @@ class PostgresOrderExpirer:
         except psycopg.Error as error:
             if is_transient(error):
                 self.close()
-                raise DatabaseUnavailable(str(error).strip()) from error
+                raise unavailable(error) from error
             raise
         return Expired(expired, tombstones)
 
@@ -328,7 +346,7 @@ class PostgresChangeListener:
             connection.execute(f"LISTEN {CHANGES_CHANNEL}")
         except psycopg.Error as error:
             if is_transient(error):
-                raise DatabaseUnavailable(str(error).strip()) from error
+                raise unavailable(error) from error
             raise
         return connection
 
@@ -447,7 +465,7 @@ class PostgresOrderReader:
                 return await cursor.fetchall()
         except psycopg.Error as error:
             if is_transient(error):  # includes the pool having no connection to lend
-                raise DatabaseUnavailable(str(error).strip()) from error
+                raise unavailable(error) from error
             raise
 
 
@@ -474,7 +492,7 @@ def newest_documents(
                 yield [_stored_document(row) for row in rows]
     except psycopg.Error as error:
         if is_transient(error):
-            raise DatabaseUnavailable(str(error).strip()) from error
+            raise unavailable(error) from error
         raise
 
 
@@ -496,7 +514,7 @@ def stored_versions(
                 versions.update((str(uid), bytes(sha)) for uid, sha in rows)
     except psycopg.Error as error:
         if is_transient(error):
-            raise DatabaseUnavailable(str(error).strip()) from error
+            raise unavailable(error) from error
         raise
     return versions
 

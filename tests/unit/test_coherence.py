@@ -9,11 +9,13 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
+from psycopg_pool import PoolTimeout
 
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.metrics import Metrics
-from order_viewer.ports import DatabaseUnavailable, Message, Stopped
+from order_viewer.ports import DatabaseBusy, DatabaseUnavailable, Message, Stopped
 from order_viewer.retry import Health, Patience
 from order_viewer.service import (
     CacheCoherence,
@@ -22,6 +24,7 @@ from order_viewer.service import (
     expire_orders,
     prepare_batch,
 )
+from order_viewer.store import unavailable
 from tests.fakes import FakeDeadLetters, FakeExpirer, FakeReader, FakeWriter
 from tests.unit.test_service import order
 
@@ -292,3 +295,37 @@ def test_with_the_database_away_too_a_lookup_gets_what_the_suspended_cache_kept(
 
     asyncio.run(look())
     assert reader.queries == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "busy"),
+    [
+        (PoolTimeout("couldn't get a connection after 2.00 sec"), True),
+        (psycopg.errors.TooManyConnections("too many clients already"), True),
+        (psycopg.errors.DiskFull("could not extend file"), True),
+        (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), True),
+        (psycopg.OperationalError("connection refused"), False),
+        (psycopg.errors.AdminShutdown("terminating connection"), False),
+        (psycopg.errors.ConnectionFailure("server closed the connection"), False),
+    ],
+)
+def test_a_busy_database_gets_no_kept_copy_served(error: psycopg.Error, busy: bool) -> None:
+    # Busy but running, others may be committing: a kept copy may be stale.
+    raised = unavailable(error)
+    assert isinstance(raised, DatabaseUnavailable)  # still a 503 for the API
+    assert isinstance(raised, DatabaseBusy) is busy
+    cache = OrderCache(10)
+    cache.put_written({"a": entry("a1")})
+    cache.suspend()
+    reader = FakeReader({})
+    reader.unavailable, reader.unavailable_as = True, type(raised)
+
+    async def look() -> None:
+        if busy:
+            with pytest.raises(DatabaseBusy):
+                await lookup.load("a")
+        else:
+            assert await lookup.load("a") == entry("a1")
+
+    lookup = OrderLookup(reader, cache)
+    asyncio.run(look())
