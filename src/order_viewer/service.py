@@ -169,6 +169,7 @@ class OrderIngest:
         batch: PreparedBatch,
         outcome: BatchOutcome,
     ) -> None:
+        writes_before = self._cache.writes
         try:
             result = self._writer.write(orders, deletions)
         except RejectedByDatabase as refused:
@@ -199,7 +200,8 @@ class OrderIngest:
             {
                 uid: CachedOrder.of(batch.orders[uid][0].document, batch.orders[uid][0].sha256)
                 for uid in (*result.inserted, *result.replaced)
-            }
+            },
+            writes_before,
         )
         if result.deleted:
             self._cache.invalidate(result.deleted)
