@@ -38,9 +38,10 @@ from order_viewer.ports import (
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
+    Stopped,
     StoredVersions,
 )
-from order_viewer.retry import Patience, retry
+from order_viewer.retry import Health, Patience, retry
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +387,14 @@ class CacheCoherence:
         self._in_background = in_background
         self.listening_now = threading.Event()
         self._lock = threading.Lock()
-        self._losses = 0
-        self._listened_before = False
+        # Nothing is answered before the first LISTEN (a copy kept before could change unheard):
+        # the start counts as a loss, so the first `listening` resumes the way any other does.
+        cache.suspend()
+        self._losses = 1
+        # Failures of the check that are not the database being away (retried all the same).
+        self._check = Patience(
+            Health("the cache check", log), database.stop, database.max_backoff_seconds
+        )
 
     def changed(self, order_uids: Sequence[str]) -> None:
         self._cache.invalidate(order_uids)
@@ -407,32 +414,54 @@ class CacheCoherence:
     def listening(self) -> None:
         self.listening_now.set()
         self._metrics.listener_connected.set(1)
-        if not self._listened_before:
-            # At start nothing is cached yet: nothing to check.
-            self._listened_before = True
-            self._cache.resume()
-            return
         with self._lock:
             losses = self._losses
+            if len(self._cache) == 0:
+                # Nothing cached (at start, say): nothing to check.
+                self._cache.resume()
+                return
         self._in_background(partial(self._verify, losses))
 
     def _verify(self, losses: int) -> None:
-        etags = self._cache.etags()
-        stored = retry(
-            partial(self._stored_versions, list(etags)),
-            transient=(DatabaseUnavailable,),
-            patience=self._database,
-        )
-        dropped = self._cache.verify({uid: etag_of(sha) for uid, sha in stored.items()}, etags)
+        """Check the cached entries and let the cache answer again; the check is retried until
+        it succeeds, a stop comes or the listener is lost again (whose reconnection checks
+        anew): a cache left suspended for good would read the database for every lookup."""
+
+        def attempt() -> tuple[int, int] | None:
+            if self._lost_since(losses):
+                return None
+            etags = self._cache.etags()
+            try:
+                stored = retry(
+                    partial(self._stored_versions, list(etags)),
+                    transient=(DatabaseUnavailable,),
+                    patience=self._database,
+                )
+            except Stopped:
+                raise
+            except Exception as error:
+                raise _CheckFailed(f"{type(error).__name__}: {error}") from error
+            stored_etags = {uid: etag_of(sha) for uid, sha in stored.items()}
+            return len(etags), self._cache.verify(stored_etags, etags)
+
+        checked = retry(attempt, transient=(_CheckFailed,), patience=self._check)
         with self._lock:
-            if self._losses != losses:
+            if checked is None or self._losses != losses:
                 return  # lost again meanwhile: the next reconnection checks again
             self._cache.resume()
         log.info(
             "the change listener is listening again: %d cached orders checked, %d had changed "
             "and were dropped; the cache answers again",
-            len(etags), dropped,
-        )  # fmt: skip
+            *checked,
+        )
+
+    def _lost_since(self, losses: int) -> bool:
+        with self._lock:
+            return self._losses != losses
+
+
+class _CheckFailed(Exception):
+    """The cache check failed for another reason than the database being away."""
 
 
 def expire_orders(

@@ -157,12 +157,20 @@ class Coherence:
         self.metrics = Metrics(self.cache)
         self.stored: dict[str, bytes] = {}
         self.unavailable_for = 0
+        # How many of the next checks fail for another reason than the database being away.
+        self.broken_for = 0
+        self.on_broken: Callable[[], object] = lambda: None
         self.pending: list[Callable[[], object]] = []
+        self.stop = threading.Event()
         self.service = CacheCoherence(
-            self.cache, self.metrics, self.versions, patience(), self.pending.append
+            self.cache, self.metrics, self.versions, patience(self.stop), self.pending.append
         )
 
     def versions(self, order_uids: list[str]) -> dict[str, bytes]:
+        if self.broken_for:
+            self.broken_for -= 1
+            self.on_broken()
+            raise ValueError("bytea expected\nsecond line")
         if self.unavailable_for:
             self.unavailable_for -= 1
             raise DatabaseUnavailable("connection refused")
@@ -201,7 +209,7 @@ def test_a_change_heard_drops_the_cached_copy_and_a_read_of_it_under_way() -> No
 def test_after_a_lost_listener_the_cache_answers_again_only_once_its_entries_are_checked() -> None:
     coherence = Coherence()
     cache = coherence.cache
-    cache.suspend()  # as built: nothing answered before the first LISTEN
+    assert cache.suspended  # as built: nothing answered before the first LISTEN
     coherence.service.listening()
     assert coherence.service.listening_now.is_set()
     assert coherence.sample("order_viewer_change_listener_connected") == 1
@@ -236,6 +244,50 @@ def test_a_check_overtaken_by_another_loss_does_not_let_the_cache_answer() -> No
     coherence.service.listening()
     coherence.run_pending()
     assert coherence.cache.get("a") == entry("a1")
+
+
+def lost_with_a_cached_order(coherence: Coherence) -> None:
+    coherence.service.listening()
+    coherence.cache.put_written({"a": entry("a1")})
+    coherence.stored = {"a": sha("a1")}
+    coherence.service.lost()
+    coherence.service.listening()
+
+
+def test_a_check_failing_for_another_reason_is_retried_until_it_succeeds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    coherence = Coherence()
+    lost_with_a_cached_order(coherence)
+    coherence.broken_for = 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="order_viewer.service"):
+        coherence.run_pending()
+    assert not coherence.cache.suspended
+    assert coherence.cache.get("a") == entry("a1")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:2] == [
+        "the cache check unavailable, retrying: ValueError: bytea expected",
+        "the cache check recovered",
+    ]
+    assert len(messages) == 3  # and the check's own line
+
+
+def test_a_failing_check_gives_way_to_a_new_loss_and_to_a_stop() -> None:
+    coherence = Coherence()
+    lost_with_a_cached_order(coherence)
+    coherence.broken_for = 1_000_000
+    coherence.on_broken = coherence.service.lost
+    coherence.run_pending()  # returns: the next reconnection checks again
+    assert coherence.cache.suspended
+    assert coherence.broken_for == 1_000_000 - 1
+
+    coherence.on_broken = lambda: None
+    coherence.service.listening()
+    threading.Timer(0.05, coherence.stop.set).start()
+    with pytest.raises(Stopped):
+        coherence.run_pending()
+    assert coherence.cache.suspended
 
 
 def dated(uid: str, days_ago: int) -> bytes:
