@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from rich.console import Console
@@ -113,6 +113,28 @@ def stats(settings: Settings, interactive: bool) -> dict[str, ReasonStats]:
     return dict(sorted(by_reason.items()))
 
 
+class Sender(Protocol):
+    """What a replay asks of a Kafka producer."""
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        on_delivery: Callable[[KafkaError | None, Any], None],
+        headers: list[tuple[str, str | bytes | None]],
+    ) -> None: ...
+
+    def poll(self, timeout: float) -> int: ...
+
+    def flush(self, timeout: float) -> int: ...
+
+
+# How long a replay waits for the broker to acknowledge what it sent, at the end.
+FLUSH_SECONDS = 60.0
+
+
 def replay(
     settings: Settings, selection: Selection, *, dry_run: bool, interactive: bool
 ) -> ReplaySummary:
@@ -121,9 +143,27 @@ def replay(
     idempotent, so replaying the same dead letters again stores nothing twice. Skipped: dead
     letters without a reason (not written by this service) and those whose value was too large
     to keep (sent back, they would be tombstones)."""
+    return send_back(
+        _read(settings, "replaying", interactive),
+        selection,
+        None if dry_run else _producer(settings),
+        orders_topic=settings.kafka_topic,
+        dead_letter_topic=settings.kafka_dlq_topic,
+    )
+
+
+def send_back(
+    letters: Iterable[DeadLetter],
+    selection: Selection,
+    producer: Sender | None,
+    *,
+    orders_topic: str,
+    dead_letter_topic: str,
+) -> ReplaySummary:
+    """`replay` over dead letters already read; without a producer, a dry run. What the broker
+    has not acknowledged when the final flush gives up counts as failed: it is dropped."""
     started = time.perf_counter()
     summary = ReplaySummary()
-    producer = None if dry_run else _producer(settings)
 
     def delivered(error: KafkaError | None, _: object) -> None:
         if error is None:
@@ -131,7 +171,7 @@ def replay(
         else:
             summary.failed += 1
 
-    for letter in _read(settings, "replaying", interactive):
+    for letter in letters:
         if letter not in selection:
             continue
         summary.selected += 1
@@ -143,11 +183,11 @@ def replay(
             continue
         if producer is None:
             continue
-        origin = f"{settings.kafka_dlq_topic}/{letter.partition}/{letter.offset}"
+        origin = f"{dead_letter_topic}/{letter.partition}/{letter.offset}"
         while True:
             try:
                 producer.produce(
-                    settings.kafka_topic,
+                    orders_topic,
                     key=letter.key,
                     value=letter.value,
                     headers=[(REPLAYED_FROM, origin.encode())],
@@ -158,7 +198,7 @@ def replay(
                 producer.poll(0.1)
         producer.poll(0)
     if producer is not None:
-        producer.flush(60)
+        summary.failed += producer.flush(FLUSH_SECONDS)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -253,10 +293,18 @@ def _dead_letter(message: Any, partition: int, offset: int) -> DeadLetter:
     return DeadLetter(partition, offset, stamp, message.key(), message.value(), headers)
 
 
+def printable(text: str) -> str:
+    """`text` as it is if it is printable, else quoted with its escapes: a header anyone who
+    can write the topic sets must not move the cursor, recolour or forge lines."""
+    return text if text.isprintable() else repr(text)
+
+
 def print_stats(by_reason: dict[str, ReasonStats], topic: str) -> None:
-    width = max([len("reason"), *(len(reason) for reason in by_reason)])
+    # A list, not a dict: a quoted reason may read like another, printable one.
+    shown = [(printable(reason), entry) for reason, entry in by_reason.items()]
+    width = max([len("reason"), *(len(reason) for reason, _ in shown)])
     print(f"{'reason':<{width}}  {'count':>8}  {'first':<25}  last")
-    for reason, entry in by_reason.items():
+    for reason, entry in shown:
         first = entry.first.isoformat(timespec="seconds") if entry.first else "-"
         last = entry.last.isoformat(timespec="seconds") if entry.last else "-"
         print(f"{reason:<{width}}  {entry.count:>8,}  {first:<25}  {last}")
