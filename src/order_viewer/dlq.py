@@ -1,7 +1,8 @@
 """The dead-letter tools: what the dead-letter topic holds, by reason, and sending dead letters
 back to the orders topic once what rejected them is fixed.
 
-Both read the topic from its start to its end as it is when they begin, with partitions
+Both read the topic from its start (a replay with a time range: from where the range begins)
+to its end as it is when they begin (or where the range ends), with partitions
 assigned by hand under a consumer group of their own that commits nothing: the service's group
 and its offsets are never touched.
 """
@@ -91,6 +92,8 @@ class Selection:
 
 @dataclass(slots=True)
 class ReplaySummary:
+    # Dead letters read: with a time range, only those from where it begins to where it ends.
+    read: int = 0
     selected: int = 0
     sent: int = 0
     failed: int = 0
@@ -144,7 +147,7 @@ def replay(
     letters without a reason (not written by this service) and those whose value was too large
     to keep (sent back, they would be tombstones)."""
     return send_back(
-        _read(settings, "replaying", interactive),
+        _read(settings, "replaying", interactive, selection.since, selection.until),
         selection,
         None if dry_run else _producer(settings),
         orders_topic=settings.kafka_topic,
@@ -172,6 +175,7 @@ def send_back(
             summary.failed += 1
 
     for letter in letters:
+        summary.read += 1
         if letter not in selection:
             continue
         summary.selected += 1
@@ -219,7 +223,18 @@ def _producer(settings: Settings) -> Producer:
     )
 
 
-def _read(settings: Settings, verb: str, interactive: bool) -> Iterator[DeadLetter]:
+def _read(
+    settings: Settings,
+    verb: str,
+    interactive: bool,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Iterator[DeadLetter]:
+    """The dead letters of the topic as it ends when the read begins; with `since` or `until`,
+    each partition is read only from its first dead letter stamped `since` or later to its first
+    stamped `until` or later (the broker finds them by its time index), so that a narrow range of
+    a large topic is not read whole. Time stamps not in order within a partition may leave a
+    letter of the range out of it: the dead-letter writer stamps each when it sends it."""
     topic = settings.kafka_dlq_topic
     consumer = Consumer(
         client_config(
@@ -233,6 +248,12 @@ def _read(settings: Settings, verb: str, interactive: bool) -> Iterator[DeadLett
     )
     try:
         ends = _partition_ends(consumer, topic)
+        if since is not None:
+            starts = _first_at(consumer, topic, ends, since)
+            ends = {p: (max(low, starts[p]), high) for p, (low, high) in ends.items()}
+        if until is not None:
+            stops = _first_at(consumer, topic, ends, until)
+            ends = {p: (low, min(high, stops[p])) for p, (low, high) in ends.items()}
         total = sum(high - low for low, high in ends.values())
         consumer.assign(
             [TopicPartition(topic, p, low) for p, (low, high) in ends.items() if high > low]
@@ -280,6 +301,25 @@ def _partition_ends(consumer: Consumer, topic: str) -> dict[int, tuple[int, int]
         }
     except KafkaException as error:
         raise DeadLetterToolError(f"cannot reach the broker: {error.args[0].str()}") from None
+
+
+def _first_at(
+    consumer: Consumer, topic: str, ends: dict[int, tuple[int, int]], instant: datetime
+) -> dict[int, int]:
+    """Each partition's offset of its first dead letter stamped at `instant` or later, or its
+    end offset if there is none."""
+    milliseconds = int(instant.timestamp() * 1000)
+    try:
+        found = consumer.offsets_for_times(
+            [TopicPartition(topic, p, milliseconds) for p in ends], timeout=10
+        )
+    except KafkaException as error:
+        raise DeadLetterToolError(f"cannot reach the broker: {error.args[0].str()}") from None
+    # -1: no dead letter that late.
+    return {
+        position.partition: position.offset if position.offset >= 0 else ends[position.partition][1]
+        for position in found
+    }
 
 
 def _dead_letter(message: Any, partition: int, offset: int) -> DeadLetter:
