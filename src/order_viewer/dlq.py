@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from order_viewer.broker import client_config
+from order_viewer.broker import DEAD_LETTER_PRODUCER, client_config
 from order_viewer.config import Settings
 from order_viewer.model import DB_REJECTED, REASON_CODES
 
@@ -208,19 +208,7 @@ def send_back(
 
 
 def _producer(settings: Settings) -> Producer:
-    return Producer(
-        client_config(
-            settings,
-            **{
-                "acks": "all",
-                "enable.idempotence": True,
-                "linger.ms": 20,
-                # Dead letters may be far above the broker's 1 MB default, as they came.
-                "compression.type": "lz4",
-                "message.max.bytes": 128 * 1024 * 1024,
-            },
-        )
-    )
+    return Producer(client_config(settings, **DEAD_LETTER_PRODUCER, **{"linger.ms": 20}))
 
 
 def _read(
