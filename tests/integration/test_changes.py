@@ -114,6 +114,30 @@ def test_many_changes_are_announced_in_payloads_under_the_limit(
     assert {payload.split(" ")[0] for payload in payloads} == {"writer-1"}
 
 
+def test_the_payloads_of_a_batch_go_in_one_statement(
+    listening: psycopg.Connection[Any],
+    writer: PostgresOrderWriter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    orders = [make_order(_rng, order_uid=f"{n:04d}-" + "y" * 59) for n in range(300)]
+    writer.write([prepared(order, 1) for order in orders])
+    notifying: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def counted(cursor: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        if "pg_notify" in str(query):
+            notifying.append(str(query))
+        return execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+    writer.write([prepared(renamed(order, "Again"), 2) for order in orders])
+    payloads = heard(listening, 2.0)
+    assert len(payloads) > 1
+    assert len(notifying) == 1
+    announced = [uid for payload in payloads for uid in payload.split(" ")[1:]]
+    assert sorted(announced) == sorted(order["order_uid"] for order in orders)
+
+
 def test_payloads_split_exactly_at_the_limit() -> None:
     ids = ["i" * 64] * 1000
     payloads = list(change_payloads("me", ids))
