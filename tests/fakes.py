@@ -33,6 +33,8 @@ class FakeWriter:
         self.refuse: set[str] = set()
         # How many of the next writes fail as if the database were down.
         self.unavailable_for = 0
+        # How many of the next writes commit, then fail as a connection lost during COMMIT does.
+        self.lost_after_commit_for = 0
 
     def write(
         self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
@@ -44,6 +46,13 @@ class FakeWriter:
         if any(uid in self.refuse for uid in [*uids, *(d.order_uid for d in deletions)]):
             raise RejectedByDatabase("value too long for type")
         self.batches.append(uids)
+        result = self._apply(batch, deletions)
+        if self.lost_after_commit_for:
+            self.lost_after_commit_for -= 1
+            raise DatabaseUnavailable("server closed the connection unexpectedly")
+        return result
+
+    def _apply(self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion]) -> WriteResult:
         deleted = []
         for deletion in deletions:
             uid, position = deletion.order_uid, (deletion.partition, deletion.offset)
@@ -93,6 +102,8 @@ class FakeReader:
         self.asked: list[list[str]] = []
         self.queries = 0
         self.unavailable = False
+        # Raised instead of the default when `unavailable` (a subclass: DatabaseBusy).
+        self.unavailable_as: type[DatabaseUnavailable] = DatabaseUnavailable
         self.release = asyncio.Event()
         self.release.set()
 
@@ -101,7 +112,7 @@ class FakeReader:
         self.asked.append(order_uids)
         await self.release.wait()
         if self.unavailable:
-            raise DatabaseUnavailable("connection refused")
+            raise self.unavailable_as("connection refused")
         return [
             StoredDocument(uid, self.stored[uid], b"\x01" * 32)
             for uid in order_uids

@@ -96,9 +96,6 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     # Names this instance in its change notifications, so that it skips its own.
     instance = uuid.uuid4().hex
     cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
-    # Nothing is cached until the change listener listens: a copy kept before could change
-    # unheard.
-    cache.suspend()
     metrics = Metrics(cache)
     reader = PostgresOrderReader(database_url, settings.database_pool_size)
     writer = PostgresOrderWriter(database_url, instance)
@@ -223,8 +220,8 @@ def run_in_background(parts: Parts, on_failure: Callable[[], object]) -> list[th
 
 def _in_background(target: Callable[[], object]) -> None:
     """`target` in a thread of its own that does not hold up the process's exit; a failure is
-    logged, not fatal (used to check the cache after the change listener reconnects: if that
-    fails, the cache keeps answering nothing, and the next reconnection tries again)."""
+    logged, not fatal (used to check the cache after the change listener reconnects, a check
+    that retries its own failures until it succeeds, a stop or another loss)."""
 
     def run() -> None:
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -19,6 +19,17 @@ log = logging.getLogger(__name__)
 
 # Largest rejected message sent on with its value, before compression.
 LARGEST_DEAD_LETTER_BYTES = 128 * 1024 * 1024
+
+# What a producer of dead letters (the service's writer, and the tool that sends them back)
+# needs: every in-sync replica acknowledges, each message is written once, and a message is
+# sent on as it came, however large the consumer received it (a compressed batch can carry one
+# far above the broker's 1 MB limit); compressed, most fit again.
+DEAD_LETTER_PRODUCER: Mapping[str, Any] = {
+    "acks": "all",
+    "enable.idempotence": True,
+    "compression.type": "lz4",
+    "message.max.bytes": LARGEST_DEAD_LETTER_BYTES,
+}
 
 
 def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
@@ -72,18 +83,7 @@ class DeadLetterWriter:
         self._broker = broker
         self._metrics = metrics
         self._producer = Producer(
-            {
-                **client,
-                "acks": "all",
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                "message.timeout.ms": 30_000,
-                # A rejected message is sent on as it came, however large the consumer
-                # received it (a compressed batch can carry a message far above the broker's
-                # 1 MB limit); compressed, most fit again.
-                "compression.type": "lz4",
-                "message.max.bytes": LARGEST_DEAD_LETTER_BYTES,
-            }
+            {**client, **DEAD_LETTER_PRODUCER, "linger.ms": 5, "message.timeout.ms": 30_000}
         )
 
     def send(self, rejected: Sequence[RejectedMessage]) -> None:

@@ -119,14 +119,24 @@ class OrderCache:
             self.invalidations += dropped
             return dropped
 
-    def put_written(self, entries: dict[str, CachedOrder]) -> None:
-        """Store orders the database has just committed, replacing older copies."""
+    def put_written(
+        self, entries: dict[str, CachedOrder], writes_before_write: int | None = None
+    ) -> None:
+        """Store orders the database has just committed, replacing older copies. With
+        `writes_before_write` (`writes` noted before the write began), an order changed since
+        (another instance committed a newer version and it was heard) is dropped, not stored:
+        the rule `fill` keeps to."""
         with self._lock:
+            overtaken = (
+                set()
+                if writes_before_write is None
+                else {uid for uid in entries if self._changed_since(uid, writes_before_write)}
+            )
             self._change(entries)
             for order_uid, entry in entries.items():
                 self._drop(order_uid)
                 # One order over the whole bound would only empty the cache and then go itself.
-                if self._fits(entry):
+                if order_uid not in overtaken and self._fits(entry):
                     self._entries[order_uid] = entry
                     self.bytes += len(entry.body)
             self._evict()
@@ -190,14 +200,17 @@ class OrderCache:
     def _unchanged_since(
         self, entries: dict[str, CachedOrder], writes_before_read: int
     ) -> list[tuple[str, CachedOrder]]:
-        if self._suspended or writes_before_read < self._floor:
+        if self._suspended:
             return []
-        changed = self._changed
         return [
             (order_uid, entry)
             for order_uid, entry in entries.items()
-            if changed.get(order_uid, 0) <= writes_before_read
+            if not self._changed_since(order_uid, writes_before_read)
         ]
+
+    def _changed_since(self, order_uid: str, writes_before: int) -> bool:
+        # Before the floor, a change of the id may be forgotten or may have gone unheard.
+        return writes_before < self._floor or self._changed.get(order_uid, 0) > writes_before
 
     def _change(self, order_uids: Iterable[str]) -> None:
         self._writes += 1

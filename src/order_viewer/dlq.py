@@ -1,7 +1,8 @@
 """The dead-letter tools: what the dead-letter topic holds, by reason, and sending dead letters
 back to the orders topic once what rejected them is fixed.
 
-Both read the topic from its start to its end as it is when they begin, with partitions
+Both read the topic from its start (a replay with a time range: from where the range begins)
+to its end as it is when they begin (or where the range ends), with partitions
 assigned by hand under a consumer group of their own that commits nothing: the service's group
 and its offsets are never touched.
 """
@@ -11,16 +12,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from order_viewer.broker import client_config
+from order_viewer.broker import DEAD_LETTER_PRODUCER, client_config
 from order_viewer.config import Settings
 from order_viewer.model import DB_REJECTED, REASON_CODES
 
@@ -91,6 +92,8 @@ class Selection:
 
 @dataclass(slots=True)
 class ReplaySummary:
+    # Dead letters read: with a time range, only those from where it begins to where it ends.
+    read: int = 0
     selected: int = 0
     sent: int = 0
     failed: int = 0
@@ -113,6 +116,28 @@ def stats(settings: Settings, interactive: bool) -> dict[str, ReasonStats]:
     return dict(sorted(by_reason.items()))
 
 
+class Sender(Protocol):
+    """What a replay asks of a Kafka producer."""
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        on_delivery: Callable[[KafkaError | None, Any], None],
+        headers: list[tuple[str, str | bytes | None]],
+    ) -> None: ...
+
+    def poll(self, timeout: float) -> int: ...
+
+    def flush(self, timeout: float) -> int: ...
+
+
+# How long a replay waits for the broker to acknowledge what it sent, at the end.
+FLUSH_SECONDS = 60.0
+
+
 def replay(
     settings: Settings, selection: Selection, *, dry_run: bool, interactive: bool
 ) -> ReplaySummary:
@@ -121,9 +146,27 @@ def replay(
     idempotent, so replaying the same dead letters again stores nothing twice. Skipped: dead
     letters without a reason (not written by this service) and those whose value was too large
     to keep (sent back, they would be tombstones)."""
+    return send_back(
+        _read(settings, "replaying", interactive, selection.since, selection.until),
+        selection,
+        None if dry_run else _producer(settings),
+        orders_topic=settings.kafka_topic,
+        dead_letter_topic=settings.kafka_dlq_topic,
+    )
+
+
+def send_back(
+    letters: Iterable[DeadLetter],
+    selection: Selection,
+    producer: Sender | None,
+    *,
+    orders_topic: str,
+    dead_letter_topic: str,
+) -> ReplaySummary:
+    """`replay` over dead letters already read; without a producer, a dry run. What the broker
+    has not acknowledged when the final flush gives up counts as failed: it is dropped."""
     started = time.perf_counter()
     summary = ReplaySummary()
-    producer = None if dry_run else _producer(settings)
 
     def delivered(error: KafkaError | None, _: object) -> None:
         if error is None:
@@ -131,7 +174,8 @@ def replay(
         else:
             summary.failed += 1
 
-    for letter in _read(settings, "replaying", interactive):
+    for letter in letters:
+        summary.read += 1
         if letter not in selection:
             continue
         summary.selected += 1
@@ -143,11 +187,11 @@ def replay(
             continue
         if producer is None:
             continue
-        origin = f"{settings.kafka_dlq_topic}/{letter.partition}/{letter.offset}"
+        origin = f"{dead_letter_topic}/{letter.partition}/{letter.offset}"
         while True:
             try:
                 producer.produce(
-                    settings.kafka_topic,
+                    orders_topic,
                     key=letter.key,
                     value=letter.value,
                     headers=[(REPLAYED_FROM, origin.encode())],
@@ -158,28 +202,27 @@ def replay(
                 producer.poll(0.1)
         producer.poll(0)
     if producer is not None:
-        producer.flush(60)
+        summary.failed += producer.flush(FLUSH_SECONDS)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _producer(settings: Settings) -> Producer:
-    return Producer(
-        client_config(
-            settings,
-            **{
-                "acks": "all",
-                "enable.idempotence": True,
-                "linger.ms": 20,
-                # Dead letters may be far above the broker's 1 MB default, as they came.
-                "compression.type": "lz4",
-                "message.max.bytes": 128 * 1024 * 1024,
-            },
-        )
-    )
+    return Producer(client_config(settings, **DEAD_LETTER_PRODUCER, **{"linger.ms": 20}))
 
 
-def _read(settings: Settings, verb: str, interactive: bool) -> Iterator[DeadLetter]:
+def _read(
+    settings: Settings,
+    verb: str,
+    interactive: bool,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Iterator[DeadLetter]:
+    """The dead letters of the topic as it ends when the read begins; with `since` or `until`,
+    each partition is read only from its first dead letter stamped `since` or later to its first
+    stamped `until` or later (the broker finds them by its time index), so that a narrow range of
+    a large topic is not read whole. Time stamps not in order within a partition may leave a
+    letter of the range out of it: the dead-letter writer stamps each when it sends it."""
     topic = settings.kafka_dlq_topic
     consumer = Consumer(
         client_config(
@@ -193,6 +236,12 @@ def _read(settings: Settings, verb: str, interactive: bool) -> Iterator[DeadLett
     )
     try:
         ends = _partition_ends(consumer, topic)
+        if since is not None:
+            starts = _first_at(consumer, topic, ends, since)
+            ends = {p: (max(low, starts[p]), high) for p, (low, high) in ends.items()}
+        if until is not None:
+            stops = _first_at(consumer, topic, ends, until)
+            ends = {p: (low, min(high, stops[p])) for p, (low, high) in ends.items()}
         total = sum(high - low for low, high in ends.values())
         consumer.assign(
             [TopicPartition(topic, p, low) for p, (low, high) in ends.items() if high > low]
@@ -242,6 +291,25 @@ def _partition_ends(consumer: Consumer, topic: str) -> dict[int, tuple[int, int]
         raise DeadLetterToolError(f"cannot reach the broker: {error.args[0].str()}") from None
 
 
+def _first_at(
+    consumer: Consumer, topic: str, ends: dict[int, tuple[int, int]], instant: datetime
+) -> dict[int, int]:
+    """Each partition's offset of its first dead letter stamped at `instant` or later, or its
+    end offset if there is none."""
+    milliseconds = int(instant.timestamp() * 1000)
+    try:
+        found = consumer.offsets_for_times(
+            [TopicPartition(topic, p, milliseconds) for p in ends], timeout=10
+        )
+    except KafkaException as error:
+        raise DeadLetterToolError(f"cannot reach the broker: {error.args[0].str()}") from None
+    # -1: no dead letter that late.
+    return {
+        position.partition: position.offset if position.offset >= 0 else ends[position.partition][1]
+        for position in found
+    }
+
+
 def _dead_letter(message: Any, partition: int, offset: int) -> DeadLetter:
     kind, milliseconds = message.timestamp()
     stamp = (
@@ -253,10 +321,18 @@ def _dead_letter(message: Any, partition: int, offset: int) -> DeadLetter:
     return DeadLetter(partition, offset, stamp, message.key(), message.value(), headers)
 
 
+def printable(text: str) -> str:
+    """`text` as it is if it is printable, else quoted with its escapes: a header anyone who
+    can write the topic sets must not move the cursor, recolour or forge lines."""
+    return text if text.isprintable() else repr(text)
+
+
 def print_stats(by_reason: dict[str, ReasonStats], topic: str) -> None:
-    width = max([len("reason"), *(len(reason) for reason in by_reason)])
+    # A list, not a dict: a quoted reason may read like another, printable one.
+    shown = [(printable(reason), entry) for reason, entry in by_reason.items()]
+    width = max([len("reason"), *(len(reason) for reason, _ in shown)])
     print(f"{'reason':<{width}}  {'count':>8}  {'first':<25}  last")
-    for reason, entry in by_reason.items():
+    for reason, entry in shown:
         first = entry.first.isoformat(timespec="seconds") if entry.first else "-"
         last = entry.last.isoformat(timespec="seconds") if entry.last else "-"
         print(f"{reason:<{width}}  {entry.count:>8,}  {first:<25}  {last}")

@@ -71,7 +71,13 @@ class OrderSummary:
 
 class DatabaseUnavailable(Exception):
     """The database cannot answer now (down, unreachable, restarting); the same request may
-    succeed later, and nothing of a write was kept."""
+    succeed later. A write it interrupted was kept only if the connection was lost during
+    COMMIT after the server committed."""
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """The database is running but cannot answer now (no pooled connection free in time, out of
+    a resource, a statement timed out): others may be committing meanwhile."""
 
 
 class RejectedByDatabase(Exception):

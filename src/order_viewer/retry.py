@@ -28,10 +28,6 @@ class Health:
         self._lock = threading.Lock()
         self._failing = False
 
-    @property
-    def failing(self) -> bool:
-        return self._failing
-
     def failed(self, reason: str) -> None:
         with self._lock:
             if self._failing:

@@ -26,6 +26,7 @@ from order_viewer.model import (
     tombstone_uid,
 )
 from order_viewer.ports import (
+    DatabaseBusy,
     DatabaseUnavailable,
     DeadLetters,
     Deletion,
@@ -37,9 +38,10 @@ from order_viewer.ports import (
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
+    Stopped,
     StoredVersions,
 )
-from order_viewer.retry import Patience, retry
+from order_viewer.retry import Health, Patience, retry
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class OrderIngest:
 
     def store(self, batch: PreparedBatch) -> BatchOutcome:
         """The batch's valid orders stored and cached, retrying the whole batch while the
-        database is away (nothing of a failed attempt was kept). Raises Stopped if a stop comes
+        database is away (storing a batch again changes nothing). Raises Stopped if a stop comes
         first."""
 
         def attempt() -> BatchOutcome:
@@ -147,11 +149,18 @@ class OrderIngest:
             self._metrics.write_duration.observe(time.perf_counter() - started)
             return outcome
 
+        def forget_batch() -> None:
+            # A connection lost during COMMIT leaves the attempt's fate unknown: if the server
+            # committed, the retry finds nothing left to replace or delete, and this instance's
+            # listener skips its own notifications, so no cached copy of the batch may outlive it.
+            self._cache.invalidate([*batch.orders, *batch.deletions])
+            self._metrics.retries.labels("database").inc()
+
         return retry(
             attempt,
             transient=(DatabaseUnavailable,),
             patience=self._database,
-            on_retry=self._metrics.retries.labels("database").inc,
+            on_retry=forget_batch,
         )
 
     def _write(
@@ -161,6 +170,7 @@ class OrderIngest:
         batch: PreparedBatch,
         outcome: BatchOutcome,
     ) -> None:
+        writes_before = self._cache.writes
         try:
             result = self._writer.write(orders, deletions)
         except RejectedByDatabase as refused:
@@ -191,7 +201,8 @@ class OrderIngest:
             {
                 uid: CachedOrder.of(batch.orders[uid][0].document, batch.orders[uid][0].sha256)
                 for uid in (*result.inserted, *result.replaced)
-            }
+            },
+            writes_before,
         )
         if result.deleted:
             self._cache.invalidate(result.deleted)
@@ -298,7 +309,8 @@ class OrderLookup:
     async def load(self, order_uid: str) -> CachedOrder | None:
         """The stored order, or None; raises DatabaseUnavailable when the database cannot be
         reached and the cache kept no copy (it keeps them, without answering from them, while
-        it cannot hear other instances' changes: with the database away, none can be made)."""
+        it cannot hear other instances' changes: with the database away, none can be made).
+        A busy database (DatabaseBusy) gets no kept copy served: others may be committing."""
         future = self._in_flight.get(order_uid)
         if future is None:
             loop = asyncio.get_running_loop()
@@ -309,6 +321,8 @@ class OrderLookup:
         try:
             # Shielded: one request giving up must not cancel the query the others wait for.
             return await asyncio.shield(future)
+        except DatabaseBusy:
+            raise
         except DatabaseUnavailable:
             kept = self._cache.kept(order_uid)
             if kept is None:
@@ -373,8 +387,14 @@ class CacheCoherence:
         self._in_background = in_background
         self.listening_now = threading.Event()
         self._lock = threading.Lock()
-        self._losses = 0
-        self._listened_before = False
+        # Nothing is answered before the first LISTEN (a copy kept before could change unheard):
+        # the start counts as a loss, so the first `listening` resumes the way any other does.
+        cache.suspend()
+        self._losses = 1
+        # Failures of the check that are not the database being away (retried all the same).
+        self._check = Patience(
+            Health("the cache check", log), database.stop, database.max_backoff_seconds
+        )
 
     def changed(self, order_uids: Sequence[str]) -> None:
         self._cache.invalidate(order_uids)
@@ -394,32 +414,54 @@ class CacheCoherence:
     def listening(self) -> None:
         self.listening_now.set()
         self._metrics.listener_connected.set(1)
-        if not self._listened_before:
-            # At start nothing is cached yet: nothing to check.
-            self._listened_before = True
-            self._cache.resume()
-            return
         with self._lock:
             losses = self._losses
+            if len(self._cache) == 0:
+                # Nothing cached (at start, say): nothing to check.
+                self._cache.resume()
+                return
         self._in_background(partial(self._verify, losses))
 
     def _verify(self, losses: int) -> None:
-        etags = self._cache.etags()
-        stored = retry(
-            partial(self._stored_versions, list(etags)),
-            transient=(DatabaseUnavailable,),
-            patience=self._database,
-        )
-        dropped = self._cache.verify({uid: etag_of(sha) for uid, sha in stored.items()}, etags)
+        """Check the cached entries and let the cache answer again; the check is retried until
+        it succeeds, a stop comes or the listener is lost again (whose reconnection checks
+        anew): a cache left suspended for good would read the database for every lookup."""
+
+        def attempt() -> tuple[int, int] | None:
+            if self._lost_since(losses):
+                return None
+            etags = self._cache.etags()
+            try:
+                stored = retry(
+                    partial(self._stored_versions, list(etags)),
+                    transient=(DatabaseUnavailable,),
+                    patience=self._database,
+                )
+            except Stopped:
+                raise
+            except Exception as error:
+                raise _CheckFailed(f"{type(error).__name__}: {error}") from error
+            stored_etags = {uid: etag_of(sha) for uid, sha in stored.items()}
+            return len(etags), self._cache.verify(stored_etags, etags)
+
+        checked = retry(attempt, transient=(_CheckFailed,), patience=self._check)
         with self._lock:
-            if self._losses != losses:
+            if checked is None or self._losses != losses:
                 return  # lost again meanwhile: the next reconnection checks again
             self._cache.resume()
         log.info(
             "the change listener is listening again: %d cached orders checked, %d had changed "
             "and were dropped; the cache answers again",
-            len(etags), dropped,
-        )  # fmt: skip
+            *checked,
+        )
+
+    def _lost_since(self, losses: int) -> bool:
+        with self._lock:
+            return self._losses != losses
+
+
+class _CheckFailed(Exception):
+    """The cache check failed for another reason than the database being away."""
 
 
 def expire_orders(

@@ -3,19 +3,21 @@ what keeps instances in step: the change listener, the cache check and the reten
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime
 from importlib import resources
 
 import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from order_viewer.model import PreparedOrder
 from order_viewer.ports import (
     Changes,
+    DatabaseBusy,
     DatabaseUnavailable,
     Deletion,
     Expired,
@@ -36,6 +38,43 @@ def is_transient(error: psycopg.Error) -> bool:
     if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
         return True
     return error.sqlstate is not None and error.sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES)
+
+
+# Resource shortage and a statement timeout: the server is up, only too busy to answer.
+_BUSY_SQLSTATE_CLASS = "53"
+_QUERY_CANCELED = "57014"
+
+
+def unavailable(error: psycopg.Error) -> DatabaseUnavailable:
+    """What a transient error says to the service: busy if the server is up and answering
+    others, unavailable otherwise."""
+    sqlstate = error.sqlstate or ""
+    busy = (
+        isinstance(error, PoolTimeout)
+        or sqlstate.startswith(_BUSY_SQLSTATE_CLASS)
+        or sqlstate == _QUERY_CANCELED
+    )
+    return (DatabaseBusy if busy else DatabaseUnavailable)(str(error).strip())
+
+
+@contextlib.contextmanager
+def _database_errors(
+    *,
+    reset: Callable[[], object] = lambda: None,
+    refused: Callable[[psycopg.Error], Exception] | None = None,
+) -> Iterator[None]:
+    """psycopg's errors as the ports say them: a transient one is DatabaseUnavailable (or
+    DatabaseBusy), after `reset` so that the next attempt connects anew; any other is
+    `refused(error)` if given, else raised as it is."""
+    try:
+        yield
+    except psycopg.Error as error:
+        if is_transient(error):
+            reset()
+            raise unavailable(error) from error
+        if refused is None:
+            raise
+        raise refused(error) from error
 
 
 def migrate(database_url: str) -> None:
@@ -150,27 +189,36 @@ def change_payloads(instance: str, order_uids: Sequence[str]) -> Iterator[str]:
 def _notify_changes(
     cursor: psycopg.Cursor[tuple[object, ...]], instance: str, order_uids: Sequence[str]
 ) -> None:
-    # Sent within the transaction: PostgreSQL delivers it when, and only if, it commits.
-    for payload in change_payloads(instance, order_uids):
-        cursor.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, payload))
+    # Sent within the transaction: PostgreSQL delivers it when, and only if, it commits. One
+    # statement for all the payloads: one round trip inside the transaction, not one each.
+    payloads = list(change_payloads(instance, order_uids))
+    if payloads:
+        cursor.execute(
+            "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANGES_CHANNEL, payloads)
+        )
 
 
-def _connect_writing(database_url: str, name: str) -> psycopg.Connection[tuple[object, ...]]:
-    return psycopg.connect(database_url, autocommit=True, connect_timeout=5, application_name=name)
+class _DedicatedConnection:
+    """One connection kept for one writing part, made again (and `prepare`d) when it was closed
+    or broke."""
 
-
-class PostgresOrderWriter:
-    """Writes batches of orders, each batch in one transaction, over one dedicated connection."""
-
-    def __init__(self, database_url: str, instance: str) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        name: str,
+        prepare: Callable[[psycopg.Connection[tuple[object, ...]]], object] = lambda _: None,
+    ) -> None:
         self._database_url = database_url
-        self._instance = instance
+        self._name = name
+        self._prepare = prepare
         self._connection: psycopg.Connection[tuple[object, ...]] | None = None
 
-    def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
+    def get(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._connection is None or self._connection.closed or self._connection.broken:
-            connection = _connect_writing(self._database_url, "order-viewer-writer")
-            connection.execute(_CREATE_STAGING)
+            connection = psycopg.connect(
+                self._database_url, autocommit=True, connect_timeout=5, application_name=self._name
+            )
+            self._prepare(connection)
             self._connection = connection
         return self._connection
 
@@ -178,6 +226,21 @@ class PostgresOrderWriter:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+class PostgresOrderWriter:
+    """Writes batches of orders, each batch in one transaction, over one dedicated connection."""
+
+    def __init__(self, database_url: str, instance: str) -> None:
+        self._instance = instance
+        self._connection = _DedicatedConnection(
+            database_url,
+            "order-viewer-writer",
+            lambda connection: connection.execute(_CREATE_STAGING),
+        )
+
+    def close(self) -> None:
+        self._connection.close()
 
     def write(
         self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
@@ -188,8 +251,10 @@ class PostgresOrderWriter:
         """
         written: dict[str, bool] = {}
         deleted: list[str] = []
-        try:
-            connection = self._connect()
+        with _database_errors(
+            reset=self.close, refused=lambda error: RejectedByDatabase(_describe(error))
+        ):
+            connection = self._connection.get()
             with connection.transaction(), connection.cursor() as cursor:
                 if deletions:
                     tombstones = {
@@ -212,11 +277,6 @@ class PostgresOrderWriter:
                     _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
                 # New orders need no word: no instance can hold a copy of what did not exist.
                 _notify_changes(cursor, self._instance, [*replaced, *deleted])
-        except psycopg.Error as error:
-            if is_transient(error):
-                self.close()
-                raise DatabaseUnavailable(str(error).strip()) from error
-            raise RejectedByDatabase(_describe(error)) from error
         return WriteResult(
             inserted=tuple(uid for uid, was_replaced in written.items() if not was_replaced),
             replaced=tuple(replaced),
@@ -245,32 +305,25 @@ class PostgresOrderExpirer:
     """Deletes orders past their retention in bounded transactions, over its own connection."""
 
     def __init__(self, database_url: str, instance: str) -> None:
-        self._database_url = database_url
         self._instance = instance
-        self._connection: psycopg.Connection[tuple[object, ...]] | None = None
+        self._connection = _DedicatedConnection(database_url, "order-viewer-retention")
 
     def expire(self, before: datetime, limit: int) -> Expired:
-        try:
-            if self._connection is None or self._connection.closed:
-                self._connection = _connect_writing(self._database_url, "order-viewer-retention")
-            connection = self._connection
+        with _database_errors(reset=self.close):
+            connection = self._connection.get()
             with connection.transaction(), connection.cursor() as cursor:
                 cursor.execute(_EXPIRE_ORDERS, {"before": before, "limit": limit})
                 expired = tuple(str(uid) for (uid,) in cursor.fetchall())
                 cursor.execute(_EXPIRE_TOMBSTONES, {"before": before, "limit": limit})
                 tombstones = cursor.rowcount
-                _notify_changes(cursor, self._instance, expired)
-        except psycopg.Error as error:
-            if is_transient(error):
-                self.close()
-                raise DatabaseUnavailable(str(error).strip()) from error
-            raise
+                # Under a sender name of its own, so that this instance's listener hears the
+                # sweep too: a sweep whose COMMIT went through but whose answer was lost is
+                # retried finding nothing, and only the notification drops what it deleted.
+                _notify_changes(cursor, f"{self._instance}-retention", expired)
         return Expired(expired, tombstones)
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._connection.close()
 
 
 class PostgresChangeListener:
@@ -309,7 +362,7 @@ class PostgresChangeListener:
                 connection.close()
 
     def _listen(self) -> psycopg.Connection[tuple[object, ...]]:
-        try:
+        with _database_errors():
             connection = psycopg.connect(
                 self._database_url,
                 autocommit=True,
@@ -323,10 +376,6 @@ class PostgresChangeListener:
                 keepalives_count=2,
             )
             connection.execute(f"LISTEN {CHANGES_CHANNEL}")
-        except psycopg.Error as error:
-            if is_transient(error):
-                raise DatabaseUnavailable(str(error).strip()) from error
-            raise
         return connection
 
     def _hear(
@@ -438,14 +487,11 @@ class PostgresOrderReader:
         return [OrderSummary(*row) for row in rows]  # type: ignore[arg-type]
 
     async def _fetch(self, query: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
-        try:
+        # Transient includes the pool having no connection to lend.
+        with _database_errors():
             async with self._pool.connection() as connection:
                 cursor = await connection.execute(query, params)
                 return await cursor.fetchall()
-        except psycopg.Error as error:
-            if is_transient(error):  # includes the pool having no connection to lend
-                raise DatabaseUnavailable(str(error).strip()) from error
-            raise
 
 
 _NEWEST_DOCUMENTS = """
@@ -459,20 +505,16 @@ def newest_documents(
 ) -> Generator[list[StoredDocument], None, None]:
     """The newest `limit` orders, newest first, in chunks from a server-side cursor over a
     connection of their own, so that warming the cache runs beside the event loop, not on it."""
-    try:
-        with (
-            psycopg.connect(
-                database_url, connect_timeout=5, application_name="order-viewer-warm-up"
-            ) as connection,
-            connection.cursor(name="warm_up") as cursor,
-        ):
-            cursor.execute(_NEWEST_DOCUMENTS, (limit,))
-            while rows := cursor.fetchmany(chunk):
-                yield [_stored_document(row) for row in rows]
-    except psycopg.Error as error:
-        if is_transient(error):
-            raise DatabaseUnavailable(str(error).strip()) from error
-        raise
+    with (
+        _database_errors(),
+        psycopg.connect(
+            database_url, connect_timeout=5, application_name="order-viewer-warm-up"
+        ) as connection,
+        connection.cursor(name="warm_up") as cursor,
+    ):
+        cursor.execute(_NEWEST_DOCUMENTS, (limit,))
+        while rows := cursor.fetchmany(chunk):
+            yield [_stored_document(row) for row in rows]
 
 
 def stored_versions(
@@ -481,20 +523,18 @@ def stored_versions(
     """The content SHA-256 of each of these orders that is stored, read over a connection of
     its own in chunks of `chunk` ids."""
     versions: dict[str, bytes] = {}
-    try:
-        with psycopg.connect(
+    with (
+        _database_errors(),
+        psycopg.connect(
             database_url, autocommit=True, connect_timeout=5, application_name="order-viewer-verify"
-        ) as connection:
-            for start in range(0, len(order_uids), chunk):
-                rows = connection.execute(
-                    "SELECT order_uid, content_sha256 FROM orders WHERE order_uid = ANY(%s)",
-                    (order_uids[start : start + chunk],),
-                ).fetchall()
-                versions.update((str(uid), bytes(sha)) for uid, sha in rows)
-    except psycopg.Error as error:
-        if is_transient(error):
-            raise DatabaseUnavailable(str(error).strip()) from error
-        raise
+        ) as connection,
+    ):
+        for start in range(0, len(order_uids), chunk):
+            rows = connection.execute(
+                "SELECT order_uid, content_sha256 FROM orders WHERE order_uid = ANY(%s)",
+                (order_uids[start : start + chunk],),
+            ).fetchall()
+            versions.update((str(uid), bytes(sha)) for uid, sha in rows)
     return versions
 
 

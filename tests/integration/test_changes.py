@@ -114,6 +114,30 @@ def test_many_changes_are_announced_in_payloads_under_the_limit(
     assert {payload.split(" ")[0] for payload in payloads} == {"writer-1"}
 
 
+def test_the_payloads_of_a_batch_go_in_one_statement(
+    listening: psycopg.Connection[Any],
+    writer: PostgresOrderWriter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    orders = [make_order(_rng, order_uid=f"{n:04d}-" + "y" * 59) for n in range(300)]
+    writer.write([prepared(order, 1) for order in orders])
+    notifying: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def counted(cursor: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        if "pg_notify" in str(query):
+            notifying.append(str(query))
+        return execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+    writer.write([prepared(renamed(order, "Again"), 2) for order in orders])
+    payloads = heard(listening, 2.0)
+    assert len(payloads) > 1
+    assert len(notifying) == 1
+    announced = [uid for payload in payloads for uid in payload.split(" ")[1:]]
+    assert sorted(announced) == sorted(order["order_uid"] for order in orders)
+
+
 def test_payloads_split_exactly_at_the_limit() -> None:
     ids = ["i" * 64] * 1000
     payloads = list(change_payloads("me", ids))
@@ -275,6 +299,26 @@ def test_the_expirer_deletes_the_oldest_in_bounded_batches_and_skips_locked_rows
     assert orphan_rows(stack) == 0
     announced = [uid for payload in heard(listening) for uid in payload.split(" ")[1:]]
     assert sorted(announced) == sorted(expired)
+
+
+def test_the_expirers_deletions_are_heard_by_its_own_instance_too(
+    stack: Stack, listener: tuple[Recorder, threading.Event]
+) -> None:
+    recorder, _ = listener
+    old = created(make_order(_rng), 40_000)
+    own, expirer = (
+        PostgresOrderWriter(stack.database_url, "me"),
+        PostgresOrderExpirer(stack.database_url, "me"),
+    )
+    try:
+        own.write([prepared(old, 1)])
+        expired = expirer.expire(datetime.now(UTC) - timedelta(days=36_500), 10)
+    finally:
+        own.close()
+        expirer.close()
+    assert expired.order_uids == (old["order_uid"],)
+    wait_until(lambda: recorder.count("changed") == 1, 10, "the expiry to be heard")
+    assert recorder.events[1:] == [("changed", (old["order_uid"],))]
 
 
 def test_stored_versions_are_the_digests_of_the_stored_orders_only(

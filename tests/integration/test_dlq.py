@@ -116,6 +116,10 @@ def test_replay_sends_the_selection_only_with_where_it_came_from(
     assert everything.skipped == {"no error.code header": 1, "value not kept": 1}
     window = run(dlq.Selection(None, T0 + timedelta(hours=1), T0 + timedelta(hours=3)), True)
     assert window.selected == 2
+    assert window.read == 2  # each partition read from the range's start to its end only
+    assert run(dlq.Selection(None, T0 + timedelta(hours=9)), True).read == 0
+    assert run(dlq.Selection(None, None, T0 - timedelta(hours=1)), True).read == 0
+    assert run(dlq.Selection(None, T0 + timedelta(hours=5)), True).read == 1
     assert read_topic(stack, topics.orders, lambda _: False, timeout=3) == []  # dry runs sent none
 
     summary = run(dlq.Selection("invalid_json"))

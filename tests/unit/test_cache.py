@@ -138,6 +138,34 @@ def test_warm_up_says_the_cache_is_full_at_its_count() -> None:
     assert OrderCache(capacity=0).warm_full
 
 
+def test_a_write_overtaken_by_a_change_heard_before_it_is_cached_is_dropped() -> None:
+    cache = OrderCache(capacity=10)
+    cache.put_written({"a": entry("a0"), "b": entry("b0")})
+    before_write = cache.writes
+    # Our write committed a1 and b1; another instance committed a2 right after, and our
+    # listener heard it before our writer came back to cache what it wrote.
+    cache.invalidate(["a"])
+    cache.put_written({"a": entry("a1"), "b": entry("b1")}, before_write)
+    assert cache.get("a") is None
+    assert cache.get("b") == entry("b1")
+    assert cache.bytes == 2
+    # Nor is a read of "a" under way during our write kept.
+    assert cache.fill({"a": entry("a1")}, before_write) == 0
+    cache.put_written({"a": entry("a3")}, cache.writes)
+    assert cache.get("a") == entry("a3")
+
+
+def test_a_write_begun_before_the_changes_remembered_is_not_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cache_module, "CHANGES_REMEMBERED", 2)
+    cache = OrderCache(capacity=10)
+    before_write = cache.writes
+    cache.invalidate(["x", "y", "z"])  # "x" forgotten: changes before this are unknown
+    cache.put_written({"a": entry("a1")}, before_write)
+    assert cache.get("a") is None
+
+
 def test_an_invalidation_drops_the_copy_and_refuses_a_read_of_it_under_way() -> None:
     cache = OrderCache(capacity=10)
     cache.put_written({"a": entry("a1"), "b": entry("b1")})

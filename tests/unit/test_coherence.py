@@ -9,11 +9,13 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
+from psycopg_pool import PoolTimeout
 
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.metrics import Metrics
-from order_viewer.ports import DatabaseUnavailable, Message, Stopped
+from order_viewer.ports import DatabaseBusy, DatabaseUnavailable, Message, Stopped
 from order_viewer.retry import Health, Patience
 from order_viewer.service import (
     CacheCoherence,
@@ -22,6 +24,7 @@ from order_viewer.service import (
     expire_orders,
     prepare_batch,
 )
+from order_viewer.store import unavailable
 from tests.fakes import FakeDeadLetters, FakeExpirer, FakeReader, FakeWriter
 from tests.unit.test_service import order
 
@@ -70,6 +73,20 @@ def test_a_tombstone_deletes_its_order_and_its_cached_copy() -> None:
     assert ingest.sample("order_viewer_orders_deleted_total") == 1
     ingest.all([keyed(3, b"a", order("a", "Back Again"))])
     assert ingest.writer.stored["a"].order.delivery.name == "Back Again"
+
+
+def test_a_batch_committed_but_reported_lost_leaves_no_stale_copy_cached() -> None:
+    ingest = Ingest()
+    ingest.all([keyed(0, b"a", order("a")), keyed(1, b"b", order("b"))])
+    assert ingest.cache.get("a") is not None
+    assert ingest.cache.get("b") is not None
+    ingest.writer.lost_after_commit_for = 1
+    # The retry finds the replacement and the deletion done: it reports neither.
+    ingest.all([keyed(2, b"a", order("a", "Renamed")), keyed(3, b"b", None)])
+    assert ingest.writer.stored["a"].order.delivery.name == "Renamed"
+    assert "b" not in ingest.writer.stored
+    assert ingest.cache.get("a") is None
+    assert ingest.cache.get("b") is None
 
 
 def test_under_dead_letter_a_tombstone_is_rejected_as_before() -> None:
@@ -140,12 +157,20 @@ class Coherence:
         self.metrics = Metrics(self.cache)
         self.stored: dict[str, bytes] = {}
         self.unavailable_for = 0
+        # How many of the next checks fail for another reason than the database being away.
+        self.broken_for = 0
+        self.on_broken: Callable[[], object] = lambda: None
         self.pending: list[Callable[[], object]] = []
+        self.stop = threading.Event()
         self.service = CacheCoherence(
-            self.cache, self.metrics, self.versions, patience(), self.pending.append
+            self.cache, self.metrics, self.versions, patience(self.stop), self.pending.append
         )
 
     def versions(self, order_uids: list[str]) -> dict[str, bytes]:
+        if self.broken_for:
+            self.broken_for -= 1
+            self.on_broken()
+            raise ValueError("bytea expected\nsecond line")
         if self.unavailable_for:
             self.unavailable_for -= 1
             raise DatabaseUnavailable("connection refused")
@@ -184,7 +209,7 @@ def test_a_change_heard_drops_the_cached_copy_and_a_read_of_it_under_way() -> No
 def test_after_a_lost_listener_the_cache_answers_again_only_once_its_entries_are_checked() -> None:
     coherence = Coherence()
     cache = coherence.cache
-    cache.suspend()  # as built: nothing answered before the first LISTEN
+    assert cache.suspended  # as built: nothing answered before the first LISTEN
     coherence.service.listening()
     assert coherence.service.listening_now.is_set()
     assert coherence.sample("order_viewer_change_listener_connected") == 1
@@ -219,6 +244,50 @@ def test_a_check_overtaken_by_another_loss_does_not_let_the_cache_answer() -> No
     coherence.service.listening()
     coherence.run_pending()
     assert coherence.cache.get("a") == entry("a1")
+
+
+def lost_with_a_cached_order(coherence: Coherence) -> None:
+    coherence.service.listening()
+    coherence.cache.put_written({"a": entry("a1")})
+    coherence.stored = {"a": sha("a1")}
+    coherence.service.lost()
+    coherence.service.listening()
+
+
+def test_a_check_failing_for_another_reason_is_retried_until_it_succeeds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    coherence = Coherence()
+    lost_with_a_cached_order(coherence)
+    coherence.broken_for = 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="order_viewer.service"):
+        coherence.run_pending()
+    assert not coherence.cache.suspended
+    assert coherence.cache.get("a") == entry("a1")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:2] == [
+        "the cache check unavailable, retrying: ValueError: bytea expected",
+        "the cache check recovered",
+    ]
+    assert len(messages) == 3  # and the check's own line
+
+
+def test_a_failing_check_gives_way_to_a_new_loss_and_to_a_stop() -> None:
+    coherence = Coherence()
+    lost_with_a_cached_order(coherence)
+    coherence.broken_for = 1_000_000
+    coherence.on_broken = coherence.service.lost
+    coherence.run_pending()  # returns: the next reconnection checks again
+    assert coherence.cache.suspended
+    assert coherence.broken_for == 1_000_000 - 1
+
+    coherence.on_broken = lambda: None
+    coherence.service.listening()
+    threading.Timer(0.05, coherence.stop.set).start()
+    with pytest.raises(Stopped):
+        coherence.run_pending()
+    assert coherence.cache.suspended
 
 
 def dated(uid: str, days_ago: int) -> bytes:
@@ -278,3 +347,37 @@ def test_with_the_database_away_too_a_lookup_gets_what_the_suspended_cache_kept(
 
     asyncio.run(look())
     assert reader.queries == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "busy"),
+    [
+        (PoolTimeout("couldn't get a connection after 2.00 sec"), True),
+        (psycopg.errors.TooManyConnections("too many clients already"), True),
+        (psycopg.errors.DiskFull("could not extend file"), True),
+        (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), True),
+        (psycopg.OperationalError("connection refused"), False),
+        (psycopg.errors.AdminShutdown("terminating connection"), False),
+        (psycopg.errors.ConnectionFailure("server closed the connection"), False),
+    ],
+)
+def test_a_busy_database_gets_no_kept_copy_served(error: psycopg.Error, busy: bool) -> None:
+    # Busy but running, others may be committing: a kept copy may be stale.
+    raised = unavailable(error)
+    assert isinstance(raised, DatabaseUnavailable)  # still a 503 for the API
+    assert isinstance(raised, DatabaseBusy) is busy
+    cache = OrderCache(10)
+    cache.put_written({"a": entry("a1")})
+    cache.suspend()
+    reader = FakeReader({})
+    reader.unavailable, reader.unavailable_as = True, type(raised)
+
+    async def look() -> None:
+        if busy:
+            with pytest.raises(DatabaseBusy):
+                await lookup.load("a")
+        else:
+            assert await lookup.load("a") == entry("a1")
+
+    lookup = OrderLookup(reader, cache)
+    asyncio.run(look())

@@ -3,12 +3,22 @@ refusals (which come before any connection)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from order_viewer.cli import main
-from order_viewer.dlq import NO_REASON, DeadLetter, Selection, parse_time
+from order_viewer.dlq import (
+    NO_REASON,
+    DeadLetter,
+    ReasonStats,
+    Selection,
+    parse_time,
+    print_stats,
+    send_back,
+)
 
 
 @pytest.mark.parametrize(
@@ -92,3 +102,58 @@ def test_dlq_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["dlq"])
     assert exited.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+class StalledProducer:
+    """A producer whose broker never acknowledges: `flush` gives up with everything queued."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[str, bytes | None]] = []
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        on_delivery: Callable[[Any, Any], None],
+        headers: list[tuple[str, str | bytes | None]],
+    ) -> None:
+        self.queued.append((topic, key))
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        return len(self.queued)
+
+
+def test_what_the_broker_has_not_acknowledged_when_flush_gives_up_counts_as_failed() -> None:
+    letters = [letter(b"invalid_json", None) for _ in range(3)]
+    producer = StalledProducer()
+    summary = send_back(
+        letters, Selection(), producer, orders_topic="orders", dead_letter_topic="dlq"
+    )
+    assert producer.queued == [("orders", b"k")] * 3
+    assert (summary.selected, summary.sent, summary.failed) == (3, 0, 3)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "\x1b[2J\x1b[31mall good",
+        "invalid_json\n999  forged line",
+        "\r\x07\x9b31m",
+        "\u202eevil",
+        "\x00",
+    ],
+)
+def test_a_hostile_reason_is_printed_quoted_never_raw(
+    code: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    print_stats({code: ReasonStats(1), "invalid_json": ReasonStats(2)}, "dlq")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) == 4
+    assert all(line.isprintable() for line in lines)
+    assert repr(code) in out
