@@ -10,6 +10,7 @@ import logging
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
+from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer import bootstrap
 from order_viewer.access import AccessGuard, AccessPolicy, audit_order_read
 from order_viewer.auth import (
@@ -26,7 +27,6 @@ from order_viewer.config import Settings
 from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.masking import MaskedViews
 from order_viewer.metrics import Metrics
-from tests.identity import AUDIENCE, ISSUER, IdentityProvider
 
 SUPPORT = Principal("support", frozenset({ORDERS_READ}))
 
