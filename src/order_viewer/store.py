@@ -256,6 +256,9 @@ class PostgresOrderWriter:
         ):
             connection = self._connection.get()
             with connection.transaction(), connection.cursor() as cursor:
+                _lock_partitions(
+                    cursor, {p.partition for p in batch} | {d.partition for d in deletions}
+                )
                 if deletions:
                     tombstones = {
                         "uids": [d.order_uid for d in deletions],
@@ -282,6 +285,23 @@ class PostgresOrderWriter:
             replaced=tuple(replaced),
             deleted=tuple(deleted),
         )
+
+
+# The class of the advisory locks that writers take per Kafka partition (the objid is the
+# partition); two-key advisory locks never meet the migration's one-key lock.
+PARTITION_LOCK_CLASS = 0x6F76  # "ov"
+
+
+def _lock_partitions(cursor: psycopg.Cursor[tuple[object, ...]], partitions: set[int]) -> None:
+    """Make the writers of one partition take turns until their transactions end. Two instances
+    write one partition only while it moves between them (the old owner finishing a batch the
+    new one re-reads), and then a tombstone's delete and the merge of an earlier version of the
+    same order, each under READ COMMITTED, could miss each other's uncommitted rows and leave
+    the order stored behind its later tombstone. Waiting here, the later writer's statements see
+    what the earlier one committed. In ascending order, so that two writers never wait for each
+    other in a cycle."""
+    for partition in sorted(partitions):
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (PARTITION_LOCK_CLASS, partition))
 
 
 # Oldest first, so that an interrupted sweep has removed the most overdue; SKIP LOCKED leaves

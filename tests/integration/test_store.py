@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 from typing import Any
 
 import pytest
@@ -13,7 +14,12 @@ import pytest
 from order_viewer.generate import make_order
 from order_viewer.model import Order, PreparedOrder, parse_order
 from order_viewer.ports import DatabaseUnavailable, RejectedByDatabase
-from order_viewer.store import PostgresOrderReader, PostgresOrderWriter, newest_documents
+from order_viewer.store import (
+    PARTITION_LOCK_CLASS,
+    PostgresOrderReader,
+    PostgresOrderWriter,
+    newest_documents,
+)
 from tests.audit import row_counts, stored_documents
 from tests.conftest import Stack, free_port
 
@@ -118,3 +124,33 @@ def test_the_reader_says_unavailable_when_the_database_is_away() -> None:
             await reader.close()
 
     asyncio.run(read())
+
+
+def test_writers_of_one_partition_take_turns_and_others_do_not_wait(stack: Stack) -> None:
+    """Another instance still writing partition 0 (its transaction holds the partition's lock)
+    holds up a batch of partition 0 until it commits, so the batch then sees what it committed;
+    a batch of partition 1 goes on at once."""
+    _, on_zero = prepared(offset=1)
+    on_one = PreparedOrder.of(on_zero.order.model_copy(update={"order_uid": "lock-one"}), 1, 1)
+    zero_writer = PostgresOrderWriter(stack.database_url, "zero")
+    one_writer = PostgresOrderWriter(stack.database_url, "one")
+    written = threading.Event()
+
+    def write_on_zero() -> None:
+        zero_writer.write([on_zero])
+        written.set()
+
+    try:
+        with stack.connect() as other, other.transaction():
+            other.execute("SELECT pg_advisory_xact_lock(%s, 0)", (PARTITION_LOCK_CLASS,))
+            waiting = threading.Thread(target=write_on_zero)
+            waiting.start()
+            one_writer.write([on_one])
+            assert not written.wait(1.0), "a batch of partition 0 went on during the other write"
+            assert row_counts(stack, [on_zero.order.order_uid])["orders"] == 0
+        waiting.join(30)
+        assert written.is_set()
+    finally:
+        zero_writer.close()
+        one_writer.close()
+    assert row_counts(stack, [on_zero.order.order_uid, "lock-one"])["orders"] == 2
