@@ -462,6 +462,7 @@ class PostgresOrderReader:
     """Reads order documents for the HTTP side over a small pool of connections."""
 
     def __init__(self, database_url: str, pool_size: int) -> None:
+        self._database_url = database_url
         self._pool = AsyncConnectionPool(
             database_url,
             min_size=1,
@@ -507,11 +508,27 @@ class PostgresOrderReader:
         return [OrderSummary(*row) for row in rows]  # type: ignore[arg-type]
 
     async def _fetch(self, query: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
-        # Transient includes the pool having no connection to lend.
-        with _database_errors():
-            async with self._pool.connection() as connection:
-                cursor = await connection.execute(query, params)
-                return await cursor.fetchall()
+        try:
+            with _database_errors():
+                async with self._pool.connection() as connection:
+                    cursor = await connection.execute(query, params)
+                    return await cursor.fetchall()
+        except DatabaseBusy as busy:
+            # The pool lends nothing both when every connection is in use and when the server is
+            # down (it cannot reconnect): only a connection of its own tells which.
+            if isinstance(busy.__cause__, PoolTimeout) and not await self._server_answers():
+                raise DatabaseUnavailable(str(busy)) from busy.__cause__
+            raise
+
+    async def _server_answers(self) -> bool:
+        try:
+            connection = await psycopg.AsyncConnection.connect(
+                self._database_url, connect_timeout=2, application_name="order-viewer-probe"
+            )
+        except psycopg.Error:
+            return False
+        await connection.close()
+        return True
 
 
 _NEWEST_DOCUMENTS = """
