@@ -5,7 +5,6 @@ orders, audit lines, the limit on failed attempts, protected mode and HTTPS."""
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import os
 import random
@@ -19,10 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer.auth import new_token, token_digest
@@ -42,6 +38,7 @@ from tests.conftest import (
 )
 from tests.conftest import metric_value as value
 from tests.integration.test_http_hostile import SCHEMA_DESCRIBES_REQUESTS, Target, fuzz
+from tests.tls import certificate_pem, key_pem
 
 # One worker runs the module, so that its tests share its two guarded services.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("auth")]
@@ -476,32 +473,9 @@ def test_token_create_prints_a_token_once_and_the_line_that_admits_it() -> None:
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "order-viewer test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
     cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_file.write_bytes(certificate_pem(key))
+    key_file.write_bytes(key_pem(key))
     return cert_file, key_file
 
 
