@@ -3,6 +3,7 @@ user), locks, pids, ports and log tails."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -113,7 +114,13 @@ def process_alive(pid: int) -> bool:
         return False
     # The state follows the command name, which is in parentheses and may contain any byte.
     state = stat.rsplit(")", 1)[-1].split()[0]
-    return state != "Z" or threads > 1
+    if state != "Z" or threads > 1:
+        return True
+    # It became a zombie after the first look: if it is our child, collect it now, or it stays
+    # in the process table.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
