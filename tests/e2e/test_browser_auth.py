@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Route, expect
 
 from order_viewer.auth import new_token, token_digest
 from order_viewer.generate import make_order
@@ -132,6 +132,33 @@ def test_a_wrong_token_is_refused_and_asked_for_again(tab: Tab, service: Guarded
     sign_in(tab, service.tokens["support"])
     tab.wait_loaded()
     expect(tab.by("section-delivery")).to_contain_text("T*** T*****")
+
+
+def test_a_late_refusal_of_the_first_requests_keeps_why_a_typed_token_was_refused(
+    tab: Tab, service: GuardedService
+) -> None:
+    """The page's two first requests (the order and the recent list) are both refused; the second
+    refusal may arrive after the user typed a bad token and must not overwrite the reason."""
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:  # Playwright takes only Python functions as handlers
+        held.append(route)
+
+    tab.page.route("**/orders?**", hold, times=1)
+    tab.open(f"/?id={service.order['order_uid']}")
+    sign_in(tab, "two words")
+    expect(tab.by("status")).to_contain_text("That is not an access token")
+
+    def request_held() -> bool:
+        tab.page.wait_for_timeout(10)  # lets Playwright hand the held request over
+        return bool(held)
+
+    wait_until(request_held, 10, "the recent list's request")
+    held[0].continue_()
+    expect(tab.by("recent-status")).to_contain_text("Sign in to see the recent orders")
+    expect(tab.by("status")).to_contain_text("That is not an access token")
+    expect(tab.by("sign-in")).to_be_visible()
+    tab.assert_clean()
 
 
 @pytest.mark.parametrize(

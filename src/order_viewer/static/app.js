@@ -75,9 +75,13 @@ function api(path, signal) {
 function askForToken(then, sentToken) {
   const current = storedToken();
   if (current !== null && current !== sentToken) return; // signed in again since it was sent
+  const alreadyAsking = !ui.signIn.hidden;
   storeToken(null);
   if (then) afterSignIn = then;
   ui.signIn.hidden = false;
+  // A late refusal of a request sent without a token tells nothing new, and must not hide what
+  // the form said last (why a typed token was refused, or that the user signed out).
+  if (alreadyAsking && sentToken === null) return;
   ui.token.focus();
   setStatus('auth', sentToken
     ? 'The token was not accepted (expired, revoked or mistyped). Please sign in again.'
