@@ -11,190 +11,48 @@ import argparse
 import csv
 import io
 import logging
-import os
-import random
 import re
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import tracemalloc
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stderr, suppress
-from dataclasses import dataclass, replace
+from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
-import psycopg
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-from rich.console import Console
 from rich.progress import Progress
 
+from benchmarks import freshness
+from benchmarks.harness import (
+    BareServerRun,
+    Bench,
+    ServerProcess,
+    ServiceRun,
+    console,
+    fresh_database,
+    generate,
+    newest_ids_file,
+    peak_rss_sampler,
+    produce,
+    warm_up_seconds,
+    with_new_topic,
+    wrk,
+)
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import logs as log_setup
 from order_viewer.access import audit_order_read
 from order_viewer.auth import ORDERS_READ_PII, Principal, new_token, token_digest
-from order_viewer.broker import client_config
 from order_viewer.cache import OrderCache
 from order_viewer.config import Settings
 from order_viewer.consumer import by_size
-from order_viewer.generate import encode, make_order
 from order_viewer.metrics import Metrics
 from order_viewer.model import MAX_ITEMS, PreparedOrder, parse_order
 from order_viewer.ports import Message
 from order_viewer.service import prepare_batch
 from order_viewer.store import migrate
 
-ROOT = Path(__file__).resolve().parents[1]
 AUTH_ROUNDS = 3
+HTTP_ROUNDS = 3
 AUDIT_LINES = 50_000
-WRK_SCRIPT = Path(__file__).with_name("random_ids.lua")
-console = Console(stderr=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@dataclass
-class Bench:
-    admin_url: str
-    database_url: str
-    bootstrap: str
-    topic: str
-
-    def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.database_url, autocommit=True)
-
-    def count_orders(self) -> int:
-        with self.connect() as connection:
-            row = connection.execute("SELECT count(*) FROM orders").fetchone()
-            assert row is not None
-            return int(row[0])
-
-    def truncate(self) -> None:
-        with self.connect() as connection:
-            connection.execute("TRUNCATE orders, delivery, payment, items")
-
-    def settle(self) -> None:
-        """Leave no work behind for autovacuum and the checkpointer, which would otherwise
-        compete with the next run. (The local stack grants the checkpoint right; elsewhere
-        it is skipped.)"""
-        with self.connect() as connection:
-            connection.execute("VACUUM (ANALYZE) orders, delivery, payment, items")
-            with suppress(psycopg.errors.InsufficientPrivilege):
-                connection.execute("CHECKPOINT")
-
-
-def fresh_database(base_url: str) -> str:
-    """Drop and create `order_viewer_bench` next to the configured database; its URL."""
-    name = "order_viewer_bench"
-    with psycopg.connect(base_url, autocommit=True) as connection:
-        # An autovacuum worker left busy by the previous run belongs to the superuser, which
-        # FORCE may not terminate; it finishes within seconds.
-        for attempt in range(60):
-            try:
-                connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-                break
-            except psycopg.errors.InsufficientPrivilege:
-                if attempt == 59:
-                    raise
-                console.print("waiting for autovacuum to leave the previous bench database")
-                time.sleep(1)
-        connection.execute(f"CREATE DATABASE {name}")
-    url = re.sub(r"/[^/?]*(\?|$)", rf"/{name}\1", base_url.rsplit("@", 1)[1], count=1)
-    return base_url.rsplit("@", 1)[0] + "@" + url
-
-
-class ServiceRun:
-    """`order-viewer serve` as a subprocess with its own port and settings."""
-
-    def __init__(self, bench: Bench, log: Path, **settings: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "DATABASE_URL": bench.database_url,
-            "KAFKA_BOOTSTRAP_SERVERS": bench.bootstrap,
-            "KAFKA_TOPIC": bench.topic,
-            "KAFKA_DLQ_TOPIC": f"{bench.topic}.dlq",
-            "KAFKA_GROUP_ID": f"{bench.topic}-group",
-            "HTTP_PORT": str(self.port),
-            **settings,
-        }
-        self.log = log
-        with log.open("wb") as output:
-            self.process = subprocess.Popen(
-                [str(ROOT / ".venv" / "bin" / "order-viewer"), "serve"],
-                env=env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        self.started = time.perf_counter()
-
-    def wait_ready(self, timeout: float = 120) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                sys.exit(f"service exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.perf_counter()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        sys.exit("service not ready in time")
-
-    def memory_kib(self, field: str) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
-        assert match is not None
-        return int(match.group(1))
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(30)
-
-
-def generate(count: int, seed: int, item_count: int | None = None) -> list[tuple[bytes, bytes]]:
-    rng = random.Random(seed)
-    messages = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("generating orders", total=count)
-        for number in range(count):
-            order = make_order(rng, item_count=item_count)
-            messages.append((order["order_uid"].encode(), encode(order)))
-            if number % 500 == 0:
-                progress.update(task, completed=number)
-    return messages
-
-
-def produce(bench: Bench, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = Producer(
-        {"bootstrap.servers": bench.bootstrap, "linger.ms": 50, "compression.type": "lz4"}
-    )
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("producing to Kafka", total=len(messages))
-        for number, (key, value) in enumerate(messages):
-            while True:
-                try:
-                    producer.produce(bench.topic, key=key, value=value)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            if number % 5000 == 0:
-                producer.poll(0)
-                progress.update(task, completed=number)
-        producer.flush()
 
 
 def copy_rows(orders: list[PreparedOrder]) -> dict[str, str]:
@@ -291,29 +149,6 @@ def time_per_order_transactions(bench: Bench, orders: list[PreparedOrder]) -> fl
         return time.perf_counter() - started
 
 
-@contextmanager
-def peak_rss_sampler(run: ServiceRun) -> Iterator[Callable[[], int]]:
-    """VmHWM is the kernel's own peak; read it while the process lives."""
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.5):
-            try:
-                peak = max(peak, run.memory_kib("VmHWM"))
-            except (FileNotFoundError, AssertionError):
-                return
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield lambda: peak
-    finally:
-        done.set()
-        thread.join()
-
-
 def ingest_benchmark(
     bench: Bench, messages: list[tuple[bytes, bytes]], logs: Path
 ) -> dict[str, Any]:
@@ -380,19 +215,23 @@ def ingest_metrics_cost(messages: list[tuple[bytes, bytes]]) -> float:
     return (time.perf_counter() - started) / runs / preparing
 
 
+def freshness_benchmark(
+    bench: Bench, settings: Settings, rate: int, seconds: int, logs: Path
+) -> dict[str, Any]:
+    """Freshness at one rate, against a service of default settings on a topic of its own."""
+    own = with_new_topic(bench, settings)
+    # Seeds of their own: an order already stored would be served at once.
+    messages = generate(rate * seconds, seed=1_000_000 + rate)
+    run = ServiceRun(own, logs / f"freshness-{rate}.log")
+    run.wait_ready()
+    console.print(f"freshness at {rate:,} orders/s for {seconds} s")
+    result: dict[str, Any] = freshness.measure(own, run.url, messages, rate)
+    run.stop()
+    bench.settle()
+    return result
+
+
 LARGE_ORDERS = 1500
-
-
-def with_new_topic(bench: Bench, settings: Settings) -> Bench:
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient(client_config(settings))
-    partitions = settings.kafka_topic_partitions
-    created = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions) for name in (topic, f"{topic}.dlq")]
-    )
-    for future in created.values():
-        future.result()
-    return replace(bench, topic=topic)
 
 
 def prepared_expansion(messages: list[tuple[bytes, bytes]], batch_bytes: int) -> float:
@@ -444,63 +283,6 @@ def large_orders_benchmark(
         "expansion": prepared_expansion(messages, settings.batch_max_bytes),
         "runs": runs,
     }
-
-
-def wrk(
-    url: str, ids_file: Path, connections: int, seconds: int, token: str | None = None
-) -> dict[str, float]:
-    # One wrk thread: the server has one core to itself and the load generator the other.
-    headers = ["-H", f"Authorization: Bearer {token}"] if token is not None else []
-    output = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            *headers,
-            "-s",
-            str(WRK_SCRIPT),
-            url,
-        ],
-        env={**os.environ, "IDS_FILE": str(ids_file)},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    per_second = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    assert per_second is not None, output
-    rate = float(per_second.group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", output)
-    assert p99 is not None, output
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    return {
-        "rate": rate,
-        "p99_ms": float(p99.group(1)) * scale,
-        "errors": float(errors.group(1)) if errors else 0.0,
-    }
-
-
-def warm_up_seconds(log: Path) -> float:
-    match = re.search(r"cache warmed with (\d+) orders in ([\d.]+) s", log.read_text())
-    assert match is not None
-    return float(match.group(2))
-
-
-def newest_ids_file(bench: Bench, count: int, logs: Path) -> Path:
-    """The ids of the `count` newest orders, one a line, for random_ids.lua."""
-    with bench.connect() as connection:
-        ids = [
-            row[0]
-            for row in connection.execute(
-                "SELECT order_uid FROM orders ORDER BY date_created DESC, order_uid LIMIT %s",
-                (count,),
-            )
-        ]
-    ids_file = logs / "ids.txt"
-    ids_file.write_text("\n".join(ids) + "\n")
-    return ids_file
 
 
 def auth_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
@@ -587,21 +369,36 @@ def audit_line_cost(log_format: Literal["console", "json"], logs_dir: Path) -> d
 
 
 def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+    """Cache hits of the service, with and without metrics, against the bare server's ceiling
+    (all three running at once, measured in turns, best of HTTP_ROUNDS); then misses."""
     ids_file = newest_ids_file(bench, cached, logs)
 
     console.print(f"HTTP: cache of {cached:,} orders, wrk with 64 connections for {seconds} s")
-    hit: dict[str, dict[str, float]] = {}
-    for metrics in ("false", "true"):
-        hits = ServiceRun(
-            bench, logs / f"hits-metrics-{metrics}.log", CACHE_CAPACITY=str(cached),
+    servers: dict[str, ServerProcess] = {
+        name: ServiceRun(
+            bench,
+            logs / f"hits-metrics-{metrics}.log",
+            CACHE_CAPACITY=str(cached),
             METRICS_ENABLED=metrics,
-        )  # fmt: skip
-        hits.wait_ready()
-        warm = warm_up_seconds(hits.log)
-        rss_cached = hits.memory_kib("VmRSS")
-        wrk(hits.url, ids_file, 64, 3)  # untimed: connections, caches and branch predictors warm
-        hit[metrics] = wrk(hits.url, ids_file, 64, seconds)
-        hits.stop()
+        )
+        for name, metrics in (("hit", "true"), ("hit_without_metrics", "false"))
+    }
+    servers["bare"] = BareServerRun(bench, logs / "bare-server.log", ids_file)
+    for server in servers.values():
+        server.wait_ready()
+    warm = warm_up_seconds(servers["hit"].log)
+    rss_cached = servers["hit"].memory_kib("VmRSS")
+    results: dict[str, dict[str, float]] = {}
+    for server in servers.values():
+        wrk(server.url, ids_file, 64, 3)  # untimed: connections, caches and branch predictors warm
+    for round_number in range(1, HTTP_ROUNDS + 1):
+        for name, server in servers.items():
+            console.print(f"HTTP hits, round {round_number}: {name}, {seconds} s")
+            measured = wrk(server.url, ids_file, 64, seconds)
+            if name not in results or measured["rate"] > results[name]["rate"]:
+                results[name] = measured
+    for server in servers.values():
+        server.stop()
 
     console.print("HTTP: no cache (every request reads PostgreSQL)")
     misses = ServiceRun(bench, logs / "misses.log", CACHE_CAPACITY="0")
@@ -612,8 +409,7 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     misses.stop()
     return {
         "cached": cached,
-        "hit": hit["true"],
-        "hit_without_metrics": hit["false"],
+        **results,
         "miss": miss,
         "warm_up_seconds": warm,
         "bytes_per_cached_order": (rss_cached - rss_empty) * 1024 / cached,
@@ -641,41 +437,7 @@ def print_auth(
         print(f"| {log_format} | {cost['thread_us']:.2f} | {cost['process_us']:.2f} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--orders", type=int, default=200_000)
-    parser.add_argument("--cached", type=int, default=100_000)
-    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument(
-        "--only-auth",
-        action="store_true",
-        help="only the cost of authentication on cache hits (after storing --orders orders)",
-    )
-    arguments = parser.parse_args()
-
-    settings = Settings()
-    base_url = str(settings.database_url)
-    database = fresh_database(base_url)
-    migrate(database)
-    unnamed = Bench(base_url, database, settings.kafka_bootstrap_servers, topic="")
-    bench = with_new_topic(unnamed, settings)
-    logs = Path(tempfile.mkdtemp(prefix="order-viewer-bench-"))
-    messages = generate(arguments.orders, arguments.seed)
-    produce(bench, messages)
-
-    ingest = ingest_benchmark(bench, messages, logs)
-    bench.settle()
-    cached = min(arguments.cached, arguments.orders)
-    auth = auth_benchmark(bench, cached, arguments.seconds, logs)
-    lines = {log_format: audit_line_cost(log_format, logs) for log_format in ("console", "json")}
-    print_auth(auth, lines, cached)
-    if arguments.only_auth:
-        return
-    http = http_benchmark(bench, cached, arguments.seconds, logs)
-    metrics_share = ingest_metrics_cost(messages)
-    large = large_orders_benchmark(bench, settings, arguments.seed, logs)
-
+def print_ingest(ingest: dict[str, Any], metrics_share: float) -> None:
     print(f"\n## Ingest of {ingest['orders']:,} orders (3 partitions)\n")
     print("| writer | orders/s | vs. COPY |")
     print("|---|---:|---:|")
@@ -692,22 +454,44 @@ def main() -> None:
         f"peak RSS of the service: {ingest['peak_rss_mib']:.0f} MiB; consumer-side metrics "
         f"cost {metrics_share:.2%} of the time to prepare their batch"
     )
-    print(f"\n## HTTP lookups, {http['cached']:,} orders, wrk -t1 -c64\n")
-    print("| path | requests/s | p99 ms | non-2xx |")
-    print("|---|---:|---:|---:|")
-    for name in ("hit", "miss"):
-        rate, p99, errors = (http[name][key] for key in ("rate", "p99_ms", "errors"))
-        print(f"| cache {name} | {rate:,.0f} | {p99:.2f} | {errors:.0f} |")
-    without = http["hit_without_metrics"]["rate"]
+
+
+def print_freshness(runs: list[dict[str, Any]], seconds: int) -> None:
     print(
-        f"\nmetrics cost on cache hits: {1 - http['hit']['rate'] / without:.1%} of throughput "
-        f"({without:,.0f} req/s with METRICS_ENABLED=false)"
+        f"\n## Freshness: broker acknowledgement to first 200, {seconds} s per rate, "
+        f"polled every {freshness.POLL_INTERVAL_SECONDS * 1000:.0f} ms\n"
     )
+    print("| orders/s asked | achieved | followed | p50 ms | p99 ms | max ms | never served |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for run in runs:
+        print(
+            f"| {run['rate']:,} | {run['achieved_rate']:,.0f} | {run['samples']:,} | "
+            f"{run['p50_ms']:.1f} | {run['p99_ms']:.1f} | {run['max_ms']:.1f} | "
+            f"{run['missed'] + run['failed']:.0f} |"
+        )
+
+
+def print_http(http: dict[str, Any]) -> None:
+    print(f"\n## HTTP lookups, {http['cached']:,} orders, wrk -t1 -c64, best of {HTTP_ROUNDS}\n")
+    print("| server | requests/s | vs. bare server | p99 ms | non-2xx |")
+    print("|---|---:|---:|---:|---:|")
+    ceiling = http["bare"]["rate"]
+    for name, label in (
+        ("bare", "bare granian app, same bodies (ceiling)"),
+        ("hit", "cache hit"),
+        ("hit_without_metrics", "cache hit, METRICS_ENABLED=false"),
+        ("miss", "cache miss (CACHE_CAPACITY=0)"),
+    ):
+        rate, p99, errors = (http[name][key] for key in ("rate", "p99_ms", "errors"))
+        print(f"| {label} | {rate:,.0f} | {rate / ceiling:.2f} | {p99:.2f} | {errors:.0f} |")
     print(
-        f"cache hit vs. miss: {http['hit']['rate'] / http['miss']['rate']:.1f}x; "
+        f"\ncache hit vs. miss: {http['hit']['rate'] / http['miss']['rate']:.1f}x; "
         f"warm-up of {http['cached']:,} orders: {http['warm_up_seconds']:.2f} s; "
         f"memory per cached order: {http['bytes_per_cached_order']:,.0f} bytes"
     )
+
+
+def print_large(large: dict[str, Any]) -> None:
     print(
         f"\n## Backlog of {LARGE_ORDERS:,} orders of {MAX_ITEMS:,} items "
         f"({large['megabytes']:,.0f} MB)\n"
@@ -723,6 +507,66 @@ def main() -> None:
         f"\na validated batch holds {large['expansion']:.1f}x the bytes of its messages "
         "(tracemalloc)"
     )
+
+
+SECTIONS = ("freshness", "auth", "http", "large")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--orders", type=int, default=200_000)
+    parser.add_argument("--cached", type=int, default=100_000)
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        action="append",
+        help="run only these sections (repeatable) after the ingest, which stores the orders "
+        "the others read; default: all",
+    )
+    parser.add_argument(
+        "--freshness-seconds", type=int, default=60, help="how long orders are produced per rate"
+    )
+    parser.add_argument(
+        "--freshness-rates",
+        type=int,
+        nargs="+",
+        help="orders/s to measure freshness at; default: 1,000 and half the ingest rate",
+    )
+    arguments = parser.parse_args()
+    sections = arguments.only or SECTIONS
+
+    settings = Settings()
+    base_url = str(settings.database_url)
+    database = fresh_database(base_url)
+    migrate(database)
+    unnamed = Bench(base_url, database, settings.kafka_bootstrap_servers, topic="")
+    bench = with_new_topic(unnamed, settings)
+    logs = Path(tempfile.mkdtemp(prefix="order-viewer-bench-"))
+    console.print(f"logs: {logs}")
+    messages = generate(arguments.orders, arguments.seed)
+    produce(bench, messages)
+
+    ingest = ingest_benchmark(bench, messages, logs)
+    print_ingest(ingest, ingest_metrics_cost(messages))
+    bench.settle()
+    cached = min(arguments.cached, arguments.orders)
+    if "freshness" in sections:
+        rates = arguments.freshness_rates or [1000, round(ingest["service_rate"] / 2)]
+        runs = [
+            freshness_benchmark(bench, settings, rate, arguments.freshness_seconds, logs)
+            for rate in rates
+        ]
+        print_freshness(runs, arguments.freshness_seconds)
+    if "auth" in sections:
+        auth = auth_benchmark(bench, cached, arguments.seconds, logs)
+        lines = {fmt: audit_line_cost(fmt, logs) for fmt in ("console", "json")}
+        print_auth(auth, lines, cached)
+    if "http" in sections:
+        print_http(http_benchmark(bench, cached, arguments.seconds, logs))
+    if "large" in sections:
+        print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     print(f"\nlogs: {logs}")
 
 
