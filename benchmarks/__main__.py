@@ -225,7 +225,9 @@ def freshness_benchmark(
     run = ServiceRun(own, logs / f"freshness-{rate}.log")
     run.wait_ready()
     console.print(f"freshness at {rate:,} orders/s for {seconds} s")
-    result: dict[str, Any] = freshness.measure(own, run.url, messages, rate)
+    result: dict[str, Any] = freshness.measure(
+        own, run.url, messages, rate, logs / f"freshness-{rate}.csv"
+    )
     run.stop()
     bench.settle()
     return result
@@ -461,13 +463,17 @@ def print_freshness(runs: list[dict[str, Any]], seconds: int) -> None:
         f"\n## Freshness: broker acknowledgement to first 200, {seconds} s per rate, "
         f"polled every {freshness.POLL_INTERVAL_SECONDS * 1000:.0f} ms\n"
     )
-    print("| orders/s asked | achieved | followed | p50 ms | p99 ms | max ms | never served |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| orders/s asked | achieved | followed | p50 ms | p99 ms | max ms | never served "
+        "| mean batch | mean write ms | write p99 ≤ ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         print(
             f"| {run['rate']:,} | {run['achieved_rate']:,.0f} | {run['samples']:,} | "
             f"{run['p50_ms']:.1f} | {run['p99_ms']:.1f} | {run['max_ms']:.1f} | "
-            f"{run['missed'] + run['failed']:.0f} |"
+            f"{run['missed'] + run['failed']:.0f} | {run['batch_mean']:.1f} | "
+            f"{run['write_mean_ms']:.1f} | {run['write_p99_bucket_ms']:.0f} |"
         )
 
 

@@ -15,11 +15,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
 from confluent_kafka import KafkaError, Producer
 from confluent_kafka import Message as KafkaMessage
+from prometheus_client.parser import text_string_to_metric_families
 from rich.progress import Progress
 
 from benchmarks.harness import Bench, console
@@ -35,6 +37,8 @@ class Follower:
 
     base_url: str
     seen_after: list[float] = field(default_factory=list)
+    # (perf_counter at acknowledgement, seconds until served), for freshness-RATE.csv
+    timeline: list[tuple[float, float]] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -60,6 +64,7 @@ class Follower:
             response = await self._client.get(f"/order/{order_uid}")
             if response.status_code == 200:
                 self.seen_after.append(time.perf_counter() - acknowledged_at)
+                self.timeline.append((acknowledged_at, self.seen_after[-1]))
                 return
             await asyncio.sleep(POLL_INTERVAL_SECONDS)
         self.missed.append(order_uid)
@@ -126,16 +131,55 @@ def wait_until_consuming(bench: Bench, base_url: str, message: tuple[bytes, byte
         time.sleep(0.05)
 
 
-def measure(bench: Bench, base_url: str, messages: list[tuple[bytes, bytes]], rate: int) -> Any:
-    """Freshness at one rate: p50, p99 and max seconds from acknowledgement to first 200."""
+def batch_figures(base_url: str) -> dict[str, float]:
+    """From the service's own metrics: the mean batch and the mean and 99th-percentile bucket
+    of its write (one transaction) while it ran."""
+    families = {
+        family.name: family.samples
+        for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text)
+    }
+
+    def histogram(name: str) -> tuple[float, float, float]:
+        samples = families[name]
+        total = next(s.value for s in samples if s.name == f"{name}_sum")
+        count = next(s.value for s in samples if s.name == f"{name}_count")
+        p99 = next(
+            float(s.labels["le"])
+            for s in samples
+            if s.name == f"{name}_bucket" and s.value >= 0.99 * count
+        )
+        return total, count, p99
+
+    size_total, batches, _ = histogram("order_viewer_batch_size_messages")
+    write_total, writes, write_p99 = histogram("order_viewer_database_write_duration_seconds")
+    return {
+        "batch_mean": size_total / batches,
+        "write_mean_ms": write_total / writes * 1000,
+        "write_p99_bucket_ms": write_p99 * 1000,
+    }
+
+
+def measure(
+    bench: Bench, base_url: str, messages: list[tuple[bytes, bytes]], rate: int, timeline: Path
+) -> Any:
+    """Freshness at one rate: p50, p99 and max seconds from acknowledgement to first 200; each
+    sample's time and latency written to `timeline` (CSV)."""
     wait_until_consuming(bench, base_url, messages[0])
     follower = Follower(base_url)
     produced = produce_steadily(bench, messages[1:], rate, follower)
     follower.finish()
+    began = min(at for at, _ in follower.timeline)
+    timeline.write_text(
+        "seconds,latency_ms\n"
+        + "".join(
+            f"{at - began:.3f},{after * 1000:.1f}\n" for at, after in sorted(follower.timeline)
+        )
+    )
     seen = sorted(follower.seen_after)
     return {
         "rate": rate,
         **produced,
+        **batch_figures(base_url),
         "samples": len(seen),
         "missed": len(follower.missed),
         "p50_ms": statistics.median(seen) * 1000,

@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     )
     batch_max_wait_ms: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=50,
-        description="Longest a message waits for its batch to fill before it is written.",
+        description="Longest a message waits for others to join its batch while the database "
+        "writes the batch before (a message that finds the database idle is written at once).",
     )
     retry_max_backoff_ms: Annotated[int, Field(ge=10)] = Field(
         default=5000,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Message as KafkaMessage
 
 from order_viewer.config import Settings
 from order_viewer.metrics import Metrics
@@ -18,6 +20,11 @@ from order_viewer.retry import Health
 from order_viewer.service import BatchOutcome, OrderIngest, PreparedBatch
 
 log = logging.getLogger(__name__)
+
+# How soon a batch gathering while the database writes the one before notices that it is done,
+# and how soon a consumer waiting for a first message notices a stop.
+BUSY_SLICE_SECONDS = 0.005
+IDLE_SLICE_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +101,7 @@ class OrderConsumer:
 
         try:
             while not self._stop.is_set():
-                polled = self._poll(consumer)
+                polled = self._poll(consumer, None if writing is None else writing[1])
                 for messages in by_size(polled, self._batching.max_bytes) or [[]]:
                     prepared = self._ingest.prepare(messages) if messages else None
                     if writing is not None:
@@ -115,10 +122,39 @@ class OrderConsumer:
             consumer.close()
             log.info("consumer stopped")
 
-    def _poll(self, consumer: Consumer) -> list[Message]:
-        polled = consumer.consume(
-            num_messages=self._batching.max_messages, timeout=self._batching.max_wait_seconds
-        )
+    def _poll(self, consumer: Consumer, writing: Future[BatchOutcome] | None) -> list[Message]:
+        """The next batch: up to BATCH_MAX_ORDERS messages, gathered for at most
+        BATCH_MAX_WAIT_MS, but only while the database is busy with the batch before. A message
+        that finds the database free is written at once, with whatever arrived with it; under
+        load the batches grow by themselves to what arrives during a write (the transaction's
+        cost is shared when there is a queue, and no one waits for it when there is none)."""
+        most = self._batching.max_messages
+        deadline = time.monotonic() + self._batching.max_wait_seconds
+        batch: list[Message] = []
+        while len(batch) < most and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (batch and (writing is None or writing.done())):
+                break
+            if batch:
+                # consume() returns when it has all it asked for or when its timeout ends, so
+                # the database's being free again is noticed within one slice.
+                polled = consumer.consume(
+                    num_messages=most - len(batch), timeout=min(remaining, BUSY_SLICE_SECONDS)
+                )
+            else:
+                # poll() returns at the first message; the rest already fetched come with it.
+                first = consumer.poll(min(remaining, IDLE_SLICE_SECONDS))
+                if first is None:
+                    continue
+                polled = [first, *consumer.consume(num_messages=most - 1, timeout=0)]
+            batch.extend(self._messages(polled))
+        if batch:
+            self._broker.recovered()
+            self._metrics.messages_consumed.inc(len(batch))
+            self._metrics.batch_size.observe(len(batch))
+        return batch
+
+    def _messages(self, polled: list[KafkaMessage]) -> list[Message]:
         batch = []
         for kafka_message in polled:
             error = kafka_message.error()
@@ -142,10 +178,6 @@ class OrderConsumer:
             batch.append(
                 Message(topic, partition, offset, kafka_message.key(), kafka_message.value())
             )
-        if batch:
-            self._broker.recovered()
-            self._metrics.messages_consumed.inc(len(batch))
-            self._metrics.batch_size.observe(len(batch))
         return batch
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -16,8 +20,8 @@ from order_viewer.cache import OrderCache
 from order_viewer.consumer import Batching, OrderConsumer
 from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.metrics import Metrics
-from order_viewer.model import Rejection
-from order_viewer.ports import Message, RejectedMessage
+from order_viewer.model import PreparedOrder, Rejection
+from order_viewer.ports import Deletion, Message, RejectedMessage, WriteResult
 from order_viewer.retry import Health, Patience
 from order_viewer.service import OrderIngest
 from tests.conftest import Stack, Topics, committed_lag, consume_all, produce, wait_until
@@ -70,27 +74,29 @@ def test_dead_letters_carry_the_message_unchanged_with_why_and_where(
     }
 
 
-def test_the_consumer_loop_stores_dead_letters_and_commits_until_stopped(
-    stack: Stack, topics: Topics
-) -> None:
+@dataclass
+class RunningConsumer:
+    consumer: OrderConsumer
+    cache: OrderCache
+    dead_letters: DeadLetterWriter
+
+
+@contextmanager
+def running_consumer(
+    stack: Stack, topics: Topics, writer: FakeWriter, batching: Batching
+) -> Iterator[RunningConsumer]:
+    """The consumer loop in a thread, storing through `writer`; stopped and joined on exit."""
     stop = threading.Event()
     patience = broker(stop)
     ensure_topics(client(stack), [topics.orders, topics.dead_letters], 2, patience)
-    orders = []
-    for n in range(20):
-        order = json.loads(json.dumps(SAMPLE_ORDER))
-        order["order_uid"] = f"loop-{n}"
-        orders.append((order["order_uid"].encode(), json.dumps(order).encode()))
-    produce(stack, topics.orders, [*orders, (b"broken", b"{")])
-
-    writer, cache = FakeWriter(), OrderCache(100)
+    cache = OrderCache(100)
     metrics = Metrics(cache)
     dead_letters = DeadLetterWriter(client(stack), topics.dead_letters, patience, metrics)
     database = Patience(Health("database", logging.getLogger("test.database")), stop, 0.5)
     consumer = OrderConsumer(
         client={**client(stack), "group.id": topics.group, "session.timeout.ms": 6000},
         topic=topics.orders,
-        batching=Batching(max_messages=7, max_bytes=1 << 20, max_wait_seconds=0.05),
+        batching=batching,
         ingest=OrderIngest(writer, cache, dead_letters, database, metrics),
         broker=patience.health,
         stop=stop,
@@ -99,16 +105,75 @@ def test_the_consumer_loop_stores_dead_letters_and_commits_until_stopped(
     running = threading.Thread(target=consumer.run)
     running.start()
     try:
-        wait_until(lambda: len(writer.stored) == 20, 60, "the orders to be stored")
-        assert consumer.consuming.is_set()
-        (letter,) = consume_all(stack, topics.dead_letters, 1)
-        assert letter.key() == b"broken"
+        yield RunningConsumer(consumer, cache, dead_letters)
     finally:
         stop.set()
         running.join(30)
         dead_letters.close()
     assert not running.is_alive()
-    assert not consumer.consuming.is_set()
+
+
+def order_messages(prefix: str, count: int) -> list[tuple[bytes, bytes]]:
+    messages = []
+    for n in range(count):
+        order = json.loads(json.dumps(SAMPLE_ORDER))
+        order["order_uid"] = f"{prefix}-{n}"
+        messages.append((order["order_uid"].encode(), json.dumps(order).encode()))
+    return messages
+
+
+def test_the_consumer_loop_stores_dead_letters_and_commits_until_stopped(
+    stack: Stack, topics: Topics
+) -> None:
+    writer = FakeWriter()
+    batching = Batching(max_messages=7, max_bytes=1 << 20, max_wait_seconds=0.05)
+    with running_consumer(stack, topics, writer, batching) as running:
+        produce(stack, topics.orders, [*order_messages("loop", 20), (b"broken", b"{")])
+        wait_until(lambda: len(writer.stored) == 20, 60, "the orders to be stored")
+        assert running.consumer.consuming.is_set()
+        (letter,) = consume_all(stack, topics.dead_letters, 1)
+        assert letter.key() == b"broken"
+    assert not running.consumer.consuming.is_set()
     # Closing committed what was stored: a new member of the group would read nothing again.
     assert committed_lag(stack, topics) == 0
-    assert all(cache.get(f"loop-{n}") is not None for n in range(20))
+    assert all(running.cache.get(f"loop-{n}") is not None for n in range(20))
+
+
+class GatedWriter(FakeWriter):
+    """Holds every write until the gate opens, noting when each began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.began: list[float] = []
+
+    def write(
+        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+    ) -> WriteResult:
+        self.began.append(time.monotonic())
+        self.gate.wait(60)
+        return super().write(batch, deletions)
+
+
+def test_an_order_that_finds_the_database_idle_is_written_at_once_and_the_next_gather(
+    stack: Stack, topics: Topics
+) -> None:
+    """A batch waits for more messages only while the database writes the one before: a lone
+    order is not held for BATCH_MAX_WAIT_MS, and what arrives during a write goes in one batch."""
+    writer = GatedWriter()
+    batching = Batching(max_messages=1000, max_bytes=1 << 20, max_wait_seconds=30)
+    with running_consumer(stack, topics, writer, batching):
+        (first,) = order_messages("first", 1)
+        produce(stack, topics.orders, [first])
+        produced = time.monotonic()
+        wait_until(lambda: writer.began, 20, "the first order's write to begin")
+        # Not the 30 s of max_wait_seconds (the group's first assignment takes some seconds).
+        assert writer.began[0] - produced < 20
+        produce(stack, topics.orders, order_messages("next", 10))
+        time.sleep(2)  # for the consumer to fetch them while the first write is held
+        writer.gate.set()
+        wait_until(lambda: len(writer.stored) == 11, 20, "the orders to be stored")
+    first_batch, second_batch = writer.batches
+    assert first_batch == ["first-0"]
+    # One batch, in the order of each partition (two partitions: interleaved somehow).
+    assert sorted(second_batch) == sorted(f"next-{n}" for n in range(10))
