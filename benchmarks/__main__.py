@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import io
 import logging
 import re
@@ -16,9 +17,11 @@ import tempfile
 import time
 import tracemalloc
 from contextlib import redirect_stderr
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import PostgresDsn
 from rich.progress import Progress
 
 from benchmarks import freshness
@@ -38,6 +41,7 @@ from benchmarks.harness import (
     wrk,
 )
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
+from order_viewer import bootstrap
 from order_viewer import logs as log_setup
 from order_viewer.access import audit_order_read
 from order_viewer.auth import ORDERS_READ_PII, Principal, new_token, token_digest
@@ -47,8 +51,8 @@ from order_viewer.consumer import by_size
 from order_viewer.metrics import Metrics
 from order_viewer.model import MAX_ITEMS, PreparedOrder, parse_order
 from order_viewer.ports import Message
-from order_viewer.service import prepare_batch
-from order_viewer.store import migrate
+from order_viewer.service import prepare_batch, warm_up
+from order_viewer.store import migrate, newest_documents
 
 AUTH_ROUNDS = 3
 HTTP_ROUNDS = 3
@@ -231,6 +235,35 @@ def freshness_benchmark(
     run.stop()
     bench.settle()
     return result
+
+
+def collector_pauses(bench: Bench, cached: int) -> dict[str, float]:
+    """Milliseconds of a full pass of Python's cycle collector (it holds the GIL: HTTP and
+    ingest stop meanwhile) over the service's objects: its modules and app, and a cache of
+    `cached` orders filled from the bench database; then after gc.freeze(), as the service
+    does once warm."""
+    settings = Settings(
+        database_url=PostgresDsn(bench.database_url),
+        cache_capacity=cached,
+        kafka_bootstrap_servers=bench.bootstrap,
+    )
+    parts = bootstrap.build(settings, None)
+    bootstrap.close(parts)
+    # A cache of its own: the service's stays suspended until its change listener listens.
+    cache = OrderCache(cached, settings.cache_max_bytes)
+    warm_up(cache, partial(newest_documents, bench.database_url), parts.database, parts.metrics)
+    assert len(cache) == cached
+
+    def full_pass() -> float:
+        started = time.perf_counter()
+        gc.collect()
+        return (time.perf_counter() - started) * 1000
+
+    before = min(full_pass() for _ in range(3))
+    gc.freeze()
+    after = min(full_pass() for _ in range(3))
+    gc.unfreeze()
+    return {"objects": len(gc.get_objects()), "before_ms": before, "after_ms": after}
 
 
 LARGE_ORDERS = 1500
@@ -477,6 +510,14 @@ def print_freshness(runs: list[dict[str, Any]], seconds: int) -> None:
         )
 
 
+def print_collector(pauses: dict[str, float], cached: int) -> None:
+    print(
+        f"\nfull pass of the cycle collector over the service's {pauses['objects']:,} objects "
+        f"(app and {cached:,} cached orders): {pauses['before_ms']:.1f} ms; "
+        f"after gc.freeze(): {pauses['after_ms']:.1f} ms"
+    )
+
+
 def print_http(http: dict[str, Any]) -> None:
     print(f"\n## HTTP lookups, {http['cached']:,} orders, wrk -t1 -c64, best of {HTTP_ROUNDS}\n")
     print("| server | requests/s | vs. bare server | p99 ms | non-2xx |")
@@ -565,6 +606,7 @@ def main() -> None:
             for rate in rates
         ]
         print_freshness(runs, arguments.freshness_seconds)
+        print_collector(collector_pauses(bench, cached), cached)
     if "auth" in sections:
         auth = auth_benchmark(bench, cached, arguments.seconds, logs)
         lines = {fmt: audit_line_cost(fmt, logs) for fmt in ("console", "json")}
