@@ -11,6 +11,7 @@ import argparse
 import csv
 import gc
 import io
+import itertools
 import logging
 import re
 import tempfile
@@ -21,6 +22,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import PostgresDsn
 from rich.progress import Progress
 
@@ -264,6 +267,55 @@ def collector_pauses(bench: Bench, cached: int) -> dict[str, float]:
     after = min(full_pass() for _ in range(3))
     gc.unfreeze()
     return {"objects": len(gc.get_objects()), "before_ms": before, "after_ms": after}
+
+
+def stored_so_far(run: ServiceRun) -> int:
+    """Orders the service has stored, from its own counter: counting the table every second
+    would itself slow the ingest as the table grows."""
+    for family in text_string_to_metric_families(httpx.get(f"{run.url}/metrics").text):
+        if family.name == "order_viewer_orders_stored":
+            return int(
+                sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+            )
+    raise AssertionError("no order_viewer_orders_stored_total in /metrics")
+
+
+def when_reached(points: list[tuple[float, int]], target: float) -> float:
+    """When the count of `points` (time, count) reached `target`, interpolated linearly
+    between the two samples around it."""
+    for (before, low), (after, high) in itertools.pairwise(points):
+        if high >= target:
+            return before + (after - before) * (target - low) / (high - low)
+    raise ValueError(f"never reached {target}")
+
+
+def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) -> dict[str, Any]:
+    """A backlog of `count` orders produced first, then drained into empty tables: the rate
+    over each fifth of it, to see what grows with the tables."""
+    bench.truncate()
+    bench.settle()
+    own = with_new_topic(bench, settings)
+    produce(own, generate(count, seed=2_000_000))
+    console.print(f"backlog: draining {count:,} orders into empty tables")
+    run = ServiceRun(own, logs / "backlog.log")
+    run.wait_ready()
+    # (seconds since ready, orders stored), two a second
+    progress_points: list[tuple[float, int]] = [(0.0, 0)]
+    started = time.perf_counter()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("stored", total=count)
+        while progress_points[-1][1] < count:
+            time.sleep(0.5)
+            progress_points.append((time.perf_counter() - started, stored_so_far(run)))
+            progress.update(task, completed=progress_points[-1][1])
+    run.stop()
+    fifths = []
+    previous = 0.0
+    for fifth in range(1, 6):
+        reached = when_reached(progress_points, count * fifth / 5)
+        fifths.append(count / 5 / (reached - previous))
+        previous = reached
+    return {"count": count, "seconds": progress_points[-1][0], "fifths": fifths}
 
 
 LARGE_ORDERS = 1500
@@ -538,6 +590,18 @@ def print_http(http: dict[str, Any]) -> None:
     )
 
 
+def print_backlog(backlog: dict[str, Any]) -> None:
+    print(
+        f"\n## Backlog of {backlog['count']:,} orders drained into empty tables "
+        f"({backlog['seconds']:.0f} s)\n"
+    )
+    print("| fifth | orders/s | vs. first fifth |")
+    print("|---:|---:|---:|")
+    first = backlog["fifths"][0]
+    for number, rate in enumerate(backlog["fifths"], start=1):
+        print(f"| {number} | {rate:,.0f} | {rate / first:.2f} |")
+
+
 def print_large(large: dict[str, Any]) -> None:
     print(
         f"\n## Backlog of {LARGE_ORDERS:,} orders of {MAX_ITEMS:,} items "
@@ -556,7 +620,7 @@ def print_large(large: dict[str, Any]) -> None:
     )
 
 
-SECTIONS = ("freshness", "auth", "http", "large")
+SECTIONS = ("freshness", "auth", "http", "large", "backlog")
 
 
 def main() -> None:
@@ -580,6 +644,9 @@ def main() -> None:
         type=int,
         nargs="+",
         help="orders/s to measure freshness at; default: 1,000 and half the ingest rate",
+    )
+    parser.add_argument(
+        "--backlog", type=int, default=1_000_000, help="orders in the backlog section"
     )
     arguments = parser.parse_args()
     sections = arguments.only or SECTIONS
@@ -615,6 +682,8 @@ def main() -> None:
         print_http(http_benchmark(bench, cached, arguments.seconds, logs))
     if "large" in sections:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
+    if "backlog" in sections:
+        print_backlog(backlog_benchmark(bench, settings, arguments.backlog, logs))
     print(f"\nlogs: {logs}")
 
 
