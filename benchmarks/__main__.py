@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import PostgresDsn
 from rich.progress import Progress
 
-from benchmarks import freshness
+from benchmarks import freshness, profiles
 from benchmarks.harness import (
     BareServerRun,
     Bench,
@@ -543,6 +543,27 @@ def print_ingest(ingest: dict[str, Any], metrics_share: float) -> None:
     )
 
 
+def print_profile(profile: dict[str, Any]) -> None:
+    orders = profile["orders"]
+    print(
+        f"\n### Where the ingest's time goes: {orders:,} orders in batches of "
+        f"{profiles.BATCH:,}, in one thread\n"
+    )
+    print(
+        f"validating and serializing: {profile['preparing'] / orders * 1e6:.1f} µs an order; "
+        f"writing (COPY, merge, parts, commit): {profile['writing'] / orders * 1e6:.1f} µs an order"
+    )
+    print("\nPostgreSQL's time by statement (pg_stat_statements):\n")
+    print("| ms in all | µs an order | calls | statement |")
+    print("|---:|---:|---:|---|")
+    for total, calls, query in profile["statements"]:
+        print(f"| {total:,.0f} | {total * 1000 / orders:.1f} | {calls:,} | `{query}` |")
+    print("\ncProfile of the same, by own time (the profiler slows the Python side):\n")
+    print("```")
+    print("\n".join(profile["profile"]))
+    print("```")
+
+
 def print_freshness(runs: list[dict[str, Any]], seconds: int) -> None:
     print(
         f"\n## Freshness: broker acknowledgement to first 200, {seconds} s per rate, "
@@ -620,7 +641,7 @@ def print_large(large: dict[str, Any]) -> None:
     )
 
 
-SECTIONS = ("freshness", "auth", "http", "large", "backlog")
+SECTIONS = ("freshness", "auth", "http", "large", "backlog", "profile")
 
 
 def main() -> None:
@@ -647,6 +668,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--backlog", type=int, default=1_000_000, help="orders in the backlog section"
+    )
+    parser.add_argument(
+        "--profile-orders", type=int, default=100_000, help="orders in the profile section"
     )
     arguments = parser.parse_args()
     sections = arguments.only or SECTIONS
@@ -684,6 +708,8 @@ def main() -> None:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     if "backlog" in sections:
         print_backlog(backlog_benchmark(bench, settings, arguments.backlog, logs))
+    if "profile" in sections:  # last: it leaves other orders in the tables
+        print_profile(profiles.ingest_profile(bench, messages[: arguments.profile_orders]))
     print(f"\nlogs: {logs}")
 
 

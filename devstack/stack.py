@@ -265,8 +265,15 @@ class LocalStack:
                     sql.SQL("ALTER" if exists else "CREATE"), role, sql.Literal(PG_APP_PASSWORD)
                 )
             )
-            # Lets the benchmarks settle the server (CHECKPOINT) before timing HTTP.
-            connection.execute(sql.SQL("GRANT pg_checkpoint TO {}").format(role))
+            # Lets the benchmarks settle the server (CHECKPOINT) before timing HTTP, and read
+            # every statement's statistics.
+            connection.execute(sql.SQL("GRANT pg_checkpoint, pg_read_all_stats TO {}").format(role))
+        # In the template, so that every database made afterwards (the benchmarks', the tests')
+        # has the statement statistics view.
+        template = psycopg.conninfo.make_conninfo(self.superuser_conninfo, dbname="template1")
+        with psycopg.connect(template, autocommit=True) as connection:
+            connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        with self.superuser_connect() as connection:
             if not connection.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (PG_APP_DB,)
             ).fetchone():
