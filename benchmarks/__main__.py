@@ -497,6 +497,7 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     return {
         "cached": cached,
         **results,
+        "in_process_us": profiles.cache_hit_cost(bench, ids_file),
         "miss": miss,
         "warm_up_seconds": warm,
         "bytes_per_cached_order": (rss_cached - rss_empty) * 1024 / cached,
@@ -604,6 +605,13 @@ def print_http(http: dict[str, Any]) -> None:
     ):
         rate, p99, errors = (http[name][key] for key in ("rate", "p99_ms", "errors"))
         print(f"| {label} | {rate:,.0f} | {rate / ceiling:.2f} | {p99:.2f} | {errors:.0f} |")
+    in_process = http["in_process_us"]
+    print(
+        f"\none cache hit called in-process with a no-op send: the service's app "
+        f"{in_process['service']:.2f} µs, the bare app {in_process['bare']:.2f} µs; over HTTP a "
+        f"hit takes {1e6 / http['hit']['rate']:.1f} µs of throughput and a bare one "
+        f"{1e6 / ceiling:.1f} µs"
+    )
     print(
         f"\ncache hit vs. miss: {http['hit']['rate'] / http['miss']['rate']:.1f}x; "
         f"warm-up of {http['cached']:,} orders: {http['warm_up_seconds']:.2f} s; "

@@ -1,20 +1,32 @@
-"""Where the ingest's time goes: the service's own steps for each batch (validate and serialize,
-then write in one transaction) run in this process under cProfile, and the statements they
-sent, from PostgreSQL's pg_stat_statements (the local stack preloads it)."""
+"""Where the time goes.
+
+- Ingest: the service's own steps for each batch (validate and serialize, then write in one
+  transaction) run in this process under cProfile, and the statements they sent, from
+  PostgreSQL's pg_stat_statements (the local stack preloads it).
+- A cache hit: the service's ASGI app and the bare server's, each called in this process with
+  what granian hands over, so that what the service adds to a hit is told from the HTTP
+  server's own time.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import io
 import pstats
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from benchmarks import bare_server
 from benchmarks.harness import Bench
-from order_viewer.ports import Message
-from order_viewer.service import prepare_batch
+from order_viewer.api import create_app
+from order_viewer.cache import CachedOrder, OrderCache
+from order_viewer.metrics import Metrics
+from order_viewer.ports import Message, OrderSummary, StoredDocument
+from order_viewer.service import OrderLookup, prepare_batch
 from order_viewer.store import PostgresOrderWriter
 
 BATCH = 2000
@@ -97,3 +109,61 @@ def _top_lines(printed: str) -> list[str]:
     lines = printed.splitlines()
     start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
     return [line for line in lines[start:] if line.strip()]
+
+
+HIT_CALLS = 100_000
+
+
+class _NoReader:
+    """Cache hits never reach the database."""
+
+    async def documents(self, order_uids: list[str]) -> list[StoredDocument]:
+        raise AssertionError("a cache hit read the database")
+
+    async def recent(self, limit: int) -> list[OrderSummary]:
+        raise AssertionError("a cache hit read the database")
+
+    async def ping(self) -> bool:
+        return True
+
+
+class _Ready:
+    async def not_ready(self) -> dict[str, str]:
+        return {}
+
+
+def cache_hit_cost(bench: Bench, ids_file: Path) -> dict[str, float]:
+    """Microseconds one cache hit spends in the service's app (metrics on, no authentication)
+    and in the bare server's app, both over the same orders, called with a no-op send."""
+    ids = ids_file.read_text().split()
+    bodies = bare_server.stored_bodies(bench.database_url, ids)
+    cache = OrderCache(len(ids))
+    cache.put_written(
+        {
+            uid: CachedOrder(body, dict(headers)[b"etag"].decode())
+            for uid, (headers, body) in bodies.items()
+        }
+    )
+    service_app = create_app(OrderLookup(_NoReader(), cache), _Ready(), Metrics(cache))
+    apps = {"service": service_app, "bare": bare_server.bare_app(bodies)}
+    scopes = [
+        {"type": "http", "method": "GET", "path": f"/order/{uid}", "headers": [(b"host", b"x")]}
+        for uid in ids[:1000]
+    ]
+
+    async def send(_: object) -> None:
+        return None
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def calls(app: Any) -> float:
+        started = time.perf_counter()
+        for number in range(HIT_CALLS):
+            await app(scopes[number % len(scopes)], receive, send)
+        return (time.perf_counter() - started) / HIT_CALLS * 1e6
+
+    async def best_of_three() -> dict[str, float]:
+        return {name: min([await calls(app) for _ in range(3)]) for name, app in apps.items()}
+
+    return asyncio.run(best_of_three())
