@@ -309,6 +309,9 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
             progress_points.append((time.perf_counter() - started, stored_so_far(run)))
             progress.update(task, completed=progress_points[-1][1])
     run.stop()
+    (logs / "backlog.csv").write_text(
+        "seconds,stored\n" + "".join(f"{at:.1f},{stored}\n" for at, stored in progress_points)
+    )
     fifths = []
     previous = 0.0
     for fifth in range(1, 6):
@@ -461,18 +464,18 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     ids_file = newest_ids_file(bench, cached, logs)
 
     console.print(f"HTTP: cache of {cached:,} orders, wrk with 64 connections for {seconds} s")
-    servers: dict[str, ServerProcess] = {
-        name: ServiceRun(
+    # One after the other, so that each warms up alone and the warm-up time is its own.
+    servers: dict[str, ServerProcess] = {}
+    for name, metrics in (("hit", "true"), ("hit_without_metrics", "false")):
+        servers[name] = ServiceRun(
             bench,
             logs / f"hits-metrics-{metrics}.log",
             CACHE_CAPACITY=str(cached),
             METRICS_ENABLED=metrics,
         )
-        for name, metrics in (("hit", "true"), ("hit_without_metrics", "false"))
-    }
+        servers[name].wait_ready()
     servers["bare"] = BareServerRun(bench, logs / "bare-server.log", ids_file)
-    for server in servers.values():
-        server.wait_ready()
+    servers["bare"].wait_ready()
     warm = warm_up_seconds(servers["hit"].log)
     rss_cached = servers["hit"].memory_kib("VmRSS")
     results: dict[str, dict[str, float]] = {}
