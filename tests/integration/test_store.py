@@ -9,6 +9,7 @@ import random
 import threading
 from typing import Any
 
+import psycopg
 import pytest
 
 from order_viewer.generate import make_order
@@ -21,7 +22,7 @@ from order_viewer.store import (
     newest_documents,
 )
 from tests.audit import row_counts, stored_documents
-from tests.conftest import Stack, free_port
+from tests.conftest import Stack, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +84,36 @@ def test_an_unreachable_database_is_unavailable_not_refusing() -> None:
         writer.write([order])
     with pytest.raises(DatabaseUnavailable):
         list(newest_documents(unreachable_url(), 10))
+
+
+def test_a_warm_up_read_closed_early_stops_reading_and_lets_its_connection_go(
+    stack: Stack,
+) -> None:
+    """The cache fills before the read ends: the thread reading ahead must stop and close its
+    connection, not hang on a full hand-over queue or keep the snapshot open."""
+    writer = PostgresOrderWriter(stack.database_url, "tests")
+    try:
+        writer.write([prepared(offset)[1] for offset in range(60)])
+    finally:
+        writer.close()
+    chunks = newest_documents(stack.database_url, 60, chunk=5)
+    first = next(chunks)
+    assert len(first) == 5
+    chunks.close()
+    assert not [t for t in threading.enumerate() if t.name == "warm-up-reader"]
+
+    def connection_gone() -> bool:
+        with psycopg.connect(stack.database_url) as connection:
+            left = connection.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'order-viewer-warm-up'"
+            ).fetchone()
+        return left == (0,)
+
+    wait_until(connection_gone, 10, "the warm-up connection to close")
+    # And read to its end, every order once, newest first.
+    uids = [doc.order_uid for chunk in newest_documents(stack.database_url, 100) for doc in chunk]
+    assert len(uids) == len(set(uids)) >= 60
 
 
 def test_the_reader_finds_documents_and_recent_summaries(stack: Stack) -> None:
