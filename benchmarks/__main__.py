@@ -557,6 +557,10 @@ def print_profile(profile: dict[str, Any]) -> None:
         f"validating and serializing: {profile['preparing'] / orders * 1e6:.1f} µs an order; "
         f"writing (COPY, merge, parts, commit): {profile['writing'] / orders * 1e6:.1f} µs an order"
     )
+    for thresholds, micros in profile["thresholds"].items():
+        print(
+            f"validating and serializing with gc thresholds {thresholds}: {micros:.1f} µs an order"
+        )
     print("\nPostgreSQL's time by statement (pg_stat_statements):\n")
     print("| ms in all | µs an order | calls | statement |")
     print("|---:|---:|---:|---|")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import gc
 import io
 import pstats
 import time
@@ -23,6 +24,7 @@ import psycopg
 from benchmarks import bare_server
 from benchmarks.harness import Bench
 from order_viewer.api import create_app
+from order_viewer.bootstrap import COLLECTOR_THRESHOLDS
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.metrics import Metrics
 from order_viewer.ports import Message, OrderSummary, StoredDocument
@@ -101,6 +103,7 @@ def ingest_profile(bench: Bench, messages: list[tuple[bytes, bytes]]) -> dict[st
         "writing": writing,
         "profile": _top_lines(report.getvalue()),
         "statements": [s for s in statements if s[1] > 0][:6],
+        "thresholds": validation_by_collector_thresholds(messages, 100_000),
     }
 
 
@@ -112,6 +115,8 @@ def _top_lines(printed: str) -> list[str]:
 
 
 HIT_CALLS = 100_000
+# CPython's, which the service replaces
+DEFAULT_COLLECTOR_THRESHOLDS = (700, 10, 10)
 
 
 class _NoReader:
@@ -167,3 +172,39 @@ def cache_hit_cost(bench: Bench, ids_file: Path) -> dict[str, float]:
         return {name: min([await calls(app) for _ in range(3)]) for name, app in apps.items()}
 
     return asyncio.run(best_of_three())
+
+
+def validation_by_collector_thresholds(
+    messages: list[tuple[bytes, bytes]], cached: int
+) -> dict[tuple[int, int, int], float]:
+    """Microseconds an order to validate and serialize batches of BATCH, two batches alive at a
+    time as in the consumer, beside `cached` cache entries (long-lived objects, as a warm
+    service has), under the collector's default thresholds and the service's; best of three,
+    interleaved."""
+    batches = [
+        [
+            Message("bench", 0, offset, key, value)
+            for offset, (key, value) in enumerate(messages[start : start + BATCH], start=start)
+        ]
+        for start in range(0, len(messages), BATCH)
+    ]
+    cache = OrderCache(cached)
+    for start in range(0, cached, 1000):
+        cache.put_written(
+            {f"cached-{n}": CachedOrder(b"{}", f'"{n}"') for n in range(start, start + 1000)}
+        )
+    saved = gc.get_threshold()
+    timings: dict[tuple[int, int, int], list[float]] = {}
+    try:
+        for _ in range(3):
+            for thresholds in (DEFAULT_COLLECTOR_THRESHOLDS, COLLECTOR_THRESHOLDS):
+                gc.set_threshold(*thresholds)
+                alive: list[object] = []
+                started = time.perf_counter()
+                for batch in batches:
+                    alive = [*alive[-1:], prepare_batch(batch)]
+                seconds = time.perf_counter() - started
+                timings.setdefault(thresholds, []).append(seconds / len(messages) * 1e6)
+    finally:
+        gc.set_threshold(*saved)
+    return {thresholds: min(runs) for thresholds, runs in timings.items()}
