@@ -538,7 +538,7 @@ class PostgresOrderReader:
 
 # Documents are read as the UTF-8 bytes the API sends (convert_to), in binary format: psycopg
 # hands bytea over as it comes, where a text column is decoded to str for the cache to encode
-# back. Warm-up of 95,000 orders: 1.2-1.3 s before, 0.9 s after (docs/PERFORMANCE.md).
+# back.
 _NEWEST_DOCUMENTS = """
 SELECT order_uid, convert_to(document, 'UTF8') AS document, content_sha256 FROM orders
 ORDER BY date_created DESC, order_uid LIMIT %s
