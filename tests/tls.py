@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,3 +43,12 @@ def certificate_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def self_signed_pair(directory: Path) -> tuple[Path, Path]:
+    """A new key and its certificate for 127.0.0.1, written as cert.pem and key.pem."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate_pem(key))
+    key_file.write_bytes(key_pem(key))
+    return cert_file, key_file

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer.auth import new_token, token_digest
@@ -38,7 +37,7 @@ from tests.conftest import (
 )
 from tests.conftest import metric_value as value
 from tests.integration.test_http_hostile import SCHEMA_DESCRIBES_REQUESTS, Target, fuzz
-from tests.tls import certificate_pem, key_pem
+from tests.tls import self_signed_pair
 
 # One worker runs the module, so that its tests share its two guarded services.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("auth")]
@@ -471,18 +470,10 @@ def test_token_create_prints_a_token_once_and_the_line_that_admits_it() -> None:
     assert token_create("support", "orders:read")[1].strip() != token
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(certificate_pem(key))
-    key_file.write_bytes(key_pem(key))
-    return cert_file, key_file
-
-
 def test_https_with_a_certificate_of_the_operators(
     stack: Stack, topics: Topics, start_service: Any, tmp_path: Path
 ) -> None:
-    cert_file, key_file = self_signed(tmp_path)
+    cert_file, key_file = self_signed_pair(tmp_path)
     token = new_token()
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"support:{token_digest(token)}:orders:read\n")

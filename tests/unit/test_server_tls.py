@@ -11,16 +11,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from order_viewer.config import Settings
 from order_viewer.server import serve, tls_problem
 from tests.conftest import free_port
-from tests.tls import certificate_pem, key_pem
+from tests.tls import key_pem, self_signed_pair
 
 
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(certificate_pem(key))
-    key_file.write_bytes(key_pem(key))
-    return cert_file, key_file
+    return self_signed_pair(tmp_path)
 
 
 def test_a_certificate_and_its_key_are_fit(pair: tuple[Path, Path]) -> None:
