@@ -299,6 +299,7 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
     console.print(f"backlog: draining {count:,} orders into empty tables")
     run = ServiceRun(own, logs / "backlog.log")
     run.wait_ready()
+    checkpoints_before = checkpoints(bench)
     # (seconds since ready, orders stored), two a second
     progress_points: list[tuple[float, int]] = [(0.0, 0)]
     started = time.perf_counter()
@@ -309,6 +310,9 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
             progress_points.append((time.perf_counter() - started, stored_so_far(run)))
             progress.update(task, completed=progress_points[-1][1])
     run.stop()
+    timed, requested = (
+        after - before for after, before in zip(checkpoints(bench), checkpoints_before, strict=True)
+    )
     (logs / "backlog.csv").write_text(
         "seconds,stored\n" + "".join(f"{at:.1f},{stored}\n" for at, stored in progress_points)
     )
@@ -318,7 +322,31 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
         reached = when_reached(progress_points, count * fifth / 5)
         fifths.append(count / 5 / (reached - previous))
         previous = reached
-    return {"count": count, "seconds": progress_points[-1][0], "fifths": fifths}
+    with bench.connect() as connection:
+        row = connection.execute(
+            "SELECT sum(pg_relation_size(indexrelid)) FROM pg_stat_user_indexes "
+            "WHERE relname IN ('orders', 'delivery', 'payment', 'items')"
+        ).fetchone()
+    assert row is not None
+    return {
+        "count": count,
+        "seconds": progress_points[-1][0],
+        "fifths": fifths,
+        "checkpoints_timed": timed,
+        "checkpoints_requested": requested,
+        "index_mib": int(row[0]) / 2**20,
+    }
+
+
+def checkpoints(bench: Bench) -> tuple[int, int]:
+    """The server's checkpoints so far: started by time, and requested (by WAL volume, or by a
+    CHECKPOINT command, which the benchmark sends none of while a backlog drains)."""
+    with bench.connect() as connection:
+        row = connection.execute(
+            "SELECT checkpoints_timed, checkpoints_req FROM pg_stat_bgwriter"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 LARGE_ORDERS = 1500
@@ -636,6 +664,11 @@ def print_backlog(backlog: dict[str, Any]) -> None:
     first = backlog["fifths"][0]
     for number, rate in enumerate(backlog["fifths"], start=1):
         print(f"| {number} | {rate:,.0f} | {rate / first:.2f} |")
+    print(
+        f"\ncheckpoints while it drained: {backlog['checkpoints_requested']} requested (WAL "
+        f"volume), {backlog['checkpoints_timed']} by time; the tables' indexes at the end: "
+        f"{backlog['index_mib']:,.0f} MiB"
+    )
 
 
 def print_large(large: dict[str, Any]) -> None:

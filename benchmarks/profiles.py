@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from rich.progress import Progress
 
 from benchmarks import bare_server
-from benchmarks.harness import Bench
+from benchmarks.harness import Bench, console
 from order_viewer.api import create_app
 from order_viewer.bootstrap import COLLECTOR_THRESHOLDS
 from order_viewer.cache import CachedOrder, OrderCache
@@ -44,6 +45,16 @@ def _statements(connection: psycopg.Connection[Any]) -> dict[int, tuple[int, flo
     return {row[0]: row[1:] for row in connection.execute(_STATEMENTS)}
 
 
+def _batches(messages: list[tuple[bytes, bytes]]) -> list[list[Message]]:
+    return [
+        [
+            Message("bench", 0, offset, key, value)
+            for offset, (key, value) in enumerate(messages[start : start + BATCH], start=start)
+        ]
+        for start in range(0, len(messages), BATCH)
+    ]
+
+
 def _store(
     bench: Bench, batches: list[list[Message]], profiler: cProfile.Profile | None
 ) -> tuple[float, float]:
@@ -55,32 +66,32 @@ def _store(
     preparing = writing = 0.0
     saved = gc.get_threshold()
     gc.set_threshold(*COLLECTOR_THRESHOLDS)
-    if profiler is not None:
-        profiler.enable()
-    for batch in batches:
-        began = time.perf_counter()
-        prepared = prepare_batch(batch)
-        prepared_at = time.perf_counter()
-        writer.write([order for order, _ in prepared.orders.values()])
-        preparing += prepared_at - began
-        writing += time.perf_counter() - prepared_at
-    if profiler is not None:
-        profiler.disable()
-    gc.set_threshold(*saved)
-    writer.close()
+    how = "timed" if profiler is None else "under cProfile"
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"profile: storing, {how}", total=len(batches))
+            for batch in batches:
+                if profiler is not None:
+                    profiler.enable()
+                began = time.perf_counter()
+                prepared = prepare_batch(batch)
+                prepared_at = time.perf_counter()
+                writer.write([order for order, _ in prepared.orders.values()])
+                preparing += prepared_at - began
+                writing += time.perf_counter() - prepared_at
+                if profiler is not None:
+                    profiler.disable()
+                progress.advance(task)
+    finally:
+        gc.set_threshold(*saved)
+        writer.close()
     return preparing, writing
 
 
 def ingest_profile(bench: Bench, messages: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     """Store `messages` in batches of BATCH as the service does, but in one thread (no
     pipelining): once timed, with the statements' statistics; once under cProfile."""
-    batches = [
-        [
-            Message("bench", 0, offset, key, value)
-            for offset, (key, value) in enumerate(messages[start : start + BATCH], start=start)
-        ]
-        for start in range(0, len(messages), BATCH)
-    ]
+    batches = _batches(messages)
     with bench.connect() as connection:
         before = _statements(connection)
         preparing, writing = _store(bench, batches, None)
@@ -107,7 +118,7 @@ def ingest_profile(bench: Bench, messages: list[tuple[bytes, bytes]]) -> dict[st
         "writing": writing,
         "profile": _top_lines(report.getvalue()),
         "statements": [s for s in statements if s[1] > 0][:6],
-        "thresholds": validation_by_collector_thresholds(messages, 100_000),
+        "thresholds": validation_by_collector_thresholds(batches, 100_000),
     }
 
 
@@ -179,19 +190,12 @@ def cache_hit_cost(bench: Bench, ids_file: Path) -> dict[str, float]:
 
 
 def validation_by_collector_thresholds(
-    messages: list[tuple[bytes, bytes]], cached: int
+    batches: list[list[Message]], cached: int
 ) -> dict[tuple[int, int, int], float]:
     """Microseconds an order to validate and serialize batches of BATCH, two batches alive at a
     time as in the consumer, beside `cached` cache entries (long-lived objects, as a warm
     service has), under the collector's default thresholds and the service's; best of three,
     interleaved."""
-    batches = [
-        [
-            Message("bench", 0, offset, key, value)
-            for offset, (key, value) in enumerate(messages[start : start + BATCH], start=start)
-        ]
-        for start in range(0, len(messages), BATCH)
-    ]
     cache = OrderCache(cached)
     for start in range(0, cached, 1000):
         cache.put_written(
@@ -199,16 +203,18 @@ def validation_by_collector_thresholds(
         )
     saved = gc.get_threshold()
     timings: dict[tuple[int, int, int], list[float]] = {}
+    orders = sum(len(batch) for batch in batches)
     try:
-        for _ in range(3):
+        for round_number in range(1, 4):
             for thresholds in (DEFAULT_COLLECTOR_THRESHOLDS, COLLECTOR_THRESHOLDS):
+                console.print(f"profile: validating, round {round_number} of 3, gc {thresholds}")
                 gc.set_threshold(*thresholds)
                 alive: list[object] = []
                 started = time.perf_counter()
                 for batch in batches:
                     alive = [*alive[-1:], prepare_batch(batch)]
                 seconds = time.perf_counter() - started
-                timings.setdefault(thresholds, []).append(seconds / len(messages) * 1e6)
+                timings.setdefault(thresholds, []).append(seconds / orders * 1e6)
     finally:
         gc.set_threshold(*saved)
     return {thresholds: min(runs) for thresholds, runs in timings.items()}
