@@ -61,7 +61,13 @@ class Follower:
 
     async def _until_served(self, order_uid: str, acknowledged_at: float) -> None:
         while time.perf_counter() - acknowledged_at < GIVE_UP_SECONDS:
-            response = await self._client.get(f"/order/{order_uid}")
+            try:
+                response = await self._client.get(f"/order/{order_uid}")
+            except httpx.TransportError:
+                # A refused or dropped connection is a poll that saw nothing yet, not the end
+                # of the run; an order never served is counted in `missed`.
+                await asyncio.sleep(POLL_INTERVAL_SECONDS)
+                continue
             if response.status_code == 200:
                 self.seen_after.append(time.perf_counter() - acknowledged_at)
                 self.timeline.append((acknowledged_at, self.seen_after[-1]))
