@@ -31,10 +31,12 @@ from order_viewer.auth import (
 )
 from order_viewer.cache import CachedOrder
 from order_viewer.config import Settings
+from order_viewer.logs import sole_writer
 from order_viewer.masking import MaskedViews
 from order_viewer.metrics import HttpStats, Metrics, route_template
 
 audit = logging.getLogger("order_viewer.audit")
+AUDIT_LINE = "order read principal=%s order_uid=%s status=%d view=%s client=%s"
 
 # The key of the request scope under which the guard leaves the view a principal may see; the
 # order routes apply it to the order they found (absent: the order whole).
@@ -226,6 +228,18 @@ def audit_order_read(
     if not audit.isEnabledFor(level):
         return
     order_uid = path[len("/order/") :][:80]
+    args = (
+        _printable(principal.name) if principal is not None else "-",
+        _printable(order_uid),
+        status,
+        view,
+        client,
+    )
+    writer = sole_writer(audit, level)
+    if writer is not None:
+        # The service's own log set-up: the line without a record, a third of the cost.
+        writer.defer(level, audit.name, AUDIT_LINE % args, {"order_uid": order_uid})
+        return
     # Made and handed to the logger's handlers directly, as Logger.log would but without its
     # search of the stack for the caller (a tenth of the line's cost): it is always this line.
     audit.handle(
@@ -234,14 +248,8 @@ def audit_order_read(
             level,
             __file__,
             0,
-            "order read principal=%s order_uid=%s status=%d view=%s client=%s",
-            (
-                _printable(principal.name) if principal is not None else "-",
-                _printable(order_uid),
-                status,
-                view,
-                client,
-            ),
+            AUDIT_LINE,
+            args,
             None,
             "audit_order_read",
             {"order_uid": order_uid},

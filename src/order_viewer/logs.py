@@ -11,8 +11,9 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Literal, TextIO
+from typing import Literal, NamedTuple, TextIO
 
 # Context a log call may attach with `extra=`; the JSON lines carry them as fields of their own.
 CONTEXT_FIELDS = ("topic", "partition", "offset", "order_uid", "reason", "field")
@@ -29,7 +30,14 @@ _json_string = json.encoder.encode_basestring
 _json_value = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
-class JsonFormatter(logging.Formatter):
+class LineFormatter(logging.Formatter):
+    """A formatter that can also write the line of a record never made (see `Deferred`)."""
+
+    def line(self, deferred: Deferred) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(LineFormatter):
     """The fields in a fixed order, as `json.dumps` of a dict would write them, built from
     string literals: the writer formats every audit line, and a generic encoder per line cost
     several times the rest of the line."""
@@ -39,19 +47,41 @@ class JsonFormatter(logging.Formatter):
         self._second: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [
-            f'{{"time": "{self._time(record.created)}", '
-            f'"level": {_json_string(record.levelname.lower())}, '
-            f'"logger": {_json_string(record.name)}, '
-            f'"event": {_json_string(record.getMessage())}'
+        context = [
+            (name, getattr(record, name)) for name in CONTEXT_FIELDS if hasattr(record, name)
         ]
-        for name in CONTEXT_FIELDS:
-            if hasattr(record, name):
-                value = getattr(record, name)
-                encoded = _json_string(value) if isinstance(value, str) else _json_value(value)
-                parts.append(f', "{name}": {encoded}')
         if record.exc_info:
-            parts.append(f', "exception": {_json_string(self.formatException(record.exc_info))}')
+            context.append(("exception", self.formatException(record.exc_info)))
+        return self._line(
+            record.created, record.levelname, record.name, record.getMessage(), context
+        )
+
+    def line(self, deferred: Deferred) -> str:
+        return self._line(
+            deferred.created,
+            logging.getLevelName(deferred.levelno),
+            deferred.logger,
+            deferred.message,
+            deferred.context,
+        )
+
+    def _line(
+        self,
+        created: float,
+        level_name: str,
+        logger: str,
+        message: str,
+        context: Iterable[tuple[str, object]],
+    ) -> str:
+        parts = [
+            f'{{"time": "{self._time(created)}", '
+            f'"level": {_json_string(level_name.lower())}, '
+            f'"logger": {_json_string(logger)}, '
+            f'"event": {_json_string(message)}'
+        ]
+        for name, value in context:
+            encoded = _json_string(value) if isinstance(value, str) else _json_value(value)
+            parts.append(f', "{name}": {encoded}')
         parts.append("}")
         return "".join(parts)
 
@@ -68,7 +98,7 @@ class JsonFormatter(logging.Formatter):
         return f"{self._second[1]}.{micros % 1_000_000 // 1000:03d}+00:00"
 
 
-class ConsoleFormatter(logging.Formatter):
+class ConsoleFormatter(LineFormatter):
     """Time, level, logger, message; the date and time up to the second made once a second."""
 
     def __init__(self) -> None:
@@ -76,12 +106,61 @@ class ConsoleFormatter(logging.Formatter):
         self._second: tuple[int, str] = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return self._clock(record.created, record.msecs)
+
+    def line(self, deferred: Deferred) -> str:
+        level_name = logging.getLevelName(deferred.levelno)
+        return (
+            f"{self._clock(deferred.created, _milliseconds(deferred.created))} {level_name:<7} "
+            f"{deferred.logger}: {deferred.message}"
+        )
+
+    def _clock(self, created: float, milliseconds: float) -> str:
         # time.localtime takes the whole seconds of a timestamp, as int() does.
-        second = int(record.created)
+        second = int(created)
         if self._second[0] != second:
             text = time.strftime(self.default_time_format, self.converter(second))
             self._second = (second, text)
-        return f"{self._second[1]},{int(record.msecs):03d}"
+        return f"{self._second[1]},{int(milliseconds):03d}"
+
+
+def _milliseconds(created: float) -> float:
+    """The milliseconds of a time as a LogRecord takes them."""
+    return int((created - int(created)) * 1000) + 0.0
+
+
+class Deferred(NamedTuple):
+    """A line logged without a LogRecord: what its formatter needs of one. See `sole_writer`."""
+
+    created: float
+    levelno: int
+    logger: str
+    message: str
+    context: tuple[tuple[str, object], ...]
+
+
+def sole_writer(logger: logging.Logger, level: int) -> BackgroundHandler | None:
+    """The writer that a record of `logger` at `level` would reach, when it is the only
+    handler there, nothing filters on the way and its formatter is one of these: the service's
+    own set-up, in which `BackgroundHandler.defer` writes the same line as logging would.
+    None otherwise (a handler or a filter added, as tests and embedding applications do):
+    then only a record shows them the line."""
+    if logger.disabled or logger.filters:
+        return None
+    writer = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if (
+                writer is not None
+                or type(handler) is not BackgroundHandler
+                or handler.filters
+                or not isinstance(handler.formatter, LineFormatter)
+            ):
+                return None
+            writer = handler
+        current = current.parent if current.propagate else None
+    return writer if writer is not None and level >= writer.level else None
 
 
 class _Flushed(threading.Event):
@@ -107,7 +186,9 @@ class BackgroundHandler(logging.Handler):
         super().__init__()
         self._stream = stream
         self._capacity = capacity
-        self._queue: queue.SimpleQueue[logging.LogRecord | _Flushed | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[logging.LogRecord | Deferred | _Flushed | object] = (
+            queue.SimpleQueue()
+        )
         self._room = threading.Condition()
         self._stopped = False
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
@@ -124,15 +205,32 @@ class BackgroundHandler(logging.Handler):
             self.handleError(record)  # as a direct write would: reported, never raised
             return
         record.args = None
+        # Handler.handle holds the handler's lock around emit.
+        self._enqueue(record)
+
+    def defer(self, level: int, logger: str, message: str, context: dict[str, object]) -> None:
+        """Write the line of a record of `logger` at `level` with this message and these
+        context fields, without making the record: for a line so frequent that making and
+        dispatching the record would be most of its cost (the audit line of every order read).
+        Only where `sole_writer` names this handler: no other would see the line."""
+        # tuple.__new__ and the lock's own context: a NamedTuple's constructor and acquire()
+        # are Python calls, and this runs for every order read.
+        line = tuple.__new__(
+            Deferred, (time.time(), level, logger, message, tuple(context.items()))
+        )
+        with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
+            self._enqueue(line)
+
+    def _enqueue(self, item: logging.LogRecord | Deferred) -> None:
+        """Queue a line for the writer, with the handler's lock held: one thread at a time gets
+        here, so the queue never exceeds its capacity."""
         if self._stopped:  # a line after the exit hook (another hook's, a late thread's)
-            self._write_out([record])
+            self._write_out([item])
             return
-        # Handler.handle holds the handler's lock around emit, so one thread at a time gets
-        # here and the queue never exceeds its capacity.
         if self._queue.qsize() >= self._capacity:
             with self._room:
                 self._room.wait_for(lambda: self._queue.qsize() < self._capacity)
-        self._queue.put(record)
+        self._queue.put(item)
 
     def flush(self) -> None:
         flushed = _Flushed()
@@ -175,26 +273,48 @@ class BackgroundHandler(logging.Handler):
             batch += [self._queue.get_nowait() for _ in range(self._queue.qsize())]
             with self._room:
                 self._room.notify_all()
-            self._write_out([item for item in batch if isinstance(item, logging.LogRecord)])
+            self._write_out(
+                [item for item in batch if isinstance(item, logging.LogRecord | Deferred)]
+            )
             for item in batch:
                 if isinstance(item, _Flushed):
                     item.set()
             if _STOP in batch:
                 return
 
-    def _write_out(self, records: list[logging.LogRecord]) -> None:
+    def _write_out(self, items: list[logging.LogRecord | Deferred]) -> None:
         lines = []
-        for record in records:
+        for item in items:
             try:
-                lines.append(self.format(record) + "\n")
+                lines.append(self._format_line(item) + "\n")
             except Exception:
-                self.handleError(record)
+                self.handleError(_record_of(item))
         if lines:
             try:
                 self._stream.write("".join(lines))
                 self._stream.flush()
             except Exception:
-                self.handleError(records[0])
+                self.handleError(_record_of(items[0]))
+
+    def _format_line(self, item: logging.LogRecord | Deferred) -> str:
+        if isinstance(item, Deferred):
+            # sole_writer saw a LineFormatter; one set since then writes the record's line.
+            if isinstance(self.formatter, LineFormatter):
+                return self.formatter.line(item)
+            return self.format(_record_of(item))
+        return self.format(item)
+
+
+def _record_of(item: logging.LogRecord | Deferred) -> logging.LogRecord:
+    """The record a deferred line stands for, for a formatter of another kind or an error
+    report."""
+    if isinstance(item, logging.LogRecord):
+        return item
+    made = logging.LogRecord(item.logger, item.levelno, __file__, 0, item.message, None, None)
+    made.created = item.created
+    made.msecs = _milliseconds(item.created)
+    made.__dict__.update(item.context)
+    return made
 
 
 def configure(level: str, log_format: Literal["console", "json"]) -> None:

@@ -4,6 +4,7 @@ fields, whatever id a client sent."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 
@@ -12,7 +13,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer import bootstrap
-from order_viewer.access import AccessGuard, AccessPolicy, audit_order_read
+from order_viewer.access import AccessGuard, AccessPolicy, audit, audit_order_read
 from order_viewer.auth import (
     JWKS_RETRY_SECONDS,
     ORDERS_READ,
@@ -25,6 +26,7 @@ from order_viewer.auth import (
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import Settings
 from order_viewer.generate import SAMPLE_ORDER
+from order_viewer.logs import BackgroundHandler, JsonFormatter, sole_writer
 from order_viewer.masking import MaskedViews
 from order_viewer.metrics import Metrics
 
@@ -81,18 +83,18 @@ def test_a_level_above_info_keeps_only_the_refusals(caplog: pytest.LogCaptureFix
     assert [record.getMessage().split()[4] for record in audit_records(caplog)] == ["status=403"]
 
 
-@pytest.mark.parametrize(
-    "uid",
-    [
-        'quote"and\\backslash',
-        "line\nbreak\r\nforged status=200 view=whole",
-        "\x00\x1b[31mred\x7f",
-        "naïve-☃-𝄞",
-        "\ud800",
-        "x" * 5000,
-        "",
-    ],
-)
+HOSTILE_IDS = [
+    'quote"and\\backslash',
+    "line\nbreak\r\nforged status=200 view=whole",
+    "\x00\x1b[31mred\x7f",
+    "naïve-☃-𝄞",
+    "\ud800",
+    "x" * 5000,
+    "",
+]
+
+
+@pytest.mark.parametrize("uid", HOSTILE_IDS)
 def test_an_id_of_any_kind_is_escaped_and_cut_on_one_line(
     caplog: pytest.LogCaptureFixture, uid: str
 ) -> None:
@@ -105,6 +107,31 @@ def test_an_id_of_any_kind_is_escaped_and_cut_on_one_line(
     written = message.split(" order_uid=")[1].rsplit(" status=404 ", 1)[0]
     assert json.loads(f'"{written}"') == uid[:80]
     assert record.order_uid == uid[:80]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("status", [200, 403])
+@pytest.mark.parametrize("uid", HOSTILE_IDS)
+def test_with_the_service_log_set_up_the_line_is_the_one_of_the_record(
+    caplog: pytest.LogCaptureFixture, uid: str, status: int
+) -> None:
+    """The service's own set-up writes the line without making a record: the same line."""
+    caplog.set_level(logging.INFO, logger="order_viewer.audit")
+    audit_order_read(SUPPORT, f"/order/{uid}", status, "masked", "10.0.0.7")
+    (record,) = audit_records(caplog)
+    output = io.StringIO()
+    writer = BackgroundHandler(output)
+    writer.setFormatter(JsonFormatter())
+    audit.handlers, audit.propagate = [writer], False
+    try:
+        assert sole_writer(audit, record.levelno) is writer
+        audit_order_read(SUPPORT, f"/order/{uid}", status, "masked", "10.0.0.7")
+    finally:
+        audit.handlers, audit.propagate = [], True
+        writer.stop()
+    (line,) = output.getvalue().splitlines()
+    written, expected = json.loads(line), json.loads(JsonFormatter().format(record))
+    assert written.pop("time") >= expected.pop("time")  # written after the record was made
+    assert written == expected
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from order_viewer import logs
-from order_viewer.logs import BackgroundHandler, ConsoleFormatter, JsonFormatter
+from order_viewer.logs import (
+    BackgroundHandler,
+    ConsoleFormatter,
+    Deferred,
+    JsonFormatter,
+    sole_writer,
+)
+
+audit = logging.getLogger("order_viewer.audit")
 
 CONSOLE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -124,6 +134,21 @@ def test_exceptions_are_written_in_both_formats() -> None:
     assert line == json_reference(made)
     assert 'ValueError: broken \\"value\\"\\nsecond line' in line
     assert ConsoleFormatter().format(made) == logging.Formatter(CONSOLE_FORMAT).format(made)
+
+
+@pytest.mark.parametrize("created", TIMESTAMPS)
+@pytest.mark.parametrize("text", HOSTILE)
+def test_a_deferred_line_is_the_line_of_its_record(text: str, created: float) -> None:
+    """The line written without a record is, byte for byte, the one its record would give."""
+    deferred = Deferred(
+        created, logging.WARNING, "order_viewer.audit", text, (("order_uid", text),)
+    )
+    made = logging.LogRecord("order_viewer.audit", logging.WARNING, __file__, 1, text, (), None)
+    made.created = created
+    made.msecs = int((created - int(created)) * 1000) + 0.0
+    made.order_uid = text
+    assert JsonFormatter().line(deferred) == JsonFormatter().format(made) == json_reference(made)
+    assert ConsoleFormatter().line(deferred) == logging.Formatter(CONSOLE_FORMAT).format(made)
 
 
 class SlowStream(io.StringIO):
@@ -349,3 +374,103 @@ def test_lines_queued_when_the_process_is_stopped_are_written() -> None:
     assert finished.returncode == 0, finished.stderr[-2000:]
     lines = [json.loads(line) for line in finished.stderr.splitlines()]
     assert [line["order_uid"] for line in lines] == [str(number) for number in range(20_000)]
+
+
+@dataclass
+class ServiceLogging:
+    """A logger tree as `configure` leaves the root's (one writer of JSON lines), on a logger
+    that does not propagate, made inside the test: pytest adds handlers of its own to the root
+    and to the loggers that do not propagate when the test starts."""
+
+    handler: BackgroundHandler
+    output: io.StringIO
+    top: logging.Logger
+    audit: logging.Logger
+
+
+@contextmanager
+def service_logging() -> Iterator[ServiceLogging]:
+    top = logging.getLogger("order_viewer.test.service")
+    output = io.StringIO()
+    handler = BackgroundHandler(output)
+    handler.setFormatter(JsonFormatter())
+    top.handlers = [handler]
+    top.propagate = False
+    top.setLevel(logging.INFO)
+    try:
+        yield ServiceLogging(handler, output, top, logging.getLogger(f"{top.name}.audit"))
+    finally:
+        handler.stop()
+        top.handlers = []
+        top.propagate = True
+
+
+def test_the_service_set_up_has_a_sole_writer() -> None:
+    with service_logging() as made:
+        assert sole_writer(made.audit, logging.INFO) is made.handler
+        assert sole_writer(made.top, logging.WARNING) is made.handler
+
+
+def test_anything_else_that_would_see_the_record_means_no_sole_writer() -> None:
+    other = logging.NullHandler()
+    quiet = logging.Filter("nothing")
+    with service_logging() as made:
+        handler, audit, top = made.handler, made.audit, made.top
+        changes: list[tuple[Any, Any]] = [
+            (lambda: audit.addHandler(other), lambda: audit.removeHandler(other)),
+            (lambda: top.addHandler(other), lambda: top.removeHandler(other)),
+            (lambda: audit.addFilter(quiet), lambda: audit.removeFilter(quiet)),
+            (lambda: handler.addFilter(quiet), lambda: handler.removeFilter(quiet)),
+            (
+                lambda: handler.setFormatter(logging.Formatter()),
+                lambda: handler.setFormatter(JsonFormatter()),
+            ),
+            (lambda: handler.setLevel(logging.ERROR), lambda: handler.setLevel(logging.NOTSET)),
+            (lambda: setattr(audit, "propagate", False), lambda: setattr(audit, "propagate", True)),
+            (lambda: setattr(audit, "disabled", True), lambda: setattr(audit, "disabled", False)),
+            # Past a logger that propagates, the root's handlers see the record too.
+            (lambda: setattr(top, "propagate", True), lambda: setattr(top, "propagate", False)),
+        ]
+        for change, undo in changes:
+            change()
+            try:
+                assert sole_writer(audit, logging.INFO) is None
+            finally:
+                undo()
+            assert sole_writer(audit, logging.INFO) is handler
+
+
+def test_deferred_lines_keep_their_order_among_records() -> None:
+    with service_logging() as made:
+        for number in range(500):
+            made.audit.info("record %d", number)
+            made.handler.defer(
+                logging.WARNING, made.audit.name, f"deferred {number}", {"order_uid": number}
+            )
+        made.handler.flush()
+        lines = [json.loads(line) for line in made.output.getvalue().splitlines()]
+    assert [(line["level"], line["event"]) for line in lines[:2]] == [
+        ("info", "record 0"),
+        ("warning", "deferred 0"),
+    ]
+    assert [line["event"] for line in lines[1::2]] == [f"deferred {n}" for n in range(500)]
+    assert [line["order_uid"] for line in lines[1::2]] == list(range(500))
+    assert [line["logger"] for line in lines] == [made.audit.name] * 1000
+
+
+def test_a_deferred_line_after_the_stop_is_written_at_once() -> None:
+    output = io.StringIO()
+    handler = BackgroundHandler(output)
+    handler.setFormatter(ConsoleFormatter())
+    handler.stop()
+    handler.defer(logging.INFO, audit.name, "late", {})
+    assert output.getvalue().endswith(" INFO    order_viewer.audit: late\n")
+
+
+def test_a_formatter_changed_after_the_check_still_writes_the_deferred_line() -> None:
+    output = io.StringIO()
+    handler = BackgroundHandler(output)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(order_uid)s %(message)s"))
+    handler.defer(logging.INFO, audit.name, "read", {"order_uid": "b563"})
+    handler.stop()
+    assert output.getvalue() == "INFO order_viewer.audit b563 read\n"
