@@ -17,13 +17,14 @@ import time
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
 
 from order_viewer.config import Settings
+from order_viewer.logs import printable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ class Principal:
 
     name: str
     scopes: frozenset[str]
+    # As the audit line writes it, escaped once rather than on every read.
+    logged_name: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "logged_name", printable(self.name))
 
     def may(self, scope: str) -> bool:
         # Reading orders whole includes reading them masked.

@@ -27,6 +27,7 @@ GATHER_SECONDS = 0.01
 
 # A JSON string literal, non-ASCII kept: what json.dumps(..., ensure_ascii=False) writes for one.
 _json_string = json.encoder.encode_basestring
+_json_ascii = json.encoder.encode_basestring_ascii
 _json_value = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
@@ -45,6 +46,9 @@ class JsonFormatter(LineFormatter):
     def __init__(self) -> None:
         super().__init__()
         self._second: tuple[int, str] = (-1, "")
+        self._millisecond: tuple[int, str] = (-1, "")
+        # The level and logger fields, written once per pair (loggers are named in the code).
+        self._heads: dict[tuple[str, str], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         context = [
@@ -73,12 +77,11 @@ class JsonFormatter(LineFormatter):
         message: str,
         context: Iterable[tuple[str, object]],
     ) -> str:
-        parts = [
-            f'{{"time": "{self._time(created)}", '
-            f'"level": {_json_string(level_name.lower())}, '
-            f'"logger": {_json_string(logger)}, '
-            f'"event": {_json_string(message)}'
-        ]
+        head = self._heads.get((level_name, logger))
+        if head is None:
+            head = f'"level": {_json_string(level_name.lower())}, "logger": {_json_string(logger)}'
+            self._heads[(level_name, logger)] = head
+        parts = [f'{{"time": "{self._time(created)}", {head}, "event": {_json_string(message)}']
         for name, value in context:
             encoded = _json_string(value) if isinstance(value, str) else _json_value(value)
             parts.append(f', "{name}": {encoded}')
@@ -87,7 +90,15 @@ class JsonFormatter(LineFormatter):
 
     def _time(self, created: float) -> str:
         """ISO 8601 in UTC to the millisecond, as datetime writes it; the part up to the second
-        is made once a second."""
+        is made once a second, and the whole text once a millisecond."""
+        in_milliseconds = created * 1000
+        millisecond = int(in_milliseconds)
+        # Away from a millisecond's edges, rounding to the microsecond cannot carry a time into
+        # the next one (the product's error is a tenth of a microsecond): those of one
+        # millisecond share its text. At the edges, the text is made as below.
+        inside = 0.002 <= in_milliseconds - millisecond <= 0.998
+        if inside and self._millisecond[0] == millisecond:
+            return self._millisecond[1]
         # datetime's own rounding: the fraction to the nearest microsecond, half to even.
         fraction, whole = math.modf(created)
         micros = round(fraction * 1_000_000)
@@ -95,7 +106,10 @@ class JsonFormatter(LineFormatter):
         if self._second[0] != second:
             text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
             self._second = (second, text)  # one assignment: a reader sees a pair that matches
-        return f"{self._second[1]}.{micros % 1_000_000 // 1000:03d}+00:00"
+        text = f"{self._second[1]}.{micros % 1_000_000 // 1000:03d}+00:00"
+        if inside:
+            self._millisecond = (millisecond, text)
+        return text
 
 
 class ConsoleFormatter(LineFormatter):
@@ -122,6 +136,13 @@ class ConsoleFormatter(LineFormatter):
             text = time.strftime(self.default_time_format, self.converter(second))
             self._second = (second, text)
         return f"{self._second[1]},{int(milliseconds):03d}"
+
+
+def printable(text: str) -> str:
+    """Text a client sent, which may be anything, escaped for a log line: what json.dumps
+    writes for a string, without its quotes or its per-call checks, spaces too, so that no
+    value can pass for the fields after it."""
+    return _json_ascii(text)[1:-1].replace(" ", "\\u0020")
 
 
 def _milliseconds(created: float) -> float:
@@ -208,16 +229,16 @@ class BackgroundHandler(logging.Handler):
         # Handler.handle holds the handler's lock around emit.
         self._enqueue(record)
 
-    def defer(self, level: int, logger: str, message: str, context: dict[str, object]) -> None:
+    def defer(
+        self, level: int, logger: str, message: str, context: tuple[tuple[str, object], ...]
+    ) -> None:
         """Write the line of a record of `logger` at `level` with this message and these
         context fields, without making the record: for a line so frequent that making and
         dispatching the record would be most of its cost (the audit line of every order read).
         Only where `sole_writer` names this handler: no other would see the line."""
         # tuple.__new__ and the lock's own context: a NamedTuple's constructor and acquire()
         # are Python calls, and this runs for every order read.
-        line = tuple.__new__(
-            Deferred, (time.time(), level, logger, message, tuple(context.items()))
-        )
+        line = tuple.__new__(Deferred, (time.time(), level, logger, message, context))
         with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
             self._enqueue(line)
 

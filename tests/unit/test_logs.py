@@ -117,6 +117,19 @@ def test_times_of_one_second_differ_in_their_milliseconds_only() -> None:
         assert console.format(made) == reference.format(made)
 
 
+def test_times_of_one_millisecond_share_its_text_and_its_edges_do_not() -> None:
+    """The text kept for a millisecond is never served for a time that rounds into the next
+    one, whatever came before it."""
+    formatter = JsonFormatter()
+    edges = [0.0, 0.0000004, 0.0000005, 0.0000006, 0.0005, 0.0009994, 0.0009995, 0.0009996]
+    for second in (1_764_498_000, 1_764_498_001, 2_147_483_646):
+        for millisecond in (0, 1, 998, 999):
+            for order in (edges, edges[::-1]):
+                for offset in order:
+                    made = record(created=second + millisecond / 1000 + offset)
+                    assert formatter.format(made) == json_reference(made)
+
+
 @pytest.mark.parametrize("text", HOSTILE)
 def test_console_lines_are_what_the_standard_formatter_writes(text: str) -> None:
     made = record(args=(text,), level=logging.WARNING)
@@ -445,7 +458,7 @@ def test_deferred_lines_keep_their_order_among_records() -> None:
         for number in range(500):
             made.audit.info("record %d", number)
             made.handler.defer(
-                logging.WARNING, made.audit.name, f"deferred {number}", {"order_uid": number}
+                logging.WARNING, made.audit.name, f"deferred {number}", (("order_uid", number),)
             )
         made.handler.flush()
         lines = [json.loads(line) for line in made.output.getvalue().splitlines()]
@@ -463,7 +476,7 @@ def test_a_deferred_line_after_the_stop_is_written_at_once() -> None:
     handler = BackgroundHandler(output)
     handler.setFormatter(ConsoleFormatter())
     handler.stop()
-    handler.defer(logging.INFO, audit.name, "late", {})
+    handler.defer(logging.INFO, audit.name, "late", ())
     assert output.getvalue().endswith(" INFO    order_viewer.audit: late\n")
 
 
@@ -471,6 +484,6 @@ def test_a_formatter_changed_after_the_check_still_writes_the_deferred_line() ->
     output = io.StringIO()
     handler = BackgroundHandler(output)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(order_uid)s %(message)s"))
-    handler.defer(logging.INFO, audit.name, "read", {"order_uid": "b563"})
+    handler.defer(logging.INFO, audit.name, "read", (("order_uid", "b563"),))
     handler.stop()
     assert output.getvalue() == "INFO order_viewer.audit b563 read\n"
