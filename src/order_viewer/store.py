@@ -538,8 +538,8 @@ class PostgresOrderReader:
 # Documents are read as the UTF-8 bytes the API sends (convert_to), in binary format: psycopg
 # hands bytea over as it comes, where a text column is decoded to str for the cache to encode
 # back. COPY streams them: the server goes on sending while the rows already here are stored,
-# where a cursor's FETCH waits for each chunk in turn (100,000 orders: 0.47-0.52 s against
-# 0.71-0.81 s, docs/PERFORMANCE.md).
+# where a cursor's FETCH waits for each chunk in turn (warm-up of 100,000 orders: 1.07 s to
+# 0.83 s, docs/PERFORMANCE.md).
 _NEWEST_DOCUMENTS = """
 COPY (
     SELECT order_uid, convert_to(document, 'UTF8'), content_sha256 FROM orders
