@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import PostgresDsn
 from rich.progress import Progress
@@ -300,27 +301,42 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
     run = ServiceRun(own, logs / "backlog.log")
     run.wait_ready()
     checkpoints_before = checkpoints(bench)
-    # (seconds since ready, orders stored), two a second
+    vacuums_before = autovacuums(bench)
+    # (seconds since ready, orders stored), two a second; and whether a vacuum ran then
     progress_points: list[tuple[float, int]] = [(0.0, 0)]
+    vacuuming: list[bool] = [False]
     started = time.perf_counter()
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True) as progress, bench.connect() as watcher:
         task = progress.add_task("stored", total=count)
         while progress_points[-1][1] < count:
             time.sleep(0.5)
             progress_points.append((time.perf_counter() - started, stored_so_far(run)))
+            vacuuming.append(vacuum_running(watcher))
             progress.update(task, completed=progress_points[-1][1])
     run.stop()
+    vacuums = {table: after - vacuums_before[table] for table, after in autovacuums(bench).items()}
     timed, requested = (
         after - before for after, before in zip(checkpoints(bench), checkpoints_before, strict=True)
     )
     (logs / "backlog.csv").write_text(
-        "seconds,stored\n" + "".join(f"{at:.1f},{stored}\n" for at, stored in progress_points)
+        "seconds,stored,vacuum_running\n"
+        + "".join(
+            f"{at:.1f},{stored},{int(running)}\n"
+            for (at, stored), running in zip(progress_points, vacuuming, strict=True)
+        )
     )
     fifths = []
+    vacuum_shares = []
     previous = 0.0
     for fifth in range(1, 6):
         reached = when_reached(progress_points, count * fifth / 5)
         fifths.append(count / 5 / (reached - previous))
+        within = [
+            running
+            for (at, _), running in zip(progress_points, vacuuming, strict=True)
+            if previous < at <= reached
+        ]
+        vacuum_shares.append(sum(within) / max(1, len(within)))
         previous = reached
     with bench.connect() as connection:
         row = connection.execute(
@@ -335,7 +351,27 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
         "checkpoints_timed": timed,
         "checkpoints_requested": requested,
         "index_mib": int(row[0]) / 2**20,
+        "vacuum_shares": vacuum_shares,
+        "autovacuums": vacuums,
     }
+
+
+def vacuum_running(connection: psycopg.Connection[Any]) -> bool:
+    """Whether a vacuum (autovacuum's, in a drain) is working in the bench database now."""
+    row = connection.execute(
+        "SELECT count(*) FROM pg_stat_progress_vacuum WHERE datname = current_database()"
+    ).fetchone()
+    return row is not None and int(row[0]) > 0
+
+
+def autovacuums(bench: Bench) -> dict[str, int]:
+    """Autovacuum and autoanalyze runs so far, per table of orders."""
+    with bench.connect() as connection:
+        rows = connection.execute(
+            "SELECT relname, autovacuum_count + autoanalyze_count FROM pg_stat_user_tables "
+            "WHERE relname IN ('orders', 'delivery', 'payment', 'items')"
+        ).fetchall()
+    return {str(table): int(runs) for table, runs in rows}
 
 
 def checkpoints(bench: Bench) -> tuple[int, int]:
@@ -659,15 +695,18 @@ def print_backlog(backlog: dict[str, Any]) -> None:
         f"\n## Backlog of {backlog['count']:,} orders drained into empty tables "
         f"({backlog['seconds']:.0f} s)\n"
     )
-    print("| fifth | orders/s | vs. first fifth |")
-    print("|---:|---:|---:|")
+    print("| fifth | orders/s | vs. first fifth | time with a vacuum running |")
+    print("|---:|---:|---:|---:|")
     first = backlog["fifths"][0]
-    for number, rate in enumerate(backlog["fifths"], start=1):
-        print(f"| {number} | {rate:,.0f} | {rate / first:.2f} |")
+    for number, (rate, share) in enumerate(
+        zip(backlog["fifths"], backlog["vacuum_shares"], strict=True), start=1
+    ):
+        print(f"| {number} | {rate:,.0f} | {rate / first:.2f} | {share:.0%} |")
     print(
         f"\ncheckpoints while it drained: {backlog['checkpoints_requested']} requested (WAL "
         f"volume), {backlog['checkpoints_timed']} by time; the tables' indexes at the end: "
-        f"{backlog['index_mib']:,.0f} MiB"
+        f"{backlog['index_mib']:,.0f} MiB; autovacuum and autoanalyze runs: "
+        + ", ".join(f"{table} {runs}" for table, runs in sorted(backlog["autovacuums"].items()))
     )
 
 
