@@ -639,7 +639,8 @@ def print_profile(profile: dict[str, Any]) -> None:
 def print_freshness(runs: list[dict[str, Any]], seconds: int) -> None:
     print(
         f"\n## Freshness: broker acknowledgement to first 200, {seconds} s per rate, "
-        f"polled every {freshness.POLL_INTERVAL_SECONDS * 1000:.0f} ms\n"
+        f"polled every {freshness.POLL_INTERVAL_SECONDS * 1000:.0f} ms, or "
+        f"{freshness.POLL_SHARE:.0%} of the wait so far when longer\n"
     )
     print(
         "| orders/s asked | achieved | followed | p50 ms | p99 ms | max ms | never served "
