@@ -237,7 +237,7 @@ def audit_order_read(
     )
     writer = sole_writer(audit, level)
     if writer is not None:
-        # The service's own log set-up: the line without a record, a third of the cost.
+        # The service's own log set-up: the line without a record (docs/DESIGN.md, Audit).
         writer.defer(level, audit.name, AUDIT_LINE % args, (("order_uid", order_uid),))
         return
     # Made and handed to the logger's handlers directly, as Logger.log would but without its
