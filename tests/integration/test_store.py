@@ -92,28 +92,37 @@ def test_a_warm_up_read_closed_early_stops_reading_and_lets_its_connection_go(
     """The cache fills before the read ends: the read must stop and close its connection, not
     keep the server sending or the snapshot open. Enough orders that the server is still
     sending when the read is closed (megabytes, past what the socket buffers hold)."""
+    orders = [prepared(offset)[1] for offset in range(3000)]
     writer = PostgresOrderWriter(stack.database_url, "tests")
     try:
-        writer.write([prepared(offset)[1] for offset in range(3000)])
+        writer.write(orders)
     finally:
         writer.close()
-    chunks = newest_documents(stack.database_url, 3000, chunk=5)
-    first = next(chunks)
-    assert len(first) == 5
-    chunks.close()
+    try:
+        chunks = newest_documents(stack.database_url, 3000, chunk=5)
+        first = next(chunks)
+        assert len(first) == 5
+        chunks.close()
 
-    def connection_gone() -> bool:
+        def connection_gone() -> bool:
+            with psycopg.connect(stack.database_url) as connection:
+                left = connection.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = 'order-viewer-warm-up'"
+                ).fetchone()
+            return left == (0,)
+
+        wait_until(connection_gone, 10, "the warm-up connection to close")
+        # And read to its end, every order once.
+        uids = [d.order_uid for chunk in newest_documents(stack.database_url, 3000) for d in chunk]
+        assert len(uids) == len(set(uids)) == 3000
+    finally:
+        # The other tests here read the newest orders of this database: these would be them.
         with psycopg.connect(stack.database_url) as connection:
-            left = connection.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND application_name = 'order-viewer-warm-up'"
-            ).fetchone()
-        return left == (0,)
-
-    wait_until(connection_gone, 10, "the warm-up connection to close")
-    # And read to its end, every order once, newest first.
-    uids = [doc.order_uid for chunk in newest_documents(stack.database_url, 100) for doc in chunk]
-    assert len(uids) == len(set(uids)) == 100
+            connection.execute(
+                "DELETE FROM orders WHERE order_uid = ANY(%s)",
+                ([prepared_order.order.order_uid for prepared_order in orders],),
+            )
 
 
 def test_the_reader_finds_documents_and_recent_summaries(stack: Stack) -> None:
