@@ -96,6 +96,18 @@ _GUARDED: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _as_json(answers: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """Error answers documented as the JSON they are, on a route whose own body is not JSON:
+    FastAPI puts a response model under the route's media type."""
+    return {
+        status: {
+            "description": answer["description"],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }
+        for status, answer in answers.items()
+    }
+
+
 def create_app(
     lookup: OrderLookup,
     readiness: Readiness,
@@ -212,7 +224,7 @@ def create_app(
             "/metrics",
             summary="Prometheus metrics",
             response_class=PlainTextResponse,
-            responses=guarded,
+            responses=_as_json(guarded),
         )
         async def prometheus_metrics() -> Response:
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

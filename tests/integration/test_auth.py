@@ -194,6 +194,17 @@ def test_order_data_and_metrics_need_a_token_and_the_rest_stays_open(guarded: Gu
         assert guarded.get(path).status_code == 200, path
 
 
+def test_the_refusals_of_metrics_are_described_as_the_json_they_are(guarded: Guarded) -> None:
+    refused = guarded.get("/metrics")
+    assert refused.headers["content-type"] == "application/json"
+    described = guarded.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]
+    for status in ("401", "403", "429"):
+        assert list(described[status]["content"]) == ["application/json"], status
+        assert described[status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorBody"
+        }
+
+
 def test_orders_read_sees_personal_fields_masked_and_pii_sees_them_whole(
     guarded: Guarded,
 ) -> None:
