@@ -570,16 +570,13 @@ def newest_documents(
         with connection.cursor() as cursor, cursor.copy(_NEWEST_DOCUMENTS, (limit,)) as copy:
             copy.set_types(["text", "bytea", "bytea"])
             documents: list[StoredDocument] = []
-            try:
-                for row in copy.rows():
-                    documents.append(_stored_document(row))
-                    if len(documents) == chunk:
-                        yield documents
-                        documents = []
-            except GeneratorExit:
-                # Without it, leaving the COPY reads on until the server's buffers are empty.
-                connection.cancel_safe()
-                raise
+            # Closed early, the generator raises GeneratorExit here, and psycopg's COPY cancels
+            # the statement on its way out (a failed cancel is logged, not raised).
+            for row in copy.rows():
+                documents.append(_stored_document(row))
+                if len(documents) == chunk:
+                    yield documents
+                    documents = []
             if documents:
                 yield documents
 

@@ -125,6 +125,37 @@ def test_a_warm_up_read_closed_early_stops_reading_and_lets_its_connection_go(
             )
 
 
+def test_a_warm_up_read_closed_early_ends_quietly_when_its_cancel_fails(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel is only a saving: if the server cannot take it (gone meanwhile), closing the
+    read still ends it without an error and lets the connection go."""
+    orders = [prepared(offset)[1] for offset in range(20)]
+    writer = PostgresOrderWriter(stack.database_url, "tests")
+    try:
+        writer.write(orders)
+    finally:
+        writer.close()
+    timeouts: list[float | None] = []
+
+    def refused(_: psycopg.Connection[Any], timeout: float | None = None) -> None:
+        timeouts.append(timeout)
+        raise psycopg.OperationalError("connection to server failed: Connection refused")
+
+    monkeypatch.setattr(psycopg.Connection, "cancel_safe", refused)
+    try:
+        chunks = newest_documents(stack.database_url, 20, chunk=5)
+        assert len(next(chunks)) == 5
+        chunks.close()
+        assert len(timeouts) == 1  # a cancel was tried, and its failure ended nothing badly
+    finally:
+        with psycopg.connect(stack.database_url) as connection:
+            connection.execute(
+                "DELETE FROM orders WHERE order_uid = ANY(%s)",
+                ([prepared_order.order.order_uid for prepared_order in orders],),
+            )
+
+
 def test_the_reader_finds_documents_and_recent_summaries(stack: Stack) -> None:
     order, stored = prepared()
     writer = PostgresOrderWriter(stack.database_url, "tests")
