@@ -7,6 +7,8 @@ import asyncio
 import json
 import random
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -86,19 +88,32 @@ def test_an_unreachable_database_is_unavailable_not_refusing() -> None:
         list(newest_documents(unreachable_url(), 10))
 
 
-def test_a_warm_up_read_closed_early_stops_reading_and_lets_its_connection_go(
-    stack: Stack,
-) -> None:
-    """The cache fills before the read ends: the read must stop and close its connection, not
-    keep the server sending or the snapshot open. Enough orders that the server is still
-    sending when the read is closed (megabytes, past what the socket buffers hold)."""
-    orders = [prepared(offset)[1] for offset in range(3000)]
+@contextmanager
+def stored_for_the_block(stack: Stack, orders: list[PreparedOrder]) -> Iterator[None]:
+    """The orders stored for the time of the block, then deleted: the other tests here read the
+    newest orders of this database, and these would be them."""
     writer = PostgresOrderWriter(stack.database_url, "tests")
     try:
         writer.write(orders)
     finally:
         writer.close()
     try:
+        yield
+    finally:
+        with psycopg.connect(stack.database_url) as connection:
+            connection.execute(
+                "DELETE FROM orders WHERE order_uid = ANY(%s)",
+                ([prepared_order.order.order_uid for prepared_order in orders],),
+            )
+
+
+def test_a_warm_up_read_closed_early_stops_reading_and_lets_its_connection_go(
+    stack: Stack,
+) -> None:
+    """The cache fills before the read ends: the read must stop and close its connection, not
+    keep the server sending or the snapshot open. Enough orders that the server is still
+    sending when the read is closed (megabytes, past what the socket buffers hold)."""
+    with stored_for_the_block(stack, [prepared(offset)[1] for offset in range(3000)]):
         chunks = newest_documents(stack.database_url, 3000, chunk=5)
         first = next(chunks)
         assert len(first) == 5
@@ -116,26 +131,13 @@ def test_a_warm_up_read_closed_early_stops_reading_and_lets_its_connection_go(
         # And read to its end, every order once.
         uids = [d.order_uid for chunk in newest_documents(stack.database_url, 3000) for d in chunk]
         assert len(uids) == len(set(uids)) == 3000
-    finally:
-        # The other tests here read the newest orders of this database: these would be them.
-        with psycopg.connect(stack.database_url) as connection:
-            connection.execute(
-                "DELETE FROM orders WHERE order_uid = ANY(%s)",
-                ([prepared_order.order.order_uid for prepared_order in orders],),
-            )
 
 
 def test_a_warm_up_read_closed_early_ends_quietly_when_its_cancel_fails(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The cancel is only a saving: if the server cannot take it (gone meanwhile), closing the
-    read still ends it without an error and lets the connection go."""
-    orders = [prepared(offset)[1] for offset in range(20)]
-    writer = PostgresOrderWriter(stack.database_url, "tests")
-    try:
-        writer.write(orders)
-    finally:
-        writer.close()
+    read still ends it without an error."""
     timeouts: list[float | None] = []
 
     def refused(_: psycopg.Connection[Any], timeout: float | None = None) -> None:
@@ -143,17 +145,11 @@ def test_a_warm_up_read_closed_early_ends_quietly_when_its_cancel_fails(
         raise psycopg.OperationalError("connection to server failed: Connection refused")
 
     monkeypatch.setattr(psycopg.Connection, "cancel_safe", refused)
-    try:
+    with stored_for_the_block(stack, [prepared(offset)[1] for offset in range(20)]):
         chunks = newest_documents(stack.database_url, 20, chunk=5)
         assert len(next(chunks)) == 5
         chunks.close()
         assert len(timeouts) == 1  # a cancel was tried, and its failure ended nothing badly
-    finally:
-        with psycopg.connect(stack.database_url) as connection:
-            connection.execute(
-                "DELETE FROM orders WHERE order_uid = ANY(%s)",
-                ([prepared_order.order.order_uid for prepared_order in orders],),
-            )
 
 
 def test_the_reader_finds_documents_and_recent_summaries(stack: Stack) -> None:
