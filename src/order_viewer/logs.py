@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple, TextIO
+from typing import Literal, NamedTuple, TextIO, TypeGuard
 
 # Context a log call may attach with `extra=`; the JSON lines carry them as fields of their own.
 CONTEXT_FIELDS = ("topic", "partition", "offset", "order_uid", "reason", "field")
@@ -48,7 +48,7 @@ class JsonFormatter(LineFormatter):
         self._second: tuple[int, str] = (-1, "")
         self._millisecond: tuple[int, str] = (-1, "")
         # The level and logger fields, written once per pair (loggers are named in the code).
-        self._heads: dict[tuple[str, str], str] = {}
+        self._heads: dict[tuple[int | str, str], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         context = [
@@ -61,32 +61,30 @@ class JsonFormatter(LineFormatter):
         )
 
     def line(self, deferred: Deferred) -> str:
-        return self._line(
-            deferred.created,
-            logging.getLevelName(deferred.levelno),
-            deferred.logger,
-            deferred.message,
-            deferred.context,
-        )
+        created, level, logger, message, context = deferred
+        return self._line(created, level, logger, message, context)
 
     def _line(
         self,
         created: float,
-        level_name: str,
+        level: int | str,
         logger: str,
         message: str,
         context: Iterable[tuple[str, object]],
     ) -> str:
-        head = self._heads.get((level_name, logger))
-        if head is None:
-            head = f'"level": {_json_string(level_name.lower())}, "logger": {_json_string(logger)}'
-            self._heads[(level_name, logger)] = head
-        parts = [f'{{"time": "{self._time(created)}", {head}, "event": {_json_string(message)}']
+        head = self._heads.get((level, logger)) or self._head(level, logger)
+        line = f'{{"time": "{self._time(created)}", {head}, "event": {_json_string(message)}'
         for name, value in context:
-            encoded = _json_string(value) if isinstance(value, str) else _json_value(value)
-            parts.append(f', "{name}": {encoded}')
-        parts.append("}")
-        return "".join(parts)
+            encoded = _json_string(value) if type(value) is str else _json_value(value)
+            line += f', "{name}": {encoded}'
+        return line + "}"
+
+    def _head(self, level: int | str, logger: str) -> str:
+        """The level and logger fields; a record names its level, a deferred line numbers it."""
+        name = logging.getLevelName(level) if isinstance(level, int) else level
+        head = f'"level": {_json_string(name.lower())}, "logger": {_json_string(logger)}'
+        self._heads[(level, logger)] = head
+        return head
 
     def _time(self, created: float) -> str:
         """ISO 8601 in UTC to the millisecond, as datetime writes it; the part up to the second
@@ -188,7 +186,15 @@ class _Flushed(threading.Event):
     """Put in the queue by `flush`: set once every record queued before it is written."""
 
 
-_STOP = object()
+class _Stop:
+    """Put in the queue by `stop`: the writer's last item."""
+
+
+_Item = logging.LogRecord | Deferred | _Flushed | _Stop
+
+
+def _has_line(item: _Item) -> TypeGuard[logging.LogRecord | Deferred]:
+    return isinstance(item, logging.LogRecord | Deferred)
 
 
 class BackgroundHandler(logging.Handler):
@@ -207,9 +213,7 @@ class BackgroundHandler(logging.Handler):
         super().__init__()
         self._stream = stream
         self._capacity = capacity
-        self._queue: queue.SimpleQueue[logging.LogRecord | Deferred | _Flushed | object] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._room = threading.Condition()
         self._stopped = False
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
@@ -279,7 +283,7 @@ class BackgroundHandler(logging.Handler):
             if self._stopped:
                 return
             self._stopped = True
-            self._queue.put(_STOP)
+            self._queue.put(_Stop())
         finally:
             self.release()
         self._writer.join()
@@ -294,36 +298,46 @@ class BackgroundHandler(logging.Handler):
             batch += [self._queue.get_nowait() for _ in range(self._queue.qsize())]
             with self._room:
                 self._room.notify_all()
-            self._write_out(
-                [item for item in batch if isinstance(item, logging.LogRecord | Deferred)]
-            )
-            for item in batch:
-                if isinstance(item, _Flushed):
-                    item.set()
-            if _STOP in batch:
+            if self._write_out(batch):
                 return
 
-    def _write_out(self, items: list[logging.LogRecord | Deferred]) -> None:
-        lines = []
+    def _write_out(self, items: list[_Item]) -> bool:
+        """Write the lines of `items`, then wake those waiting for a flush mark among them; true
+        when the end mark was there. One pass, each item told by its exact type: this runs for
+        every audit line."""
+        lines: list[str] = []
+        # sole_writer saw a LineFormatter; one set since then writes the record's line.
+        formatter = self.formatter
+        deferred_line = (
+            formatter.line if isinstance(formatter, LineFormatter) else self._line_of_record
+        )
+        flushed: list[_Flushed] = []
+        stopped = False
         for item in items:
             try:
-                lines.append(self._format_line(item) + "\n")
+                if type(item) is Deferred:
+                    lines.append(deferred_line(item))
+                elif type(item) is _Flushed:
+                    flushed.append(item)
+                elif type(item) is _Stop:
+                    stopped = True
+                elif isinstance(item, logging.LogRecord):
+                    lines.append(self.format(item))
             except Exception:
-                self.handleError(_record_of(item))
+                self.handleError(_record_of(item))  # type: ignore[arg-type]  # a line's item
         if lines:
+            lines.append("")  # the last line's end
             try:
-                self._stream.write("".join(lines))
+                self._stream.write("\n".join(lines))
                 self._stream.flush()
             except Exception:
-                self.handleError(_record_of(items[0]))
+                self.handleError(_record_of(next(filter(_has_line, items))))
+        for mark in flushed:
+            mark.set()
+        return stopped
 
-    def _format_line(self, item: logging.LogRecord | Deferred) -> str:
-        if isinstance(item, Deferred):
-            # sole_writer saw a LineFormatter; one set since then writes the record's line.
-            if isinstance(self.formatter, LineFormatter):
-                return self.formatter.line(item)
-            return self.format(_record_of(item))
-        return self.format(item)
+    def _line_of_record(self, deferred: Deferred) -> str:
+        return self.format(_record_of(deferred))
 
 
 def _record_of(item: logging.LogRecord | Deferred) -> logging.LogRecord:
