@@ -307,12 +307,18 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
     vacuuming: list[bool] = [False]
     started = time.perf_counter()
     with Progress(console=console, transient=True) as progress, bench.connect() as watcher:
+        # The counters when the drain begins and as each fifth is passed (to half a second)
+        points = [profiles.drain_point(watcher, run.process.pid, 0)]
         task = progress.add_task("stored", total=count)
         while progress_points[-1][1] < count:
             time.sleep(0.5)
             progress_points.append((time.perf_counter() - started, stored_so_far(run)))
             vacuuming.append(vacuum_running(watcher))
             progress.update(task, completed=progress_points[-1][1])
+            if progress_points[-1][1] >= count * len(points) / 5:
+                points.append(
+                    profiles.drain_point(watcher, run.process.pid, progress_points[-1][1])
+                )
     run.stop()
     vacuums = {table: after - vacuums_before[table] for table, after in autovacuums(bench).items()}
     timed, requested = (
@@ -353,6 +359,7 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
         "index_mib": int(row[0]) / 2**20,
         "vacuum_shares": vacuum_shares,
         "autovacuums": vacuums,
+        "costs": [profiles.drain_costs(*pair) for pair in itertools.pairwise(points)],
     }
 
 
@@ -709,6 +716,29 @@ def print_backlog(backlog: dict[str, Any]) -> None:
         f"{backlog['index_mib']:,.0f} MiB; autovacuum and autoanalyze runs: "
         + ", ".join(f"{table} {runs}" for table, runs in sorted(backlog["autovacuums"].items()))
     )
+    costs = backlog["costs"]
+    # The statements that took the most of the whole drain, followed fifth by fifth
+    top = sorted(
+        costs[0]["by_statement"],
+        key=lambda queryid: -sum(cost["by_statement"].get(queryid, (0.0, ""))[0] for cost in costs),
+    )[:3]
+    print("\nWhat an order cost, fifth by fifth (counters taken as each fifth was passed):\n")
+    print(
+        "| fifth | service CPU µs | PostgreSQL statements µs | "
+        + " | ".join(f"statement {n} µs" for n in range(1, len(top) + 1))
+        + " | blocks read | WAL bytes | WAL full pages |"
+    )
+    print("|---:|---:|---:|" + "---:|" * len(top) + "---:|---:|---:|")
+    for number, cost in enumerate(costs, start=1):
+        by_statement = cost["by_statement"]
+        print(
+            f"| {number} | {cost['service_cpu_us']:.0f} | {cost['statements_us']:.0f} | "
+            + " | ".join(f"{by_statement.get(queryid, (0.0, ''))[0]:.1f}" for queryid in top)
+            + f" | {cost['blocks_read']:.2f} | {cost['wal_bytes']:,.0f} | "
+            f"{cost['wal_full_pages']:.2f} |"
+        )
+    for number, queryid in enumerate(top, start=1):
+        print(f"\nstatement {number}: {costs[0]['by_statement'][queryid][1][:100]}")
 
 
 def print_large(large: dict[str, Any]) -> None:

@@ -14,8 +14,10 @@ import asyncio
 import cProfile
 import gc
 import io
+import os
 import pstats
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +220,54 @@ def validation_by_collector_thresholds(
     finally:
         gc.set_threshold(*saved)
     return {thresholds: min(runs) for thresholds, runs in timings.items()}
+
+
+@dataclass(frozen=True)
+class DrainPoint:
+    """Counters at one moment of a drain, to be taken from those of a later one."""
+
+    stored: int
+    service_cpu: float  # seconds, all threads of the service's process
+    statements: dict[int, tuple[int, float, int, str]]  # pg_stat_statements by queryid
+    blocks_read: int  # from outside shared_buffers (the OS's cache or the disk)
+    wal_bytes: int
+    wal_full_pages: int  # whole 8 KB pages written to the WAL: first touches since a checkpoint
+
+
+_WAL_AND_BLOCKS = """
+SELECT (SELECT blks_read FROM pg_stat_database WHERE datname = current_database()),
+       wal_bytes, wal_fpi
+FROM pg_stat_wal
+"""
+
+
+def drain_point(connection: psycopg.Connection[Any], pid: int, stored: int) -> DrainPoint:
+    # utime and stime, the 14th and 15th fields, after the command's parenthesis
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    row = connection.execute(_WAL_AND_BLOCKS).fetchone()
+    assert row is not None
+    return DrainPoint(stored, cpu, _statements(connection), int(row[0]), int(row[1]), int(row[2]))
+
+
+def drain_costs(before: DrainPoint, after: DrainPoint, top: int = 3) -> dict[str, Any]:
+    """What each order cost between two points of a drain: the service's CPU, PostgreSQL's time
+    in statements (and in the `top` statements of the whole drain, named by their first words),
+    blocks read from outside shared_buffers, and WAL."""
+    orders = after.stored - before.stored
+    unseen = (0, 0.0, 0, "")
+    spent = {
+        queryid: (total - before.statements.get(queryid, unseen)[1], " ".join(query.split()))
+        for queryid, (_, total, _, query) in after.statements.items()
+    }
+    return {
+        "orders": orders,
+        "service_cpu_us": (after.service_cpu - before.service_cpu) / orders * 1e6,
+        "statements_us": sum(ms for ms, _ in spent.values()) / orders * 1000,
+        "by_statement": {
+            queryid: (ms / orders * 1000, query) for queryid, (ms, query) in spent.items()
+        },
+        "blocks_read": (after.blocks_read - before.blocks_read) / orders,
+        "wal_bytes": (after.wal_bytes - before.wal_bytes) / orders,
+        "wal_full_pages": (after.wal_full_pages - before.wal_full_pages) / orders,
+    }
