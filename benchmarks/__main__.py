@@ -307,7 +307,8 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
     vacuuming: list[bool] = [False]
     started = time.perf_counter()
     with Progress(console=console, transient=True) as progress, bench.connect() as watcher:
-        # The counters when the drain begins and as each fifth is passed (to half a second)
+        # The counters when the drain begins and as each fifth is passed (to half a second;
+        # a sample that passes two makes one point)
         points = [profiles.drain_point(watcher, run.process.pid, 0)]
         task = progress.add_task("stored", total=count)
         while progress_points[-1][1] < count:
@@ -315,10 +316,9 @@ def backlog_benchmark(bench: Bench, settings: Settings, count: int, logs: Path) 
             progress_points.append((time.perf_counter() - started, stored_so_far(run)))
             vacuuming.append(vacuum_running(watcher))
             progress.update(task, completed=progress_points[-1][1])
-            if progress_points[-1][1] >= count * len(points) / 5:
-                points.append(
-                    profiles.drain_point(watcher, run.process.pid, progress_points[-1][1])
-                )
+            stored = progress_points[-1][1]
+            if stored >= count * len(points) / 5 and stored > points[-1].stored:
+                points.append(profiles.drain_point(watcher, run.process.pid, stored))
     run.stop()
     vacuums = {table: after - vacuums_before[table] for table, after in autovacuums(bench).items()}
     timed, requested = (
@@ -717,28 +717,32 @@ def print_backlog(backlog: dict[str, Any]) -> None:
         + ", ".join(f"{table} {runs}" for table, runs in sorted(backlog["autovacuums"].items()))
     )
     costs = backlog["costs"]
+    queries = {
+        queryid: query for cost in costs for queryid, (_, query) in cost["by_statement"].items()
+    }
     # The statements that took the most of the whole drain, followed fifth by fifth
     top = sorted(
-        costs[0]["by_statement"],
+        queries,
         key=lambda queryid: -sum(cost["by_statement"].get(queryid, (0.0, ""))[0] for cost in costs),
     )[:3]
     print("\nWhat an order cost, fifth by fifth (counters taken as each fifth was passed):\n")
     print(
-        "| fifth | service CPU µs | PostgreSQL statements µs | "
+        "| orders stored | service CPU µs | PostgreSQL statements µs | "
         + " | ".join(f"statement {n} µs" for n in range(1, len(top) + 1))
         + " | blocks read | WAL bytes | WAL full pages |"
     )
     print("|---:|---:|---:|" + "---:|" * len(top) + "---:|---:|---:|")
-    for number, cost in enumerate(costs, start=1):
+    for cost in costs:
         by_statement = cost["by_statement"]
         print(
-            f"| {number} | {cost['service_cpu_us']:.0f} | {cost['statements_us']:.0f} | "
+            f"| {cost['from']:,}-{cost['to']:,} | {cost['service_cpu_us']:.0f} | "
+            f"{cost['statements_us']:.0f} | "
             + " | ".join(f"{by_statement.get(queryid, (0.0, ''))[0]:.1f}" for queryid in top)
             + f" | {cost['blocks_read']:.2f} | {cost['wal_bytes']:,.0f} | "
             f"{cost['wal_full_pages']:.2f} |"
         )
     for number, queryid in enumerate(top, start=1):
-        print(f"\nstatement {number}: {costs[0]['by_statement'][queryid][1][:100]}")
+        print(f"\nstatement {number}: {queries[queryid][:100]}")
 
 
 def print_large(large: dict[str, Any]) -> None:

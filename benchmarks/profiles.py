@@ -224,7 +224,9 @@ def validation_by_collector_thresholds(
 
 @dataclass(frozen=True)
 class DrainPoint:
-    """Counters at one moment of a drain, to be taken from those of a later one."""
+    """Counters at one moment of a drain, to be taken from those of a later one. The server's
+    reach its views when each backend reports them, up to a second late (pg_stat_wal,
+    pg_stat_database): right over fifths of half a minute, not over a drain of seconds."""
 
     stored: int
     service_cpu: float  # seconds, all threads of the service's process
@@ -250,10 +252,10 @@ def drain_point(connection: psycopg.Connection[Any], pid: int, stored: int) -> D
     return DrainPoint(stored, cpu, _statements(connection), int(row[0]), int(row[1]), int(row[2]))
 
 
-def drain_costs(before: DrainPoint, after: DrainPoint, top: int = 3) -> dict[str, Any]:
-    """What each order cost between two points of a drain: the service's CPU, PostgreSQL's time
-    in statements (and in the `top` statements of the whole drain, named by their first words),
-    blocks read from outside shared_buffers, and WAL."""
+def drain_costs(before: DrainPoint, after: DrainPoint) -> dict[str, Any]:
+    """What each order stored between two points of a drain cost: the service's CPU,
+    PostgreSQL's time in statements (in all, and by statement with its text), blocks read from
+    outside shared_buffers, and WAL."""
     orders = after.stored - before.stored
     unseen = (0, 0.0, 0, "")
     spent = {
@@ -261,7 +263,8 @@ def drain_costs(before: DrainPoint, after: DrainPoint, top: int = 3) -> dict[str
         for queryid, (_, total, _, query) in after.statements.items()
     }
     return {
-        "orders": orders,
+        "from": before.stored,
+        "to": after.stored,
         "service_cpu_us": (after.service_cpu - before.service_cpu) / orders * 1e6,
         "statements_us": sum(ms for ms, _ in spent.values()) / orders * 1000,
         "by_statement": {
