@@ -13,6 +13,7 @@ import gc
 import io
 import itertools
 import logging
+import os
 import re
 import tempfile
 import time
@@ -727,16 +728,18 @@ def print_backlog(backlog: dict[str, Any]) -> None:
     )[:3]
     print("\nWhat an order cost, fifth by fifth (counters taken as each fifth was passed):\n")
     print(
-        "| orders stored | service CPU µs | PostgreSQL statements µs | "
+        "| orders stored | service CPU µs | PostgreSQL CPU µs | machine CPU µs | cores busy | "
+        "PostgreSQL statements µs | "
         + " | ".join(f"statement {n} µs" for n in range(1, len(top) + 1))
         + " | blocks read | WAL bytes | WAL full pages |"
     )
-    print("|---:|---:|---:|" + "---:|" * len(top) + "---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(top) + "---:|---:|---:|")
     for cost in costs:
         by_statement = cost["by_statement"]
         print(
             f"| {cost['from']:,}-{cost['to']:,} | {cost['service_cpu_us']:.0f} | "
-            f"{cost['statements_us']:.0f} | "
+            f"{cost['postgres_cpu_us']:.0f} | {cost['machine_cpu_us']:.0f} | "
+            f"{cost['cores_busy']:.2f} of {os.cpu_count()} | {cost['statements_us']:.0f} | "
             + " | ".join(f"{by_statement.get(queryid, (0.0, ''))[0]:.1f}" for queryid in top)
             + f" | {cost['blocks_read']:.2f} | {cost['wal_bytes']:,.0f} | "
             f"{cost['wal_full_pages']:.2f} |"

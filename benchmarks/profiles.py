@@ -229,7 +229,10 @@ class DrainPoint:
     pg_stat_database): right over fifths of half a minute, not over a drain of seconds."""
 
     stored: int
+    at: float  # perf_counter seconds
     service_cpu: float  # seconds, all threads of the service's process
+    postgres_cpu: float  # seconds, the server's processes (the writer's backend among them)
+    machine_cpu: float  # seconds busy, all cores, whoever used them (the broker among them)
     statements: dict[int, tuple[int, float, int, str]]  # pg_stat_statements by queryid
     blocks_read: int  # from outside shared_buffers (the OS's cache or the disk)
     wal_bytes: int
@@ -244,18 +247,70 @@ FROM pg_stat_wal
 
 
 def drain_point(connection: psycopg.Connection[Any], pid: int, stored: int) -> DrainPoint:
-    # utime and stime, the 14th and 15th fields, after the command's parenthesis
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    at = time.perf_counter()
+    service = _process_cpu(_proc_stat(pid))
+    postgres = _postgres_cpu(connection)
     row = connection.execute(_WAL_AND_BLOCKS).fetchone()
     assert row is not None
-    return DrainPoint(stored, cpu, _statements(connection), int(row[0]), int(row[1]), int(row[2]))
+    return DrainPoint(
+        stored,
+        at,
+        service,
+        postgres,
+        _machine_cpu(),
+        _statements(connection),
+        int(row[0]),
+        int(row[1]),
+        int(row[2]),
+    )
+
+
+def _proc_stat(pid: int | str) -> list[str]:
+    """A process's /proc stat fields after its command's parenthesis (the command may hold
+    spaces): state first, so field n of proc(5) is at n - 3."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _process_cpu(fields: list[str], reaped: bool = False) -> float:
+    """utime and stime, and with `reaped` the children's that the process has waited for."""
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_cpu(connection: psycopg.Connection[Any]) -> float:
+    """The postmaster's CPU, its ended children's (added to it when it reaps them) and its
+    living children's: a backend or autovacuum worker that ends between two points still
+    counts once."""
+    row = connection.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    postmaster = _proc_stat(row[0])[1]  # the backend's parent
+    total = _process_cpu(_proc_stat(postmaster), reaped=True)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _proc_stat(entry.name)
+        except OSError:  # ended since the listing
+            continue
+        if fields[1] == postmaster:
+            total += _process_cpu(fields)
+    return total
+
+
+def _machine_cpu() -> float:
+    """Seconds the cores were busy since boot: user, nice, system, irq, softirq and steal."""
+    cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(n) for n in cpu[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def drain_costs(before: DrainPoint, after: DrainPoint) -> dict[str, Any]:
-    """What each order stored between two points of a drain cost: the service's CPU,
-    PostgreSQL's time in statements (in all, and by statement with its text), blocks read from
-    outside shared_buffers, and WAL."""
+    """What each order stored between two points of a drain cost: the CPU of the service, of
+    PostgreSQL's processes and of the whole machine (and how many cores were busy),
+    PostgreSQL's time in statements (in all, and by statement with its text), blocks read
+    from outside shared_buffers, and WAL."""
     orders = after.stored - before.stored
     unseen = (0, 0.0, 0, "")
     spent = {
@@ -266,6 +321,9 @@ def drain_costs(before: DrainPoint, after: DrainPoint) -> dict[str, Any]:
         "from": before.stored,
         "to": after.stored,
         "service_cpu_us": (after.service_cpu - before.service_cpu) / orders * 1e6,
+        "postgres_cpu_us": (after.postgres_cpu - before.postgres_cpu) / orders * 1e6,
+        "machine_cpu_us": (after.machine_cpu - before.machine_cpu) / orders * 1e6,
+        "cores_busy": (after.machine_cpu - before.machine_cpu) / (after.at - before.at),
         "statements_us": sum(ms for ms, _ in spent.values()) / orders * 1000,
         "by_statement": {
             queryid: (ms / orders * 1000, query) for queryid, (ms, query) in spent.items()
