@@ -66,7 +66,7 @@ class Parts:
     database: Patience
     broker: Patience
     reader: PostgresOrderReader
-    writer: PostgresOrderWriter
+    writers: list[PostgresOrderWriter]
     dead_letters: DeadLetterWriter
     ingest: OrderIngest
     lookup: OrderLookup
@@ -99,12 +99,14 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
     metrics = Metrics(cache)
     reader = PostgresOrderReader(database_url, settings.database_pool_size)
-    writer = PostgresOrderWriter(database_url, instance)
+    writers = [
+        PostgresOrderWriter(database_url, instance) for _ in range(settings.database_writers)
+    ]
     dead_letters = DeadLetterWriter(
         client_config(settings), settings.kafka_dlq_topic, broker, metrics
     )
     ingest = OrderIngest(
-        writer,
+        writers,
         cache,
         dead_letters,
         database,
@@ -141,7 +143,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     readiness = Readiness(lookup.database_reachable, consumer.consuming, coherence.listening_now)
     app = create_app(lookup, readiness, metrics if settings.metrics_enabled else None, access)
     return Parts(
-        settings, stop, cache, metrics, database, broker, reader, writer, dead_letters,
+        settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,
         ingest, lookup, consumer, coherence, listener, expirer, readiness, app,
     )  # fmt: skip
 
@@ -277,6 +279,7 @@ def _logging_failure(
 
 def close(parts: Parts) -> None:
     parts.dead_letters.close()
-    parts.writer.close()
+    for writer in parts.writers:
+        writer.close()
     if parts.expirer is not None:
         parts.expirer.close()

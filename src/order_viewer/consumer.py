@@ -27,6 +27,10 @@ BUSY_SLICE_SECONDS = 0.005
 IDLE_SLICE_SECONDS = 0.1
 
 
+# The batch each lane is storing, with its outcome to come.
+_Writing = dict[int, tuple[PreparedBatch, Future[BatchOutcome]]]
+
+
 @dataclass(frozen=True, slots=True)
 class Batching:
     """How many messages, and how many bytes of them, make one batch, and how long the first
@@ -90,27 +94,40 @@ class OrderConsumer:
         )
         self.consuming.set()
         log.info("consuming %s as group %s", self._topic, self._client["group.id"])
-        # The database writes one batch while this thread polls and validates the next.
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
-        writing: tuple[PreparedBatch, Future[BatchOutcome]] | None = None
+        # The database writes a batch per lane while this thread polls and validates the next;
+        # a partition's messages all go to one lane, which stores one batch at a time, so each
+        # partition's batches are stored, and their offsets stored, in order.
+        lanes = self._ingest.lanes
+        writer = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="writer")
+        writing: _Writing = {}
 
-        def settle(batch: PreparedBatch, written: Future[BatchOutcome]) -> None:
+        def settle(lane: int) -> None:
+            batch, written = writing.pop(lane)
             self._ingest.settle(
                 batch, written.result(), lambda messages: _store_offsets(consumer, messages)
             )
 
         try:
             while not self._stop.is_set():
-                polled = self._poll(consumer, None if writing is None else writing[1])
-                for messages in by_size(polled, self._batching.max_bytes) or [[]]:
-                    prepared = self._ingest.prepare(messages) if messages else None
-                    if writing is not None:
-                        finished, writing = writing, None
-                        settle(*finished)
-                    if prepared is not None:
-                        writing = (prepared, writer.submit(self._ingest.store, prepared))
-            if writing is not None:
-                settle(*writing)
+                polled = self._poll(consumer, writing)
+                if not polled:
+                    # Nothing came: the batches under way are settled as they end, so that
+                    # their offsets are stored without waiting for more messages.
+                    for lane in list(writing):
+                        settle(lane)
+                for lane, lane_messages in self._by_lane(polled, writing):
+                    for messages in by_size(lane_messages, self._batching.max_bytes):
+                        prepared = self._ingest.prepare(messages)
+                        if lane in writing:
+                            settle(lane)
+                        writing[lane] = (
+                            prepared,
+                            writer.submit(self._ingest.store, prepared, lane),
+                        )
+                for lane in [lane for lane, (_, written) in writing.items() if written.done()]:
+                    settle(lane)
+            for lane in list(writing):
+                settle(lane)
         except Stopped:
             # The unsettled batches' offsets stay unstored: whoever consumes next re-reads them.
             pass
@@ -122,18 +139,36 @@ class OrderConsumer:
             consumer.close()
             log.info("consumer stopped")
 
-    def _poll(self, consumer: Consumer, writing: Future[BatchOutcome] | None) -> list[Message]:
+    def _by_lane(
+        self,
+        messages: list[Message],
+        writing: _Writing,
+    ) -> list[tuple[int, list[Message]]]:
+        """The messages of each lane, in the order they came; the lanes whose writer is free
+        first, so that their batches start before this thread waits for a busy one."""
+        lanes: dict[int, list[Message]] = {}
+        for message in messages:
+            lanes.setdefault(self._ingest.lane_of(message.partition), []).append(message)
+        return sorted(
+            lanes.items(), key=lambda lane: lane[0] in writing and not writing[lane[0]][1].done()
+        )
+
+    def _poll(self, consumer: Consumer, writing: _Writing) -> list[Message]:
         """The next batch: up to BATCH_MAX_ORDERS messages, gathered for at most
-        BATCH_MAX_WAIT_MS, but only while the database is busy with the batch before. A message
-        that finds the database free is written at once, with whatever arrived with it; under
-        load the batches grow by themselves to what arrives during a write (the transaction's
-        cost is shared when there is a queue, and no one waits for it when there is none)."""
+        BATCH_MAX_WAIT_MS, but only while the database is busy with the batches before. A
+        message that finds its lane's writer free is written at once, with whatever arrived
+        with it; under load the batches grow by themselves to what arrives during a write (the
+        transaction's cost is shared when there is a queue, and no one waits for it when there
+        is none)."""
         most = self._batching.max_messages
         deadline = time.monotonic() + self._batching.max_wait_seconds
         batch: list[Message] = []
+        lanes: set[int] = set()  # those of the messages gathered
         while len(batch) < most and not self._stop.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or (batch and (writing is None or writing.done())):
+            if remaining <= 0 or any(
+                lane not in writing or writing[lane][1].done() for lane in lanes
+            ):
                 break
             if batch:
                 # consume() returns when it has all it asked for or when its timeout ends, so
@@ -147,7 +182,9 @@ class OrderConsumer:
                 if first is None:
                     continue
                 polled = [first, *consumer.consume(num_messages=most - 1, timeout=0)]
-            batch.extend(self._messages(polled))
+            messages = self._messages(polled)
+            batch.extend(messages)
+            lanes.update(self._ingest.lane_of(message.partition) for message in messages)
         if batch:
             self._broker.recovered()
             self._metrics.messages_consumed.inc(len(batch))

@@ -111,7 +111,7 @@ class OrderIngest:
 
     def __init__(
         self,
-        writer: OrderWriter,
+        writers: Sequence[OrderWriter],
         cache: OrderCache,
         dead_letters: DeadLetters,
         database: Patience,
@@ -119,7 +119,9 @@ class OrderIngest:
         *,
         delete_on_tombstone: bool = False,
     ) -> None:
-        self._writer = writer
+        if not writers:
+            raise ValueError("an ingest needs at least one writer")
+        self._writers = writers
         self._cache = cache
         self._dead_letters = dead_letters
         self._database = database
@@ -128,19 +130,31 @@ class OrderIngest:
         self._since_report: Counter[str] = Counter()
         self._last_report = time.monotonic()
 
+    @property
+    def lanes(self) -> int:
+        """How many batches may be stored at once: one per writer, each writing the partitions
+        whose number modulo `lanes` is its lane, so that a partition's batches are stored in
+        order (see `lane_of`)."""
+        return len(self._writers)
+
+    def lane_of(self, partition: int) -> int:
+        return partition % len(self._writers)
+
     def prepare(self, messages: Sequence[Message]) -> PreparedBatch:
         return prepare_batch(messages, self._delete_on_tombstone)
 
-    def store(self, batch: PreparedBatch) -> BatchOutcome:
-        """The batch's valid orders stored and cached, retrying the whole batch while the
-        database is away (storing a batch again changes nothing). Raises Stopped if a stop comes
-        first."""
+    def store(self, batch: PreparedBatch, lane: int = 0) -> BatchOutcome:
+        """The batch's valid orders stored and cached by the writer of `lane`, retrying the
+        whole batch while the database is away (storing a batch again changes nothing). Raises
+        Stopped if a stop comes first. Batches of one lane are stored one at a time; those of
+        different lanes may be stored at once, from different threads."""
 
         def attempt() -> BatchOutcome:
             started = time.perf_counter()
             outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
             if batch.orders or batch.deletions:
                 self._write(
+                    self._writers[lane],
                     [prepared for prepared, _ in batch.orders.values()],
                     [deletion for deletion, _ in batch.deletions.values()],
                     batch,
@@ -165,6 +179,7 @@ class OrderIngest:
 
     def _write(
         self,
+        writer: OrderWriter,
         orders: list[PreparedOrder],
         deletions: list[Deletion],
         batch: PreparedBatch,
@@ -172,15 +187,15 @@ class OrderIngest:
     ) -> None:
         writes_before = self._cache.writes
         try:
-            result = self._writer.write(orders, deletions)
+            result = writer.write(orders, deletions)
         except RejectedByDatabase as refused:
             if len(orders) + len(deletions) > 1:
                 # One order the validator passed but the database refuses must not sink the
                 # others: write each alone and dead-letter only the ones refused.
                 for prepared in orders:
-                    self._write([prepared], [], batch, outcome)
+                    self._write(writer, [prepared], [], batch, outcome)
                 for deletion in deletions:
-                    self._write([], [deletion], batch, outcome)
+                    self._write(writer, [], [deletion], batch, outcome)
                 return
             rejection = Rejection(DB_REJECTED, f"the database refused the order: {refused}", None)
             message = (

@@ -24,7 +24,15 @@ from order_viewer.model import PreparedOrder, Rejection
 from order_viewer.ports import Deletion, Message, RejectedMessage, WriteResult
 from order_viewer.retry import Health, Patience
 from order_viewer.service import OrderIngest
-from tests.conftest import Stack, Topics, committed_lag, consume_all, produce, wait_until
+from tests.conftest import (
+    Record,
+    Stack,
+    Topics,
+    committed_lag,
+    consume_all,
+    produce,
+    wait_until,
+)
 from tests.fakes import FakeWriter
 
 pytestmark = pytest.mark.integration
@@ -83,9 +91,10 @@ class RunningConsumer:
 
 @contextmanager
 def running_consumer(
-    stack: Stack, topics: Topics, writer: FakeWriter, batching: Batching
+    stack: Stack, topics: Topics, writers: Sequence[FakeWriter], batching: Batching
 ) -> Iterator[RunningConsumer]:
-    """The consumer loop in a thread, storing through `writer`; stopped and joined on exit."""
+    """The consumer loop in a thread, storing through `writers` (one per lane); stopped and
+    joined on exit."""
     stop = threading.Event()
     patience = broker(stop)
     ensure_topics(client(stack), [topics.orders, topics.dead_letters], 2, patience)
@@ -97,7 +106,7 @@ def running_consumer(
         client={**client(stack), "group.id": topics.group, "session.timeout.ms": 6000},
         topic=topics.orders,
         batching=batching,
-        ingest=OrderIngest(writer, cache, dead_letters, database, metrics),
+        ingest=OrderIngest(writers, cache, dead_letters, database, metrics),
         broker=patience.health,
         stop=stop,
         metrics=metrics,
@@ -127,7 +136,7 @@ def test_the_consumer_loop_stores_dead_letters_and_commits_until_stopped(
 ) -> None:
     writer = FakeWriter()
     batching = Batching(max_messages=7, max_bytes=1 << 20, max_wait_seconds=0.05)
-    with running_consumer(stack, topics, writer, batching) as running:
+    with running_consumer(stack, topics, [writer], batching) as running:
         produce(stack, topics.orders, [*order_messages("loop", 20), (b"broken", b"{")])
         wait_until(lambda: len(writer.stored) == 20, 60, "the orders to be stored")
         assert running.consumer.consuming.is_set()
@@ -162,7 +171,7 @@ def test_an_order_that_finds_the_database_idle_is_written_at_once_and_the_next_g
     order is not held for BATCH_MAX_WAIT_MS, and what arrives during a write goes in one batch."""
     writer = GatedWriter()
     batching = Batching(max_messages=1000, max_bytes=1 << 20, max_wait_seconds=30)
-    with running_consumer(stack, topics, writer, batching):
+    with running_consumer(stack, topics, [writer], batching):
         (first,) = order_messages("first", 1)
         produce(stack, topics.orders, [first])
         produced = time.monotonic()
@@ -177,3 +186,44 @@ def test_an_order_that_finds_the_database_idle_is_written_at_once_and_the_next_g
     assert first_batch == ["first-0"]
     # One batch, in the order of each partition (two partitions: interleaved somehow).
     assert sorted(second_batch) == sorted(f"next-{n}" for n in range(10))
+
+
+def test_each_partition_is_stored_in_order_by_its_lane_and_the_lanes_write_at_once(
+    stack: Stack, topics: Topics
+) -> None:
+    """With two writers, partition 0's orders go to the first and partition 1's to the second,
+    each in offset order; both write at the same time; offsets are committed once stored."""
+    writers = [GatedWriter(), GatedWriter()]
+    batching = Batching(max_messages=1000, max_bytes=1 << 20, max_wait_seconds=0.05)
+    ensure_topics(client(stack), [topics.orders], 2, broker(threading.Event()))
+    produce(
+        stack,
+        topics.orders,
+        [
+            Record(key, value, partition=n % 2)
+            for n, (key, value) in enumerate(order_messages("lane", 40))
+        ],
+    )
+    with running_consumer(stack, topics, writers, batching) as running:
+        wait_until(
+            lambda: all(writer.began for writer in writers), 30, "both lanes to begin a write"
+        )
+        # Neither write has ended: the two lanes are writing at once.
+        assert not any(writer.stored for writer in writers)
+        for writer in writers:
+            writer.gate.set()
+        wait_until(
+            lambda: sum(len(writer.stored) for writer in writers) == 40,
+            30,
+            "the orders to be stored",
+        )
+        assert running.cache.get("lane-39") is not None
+    for lane, writer in enumerate(writers):
+        stored = [
+            (prepared.partition, prepared.offset)
+            for batch in writer.batches
+            for prepared in (writer.stored[uid] for uid in batch)
+        ]
+        assert {partition for partition, _ in stored} == {lane}
+        assert [offset for _, offset in stored] == list(range(20))
+    assert committed_lag(stack, topics) == 0

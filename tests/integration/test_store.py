@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -14,9 +15,18 @@ from typing import Any
 import psycopg
 import pytest
 
+from order_viewer.cache import OrderCache
 from order_viewer.generate import make_order
+from order_viewer.metrics import Metrics
 from order_viewer.model import Order, PreparedOrder, parse_order
-from order_viewer.ports import DatabaseBusy, DatabaseUnavailable, RejectedByDatabase
+from order_viewer.ports import (
+    DatabaseBusy,
+    DatabaseUnavailable,
+    Message,
+    RejectedByDatabase,
+)
+from order_viewer.retry import Health, Patience
+from order_viewer.service import BatchOutcome, OrderIngest, prepare_batch
 from order_viewer.store import (
     PARTITION_LOCK_CLASS,
     PostgresOrderReader,
@@ -25,6 +35,7 @@ from order_viewer.store import (
 )
 from tests.audit import row_counts, stored_documents
 from tests.conftest import Stack, free_port, wait_until
+from tests.fakes import FakeDeadLetters
 
 pytestmark = pytest.mark.integration
 
@@ -223,3 +234,57 @@ def test_writers_of_one_partition_take_turns_and_others_do_not_wait(stack: Stack
         zero_writer.close()
         one_writer.close()
     assert row_counts(stack, [on_zero.order.order_uid, "lock-one"])["orders"] == 2
+
+
+def test_two_lanes_writing_the_same_orders_at_once_both_finish_and_leave_them_whole(
+    stack: Stack,
+) -> None:
+    """A producer that keys by something else than order_uid can put one order in two
+    partitions, so two lanes may merge it at once. Each lane here writes the same 150 orders,
+    in opposite orders, at the same moment: if PostgreSQL breaks a deadlock between them, the
+    cancelled batch is retried, and every order ends up whole, as one of the two versions."""
+    stop = threading.Event()
+    patience = Patience(Health("database", logging.getLogger("test.database")), stop, 0.05)
+    cache = OrderCache(1000)
+    writers = [PostgresOrderWriter(stack.database_url, "lanes") for _ in range(2)]
+    ingest = OrderIngest(writers, cache, FakeDeadLetters([]), patience, Metrics(cache))
+    orders = [make_order(_rng) for _ in range(150)]
+    versions = [[{**order, "track_number": f"LANE{lane}"} for order in orders] for lane in range(2)]
+    batches = [
+        prepare_batch(
+            [
+                Message("orders", lane, offset, None, json.dumps(order).encode())
+                for offset, order in enumerate(version if lane == 0 else version[::-1])
+            ]
+        )
+        for lane, version in enumerate(versions)
+    ]
+    together = threading.Barrier(2)
+    outcomes: dict[int, BatchOutcome] = {}
+
+    def store(lane: int) -> None:
+        together.wait()
+        outcomes[lane] = ingest.store(batches[lane], lane)
+
+    lanes = [threading.Thread(target=store, args=(lane,)) for lane in range(2)]
+    try:
+        for thread in lanes:
+            thread.start()
+        for thread in lanes:
+            thread.join(60)
+    finally:
+        for writer in writers:
+            writer.close()
+    assert sorted(outcomes) == [0, 1], "a lane's batch did not finish"
+    uids = [order["order_uid"] for order in orders]
+    stored = stored_documents(stack, uids)  # each checked against its normalized rows
+    assert set(stored) == set(uids)
+    for order in orders:
+        uid = order["order_uid"]
+        assert stored[uid] in (
+            {**order, "track_number": "LANE0"},
+            {**order, "track_number": "LANE1"},
+        )
+    counts = row_counts(stack, uids)
+    assert (counts["orders"], counts["delivery"], counts["payment"]) == (150, 150, 150)
+    assert counts["items"] == sum(len(order["items"]) for order in orders)

@@ -45,7 +45,7 @@ class Ingest:
         self.dead_letters = FakeDeadLetters([])
         self.metrics = Metrics(self.cache)
         self.service = OrderIngest(
-            self.writer, self.cache, self.dead_letters, patience(), self.metrics,
+            [self.writer], self.cache, self.dead_letters, patience(), self.metrics,
             delete_on_tombstone=delete_on_tombstone,
         )  # fmt: skip
 

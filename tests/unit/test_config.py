@@ -31,6 +31,7 @@ def test_defaults_are_the_documented_contract() -> None:
     assert settings.kafka_group_id == "order-viewer"
     assert (settings.http_host, settings.http_port) == ("127.0.0.1", 8081)
     assert settings.cache_capacity == 100_000
+    assert settings.database_writers == 3
     assert settings.log_level == "INFO"
 
 
@@ -40,6 +41,9 @@ def test_defaults_are_the_documented_contract() -> None:
         ("HTTP_PORT", "eighty"),
         ("HTTP_PORT", "70000"),
         ("CACHE_CAPACITY", "-1"),
+        ("DATABASE_WRITERS", "0"),
+        ("DATABASE_WRITERS", "65"),
+        ("DATABASE_WRITERS", "two"),
         ("LOG_LEVEL", "LOUD"),
         ("DATABASE_URL", "mysql://nope"),
         ("KAFKA_TOPIC", ""),

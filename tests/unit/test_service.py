@@ -51,7 +51,7 @@ class Ingest:
         self.patience = Patience(self.health, self.stop, 0.01)
         self.metrics = Metrics(self.cache)
         self.service = OrderIngest(
-            self.writer, self.cache, self.dead_letters, self.patience, self.metrics
+            [self.writer], self.cache, self.dead_letters, self.patience, self.metrics
         )
 
     def all(self, messages: list[Message]) -> BatchOutcome:
@@ -167,6 +167,30 @@ def test_an_order_the_database_refuses_does_not_sink_its_batch() -> None:
         (1, "db_rejected")
     ]
     assert ingest.cache.get("bad") is None
+
+
+def test_each_lane_stores_through_its_own_writer_and_a_refused_order_stays_in_its_lane() -> None:
+    ingest = Ingest()
+    second = FakeWriter()
+    second.refuse = {"bad"}
+    service = OrderIngest(
+        [ingest.writer, second], ingest.cache, ingest.dead_letters, ingest.patience, ingest.metrics
+    )
+    assert service.lanes == 2
+    assert [service.lane_of(partition) for partition in range(5)] == [0, 1, 0, 1, 0]
+    service.store(prepare_batch([message(0, order("a"))]), lane=0)
+    batch = prepare_batch([message(0, order("b"), 1), message(1, order("bad"), 1)])
+    outcome = service.store(batch, lane=1)
+    assert set(ingest.writer.stored) == {"a"}
+    assert set(second.stored) == {"b"}
+    assert [r.message.offset for r in outcome.rejected] == [1]
+    assert ingest.cache.get("b") is not None
+
+
+def test_an_ingest_without_a_writer_is_refused() -> None:
+    ingest = Ingest()
+    with pytest.raises(ValueError, match="at least one writer"):
+        OrderIngest([], ingest.cache, ingest.dead_letters, ingest.patience, ingest.metrics)
 
 
 def test_warm_up_loads_the_newest_orders_until_the_cache_is_full() -> None:
