@@ -36,9 +36,10 @@ class Settings(BaseSettings):
         default=4, description="Connections the HTTP side keeps for cache misses."
     )
     database_writers: Annotated[int, Field(ge=1, le=64)] = Field(
-        default=3,
+        default=1,
         description="Connections that store orders at once, each for the partitions whose "
-        "number modulo this is its own (a partition's orders are stored in order by one).",
+        "number modulo this is its own (a partition's orders are stored in order by one); 3 "
+        "drains a backlog faster, 1 keeps new orders quickest to appear.",
     )
     kafka_bootstrap_servers: str = Field(
         default="127.0.0.1:9092", min_length=1, description="Kafka brokers, host:port[,host:port]."

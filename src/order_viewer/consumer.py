@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,18 +27,57 @@ BUSY_SLICE_SECONDS = 0.005
 IDLE_SLICE_SECONDS = 0.1
 
 
-# The batch each lane is storing, with its outcome to come.
-_Writing = dict[int, tuple[PreparedBatch, Future[BatchOutcome]]]
+# Fewer messages than this from one poll go in one batch, whatever their lanes: a transaction
+# has a fixed cost (its statements' round trips, its commit) that a few orders do not outweigh,
+# and three small transactions at once made orders slower to appear at 1,000 orders/s
+# (docs/PERFORMANCE.md, Lanes).
+SPLIT_FROM = 200
 
 
 @dataclass(frozen=True, slots=True)
 class Batching:
     """How many messages, and how many bytes of them, make one batch, and how long the first
-    of them waits for the rest."""
+    of them waits for the rest; from how many messages a poll is split into a batch per lane."""
 
     max_messages: int
     max_bytes: int
     max_wait_seconds: float
+    split_from: int = SPLIT_FROM
+
+
+@dataclass(eq=False, slots=True)
+class _Write:
+    """A batch being stored, and the lanes it holds until it is settled (one, or all those of
+    a poll too small to split)."""
+
+    lanes: frozenset[int]
+    batch: PreparedBatch
+    outcome: Future[BatchOutcome]
+
+
+# The write under way in each lane; a write of several lanes is under each of them.
+_Writing = dict[int, _Write]
+
+
+def lane_groups(
+    messages: list[Message],
+    lane_of: Callable[[int], int],
+    split_from: int,
+    free: Callable[[int], bool],
+) -> list[tuple[frozenset[int], list[Message]]]:
+    """The batches a poll makes, each with its lanes, in the order they should start: fewer
+    than `split_from` messages make one batch; more make one per lane, the lanes that are
+    `free` first, so that their batches start before the consumer waits for a busy one. Each
+    batch keeps its messages in the order they came."""
+    by_lane: dict[int, list[Message]] = {}
+    for message in messages:
+        by_lane.setdefault(lane_of(message.partition), []).append(message)
+    if len(messages) < split_from or len(by_lane) < 2:
+        return [(frozenset(by_lane), messages)] if messages else []
+    return sorted(
+        ((frozenset((lane,)), lane_messages) for lane, lane_messages in by_lane.items()),
+        key=lambda group: not all(free(lane) for lane in group[0]),
+    )
 
 
 class OrderConsumer:
@@ -81,8 +120,9 @@ class OrderConsumer:
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
                 "statistics.interval.ms": 5000,
-                # librdkafka's default read-ahead is 64 MiB of messages, on top of the two
-                # batches held here; two batches ahead keep the database as busy.
+                # librdkafka's default read-ahead is 64 MiB of messages, on top of the
+                # batches held here (one per lane, and one being validated); two batches ahead
+                # keep the database as busy.
                 "queued.max.messages.kbytes": 2 * self._batching.max_bytes // 1024,
                 "stats_cb": self._metrics.librdkafka_statistics,
             }
@@ -94,40 +134,50 @@ class OrderConsumer:
         )
         self.consuming.set()
         log.info("consuming %s as group %s", self._topic, self._client["group.id"])
-        # The database writes a batch per lane while this thread polls and validates the next;
-        # a partition's messages all go to one lane, which stores one batch at a time, so each
-        # partition's batches are stored, and their offsets stored, in order.
-        lanes = self._ingest.lanes
-        writer = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="writer")
+        # The database writes batches while this thread polls and validates the next. A
+        # partition's messages all belong to one lane, and a lane holds one batch at a time, so
+        # each partition's batches are stored, and their offsets stored, in order.
+        writer = ThreadPoolExecutor(max_workers=self._ingest.lanes, thread_name_prefix="writer")
         writing: _Writing = {}
 
-        def settle(lane: int) -> None:
-            batch, written = writing.pop(lane)
+        def settle(write: _Write) -> None:
+            for lane in write.lanes:
+                del writing[lane]
             self._ingest.settle(
-                batch, written.result(), lambda messages: _store_offsets(consumer, messages)
+                write.batch,
+                write.outcome.result(),
+                lambda messages: _store_offsets(consumer, messages),
             )
+
+        def free(lane: int) -> bool:
+            return lane not in writing or writing[lane].outcome.done()
 
         try:
             while not self._stop.is_set():
-                polled = self._poll(consumer, writing)
+                polled = self._poll(consumer, free)
                 if not polled:
                     # Nothing came: the batches under way are settled as they end, so that
                     # their offsets are stored without waiting for more messages.
-                    for lane in list(writing):
-                        settle(lane)
-                for lane, lane_messages in self._by_lane(polled, writing):
-                    for messages in by_size(lane_messages, self._batching.max_bytes):
+                    for write in _distinct(writing):
+                        settle(write)
+                groups = lane_groups(polled, self._ingest.lane_of, self._batching.split_from, free)
+                for lanes, group in groups:
+                    for messages in by_size(group, self._batching.max_bytes):
                         prepared = self._ingest.prepare(messages)
-                        if lane in writing:
-                            settle(lane)
-                        writing[lane] = (
-                            prepared,
-                            writer.submit(self._ingest.store, prepared, lane),
+                        for write in _distinct(
+                            {lane: writing[lane] for lane in lanes & writing.keys()}
+                        ):
+                            settle(write)
+                        # The batch's lanes are all free now: the first one's writer stores it.
+                        write = _Write(
+                            lanes, prepared, writer.submit(self._ingest.store, prepared, min(lanes))
                         )
-                for lane in [lane for lane, (_, written) in writing.items() if written.done()]:
-                    settle(lane)
-            for lane in list(writing):
-                settle(lane)
+                        writing.update(dict.fromkeys(lanes, write))
+                for write in _distinct(writing):
+                    if write.outcome.done():
+                        settle(write)
+            for write in _distinct(writing):
+                settle(write)
         except Stopped:
             # The unsettled batches' offsets stay unstored: whoever consumes next re-reads them.
             pass
@@ -139,21 +189,7 @@ class OrderConsumer:
             consumer.close()
             log.info("consumer stopped")
 
-    def _by_lane(
-        self,
-        messages: list[Message],
-        writing: _Writing,
-    ) -> list[tuple[int, list[Message]]]:
-        """The messages of each lane, in the order they came; the lanes whose writer is free
-        first, so that their batches start before this thread waits for a busy one."""
-        lanes: dict[int, list[Message]] = {}
-        for message in messages:
-            lanes.setdefault(self._ingest.lane_of(message.partition), []).append(message)
-        return sorted(
-            lanes.items(), key=lambda lane: lane[0] in writing and not writing[lane[0]][1].done()
-        )
-
-    def _poll(self, consumer: Consumer, writing: _Writing) -> list[Message]:
+    def _poll(self, consumer: Consumer, free: Callable[[int], bool]) -> list[Message]:
         """The next batch: up to BATCH_MAX_ORDERS messages, gathered for at most
         BATCH_MAX_WAIT_MS, but only while the database is busy with the batches before. A
         message that finds its lane's writer free is written at once, with whatever arrived
@@ -166,9 +202,7 @@ class OrderConsumer:
         lanes: set[int] = set()  # those of the messages gathered
         while len(batch) < most and not self._stop.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or any(
-                lane not in writing or writing[lane][1].done() for lane in lanes
-            ):
+            if remaining <= 0 or any(free(lane) for lane in lanes):
                 break
             if batch:
                 # consume() returns when it has all it asked for or when its timeout ends, so
@@ -245,6 +279,11 @@ def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:
         batches[-1].append(message)
         size += length
     return batches
+
+
+def _distinct(writing: _Writing) -> list[_Write]:
+    """The writes under way, each once, in the order they began."""
+    return list(dict.fromkeys(writing.values()))
 
 
 def _store_offsets(consumer: Consumer, batch: Sequence[Message]) -> None:

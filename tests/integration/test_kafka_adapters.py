@@ -188,13 +188,31 @@ def test_an_order_that_finds_the_database_idle_is_written_at_once_and_the_next_g
     assert sorted(second_batch) == sorted(f"next-{n}" for n in range(10))
 
 
+class SlowWriter(FakeWriter):
+    """Takes a while over every write, noting when each began and ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: list[tuple[float, float]] = []
+
+    def write(
+        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+    ) -> WriteResult:
+        began = time.monotonic()
+        time.sleep(0.3)
+        result = super().write(batch, deletions)
+        self.spans.append((began, time.monotonic()))
+        return result
+
+
 def test_each_partition_is_stored_in_order_by_its_lane_and_the_lanes_write_at_once(
     stack: Stack, topics: Topics
 ) -> None:
     """With two writers, partition 0's orders go to the first and partition 1's to the second,
-    each in offset order; both write at the same time; offsets are committed once stored."""
-    writers = [GatedWriter(), GatedWriter()]
-    batching = Batching(max_messages=1000, max_bytes=1 << 20, max_wait_seconds=0.05)
+    each in offset order; the two write at the same time; offsets are committed once stored."""
+    writers = [SlowWriter(), SlowWriter()]
+    # Every poll split by lane, however small, and several writes for each lane.
+    batching = Batching(max_messages=4, max_bytes=1 << 20, max_wait_seconds=0.05, split_from=1)
     ensure_topics(client(stack), [topics.orders], 2, broker(threading.Event()))
     produce(
         stack,
@@ -206,18 +224,13 @@ def test_each_partition_is_stored_in_order_by_its_lane_and_the_lanes_write_at_on
     )
     with running_consumer(stack, topics, writers, batching) as running:
         wait_until(
-            lambda: all(writer.began for writer in writers), 30, "both lanes to begin a write"
-        )
-        # Neither write has ended: the two lanes are writing at once.
-        assert not any(writer.stored for writer in writers)
-        for writer in writers:
-            writer.gate.set()
-        wait_until(
             lambda: sum(len(writer.stored) for writer in writers) == 40,
-            30,
+            60,
             "the orders to be stored",
         )
         assert running.cache.get("lane-39") is not None
+    first, second = (writer.spans for writer in writers)
+    assert any(a < d and c < b for a, b in first for c, d in second), "no two writes overlapped"
     for lane, writer in enumerate(writers):
         stored = [
             (prepared.partition, prepared.offset)

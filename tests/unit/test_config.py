@@ -31,7 +31,7 @@ def test_defaults_are_the_documented_contract() -> None:
     assert settings.kafka_group_id == "order-viewer"
     assert (settings.http_host, settings.http_port) == ("127.0.0.1", 8081)
     assert settings.cache_capacity == 100_000
-    assert settings.database_writers == 3
+    assert settings.database_writers == 1
     assert settings.log_level == "INFO"
 
 
