@@ -39,7 +39,7 @@ class Settings(BaseSettings):
         default=1,
         description="Connections that store orders at once, each for the partitions whose "
         "number modulo this is its own (a partition's orders are stored in order by one); 3 "
-        "drains a backlog faster, 1 keeps new orders quickest to appear.",
+        "drains a backlog faster.",
     )
     kafka_bootstrap_servers: str = Field(
         default="127.0.0.1:9092", min_length=1, description="Kafka brokers, host:port[,host:port]."

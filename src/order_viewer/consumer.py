@@ -29,7 +29,7 @@ IDLE_SLICE_SECONDS = 0.1
 
 # Fewer messages than this from one poll go in one batch, whatever their lanes: a transaction
 # has a fixed cost (its statements' round trips, its commit) that a few orders do not outweigh,
-# and three small transactions at once made orders slower to appear at 1,000 orders/s
+# and splitting every poll in three looked slower to show new orders at 1,000 orders/s
 # (docs/PERFORMANCE.md, Lanes).
 SPLIT_FROM = 200
 
