@@ -45,7 +45,7 @@ class Batching:
     split_from: int = SPLIT_FROM
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(frozen=True, eq=False, slots=True)  # each write is itself: compared by identity
 class _Write:
     """A batch being stored, and the lanes it holds until it is settled (one, or all those of
     a poll too small to split)."""
@@ -53,10 +53,6 @@ class _Write:
     lanes: frozenset[int]
     batch: PreparedBatch
     outcome: Future[BatchOutcome]
-
-
-# The write under way in each lane; a write of several lanes is under each of them.
-_Writing = dict[int, _Write]
 
 
 def lane_groups(
@@ -138,19 +134,19 @@ class OrderConsumer:
         # partition's messages all belong to one lane, and a lane holds one batch at a time, so
         # each partition's batches are stored, and their offsets stored, in order.
         writer = ThreadPoolExecutor(max_workers=self._ingest.lanes, thread_name_prefix="writer")
-        writing: _Writing = {}
+        writing: list[_Write] = []  # in the order they began; no two share a lane
 
-        def settle(write: _Write) -> None:
-            for lane in write.lanes:
-                del writing[lane]
-            self._ingest.settle(
-                write.batch,
-                write.outcome.result(),
-                lambda messages: _store_offsets(consumer, messages),
-            )
+        def settle(writes: list[_Write]) -> None:
+            for write in writes:
+                writing.remove(write)
+                self._ingest.settle(
+                    write.batch,
+                    write.outcome.result(),
+                    lambda messages: _store_offsets(consumer, messages),
+                )
 
         def free(lane: int) -> bool:
-            return lane not in writing or writing[lane].outcome.done()
+            return not any(lane in write.lanes and not write.outcome.done() for write in writing)
 
         try:
             while not self._stop.is_set():
@@ -158,26 +154,17 @@ class OrderConsumer:
                 if not polled:
                     # Nothing came: the batches under way are settled as they end, so that
                     # their offsets are stored without waiting for more messages.
-                    for write in _distinct(writing):
-                        settle(write)
+                    settle(list(writing))
                 groups = lane_groups(polled, self._ingest.lane_of, self._batching.split_from, free)
                 for lanes, group in groups:
                     for messages in by_size(group, self._batching.max_bytes):
                         prepared = self._ingest.prepare(messages)
-                        for write in _distinct(
-                            {lane: writing[lane] for lane in lanes & writing.keys()}
-                        ):
-                            settle(write)
+                        settle([write for write in writing if write.lanes & lanes])
                         # The batch's lanes are all free now: the first one's writer stores it.
-                        write = _Write(
-                            lanes, prepared, writer.submit(self._ingest.store, prepared, min(lanes))
-                        )
-                        writing.update(dict.fromkeys(lanes, write))
-                for write in _distinct(writing):
-                    if write.outcome.done():
-                        settle(write)
-            for write in _distinct(writing):
-                settle(write)
+                        outcome = writer.submit(self._ingest.store, prepared, min(lanes))
+                        writing.append(_Write(lanes, prepared, outcome))
+                settle([write for write in writing if write.outcome.done()])
+            settle(list(writing))
         except Stopped:
             # The unsettled batches' offsets stay unstored: whoever consumes next re-reads them.
             pass
@@ -279,11 +266,6 @@ def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:
         batches[-1].append(message)
         size += length
     return batches
-
-
-def _distinct(writing: _Writing) -> list[_Write]:
-    """The writes under way, each once, in the order they began."""
-    return list(dict.fromkeys(writing.values()))
 
 
 def _store_offsets(consumer: Consumer, batch: Sequence[Message]) -> None:

@@ -136,12 +136,15 @@ def test_duplicate_changes_nothing_and_newer_message_replaces(
     assert orphan_rows(stack) == 0
 
 
+# With several writers, batches of different partitions are in flight at once when the kill
+# comes, each with its own offsets to store.
+@pytest.mark.parametrize("writers", ["1", "3"])
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(
-    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess], writers: str
 ) -> None:
     # The restarted instance waits for the killed one's session to end: 6 s here, not 45 (the
     # crash loop of tests/faults runs with the default).
-    service = start_service(KAFKA_SESSION_TIMEOUT_MS="6000")
+    service = start_service(KAFKA_SESSION_TIMEOUT_MS="6000", DATABASE_WRITERS=writers)
     rng = random.Random(2024)
     orders = [make_order(rng) for _ in range(20_000)]
     producer = threading.Thread(target=stream, args=(stack, topics.orders, orders, 6.0))
