@@ -738,7 +738,8 @@ def print_backlog(backlog: dict[str, Any]) -> None:
         by_statement = cost["by_statement"]
         print(
             f"| {cost['from']:,}-{cost['to']:,} | {cost['service_cpu_us']:.0f} | "
-            f"{cost['postgres_cpu_us']:.0f} | {cost['machine_cpu_us']:.0f} | "
+            + ("n/a" if cost["postgres_cpu_us"] is None else f"{cost['postgres_cpu_us']:.0f}")
+            + f" | {cost['machine_cpu_us']:.0f} | "
             f"{cost['cores_busy']:.2f} of {os.cpu_count()} | {cost['statements_us']:.0f} | "
             + " | ".join(f"{by_statement.get(queryid, (0.0, ''))[0]:.1f}" for queryid in top)
             + f" | {cost['blocks_read']:.2f} | {cost['wal_bytes']:,.0f} | "

@@ -231,7 +231,9 @@ class DrainPoint:
     stored: int
     at: float  # perf_counter seconds
     service_cpu: float  # seconds, all threads of the service's process
-    postgres_cpu: float  # seconds, the server's processes (the writer's backend among them)
+    # seconds, the server's processes (the writer's backend among them); None when the server
+    # runs on another machine, where /proc cannot see it
+    postgres_cpu: float | None
     machine_cpu: float  # seconds busy, all cores, whoever used them (the broker among them)
     statements: dict[int, tuple[int, float, int, str]]  # pg_stat_statements by queryid
     blocks_read: int  # from outside shared_buffers (the OS's cache or the disk)
@@ -279,13 +281,19 @@ def _process_cpu(fields: list[str], reaped: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _postgres_cpu(connection: psycopg.Connection[Any]) -> float:
+def _postgres_cpu(connection: psycopg.Connection[Any]) -> float | None:
     """The postmaster's CPU, its ended children's (added to it when it reaps them) and its
     living children's: a backend or autovacuum worker that ends between two points still
-    counts once."""
+    counts once. None when the connection's backend is not a process of this machine."""
     row = connection.execute("SELECT pg_backend_pid()").fetchone()
     assert row is not None
-    postmaster = _proc_stat(row[0])[1]  # the backend's parent
+    backend = Path(f"/proc/{row[0]}")
+    try:
+        if (backend / "comm").read_text().strip() != "postgres":
+            return None  # the same number names another process here
+        postmaster = _proc_stat(row[0])[1]  # the backend's parent
+    except OSError:  # no such process here
+        return None
     total = _process_cpu(_proc_stat(postmaster), reaped=True)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -321,7 +329,11 @@ def drain_costs(before: DrainPoint, after: DrainPoint) -> dict[str, Any]:
         "from": before.stored,
         "to": after.stored,
         "service_cpu_us": (after.service_cpu - before.service_cpu) / orders * 1e6,
-        "postgres_cpu_us": (after.postgres_cpu - before.postgres_cpu) / orders * 1e6,
+        "postgres_cpu_us": (
+            None
+            if after.postgres_cpu is None or before.postgres_cpu is None
+            else (after.postgres_cpu - before.postgres_cpu) / orders * 1e6
+        ),
         "machine_cpu_us": (after.machine_cpu - before.machine_cpu) / orders * 1e6,
         "cores_busy": (after.machine_cpu - before.machine_cpu) / (after.at - before.at),
         "statements_us": sum(ms for ms, _ in spent.values()) / orders * 1000,
