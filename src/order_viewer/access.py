@@ -12,9 +12,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import Counter
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from order_viewer.auth import (
     METRICS_READ,
@@ -44,17 +45,40 @@ ORDER_VIEW = "order_viewer.view"
 REALM = 'Bearer realm="order-viewer"'
 
 
-def request_header(scope: Scope, name: bytes) -> str | None:
+def raw_header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
-            return bytes(value).decode("latin-1")
+            return bytes(value)
     return None
+
+
+def request_header(scope: Scope, name: bytes) -> str | None:
+    value = raw_header(scope, name)
+    return None if value is None else value.decode("latin-1")
+
+
+View = Callable[[CachedOrder], CachedOrder]
+Headers = tuple[tuple[bytes, bytes], ...]
 
 
 def viewed(scope: Scope, found: CachedOrder) -> CachedOrder:
     """The order as the request's principal may see it."""
-    view: Callable[[CachedOrder], CachedOrder] | None = scope.get(ORDER_VIEW)
+    view: View | None = scope.get(ORDER_VIEW)
     return found if view is None else view(found)
+
+
+class OrdersInMemory(Protocol):
+    """The app in front of the framework, which answers the orders it holds in memory
+    (api.CachedOrders): the guard asks it directly, without wrapping its `send`."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    async def answer(
+        self, scope: Scope, send: Send, view: View | None, extra_headers: Headers
+    ) -> int | None:
+        """Answer a GET of /order/{id} if that order is in memory: the status sent, or None
+        with nothing sent."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -105,7 +129,7 @@ class AccessGuard:
     """ASGI wrapper that lets a request on a guarded route through only with a token that
     carries the route's scope, and writes one audit line per order read."""
 
-    def __init__(self, app: ASGIApp, policy: AccessPolicy, metrics: Metrics | None) -> None:
+    def __init__(self, app: OrdersInMemory, policy: AccessPolicy, metrics: Metrics | None) -> None:
         self._app = app
         self._authenticator = policy.authenticator
         self._limiter = policy.limiter
@@ -137,8 +161,10 @@ class AccessGuard:
             self._count_failure("rate_limited")
         else:
             try:
-                token = bearer_token(request_header(scope, b"authorization"))
-                principal = await self._authenticator.authenticate(token)
+                token = bearer_token(raw_header(scope, b"authorization"))
+                principal = self._authenticator.known(
+                    token
+                ) or await self._authenticator.authenticate(token)
             except AuthFailure as failure:
                 # No token guesses nothing, and a page loads without one before its sign-in:
                 # counted, a few tabs behind one address would lock everyone there out.
@@ -178,10 +204,17 @@ class AccessGuard:
     async def _pass(
         self, scope: Scope, receive: Receive, send: Send, principal: Principal, client: str
     ) -> None:
-        masked = not principal.sees_personal_data
-        if masked:
-            scope[ORDER_VIEW] = self._masked
-        if not scope["path"].startswith("/order/"):
+        view = None if principal.sees_personal_data else self._masked
+        one_order = scope["path"].startswith("/order/")
+        if one_order:
+            status = await self._app.answer(scope, send, view, _PRIVATE)
+            if status is not None:
+                audit_order_read(
+                    principal, scope["path"], status, _VIEW_NAMES[view is None], client
+                )
+                return
+        scope[ORDER_VIEW] = view
+        if not one_order:
             await self._app(scope, receive, send)
             return
         status = 500
@@ -190,23 +223,22 @@ class AccessGuard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                # Each principal's view has its own ETag; shared caches must keep none of them.
                 message["headers"] = [*message["headers"], *_PRIVATE]
             await send(message)
 
         try:
             await self._app(scope, receive, send_noting_status)
         finally:
-            audit_order_read(
-                principal, scope["path"], status, "masked" if masked else "whole", client
-            )
+            audit_order_read(principal, scope["path"], status, _VIEW_NAMES[view is None], client)
 
     def _count_failure(self, reason: str) -> None:
         if self._failures is not None:
             self._failures.labels(reason).inc()
 
 
-_PRIVATE = ((b"vary", b"Authorization"), (b"cache-control", b"private"))
+# Each principal's view has its own ETag; shared caches must keep none of them.
+_PRIVATE: Headers = ((b"vary", b"Authorization"), (b"cache-control", b"private"))
+_VIEW_NAMES = {False: "masked", True: "whole"}
 
 
 def _denial(

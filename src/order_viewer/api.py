@@ -18,7 +18,15 @@ from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from order_viewer.access import AccessGuard, AccessPolicy, request_header, viewed
+from order_viewer.access import (
+    ORDER_VIEW,
+    AccessGuard,
+    AccessPolicy,
+    Headers,
+    View,
+    request_header,
+    viewed,
+)
 from order_viewer.cache import CachedOrder
 from order_viewer.metrics import (
     DOCS_FILES,
@@ -266,28 +274,35 @@ class CachedOrders:
         self._stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
-            started = time.perf_counter()
-            path: str = scope["path"]
-            found = self._lookup.cached(path[7:]) if path.startswith("/order/") else None
-            if found is not None:
-                status, headers, body = order_reply(
-                    viewed(scope, found), request_header(scope, b"if-none-match")
-                )
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [
-                            (name.encode(), value.encode()) for name, value in headers.items()
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                if self._stats is not None:
-                    self._stats.record(ORDER_ROUTE, status, time.perf_counter() - started)
-                return
-        await self._app(scope, receive, send)
+        if (
+            scope["type"] != "http"
+            or not scope["path"].startswith("/order/")
+            or await self.answer(scope, send, scope.get(ORDER_VIEW), ()) is None
+        ):
+            await self._app(scope, receive, send)
+
+    async def answer(
+        self, scope: Scope, send: Send, view: View | None, extra_headers: Headers
+    ) -> int | None:
+        """Answer a GET of /order/{id} if that order is in memory, as `view` shows it, with
+        `extra_headers` too: the status sent, or None with nothing sent."""
+        if scope["method"] != "GET":
+            return None
+        started = time.perf_counter()
+        found = self._lookup.cached(scope["path"][7:])
+        if found is None:
+            return None
+        status, headers, body = order_reply(
+            found if view is None else view(found), request_header(scope, b"if-none-match")
+        )
+        encoded = [(name.encode(), value.encode()) for name, value in headers.items()]
+        if extra_headers:
+            encoded += extra_headers
+        await send({"type": "http.response.start", "status": status, "headers": encoded})
+        await send({"type": "http.response.body", "body": body})
+        if self._stats is not None:
+            self._stats.record(ORDER_ROUTE, status, time.perf_counter() - started)
+        return status
 
 
 def _version() -> str:

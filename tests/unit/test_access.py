@@ -13,7 +13,14 @@ from starlette.types import Message, Receive, Scope, Send
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer import bootstrap
-from order_viewer.access import AccessGuard, AccessPolicy, audit, audit_order_read
+from order_viewer.access import (
+    AccessGuard,
+    AccessPolicy,
+    Headers,
+    View,
+    audit,
+    audit_order_read,
+)
 from order_viewer.auth import (
     JWKS_RETRY_SECONDS,
     ORDERS_READ,
@@ -170,15 +177,29 @@ VALID = "valid-token"
 
 
 class OneToken:
+    def known(self, token: str) -> Principal | None:
+        return None  # every token through `authenticate`, as a JWT not seen before
+
     async def authenticate(self, token: str) -> Principal:
         if token != VALID:
             raise AuthFailure("unknown_token")
         return SUPPORT
 
 
-async def answer_ok(scope: Scope, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"{}"})
+class AnswersOk:
+    """An app that holds no order in memory and answers every request with a 200."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def answer(
+        self, scope: Scope, send: Send, view: View | None, extra_headers: Headers
+    ) -> int | None:
+        return None
+
+
+answer_ok = AnswersOk()
 
 
 def answer(

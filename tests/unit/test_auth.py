@@ -53,12 +53,13 @@ DIGEST = "a" * 64
 @pytest.mark.parametrize(
     ("header", "token"),
     [
-        ("Bearer abc", "abc"),
-        ("bearer abc.def-ghi_jkl~mno+pqr/stu==", "abc.def-ghi_jkl~mno+pqr/stu=="),
-        ("BEARER   abc ", "abc"),
+        (b"Bearer abc", "abc"),
+        (b"bearer abc.def-ghi_jkl~mno+pqr/stu==", "abc.def-ghi_jkl~mno+pqr/stu=="),
+        (b"BEARER   abc ", "abc"),
+        (b"Bearer !~", "!~"),  # the ends of the visible ASCII characters
     ],
 )
-def test_a_bearer_header_gives_its_token(header: str, token: str) -> None:
+def test_a_bearer_header_gives_its_token(header: bytes, token: str) -> None:
     assert bearer_token(header) == token
 
 
@@ -71,19 +72,23 @@ def test_no_header_is_a_missing_token() -> None:
 @pytest.mark.parametrize(
     "header",
     [
-        "",
-        "Bearer",
-        "Bearer ",
-        "Basic YWxpY2U6c2VjcmV0",
-        "Bearer a b",
-        "Bearer ünïcödé",
-        "Bearer abc\x00",
-        "Bearer\tabc",
-        "Bearerabc",
-        "Bearer " + "a" * 9000,
+        b"",
+        b"Bearer",
+        b"Bearer ",
+        b"Basic YWxpY2U6c2VjcmV0",
+        b"Bearer a b",
+        "Bearer ünïcödé".encode(),
+        "Bearer ünïcödé".encode("latin-1"),
+        b"Bearer abc\x00",
+        b"Bearer abc\x7f",
+        b"Bearer abc\x1f",
+        b"Bearer ab\tc",
+        b"Bearer\tabc",
+        b"Bearerabc",
+        b"Bearer " + b"a" * 9000,
     ],
 )
-def test_a_malformed_header_is_refused(header: str) -> None:
+def test_a_malformed_header_is_refused(header: bytes) -> None:
     with pytest.raises(AuthFailure) as failure:
         bearer_token(header)
     assert failure.value.reason == "malformed"
