@@ -14,21 +14,28 @@ import asyncio
 import cProfile
 import gc
 import io
+import logging
 import os
 import pstats
 import time
+from collections.abc import Callable
+from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from rich.progress import Progress
+from starlette.types import ASGIApp, Scope
 
 from benchmarks import bare_server
 from benchmarks.harness import Bench, console
+from order_viewer import logs as log_setup
+from order_viewer.access import access_policy
 from order_viewer.api import create_app
 from order_viewer.bootstrap import COLLECTOR_THRESHOLDS
 from order_viewer.cache import CachedOrder, OrderCache
+from order_viewer.config import Settings
 from order_viewer.metrics import Metrics
 from order_viewer.ports import Message, OrderSummary, StoredDocument
 from order_viewer.service import OrderLookup, prepare_batch
@@ -154,10 +161,8 @@ class _Ready:
         return {}
 
 
-def cache_hit_cost(bench: Bench, ids_file: Path) -> dict[str, float]:
-    """Microseconds one cache hit spends in the service's app (metrics on, no authentication)
-    and in the bare server's app, both over the same orders, called with a no-op send."""
-    ids = ids_file.read_text().split()
+def _cached(bench: Bench, ids: list[str]) -> tuple[OrderCache, dict[str, Any]]:
+    """A cache holding the stored orders of `ids`, and their bodies as the bare server's."""
     bodies = bare_server.stored_bodies(bench.database_url, ids)
     cache = OrderCache(len(ids))
     cache.put_written(
@@ -166,29 +171,112 @@ def cache_hit_cost(bench: Bench, ids_file: Path) -> dict[str, float]:
             for uid, (headers, body) in bodies.items()
         }
     )
-    service_app = create_app(OrderLookup(_NoReader(), cache), _Ready(), Metrics(cache))
-    apps = {"service": service_app, "bare": bare_server.bare_app(bodies)}
-    scopes = [
-        {"type": "http", "method": "GET", "path": f"/order/{uid}", "headers": [(b"host", b"x")]}
+    return cache, bodies
+
+
+def _hits(ids: list[str], token: str | None = None) -> list[Scope]:
+    """Requests for orders of `ids` as granian hands them over."""
+    headers = [(b"host", b"x")]
+    if token is not None:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    return [
+        {
+            "type": "http",
+            "method": "GET",
+            "path": f"/order/{uid}",
+            "headers": headers,
+            "client": ("127.0.0.1", 50000),
+        }
         for uid in ids[:1000]
     ]
 
-    async def send(_: object) -> None:
-        return None
 
-    async def receive() -> dict[str, object]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+async def _send(_: object) -> None:
+    return None
 
-    async def calls(app: Any) -> float:
-        started = time.perf_counter()
-        for number in range(HIT_CALLS):
-            await app(scopes[number % len(scopes)], receive, send)
-        return (time.perf_counter() - started) / HIT_CALLS * 1e6
+
+async def _receive() -> dict[str, object]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _microseconds_a_call(
+    app: ASGIApp, scopes: list[Scope], clock: Callable[[], float] = time.perf_counter
+) -> float:
+    started = clock()
+    for number in range(HIT_CALLS):
+        await app(scopes[number % len(scopes)], _receive, _send)
+    return (clock() - started) / HIT_CALLS * 1e6
+
+
+def cache_hit_cost(bench: Bench, ids_file: Path) -> dict[str, float]:
+    """Microseconds one cache hit spends in the service's app (metrics on, no authentication)
+    and in the bare server's app, both over the same orders, called with a no-op send."""
+    ids = ids_file.read_text().split()
+    cache, bodies = _cached(bench, ids)
+    service_app = create_app(OrderLookup(_NoReader(), cache), _Ready(), Metrics(cache))
+    apps = {"service": service_app, "bare": bare_server.bare_app(bodies)}
+    scopes = _hits(ids)
 
     async def best_of_three() -> dict[str, float]:
-        return {name: min([await calls(app) for _ in range(3)]) for name, app in apps.items()}
+        return {
+            name: min([await _microseconds_a_call(app, scopes) for _ in range(3)])
+            for name, app in apps.items()
+        }
 
     return asyncio.run(best_of_three())
+
+
+def auth_hit_cost(
+    bench: Bench, ids_file: Path, runs: dict[str, tuple[dict[str, str], str | None]], logs: Path
+) -> dict[str, float]:
+    """Microseconds of CPU one cache hit costs in the service's app (metrics on) with each of
+    `runs`' settings and bearer token, called with a no-op send, the audit lines going through
+    the service's log set-up to a file: the log writer's thread is counted too (its lines are
+    flushed before the clock stops). Best of three, taken in turns."""
+    ids = ids_file.read_text().split()
+    cache, _ = _cached(bench, ids)
+    apps: dict[str, tuple[ASGIApp, list[Scope], Settings]] = {}
+    for name, (environment, token) in runs.items():
+        # These variables as the service would read them (they come before the environment).
+        fields: dict[str, Any] = {key.lower(): value for key, value in environment.items()}
+        settings = Settings(_env_file=None, **fields)
+        app = create_app(
+            OrderLookup(_NoReader(), cache), _Ready(), Metrics(cache), access_policy(settings)
+        )
+        apps[name] = app, _hits(ids, token), settings
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+
+    async def cost(app: ASGIApp, scopes: list[Scope], settings: Settings) -> float:
+        with redirect_stderr(output):
+            log_setup.configure(settings.log_level, settings.log_format)
+        (handler,) = root.handlers
+        assert isinstance(handler, log_setup.BackgroundHandler)
+        try:
+            await _microseconds_a_call(app, scopes[:100])  # masked views made, keys fetched
+            handler.flush()
+            started = time.process_time()
+            await _microseconds_a_call(app, scopes, time.process_time)
+            handler.flush()
+            return (time.process_time() - started) / HIT_CALLS * 1e6
+        finally:
+            handler.stop()
+
+    async def best_of_three() -> dict[str, list[float]]:
+        costs: dict[str, list[float]] = {name: [] for name in apps}
+        for round_number in range(1, 4):
+            for name, (app, scopes, settings) in apps.items():
+                console.print(f"auth in-process, round {round_number} of 3: {name}")
+                costs[name].append(await cost(app, scopes, settings))
+        return costs
+
+    with (logs / "auth-in-process.log").open("w") as output:
+        try:
+            costs = asyncio.run(best_of_three())
+        finally:
+            root.handlers = saved[0]
+            root.setLevel(saved[1])
+    return {name: min(values) for name, values in costs.items()}
 
 
 def validation_by_collector_thresholds(
