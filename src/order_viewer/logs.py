@@ -7,13 +7,12 @@ import atexit
 import json
 import logging
 import math
-import queue
 import sys
 import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple, TextIO, TypeGuard
+from typing import Literal, TextIO
 
 # Context a log call may attach with `extra=`; the JSON lines carry them as fields of their own.
 CONTEXT_FIELDS = ("topic", "partition", "offset", "order_uid", "reason", "field")
@@ -32,9 +31,14 @@ _json_value = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
 class LineFormatter(logging.Formatter):
-    """A formatter that can also write the line of a record never made (see `Deferred`)."""
+    """A formatter that can also write the line of a record never made (see `sole_writer`).
 
-    def line(self, deferred: Deferred) -> str:
+    Lines are formatted by the threads that log, so its caches are replaced whole, never
+    changed in place, and read once per line."""
+
+    def line(
+        self, created: float, levelno: int, logger: str, message: str, context: Context
+    ) -> str:
         raise NotImplementedError
 
 
@@ -60,9 +64,10 @@ class JsonFormatter(LineFormatter):
             record.created, record.levelname, record.name, record.getMessage(), context
         )
 
-    def line(self, deferred: Deferred) -> str:
-        created, level, logger, message, context = deferred
-        return self._line(created, level, logger, message, context)
+    def line(
+        self, created: float, levelno: int, logger: str, message: str, context: Context
+    ) -> str:
+        return self._line(created, levelno, logger, message, context)
 
     def _line(
         self,
@@ -95,16 +100,21 @@ class JsonFormatter(LineFormatter):
         # the next one (the product's error is a tenth of a microsecond): those of one
         # millisecond share its text. At the edges, the text is made as below.
         inside = 0.002 <= in_milliseconds - millisecond <= 0.998
-        if inside and self._millisecond[0] == millisecond:
-            return self._millisecond[1]
+        cached = self._millisecond
+        if inside and cached[0] == millisecond:
+            return cached[1]
         # datetime's own rounding: the fraction to the nearest microsecond, half to even.
         fraction, whole = math.modf(created)
         micros = round(fraction * 1_000_000)
         second = int(whole) + micros // 1_000_000
-        if self._second[0] != second:
-            text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._second = (second, text)  # one assignment: a reader sees a pair that matches
-        text = f"{self._second[1]}.{micros % 1_000_000 // 1000:03d}+00:00"
+        up_to_second = self._second
+        if up_to_second[0] != second:
+            up_to_second = (
+                second,
+                datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+            )
+            self._second = up_to_second
+        text = f"{up_to_second[1]}.{micros % 1_000_000 // 1000:03d}+00:00"
         if inside:
             self._millisecond = (millisecond, text)
         return text
@@ -120,26 +130,28 @@ class ConsoleFormatter(LineFormatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self._clock(record.created, record.msecs)
 
-    def line(self, deferred: Deferred) -> str:
-        level_name = logging.getLevelName(deferred.levelno)
-        return (
-            f"{self._clock(deferred.created, _milliseconds(deferred.created))} {level_name:<7} "
-            f"{deferred.logger}: {deferred.message}"
-        )
+    def line(
+        self, created: float, levelno: int, logger: str, message: str, context: Context
+    ) -> str:
+        level_name = logging.getLevelName(levelno)
+        return f"{self._clock(created, _milliseconds(created))} {level_name:<7} {logger}: {message}"
 
     def _clock(self, created: float, milliseconds: float) -> str:
         # time.localtime takes the whole seconds of a timestamp, as int() does.
         second = int(created)
-        if self._second[0] != second:
-            text = time.strftime(self.default_time_format, self.converter(second))
-            self._second = (second, text)
-        return f"{self._second[1]},{int(milliseconds):03d}"
+        up_to_second = self._second
+        if up_to_second[0] != second:
+            up_to_second = (second, time.strftime(self.default_time_format, self.converter(second)))
+            self._second = up_to_second
+        return f"{up_to_second[1]},{int(milliseconds):03d}"
 
 
 def printable(text: str) -> str:
     """Text a client sent, which may be anything, escaped for a log line: what json.dumps
     writes for a string, without its quotes or its per-call checks, spaces too, so that no
     value can pass for the fields after it."""
+    if text.isascii() and text.isalnum():  # nothing to escape: most ids, at a tenth the cost
+        return text
     return _json_ascii(text)[1:-1].replace(" ", "\\u0020")
 
 
@@ -148,14 +160,8 @@ def _milliseconds(created: float) -> float:
     return int((created - int(created)) * 1000) + 0.0
 
 
-class Deferred(NamedTuple):
-    """A line logged without a LogRecord: what its formatter needs of one. See `sole_writer`."""
-
-    created: float
-    levelno: int
-    logger: str
-    message: str
-    context: tuple[tuple[str, object], ...]
+# The context fields of a line logged without a record, as (name, value) pairs.
+Context = tuple[tuple[str, object], ...]
 
 
 def sole_writer(logger: logging.Logger, level: int) -> BackgroundHandler | None:
@@ -182,29 +188,15 @@ def sole_writer(logger: logging.Logger, level: int) -> BackgroundHandler | None:
     return writer if writer is not None and level >= writer.level else None
 
 
-class _Flushed(threading.Event):
-    """Put in the queue by `flush`: set once every record queued before it is written."""
-
-
-class _Stop:
-    """Put in the queue by `stop`: the writer's last item."""
-
-
-_Item = logging.LogRecord | Deferred | _Flushed | _Stop
-
-
-def _has_line(item: _Item) -> TypeGuard[logging.LogRecord | Deferred]:
-    return isinstance(item, logging.LogRecord | Deferred)
-
-
 class BackgroundHandler(logging.Handler):
-    """Queues each record for a thread of its own, which formats what has come and writes it to
-    `stream` in one write: the thread that logs (the event loop, for the audit line of every
-    order read) pays for a record and a queue entry, not for formatting and a system call.
+    """Formats each record on the thread that logs it and leaves the line to a thread of its
+    own, which writes what has gathered in one write: the thread that logs (the event loop,
+    for the audit line of every order read) pays for its line, not for a system call, nor for
+    a queue entry and a hand-over to another thread per line.
 
-    At most `capacity` records wait; with the queue full, a thread that logs waits for room, so
-    when the output cannot keep up the service slows to its pace (as with a direct write to a
-    slow output) and no line is dropped. `flush` returns once every record queued before it is
+    At most `capacity` lines wait; with that many waiting, a thread that logs waits for room,
+    so when the output cannot keep up the service slows to its pace (as with a direct write to
+    a slow output) and no line is dropped. `flush` returns once every line logged before it is
     written, and `stop`, called at exit, writes what is pending: a stop (SIGTERM included)
     loses nothing.
     """
@@ -213,59 +205,55 @@ class BackgroundHandler(logging.Handler):
         super().__init__()
         self._stream = stream
         self._capacity = capacity
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._room = threading.Condition()
+        self._line_of = self._line_of_record
+        # Guards what follows; notified when lines or flushes arrive and when room is made.
+        self._gate = threading.Condition(threading.Lock())
+        self._lines: list[str] = []
+        self._flushes: list[threading.Event] = []
         self._stopped = False
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
         # Not left to logging.shutdown at exit: a dictConfig (granian's) makes logging forget
-        # the handlers it had, and the lines still queued were lost.
+        # the handlers it had, and the lines still pending were lost.
         atexit.register(self.stop)
 
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        super().setFormatter(fmt)
+        self._line_of = fmt.line if isinstance(fmt, LineFormatter) else self._line_of_record
+
     def emit(self, record: logging.LogRecord) -> None:
-        # The message as it reads now: its arguments may change before the writer formats it.
         try:
-            record.msg = record.getMessage()
+            line = self.format(record)
         except Exception:
             self.handleError(record)  # as a direct write would: reported, never raised
             return
-        record.args = None
-        # Handler.handle holds the handler's lock around emit.
-        self._enqueue(record)
+        self._add(line)
 
-    def defer(
-        self, level: int, logger: str, message: str, context: tuple[tuple[str, object], ...]
-    ) -> None:
+    def defer(self, level: int, logger: str, message: str, context: Context) -> None:
         """Write the line of a record of `logger` at `level` with this message and these
         context fields, without making the record: for a line so frequent that making and
         dispatching the record would be most of its cost (the audit line of every order read).
         Only where `sole_writer` names this handler: no other would see the line."""
-        # tuple.__new__ and the lock's own context: a NamedTuple's constructor and acquire()
-        # are Python calls, and this runs for every order read.
-        line = tuple.__new__(Deferred, (time.time(), level, logger, message, context))
-        with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
-            self._enqueue(line)
+        self._add(self._line_of(time.time(), level, logger, message, context))
 
-    def _enqueue(self, item: logging.LogRecord | Deferred) -> None:
-        """Queue a line for the writer, with the handler's lock held: one thread at a time gets
-        here, so the queue never exceeds its capacity."""
-        if self._stopped:  # a line after the exit hook (another hook's, a late thread's)
-            self._write_out([item])
-            return
-        if self._queue.qsize() >= self._capacity:
-            with self._room:
-                self._room.wait_for(lambda: self._queue.qsize() < self._capacity)
-        self._queue.put(item)
+    def _add(self, line: str) -> None:
+        with self._gate:
+            if len(self._lines) >= self._capacity:
+                self._gate.wait_for(lambda: len(self._lines) < self._capacity or self._stopped)
+            if self._stopped:  # a line after the exit hook (another hook's, a late thread's)
+                self._write_out([line])
+                return
+            if not self._lines:
+                self._gate.notify_all()  # the writer waits for a first line
+            self._lines.append(line)
 
     def flush(self) -> None:
-        flushed = _Flushed()
-        self.acquire()  # as in stop: the mark goes in before the end, or not at all
-        try:
-            if self._stopped:
+        flushed = threading.Event()
+        with self._gate:
+            if self._stopped:  # lines are written at once
                 return
-            self._queue.put(flushed)
-        finally:
-            self.release()
+            self._flushes.append(flushed)
+            self._gate.notify_all()
         flushed.wait()
 
     def close(self) -> None:
@@ -276,80 +264,56 @@ class BackgroundHandler(logging.Handler):
         super().close()
 
     def stop(self) -> None:
-        """Write what is pending and end the writer thread; later records are written at once."""
+        """Write what is pending and end the writer thread; later lines are written at once."""
         atexit.unregister(self.stop)
-        self.acquire()  # emit holds it: each record goes either before the end or after it
-        try:
+        with self._gate:
             if self._stopped:
                 return
             self._stopped = True
-            self._queue.put(_Stop())
-        finally:
-            self.release()
+            self._gate.notify_all()
         self._writer.join()
 
     def _write(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            with self._gate:
+                self._gate.wait_for(lambda: self._lines or self._flushes or self._stopped)
             # Each wake-up of this thread takes the GIL from the event loop: lines gathered
             # for a moment make one wake-up and one write for hundreds under load.
             time.sleep(GATHER_SECONDS)
-            # Single reader: whatever qsize counts is there to take.
-            batch += [self._queue.get_nowait() for _ in range(self._queue.qsize())]
-            with self._room:
-                self._room.notify_all()
-            if self._write_out(batch):
+            with self._gate:
+                lines, self._lines = self._lines, []
+                flushes, self._flushes = self._flushes, []
+                stopped = self._stopped
+                self._gate.notify_all()  # room for those waiting
+            if lines:
+                self._write_out(lines)
+            for flushed in flushes:
+                flushed.set()
+            if stopped:
                 return
 
-    def _write_out(self, items: list[_Item]) -> bool:
-        """Write the lines of `items`, then wake those waiting for a flush mark among them; true
-        when the end mark was there. One pass, each item told by its exact type: this runs for
-        every audit line."""
-        lines: list[str] = []
-        # sole_writer saw a LineFormatter; one set since then writes the record's line.
-        formatter = self.formatter
-        deferred_line = (
-            formatter.line if isinstance(formatter, LineFormatter) else self._line_of_record
-        )
-        flushed: list[_Flushed] = []
-        stopped = False
-        for item in items:
-            try:
-                if type(item) is Deferred:
-                    lines.append(deferred_line(item))
-                elif type(item) is _Flushed:
-                    flushed.append(item)
-                elif type(item) is _Stop:
-                    stopped = True
-                elif isinstance(item, logging.LogRecord):
-                    lines.append(self.format(item))
-            except Exception:
-                self.handleError(_record_of(item))  # type: ignore[arg-type]  # a line's item
-        if lines:
-            lines.append("")  # the last line's end
-            try:
-                self._stream.write("\n".join(lines))
-                self._stream.flush()
-            except Exception:
-                self.handleError(_record_of(next(filter(_has_line, items))))
-        for mark in flushed:
-            mark.set()
-        return stopped
+    def _write_out(self, lines: list[str]) -> None:
+        lines.append("")  # the last line's end
+        try:
+            self._stream.write("\n".join(lines))
+            self._stream.flush()
+        except Exception:
+            self.handleError(
+                logging.makeLogRecord(
+                    {"msg": "%d log lines not written", "args": (len(lines) - 1,)}
+                )
+            )
 
-    def _line_of_record(self, deferred: Deferred) -> str:
-        return self.format(_record_of(deferred))
-
-
-def _record_of(item: logging.LogRecord | Deferred) -> logging.LogRecord:
-    """The record a deferred line stands for, for a formatter of another kind or an error
-    report."""
-    if isinstance(item, logging.LogRecord):
-        return item
-    made = logging.LogRecord(item.logger, item.levelno, __file__, 0, item.message, None, None)
-    made.created = item.created
-    made.msecs = _milliseconds(item.created)
-    made.__dict__.update(item.context)
-    return made
+    def _line_of_record(
+        self, created: float, levelno: int, logger: str, message: str, context: Context
+    ) -> str:
+        """The line of a record made for a line logged without one, for a formatter of
+        another kind."""
+        made = logging.LogRecord(logger, levelno, __file__, 0, message, None, None)
+        made.created = created
+        made.msecs = _milliseconds(created)
+        made.__dict__.update(context)
+        return self.format(made)
 
 
 def configure(level: str, log_format: Literal["console", "json"]) -> None:

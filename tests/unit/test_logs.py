@@ -21,7 +21,6 @@ from order_viewer import logs
 from order_viewer.logs import (
     BackgroundHandler,
     ConsoleFormatter,
-    Deferred,
     JsonFormatter,
     sole_writer,
 )
@@ -153,15 +152,13 @@ def test_exceptions_are_written_in_both_formats() -> None:
 @pytest.mark.parametrize("text", HOSTILE)
 def test_a_deferred_line_is_the_line_of_its_record(text: str, created: float) -> None:
     """The line written without a record is, byte for byte, the one its record would give."""
-    deferred = Deferred(
-        created, logging.WARNING, "order_viewer.audit", text, (("order_uid", text),)
-    )
+    fields = (created, logging.WARNING, "order_viewer.audit", text, (("order_uid", text),))
     made = logging.LogRecord("order_viewer.audit", logging.WARNING, __file__, 1, text, (), None)
     made.created = created
     made.msecs = int((created - int(created)) * 1000) + 0.0
     made.order_uid = text
-    assert JsonFormatter().line(deferred) == JsonFormatter().format(made) == json_reference(made)
-    assert ConsoleFormatter().line(deferred) == logging.Formatter(CONSOLE_FORMAT).format(made)
+    assert JsonFormatter().line(*fields) == JsonFormatter().format(made) == json_reference(made)
+    assert ConsoleFormatter().line(*fields) == logging.Formatter(CONSOLE_FORMAT).format(made)
 
 
 class SlowStream(io.StringIO):
@@ -294,7 +291,7 @@ def test_a_record_that_cannot_be_formatted_spares_the_others(
     logger = logger_to(handler, "unformattable")
     logger.info("before")
     logger.info("%d", "not a number")  # fails at the call
-    logger.info("context", extra={"reason": Unprintable()})  # fails in the writer
+    logger.info("context", extra={"reason": Unprintable()})  # fails in the formatter
     logger.info("after")
     handler.flush()
     assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == [
