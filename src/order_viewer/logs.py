@@ -126,6 +126,8 @@ class ConsoleFormatter(LineFormatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         self._second: tuple[int, str] = (-1, "")
+        # What follows the time, up to the message, made once per level and logger.
+        self._heads: dict[tuple[int, str], str] = {}
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self._clock(record.created, record.msecs)
@@ -133,8 +135,11 @@ class ConsoleFormatter(LineFormatter):
     def line(
         self, created: float, levelno: int, logger: str, message: str, context: Context
     ) -> str:
-        level_name = logging.getLevelName(levelno)
-        return f"{self._clock(created, _milliseconds(created))} {level_name:<7} {logger}: {message}"
+        head = self._heads.get((levelno, logger))
+        if head is None:
+            head = f" {logging.getLevelName(levelno):<7} {logger}: "
+            self._heads[(levelno, logger)] = head
+        return f"{self._clock(created, _milliseconds(created))}{head}{message}"
 
     def _clock(self, created: float, milliseconds: float) -> str:
         # time.localtime takes the whole seconds of a timestamp, as int() does.
@@ -207,7 +212,9 @@ class BackgroundHandler(logging.Handler):
         self._capacity = capacity
         self._line_of = self._line_of_record
         # Guards what follows; notified when lines or flushes arrive and when room is made.
-        self._gate = threading.Condition(threading.Lock())
+        # Taken as the lock alone where nothing waits: a Condition's `with` is a Python call.
+        self._lock = threading.Lock()
+        self._gate = threading.Condition(self._lock)
         self._lines: list[str] = []
         self._flushes: list[threading.Event] = []
         self._stopped = False
@@ -237,7 +244,7 @@ class BackgroundHandler(logging.Handler):
         self._add(self._line_of(time.time(), level, logger, message, context))
 
     def _add(self, line: str) -> None:
-        with self._gate:
+        with self._lock:
             if len(self._lines) >= self._capacity:
                 self._gate.wait_for(lambda: len(self._lines) < self._capacity or self._stopped)
             if self._stopped:  # a line after the exit hook (another hook's, a late thread's)
