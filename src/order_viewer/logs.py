@@ -17,9 +17,9 @@ from typing import Literal, TextIO
 # Context a log call may attach with `extra=`; the JSON lines carry them as fields of their own.
 CONTEXT_FIELDS = ("topic", "partition", "offset", "order_uid", "reason", "field")
 
-# Records waiting for the writer at most (a record takes about 1 KiB): half a second of audit
-# lines at 20,000 reads/s, so a slow moment of the output does not reach the request path.
-QUEUE_CAPACITY = 10_000
+# Lines waiting for the writer at most (an audit line is about 200 bytes): half a second of
+# audit lines at 20,000 reads/s, so a slow moment of the output does not reach the request path.
+MAX_WAITING_LINES = 10_000
 # How long the writer lets lines gather before it writes them: the most a line waits.
 GATHER_SECONDS = 0.01
 
@@ -206,7 +206,7 @@ class BackgroundHandler(logging.Handler):
     loses nothing.
     """
 
-    def __init__(self, stream: TextIO, capacity: int = QUEUE_CAPACITY) -> None:
+    def __init__(self, stream: TextIO, capacity: int = MAX_WAITING_LINES) -> None:
         super().__init__()
         self._stream = stream
         self._capacity = capacity

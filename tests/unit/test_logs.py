@@ -201,7 +201,7 @@ def stream() -> Iterator[SlowStream]:
     made.release.set()  # no writer thread is left waiting
 
 
-def handler_on(stream: io.StringIO, capacity: int = logs.QUEUE_CAPACITY) -> BackgroundHandler:
+def handler_on(stream: io.StringIO, capacity: int = logs.MAX_WAITING_LINES) -> BackgroundHandler:
     handler = BackgroundHandler(stream, capacity)
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
