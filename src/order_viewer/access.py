@@ -46,19 +46,17 @@ REALM = 'Bearer realm="order-viewer"'
 
 
 def raw_header(scope: Scope, name: bytes) -> bytes | None:
+    """A request header's value as the client sent it; None when absent."""
     for key, value in scope["headers"]:
         if key == name:
             return bytes(value)
     return None
 
 
-def request_header(scope: Scope, name: bytes) -> str | None:
-    value = raw_header(scope, name)
-    return None if value is None else value.decode("latin-1")
-
-
 View = Callable[[CachedOrder], CachedOrder]
 Headers = tuple[tuple[bytes, bytes], ...]
+# A status and the two messages that send it.
+Answer = tuple[int, Message, Message]
 
 
 def viewed(scope: Scope, found: CachedOrder) -> CachedOrder:
@@ -73,11 +71,9 @@ class OrdersInMemory(Protocol):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
 
-    async def answer(
-        self, scope: Scope, send: Send, view: View | None, extra_headers: Headers
-    ) -> int | None:
-        """Answer a GET of /order/{id} if that order is in memory: the status sent, or None
-        with nothing sent."""
+    def answer(self, scope: Scope, view: View | None, extra_headers: Headers) -> Answer | None:
+        """The answer to a GET of /order/{id} when that order is in memory, for the caller to
+        send; None otherwise."""
         ...
 
 
@@ -189,8 +185,11 @@ class AccessGuard:
                     view = None if principal.sees_personal_data else self._masked
                     # The hot path: an order in memory, answered without a coroutine more.
                     if needed == ORDERS_READ and scope["path"].startswith("/order/"):
-                        status = await self._app.answer(scope, send, view, _PRIVATE)
-                        if status is not None:
+                        answer = self._app.answer(scope, view, _PRIVATE)
+                        if answer is not None:
+                            status = answer[0]
+                            await send(answer[1])
+                            await send(answer[2])
                             audit_order_read(
                                 principal, scope["path"], status, _VIEW_NAMES[view is None], client
                             )

@@ -22,9 +22,10 @@ from order_viewer.access import (
     ORDER_VIEW,
     AccessGuard,
     AccessPolicy,
+    Answer,
     Headers,
     View,
-    request_header,
+    raw_header,
     viewed,
 )
 from order_viewer.cache import CachedOrder
@@ -274,35 +275,43 @@ class CachedOrders:
         self._stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or not scope["path"].startswith("/order/")
-            or await self.answer(scope, send, scope.get(ORDER_VIEW), ()) is None
-        ):
+        answer = (
+            self.answer(scope, scope.get(ORDER_VIEW), ())
+            if scope["type"] == "http" and scope["path"].startswith("/order/")
+            else None
+        )
+        if answer is None:
             await self._app(scope, receive, send)
+            return
+        await send(answer[1])
+        await send(answer[2])
 
-    async def answer(
-        self, scope: Scope, send: Send, view: View | None, extra_headers: Headers
-    ) -> int | None:
-        """Answer a GET of /order/{id} if that order is in memory, as `view` shows it, with
-        `extra_headers` too: the status sent, or None with nothing sent."""
+    def answer(self, scope: Scope, view: View | None, extra_headers: Headers) -> Answer | None:
+        """The answer to a GET of /order/{id} when that order is in memory, as `view` shows it
+        with `extra_headers` too, and counted as answered; None otherwise. The caller sends its
+        two messages: made a coroutine, this cost a hit a twentieth more."""
         if scope["method"] != "GET":
             return None
         started = time.perf_counter()
         found = self._lookup.cached(scope["path"][7:])
         if found is None:
             return None
+        if_none_match = raw_header(scope, b"if-none-match")
         status, headers, body = order_reply(
-            found if view is None else view(found), request_header(scope, b"if-none-match")
+            found if view is None else view(found),
+            None if if_none_match is None else if_none_match.decode("latin-1"),
         )
         encoded = [(name.encode(), value.encode()) for name, value in headers.items()]
         if extra_headers:
             encoded += extra_headers
-        await send({"type": "http.response.start", "status": status, "headers": encoded})
-        await send({"type": "http.response.body", "body": body})
         if self._stats is not None:
+            # Before the sends, which only hand the two messages to the server.
             self._stats.record(ORDER_ROUTE, status, time.perf_counter() - started)
-        return status
+        return (
+            status,
+            {"type": "http.response.start", "status": status, "headers": encoded},
+            {"type": "http.response.body", "body": body},
+        )
 
 
 def _version() -> str:

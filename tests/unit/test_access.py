@@ -16,6 +16,7 @@ from order_viewer import bootstrap
 from order_viewer.access import (
     AccessGuard,
     AccessPolicy,
+    Answer,
     Headers,
     View,
     audit,
@@ -193,9 +194,7 @@ class AnswersOk:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    async def answer(
-        self, scope: Scope, send: Send, view: View | None, extra_headers: Headers
-    ) -> int | None:
+    def answer(self, scope: Scope, view: View | None, extra_headers: Headers) -> Answer | None:
         return None
 
 
