@@ -184,16 +184,24 @@ class AccessGuard:
                 if principal.may(needed):
                     view = None if principal.sees_personal_data else self._masked
                     # The hot path: an order in memory, answered without a coroutine more.
-                    if needed == ORDERS_READ and scope["path"].startswith("/order/"):
-                        answer = self._app.answer(scope, view, _PRIVATE)
-                        if answer is not None:
-                            status = answer[0]
+                    answer = (
+                        self._app.answer(scope, view, _PRIVATE)
+                        if scope["path"].startswith("/order/")
+                        else None
+                    )
+                    if answer is not None:
+                        try:
                             await send(answer[1])
                             await send(answer[2])
+                        finally:  # a client gone mid-answer may have read it: audited too
                             audit_order_read(
-                                principal, scope["path"], status, _VIEW_NAMES[view is None], client
+                                principal,
+                                scope["path"],
+                                answer[0],
+                                _VIEW_NAMES[view is None],
+                                client,
                             )
-                            return
+                        return
                     await self._pass(scope, receive, send, principal, view=view, client=client)
                     return
                 denial = _denial(

@@ -294,6 +294,78 @@ def test_no_access_policy_is_refused_when_the_settings_ask_for_authentication(
         bootstrap.build(settings, None)
 
 
+class OneOrderInMemory(AnswersOk):
+    """An app holding one order in memory, which notes how the guard asked for it."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[View | None, Headers]] = []
+
+    def answer(self, scope: Scope, view: View | None, extra_headers: Headers) -> Answer | None:
+        self.asked.append((view, extra_headers))
+        return (
+            200,
+            {"type": "http.response.start", "status": 200, "headers": list(extra_headers)},
+            {"type": "http.response.body", "body": b"{}"},
+        )
+
+
+def order_read(send: Send) -> tuple[list[tuple[View | None, Headers]], View]:
+    """A read of an order in memory with the support token: how the guard asked the app for
+    it, and the masked view the guard had to ask for."""
+    scope: Scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/order/b563",
+        "headers": [(b"authorization", f"Bearer {VALID}".encode())],
+        "client": ("203.0.113.9", 50000),
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    in_memory = OneOrderInMemory()
+    views = MaskedViews(10, None)
+    asyncio.run(
+        AccessGuard(in_memory, AccessPolicy(OneToken(), FailureLimiter(), views), None)(
+            scope, receive, send
+        )
+    )
+    return in_memory.asked, views.masked
+
+
+def test_an_order_in_memory_is_asked_for_in_the_principals_view_and_kept_private(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="order_viewer.audit")
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asked, masked = order_read(send)
+    ((view, extra_headers),) = asked
+    assert view == masked  # support reads orders masked
+    assert (b"vary", b"Authorization") in extra_headers
+    assert (b"cache-control", b"private") in extra_headers
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    (record,) = audit_records(caplog)
+    assert "order_uid=b563 status=200 view=masked" in record.getMessage()
+
+
+def test_an_order_read_from_memory_is_audited_though_the_client_left(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="order_viewer.audit")
+
+    async def send(message: Message) -> None:
+        raise OSError("the client left")
+
+    with pytest.raises(OSError, match="the client left"):
+        order_read(send)
+    (record,) = audit_records(caplog)
+    assert "order_uid=b563 status=200 view=masked" in record.getMessage()
+
+
 def test_the_masked_views_beside_the_cache_are_measured() -> None:
     metrics = Metrics(OrderCache(10))
     views = MaskedViews(10, None)
