@@ -6,6 +6,7 @@ depends on what another left behind and a developer's stack is never touched."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,11 +31,31 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from devstack import LocalStack, settings_from_env
+from order_viewer.logs import BackgroundHandler
 from order_viewer.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
 ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A test that runs a command in-process leaves the service's log set-up on the root
+    logger, writing to the test's captured stderr, which is closed after it: later tests'
+    lines would fail there. The set-up is taken down while that stream is still open."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        added = [h for h in root.handlers if h not in handlers]
+        for handler in added:
+            if isinstance(handler, BackgroundHandler):
+                handler.stop()
+        if added:
+            root.handlers[:] = handlers
+            root.setLevel(level)
 
 
 def free_port() -> int:
