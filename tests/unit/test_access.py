@@ -201,25 +201,30 @@ class AnswersOk:
 answer_ok = AnswersOk()
 
 
-def answer(
-    guard: AccessGuard, authorization: str | None, client: str = "203.0.113.9"
-) -> tuple[int, dict[bytes, bytes]]:
+def request(path: str, authorization: str | None, client: str = "203.0.113.9") -> Scope:
     headers = [] if authorization is None else [(b"authorization", authorization.encode())]
-    scope: Scope = {
+    return {
         "type": "http",
-        "path": "/orders",
+        "method": "GET",
+        "path": path,
         "headers": headers,
         "client": (client, 50000),
     }
-    sent: list[Message] = []
 
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
+
+async def receive() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def answer(
+    guard: AccessGuard, authorization: str | None, client: str = "203.0.113.9"
+) -> tuple[int, dict[bytes, bytes]]:
+    sent: list[Message] = []
 
     async def send(message: Message) -> None:
         sent.append(message)
 
-    asyncio.run(guard(scope, receive, send))
+    asyncio.run(guard(request("/orders", authorization, client), receive, send))
     return sent[0]["status"], dict(sent[0]["headers"])
 
 
@@ -312,24 +317,10 @@ class OneOrderInMemory(AnswersOk):
 def order_read(send: Send) -> tuple[list[tuple[View | None, Headers]], View]:
     """A read of an order in memory with the support token: how the guard asked the app for
     it, and the masked view the guard had to ask for."""
-    scope: Scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/order/b563",
-        "headers": [(b"authorization", f"Bearer {VALID}".encode())],
-        "client": ("203.0.113.9", 50000),
-    }
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
     in_memory = OneOrderInMemory()
     views = MaskedViews(10, None)
-    asyncio.run(
-        AccessGuard(in_memory, AccessPolicy(OneToken(), FailureLimiter(), views), None)(
-            scope, receive, send
-        )
-    )
+    guarded = AccessGuard(in_memory, AccessPolicy(OneToken(), FailureLimiter(), views), None)
+    asyncio.run(guarded(request("/order/b563", f"Bearer {VALID}"), receive, send))
     return in_memory.asked, views.masked
 
 
