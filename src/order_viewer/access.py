@@ -198,7 +198,7 @@ class AccessGuard:
                                 principal,
                                 scope["path"],
                                 answer[0],
-                                _VIEW_NAMES[view is None],
+                                _view_name(view),
                                 client,
                             )
                         return
@@ -244,7 +244,7 @@ class AccessGuard:
         try:
             await self._app(scope, receive, send_noting_status)
         finally:
-            audit_order_read(principal, scope["path"], status, _VIEW_NAMES[view is None], client)
+            audit_order_read(principal, scope["path"], status, _view_name(view), client)
 
     def _count_failure(self, reason: str) -> None:
         if self._failures is not None:
@@ -253,7 +253,11 @@ class AccessGuard:
 
 # Each principal's view has its own ETag; shared caches must keep none of them.
 _PRIVATE: Headers = ((b"vary", b"Authorization"), (b"cache-control", b"private"))
-_VIEW_NAMES = {False: "masked", True: "whole"}
+
+
+def _view_name(view: View | None) -> str:
+    """How the audit line names the view: no view is the order whole."""
+    return "whole" if view is None else "masked"
 
 
 def _denial(
