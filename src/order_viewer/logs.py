@@ -1,5 +1,5 @@
 """Log set-up: readable lines for a terminal, or one JSON object per line for a collector,
-formatted and written by a thread of their own."""
+formatted by the thread that logs and written by a thread of their own."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class LineFormatter(logging.Formatter):
 
 class JsonFormatter(LineFormatter):
     """The fields in a fixed order, as `json.dumps` of a dict would write them, built from
-    string literals: the writer formats every audit line, and a generic encoder per line cost
+    string literals: every order read has an audit line, and a generic encoder per line cost
     several times the rest of the line."""
 
     def __init__(self) -> None:
