@@ -12,13 +12,11 @@ import csv
 import gc
 import io
 import itertools
-import logging
 import os
 import re
 import tempfile
 import time
 import tracemalloc
-from contextlib import redirect_stderr
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +45,6 @@ from benchmarks.harness import (
 )
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import bootstrap
-from order_viewer import logs as log_setup
 from order_viewer.access import audit_order_read
 from order_viewer.auth import ORDERS_READ_PII, Principal, new_token, token_digest
 from order_viewer.cache import OrderCache
@@ -508,27 +505,19 @@ def auth_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
 
 def audit_line_cost(log_format: Literal["console", "json"], logs_dir: Path) -> dict[str, float]:
     """Microseconds per audit line with the service's log set-up, in this process: on the thread
-    that logs (in the service, the event loop) and in CPU of all threads (the writer's
-    formatting and writes included). Steadier than wrk on a shared machine."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
+    that logs (in the service, the event loop), which formats the line, and in CPU of all
+    threads (the writer's writes included). Steadier than wrk on a shared machine."""
     principal = Principal("whole", frozenset({ORDERS_READ_PII}))
-    with (logs_dir / f"audit-{log_format}.log").open("w") as output:
-        with redirect_stderr(output):
-            log_setup.configure("INFO", log_format)
-        (handler,) = root.handlers
-        assert isinstance(handler, log_setup.BackgroundHandler)
-        try:
-            thread, process = time.thread_time(), time.process_time()
-            for number in range(AUDIT_LINES):
-                audit_order_read(principal, f"/order/{number:020d}", 200, "whole", "127.0.0.1")
-            thread = time.thread_time() - thread
-            handler.flush()
-            process = time.process_time() - process
-        finally:
-            handler.stop()
-            root.handlers = saved[0]
-            root.setLevel(saved[1])
+    with (
+        (logs_dir / f"audit-{log_format}.log").open("w") as output,
+        profiles.service_logging("INFO", log_format, output) as handler,
+    ):
+        thread, process = time.thread_time(), time.process_time()
+        for number in range(AUDIT_LINES):
+            audit_order_read(principal, f"/order/{number:020d}", 200, "whole", "127.0.0.1")
+        thread = time.thread_time() - thread
+        handler.flush()
+        process = time.process_time() - process
     return {"thread_us": thread / AUDIT_LINES * 1e6, "process_us": process / AUDIT_LINES * 1e6}
 
 
