@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from importlib.metadata import version
 from pathlib import Path
@@ -137,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--dry-run", action="store_true", help="count what would be sent, send nothing"
     )
+    replay.add_argument(
+        "--unverified",
+        action="store_true",
+        help="also send the dead letters whose original record is not in the orders topic with "
+        "their key and value, e.g. once retention removed it: only if everyone who can write "
+        "the dead-letter topic is trusted",
+    )
     replay.set_defaults(run=_dlq_replay)
     return parser
 
@@ -245,19 +253,35 @@ def _dlq_replay(settings: Settings, arguments: argparse.Namespace) -> int:
     selection = dlq.Selection(arguments.reason, arguments.since, arguments.until)
     try:
         summary = dlq.replay(
-            settings, selection, dry_run=arguments.dry_run, interactive=sys.stderr.isatty()
+            settings,
+            selection,
+            dry_run=arguments.dry_run,
+            send_unverified=arguments.unverified,
+            interactive=sys.stderr.isatty(),
         )
     except dlq.DeadLetterToolError as error:
         print(f"order-viewer: {error}", file=sys.stderr)
         return 1
-    skipped = ", ".join(f"{count} {why}" for why, count in summary.skipped.items()) or "none"
     action = "would send" if arguments.dry_run else "sent"
-    sent = summary.selected - summary.skipped.total() if arguments.dry_run else summary.sent
+    sent = summary.sendable if arguments.dry_run else summary.sent
+    unverified = "none"
+    if summary.unverified:
+        fate = (
+            ("would be sent" if arguments.dry_run else "sent")
+            if arguments.unverified
+            else "skipped"
+        )
+        unverified = f"{summary.unverified.total()} {fate} ({_counts(summary.unverified)})"
     print(
         f"{summary.selected} dead letters selected; {action} {sent} to {settings.kafka_topic} "
-        f"in {summary.seconds:.2f} s; skipped: {skipped}; {summary.failed} failed"
+        f"in {summary.seconds:.2f} s; unverified: {unverified}; "
+        f"skipped: {_counts(summary.skipped) or 'none'}; {summary.failed} failed"
     )
     return 1 if summary.failed else 0
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{counter[what]} {what}" for what in sorted(counter))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,18 @@ back to the orders topic once what rejected them is fixed.
 Both read the topic from its start (a replay with a time range: from where the range begins)
 to its end as it is when they begin (or where the range ends), with partitions
 assigned by hand under a consumer group of their own that commits nothing: the service's group
-and its offsets are never touched.
+and its offsets are never touched. A replay sends back only genuine dead letters: those whose
+original, the record their `source.*` headers name, is still in the orders topic with the same
+key and value (anyone who can write the dead-letter topic can write any record there).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -29,6 +32,35 @@ KNOWN_REASONS = (*REASON_CODES, DB_REJECTED)
 REPLAYED_FROM = "replayed.from"
 # Said of a dead letter without an error.code header: not one this service wrote.
 NO_REASON = "(none)"
+# The headers the service writes on a dead letter to name its original.
+SOURCE_HEADERS = ("source.topic", "source.partition", "source.offset")
+
+# Why a dead letter is unverified: its original cannot be shown to be in the orders topic.
+NO_SOURCE = "source headers missing or malformed"
+OTHER_TOPIC = "source in another topic"
+# Below the partition's first offset: removed by retention (or by deleting records).
+ORIGINAL_REMOVED = "original removed"
+# At or beyond the partition's end, in a partition the topic does not have, or an offset
+# without a record (compacted away, a transaction marker, an aborted write).
+ORIGINAL_MISSING = "original not in the topic"
+NOT_THE_ORIGINAL = "key or value differ from the original"
+
+# Canonical decimals as the service writes them, short enough for a partition (int32) and an
+# offset (int64): no sign, no leading zero, no spaces, underscores or non-ASCII digits, and
+# never thousands of digits for int() to parse.
+_PARTITION = re.compile(rb"0|[1-9][0-9]{0,9}")
+_OFFSET = re.compile(rb"0|[1-9][0-9]{0,18}")
+LARGEST_PARTITION = 2**31 - 1
+LARGEST_OFFSET = 2**63 - 1
+
+# Dead letters verified by one look-up: it holds them, and keeps none of the originals it reads
+# (each is compared as it arrives), so memory stays bounded however large the topics are.
+LOOKUP_LETTERS = 1000
+LOOKUP_BYTES = 64 * 1024 * 1024
+# How long a look-up waits for the next original to be read before it gives up.
+LOOKUP_SECONDS = 30.0
+# Originals further apart than this in a partition are reached by seeking, not read through.
+SEEK_GAP = 500
 
 
 class DeadLetterToolError(Exception):
@@ -55,6 +87,9 @@ class DeadLetter:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+    # Names of the headers that came more than once (`headers` keeps the last): the service
+    # writes each once.
+    repeated: frozenset[str] = frozenset()
 
     @property
     def reason(self) -> str:
@@ -95,25 +130,203 @@ class ReplaySummary:
     # Dead letters read: with a time range, only those from where it begins to where it ends.
     read: int = 0
     selected: int = 0
+    # Selected, not skipped: sent or failed, or in a dry run, what would be sent.
+    sendable: int = 0
     sent: int = 0
     failed: int = 0
-    # reason for not sending -> how many
+    # reason for not sending, unverified aside -> how many
     skipped: Counter[str] = field(default_factory=Counter)
+    # why the original could not be confirmed -> how many (sendable only when asked for)
+    unverified: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
 
 def stats(settings: Settings, interactive: bool) -> dict[str, ReasonStats]:
     """How many dead letters of each reason code, and when the first and last were written."""
     by_reason: dict[str, ReasonStats] = {}
-    for letter in _read(settings, "counting", interactive):
-        entry = by_reason.setdefault(letter.reason, ReasonStats())
-        entry.count += 1
-        if letter.timestamp is not None:
-            if entry.first is None or letter.timestamp < entry.first:
-                entry.first = letter.timestamp
-            if entry.last is None or letter.timestamp > entry.last:
-                entry.last = letter.timestamp
+    with _progress(interactive) as progress:
+        for letter in _read(settings, progress, "counting"):
+            entry = by_reason.setdefault(letter.reason, ReasonStats())
+            entry.count += 1
+            if letter.timestamp is not None:
+                if entry.first is None or letter.timestamp < entry.first:
+                    entry.first = letter.timestamp
+                if entry.last is None or letter.timestamp > entry.last:
+                    entry.last = letter.timestamp
     return dict(sorted(by_reason.items()))
+
+
+class Unverified(Exception):
+    """A dead letter's original cannot be shown to be in the orders topic; the message says why."""
+
+
+def source(letter: DeadLetter, orders_topic: str) -> tuple[int, int]:
+    """The partition and offset of the record of `orders_topic` that `letter` says it is a copy
+    of, read from the headers the service writes, each once and as the service writes it."""
+    if any(name not in letter.headers or name in letter.repeated for name in SOURCE_HEADERS):
+        raise Unverified(NO_SOURCE)
+    topic, partition, offset = (letter.headers[name] for name in SOURCE_HEADERS)
+    if topic != orders_topic.encode():
+        raise Unverified(OTHER_TOPIC)
+    if not (_PARTITION.fullmatch(partition) and _OFFSET.fullmatch(offset)):
+        raise Unverified(NO_SOURCE)
+    if int(partition) > LARGEST_PARTITION or int(offset) > LARGEST_OFFSET:
+        raise Unverified(NO_SOURCE)
+    return int(partition), int(offset)
+
+
+class Reader(Protocol):
+    """What a look-up of originals asks of a Kafka consumer."""
+
+    def list_topics(self, topic: str, *, timeout: float) -> Any: ...
+
+    def get_watermark_offsets(self, partition: Any, *, timeout: float) -> tuple[int, int]: ...
+
+    def assign(self, partitions: list[Any]) -> None: ...
+
+    def seek(self, partition: Any) -> None: ...
+
+    def pause(self, partitions: list[Any]) -> None: ...
+
+    def resume(self, partitions: list[Any]) -> None: ...
+
+    def poll(self, timeout: float) -> Any: ...
+
+    def consume(self, num_messages: int, *, timeout: float) -> list[Any]: ...
+
+    def position(self, partitions: list[Any]) -> list[Any]: ...
+
+
+class Originals:
+    """Tells whether dead letters are genuine: the record each names is still in the orders
+    topic with the dead letter's key and value. One consumer, assigned by hand, reads the named
+    offsets of each partition in order, seeking over wide gaps, and pauses a partition once
+    nothing more is wanted of it; a look-up that reads nothing wanted for `time_limit` seconds
+    is an error."""
+
+    def __init__(
+        self, consumer: Reader, topic: str, progress: Progress, time_limit: float = LOOKUP_SECONDS
+    ) -> None:
+        self._consumer = consumer
+        self._topic = topic
+        self._progress = progress
+        self._task = progress.add_task("verifying", total=0)
+        self._asked = 0
+        self._time_limit = time_limit
+
+    def unverified(self, letters: Sequence[DeadLetter]) -> list[str | None]:
+        """For each letter, why it is unverified, or None when its original is there."""
+        self._asked += len(letters)
+        self._progress.update(self._task, total=self._asked)
+        lookup = _Lookup(letters, self._topic, lambda: self._progress.advance(self._task))
+        if lookup.queues:
+            lookup.bound(_partition_ends(self._consumer, self._topic))
+        if lookup.queues:
+            self._read(lookup)
+        return lookup.verdicts
+
+    def _read(self, lookup: _Lookup) -> None:
+        queues = lookup.queues
+        assigned = [TopicPartition(self._topic, p, queue[0]) for p, queue in queues.items()]
+        self._consumer.assign(assigned)
+        # An earlier look-up paused what it had finished reading; assigned again, it stays so.
+        self._consumer.resume(assigned)
+
+        def done(partition: int) -> None:
+            del queues[partition]
+            self._consumer.pause([TopicPartition(self._topic, partition)])
+
+        deadline = time.monotonic() + self._time_limit
+        while queues:
+            settled = 0
+            timeout = min(1.0, max(0.0, deadline - time.monotonic()))
+            for message in _arrived(self._consumer, timeout):
+                if not _usable(message, self._topic) or message.partition() not in queues:
+                    continue
+                partition, offset = message.partition(), message.offset()
+                settled += lookup.read(partition, offset, message)
+                queue = queues[partition]
+                if not queue:
+                    done(partition)
+                elif queue[0] - offset > SEEK_GAP:
+                    self._consumer.seek(TopicPartition(self._topic, partition, queue[0]))
+            # By position too: offsets without a record, last in a partition, send nothing after.
+            for position in self._consumer.position(
+                [TopicPartition(self._topic, p) for p in queues]
+            ):
+                settled += lookup.read(position.partition, position.offset, None)
+                if not queues[position.partition]:
+                    done(position.partition)
+            if settled:
+                deadline = time.monotonic() + self._time_limit
+            elif queues and time.monotonic() >= deadline:
+                partition, queue = next(iter(queues.items()))
+                raise DeadLetterToolError(
+                    f"looking up dead letters' originals in {self._topic}: nothing read for "
+                    f"{self._time_limit:g} s (partition {partition} offset {queue[0]} awaited)"
+                )
+
+
+class _Lookup:
+    """The dead letters of one look-up, by the partition and offset they name, and the verdicts
+    on them as the records there are read."""
+
+    def __init__(
+        self, letters: Sequence[DeadLetter], topic: str, advance: Callable[[], object]
+    ) -> None:
+        self.letters = letters
+        self.verdicts: list[str | None] = [None] * len(letters)
+        self._advance = advance
+        # partition -> offset -> the letters that name it (a message dead-lettered twice, when
+        # a crash had it delivered again, has two)
+        self._naming: dict[int, dict[int, list[int]]] = {}
+        for index, letter in enumerate(letters):
+            try:
+                partition, offset = source(letter, topic)
+            except Unverified as why:
+                self.verdicts[index] = str(why)
+                advance()
+                continue
+            self._naming.setdefault(partition, {}).setdefault(offset, []).append(index)
+        # partition -> its named offsets still to read, in order
+        self.queues = {p: deque(sorted(named)) for p, named in self._naming.items()}
+
+    def bound(self, ends: dict[int, tuple[int, int]]) -> None:
+        """Settle the offsets outside the partitions' `ends` (first, next): nothing to read."""
+        for partition, queue in list(self.queues.items()):
+            # A partition the topic does not have ends where it begins: nothing is in it.
+            low, high = ends.get(partition, (0, 0))
+            for offset in [o for o in queue if not low <= o < high]:
+                self._settle(
+                    partition, offset, ORIGINAL_REMOVED if offset < low else ORIGINAL_MISSING
+                )
+            self.queues[partition] = deque(o for o in queue if low <= o < high)
+            if not self.queues[partition]:
+                del self.queues[partition]
+
+    def read(self, partition: int, offset: int, original: Any | None) -> int:
+        """The consumer is at `offset` of `partition`, with the record there (`original`) or,
+        from its position, without: settle the offsets passed and the one read. How many."""
+        queue = self.queues[partition]
+        settled = 0
+        while queue and queue[0] < offset:
+            self._settle(partition, queue.popleft(), ORIGINAL_MISSING)
+            settled += 1
+        if original is not None and queue and queue[0] == offset:
+            queue.popleft()
+            key, value = original.key(), original.value()
+            for index in self._naming[partition].pop(offset):
+                letter = self.letters[index]
+                if (letter.key, letter.value) != (key, value):
+                    self.verdicts[index] = NOT_THE_ORIGINAL
+                self._advance()
+            settled += 1
+        return settled
+
+    def _settle(self, partition: int, offset: int, why: str) -> None:
+        for index in self._naming[partition].pop(offset):
+            self.verdicts[index] = why
+            self._advance()
 
 
 class Sender(Protocol):
@@ -138,33 +351,55 @@ class Sender(Protocol):
 FLUSH_SECONDS = 60.0
 
 
+class Verifier(Protocol):
+    """What a replay asks of the look-up of originals."""
+
+    def unverified(self, letters: Sequence[DeadLetter]) -> list[str | None]: ...
+
+
 def replay(
-    settings: Settings, selection: Selection, *, dry_run: bool, interactive: bool
+    settings: Settings,
+    selection: Selection,
+    *,
+    dry_run: bool,
+    send_unverified: bool,
+    interactive: bool,
 ) -> ReplaySummary:
     """Send the selected dead letters' original key and value back to the orders topic, each
     with a `replayed.from` header naming its dead letter (topic/partition/offset). Storing is
     idempotent, so replaying the same dead letters again stores nothing twice. Skipped: dead
-    letters without a reason (not written by this service) and those whose value was too large
-    to keep (sent back, they would be tombstones)."""
-    return send_back(
-        _read(settings, "replaying", interactive, selection.since, selection.until),
-        selection,
-        None if dry_run else _producer(settings),
-        orders_topic=settings.kafka_topic,
-        dead_letter_topic=settings.kafka_dlq_topic,
-    )
+    letters without a reason (not written by this service), those whose value was too large
+    to keep (sent back, they would be tombstones) and, unless `send_unverified`, those whose
+    original is not in the orders topic as they have it (`Originals`)."""
+    lookups = _consumer(settings, **{"auto.offset.reset": "earliest"})
+    try:
+        with _progress(interactive) as progress:
+            return send_back(
+                _read(settings, progress, "replaying", selection.since, selection.until),
+                selection,
+                Originals(lookups, settings.kafka_topic, progress),
+                None if dry_run else _producer(settings),
+                send_unverified=send_unverified,
+                orders_topic=settings.kafka_topic,
+                dead_letter_topic=settings.kafka_dlq_topic,
+            )
+    finally:
+        lookups.close()
 
 
 def send_back(
     letters: Iterable[DeadLetter],
     selection: Selection,
+    originals: Verifier,
     producer: Sender | None,
     *,
+    send_unverified: bool,
     orders_topic: str,
     dead_letter_topic: str,
 ) -> ReplaySummary:
-    """`replay` over dead letters already read; without a producer, a dry run. What the broker
-    has not acknowledged when the final flush gives up counts as failed: it is dropped."""
+    """`replay` over dead letters already read; without a producer, a dry run, which verifies
+    and counts alike. What the broker has not acknowledged when the final flush gives up counts
+    as failed: it is dropped."""
     started = time.perf_counter()
     summary = ReplaySummary()
 
@@ -174,47 +409,95 @@ def send_back(
         else:
             summary.failed += 1
 
-    for letter in letters:
-        summary.read += 1
-        if letter not in selection:
-            continue
-        summary.selected += 1
-        if letter.reason == NO_REASON:
-            summary.skipped["no error.code header"] += 1
-            continue
-        if "error.value_dropped" in letter.headers:
-            summary.skipped["value not kept"] += 1
-            continue
-        if producer is None:
-            continue
-        origin = f"{dead_letter_topic}/{letter.partition}/{letter.offset}"
-        while True:
-            try:
-                producer.produce(
-                    orders_topic,
-                    key=letter.key,
-                    value=letter.value,
-                    headers=[(REPLAYED_FROM, origin.encode())],
-                    on_delivery=delivered,
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
+    def to_verify() -> Iterator[DeadLetter]:
+        for letter in letters:
+            summary.read += 1
+            if letter not in selection:
+                continue
+            summary.selected += 1
+            if letter.reason == NO_REASON:
+                summary.skipped["no error.code header"] += 1
+            elif "error.value_dropped" in letter.headers:
+                summary.skipped["value not kept"] += 1
+            else:
+                yield letter
+
+    for batch in _batches(to_verify()):
+        for letter, why in zip(batch, originals.unverified(batch), strict=True):
+            if why is not None:
+                summary.unverified[why] += 1
+                if not send_unverified:
+                    continue
+            summary.sendable += 1
+            if producer is None:
+                continue
+            origin = f"{dead_letter_topic}/{letter.partition}/{letter.offset}"
+            while True:
+                try:
+                    producer.produce(
+                        orders_topic,
+                        key=letter.key,
+                        value=letter.value,
+                        headers=[(REPLAYED_FROM, origin.encode())],
+                        on_delivery=delivered,
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            producer.poll(0)
     if producer is not None:
         summary.failed += producer.flush(FLUSH_SECONDS)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
+def _batches(letters: Iterable[DeadLetter]) -> Iterator[list[DeadLetter]]:
+    """The letters in lists of up to LOOKUP_LETTERS, and of LOOKUP_BYTES of keys and values
+    unless one letter alone is larger."""
+    batch: list[DeadLetter] = []
+    size = 0
+    for letter in letters:
+        length = len(letter.key or b"") + len(letter.value or b"")
+        if batch and (len(batch) == LOOKUP_LETTERS or size + length > LOOKUP_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(letter)
+        size += length
+    if batch:
+        yield batch
+
+
 def _producer(settings: Settings) -> Producer:
     return Producer(client_config(settings, **DEAD_LETTER_PRODUCER, **{"linger.ms": 20}))
 
 
+def _consumer(settings: Settings, **extra: Any) -> Consumer:
+    """A consumer of partitions assigned by hand, in a group of its own that commits nothing."""
+    return Consumer(
+        client_config(
+            settings,
+            **{
+                "group.id": f"order-viewer-dlq-tool-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                **extra,
+            },
+        )
+    )
+
+
+def _progress(interactive: bool) -> Progress:
+    """A bar per task on stderr in a terminal; nothing otherwise."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), disable=not interactive, console=Console(stderr=True),
+    )  # fmt: skip
+
+
 def _read(
     settings: Settings,
+    progress: Progress,
     verb: str,
-    interactive: bool,
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> Iterator[DeadLetter]:
@@ -224,18 +507,11 @@ def _read(
     a large topic is not read whole. Time stamps not in order within a partition may leave a
     letter of the range out of it: the dead-letter writer stamps each when it sends it."""
     topic = settings.kafka_dlq_topic
-    consumer = Consumer(
-        client_config(
-            settings,
-            **{
-                "group.id": f"order-viewer-dlq-tool-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-            },
-        )
-    )
+    consumer = _consumer(settings)
     try:
         ends = _partition_ends(consumer, topic)
+        if not ends:
+            raise DeadLetterToolError(f"the dead-letter topic {topic} does not exist")
         if since is not None:
             starts = _first_at(consumer, topic, ends, since)
             ends = {p: (max(low, starts[p]), high) for p, (low, high) in ends.items()}
@@ -248,41 +524,54 @@ def _read(
         )
         remaining = {p: high for p, (low, high) in ends.items() if high > low}
         read = 0
-        with Progress(
-            TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            disable=not interactive, console=Console(stderr=True),
-        ) as progress:  # fmt: skip
-            task = progress.add_task(topic, total=total)
-            while remaining:
-                for message in consumer.consume(500, timeout=1.0):
-                    error = message.error()
-                    if error is not None:
-                        if error.fatal() or not error.retriable():
-                            raise DeadLetterToolError(f"reading {topic}: {error.str()}")
-                        continue
-                    partition, offset = message.partition(), message.offset()
-                    assert partition is not None
-                    assert offset is not None
-                    if partition not in remaining or offset >= remaining[partition]:
-                        continue
-                    read += 1
-                    progress.update(task, completed=read)
-                    yield _dead_letter(message, partition, offset)
-                # By position rather than by the last message's offset: offsets without a
-                # message (transaction markers, compaction) would otherwise be waited for.
-                for position in consumer.position([TopicPartition(topic, p) for p in remaining]):
-                    if position.offset >= remaining[position.partition]:
-                        del remaining[position.partition]
+        task = progress.add_task(verb, total=total)
+        while remaining:
+            for message in _arrived(consumer, 1.0):
+                if not _usable(message, topic):
+                    continue
+                partition, offset = message.partition(), message.offset()
+                assert partition is not None
+                assert offset is not None
+                if partition not in remaining or offset >= remaining[partition]:
+                    continue
+                read += 1
+                progress.update(task, completed=read)
+                yield _dead_letter(message, partition, offset)
+            # By position rather than by the last message's offset: offsets without a
+            # message (transaction markers, compaction) would otherwise be waited for.
+            for position in consumer.position([TopicPartition(topic, p) for p in remaining]):
+                if position.offset >= remaining[position.partition]:
+                    del remaining[position.partition]
     finally:
         consumer.close()
 
 
-def _partition_ends(consumer: Consumer, topic: str) -> dict[int, tuple[int, int]]:
-    """Each partition's first and next offset, as the tool begins."""
+def _arrived(consumer: Reader, timeout: float) -> list[Any]:
+    """The next message, waited for up to `timeout` seconds, with those already arrived behind
+    it: a batch of `consume` would wait the whole timeout for a full batch, which a look-up that
+    seeks from one original to the next, or the end of a topic, never fills."""
+    first = consumer.poll(timeout)
+    return [] if first is None else [first, *consumer.consume(499, timeout=0)]
+
+
+def _usable(message: Any, topic: str) -> bool:
+    """Whether `message` is a record rather than an error the client recovers from by itself;
+    any other error ends the command."""
+    error = message.error()
+    if error is None:
+        return True
+    if error.fatal() or not error.retriable():
+        raise DeadLetterToolError(f"reading {topic}: {error.str()}")
+    return False
+
+
+def _partition_ends(consumer: Reader, topic: str) -> dict[int, tuple[int, int]]:
+    """Each partition's first and next offset, as the tool begins; none if the topic does not
+    exist."""
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if metadata is None or metadata.error is not None:
-            raise DeadLetterToolError(f"the dead-letter topic {topic} does not exist")
+            return {}
         return {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             for p in sorted(metadata.partitions)
@@ -317,8 +606,14 @@ def _dead_letter(message: Any, partition: int, offset: int) -> DeadLetter:
         if kind != 0 and milliseconds >= 0
         else None
     )  # 0 is TIMESTAMP_NOT_AVAILABLE
-    headers = {name: value or b"" for name, value in message.headers() or []}
-    return DeadLetter(partition, offset, stamp, message.key(), message.value(), headers)
+    pairs = message.headers() or []
+    headers = {name: value or b"" for name, value in pairs}
+    repeated = (
+        frozenset()
+        if len(headers) == len(pairs)
+        else frozenset(name for name, count in Counter(n for n, _ in pairs).items() if count > 1)
+    )
+    return DeadLetter(partition, offset, stamp, message.key(), message.value(), headers, repeated)
 
 
 def printable(text: str) -> str:

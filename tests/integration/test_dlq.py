@@ -7,10 +7,13 @@ from __future__ import annotations
 import random
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from order_viewer import dlq
 from order_viewer.config import Settings
@@ -44,24 +47,46 @@ def settings_for(stack: Stack, topics: Topics) -> Settings:
     )
 
 
+Headers = list[tuple[str, str | bytes | None]]
+
+
 def write_dead_letters(stack: Stack, topics: Topics, letters: list[dict[str, Any]]) -> None:
-    """The letters on new topics of two partitions, at their times (partition 0 unless given)."""
+    """The letters on new topics of two partitions, at their times (partition 0 unless given);
+    those with headers name their original, written to the orders topic's partition 0."""
     create_topics(stack, [topics.orders, topics.dead_letters], 2)
+    produce(
+        stack,
+        topics.orders,
+        [Record(letter.get("key"), letter.get("value"), partition=0) for letter in letters],
+    )
     records = [
         Record(
             letter.get("key"),
             letter.get("value"),
-            letter.get("headers"),
+            None
+            if letter.get("headers") is None
+            else [*letter["headers"], *source(topics.orders, 0, original, None)],
             int(letter["at"].timestamp() * 1000),
             letter.get("partition", 0),
         )
-        for letter in letters
+        for original, letter in enumerate(letters)
     ]
     produce(stack, topics.dead_letters, records)
 
 
-def headers(code: bytes) -> list[tuple[str, bytes]]:
-    return [("error.code", code), ("error.message", b"why"), ("source.topic", b"orders")]
+def headers(code: bytes) -> Headers:
+    return [("error.code", code), ("error.message", b"why")]
+
+
+def source(topic: str, partition: int, offset: int, code: bytes | None) -> Headers:
+    """The headers the service writes on a dead letter of the record at topic/partition/offset
+    (without a code: the `source.*` ones only)."""
+    return [
+        *([] if code is None else headers(code)),
+        ("source.topic", topic.encode()),
+        ("source.partition", str(partition).encode()),
+        ("source.offset", str(offset).encode()),
+    ]
 
 
 HAND_MADE: list[dict[str, Any]] = [
@@ -102,6 +127,16 @@ def test_stats_count_by_reason_with_first_and_last_time(stack: Stack, topics: To
     }
 
 
+def replayed(stack: Stack, topics: Topics, enough: int, timeout: float) -> list[Any]:
+    """The messages a replay sent to the orders topic (those with a `replayed.from` header), read
+    until more than `enough` of them came or `timeout` passed."""
+
+    def sent(read: list[Any]) -> list[Any]:
+        return [m for m in read if m.headers() and dlq.REPLAYED_FROM in dict(m.headers())]
+
+    return sent(read_topic(stack, topics.orders, lambda read: len(sent(read)) > enough, timeout))
+
+
 def test_replay_sends_the_selection_only_with_where_it_came_from(
     stack: Stack, topics: Topics
 ) -> None:
@@ -109,7 +144,9 @@ def test_replay_sends_the_selection_only_with_where_it_came_from(
     settings = settings_for(stack, topics)
 
     def run(selection: dlq.Selection, dry_run: bool = False) -> dlq.ReplaySummary:
-        return dlq.replay(settings, selection, dry_run=dry_run, interactive=False)
+        return dlq.replay(
+            settings, selection, dry_run=dry_run, send_unverified=False, interactive=False
+        )
 
     everything = run(dlq.Selection(), dry_run=True)
     assert (everything.selected, everything.sent) == (6, 0)
@@ -120,16 +157,190 @@ def test_replay_sends_the_selection_only_with_where_it_came_from(
     assert run(dlq.Selection(None, T0 + timedelta(hours=9)), True).read == 0
     assert run(dlq.Selection(None, None, T0 - timedelta(hours=1)), True).read == 0
     assert run(dlq.Selection(None, T0 + timedelta(hours=5)), True).read == 1
-    assert read_topic(stack, topics.orders, lambda _: False, timeout=3) == []  # dry runs sent none
+    assert replayed(stack, topics, 0, timeout=3) == []  # dry runs sent none
 
     summary = run(dlq.Selection("invalid_json"))
     assert (summary.selected, summary.sent, summary.failed) == (3, 2, 0)
-    replayed = read_topic(stack, topics.orders, lambda read: len(read) >= 2, timeout=20)
-    assert sorted((m.key(), m.value()) for m in replayed) == [(b"a", b"{"), (b"c", b"{}")]
-    origins = sorted(dict(m.headers())["replayed.from"] for m in replayed)
+    # Read until a third came or 5 s passed: a filtered replay sends only its reason.
+    sent = replayed(stack, topics, 2, timeout=5)
+    assert sorted((m.key(), m.value()) for m in sent) == [(b"a", b"{"), (b"c", b"{}")]
+    origins = sorted(dict(m.headers())["replayed.from"] for m in sent)
     assert origins == [f"{topics.dead_letters}/0/0".encode(), f"{topics.dead_letters}/0/1".encode()]
-    # Nothing else arrived: a filtered replay sends only its reason.
-    assert len(read_topic(stack, topics.orders, lambda _: False, timeout=3)) == 2
+
+
+def command_env(stack: Stack, topics: Topics) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers,
+        "KAFKA_TOPIC": topics.orders,
+        "KAFKA_DLQ_TOPIC": topics.dead_letters,
+        "PATH": "/usr/bin:/bin",
+    }
+
+
+def test_a_record_written_straight_to_the_dead_letter_topic_is_not_replayed(
+    stack: Stack, topics: Topics
+) -> None:
+    """Whoever can write the dead-letter topic could have any order stored by writing it there
+    with an `error.code` header, even naming a real record's coordinates: replay sends back
+    only dead letters whose original is still in the orders topic with their key and value."""
+    create_topics(stack, [topics.orders, topics.dead_letters], 2)
+    produce(
+        stack, topics.orders, [Record(b"a", b"{", partition=0), Record(b"b", b"[]", partition=1)]
+    )
+    forged = encode(make_order(random.Random(21)))
+    produce(
+        stack,
+        topics.dead_letters,
+        [
+            Record(b"a", b"{", source(topics.orders, 0, 0, b"invalid_json")),
+            Record(b"b", b"[]", source(topics.orders, 1, 0, b"not_an_object")),
+            Record(b"x", forged, [("error.code", b"db_rejected")]),
+            Record(b"a", forged, source(topics.orders, 0, 0, b"db_rejected")),
+        ],
+    )
+
+    def replay(*arguments: str) -> str:
+        result = subprocess.run(
+            [str(ORDER_VIEWER), "dlq", "replay", *arguments], env=command_env(stack, topics),
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert (result.returncode, result.stderr) == (0, "")
+        return result.stdout
+
+    def in_orders(count: int) -> list[tuple[bytes, bytes]]:
+        # The command returns once the broker acknowledged what it sent: all of it is there.
+        read = read_topic(stack, topics.orders, lambda read: len(read) > count, timeout=5)
+        return sorted((m.key(), m.value()) for m in read)
+
+    summary = replay()
+    assert summary.startswith(f"4 dead letters selected; sent 2 to {topics.orders} in ")
+    assert summary.endswith(
+        "; unverified: 2 skipped (1 key or value differ from the original, "
+        "1 source headers missing or malformed); skipped: none; 0 failed\n"
+    )
+    assert in_orders(4) == [(b"a", b"{"), (b"a", b"{"), (b"b", b"[]"), (b"b", b"[]")]
+
+    # Sent when the operator says so, and counted as such.
+    summary = replay("--unverified", "--reason", "db_rejected")
+    assert summary.startswith(f"2 dead letters selected; sent 2 to {topics.orders} in ")
+    assert summary.endswith(
+        "; unverified: 2 sent (1 key or value differ from the original, "
+        "1 source headers missing or malformed); skipped: none; 0 failed\n"
+    )
+    assert in_orders(6) == sorted(
+        [(b"a", b"{"), (b"a", b"{"), (b"b", b"[]"), (b"b", b"[]"), (b"x", forged), (b"a", forged)]
+    )
+
+
+def forged_source(**named: bytes | list[bytes]) -> Headers:
+    """A dead letter's headers with the `source.*` ones given (a list: that header repeated)."""
+    pairs: Headers = [("error.code", b"invalid_json")]
+    for name, values in named.items():
+        for value in values if isinstance(values, list) else [values]:
+            pairs.append((f"source.{name}", value))
+    return pairs
+
+
+def test_replay_sends_back_only_dead_letters_whose_original_is_there_as_they_have_it(
+    stack: Stack, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_topics(stack, [topics.orders, topics.dead_letters], 2)
+    # Partition 0 long enough that the look-up seeks over the gap between its originals;
+    # partition 1's first record removed, as retention would.
+    produce(
+        stack,
+        topics.orders,
+        [Record(b"k%d" % i, b"v%d" % i, partition=0) for i in range(1200)]
+        + [Record(b"p1-0", b"gone", partition=1), Record(b"p1-1", b"kept", partition=1)],
+    )
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap_servers})
+    for future in admin.delete_records([TopicPartition(topics.orders, 1, 1)]).values():
+        future.result()
+    orders = topics.orders.encode()
+
+    def naming(partition: bytes, offset: bytes) -> Headers:
+        return forged_source(topic=orders, partition=partition, offset=offset)
+
+    genuine = [
+        Record(b"k0", b"v0", naming(b"0", b"0")),
+        Record(b"k1100", b"v1100", naming(b"0", b"1100")),
+        # The same message dead-lettered twice (delivered again after a crash): both genuine.
+        Record(b"k1100", b"v1100", naming(b"0", b"1100")),
+        Record(b"p1-1", b"kept", naming(b"1", b"1")),
+    ]
+    malformed = [
+        *(
+            Record(b"k3", b"v3", naming(b"0", offset))
+            for offset in [
+                b"-1", b"+3", b" 3", b"3 ", b"03", b"3_0", "\u0663".encode(), b"0x3", b"3e0",
+                b"", b"9223372036854775808", b"99999999999999999999", b"9" * 5000,
+            ]
+        ),
+        *(
+            Record(b"k3", b"v3", naming(partition, b"3"))
+            for partition in [b"-1", b"2147483648", b"00", b"0.0"]
+        ),
+        Record(b"k3", b"v3", [("error.code", b"invalid_json")]),
+        Record(b"k3", b"v3", forged_source(partition=b"0", offset=b"3")),
+        Record(b"k3", b"v3", forged_source(topic=orders, partition=b"0", offset=[b"3", b"3"])),
+        Record(b"k3", b"v3", forged_source(topic=[orders, orders], partition=b"0", offset=b"3")),
+    ]  # fmt: skip
+    elsewhere = [
+        Record(b"k3", b"v3", forged_source(topic=b"other", partition=b"0", offset=b"3")),
+        Record(b"k3", b"v3", forged_source(topic=orders + b" ", partition=b"0", offset=b"3")),
+        Record(b"k3", b"v3", forged_source(
+            topic=topics.dead_letters.encode(), partition=b"0", offset=b"0"
+        )),
+    ]  # fmt: skip
+    missing = [
+        Record(b"k3", b"v3", naming(b"0", b"1200")),  # the partition's end
+        Record(b"k3", b"v3", naming(b"0", b"1000000000000")),
+        Record(b"k3", b"v3", naming(b"2", b"0")),  # no such partition
+    ]
+    removed = [Record(b"p1-0", b"gone", naming(b"1", b"0"))]
+    forged = [
+        Record(b"k5", b"forged", naming(b"0", b"5")),
+        Record(b"other", b"v6", naming(b"0", b"6")),
+        Record(b"k7", None, naming(b"0", b"7")),  # a tombstone would delete the order
+        Record(None, b"v8", naming(b"0", b"8")),
+    ]
+    letters = [*missing, *genuine[:2], *forged, *malformed, *genuine[2:], *elsewhere, *removed]
+    produce(stack, topics.dead_letters, [replace(r, partition=0) for r in letters])
+    # Look-ups of three letters: a partition a look-up finished and paused is read by the next.
+    monkeypatch.setattr(dlq, "LOOKUP_LETTERS", 3)
+    settings = settings_for(stack, topics)
+    expected_unverified = {
+        dlq.NO_SOURCE: len(malformed),
+        dlq.OTHER_TOPIC: len(elsewhere),
+        dlq.ORIGINAL_MISSING: len(missing),
+        dlq.ORIGINAL_REMOVED: len(removed),
+        dlq.NOT_THE_ORIGINAL: len(forged),
+    }
+
+    def run(dry_run: bool, send_unverified: bool = False) -> dlq.ReplaySummary:
+        summary = dlq.replay(
+            settings, dlq.Selection(), dry_run=dry_run, send_unverified=send_unverified,
+            interactive=False,
+        )  # fmt: skip
+        assert summary.selected == len(letters)
+        assert summary.unverified == expected_unverified
+        assert not summary.skipped
+        assert summary.failed == 0
+        return summary
+
+    assert (run(dry_run=True).sendable, run(dry_run=True, send_unverified=True).sendable) == (
+        len(genuine),
+        len(letters),
+    )
+    assert replayed(stack, topics, 0, timeout=3) == []  # the dry runs sent nothing
+    assert run(dry_run=False).sent == len(genuine)
+    sent = replayed(stack, topics, len(genuine), timeout=5)
+    assert sorted((m.key(), m.value()) for m in sent) == sorted((r.key, r.value) for r in genuine)
+    assert sorted(dict(m.headers())["replayed.from"] for m in sent) == sorted(
+        f"{topics.dead_letters}/0/{offset}".encode()
+        for offset, letter in enumerate(letters)
+        if any(letter is g for g in genuine)
+    )
 
 
 def test_the_commands_say_when_the_dead_letter_topic_is_missing(

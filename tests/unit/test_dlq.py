@@ -3,21 +3,32 @@ refusals (which come before any connection)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
+from rich.progress import Progress
 
+from order_viewer import dlq
 from order_viewer.cli import main
 from order_viewer.dlq import (
     NO_REASON,
     DeadLetter,
+    DeadLetterToolError,
+    Originals,
     ReasonStats,
+    ReplaySummary,
     Selection,
+    Unverified,
     parse_time,
     print_stats,
     send_back,
+    source,
 )
 
 
@@ -68,6 +79,7 @@ def test_a_selection_filters_by_reason_and_by_a_half_open_time_range() -> None:
         (["--reason", NO_REASON], "argument --reason: invalid choice"),
         (["--reason"], "argument --reason: expected one argument"),
         (["--dry-run=yes"], "ignored explicit argument"),
+        (["--unverified=yes"], "ignored explicit argument"),
     ],
 )
 def test_replay_refuses_bad_arguments_before_reaching_the_broker(
@@ -128,12 +140,35 @@ class StalledProducer:
         return len(self.queued)
 
 
+class Verdicts:
+    """Look-ups of originals that find unverified the letters whose key is in `unverified`, and
+    remember what each was asked."""
+
+    def __init__(self, unverified: dict[bytes, str] | None = None) -> None:
+        self.unverified_keys = unverified or {}
+        self.asked: list[list[DeadLetter]] = []
+
+    def unverified(self, letters: Sequence[DeadLetter]) -> list[str | None]:
+        self.asked.append(list(letters))
+        return [self.unverified_keys.get(letter.key or b"") for letter in letters]
+
+
+def send(
+    letters: list[DeadLetter],
+    producer: StalledProducer | None,
+    verdicts: Verdicts | None = None,
+    send_unverified: bool = False,
+) -> ReplaySummary:
+    return send_back(
+        letters, Selection(), verdicts or Verdicts(), producer, send_unverified=send_unverified,
+        orders_topic="orders", dead_letter_topic="dlq",
+    )  # fmt: skip
+
+
 def test_what_the_broker_has_not_acknowledged_when_flush_gives_up_counts_as_failed() -> None:
     letters = [letter(b"invalid_json", None) for _ in range(3)]
     producer = StalledProducer()
-    summary = send_back(
-        letters, Selection(), producer, orders_topic="orders", dead_letter_topic="dlq"
-    )
+    summary = send(letters, producer)
     assert producer.queued == [("orders", b"k")] * 3
     assert (summary.selected, summary.sent, summary.failed) == (3, 0, 3)
 
@@ -157,3 +192,186 @@ def test_a_hostile_reason_is_printed_quoted_never_raw(
     assert len(lines) == 4
     assert all(line.isprintable() for line in lines)
     assert repr(code) in out
+
+
+def named(**source_headers: bytes) -> DeadLetter:
+    """A dead letter with the `source.*` headers given."""
+    headers = {f"source.{name}": value for name, value in source_headers.items()}
+    return DeadLetter(0, 0, None, b"k", b"v", {"error.code": b"invalid_json", **headers})
+
+
+def test_a_dead_letter_names_its_original_as_the_service_writes_it() -> None:
+    assert source(named(topic=b"orders", partition=b"0", offset=b"0"), "orders") == (0, 0)
+    largest = named(topic=b"orders", partition=b"2147483647", offset=b"9223372036854775807")
+    assert source(largest, "orders") == (2**31 - 1, 2**63 - 1)
+
+
+@pytest.mark.parametrize(
+    ("letter", "why"),
+    [
+        (DeadLetter(0, 0, None, b"k", b"v", {"error.code": b"invalid_json"}), dlq.NO_SOURCE),
+        (named(partition=b"0", offset=b"1"), dlq.NO_SOURCE),
+        (named(topic=b"orders", offset=b"1"), dlq.NO_SOURCE),
+        (named(topic=b"orders", partition=b"0"), dlq.NO_SOURCE),
+        (
+            replace(
+                named(topic=b"orders", partition=b"0", offset=b"1"),
+                repeated=frozenset({"source.offset"}),
+            ),
+            dlq.NO_SOURCE,
+        ),
+        *(
+            (named(topic=b"orders", partition=b"0", offset=offset), dlq.NO_SOURCE)
+            for offset in [
+                b"", b"-1", b"+1", b" 1", b"1 ", b"01", b"1_000", "\u0661".encode(), b"0x1",
+                b"1e3", b"1.0", b"\x00", b"9223372036854775808", b"9" * 20, b"9" * 5000,
+            ]
+        ),
+        *(
+            (named(topic=b"orders", partition=partition, offset=b"1"), dlq.NO_SOURCE)
+            for partition in [b"-1", b"2147483648", b"00", b"9" * 11]
+        ),
+        (named(topic=b"orders.dlq", partition=b"0", offset=b"1"), dlq.OTHER_TOPIC),
+        (named(topic=b"Orders", partition=b"0", offset=b"1"), dlq.OTHER_TOPIC),
+        (named(topic=b"orders\x00", partition=b"0", offset=b"1"), dlq.OTHER_TOPIC),
+        (named(topic=b"", partition=b"0", offset=b"1"), dlq.OTHER_TOPIC),
+    ],
+)  # fmt: skip
+def test_a_dead_letter_whose_source_headers_are_not_the_services_is_unverified(
+    letter: DeadLetter, why: str
+) -> None:
+    with pytest.raises(Unverified, match=f"^{why}$"):
+        source(letter, "orders")
+
+
+def keyed(*keys: bytes) -> list[DeadLetter]:
+    return [
+        DeadLetter(0, i, None, key, b"v", {"error.code": b"invalid_json"})
+        for i, key in enumerate(keys)
+    ]
+
+
+def test_the_unverified_are_skipped_and_counted_unless_asked_for_and_a_dry_run_counts_alike() -> (
+    None
+):
+    letters = [*keyed(b"a", b"forged", b"b", b"gone"), letter(None, None)]
+    verdicts = {b"forged": dlq.NOT_THE_ORIGINAL, b"gone": dlq.ORIGINAL_REMOVED}
+    for producer in [StalledProducer(), None]:
+        summary = send(letters, producer, Verdicts(verdicts))
+        assert (summary.selected, summary.sendable) == (5, 2)
+        assert summary.unverified == {dlq.NOT_THE_ORIGINAL: 1, dlq.ORIGINAL_REMOVED: 1}
+        assert summary.skipped == {"no error.code header": 1}
+        if producer is not None:
+            assert producer.queued == [("orders", b"a"), ("orders", b"b")]
+        asked = send(
+            letters, producer and StalledProducer(), Verdicts(verdicts), send_unverified=True
+        )
+        assert (asked.sendable, asked.unverified) == (4, summary.unverified)
+
+
+def test_a_look_up_holds_a_bounded_number_of_letters_and_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dlq, "LOOKUP_LETTERS", 3)
+    monkeypatch.setattr(dlq, "LOOKUP_BYTES", 10)
+    large = replace(keyed(b"large")[0], value=b"x" * 20)  # alone beyond the bytes: alone
+    verdicts = Verdicts()
+    letters = [*keyed(b"1", b"2", b"3", b"4"), large, *keyed(b"12345", b"12345")]
+    assert send(letters, None, verdicts).sendable == 7
+    assert [[letter.key for letter in asked] for asked in verdicts.asked] == [
+        [b"1", b"2", b"3"], [b"4"], [b"large"], [b"12345"], [b"12345"],
+    ]  # fmt: skip
+
+
+class StalledReader:
+    """A consumer of a topic of one partition whose records never arrive."""
+
+    def __init__(self) -> None:
+        self.assigned: list[Any] = []
+
+    def list_topics(self, topic: str, *, timeout: float) -> Any:
+        partitions = {0: SimpleNamespace()}
+        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions=partitions)})
+
+    def get_watermark_offsets(self, partition: Any, *, timeout: float) -> tuple[int, int]:
+        return 0, 10
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned = partitions
+
+    def seek(self, partition: Any) -> None: ...
+
+    def pause(self, partitions: list[Any]) -> None: ...
+
+    def resume(self, partitions: list[Any]) -> None: ...
+
+    def poll(self, timeout: float) -> Any:
+        time.sleep(timeout)
+        return None
+
+    def consume(self, num_messages: int, *, timeout: float) -> list[Any]:
+        raise AssertionError("consume without a first message")
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        return [TopicPartition(p.topic, p.partition, -1001) for p in partitions]  # not yet read
+
+
+def test_a_look_up_that_reads_nothing_gives_up_after_its_time_limit() -> None:
+    reader = StalledReader()
+    originals = Originals(reader, "orders", Progress(disable=True), time_limit=0.3)
+    letter = named(topic=b"orders", partition=b"0", offset=b"7")
+    started = time.monotonic()
+    with pytest.raises(DeadLetterToolError) as raised:
+        originals.unverified([letter])
+    assert 0.3 <= time.monotonic() - started < 2
+    assert str(raised.value) == (
+        "looking up dead letters' originals in orders: nothing read for 0.3 s "
+        "(partition 0 offset 7 awaited)"
+    )
+    assert [(p.topic, p.partition, p.offset) for p in reader.assigned] == [("orders", 0, 7)]
+
+
+WHY = "(1 key or value differ from the original, 1 original removed)"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "unverified"),
+    [
+        ([], f"2 skipped {WHY}"),
+        (["--dry-run"], f"2 skipped {WHY}"),
+        (["--unverified"], f"2 sent {WHY}"),
+        (["--dry-run", "--unverified"], f"2 would be sent {WHY}"),
+    ],
+)
+def test_the_summary_line_says_how_many_were_unverified_why_and_what_became_of_them(
+    arguments: list[str],
+    unverified: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    asked: dict[str, bool] = {}
+
+    def replay(
+        settings: Any,
+        selection: Selection,
+        *,
+        dry_run: bool,
+        send_unverified: bool,
+        interactive: bool,
+    ) -> ReplaySummary:
+        asked.update(dry_run=dry_run, send_unverified=send_unverified)
+        summary = ReplaySummary(
+            selected=5, sendable=4 if send_unverified else 2, sent=0 if dry_run else 2
+        )
+        summary.unverified.update({dlq.ORIGINAL_REMOVED: 1, dlq.NOT_THE_ORIGINAL: 1})
+        summary.skipped["no error.code header"] += 1
+        return summary
+
+    monkeypatch.setattr(dlq, "replay", replay)
+    assert main(["dlq", "replay", *arguments]) == 0
+    assert asked == {
+        "dry_run": "--dry-run" in arguments,
+        "send_unverified": "--unverified" in arguments,
+    }
+    out = capsys.readouterr().out
+    assert f"; unverified: {unverified}; skipped: 1 no error.code header; 0 failed\n" in out
