@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ from order_viewer.auth import (
     Principal,
     TokenFile,
     TokenFileError,
+    TokenLines,
     bearer_token,
     new_token,
+    open_token_file,
     parse_jwks,
     parse_token_file,
     protected_mode_problem,
@@ -104,11 +107,15 @@ def test_the_token_file_gives_each_digest_its_client_and_scopes() -> None:
         f"support:{DIGEST}:orders:read\r\n"
         f"  auditor:{'B' * 64}:orders:read:pii, metrics:read  \n"
     )
-    principals = parse_token_file(text)
-    assert principals == {
+    table = parse_token_file(text)
+    assert table.principals == {
         DIGEST: Principal("support", frozenset({ORDERS_READ})),
         "b" * 64: Principal("auditor", frozenset({ORDERS_READ_PII, "metrics:read"})),
     }
+    assert table.refused == []
+
+
+OTHER = "c" * 64
 
 
 @pytest.mark.parametrize(
@@ -128,25 +135,54 @@ def test_the_token_file_gives_each_digest_its_client_and_scopes() -> None:
         (f"support:{DIGEST}:orders:write", "unknown scope"),
         (f"support:{DIGEST}:orders:read,,", "unknown scope"),
         (f"support:{DIGEST}:" + "x" * 100_000, "unknown scope"),
+        (f"support:{DIGEST}:orders:read  # s3cret note", "unknown scope"),
+        (f"support:{DIGEST}:ORDERS:READ", "unknown scope"),
+        (f"support:{DIGEST}:orders:read\x00", "unknown scope"),
+        (f"support:{DIGEST}:orders:read\u2028metrics:read", "unknown scope"),
+        (f"support:{DIGEST}:orders:read\rs3cret", "unknown scope"),
+        ("s3cret" * 50_000, "expected name:sha256-hex:scope,scope"),
     ],
 )
-def test_a_hostile_line_refuses_the_file_naming_the_line_not_its_content(
+def test_a_hostile_line_is_refused_alone_naming_the_line_not_its_content(
     line: str, problem: str
 ) -> None:
-    with pytest.raises(TokenFileError) as refused:
-        parse_token_file(f"# first\n{line}\n")
-    message = str(refused.value)
+    table = parse_token_file(f"# first\n{line}\nother:{OTHER}:orders:read\n")
+    assert table.principals == {OTHER: Principal("other", frozenset({ORDERS_READ}))}
+    [message] = table.refused
     assert message.startswith("line 2: ")
     assert problem in message
     assert "s3cret" not in message
     assert len(message) < 200
 
 
-def test_a_client_or_a_token_listed_twice_refuses_the_file() -> None:
-    with pytest.raises(TokenFileError, match="line 2: client a is listed twice"):
-        parse_token_file(f"a:{DIGEST}:orders:read\na:{'b' * 64}:orders:read\n")
-    with pytest.raises(TokenFileError, match="line 2: the same token is listed twice"):
-        parse_token_file(f"a:{DIGEST}:orders:read\nb:{DIGEST.upper()}:orders:read\n")
+def test_every_line_of_a_client_or_a_token_listed_twice_is_refused() -> None:
+    # Either line could be the one meant to be removed: neither is trusted.
+    table = parse_token_file(
+        f"a:{DIGEST}:orders:read\nb:{OTHER}:orders:read\na:{'b' * 64}:orders:read:pii\n"
+    )
+    assert table.principals == {OTHER: Principal("b", frozenset({ORDERS_READ}))}
+    assert table.refused == [
+        "line 1: client a is listed more than once",
+        "line 3: client a is listed more than once",
+    ]
+    table = parse_token_file(
+        f"a:{DIGEST}:orders:read\nb:{DIGEST.upper()}:orders:read:pii\nc:{OTHER}:metrics:read\n"
+    )
+    assert list(table.principals) == [OTHER]
+    assert table.refused == [
+        "line 1: the same token is listed more than once",
+        "line 2: the same token is listed more than once",
+    ]
+
+
+def test_line_numbers_are_an_editors_and_an_empty_file_admits_nobody() -> None:
+    # A form feed or a line separator inside a line does not shift the numbers that follow.
+    table = parse_token_file(f"x\x0cy\n\u2028\nz\n\nsupport:{DIGEST}:orders\n")
+    assert table.refused[0].startswith("line 1: ")
+    assert table.refused[1].startswith("line 3: ")
+    assert table.refused[2].startswith("line 5: ")
+    for text in ("", "\n\n", "# nobody yet\n"):
+        assert parse_token_file(text) == TokenLines({}, [])
 
 
 class Clock:
@@ -191,23 +227,147 @@ def test_a_token_is_known_by_its_digest_and_a_removed_line_revokes_it(tmp_path: 
     assert authenticate(tokens, auditor).name == "auditor"
 
 
-def test_a_token_file_broken_later_keeps_the_tokens_it_had(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    token = new_token()
+def token_lines(**tokens: str) -> str:
+    return "".join(f"{name}:{token_digest(token)}:orders:read\n" for name, token in tokens.items())
+
+
+@pytest.fixture
+def two_clients(tmp_path: Path) -> tuple[Path, Clock, TokenFile, str, str]:
+    """A token file of two clients, `support` and `leaver`, and their tokens."""
+    support, leaver = new_token(), new_token()
     path = tmp_path / "tokens"
-    path.write_text(f"support:{token_digest(token)}:orders:read\n")
+    path.write_text(token_lines(support=support, leaver=leaver))
     clock = Clock()
-    tokens = TokenFile(path, clock)
-    path.write_bytes(b"support:\xff\xfe:orders:read\n")
-    clock.now += 5
-    assert authenticate(tokens, token).name == "support"
-    assert "not reloaded, the previous tokens stay: it is not UTF-8 text" in caplog.text
+    return path, clock, TokenFile(path, clock), support, leaver
+
+
+Breakage = Callable[[Path], None]
+
+
+def deleted(path: Path) -> None:
     path.unlink()
+
+
+def a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def not_utf8(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b"# caf\xe9\n")
+
+
+def binary(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+@pytest.mark.parametrize("break_it", [deleted, a_directory, not_utf8, binary])
+def test_a_token_file_that_cannot_be_read_admits_no_token_until_it_can(
+    two_clients: tuple[Path, Clock, TokenFile, str, str],
+    caplog: pytest.LogCaptureFixture,
+    break_it: Breakage,
+) -> None:
+    path, clock, tokens, support, leaver = two_clients
+    assert tokens.readable
+    break_it(path)
+    clock.now += 1
+    # The revoked token may be any of them: nothing tells which, so none is let in.
+    assert reason(tokens, support) == "unknown_token"
+    assert reason(tokens, leaver) == "unknown_token"
+    assert not tokens.readable
     for _ in range(3):
         clock.now += 5
-        assert authenticate(tokens, token).name == "support"
-    assert caplog.text.count("No such file or directory") == 1  # once, not every second
+        assert reason(tokens, support) == "unknown_token"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1  # once, not every second
+    assert errors[0].startswith("HTTP_TOKENS_FILE cannot be read, no bearer token is admitted")
+
+    if path.is_dir():
+        path.rmdir()
+    path.write_text(token_lines(support=support))
+    clock.now += 1
+    assert authenticate(tokens, support).name == "support"
+    assert reason(tokens, leaver) == "unknown_token"
+    assert tokens.readable
+
+
+def test_a_removed_line_revokes_its_token_even_when_another_line_breaks(
+    two_clients: tuple[Path, Clock, TokenFile, str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path, clock, tokens, support, leaver = two_clients
+    auditor = new_token()
+    # leaver's line removed, an inline comment and an upper-case scope added by mistake.
+    path.write_text(
+        f"support:{token_digest(support)}:orders:read\n"
+        f"auditor:{token_digest(auditor)}:orders:read # s3cret note\n"
+        f"auditor2:{token_digest(new_token())}:ORDERS:READ\n"
+    )
+    clock.now += 1
+    assert reason(tokens, leaver) == "unknown_token"
+    assert reason(tokens, auditor) == "unknown_token"
+    assert authenticate(tokens, support).name == "support"
+    assert tokens.refused_lines == 2
+    assert tokens.readable
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "HTTP_TOKENS_FILE line 2: unknown scope; known are metrics:read, orders:read, "
+        "orders:read:pii; the line admits no token",
+        "HTTP_TOKENS_FILE line 3: unknown scope; known are metrics:read, orders:read, "
+        "orders:read:pii; the line admits no token",
+    ]
+    assert "s3cret" not in caplog.text
+
+
+def test_a_chmod_that_makes_the_file_unreadable_is_noticed(
+    two_clients: tuple[Path, Clock, TokenFile, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, clock, tokens, support, _ = two_clients
+    # The superuser reads any file: the refusal a chmod 000 gives others is made here.
+
+    def refused(_: Path) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    path.chmod(0)
+    clock.now += 1
+    assert reason(tokens, support) == "unknown_token"
+    assert not tokens.readable
+
+
+def test_a_token_file_starts_with_its_good_lines_or_not_at_all(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    support = new_token()
+    path = tmp_path / "tokens"
+    path.write_bytes(
+        b"\xef\xbb\xbf"  # a BOM, as some editors write
+        + token_lines(support=support).replace("\n", "\r\n").encode()
+        + b"nul\x00:s3cret:orders:read\n"
+    )
+    tokens = open_token_file(path)
+    assert authenticate(tokens, support).name == "support"
+    assert tokens.refused_lines == 1
+    assert "HTTP_TOKENS_FILE line 2: a client name is" in caplog.text
+    assert "s3cret" not in caplog.text
+
+    path.write_text("support:s3cret:orders:read\n# the only client\n")
+    with pytest.raises(TokenFileError) as refused:
+        open_token_file(path)
+    assert str(refused.value) == (
+        "line 1: the second field must be 64 hexadecimal digits (SHA-256) "
+        "(and no line admits a token)"
+    )
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(TokenFileError) as refused:
+        open_token_file(path)
+    assert str(refused.value) == "it is not UTF-8 text"
+    path.unlink()
+    with pytest.raises(TokenFileError) as refused:
+        open_token_file(path)
+    assert str(refused.value) == "cannot read it: No such file or directory"
+    path.write_text("")
+    assert len(open_token_file(path)) == 0  # nobody admitted, on purpose
 
 
 # ------------------------------------------------------------------------------------- JWT
