@@ -102,7 +102,10 @@ def access_policy(settings: Settings) -> AccessPolicy | None:
         assert settings.http_jwt_issuer is not None
         assert settings.http_jwt_audience is not None
         authenticator = JwtVerifier(
-            str(settings.http_jwt_jwks_url), settings.http_jwt_issuer, settings.http_jwt_audience
+            str(settings.http_jwt_jwks_url),
+            settings.http_jwt_issuer,
+            settings.http_jwt_audience,
+            max_lifetime=settings.http_jwt_max_lifetime_seconds,
         )
     else:
         return None

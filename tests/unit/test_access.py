@@ -28,6 +28,7 @@ from order_viewer.auth import (
     Authenticator,
     AuthFailure,
     FailureLimiter,
+    JwksAnswer,
     JwtVerifier,
     Principal,
 )
@@ -258,7 +259,7 @@ def test_an_identity_provider_away_is_a_503_to_retry_not_a_bad_token() -> None:
     provider = IdentityProvider()
     away = True
 
-    def fetch(url: str) -> bytes:
+    def fetch(url: str) -> JwksAnswer:
         if away:
             raise ConnectionRefusedError(111, "Connection refused")
         return provider.fetch(url)

@@ -6,21 +6,28 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer.auth import (
+    JWKS_DEFAULT_MAX_AGE_SECONDS,
+    JWKS_MAX_MAX_AGE_SECONDS,
+    JWKS_MAX_STALE_SECONDS,
+    JWKS_MIN_MAX_AGE_SECONDS,
     JWKS_REFETCH_SECONDS,
     JWKS_RETRY_SECONDS,
     ORDERS_READ,
     ORDERS_READ_PII,
     AuthFailure,
     FailureLimiter,
+    JwksAnswer,
     JwtVerifier,
     KeysUnavailable,
     Principal,
@@ -28,6 +35,7 @@ from order_viewer.auth import (
     TokenFileError,
     TokenLines,
     bearer_token,
+    jwks_max_age,
     new_token,
     open_token_file,
     parse_jwks,
@@ -472,7 +480,7 @@ class ProviderDown:
         self.down = True
         self.attempts = 0
 
-    def __call__(self, url: str) -> bytes:
+    def __call__(self, url: str) -> JwksAnswer:
         self.attempts += 1
         if self.down:
             raise self.error
@@ -550,6 +558,226 @@ def test_a_verified_token_is_remembered_until_it_expires(provider: IdentityProvi
     wall.now = now + 60 + 31
     assert authenticate(check, token) == first
     assert decoded == [token]
+
+
+def test_a_time_claim_must_be_a_number(provider: IdentityProvider) -> None:
+    now = int(time.time())
+    check = verifier(provider)
+    # PyJWT reads a numeric string, or true, as the number it stands for.
+    for claims in (
+        {"exp": str(now + 300)},
+        {"exp": f" {now + 300} "},
+        {"nbf": str(now - 10)},
+        {"iat": str(now)},
+        {"nbf": True},
+        {"iat": True},
+    ):
+        assert reason(check, provider.token(**claims)) == "invalid", claims
+    assert authenticate(check, provider.token(exp=now + 300.5, iat=now - 0.5)).name == "alice"
+
+
+def test_a_maximum_lifetime_refuses_longer_lived_tokens_and_tokens_without_iat(
+    provider: IdentityProvider,
+) -> None:
+    now = int(time.time())
+    check = JwtVerifier(
+        "http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, max_lifetime=600, fetch=provider.fetch
+    )
+    assert authenticate(check, provider.token(iat=now, exp=now + 600)).name == "alice"
+    assert reason(check, provider.token(iat=now, exp=now + 601)) == "lifetime"
+    assert reason(check, provider.token(iat=now - 3600, exp=now + 60)) == "lifetime"
+    assert reason(check, provider.token(iat=None, exp=now + 60)) == "lifetime"
+    assert reason(check, provider.token(iat=str(now), exp=now + 60)) == "invalid"
+    # Unbounded unless set.
+    assert authenticate(verifier(provider), provider.token(iat=None, exp=now + 86400 * 365))
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "seconds"),
+    [
+        (None, JWKS_DEFAULT_MAX_AGE_SECONDS),
+        ("public", JWKS_DEFAULT_MAX_AGE_SECONDS),
+        ("s-maxage=600", JWKS_DEFAULT_MAX_AGE_SECONDS),
+        ("max-age=120", 120),
+        ("public, MAX-AGE = 120 , must-revalidate", 120),
+        ("max-age=0", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=1", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=-60", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=86400", JWKS_MAX_MAX_AGE_SECONDS),
+        ("max-age=" + "9" * 5000, JWKS_MAX_MAX_AGE_SECONDS),
+        ("max-age=soon", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=1e3", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=\uff16\uff10", JWKS_MIN_MAX_AGE_SECONDS),  # full-width digits
+        ('max-age="600"', JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=600, max-age=60", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=600, max-age=600", JWKS_MIN_MAX_AGE_SECONDS),
+        ("no-store", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=600, no-cache", JWKS_MIN_MAX_AGE_SECONDS),
+        ('no-cache="set-cookie", max-age=600', JWKS_MIN_MAX_AGE_SECONDS),
+        (",,, ,", JWKS_DEFAULT_MAX_AGE_SECONDS),
+    ],
+)
+def test_the_key_set_lives_its_max_age_within_bounds(
+    cache_control: str | None, seconds: float
+) -> None:
+    assert jwks_max_age(cache_control) == seconds
+    assert JWKS_MIN_MAX_AGE_SECONDS == JWKS_REFETCH_SECONDS < 300 <= JWKS_MAX_MAX_AGE_SECONDS
+
+
+def run(scenario: Coroutine[Any, Any, None]) -> None:
+    """One event loop for a whole scenario, so that a fetch started in the background by one
+    request is still there for the next."""
+    asyncio.run(scenario)
+
+
+async def refused(check: JwtVerifier, token: str) -> str:
+    with pytest.raises(AuthFailure) as failure:
+        await check.authenticate(token)
+    return failure.value.reason
+
+
+def test_the_key_set_is_fetched_again_after_its_max_age() -> None:
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=120"
+    clock = Clock()
+    check = verifier(provider, clock)
+
+    async def scenario() -> None:
+        token = provider.token()
+        assert (await check.authenticate(token)).name == "alice"
+        clock.now += 119
+        assert check.known(token) is not None
+        assert (await check.authenticate(provider.token(sub="bob"))).name == "bob"
+        assert provider.requests == 1
+        clock.now += 1
+        await check.authenticate(provider.token(sub="carol"))
+        assert provider.requests == 2
+
+    run(scenario())
+
+
+def test_a_withdrawn_key_is_refused_once_the_key_set_is_fetched_again() -> None:
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=60"
+    clock = Clock()
+    check = verifier(provider, clock)
+
+    async def scenario() -> None:
+        assert (await check.authenticate(provider.token())).name == "alice"
+        provider.withdraw("rsa-1")
+        clock.now += 60
+        # The first request to find the set stale starts the fetch; a new token waits for it.
+        assert await refused(check, provider.token(sub="mallory")) == "unknown_key"
+        assert provider.requests == 2
+        assert (await check.authenticate(provider.token("ec-1"))).name == "alice"
+
+    run(scenario())
+
+
+def test_tokens_remembered_under_a_withdrawn_or_replaced_key_are_forgotten(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=60"
+    clock = Clock()
+    check = verifier(provider, clock)
+    withdrawn = provider.token(sub="withdrawn")
+    replaced = provider.token("ec-1", sub="replaced")
+    kept = provider.token("ed-1", sub="kept")
+
+    async def scenario() -> None:
+        for token in (withdrawn, replaced, kept):
+            await check.authenticate(token)
+        provider.withdraw("rsa-1")
+        provider.keys["ec-1"] = ec.generate_private_key(ec.SECP256R1())  # the same kid
+        clock.now += 60
+        await check.authenticate(provider.token("ed-1", sub="new"))  # waits for the fetch
+        assert check.known(withdrawn) is None
+        assert check.known(replaced) is None
+        assert check.known(kept) is not None
+        assert await refused(check, withdrawn) == "unknown_key"
+        assert await refused(check, replaced) == "bad_signature"
+
+    run(scenario())
+    assert "JWKS: 2 keys withdrawn (ec-1, rsa-1), 2 tokens verified with them forgotten" in (
+        caplog.text
+    )
+
+
+def test_a_remembered_token_is_answered_while_the_key_set_is_fetched() -> None:
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=60"
+    clock = Clock()
+    release = threading.Event()
+    slow: list[str] = []
+
+    def fetch(url: str) -> JwksAnswer:
+        if slow:
+            release.wait(10)
+        slow.append(url)
+        return provider.fetch(url)
+
+    check = JwtVerifier("http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, fetch=fetch, monotonic=clock)
+
+    async def scenario() -> None:
+        token = provider.token()
+        await check.authenticate(token)
+        clock.now += 60
+        for _ in range(100):  # the hot path: no wait, one fetch started
+            assert check.known(token) is not None
+            await asyncio.sleep(0)
+        assert provider.requests == 1
+        waiting = asyncio.ensure_future(check.authenticate(provider.token(sub="new")))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # a token not verified yet waits for the keys
+        release.set()
+        assert (await waiting).name == "new"
+        assert provider.requests == 2
+
+    run(scenario())
+
+
+def test_keys_are_kept_for_an_hour_while_the_provider_is_down_then_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider = IdentityProvider()
+    clock = Clock()
+    endpoint = ProviderDown(provider, ConnectionRefusedError(111, "Connection refused"))
+    endpoint.down = False
+    check = JwtVerifier(
+        "http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, fetch=endpoint, monotonic=clock
+    )
+    remembered = provider.token(sub="remembered")
+
+    async def scenario() -> None:
+        await check.authenticate(remembered)
+        endpoint.down = True
+        clock.now += JWKS_DEFAULT_MAX_AGE_SECONDS
+        # Stale and unreachable: the keys of the last fetch still verify.
+        assert (await check.authenticate(provider.token(sub="new"))).name == "new"
+        assert endpoint.attempts == 2
+        clock.now += JWKS_RETRY_SECONDS
+        check.known(remembered)
+        await check.authenticate(provider.token(sub="newer"))
+        assert endpoint.attempts == 3  # tried again every few seconds
+        clock.now = 1000.0 + JWKS_MAX_STALE_SECONDS - 1
+        assert (await check.authenticate(provider.token(sub="last"))).name == "last"
+        clock.now = 1000.0 + JWKS_MAX_STALE_SECONDS
+        with pytest.raises(KeysUnavailable):
+            await check.authenticate(provider.token(sub="too-late"))
+        assert check.known(remembered) is None
+        attempts = endpoint.attempts
+        for _ in range(5):  # and the provider is not hammered meanwhile
+            with pytest.raises(KeysUnavailable):
+                await check.authenticate(remembered)
+        assert endpoint.attempts == attempts
+        endpoint.down = False
+        clock.now += JWKS_RETRY_SECONDS
+        assert (await check.authenticate(remembered)).name == "remembered"
+
+    run(scenario())
+    assert "its last keys are older than 3600 s: dropped" in caplog.text
 
 
 def test_keys_a_jwks_must_not_offer_are_left_out(provider: IdentityProvider) -> None:
