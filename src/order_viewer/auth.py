@@ -367,9 +367,11 @@ def fetch_url(url: str) -> JwksAnswer:
     deadline = time.monotonic() + JWKS_TIMEOUT_SECONDS
     port = parts.port or (443 if parts.scheme == "https" else 80)
     connection = http.client.HTTPConnection(parts.hostname, port, timeout=JWKS_TIMEOUT_SECONDS)
+    connection.connect()
+    # Closed here once the answer is read: http.client closes its connection as soon as an
+    # answer's head says it is the last, before its body is read.
+    sock: socket.socket = connection.sock
     try:
-        connection.connect()
-        sock = connection.sock
         if parts.scheme == "https":
             # The handshake within the time left: a TLS call keeps to its timeout as a whole.
             sock.settimeout(_time_left(deadline))
@@ -388,12 +390,15 @@ def fetch_url(url: str) -> JwksAnswer:
         if response.status != 200:
             raise ValueError(f"the URL answered {response.status}")
         body = response.read(JWKS_MAX_BYTES + 1)
+        # Read with a bound, http.client returns what came before the connection closed.
+        if len(body) <= JWKS_MAX_BYTES and response.length:
+            raise ValueError("the answer ended before its Content-Length")
         cache_control = ", ".join(response.headers.get_all("cache-control") or ()) or None
     except http.client.HTTPException as error:
         # Its text may quote what the server sent.
         raise ValueError(f"not an HTTP answer ({type(error).__name__})") from None
     finally:
-        connection.close()
+        sock.close()
     if len(body) > JWKS_MAX_BYTES:
         raise ValueError(f"the key set is larger than {JWKS_MAX_BYTES} bytes")
     return body, cache_control
@@ -434,8 +439,7 @@ class _DeadlineSocket(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
     def close(self) -> None:
-        self._sock.close()
-        super().close()
+        """Nothing: fetch_url closes the socket once it has read the answer."""
 
 
 def jwks_max_age(cache_control: str | None) -> float:
