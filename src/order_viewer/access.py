@@ -26,6 +26,7 @@ from order_viewer.auth import (
     JwtVerifier,
     KeysUnavailable,
     Principal,
+    TokenFile,
     TokenFileError,
     bearer_token,
     open_token_file,
@@ -145,6 +146,8 @@ class AccessGuard:
                 registry=metrics.registry,
             )
             metrics.count_masked_views(policy.views)
+            if isinstance(policy.authenticator, TokenFile):
+                metrics.count_token_file(policy.authenticator)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         needed = _required_scope(scope["path"]) if scope["type"] == "http" else None

@@ -264,11 +264,6 @@ class TokenFile:
         self._checked = clock()
         self._problem: str | None = None  # logged once, not on every look at the file
 
-    @property
-    def readable(self) -> bool:
-        """False while the file cannot be read as text, and so no token is admitted."""
-        return self._problem is None
-
     def _file_stamp(self) -> tuple[int, ...]:
         status = os.stat(self._path)
         # The change time too: a chmod that makes the file unreadable changes nothing else.

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from starlette.types import Message, Receive, Scope, Send
@@ -31,6 +32,7 @@ from order_viewer.auth import (
     JwksAnswer,
     JwtVerifier,
     Principal,
+    TokenFile,
 )
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import Settings
@@ -376,3 +378,21 @@ def test_the_masked_views_beside_the_cache_are_measured() -> None:
     assert gauges() == (1, len(masked.body))
     views.masked(CachedOrder(whole.body, '"v2"'))
     assert gauges() == (2, 2 * len(masked.body))
+
+
+def test_the_refused_lines_of_the_tokens_file_are_measured(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"support:{'a' * 64}:orders:read\nbroken\n")
+    tokens = TokenFile(path)
+    metrics = Metrics(OrderCache(10))
+    AccessGuard(answer_ok, AccessPolicy(tokens, FailureLimiter(), MaskedViews(10, None)), metrics)
+    assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") == 1
+    path.write_text(f"support:{'a' * 64}:orders:read\n")
+    tokens.reload_if_changed()
+    assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") == 0
+    # Only the tokens file has the gauge.
+    metrics = Metrics(OrderCache(10))
+    AccessGuard(
+        answer_ok, AccessPolicy(OneToken(), FailureLimiter(), MaskedViews(10, None)), metrics
+    )
+    assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") is None
