@@ -575,8 +575,8 @@ class JwtVerifier:
             raise AuthFailure("algorithm")
         if not isinstance(kid, str):
             raise AuthFailure("unknown_key")
-        # From here to the token remembered nothing awaits: a fetch that withdraws the key
-        # cannot end in between and miss the token.
+        # From the key's lookup to the token remembered nothing awaits: a fetch that withdraws
+        # the key cannot end in between and miss the token.
         key = await self._key(kid)
         if key is None:
             raise AuthFailure("unknown_key")

@@ -536,6 +536,40 @@ def test_https_with_a_certificate_of_the_operators(
     assert "serving HTTP on https://127.0.0.1:" in service.log()
 
 
+def test_a_key_the_provider_withdraws_is_refused_once_the_key_sets_max_age_is_over(
+    start_service: Any,
+) -> None:
+    """The attack of a withdrawn key: tokens it signed were still answered 200 long after, and
+    a token verified before it was withdrawn stayed remembered until its `exp`."""
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=30"  # the least the service honours
+    with serve_jwks(provider) as jwks_url:
+        service = start_service(
+            HTTP_AUTH="jwt",
+            HTTP_JWT_JWKS_URL=jwks_url,
+            HTTP_JWT_ISSUER=ISSUER,
+            HTTP_JWT_AUDIENCE=AUDIENCE,
+        )
+        url = f"{service.base_url}/order/not-stored-here"
+        remembered = provider.token(sub="remembered")
+        assert httpx.get(url, headers=bearer(remembered)).status_code == 404
+        withdrawn_at = time.monotonic()
+        provider.withdraw("rsa-1")
+
+        def signed_by_the_withdrawn_key_refused() -> bool:
+            fresh = provider.token(sub="fresh")
+            return httpx.get(url, headers=bearer(fresh)).status_code == 401
+
+        wait_until(signed_by_the_withdrawn_key_refused, 45, "the withdrawn key refused", 1.0)
+        assert time.monotonic() - withdrawn_at > 20  # at the set's max-age, not before
+        assert httpx.get(url, headers=bearer(remembered)).status_code == 401
+        assert httpx.get(url, headers=bearer(provider.token("ec-1"))).status_code == 404
+        assert provider.requests == 2
+        # The remembered token, and those signed after the withdrawal, before the fetch.
+        forgotten = r"JWKS: 1 keys withdrawn \(rsa-1\), [1-9][0-9]* tokens verified with them"
+        assert re.search(forgotten, service.log())
+
+
 # ----------------------------------------------------------------------- JWKS over the network
 
 Behaviour = Callable[[socket.socket], None]
