@@ -39,12 +39,18 @@ class IdentityProvider:
         self.algorithms = {"rsa-1": "RS256", "ec-1": "ES256", "ed-1": "EdDSA"}
         self.published = set(self.keys)
         self.requests = 0
+        # The Cache-Control its JWKS answers carry; None: no such header.
+        self.cache_control: str | None = None
 
     def add_key(self, kid: str) -> None:
         """A new RSA key, published from now on (a provider rotating its keys)."""
         self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.algorithms[kid] = "RS256"
         self.published.add(kid)
+
+    def withdraw(self, kid: str) -> None:
+        """The key no longer published (a provider retiring a key, or one that leaked)."""
+        self.published.discard(kid)
 
     def jwks(self) -> bytes:
         keys = []
@@ -54,9 +60,10 @@ class IdentityProvider:
             keys.append({**entry, "kid": kid, "use": "sig"})
         return json.dumps({"keys": keys}).encode()
 
-    def fetch(self, _: str) -> bytes:
+    def fetch(self, _: str) -> tuple[bytes, str | None]:
+        """The answer order_viewer.auth.fetch_url would give: the JWKS and its Cache-Control."""
         self.requests += 1
-        return self.jwks()
+        return self.jwks(), self.cache_control
 
     def claims(self, **overrides: Any) -> dict[str, Any]:
         now = int(time.time())
@@ -112,6 +119,8 @@ def serve_jwks(provider: IdentityProvider) -> Iterator[str]:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if provider.cache_control is not None:
+                self.send_header("Cache-Control", provider.cache_control)
             self.end_headers()
             self.wfile.write(body)
 

@@ -26,6 +26,7 @@ from order_viewer.auth import (
     JwtVerifier,
     KeysUnavailable,
     Principal,
+    TokenFile,
     TokenFileError,
     bearer_token,
     open_token_file,
@@ -102,7 +103,10 @@ def access_policy(settings: Settings) -> AccessPolicy | None:
         assert settings.http_jwt_issuer is not None
         assert settings.http_jwt_audience is not None
         authenticator = JwtVerifier(
-            str(settings.http_jwt_jwks_url), settings.http_jwt_issuer, settings.http_jwt_audience
+            str(settings.http_jwt_jwks_url),
+            settings.http_jwt_issuer,
+            settings.http_jwt_audience,
+            max_lifetime=settings.http_jwt_max_lifetime_seconds,
         )
     else:
         return None
@@ -142,6 +146,8 @@ class AccessGuard:
                 registry=metrics.registry,
             )
             metrics.count_masked_views(policy.views)
+            if isinstance(policy.authenticator, TokenFile):
+                metrics.count_token_file(policy.authenticator)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         needed = _required_scope(scope["path"]) if scope["type"] == "http" else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,6 +22,8 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Positive = Annotated[int, Field(ge=1)]
 # Fewer would leave a browser's handful of parallel requests waiting on each other.
 MIN_HTTP_CONNECTIONS = 16
+# A year: beyond, a bound on a token's lifetime bounds nothing.
+MAX_TOKEN_LIFETIME = 366 * 24 * 3600
 
 
 class Settings(BaseSettings):
@@ -162,6 +165,14 @@ class Settings(BaseSettings):
         description="With HTTP_AUTH=jwt: the identity provider's JSON Web Key Set (RS256, ES256 "
         "and EdDSA keys).",
     )
+    http_jwt_max_lifetime_seconds: Annotated[int, Field(ge=1, le=MAX_TOKEN_LIFETIME)] | None = (
+        Field(
+            default=None,
+            description="With HTTP_AUTH=jwt: the longest a token may be valid, from its `iat` "
+            "to its `exp`; a token that lives longer or has no `iat` is refused. Unset: no "
+            "bound.",
+        )
+    )
     http_jwt_issuer: str | None = Field(
         default=None, min_length=1, description="With HTTP_AUTH=jwt: the `iss` tokens must carry."
     )
@@ -222,6 +233,15 @@ class Settings(BaseSettings):
             raise ValueError("HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE go together")
         return self
 
+    @field_validator("http_jwt_jwks_url")
+    @classmethod
+    def _keys_fetched_over_https(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        # Keys fetched in clear could be swapped for an attacker's on the way; plain http only
+        # where no network is crossed (tests, a provider beside the service).
+        if url is not None and url.scheme != "https" and not is_loopback(url.host or ""):
+            raise ValueError("must be an https:// URL (http:// only to a loopback address)")
+        return url
+
     @field_validator("kafka_max_poll_interval_ms")
     @classmethod
     def _poll_interval_covers_session(cls, value: int, info: ValidationInfo) -> int:
@@ -233,6 +253,16 @@ class Settings(BaseSettings):
         if session_timeout is not None and value < session_timeout:
             raise ValueError("must be at least KAFKA_SESSION_TIMEOUT_MS (librdkafka's rule)")
         return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name, or an address with or without brackets) is this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def kafka_security(settings: Settings) -> dict[str, str]:

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from order_viewer.auth import TokenFile
 from order_viewer.cache import OrderCache
 from order_viewer.masking import MaskedViews
 
@@ -119,6 +120,10 @@ class Metrics:
     def count_masked_views(self, views: MaskedViews) -> None:
         """Gauges of the masked views too, which exist only with authentication on."""
         self.registry.register(_MaskedViewsCollector(views))
+
+    def count_token_file(self, tokens: TokenFile) -> None:
+        """A gauge of the tokens file too, which is read only with HTTP_AUTH=token."""
+        self.registry.register(_TokenFileCollector(tokens))
 
     def order_stored(self, date_created: datetime) -> None:
         if self._newest_order is None or date_created > self._newest_order:
@@ -236,6 +241,23 @@ class _MaskedViewsCollector(Collector):
             "order_viewer_masked_views_bytes",
             "Bytes of masked order bodies kept, beside the cache's (bounded by CACHE_MAX_BYTES).",
             value=self._views.bytes,
+        )
+
+
+class _TokenFileCollector(Collector):
+    """The lines of HTTP_TOKENS_FILE that admit no token for not parsing. While the file cannot
+    be read at all no token is admitted, Prometheus' own included: that shows as a scrape that
+    fails (OrderViewerDown), not as a figure here."""
+
+    def __init__(self, tokens: TokenFile) -> None:
+        self._tokens = tokens
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "order_viewer_tokens_file_refused_lines",
+            "Lines of HTTP_TOKENS_FILE refused at its last read (each admits no token; the log "
+            "names their numbers).",
+            value=self._tokens.refused_lines,
         )
 
 

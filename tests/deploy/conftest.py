@@ -4,6 +4,7 @@ the files under deploy/, and the metric names the service really exposes."""
 from __future__ import annotations
 
 import re
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from devstack.deploy_tools import INSTALL_COMMAND, helm_path, prometheus_path, promtool_path
+from order_viewer.auth import TokenFile
 from order_viewer.cache import OrderCache
 from order_viewer.metrics import Metrics
 
@@ -56,6 +58,10 @@ def exposed_metrics() -> dict[str, frozenset[str]]:
     metrics.retries.labels("database").inc()
     metrics.consumer_lag.labels("orders", "0").set(1)
     metrics.http.record("/readyz", 200, 0.001)
+    with tempfile.TemporaryDirectory() as directory:  # the tokens file's gauge too
+        tokens = Path(directory) / "tokens"
+        tokens.write_text("")
+        metrics.count_token_file(TokenFile(tokens))
     exposed: dict[str, frozenset[str]] = {}
     for family in metrics.registry.collect():
         for sample in family.samples:

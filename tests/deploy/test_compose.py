@@ -141,7 +141,9 @@ def demo_tokens() -> dict[str, Any]:
     mounts = [volume.split(":") for volume in service["volumes"]]
     [(source, _, mode)] = [m for m in mounts if m[1] == env["HTTP_TOKENS_FILE"]]
     assert mode == "ro"
-    return dict(parse_token_file(Path(source).read_text()))
+    table = parse_token_file(Path(source).read_text())
+    assert table.refused == []
+    return dict(table.principals)
 
 
 def test_the_observability_profile_runs_prometheus_with_the_alert_rules() -> None:

@@ -4,14 +4,20 @@ orders, audit lines, the limit on failed attempts, protected mode and HTTPS."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
 import random
+import re
+import socket
 import ssl
 import subprocess
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +27,8 @@ import httpx
 import pytest
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
-from order_viewer.auth import new_token, token_digest
+from order_viewer import auth
+from order_viewer.auth import JwtVerifier, KeysUnavailable, fetch_url, new_token, token_digest
 from order_viewer.generate import make_order
 from order_viewer.masking import masked_document
 from tests.conftest import (
@@ -527,3 +534,244 @@ def test_https_with_a_certificate_of_the_operators(
     with pytest.raises(httpx.TransportError):  # no plain HTTP on the port
         httpx.get(f"http://127.0.0.1:{service.port}/livez", timeout=5)
     assert "serving HTTP on https://127.0.0.1:" in service.log()
+
+
+def test_a_key_the_provider_withdraws_is_refused_once_the_key_sets_max_age_is_over(
+    start_service: Any,
+) -> None:
+    """The attack of a withdrawn key: tokens it signed were still answered 200 long after, and
+    a token verified before it was withdrawn stayed remembered until its `exp`."""
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=30"  # the least the service honours
+    with serve_jwks(provider) as jwks_url:
+        service = start_service(
+            HTTP_AUTH="jwt",
+            HTTP_JWT_JWKS_URL=jwks_url,
+            HTTP_JWT_ISSUER=ISSUER,
+            HTTP_JWT_AUDIENCE=AUDIENCE,
+        )
+        url = f"{service.base_url}/order/not-stored-here"
+        remembered = provider.token(sub="remembered")
+        assert httpx.get(url, headers=bearer(remembered)).status_code == 404
+        withdrawn_at = time.monotonic()
+        provider.withdraw("rsa-1")
+
+        def signed_by_the_withdrawn_key_refused() -> bool:
+            fresh = provider.token(sub="fresh")
+            return httpx.get(url, headers=bearer(fresh)).status_code == 401
+
+        wait_until(signed_by_the_withdrawn_key_refused, 45, "the withdrawn key refused", 1.0)
+        assert time.monotonic() - withdrawn_at > 20  # at the set's max-age, not before
+        assert httpx.get(url, headers=bearer(remembered)).status_code == 401
+        assert httpx.get(url, headers=bearer(provider.token("ec-1"))).status_code == 404
+        assert provider.requests == 2
+        # The remembered token, and those signed after the withdrawal, before the fetch.
+        forgotten = r"JWKS: 1 keys withdrawn \(rsa-1\), [1-9][0-9]* tokens verified with them"
+        assert re.search(forgotten, service.log())
+
+
+# ----------------------------------------------------------------------- JWKS over the network
+
+Behaviour = Callable[[socket.socket], None]
+
+
+@contextmanager
+def jwks_server(behaviour: Behaviour) -> Iterator[str]:
+    """A server on loopback that reads each request and answers it as `behaviour` does, on
+    the socket itself (so that it can drip, lie or break HTTP); yields a URL on it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)  # to see `stop`: closing a socket does not end its accept()
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(None)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                with suppress(OSError):
+                    behaviour(connection)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/.well-known/jwks.json"
+    finally:
+        stop.set()
+        thread.join(10)
+        listener.close()
+
+
+def answer(status: str, body: bytes, *headers: str) -> Behaviour:
+    def send(connection: socket.socket) -> None:
+        head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *headers, "", ""]
+        connection.sendall("\r\n".join(head).encode() + body)
+
+    return send
+
+
+def dripping(head: bytes, body: bytes, pause: float) -> Behaviour:
+    """The answer one byte at a time, each well within a read's timeout."""
+
+    def send(connection: socket.socket) -> None:
+        for byte in head + body:
+            connection.sendall(bytes([byte]))
+            time.sleep(pause)
+
+    return send
+
+
+@pytest.fixture
+def one_second_deadline(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(auth, "JWKS_TIMEOUT_SECONDS", 1)
+    return 1.0
+
+
+JWKS = IdentityProvider().jwks()
+HEAD = f"HTTP/1.1 200 OK\r\nContent-Length: {len(JWKS)}\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        dripping(HEAD, JWKS[:60], 0.05),  # the body, byte by byte
+        dripping(HEAD[:-2] + b"X-Padding: " + b"a" * 60, b"", 0.05),  # the headers too
+        lambda _: time.sleep(3),  # nothing at all
+    ],
+    ids=["dripped body", "dripped headers", "silent"],
+)
+def test_a_jwks_fetch_ends_at_one_deadline_however_slowly_the_server_answers(
+    one_second_deadline: float, behaviour: Behaviour
+) -> None:
+    with jwks_server(behaviour) as url:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            fetch_url(url)
+        assert time.monotonic() - started < one_second_deadline + 0.5
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_jwks_redirect_is_an_error_never_followed(status: int) -> None:
+    redirect = (
+        f"the URL answered {status}, a redirect, which is not followed: "
+        "set HTTP_JWT_JWKS_URL to the key set's own URL"
+    )
+    with (
+        serve_jwks(IdentityProvider()) as target,
+        jwks_server(answer(f"{status} Elsewhere", b"", f"Location: {target}")) as url,
+        pytest.raises(ValueError, match=re.escape(redirect)),
+    ):
+        fetch_url(url)
+
+
+def chunked(body: bytes, chunk: int = 65536) -> Behaviour:
+    def send(connection: socket.socket) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(body), chunk):
+            part = body[start : start + chunk]
+            connection.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        connection.sendall(b"0\r\n\r\n")
+
+    return send
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error", "message"),
+    [
+        (answer("200 OK", b" " * (2 * 1024 * 1024)), ValueError, "larger than 1048576 bytes"),
+        (chunked(b" " * (2 * 1024 * 1024)), ValueError, "larger than 1048576 bytes"),
+        (answer("404 Not Found", b"{}"), ValueError, "the URL answered 404"),
+        (answer("500 Oops", b"{}"), ValueError, "the URL answered 500"),
+        (lambda c: c.sendall(b"SSH-2.0-OpenSSH\r\n\r\n"), ValueError, "not an HTTP answer"),
+        (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * 70000), ValueError, "not"),
+        (lambda _: None, ValueError, "not an HTTP answer (RemoteDisconnected)"),
+        (
+            lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"),
+            ValueError,
+            "the answer ended before its Content-Length",
+        ),
+    ],
+    ids=["huge", "huge chunked", "404", "500", "not HTTP", "endless header", "closed", "cut"],
+)
+def test_a_broken_jwks_answer_is_a_clear_error(
+    behaviour: Behaviour, error: type[Exception], message: str
+) -> None:
+    with jwks_server(behaviour) as url, pytest.raises(error) as refused:
+        fetch_url(url)
+    assert message in str(refused.value)
+
+
+def test_a_jwks_answer_gives_its_body_and_every_cache_control_line() -> None:
+    with jwks_server(
+        answer("200 OK", JWKS, "Cache-Control: public", "cache-control: max-age=60")
+    ) as url:
+        assert fetch_url(url) == (JWKS, "public, max-age=60")
+    with jwks_server(answer("200 OK", JWKS)) as url:
+        assert fetch_url(url) == (JWKS, None)
+
+
+def test_an_https_jwks_of_a_certificate_nobody_vouched_for_is_refused(tmp_path: Path) -> None:
+    cert_file, key_file = self_signed_pair(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_once_over_tls() -> None:
+        connection, _ = listener.accept()
+        # The handshake fails on the server's side too, once the client refuses it.
+        with suppress(OSError), context.wrap_socket(connection, server_side=True) as wrapped:
+            answer("200 OK", JWKS)(wrapped)
+
+    thread = threading.Thread(target=serve_once_over_tls, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            fetch_url(f"https://127.0.0.1:{listener.getsockname()[1]}/jwks")
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"<html>sign in</html>", "the body is not JSON"),
+        (b"[" * 100_000, "the body is not JSON"),
+        (b"\xff\xfe{}", "the body is not JSON"),
+        (b'{"keys": "none"}', "not a JSON Web Key Set"),
+    ],
+)
+def test_a_jwks_that_is_no_key_set_is_logged_and_tokens_wait(
+    body: bytes, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = IdentityProvider()
+    with jwks_server(answer("200 OK", body)) as url:
+        check = JwtVerifier(url, ISSUER, AUDIENCE)
+        with pytest.raises(KeysUnavailable):
+            asyncio.run(check.authenticate(provider.token()))
+    assert f"cannot fetch the JWKS, keeping 0 known keys: {problem}" in caplog.text
+
+
+def test_a_jwks_url_in_clear_beyond_loopback_stops_start_up() -> None:
+    refused = run_serve(
+        {
+            "HTTP_AUTH": "jwt",
+            "HTTP_JWT_JWKS_URL": "http://idp.example.com/jwks",
+            "HTTP_JWT_ISSUER": ISSUER,
+            "HTTP_JWT_AUDIENCE": AUDIENCE,
+        }
+    )
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "order-viewer: invalid setting HTTP_JWT_JWKS_URL: Value error, must be an https:// URL "
+        "(http:// only to a loopback address)\n"
+    )

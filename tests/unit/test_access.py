@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from starlette.types import Message, Receive, Scope, Send
@@ -28,8 +29,10 @@ from order_viewer.auth import (
     Authenticator,
     AuthFailure,
     FailureLimiter,
+    JwksAnswer,
     JwtVerifier,
     Principal,
+    TokenFile,
 )
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import Settings
@@ -258,7 +261,7 @@ def test_an_identity_provider_away_is_a_503_to_retry_not_a_bad_token() -> None:
     provider = IdentityProvider()
     away = True
 
-    def fetch(url: str) -> bytes:
+    def fetch(url: str) -> JwksAnswer:
         if away:
             raise ConnectionRefusedError(111, "Connection refused")
         return provider.fetch(url)
@@ -375,3 +378,21 @@ def test_the_masked_views_beside_the_cache_are_measured() -> None:
     assert gauges() == (1, len(masked.body))
     views.masked(CachedOrder(whole.body, '"v2"'))
     assert gauges() == (2, 2 * len(masked.body))
+
+
+def test_the_refused_lines_of_the_tokens_file_are_measured(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"support:{'a' * 64}:orders:read\nbroken\n")
+    tokens = TokenFile(path)
+    metrics = Metrics(OrderCache(10))
+    AccessGuard(answer_ok, AccessPolicy(tokens, FailureLimiter(), MaskedViews(10, None)), metrics)
+    assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") == 1
+    path.write_text(f"support:{'a' * 64}:orders:read\n")
+    tokens.reload_if_changed()
+    assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") == 0
+    # Only the tokens file has the gauge.
+    metrics = Metrics(OrderCache(10))
+    AccessGuard(
+        answer_ok, AccessPolicy(OneToken(), FailureLimiter(), MaskedViews(10, None)), metrics
+    )
+    assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") is None

@@ -6,27 +6,38 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer.auth import (
+    JWKS_DEFAULT_MAX_AGE_SECONDS,
+    JWKS_MAX_MAX_AGE_SECONDS,
+    JWKS_MAX_STALE_SECONDS,
+    JWKS_MIN_MAX_AGE_SECONDS,
     JWKS_REFETCH_SECONDS,
     JWKS_RETRY_SECONDS,
     ORDERS_READ,
     ORDERS_READ_PII,
     AuthFailure,
     FailureLimiter,
+    JwksAnswer,
     JwtVerifier,
     KeysUnavailable,
     Principal,
     TokenFile,
     TokenFileError,
+    TokenLines,
     bearer_token,
+    jwks_max_age,
     new_token,
+    open_token_file,
     parse_jwks,
     parse_token_file,
     protected_mode_problem,
@@ -104,11 +115,15 @@ def test_the_token_file_gives_each_digest_its_client_and_scopes() -> None:
         f"support:{DIGEST}:orders:read\r\n"
         f"  auditor:{'B' * 64}:orders:read:pii, metrics:read  \n"
     )
-    principals = parse_token_file(text)
-    assert principals == {
+    table = parse_token_file(text)
+    assert table.principals == {
         DIGEST: Principal("support", frozenset({ORDERS_READ})),
         "b" * 64: Principal("auditor", frozenset({ORDERS_READ_PII, "metrics:read"})),
     }
+    assert table.refused == []
+
+
+OTHER = "c" * 64
 
 
 @pytest.mark.parametrize(
@@ -128,25 +143,54 @@ def test_the_token_file_gives_each_digest_its_client_and_scopes() -> None:
         (f"support:{DIGEST}:orders:write", "unknown scope"),
         (f"support:{DIGEST}:orders:read,,", "unknown scope"),
         (f"support:{DIGEST}:" + "x" * 100_000, "unknown scope"),
+        (f"support:{DIGEST}:orders:read  # s3cret note", "unknown scope"),
+        (f"support:{DIGEST}:ORDERS:READ", "unknown scope"),
+        (f"support:{DIGEST}:orders:read\x00", "unknown scope"),
+        (f"support:{DIGEST}:orders:read\u2028metrics:read", "unknown scope"),
+        (f"support:{DIGEST}:orders:read\rs3cret", "unknown scope"),
+        ("s3cret" * 50_000, "expected name:sha256-hex:scope,scope"),
     ],
 )
-def test_a_hostile_line_refuses_the_file_naming_the_line_not_its_content(
+def test_a_hostile_line_is_refused_alone_naming_the_line_not_its_content(
     line: str, problem: str
 ) -> None:
-    with pytest.raises(TokenFileError) as refused:
-        parse_token_file(f"# first\n{line}\n")
-    message = str(refused.value)
+    table = parse_token_file(f"# first\n{line}\nother:{OTHER}:orders:read\n")
+    assert table.principals == {OTHER: Principal("other", frozenset({ORDERS_READ}))}
+    [message] = table.refused
     assert message.startswith("line 2: ")
     assert problem in message
     assert "s3cret" not in message
     assert len(message) < 200
 
 
-def test_a_client_or_a_token_listed_twice_refuses_the_file() -> None:
-    with pytest.raises(TokenFileError, match="line 2: client a is listed twice"):
-        parse_token_file(f"a:{DIGEST}:orders:read\na:{'b' * 64}:orders:read\n")
-    with pytest.raises(TokenFileError, match="line 2: the same token is listed twice"):
-        parse_token_file(f"a:{DIGEST}:orders:read\nb:{DIGEST.upper()}:orders:read\n")
+def test_every_line_of_a_client_or_a_token_listed_twice_is_refused() -> None:
+    # Either line could be the one meant to be removed: neither is trusted.
+    table = parse_token_file(
+        f"a:{DIGEST}:orders:read\nb:{OTHER}:orders:read\na:{'b' * 64}:orders:read:pii\n"
+    )
+    assert table.principals == {OTHER: Principal("b", frozenset({ORDERS_READ}))}
+    assert table.refused == [
+        "line 1: client a is listed more than once",
+        "line 3: client a is listed more than once",
+    ]
+    table = parse_token_file(
+        f"a:{DIGEST}:orders:read\nb:{DIGEST.upper()}:orders:read:pii\nc:{OTHER}:metrics:read\n"
+    )
+    assert list(table.principals) == [OTHER]
+    assert table.refused == [
+        "line 1: the same token is listed more than once",
+        "line 2: the same token is listed more than once",
+    ]
+
+
+def test_line_numbers_are_an_editors_and_an_empty_file_admits_nobody() -> None:
+    # A form feed or a line separator inside a line does not shift the numbers that follow.
+    table = parse_token_file(f"x\x0cy\n\u2028\nz\n\nsupport:{DIGEST}:orders\n")
+    assert table.refused[0].startswith("line 1: ")
+    assert table.refused[1].startswith("line 3: ")
+    assert table.refused[2].startswith("line 5: ")
+    for text in ("", "\n\n", "# nobody yet\n"):
+        assert parse_token_file(text) == TokenLines({}, [])
 
 
 class Clock:
@@ -191,23 +235,142 @@ def test_a_token_is_known_by_its_digest_and_a_removed_line_revokes_it(tmp_path: 
     assert authenticate(tokens, auditor).name == "auditor"
 
 
-def test_a_token_file_broken_later_keeps_the_tokens_it_had(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    token = new_token()
+def token_lines(**tokens: str) -> str:
+    return "".join(f"{name}:{token_digest(token)}:orders:read\n" for name, token in tokens.items())
+
+
+@pytest.fixture
+def two_clients(tmp_path: Path) -> tuple[Path, Clock, TokenFile, str, str]:
+    """A token file of two clients, `support` and `leaver`, and their tokens."""
+    support, leaver = new_token(), new_token()
     path = tmp_path / "tokens"
-    path.write_text(f"support:{token_digest(token)}:orders:read\n")
+    path.write_text(token_lines(support=support, leaver=leaver))
     clock = Clock()
-    tokens = TokenFile(path, clock)
-    path.write_bytes(b"support:\xff\xfe:orders:read\n")
-    clock.now += 5
-    assert authenticate(tokens, token).name == "support"
-    assert "not reloaded, the previous tokens stay: it is not UTF-8 text" in caplog.text
+    return path, clock, TokenFile(path, clock), support, leaver
+
+
+Breakage = Callable[[Path], None]
+
+
+def deleted(path: Path) -> None:
     path.unlink()
+
+
+def a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def not_utf8(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b"# caf\xe9\n")
+
+
+def binary(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+@pytest.mark.parametrize("break_it", [deleted, a_directory, not_utf8, binary])
+def test_a_token_file_that_cannot_be_read_admits_no_token_until_it_can(
+    two_clients: tuple[Path, Clock, TokenFile, str, str],
+    caplog: pytest.LogCaptureFixture,
+    break_it: Breakage,
+) -> None:
+    path, clock, tokens, support, leaver = two_clients
+    break_it(path)
+    clock.now += 1
+    # The revoked token may be any of them: nothing tells which, so none is let in.
+    assert reason(tokens, support) == "unknown_token"
+    assert reason(tokens, leaver) == "unknown_token"
     for _ in range(3):
         clock.now += 5
-        assert authenticate(tokens, token).name == "support"
-    assert caplog.text.count("No such file or directory") == 1  # once, not every second
+        assert reason(tokens, support) == "unknown_token"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1  # once, not every second
+    assert errors[0].startswith("HTTP_TOKENS_FILE cannot be read, no bearer token is admitted")
+
+    if path.is_dir():
+        path.rmdir()
+    path.write_text(token_lines(support=support))
+    clock.now += 1
+    assert authenticate(tokens, support).name == "support"
+    assert reason(tokens, leaver) == "unknown_token"
+
+
+def test_a_removed_line_revokes_its_token_even_when_another_line_breaks(
+    two_clients: tuple[Path, Clock, TokenFile, str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path, clock, tokens, support, leaver = two_clients
+    auditor = new_token()
+    # leaver's line removed, an inline comment and an upper-case scope added by mistake.
+    path.write_text(
+        f"support:{token_digest(support)}:orders:read\n"
+        f"auditor:{token_digest(auditor)}:orders:read # s3cret note\n"
+        f"auditor2:{token_digest(new_token())}:ORDERS:READ\n"
+    )
+    clock.now += 1
+    assert reason(tokens, leaver) == "unknown_token"
+    assert reason(tokens, auditor) == "unknown_token"
+    assert authenticate(tokens, support).name == "support"
+    assert tokens.refused_lines == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "HTTP_TOKENS_FILE line 2: unknown scope; known are metrics:read, orders:read, "
+        "orders:read:pii; the line admits no token",
+        "HTTP_TOKENS_FILE line 3: unknown scope; known are metrics:read, orders:read, "
+        "orders:read:pii; the line admits no token",
+    ]
+    assert "s3cret" not in caplog.text
+
+
+def test_a_chmod_that_makes_the_file_unreadable_is_noticed(
+    two_clients: tuple[Path, Clock, TokenFile, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, clock, tokens, support, _ = two_clients
+    # The superuser reads any file: the refusal a chmod 000 gives others is made here.
+
+    def refused(_: Path) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    path.chmod(0)
+    clock.now += 1
+    assert reason(tokens, support) == "unknown_token"
+
+
+def test_a_token_file_starts_with_its_good_lines_or_not_at_all(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    support = new_token()
+    path = tmp_path / "tokens"
+    path.write_bytes(
+        b"\xef\xbb\xbf"  # a BOM, as some editors write
+        + token_lines(support=support).replace("\n", "\r\n").encode()
+        + b"nul\x00:s3cret:orders:read\n"
+    )
+    tokens = open_token_file(path)
+    assert authenticate(tokens, support).name == "support"
+    assert tokens.refused_lines == 1
+    assert "HTTP_TOKENS_FILE line 2: a client name is" in caplog.text
+    assert "s3cret" not in caplog.text
+
+    path.write_text("support:s3cret:orders:read\n# the only client\n")
+    with pytest.raises(TokenFileError) as refused:
+        open_token_file(path)
+    assert str(refused.value) == (
+        "line 1: the second field must be 64 hexadecimal digits (SHA-256) "
+        "(and no line admits a token)"
+    )
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(TokenFileError) as refused:
+        open_token_file(path)
+    assert str(refused.value) == "it is not UTF-8 text"
+    path.unlink()
+    with pytest.raises(TokenFileError) as refused:
+        open_token_file(path)
+    assert str(refused.value) == "cannot read it: No such file or directory"
+    path.write_text("")
+    assert len(open_token_file(path)) == 0  # nobody admitted, on purpose
 
 
 # ------------------------------------------------------------------------------------- JWT
@@ -312,7 +475,7 @@ class ProviderDown:
         self.down = True
         self.attempts = 0
 
-    def __call__(self, url: str) -> bytes:
+    def __call__(self, url: str) -> JwksAnswer:
         self.attempts += 1
         if self.down:
             raise self.error
@@ -390,6 +553,226 @@ def test_a_verified_token_is_remembered_until_it_expires(provider: IdentityProvi
     wall.now = now + 60 + 31
     assert authenticate(check, token) == first
     assert decoded == [token]
+
+
+def test_a_time_claim_must_be_a_number(provider: IdentityProvider) -> None:
+    now = int(time.time())
+    check = verifier(provider)
+    # PyJWT reads a numeric string, or true, as the number it stands for.
+    for claims in (
+        {"exp": str(now + 300)},
+        {"exp": f" {now + 300} "},
+        {"nbf": str(now - 10)},
+        {"iat": str(now)},
+        {"nbf": True},
+        {"iat": True},
+    ):
+        assert reason(check, provider.token(**claims)) == "invalid", claims
+    assert authenticate(check, provider.token(exp=now + 300.5, iat=now - 0.5)).name == "alice"
+
+
+def test_a_maximum_lifetime_refuses_longer_lived_tokens_and_tokens_without_iat(
+    provider: IdentityProvider,
+) -> None:
+    now = int(time.time())
+    check = JwtVerifier(
+        "http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, max_lifetime=600, fetch=provider.fetch
+    )
+    assert authenticate(check, provider.token(iat=now, exp=now + 600)).name == "alice"
+    assert reason(check, provider.token(iat=now, exp=now + 601)) == "lifetime"
+    assert reason(check, provider.token(iat=now - 3600, exp=now + 60)) == "lifetime"
+    assert reason(check, provider.token(iat=None, exp=now + 60)) == "lifetime"
+    assert reason(check, provider.token(iat=str(now), exp=now + 60)) == "invalid"
+    # Unbounded unless set.
+    assert authenticate(verifier(provider), provider.token(iat=None, exp=now + 86400 * 365))
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "seconds"),
+    [
+        (None, JWKS_DEFAULT_MAX_AGE_SECONDS),
+        ("public", JWKS_DEFAULT_MAX_AGE_SECONDS),
+        ("s-maxage=600", JWKS_DEFAULT_MAX_AGE_SECONDS),
+        ("max-age=120", 120),
+        ("public, MAX-AGE = 120 , must-revalidate", 120),
+        ("max-age=0", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=1", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=-60", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=86400", JWKS_MAX_MAX_AGE_SECONDS),
+        ("max-age=" + "9" * 5000, JWKS_MAX_MAX_AGE_SECONDS),
+        ("max-age=soon", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=1e3", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=\uff16\uff10", JWKS_MIN_MAX_AGE_SECONDS),  # full-width digits
+        ('max-age="600"', JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=600, max-age=60", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=600, max-age=600", JWKS_MIN_MAX_AGE_SECONDS),
+        ("no-store", JWKS_MIN_MAX_AGE_SECONDS),
+        ("max-age=600, no-cache", JWKS_MIN_MAX_AGE_SECONDS),
+        ('no-cache="set-cookie", max-age=600', JWKS_MIN_MAX_AGE_SECONDS),
+        (",,, ,", JWKS_DEFAULT_MAX_AGE_SECONDS),
+    ],
+)
+def test_the_key_set_lives_its_max_age_within_bounds(
+    cache_control: str | None, seconds: float
+) -> None:
+    assert jwks_max_age(cache_control) == seconds
+    assert JWKS_MIN_MAX_AGE_SECONDS == JWKS_REFETCH_SECONDS < 300 <= JWKS_MAX_MAX_AGE_SECONDS
+
+
+def run(scenario: Coroutine[Any, Any, None]) -> None:
+    """One event loop for a whole scenario, so that a fetch started in the background by one
+    request is still there for the next."""
+    asyncio.run(scenario)
+
+
+async def refused(check: JwtVerifier, token: str) -> str:
+    with pytest.raises(AuthFailure) as failure:
+        await check.authenticate(token)
+    return failure.value.reason
+
+
+def test_the_key_set_is_fetched_again_after_its_max_age() -> None:
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=120"
+    clock = Clock()
+    check = verifier(provider, clock)
+
+    async def scenario() -> None:
+        token = provider.token()
+        assert (await check.authenticate(token)).name == "alice"
+        clock.now += 119
+        assert check.known(token) is not None
+        assert (await check.authenticate(provider.token(sub="bob"))).name == "bob"
+        assert provider.requests == 1
+        clock.now += 1
+        await check.authenticate(provider.token(sub="carol"))
+        assert provider.requests == 2
+
+    run(scenario())
+
+
+def test_a_withdrawn_key_is_refused_once_the_key_set_is_fetched_again() -> None:
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=60"
+    clock = Clock()
+    check = verifier(provider, clock)
+
+    async def scenario() -> None:
+        assert (await check.authenticate(provider.token())).name == "alice"
+        provider.withdraw("rsa-1")
+        clock.now += 60
+        # The first request to find the set stale starts the fetch; a new token waits for it.
+        assert await refused(check, provider.token(sub="mallory")) == "unknown_key"
+        assert provider.requests == 2
+        assert (await check.authenticate(provider.token("ec-1"))).name == "alice"
+
+    run(scenario())
+
+
+def test_tokens_remembered_under_a_withdrawn_or_replaced_key_are_forgotten(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=60"
+    clock = Clock()
+    check = verifier(provider, clock)
+    withdrawn = provider.token(sub="withdrawn")
+    replaced = provider.token("ec-1", sub="replaced")
+    kept = provider.token("ed-1", sub="kept")
+
+    async def scenario() -> None:
+        for token in (withdrawn, replaced, kept):
+            await check.authenticate(token)
+        provider.withdraw("rsa-1")
+        provider.keys["ec-1"] = ec.generate_private_key(ec.SECP256R1())  # the same kid
+        clock.now += 60
+        await check.authenticate(provider.token("ed-1", sub="new"))  # waits for the fetch
+        assert check.known(withdrawn) is None
+        assert check.known(replaced) is None
+        assert check.known(kept) is not None
+        assert await refused(check, withdrawn) == "unknown_key"
+        assert await refused(check, replaced) == "bad_signature"
+
+    run(scenario())
+    assert "JWKS: 2 keys withdrawn (ec-1, rsa-1), 2 tokens verified with them forgotten" in (
+        caplog.text
+    )
+
+
+def test_a_remembered_token_is_answered_while_the_key_set_is_fetched() -> None:
+    provider = IdentityProvider()
+    provider.cache_control = "max-age=60"
+    clock = Clock()
+    release = threading.Event()
+    slow: list[str] = []
+
+    def fetch(url: str) -> JwksAnswer:
+        if slow:
+            release.wait(10)
+        slow.append(url)
+        return provider.fetch(url)
+
+    check = JwtVerifier("http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, fetch=fetch, monotonic=clock)
+
+    async def scenario() -> None:
+        token = provider.token()
+        await check.authenticate(token)
+        clock.now += 60
+        for _ in range(100):  # the hot path: no wait, one fetch started
+            assert check.known(token) is not None
+            await asyncio.sleep(0)
+        assert provider.requests == 1
+        waiting = asyncio.ensure_future(check.authenticate(provider.token(sub="new")))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # a token not verified yet waits for the keys
+        release.set()
+        assert (await waiting).name == "new"
+        assert provider.requests == 2
+
+    run(scenario())
+
+
+def test_keys_are_kept_for_an_hour_while_the_provider_is_down_then_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider = IdentityProvider()
+    clock = Clock()
+    endpoint = ProviderDown(provider, ConnectionRefusedError(111, "Connection refused"))
+    endpoint.down = False
+    check = JwtVerifier(
+        "http://127.0.0.1:1/jwks", ISSUER, AUDIENCE, fetch=endpoint, monotonic=clock
+    )
+    remembered = provider.token(sub="remembered")
+
+    async def scenario() -> None:
+        await check.authenticate(remembered)
+        endpoint.down = True
+        clock.now += JWKS_DEFAULT_MAX_AGE_SECONDS
+        # Stale and unreachable: the keys of the last fetch still verify.
+        assert (await check.authenticate(provider.token(sub="new"))).name == "new"
+        assert endpoint.attempts == 2
+        clock.now += JWKS_RETRY_SECONDS
+        check.known(remembered)
+        await check.authenticate(provider.token(sub="newer"))
+        assert endpoint.attempts == 3  # tried again every few seconds
+        clock.now = 1000.0 + JWKS_MAX_STALE_SECONDS - 1
+        assert (await check.authenticate(provider.token(sub="last"))).name == "last"
+        clock.now = 1000.0 + JWKS_MAX_STALE_SECONDS
+        with pytest.raises(KeysUnavailable):
+            await check.authenticate(provider.token(sub="too-late"))
+        assert check.known(remembered) is None
+        attempts = endpoint.attempts
+        for _ in range(5):  # and the provider is not hammered meanwhile
+            with pytest.raises(KeysUnavailable):
+                await check.authenticate(remembered)
+        assert endpoint.attempts == attempts
+        endpoint.down = False
+        clock.now += JWKS_RETRY_SECONDS
+        assert (await check.authenticate(remembered)).name == "remembered"
+
+    run(scenario())
+    assert "its last keys are older than 3600 s: dropped" in caplog.text
 
 
 def test_keys_a_jwks_must_not_offer_are_left_out(provider: IdentityProvider) -> None:

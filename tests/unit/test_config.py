@@ -58,6 +58,16 @@ def test_defaults_are_the_documented_contract() -> None:
         ("HTTP_JWT_JWKS_URL", "file:///etc/passwd"),
         ("HTTP_JWT_JWKS_URL", "not a url"),
         ("HTTP_JWT_ISSUER", ""),
+        ("HTTP_JWT_JWKS_URL", "http://idp.example.com/jwks"),
+        ("HTTP_JWT_JWKS_URL", "http://10.0.0.1/jwks"),
+        ("HTTP_JWT_JWKS_URL", "http://127.0.0.1.nip.io/jwks"),
+        ("HTTP_JWT_JWKS_URL", "ftp://127.0.0.1/jwks"),
+        ("HTTP_JWT_MAX_LIFETIME_SECONDS", "0"),
+        ("HTTP_JWT_MAX_LIFETIME_SECONDS", "-60"),
+        ("HTTP_JWT_MAX_LIFETIME_SECONDS", "1.5"),
+        ("HTTP_JWT_MAX_LIFETIME_SECONDS", "an hour"),
+        ("HTTP_JWT_MAX_LIFETIME_SECONDS", "31622401"),
+        ("HTTP_JWT_MAX_LIFETIME_SECONDS", "9" * 5000),
     ],
 )
 def test_a_malformed_setting_names_its_variable(
@@ -66,6 +76,33 @@ def test_a_malformed_setting_names_its_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigurationError, match=f"^invalid setting {variable}: "):
         load_settings()
+
+
+def test_keys_are_fetched_over_https_unless_from_this_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for url in (
+        "https://idp.example.com/jwks",
+        "http://127.0.0.1:8080/jwks",
+        "http://127.0.0.2/jwks",
+        "http://[::1]:8080/jwks",
+        "http://localhost/jwks",
+    ):
+        monkeypatch.setenv("HTTP_JWT_JWKS_URL", url)
+        assert str(load_settings().http_jwt_jwks_url) == url
+    monkeypatch.setenv("HTTP_JWT_JWKS_URL", "http://idp.example.com/jwks")
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings()
+    assert str(refused.value) == (
+        "invalid setting HTTP_JWT_JWKS_URL: Value error, must be an https:// URL "
+        "(http:// only to a loopback address)"
+    )
+
+
+def test_a_tokens_lifetime_is_unbounded_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().http_jwt_max_lifetime_seconds is None
+    monkeypatch.setenv("HTTP_JWT_MAX_LIFETIME_SECONDS", "3600")
+    assert load_settings().http_jwt_max_lifetime_seconds == 3600
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ def test_a_token_is_printed_once_with_its_line_for_the_file(
     )
     token, line = lines[1].strip(), lines[3].strip()
     assert line == f"support@ops:{token_digest(token)}:metrics:read,orders:read"
-    (principal,) = parse_token_file(line).values()
+    (principal,) = parse_token_file(line).principals.values()
     assert principal.name == "support@ops"
     assert principal.scopes == {"orders:read", "metrics:read"}
 
