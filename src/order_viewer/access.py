@@ -38,6 +38,7 @@ from order_viewer.metrics import HttpStats, Metrics, route_template
 
 audit = logging.getLogger("order_viewer.audit")
 AUDIT_LINE = "order read principal=%s order_uid=%s status=%d view=%s client=%s"
+LIST_AUDIT_LINE = "orders listed principal=%s status=%d view=%s client=%s"
 
 # The key of the request scope under which the guard leaves the view a principal may see; the
 # order routes apply it to the order they found (absent: the order whole).
@@ -214,8 +215,7 @@ class AccessGuard:
         await send({"type": "http.response.body", "body": body})
         if self._stats is not None:
             self._stats.record(route_template(scope["path"]), status, time.perf_counter() - started)
-        if scope["path"].startswith("/order/"):
-            audit_order_read(principal, scope["path"], status, "-", client)
+        audit_request(principal, scope["path"], status, "-", client)
 
     async def _pass(
         self,
@@ -227,14 +227,12 @@ class AccessGuard:
         view: View | None,
         client: str,
     ) -> None:
-        """A request the principal may make, to the app; on /order/{id}, with its audit line."""
+        """A request the principal may make, to the app, its answer kept private; on order data,
+        with its audit line."""
         scope[ORDER_VIEW] = view
-        if not scope["path"].startswith("/order/"):
-            await self._app(scope, receive, send)
-            return
         status = 500
 
-        async def send_noting_status(message: Message) -> None:
+        async def send_privately(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -242,17 +240,19 @@ class AccessGuard:
             await send(message)
 
         try:
-            await self._app(scope, receive, send_noting_status)
+            await self._app(scope, receive, send_privately)
         finally:
-            audit_order_read(principal, scope["path"], status, _view_name(view), client)
+            audit_request(principal, scope["path"], status, _view_name(view), client)
 
     def _count_failure(self, reason: str) -> None:
         if self._failures is not None:
             self._failures.labels(reason).inc()
 
 
-# Each principal's view has its own ETag; shared caches must keep none of them.
-_PRIVATE: Headers = ((b"vary", b"Authorization"), (b"cache-control", b"private"))
+# Every answer of a guarded route depends on the credential (an order in the principal's view,
+# the list, a refusal): no cache may keep one, a browser's included, where the next user of a
+# shared machine or a proxy in between could read it.
+_PRIVATE: Headers = ((b"vary", b"Authorization"), (b"cache-control", b"no-store"))
 
 
 def _view_name(view: View | None) -> str:
@@ -263,9 +263,21 @@ def _view_name(view: View | None) -> str:
 def _denial(
     status: int, message: str, extra: dict[str, str]
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    headers = [(b"content-type", b"application/json")]
+    headers = [(b"content-type", b"application/json"), *_PRIVATE]
     headers += [(name.encode(), value.encode()) for name, value in extra.items()]
     return status, headers, json.dumps({"error": message}).encode()
+
+
+def audit_request(
+    principal: Principal | None, path: str, status: int, view: str, client: str
+) -> None:
+    """The audit line of a guarded request, if it asked for order data: an order or the list."""
+    if path.startswith("/order/"):
+        audit_order_read(principal, path, status, view, client)
+    elif path == "/orders":
+        level = logging.INFO if status < 400 else logging.WARNING
+        name = principal.logged_name if principal is not None else "-"
+        audit.log(level, LIST_AUDIT_LINE, name, status, view, client)
 
 
 def audit_order_read(

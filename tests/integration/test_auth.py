@@ -92,7 +92,7 @@ class Guarded:
         assert self.get(f"/order/{mark}", self.tokens["masked"]).status_code == 404
 
         def through_the_mark() -> int | None:
-            uids = [line["order_uid"] for line in self.audit()]
+            uids = [line.get("order_uid") for line in self.audit()]
             return uids.index(mark) + 1 if mark in uids else None
 
         count: int = wait_until(through_the_mark, 10, "the mark's audit line")
@@ -235,7 +235,7 @@ def test_orders_read_sees_personal_fields_masked_and_pii_sees_them_whole(
         assert masked.headers["etag"] != whole.headers["etag"]
         for response in (whole, masked):
             assert response.headers["vary"] == "Authorization"
-            assert "private" in response.headers["cache-control"]
+            assert "no-store" in response.headers["cache-control"]
 
         # Each view revalidates against its own tag only.
         revalidated = guarded.get(
@@ -311,6 +311,39 @@ def test_every_order_read_leaves_one_audit_line_without_personal_data(
         assert secret not in log
     for personal in personal_values(guarded.orders):
         assert personal not in log
+
+
+def test_the_list_is_audited_and_no_answer_that_depends_on_the_token_may_be_kept(
+    guarded: Guarded,
+) -> None:
+    """GET /orders was not audited, and the answers of guarded routes said only `private`."""
+    uid = guarded.orders[0]["order_uid"]
+    before = guarded.audit_lines_so_far()
+    answers = [
+        guarded.get("/orders", guarded.tokens["masked"]),
+        guarded.get("/orders?limit=2", guarded.tokens["whole"]),
+        guarded.get("/orders", guarded.tokens["metrics"]),
+        guarded.get("/orders"),
+        guarded.get(f"/order/{uid}", guarded.tokens["masked"]),
+        guarded.get(f"/order/{uid}"),
+        guarded.get("/metrics", guarded.tokens["metrics"]),
+    ]
+    assert [response.status_code for response in answers] == [200, 200, 403, 401, 200, 401, 200]
+    for response in answers:
+        assert "no-store" in response.headers["cache-control"], response.url
+        assert response.headers["vary"] == "Authorization", response.url
+
+    def six_more() -> list[str]:
+        lines = [line["event"] for line in guarded.audit()[before:]]
+        return lines if len(lines) >= 6 else []
+
+    listed = [line for line in wait_until(six_more, 10, "the audit lines") if "listed" in line]
+    assert listed == [
+        f"orders listed principal={PRINCIPALS['masked']} status=200 view=masked client=127.0.0.1",
+        f"orders listed principal={PRINCIPALS['whole']} status=200 view=whole client=127.0.0.1",
+        f"orders listed principal={PRINCIPALS['metrics']} status=403 view=- client=127.0.0.1",
+        "orders listed principal=- status=401 view=- client=127.0.0.1",
+    ]
 
 
 def test_a_removed_token_line_is_refused_within_seconds(by_token: Guarded) -> None:

@@ -307,6 +307,30 @@ def test_no_access_policy_is_refused_when_the_settings_ask_for_authentication(
         bootstrap.build(settings, None)
 
 
+def test_the_list_is_audited_with_its_view_and_no_answer_of_a_guarded_route_is_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """GET /orders was not audited, and it and the refusals could be kept by any cache."""
+    caplog.set_level(logging.INFO, logger="order_viewer.audit")
+    checked = guard()
+    answers = [answer(checked, f"Bearer {VALID}"), answer(checked, None)]
+    answers += [answer(checked, "Bearer guess", client="203.0.113.7") for _ in range(22)]
+    assert [status for status, _ in answers] == [200, 401, *[401] * 21, 429]
+    for _, headers in answers:
+        assert headers[b"cache-control"] == b"no-store"
+        assert headers[b"vary"] == b"Authorization"
+    lines = [(record.levelno, record.getMessage()) for record in audit_records(caplog)]
+    assert lines[:2] == [
+        (logging.INFO, "orders listed principal=support status=200 view=masked client=203.0.113.9"),
+        (logging.WARNING, "orders listed principal=- status=401 view=- client=203.0.113.9"),
+    ]
+    assert lines[-1] == (
+        logging.WARNING,
+        "orders listed principal=- status=429 view=- client=203.0.113.7",
+    )
+    assert len(lines) == len(answers)
+
+
 class OneOrderInMemory(AnswersOk):
     """An app holding one order in memory, which notes how the guard asked for it."""
 
@@ -345,7 +369,7 @@ def test_an_order_in_memory_is_asked_for_in_the_principals_view_and_kept_private
     ((view, extra_headers),) = asked
     assert view == masked  # support reads orders masked
     assert (b"vary", b"Authorization") in extra_headers
-    assert (b"cache-control", b"private") in extra_headers
+    assert (b"cache-control", b"no-store") in extra_headers
     assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
     (record,) = audit_records(caplog)
     assert "order_uid=b563 status=200 view=masked" in record.getMessage()
