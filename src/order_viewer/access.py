@@ -32,6 +32,7 @@ from order_viewer.auth import (
 )
 from order_viewer.cache import CachedOrder
 from order_viewer.config import Settings
+from order_viewer.forwarded import TrustedProxies, limiter_key
 from order_viewer.logs import printable, sole_writer
 from order_viewer.masking import MaskedViews
 from order_viewer.metrics import HttpStats, Metrics, route_template
@@ -83,6 +84,8 @@ class AccessPolicy:
     authenticator: Authenticator
     limiter: FailureLimiter
     views: MaskedViews
+    # None: no proxy is trusted, and the peer is the client.
+    proxies: TrustedProxies | None = None
 
 
 class AccessConfigurationError(Exception):
@@ -111,6 +114,7 @@ def access_policy(settings: Settings) -> AccessPolicy | None:
         authenticator,
         FailureLimiter(),
         MaskedViews(settings.cache_capacity, settings.cache_max_bytes),
+        TrustedProxies(settings.http_trusted_proxies) if settings.http_trusted_proxies else None,
     )
 
 
@@ -131,6 +135,7 @@ class AccessGuard:
         self._authenticator = policy.authenticator
         self._limiter = policy.limiter
         self._masked = policy.views.masked
+        self._proxies = policy.proxies
         self._stats: HttpStats | None = None
         self._failures: Counter | None = None
         if metrics is not None:
@@ -151,8 +156,11 @@ class AccessGuard:
             return
         started = time.perf_counter()
         client = scope["client"][0] if scope.get("client") else "-"
+        if self._proxies is not None:
+            client = self._proxies.client(client, scope["headers"])
+        counted_as = limiter_key(client)
         principal: Principal | None = None
-        wait = self._limiter.retry_after(client)
+        wait = self._limiter.retry_after(counted_as)
         if wait is not None:
             denial = _denial(429, "too many failed authentications", {"retry-after": str(wait)})
             self._count_failure("rate_limited")
@@ -166,7 +174,7 @@ class AccessGuard:
                 # No token guesses nothing, and a page loads without one before its sign-in:
                 # counted, a few tabs behind one address would lock everyone there out.
                 if failure.reason != "missing":
-                    self._limiter.failed(client)
+                    self._limiter.failed(counted_as)
                 self._count_failure(failure.reason)
                 challenge = (
                     REALM if failure.reason == "missing" else f'{REALM}, error="invalid_token"'

@@ -39,6 +39,7 @@ from order_viewer.auth import (
 )
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import Settings
+from order_viewer.forwarded import TrustedProxies, trusted_networks
 from order_viewer.generate import SAMPLE_ORDER, make_order
 from order_viewer.logs import BackgroundHandler, JsonFormatter, sole_writer
 from order_viewer.masking import DELIVERY_MASKS, MASK, MaskedViews
@@ -260,6 +261,68 @@ def test_wrong_tokens_still_lock_out_their_address() -> None:
     assert statuses[21] == 429
     assert status_of(checked, f"Bearer {VALID}") == 429
     assert status_of(checked, f"Bearer {VALID}", client="203.0.113.10") == 200
+
+
+def forwarded_for(
+    checked: AccessGuard, token: str, forwarded: str, caplog: pytest.LogCaptureFixture
+) -> tuple[int, str]:
+    """The status of a GET of /orders through the proxy at 10.0.0.2, and the client its audit
+    line names."""
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = request("/orders", f"Bearer {token}", client="10.0.0.2")
+    scope["headers"].append((b"x-forwarded-for", forwarded.encode()))
+    caplog.clear()
+    asyncio.run(checked(scope, receive, send))
+    (record,) = audit_records(caplog)
+    return sent[0]["status"], record.getMessage().rsplit(" client=", 1)[1]
+
+
+def test_failures_through_a_trusted_proxy_lock_out_their_client_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Behind the proxy every client had its address: 21 bad tokens from anyone locked out
+    every valid user for a minute."""
+    caplog.set_level(logging.INFO, logger="order_viewer.audit")
+    limiter = FailureLimiter()
+    proxies = TrustedProxies(trusted_networks("10.0.0.0/8"))
+    checked = AccessGuard(
+        answer_ok, AccessPolicy(OneToken(), limiter, MaskedViews(10, None), proxies), None
+    )
+    attacker = [
+        forwarded_for(checked, "guess", "198.51.100.1, 203.0.113.66", caplog) for _ in range(22)
+    ]
+    assert attacker[:21] == [(401, "203.0.113.66")] * 21
+    assert attacker[21] == (429, "203.0.113.66")
+    # A spoofed left-most hop changes nothing; another client behind the proxy is let in.
+    assert forwarded_for(checked, VALID, "198.51.100.2, 203.0.113.66", caplog)[0] == 429
+    assert forwarded_for(checked, VALID, "203.0.113.66, 203.0.113.77", caplog) == (
+        200,
+        "203.0.113.77",
+    )
+    # IPv6 clients are counted per /64, and audited by their whole address.
+    for _ in range(21):
+        assert forwarded_for(checked, "guess", "2001:db8:0:1::66", caplog)[0] == 401
+    assert forwarded_for(checked, VALID, "[2001:db8:0:1::77]:4711", caplog) == (
+        429,
+        "2001:db8:0:1::77",
+    )
+    assert forwarded_for(checked, VALID, "2001:db8:0:2::66", caplog) == (200, "2001:db8:0:2::66")
+    assert len(limiter) == 2
+
+
+def test_without_trusted_proxies_a_forwarded_address_is_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="order_viewer.audit")
+    checked = guard()
+    for n in range(22):
+        status, client = forwarded_for(checked, "guess", f"203.0.113.{n}", caplog)
+        assert client == "10.0.0.2"
+    assert status == 429
 
 
 def test_an_identity_provider_away_is_a_503_to_retry_not_a_bad_token() -> None:
