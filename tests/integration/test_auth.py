@@ -620,7 +620,15 @@ def test_https_with_a_certificate_of_the_operators(
     )
     order = httpx.get(f"{https}/order/not-stored-here", headers=bearer(token), verify=trusted)
     assert order.status_code == 404
-    assert httpx.get(f"{https}/order/x", verify=trusted).status_code == 401
+    refused = httpx.get(f"{https}/order/x", verify=trusted)
+    assert refused.status_code == 401
+    # Every answer tells the browser to use HTTPS only from now on (there was no HSTS).
+    for response in (
+        order,
+        refused,
+        *(httpx.get(f"{https}{path}", verify=trusted) for path in OPEN_PATHS),
+    ):
+        assert response.headers["strict-transport-security"] == "max-age=31536000", response.url
     with pytest.raises(httpx.ConnectError):  # a certificate nobody vouched for
         httpx.get(f"{https}/livez", timeout=5)
     with pytest.raises(httpx.TransportError):  # no plain HTTP on the port
