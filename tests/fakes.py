@@ -5,6 +5,7 @@ cases, so the two cannot drift apart."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Generator, Sequence
 from datetime import datetime
 
@@ -114,7 +115,8 @@ class FakeReader:
         if self.unavailable:
             raise self.unavailable_as("connection refused")
         return [
-            StoredDocument(uid, self.stored[uid], b"\x01" * 32)
+            # The digest a real store keeps, so that each version has its own tag.
+            StoredDocument(uid, self.stored[uid], hashlib.sha256(self.stored[uid]).digest())
             for uid in order_uids
             if uid in self.stored
         ]

@@ -33,12 +33,14 @@ from order_viewer.auth import (
 )
 from order_viewer.cache import CachedOrder
 from order_viewer.config import Settings
+from order_viewer.forwarded import TrustedProxies, limiter_key
 from order_viewer.logs import printable, sole_writer
 from order_viewer.masking import MaskedViews
 from order_viewer.metrics import HttpStats, Metrics, route_template
 
 audit = logging.getLogger("order_viewer.audit")
 AUDIT_LINE = "order read principal=%s order_uid=%s status=%d view=%s client=%s"
+LIST_AUDIT_LINE = "orders listed principal=%s status=%d view=%s client=%s"
 
 # The key of the request scope under which the guard leaves the view a principal may see; the
 # order routes apply it to the order they found (absent: the order whole).
@@ -83,6 +85,8 @@ class AccessPolicy:
     authenticator: Authenticator
     limiter: FailureLimiter
     views: MaskedViews
+    # None: no proxy is trusted, and the peer is the client.
+    proxies: TrustedProxies | None = None
 
 
 class AccessConfigurationError(Exception):
@@ -114,6 +118,7 @@ def access_policy(settings: Settings) -> AccessPolicy | None:
         authenticator,
         FailureLimiter(),
         MaskedViews(settings.cache_capacity, settings.cache_max_bytes),
+        TrustedProxies(settings.http_trusted_proxies) if settings.http_trusted_proxies else None,
     )
 
 
@@ -134,6 +139,7 @@ class AccessGuard:
         self._authenticator = policy.authenticator
         self._limiter = policy.limiter
         self._masked = policy.views.masked
+        self._proxies = policy.proxies
         self._stats: HttpStats | None = None
         self._failures: Counter | None = None
         if metrics is not None:
@@ -156,8 +162,11 @@ class AccessGuard:
             return
         started = time.perf_counter()
         client = scope["client"][0] if scope.get("client") else "-"
+        if self._proxies is not None:
+            client = self._proxies.client(client, scope["headers"])
+        counted_as = limiter_key(client)
         principal: Principal | None = None
-        wait = self._limiter.retry_after(client)
+        wait = self._limiter.retry_after(counted_as)
         if wait is not None:
             denial = _denial(429, "too many failed authentications", {"retry-after": str(wait)})
             self._count_failure("rate_limited")
@@ -171,7 +180,7 @@ class AccessGuard:
                 # No token guesses nothing, and a page loads without one before its sign-in:
                 # counted, a few tabs behind one address would lock everyone there out.
                 if failure.reason != "missing":
-                    self._limiter.failed(client)
+                    self._limiter.failed(counted_as)
                 self._count_failure(failure.reason)
                 challenge = (
                     REALM if failure.reason == "missing" else f'{REALM}, error="invalid_token"'
@@ -220,8 +229,7 @@ class AccessGuard:
         await send({"type": "http.response.body", "body": body})
         if self._stats is not None:
             self._stats.record(route_template(scope["path"]), status, time.perf_counter() - started)
-        if scope["path"].startswith("/order/"):
-            audit_order_read(principal, scope["path"], status, "-", client)
+        audit_request(principal, scope["path"], status, "-", client)
 
     async def _pass(
         self,
@@ -233,14 +241,12 @@ class AccessGuard:
         view: View | None,
         client: str,
     ) -> None:
-        """A request the principal may make, to the app; on /order/{id}, with its audit line."""
+        """A request the principal may make, to the app, its answer kept private; on order data,
+        with its audit line."""
         scope[ORDER_VIEW] = view
-        if not scope["path"].startswith("/order/"):
-            await self._app(scope, receive, send)
-            return
         status = 500
 
-        async def send_noting_status(message: Message) -> None:
+        async def send_privately(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -248,17 +254,19 @@ class AccessGuard:
             await send(message)
 
         try:
-            await self._app(scope, receive, send_noting_status)
+            await self._app(scope, receive, send_privately)
         finally:
-            audit_order_read(principal, scope["path"], status, _view_name(view), client)
+            audit_request(principal, scope["path"], status, _view_name(view), client)
 
     def _count_failure(self, reason: str) -> None:
         if self._failures is not None:
             self._failures.labels(reason).inc()
 
 
-# Each principal's view has its own ETag; shared caches must keep none of them.
-_PRIVATE: Headers = ((b"vary", b"Authorization"), (b"cache-control", b"private"))
+# Every answer of a guarded route depends on the credential (an order in the principal's view,
+# the list, a refusal): no cache may keep one, a browser's included, where the next user of a
+# shared machine or a proxy in between could read it.
+_PRIVATE: Headers = ((b"vary", b"Authorization"), (b"cache-control", b"no-store"))
 
 
 def _view_name(view: View | None) -> str:
@@ -269,9 +277,21 @@ def _view_name(view: View | None) -> str:
 def _denial(
     status: int, message: str, extra: dict[str, str]
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    headers = [(b"content-type", b"application/json")]
+    headers = [(b"content-type", b"application/json"), *_PRIVATE]
     headers += [(name.encode(), value.encode()) for name, value in extra.items()]
     return status, headers, json.dumps({"error": message}).encode()
+
+
+def audit_request(
+    principal: Principal | None, path: str, status: int, view: str, client: str
+) -> None:
+    """The audit line of a guarded request, if it asked for order data: an order or the list."""
+    if path.startswith("/order/"):
+        audit_order_read(principal, path, status, view, client)
+    elif path == "/orders":
+        level = logging.INFO if status < 400 else logging.WARNING
+        name = principal.logged_name if principal is not None else "-"
+        audit.log(level, LIST_AUDIT_LINE, name, status, view, client)
 
 
 def audit_order_read(

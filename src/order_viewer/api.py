@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import time
 from importlib import resources
@@ -10,13 +12,14 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from order_viewer.access import (
     ORDER_VIEW,
@@ -47,6 +50,16 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+# The API description's page: Swagger UI's files of the package, and the one script of the page
+# itself, allowed by its digest; the data it shows (and the orders "Try it out" fetches, with the
+# token of the page's sign-in in the same origin's storage) from this service only.
+DOCS_CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self' {script}; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+# Served over TLS, the service tells browsers to use nothing else for a year (not its
+# subdomains: the name may be shared with other services).
+STRICT_TRANSPORT_SECURITY = (b"strict-transport-security", b"max-age=31536000")
 # An order changes only when a new message replaces it, so clients may keep a copy but must
 # revalidate it (cheaply, with the ETag) before use.
 ORDER_CACHE_CONTROL = "no-cache"
@@ -122,15 +135,24 @@ def create_app(
     readiness: Readiness,
     metrics: Metrics | None,
     access: AccessPolicy | None = None,
+    *,
+    tls: bool = False,
 ) -> ASGIApp:
     """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them; with
-    `access`, orders and metrics need a token with their scope."""
+    `access`, orders and metrics need a token with their scope; with `tls` (served over HTTPS),
+    every answer says that browsers must use nothing else."""
     guarded: dict[int | str, dict[str, Any]] = {} if access is None else _GUARDED
     # /docs serves Swagger UI from files installed with the package, so it works where the
-    # browser cannot reach a CDN. No ReDoc: its bundle still fetches a logo from its maker.
+    # browser cannot reach a CDN; the page is our own (below), to send it with its security
+    # headers and without the OAuth2 redirect page nothing here uses. No ReDoc: its bundle still
+    # fetches a logo from its maker. No redirect to the path with or without a trailing slash:
+    # Starlette's is absolute, made from the request's Host header, so anyone could make the
+    # service send a browser elsewhere.
     app = FastAPIOffline(
         static_url=DOCS_FILES,
+        docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,
         title="order-viewer",
         summary="Orders consumed from Kafka, stored in PostgreSQL, served by id.",
         version=_version(),
@@ -140,6 +162,15 @@ def create_app(
     register_url_convertor("any_text", _AnyText())
     static = resources.files("order_viewer") / "static"
     index_html = (static / "index.html").read_bytes()
+    docs_html = bytes(
+        get_swagger_ui_html(
+            openapi_url=str(app.openapi_url),
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{DOCS_FILES}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_FILES}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_FILES}/favicon.png",
+        ).body
+    )
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -149,14 +180,13 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
-        return Response(
-            index_html,
-            media_type="text/html; charset=utf-8",
-            headers={
-                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-                "X-Content-Type-Options": "nosniff",
-            },
-        )
+        return _html_page(index_html, CONTENT_SECURITY_POLICY)
+
+    docs_policy = DOCS_CONTENT_SECURITY_POLICY.format(script=_inline_script_source(docs_html))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return _html_page(docs_html, docs_policy)
 
     @app.get(
         "/order/{order_uid:any_text}",
@@ -244,7 +274,43 @@ def create_app(
         if metrics is None
         else CachedOrders(RequestMetrics(app, metrics.http), lookup, metrics.http)
     )
-    return front if access is None else AccessGuard(front, access, metrics)
+    guarded_front = front if access is None else AccessGuard(front, access, metrics)
+    return StrictTransport(guarded_front) if tls else guarded_front
+
+
+def _html_page(body: bytes, content_security_policy: str) -> Response:
+    """A page of the service, with the headers that keep what it runs to its own files."""
+    return Response(
+        body,
+        media_type="text/html; charset=utf-8",
+        headers={
+            "Content-Security-Policy": content_security_policy,
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+def _inline_script_source(html: bytes) -> str:
+    """The Content-Security-Policy source that allows the one inline script of `html`, by its
+    digest: the script is made by the framework, and changes with its version."""
+    (script,) = re.findall(rb"<script>(.*?)</script>", html, re.S)
+    return f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+
+
+class StrictTransport:
+    """Adds `Strict-Transport-Security` to every answer, so that a browser that has reached the
+    service over HTTPS once never sends it a request (or a token) in clear afterwards."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_hsts(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message["headers"], STRICT_TRANSPORT_SECURITY]
+            await send(message)
+
+        await self._app(scope, receive, send_with_hsts)
 
 
 def order_reply(found: CachedOrder, if_none_match: str | None) -> tuple[int, dict[str, str], bytes]:

@@ -141,7 +141,13 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         else None
     )
     readiness = Readiness(lookup.database_reachable, consumer.consuming, coherence.listening_now)
-    app = create_app(lookup, readiness, metrics if settings.metrics_enabled else None, access)
+    app = create_app(
+        lookup,
+        readiness,
+        metrics if settings.metrics_enabled else None,
+        access,
+        tls=settings.http_tls_cert_file is not None,
+    )
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,
         ingest, lookup, consumer, coherence, listener, expirer, readiness, app,

@@ -16,7 +16,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from order_viewer.forwarded import Network, trusted_networks
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Positive = Annotated[int, Field(ge=1)]
@@ -189,6 +191,14 @@ class Settings(BaseSettings):
     http_tls_key_file: Path | None = Field(
         default=None, description="Private key (PEM) of HTTP_TLS_CERT_FILE."
     )
+    http_trusted_proxies: Annotated[tuple[Network, ...], NoDecode] = Field(
+        default=(),
+        description="The reverse proxies in front of the service, as comma-separated addresses "
+        "and CIDR networks (10.0.0.0/8,fd00::/8; at most 100): from a peer among them, the "
+        "client the failure limit counts and the audit line names is the right-most "
+        "X-Forwarded-For hop not among them. Empty: the peer is the client and the header is "
+        "ignored, as any client can send it.",
+    )
     metrics_enabled: bool = Field(
         default=True,
         description="Serve Prometheus metrics at /metrics and count every HTTP request.",
@@ -241,6 +251,12 @@ class Settings(BaseSettings):
         if url is not None and url.scheme != "https" and not is_loopback(url.host or ""):
             raise ValueError("must be an https:// URL (http:// only to a loopback address)")
         return url
+
+    @field_validator("http_trusted_proxies", mode="before")
+    @classmethod
+    def _trusted_networks(cls, value: object) -> object:
+        # The variable's text; a tuple of networks passed in code goes on as it is.
+        return trusted_networks(value) if isinstance(value, str) else value
 
     @field_validator("kafka_max_poll_interval_ms")
     @classmethod

@@ -14,6 +14,7 @@ import yaml
 
 from order_viewer.auth import protected_mode_problem
 from order_viewer.config import Settings
+from order_viewer.forwarded import trusted_networks
 from tests.deploy.conftest import CHART, PRODUCTION_VALUES
 
 # The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion) and the newest schemas.
@@ -241,6 +242,16 @@ def test_the_production_values_wire_sasl_tls_and_the_token_file(helm: Path) -> N
     tokens_dir = mount_of(manifests, "http-tokens")
     assert env["HTTP_TOKENS_FILE"]["value"] == f"{tokens_dir}/tokens"
     assert env["HTTP_AUTH"] == {"name": "HTTP_AUTH", "value": "token"}
+
+
+def test_the_pods_behind_the_ingress_count_each_client_not_the_controller(helm: Path) -> None:
+    """The deployment pattern the chart documents: the ingress controller's pods trusted to
+    name the client; none by default, where the header is ignored."""
+    production = one(render(helm, PRODUCTION_VALUES), "ConfigMap")["data"]
+    [network] = trusted_networks(production["HTTP_TRUSTED_PROXIES"])
+    assert network.is_private
+    assert network.prefixlen >= 16
+    assert "HTTP_TRUSTED_PROXIES" not in one(render(helm), "ConfigMap")["data"]
 
 
 def test_http_auth_mode_and_a_token_file_secret_are_passed_on(helm: Path) -> None:

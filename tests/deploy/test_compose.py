@@ -53,6 +53,20 @@ def environment(service: str) -> dict[str, str]:
     return {name: str(value) for name, value in services()[service]["environment"].items()}
 
 
+def published_ports(service: str) -> list[tuple[str | None, str, str]]:
+    """The host address (None: every interface), host port and container port of each port the
+    service publishes, in either form docker-compose resolves them to: a mapping, or text
+    (`127.0.0.1:8081:8081/tcp`) when an address is given."""
+    ports = []
+    for port in services()[service]["ports"]:
+        if isinstance(port, dict):
+            ports.append((port.get("host_ip"), str(port["published"]), str(port["target"])))
+        else:
+            host_ip, published, target = port.removesuffix("/tcp").rsplit(":", 2)
+            ports.append((host_ip, published, target))
+    return ports
+
+
 def test_the_compose_file_runs_migrate_then_serve_and_an_optional_emulator() -> None:
     assert set(image_services()) == {"migrate", "order-viewer", "emulator"}
     for name, service in image_services().items():
@@ -85,12 +99,22 @@ def test_the_service_publishes_its_http_port_and_listens_on_every_interface() ->
     env = environment("order-viewer")
     assert set(CONTRACT_DEFAULTS) <= set(env), "write the contract defaults out explicitly"
     assert env["HTTP_HOST"] == "0.0.0.0"
-    [port] = services()["order-viewer"]["ports"]
-    assert str(port["published"]) == str(port["target"]) == env["HTTP_PORT"]
+    [(_, published, target)] = published_ports("order-viewer")
+    assert published == target == env["HTTP_PORT"]
 
     url = urlsplit(healthcheck_url(services()["order-viewer"]["healthcheck"]["test"]))
     assert url.path == "/readyz"
     assert str(url.port) == env["HTTP_PORT"]
+
+
+def test_every_port_is_published_on_the_hosts_loopback_only() -> None:
+    """The service with its public demo tokens (one reads personal data whole) was published
+    on every interface of the host, and Prometheus and Grafana with it."""
+    publishing = {name for name, service in services().items() if "ports" in service}
+    assert publishing == {"order-viewer", "prometheus", "grafana"}
+    for name in publishing:
+        for host_ip, published, _ in published_ports(name):
+            assert host_ip == "127.0.0.1", (name, published)
 
 
 def test_the_service_reaches_the_compose_postgres_and_kafka() -> None:
@@ -182,7 +206,7 @@ def test_the_observability_profile_runs_grafana_with_its_data_source_and_dashboa
     [datasource] = yaml.safe_load(datasource_file.read_text())["datasources"]
     assert datasource["type"] == "prometheus"
     assert datasource["isDefault"] is True
-    prometheus_port = str(services()["prometheus"]["ports"][0]["target"])
+    [(_, _, prometheus_port)] = published_ports("prometheus")
     assert datasource["url"] == f"http://prometheus:{prometheus_port}"
 
     [provider_file] = files[f"{provisioning}/dashboards"].glob("*.yml")

@@ -99,7 +99,7 @@ class Guarded:
         assert self.get(f"/order/{mark}", self.tokens["masked"]).status_code == 404
 
         def through_the_mark() -> int | None:
-            uids = [line["order_uid"] for line in self.audit()]
+            uids = [line.get("order_uid") for line in self.audit()]
             return uids.index(mark) + 1 if mark in uids else None
 
         count: int = wait_until(through_the_mark, 10, "the mark's audit line")
@@ -135,6 +135,9 @@ def write_tokens(path: Path, tokens: dict[str, str], scopes: dict[str, str]) -> 
     )
 
 
+# The reverse proxy in front of the token service: requests from this address are forwarded.
+PROXY = "127.0.0.2"
+
 # The principal behind each view's token, in both services (token-file names, JWT `sub`s).
 PRINCIPALS = {"whole": "auditor", "masked": "support", "metrics": "prometheus"}
 TOKEN_SCOPES = {
@@ -152,7 +155,13 @@ def by_token(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     tokens_file = directory / "tokens.txt"
     write_tokens(tokens_file, tokens, TOKEN_SCOPES)
     service, orders = start_guarded(
-        stack, directory, "token", tokens, HTTP_AUTH="token", HTTP_TOKENS_FILE=str(tokens_file)
+        stack,
+        directory,
+        "token",
+        tokens,
+        HTTP_AUTH="token",
+        HTTP_TOKENS_FILE=str(tokens_file),
+        HTTP_TRUSTED_PROXIES=f"{PROXY}, fd00::/8",
     )
     try:
         yield Guarded(service, orders, tokens, tokens_file)
@@ -198,11 +207,13 @@ def by_jwt(
 def guarded(request: pytest.FixtureRequest) -> Guarded:
     """Each service, with its tokens renamed by their view: whole, masked, metrics."""
     found: Guarded = request.getfixturevalue(f"by_{request.param}")
-    if request.param == "jwt":
-        return found
-    return Guarded(
-        found.service, found.orders, {view: found.tokens[name] for view, name in PRINCIPALS.items()}
-    )
+    return found if request.param == "jwt" else by_view(found)
+
+
+def by_view(by_token: Guarded) -> Guarded:
+    """The token service with its tokens renamed by their view, as the JWT one has them."""
+    tokens = {view: by_token.tokens[name] for view, name in PRINCIPALS.items()}
+    return Guarded(by_token.service, by_token.orders, tokens)
 
 
 def test_order_data_and_metrics_need_a_token_and_the_rest_stays_open(guarded: Guarded) -> None:
@@ -242,7 +253,7 @@ def test_orders_read_sees_personal_fields_masked_and_pii_sees_them_whole(
         assert masked.headers["etag"] != whole.headers["etag"]
         for response in (whole, masked):
             assert response.headers["vary"] == "Authorization"
-            assert "private" in response.headers["cache-control"]
+            assert "no-store" in response.headers["cache-control"]
 
         # Each view revalidates against its own tag only.
         revalidated = guarded.get(
@@ -318,6 +329,39 @@ def test_every_order_read_leaves_one_audit_line_without_personal_data(
         assert secret not in log
     for personal in personal_values(guarded.orders):
         assert personal not in log
+
+
+def test_the_list_is_audited_and_no_answer_that_depends_on_the_token_may_be_kept(
+    guarded: Guarded,
+) -> None:
+    """GET /orders was not audited, and the answers of guarded routes said only `private`."""
+    uid = guarded.orders[0]["order_uid"]
+    before = guarded.audit_lines_so_far()
+    answers = [
+        guarded.get("/orders", guarded.tokens["masked"]),
+        guarded.get("/orders?limit=2", guarded.tokens["whole"]),
+        guarded.get("/orders", guarded.tokens["metrics"]),
+        guarded.get("/orders"),
+        guarded.get(f"/order/{uid}", guarded.tokens["masked"]),
+        guarded.get(f"/order/{uid}"),
+        guarded.get("/metrics", guarded.tokens["metrics"]),
+    ]
+    assert [response.status_code for response in answers] == [200, 200, 403, 401, 200, 401, 200]
+    for response in answers:
+        assert "no-store" in response.headers["cache-control"], response.url
+        assert response.headers["vary"] == "Authorization", response.url
+
+    def six_more() -> list[str]:
+        lines = [line["event"] for line in guarded.audit()[before:]]
+        return lines if len(lines) >= 6 else []
+
+    listed = [line for line in wait_until(six_more, 10, "the audit lines") if "listed" in line]
+    assert listed == [
+        f"orders listed principal={PRINCIPALS['masked']} status=200 view=masked client=127.0.0.1",
+        f"orders listed principal={PRINCIPALS['whole']} status=200 view=whole client=127.0.0.1",
+        f"orders listed principal={PRINCIPALS['metrics']} status=403 view=- client=127.0.0.1",
+        "orders listed principal=- status=401 view=- client=127.0.0.1",
+    ]
 
 
 def test_a_removed_token_line_is_refused_within_seconds(by_token: Guarded) -> None:
@@ -413,6 +457,61 @@ def test_more_than_twenty_failures_in_a_minute_get_429_for_that_address_only(
         value(samples, "order_viewer_http_requests_total", route="/order/{order_uid}", status="429")
         == 2
     )
+
+
+def test_failures_through_the_proxy_lock_out_their_client_and_not_the_others(
+    by_token: Guarded,
+) -> None:
+    """Behind a proxy every client had the proxy's address: 21 bad tokens from anyone locked
+    out every valid user for a minute."""
+    uid = by_token.orders[0]["order_uid"]
+    url = f"{by_token.service.base_url}/order/{uid}"
+    auditor = bearer(by_token.tokens["auditor"])
+    before = by_view(by_token).audit_lines_so_far()
+    with client_at(PROXY) as proxy:
+
+        def through_proxy(client: str, headers: dict[str, str]) -> int:
+            # The attacker's own header, with what the proxy appends to it.
+            forwarded = {"X-Forwarded-For": f"127.0.0.9, {client}"}
+            return proxy.get(url, headers={**headers, **forwarded}).status_code
+
+        statuses = [through_proxy("198.51.100.66", bearer(new_token())) for _ in range(22)]
+        assert statuses == [401] * 21 + [429]
+        assert through_proxy("198.51.100.66", auditor) == 429
+        assert through_proxy("198.51.100.77", auditor) == 200
+        # The proxy's own requests (a health check of its own) are not the attacker's either.
+        assert proxy.get(url, headers=auditor).status_code == 200
+        # IPv6 clients are counted by their /64.
+        assert [
+            through_proxy("[2001:db8:1:1::66]:4711", bearer(new_token())) for _ in range(21)
+        ] == [401] * 21
+        assert through_proxy("2001:db8:1:1::77", auditor) == 429
+        assert through_proxy("2001:db8:1:2::66", auditor) == 200
+    # A client that is not the proxy cannot name another address.
+    with client_at("127.0.0.6") as direct:
+        forwarded = {"X-Forwarded-For": "198.51.100.66"}
+        assert direct.get(url, headers={**auditor, **forwarded}).status_code == 200
+    assert by_token.get(f"/order/{uid}", by_token.tokens["auditor"]).status_code == 200
+
+    def audited_clients() -> list[str] | None:
+        lines = [
+            line["event"] for line in by_token.audit()[before:] if line.get("order_uid") == uid
+        ]
+        return lines if len(lines) >= 50 else None
+
+    clients = [
+        line.rsplit(" client=", 1)[1] for line in wait_until(audited_clients, 10, "the audit lines")
+    ]
+    assert clients == [
+        *["198.51.100.66"] * 23,
+        "198.51.100.77",
+        PROXY,
+        *["2001:db8:1:1::66"] * 21,
+        "2001:db8:1:1::77",
+        "2001:db8:1:2::66",
+        "127.0.0.6",
+        "127.0.0.1",
+    ]
 
 
 def test_generated_requests_with_a_valid_token_get_no_5xx(by_jwt: Guarded) -> None:
@@ -528,7 +627,15 @@ def test_https_with_a_certificate_of_the_operators(
     )
     order = httpx.get(f"{https}/order/not-stored-here", headers=bearer(token), verify=trusted)
     assert order.status_code == 404
-    assert httpx.get(f"{https}/order/x", verify=trusted).status_code == 401
+    refused = httpx.get(f"{https}/order/x", verify=trusted)
+    assert refused.status_code == 401
+    # Every answer tells the browser to use HTTPS only from now on (there was no HSTS).
+    for response in (
+        order,
+        refused,
+        *(httpx.get(f"{https}{path}", verify=trusted) for path in OPEN_PATHS),
+    ):
+        assert response.headers["strict-transport-security"] == "max-age=31536000", response.url
     with pytest.raises(httpx.ConnectError):  # a certificate nobody vouched for
         httpx.get(f"{https}/livez", timeout=5)
     with pytest.raises(httpx.TransportError):  # no plain HTTP on the port

@@ -291,6 +291,44 @@ def test_endpoints_outside_the_schema_answer(target: Target, path: str, content_
     assert response.headers["content-type"].startswith(content_type)
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/metrics/", "/livez/", "/readyz/", "/orders/", "/docs/", "/openapi.json/", "/static", "/"],
+)
+def test_no_answer_sends_a_browser_to_the_host_the_request_named(target: Target, path: str) -> None:
+    """Starlette's redirect to the path without its trailing slash was made from the Host
+    header: GET /metrics/ with Host: evil.example answered `location: http://evil.example/metrics`,
+    to anyone, without a token."""
+    evil = {"Host": "evil.example", "X-Forwarded-Host": "evil.example"}
+    response = httpx.get(target.url(path), headers=evil, timeout=10)
+    assert "location" not in response.headers, response.headers
+    assert response.status_code in (200, 404), path
+    assert "evil.example" not in response.text
+
+
+@pytest.mark.parametrize("path", ["/", "/docs"])
+def test_the_pages_keep_what_they_run_to_the_services_own_files(target: Target, path: str) -> None:
+    """/docs lacked the page's security headers, though it shares its origin, and with it the
+    token the page keeps in sessionStorage."""
+    response = httpx.get(target.url(path), timeout=10)
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert policy["base-uri"] == "'none'"
+    assert policy["connect-src"] == "'self'"
+    # The service's files, and on /docs the page's own inline script by its digest only.
+    others = [source for source in policy["script-src"].split() if source != "'self'"]
+    assert len(others) == (0 if path == "/" else 1)
+    assert all(re.fullmatch(r"'sha256-[A-Za-z0-9+/]{43}='", source) for source in others)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "strict-transport-security" not in response.headers  # plain HTTP: not ours to say
+    # The OAuth2 redirect page of Swagger UI, which nothing here uses, is not served.
+    assert httpx.get(target.url("/docs/oauth2-redirect"), timeout=10).status_code == 404
+
+
 # --- raw sockets ------------------------------------------------------------------------------
 
 
