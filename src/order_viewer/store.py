@@ -204,8 +204,6 @@ def _notify_changes(
         )
 
 
-# A peer that vanished without closing the connection (a network cut, its machine gone) is
-# noticed in seconds, not after the system's two-hour keepalive default.
 class _Keepalives(TypedDict):
     keepalives: int
     keepalives_idle: int
@@ -213,6 +211,8 @@ class _Keepalives(TypedDict):
     keepalives_count: int
 
 
+# A peer that vanished without closing the connection (a network cut, its machine gone) is
+# noticed in seconds, not after the system's two-hour keepalive default.
 _KEEPALIVES = _Keepalives(
     keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2
 )
@@ -345,10 +345,10 @@ ORDER BY a.xact_start NULLS LAST, a.pid
 LIMIT 1
 """
 _ORDER_TABLES = ["orders", "delivery", "payment", "items", "order_tombstones"]
-# DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal). A batch of
-# 1,000 orders of 1,000 items (217 MB, the largest the validator admits a thousand times) took
-# 28.8 s to write, the items' COPY most of it, so its statements stay well within twice this;
-# batches under the default BATCH_MAX_BYTES (4 MiB) take under a second.
+# DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal). One batch of
+# 1,000 orders of 1,000 items each, the most items an order may have (217 MB), took 28.8 s to
+# write, so its statements stay well within twice this; batches under the default
+# BATCH_MAX_BYTES (4 MiB) take under a second.
 DEFAULT_WRITE_TIMEOUT_SECONDS = 30
 
 
