@@ -20,6 +20,7 @@ from order_viewer.ports import (
     Stopped,
     StoredDocument,
     WriteResult,
+    WriteTimedOut,
 )
 
 
@@ -36,6 +37,8 @@ class FakeWriter:
         self.unavailable_for = 0
         # How many of the next writes commit, then fail as a connection lost during COMMIT does.
         self.lost_after_commit_for = 0
+        # Raised by the next writes, one each, before anything is written (a deadline's cut).
+        self.timeouts: list[WriteTimedOut] = []
 
     def write(
         self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
@@ -43,6 +46,8 @@ class FakeWriter:
         if self.unavailable_for:
             self.unavailable_for -= 1
             raise DatabaseUnavailable("connection refused")
+        if self.timeouts:
+            raise self.timeouts.pop(0)
         uids = [prepared.order.order_uid for prepared in batch]
         if any(uid in self.refuse for uid in [*uids, *(d.order_uid for d in deletions)]):
             raise RejectedByDatabase("value too long for type")

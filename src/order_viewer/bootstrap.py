@@ -100,7 +100,8 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     metrics = Metrics(cache)
     reader = PostgresOrderReader(database_url, settings.database_pool_size)
     writers = [
-        PostgresOrderWriter(database_url, instance) for _ in range(settings.database_writers)
+        PostgresOrderWriter(database_url, instance, settings.database_write_timeout_seconds)
+        for _ in range(settings.database_writers)
     ]
     dead_letters = DeadLetterWriter(
         client_config(settings), settings.kafka_dlq_topic, broker, metrics
@@ -140,7 +141,12 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         if settings.order_retention_days is not None
         else None
     )
-    readiness = Readiness(lookup.database_reachable, consumer.consuming, coherence.listening_now)
+    readiness = Readiness(
+        lookup.database_reachable,
+        consumer.consuming,
+        coherence.listening_now,
+        ingest.write_timeouts,
+    )
     app = create_app(
         lookup,
         readiness,

@@ -95,6 +95,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.write_timeouts = Counter(
+            "order_viewer_database_write_timeouts",
+            "Writes cut by their deadline (DATABASE_WRITE_TIMEOUT_SECONDS), each retried, by "
+            "cause: lock (another session held a lock too long), statement (a statement ran too "
+            "long) or unresponsive (the server answered nothing).",
+            ["cause"],
+            registry=registry,
+        )
         self.consumer_lag = Gauge(
             "order_viewer_consumer_lag_messages",
             "End offset minus committed offset, per partition of the orders topic.",

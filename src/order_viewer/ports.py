@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from order_viewer.model import PreparedOrder, Rejection
 
@@ -78,6 +78,21 @@ class DatabaseUnavailable(Exception):
 class DatabaseBusy(DatabaseUnavailable):
     """The database is running but cannot answer now (no pooled connection free in time, out of
     a resource, a statement timed out): others may be committing meanwhile."""
+
+
+# Why a write was cut: it waited too long for a lock another session held, one of its statements
+# ran too long, or the server stopped answering altogether.
+TimeoutCause = Literal["lock", "statement", "unresponsive"]
+
+
+class WriteTimedOut(DatabaseUnavailable):
+    """A write cut by its deadline, and rolled back: retried like an outage. `blocker` names
+    what held it (a session's pid and how long its transaction had been open), when known."""
+
+    def __init__(self, message: str, cause: TimeoutCause, blocker: str | None = None) -> None:
+        super().__init__(message)
+        self.cause: TimeoutCause = cause
+        self.blocker = blocker
 
 
 class RejectedByDatabase(Exception):

@@ -40,6 +40,7 @@ from order_viewer.ports import (
     RejectedMessage,
     Stopped,
     StoredVersions,
+    WriteTimedOut,
 )
 from order_viewer.retry import Health, Patience, retry
 
@@ -97,6 +98,29 @@ def prepare_batch(messages: Sequence[Message], delete_on_tombstone: bool = False
     return batch
 
 
+class WriteTimeouts:
+    """The writes that the database's deadlines cut: each counted by cause and logged with what
+    blocked it, and the last one shown by readiness until a write gets through again."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        # Read by the event loop, replaced whole by the writing threads.
+        self.failing: str | None = None
+
+    def timed_out(self, timeout: WriteTimedOut) -> None:
+        self._metrics.write_timeouts.labels(timeout.cause).inc()
+        if timeout.blocker is not None:
+            self.failing = f"writes timing out: blocked by {timeout.blocker}"
+        else:
+            self.failing = f"writes timing out ({timeout.cause}): {timeout}"
+        log.warning("%s; the write is rolled back and retried", self.failing)
+
+    def got_through(self) -> None:
+        if self.failing is not None:
+            self.failing = None
+            log.info("writes get through again")
+
+
 class OrderIngest:
     """A batch of messages goes through three steps, in this order:
 
@@ -129,6 +153,7 @@ class OrderIngest:
         self._delete_on_tombstone = delete_on_tombstone
         self._since_report: Counter[str] = Counter()
         self._last_report = time.monotonic()
+        self.write_timeouts = WriteTimeouts(metrics)
 
     @property
     def lanes(self) -> int:
@@ -153,13 +178,18 @@ class OrderIngest:
             started = time.perf_counter()
             outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
             if batch.orders or batch.deletions:
-                self._write(
-                    self._writers[lane],
-                    [prepared for prepared, _ in batch.orders.values()],
-                    [deletion for deletion, _ in batch.deletions.values()],
-                    batch,
-                    outcome,
-                )
+                try:
+                    self._write(
+                        self._writers[lane],
+                        [prepared for prepared, _ in batch.orders.values()],
+                        [deletion for deletion, _ in batch.deletions.values()],
+                        batch,
+                        outcome,
+                    )
+                except WriteTimedOut as timeout:
+                    self.write_timeouts.timed_out(timeout)
+                    raise
+                self.write_timeouts.got_through()
             self._metrics.write_duration.observe(time.perf_counter() - started)
             return outcome
 
@@ -515,19 +545,21 @@ def expire_orders(
 
 
 class Readiness:
-    """What `/readyz` reports: the database reachable, the change listener listening, the cache
-    warmed, the consumer consuming. The start-up and listener threads set the events and the
-    event loop reads them."""
+    """What `/readyz` reports: the database reachable and writes getting through, the change
+    listener listening, the cache warmed, the consumer consuming. The start-up, listener and
+    writing threads set the events and the write timeouts, and the event loop reads them."""
 
     def __init__(
         self,
         database_reachable: Callable[[], Awaitable[bool]],
         consuming: threading.Event,
         listening: threading.Event,
+        write_timeouts: WriteTimeouts,
     ) -> None:
         self._database_reachable = database_reachable
         self._consuming = consuming
         self._listening = listening
+        self._write_timeouts = write_timeouts
         self.warmed = threading.Event()
         # Set when a start-up step or the consumer failed for good: the process is stopping.
         self.failed = threading.Event()
@@ -536,6 +568,8 @@ class Readiness:
         not_ready = {}
         if not await self._database_reachable():
             not_ready["database"] = "unreachable"
+        elif (failing := self._write_timeouts.failing) is not None:
+            not_ready["database"] = failing
         if not self._listening.is_set():
             not_ready["listener"] = "not listening for changes"
         if not self.warmed.is_set():

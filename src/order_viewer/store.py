@@ -4,10 +4,15 @@ what keeps instances in step: the change listener, the cache check and the reten
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
+from typing import TypedDict
 
 import psycopg
 from alembic import command
@@ -26,6 +31,7 @@ from order_viewer.ports import (
     Stopped,
     StoredDocument,
     WriteResult,
+    WriteTimedOut,
 )
 from order_viewer.retry import Patience, retry
 
@@ -198,6 +204,95 @@ def _notify_changes(
         )
 
 
+class _Keepalives(TypedDict):
+    keepalives: int
+    keepalives_idle: int
+    keepalives_interval: int
+    keepalives_count: int
+
+
+# A peer that vanished without closing the connection (a network cut, its machine gone) is
+# noticed in seconds, not after the system's two-hour keepalive default.
+_KEEPALIVES = _Keepalives(
+    keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2
+)
+
+
+class _Unanswered(psycopg.OperationalError):
+    """The server did not answer a call within its deadline, so its connection was cut."""
+
+
+@dataclass(eq=False, slots=True)
+class _Watched:
+    deadline: float
+    # A duplicate of the connection's socket: shutting it down acts on the socket both share,
+    # even if psycopg has closed its own descriptor (whose number may be reused) meanwhile.
+    socket: socket.socket
+    cut: bool = False
+
+
+class _Watchdog:
+    """Cuts the connection of a call that outlives its deadline.
+
+    A server that accepts connections but answers nothing (its processes stopped, its machine
+    frozen) cannot enforce its own timeouts, and its kernel still acknowledges TCP, so neither
+    libpq's keepalives nor tcp_user_timeout notice it: a query to a SIGSTOPped PostgreSQL waited
+    for as long as it was stopped. Shutting the socket down from another thread wakes the waiting
+    call with the connection lost (psycopg waits in short polls), as `_Unanswered`, and the
+    connection is closed. One thread serves every watched call of the process, asleep until the
+    earliest deadline; watching costs a call a descriptor duplicated and a lock taken twice."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._watched: set[_Watched] = set()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(
+        self, connection: psycopg.Connection[tuple[object, ...]], seconds: float
+    ) -> Iterator[None]:
+        watched = _Watched(
+            time.monotonic() + seconds, socket.socket(fileno=os.dup(connection.pgconn.socket))
+        )
+        with self._condition:
+            self._watched.add(watched)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._cut_overdue, name="connection-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._condition.notify()
+        try:
+            yield
+        except psycopg.Error as error:
+            if watched.cut:
+                raise _Unanswered(f"no answer from PostgreSQL within {seconds:g} s") from error
+            raise
+        finally:
+            with self._condition:
+                self._watched.discard(watched)
+            watched.socket.close()
+            if watched.cut:
+                # Cut as the call ended, it may have ended well: the connection is unusable all
+                # the same.
+                connection.close()
+
+    def _cut_overdue(self) -> None:
+        with self._condition:
+            while True:
+                now = time.monotonic()
+                for watched in [w for w in self._watched if w.deadline <= now]:
+                    self._watched.discard(watched)
+                    watched.cut = True
+                    with contextlib.suppress(OSError):
+                        watched.socket.shutdown(socket.SHUT_RDWR)
+                earliest = min((w.deadline for w in self._watched), default=None)
+                self._condition.wait(None if earliest is None else earliest - now)
+
+
+_WATCHDOG = _Watchdog()
+
+
 class _DedicatedConnection:
     """One connection kept for one writing part, made again (and `prepare`d) when it was closed
     or broke."""
@@ -216,7 +311,11 @@ class _DedicatedConnection:
     def get(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._connection is None or self._connection.closed or self._connection.broken:
             connection = psycopg.connect(
-                self._database_url, autocommit=True, connect_timeout=5, application_name=self._name
+                self._database_url,
+                autocommit=True,
+                connect_timeout=5,
+                application_name=self._name,
+                **_KEEPALIVES,
             )
             self._prepare(connection)
             self._connection = connection
@@ -228,16 +327,58 @@ class _DedicatedConnection:
             self._connection = None
 
 
-class PostgresOrderWriter:
-    """Writes batches of orders, each batch in one transaction, over one dedicated connection."""
+# Who holds a lock that a write waited for: the oldest transaction, other than one waiting for
+# a lock itself, that holds a lock on the order tables or a writer's partition lock. Its age is
+# visible only to roles that may see other sessions' activity (pg_read_all_stats, or the same
+# role); the pid always is. No query text, user or address: they may carry personal data.
+_BLOCKER = """
+SELECT a.pid, a.state, floor(extract(epoch FROM now() - a.xact_start))::bigint
+FROM pg_stat_activity a
+WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()
+  AND a.wait_event_type IS DISTINCT FROM 'Lock'
+  AND EXISTS (
+      SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
+        AND (l.relation = ANY(%(tables)s::regclass[])
+             OR (l.locktype = 'advisory' AND l.classid = %(lock_class)s::oid))
+  )
+ORDER BY a.xact_start NULLS LAST, a.pid
+LIMIT 1
+"""
+_ORDER_TABLES = ["orders", "delivery", "payment", "items", "order_tombstones"]
+# DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal). One batch of
+# 1,000 orders of 1,000 items each, the most items an order may have (217 MB), took 28.8 s to
+# write, so its statements stay well within twice this; batches under the default
+# BATCH_MAX_BYTES (4 MiB) take under a second.
+DEFAULT_WRITE_TIMEOUT_SECONDS = 30
 
-    def __init__(self, database_url: str, instance: str) -> None:
+
+class PostgresOrderWriter:
+    """Writes batches of orders, each batch in one transaction, over one dedicated connection.
+
+    Every write has deadlines: a lock another session holds is waited for at most
+    `timeout_seconds` (lock_timeout), a statement runs at most twice that (statement_timeout,
+    which a lock wait close to its limit leaves time to run), and a write the server has not
+    answered 10 s after that is cut by the client (`_Watchdog`), as a frozen server enforces
+    nothing. Each raises WriteTimedOut, naming its cause and, for a lock, who held it.
+    """
+
+    def __init__(
+        self, database_url: str, instance: str, timeout_seconds: int = DEFAULT_WRITE_TIMEOUT_SECONDS
+    ) -> None:
+        self._database_url = database_url
         self._instance = instance
-        self._connection = _DedicatedConnection(
-            database_url,
-            "order-viewer-writer",
-            lambda connection: connection.execute(_CREATE_STAGING),
+        self._lock_timeout_ms = timeout_seconds * 1000
+        self._unanswered_seconds = 2 * timeout_seconds + 10
+        self._connection = _DedicatedConnection(database_url, "order-viewer-writer", self._prepare)
+
+    def _prepare(self, connection: psycopg.Connection[tuple[object, ...]]) -> None:
+        # Set here rather than as connection `options`, which would replace any of the URL's.
+        connection.execute(
+            "SELECT set_config('lock_timeout', %s, false), "
+            "set_config('statement_timeout', %s, false)",
+            (f"{self._lock_timeout_ms}ms", f"{2 * self._lock_timeout_ms}ms"),
         )
+        connection.execute(_CREATE_STAGING)
 
     def close(self) -> None:
         self._connection.close()
@@ -255,7 +396,11 @@ class PostgresOrderWriter:
             reset=self.close, refused=lambda error: RejectedByDatabase(_describe(error))
         ):
             connection = self._connection.get()
-            with connection.transaction(), connection.cursor() as cursor:
+            with (
+                self._deadlines(connection),
+                connection.transaction(),
+                connection.cursor() as cursor,
+            ):
                 _lock_partitions(
                     cursor, {p.partition for p in batch} | {d.partition for d in deletions}
                 )
@@ -285,6 +430,39 @@ class PostgresOrderWriter:
             replaced=tuple(replaced),
             deleted=tuple(deleted),
         )
+
+    @contextlib.contextmanager
+    def _deadlines(self, connection: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
+        """A write's deadlines, watched, and the errors they end it with as WriteTimedOut."""
+        try:
+            with _WATCHDOG.watch(connection, self._unanswered_seconds):
+                yield
+        except _Unanswered as error:
+            raise WriteTimedOut(str(error), "unresponsive") from error
+        except psycopg.errors.LockNotAvailable as error:
+            raise WriteTimedOut(_describe(error), "lock", self._blocker()) from error
+        except psycopg.errors.QueryCanceled as error:
+            raise WriteTimedOut(_describe(error), "statement") from error
+
+    def _blocker(self) -> str | None:
+        """Who held the lock a write gave up on, if it can be told (and still holds it)."""
+        try:
+            with psycopg.connect(
+                self._database_url,
+                autocommit=True,
+                connect_timeout=5,
+                application_name="order-viewer-lock-lookup",
+            ) as connection:
+                row = connection.execute(
+                    _BLOCKER, {"tables": _ORDER_TABLES, "lock_class": PARTITION_LOCK_CLASS}
+                ).fetchone()
+        except psycopg.Error:
+            return None
+        if row is None:
+            return None
+        pid, state, open_seconds = row
+        age = "of unknown age" if open_seconds is None else f"open for {open_seconds} s"
+        return f"pid {pid} ({state or 'state not visible'}, its transaction {age})"
 
 
 # The class of the advisory locks that writers take per Kafka partition (the objid is the
@@ -354,6 +532,11 @@ class PostgresChangeListener:
 
     # How often the loop looks at the stop while no notification comes.
     STOP_CHECK_SECONDS = 0.5
+    # After this long without a notification, a round trip tells a quiet server from a frozen
+    # one (whose kernel still answers keepalives); unanswered in time, the connection is cut
+    # and counts as lost: a freeze is noticed within about the sum of the two.
+    PROBE_AFTER_SECONDS = 3.0
+    ANSWER_SECONDS = 3.0
 
     def __init__(
         self, database_url: str, instance: str, changes: Changes, patience: Patience
@@ -388,12 +571,7 @@ class PostgresChangeListener:
                 autocommit=True,
                 connect_timeout=5,
                 application_name="order-viewer-listener",
-                # A peer that vanished without closing the connection is noticed in seconds,
-                # not after the system's two-hour keepalive default.
-                keepalives=1,
-                keepalives_idle=5,
-                keepalives_interval=2,
-                keepalives_count=2,
+                **_KEEPALIVES,
             )
             connection.execute(f"LISTEN {CHANGES_CHANNEL}")
         return connection
@@ -401,11 +579,18 @@ class PostgresChangeListener:
     def _hear(
         self, connection: psycopg.Connection[tuple[object, ...]], stop: threading.Event
     ) -> None:
+        answered = time.monotonic()
         while not stop.is_set():
             for notification in connection.notifies(timeout=self.STOP_CHECK_SECONDS):
+                answered = time.monotonic()
                 instance, _, ids = notification.payload.partition(" ")
                 if instance != self._instance and ids:
                     self._changes.changed(ids.split(" "))
+            if time.monotonic() - answered >= self.PROBE_AFTER_SECONDS:
+                # Notifications that arrive meanwhile wait for the next notifies().
+                with _WATCHDOG.watch(connection, self.ANSWER_SECONDS):
+                    connection.execute("SELECT 1")
+                answered = time.monotonic()
 
 
 def _describe(error: psycopg.Error) -> str:

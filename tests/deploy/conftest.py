@@ -56,6 +56,7 @@ def exposed_metrics() -> dict[str, frozenset[str]]:
     metrics = Metrics(OrderCache(10, max_bytes=1000))
     metrics.dead_lettered.labels("invalid_json").inc()
     metrics.retries.labels("database").inc()
+    metrics.write_timeouts.labels("lock").inc()
     metrics.consumer_lag.labels("orders", "0").set(1)
     metrics.http.record("/readyz", 200, 0.001)
     with tempfile.TemporaryDirectory() as directory:  # the tokens file's gauge too

@@ -97,6 +97,7 @@ def test_the_issue_asks_for_each_of_these_alerts() -> None:
         "OrderViewerHttpErrors",
         "OrderViewerHttpLatencyHigh",
         "OrderViewerTokensFileLinesRefused",
+        "OrderViewerDatabaseWritesTimingOut",
     }
 
 

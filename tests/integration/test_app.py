@@ -17,7 +17,7 @@ from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.generate import make_order
 from order_viewer.metrics import Metrics
 from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.service import OrderLookup, Readiness
+from order_viewer.service import OrderLookup, Readiness, WriteTimeouts
 from order_viewer.store import PostgresOrderReader, PostgresOrderWriter
 from tests.conftest import Stack, free_port
 from tests.integration.test_api import HOSTILE_IDS
@@ -34,8 +34,13 @@ class App:
         self.consuming = threading.Event()
         self.lookup = OrderLookup(self.reader, self.cache)
         self.listening = threading.Event()
-        self.readiness = Readiness(self.lookup.database_reachable, self.consuming, self.listening)
         self.metrics = Metrics(self.cache)
+        self.readiness = Readiness(
+            self.lookup.database_reachable,
+            self.consuming,
+            self.listening,
+            WriteTimeouts(self.metrics),
+        )
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(create_app(self.lookup, self.readiness, self.metrics)),
             base_url="http://order-viewer",

@@ -7,6 +7,7 @@ import pytest
 
 from order_viewer.cli import main
 from order_viewer.config import ConfigurationError, Settings, kafka_security, load_settings
+from order_viewer.store import DEFAULT_WRITE_TIMEOUT_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +33,7 @@ def test_defaults_are_the_documented_contract() -> None:
     assert (settings.http_host, settings.http_port) == ("127.0.0.1", 8081)
     assert settings.cache_capacity == 100_000
     assert settings.database_writers == 1
+    assert settings.database_write_timeout_seconds == DEFAULT_WRITE_TIMEOUT_SECONDS
     assert settings.log_level == "INFO"
 
 
@@ -44,6 +46,14 @@ def test_defaults_are_the_documented_contract() -> None:
         ("DATABASE_WRITERS", "0"),
         ("DATABASE_WRITERS", "65"),
         ("DATABASE_WRITERS", "two"),
+        ("DATABASE_WRITE_TIMEOUT_SECONDS", "0"),
+        ("DATABASE_WRITE_TIMEOUT_SECONDS", "-5"),
+        ("DATABASE_WRITE_TIMEOUT_SECONDS", "3601"),
+        ("DATABASE_WRITE_TIMEOUT_SECONDS", "99999999999999999999999"),
+        ("DATABASE_WRITE_TIMEOUT_SECONDS", "2.5"),
+        ("DATABASE_WRITE_TIMEOUT_SECONDS", "thirty"),
+        ("DATABASE_WRITE_TIMEOUT_SECONDS", "30s"),
+        ("DATABASE_WRITE_TIMEOUT_SECONDS", ""),
         ("LOG_LEVEL", "LOUD"),
         ("DATABASE_URL", "mysql://nope"),
         ("KAFKA_TOPIC", ""),

@@ -14,13 +14,23 @@ import pytest
 from order_viewer.cache import OrderCache
 from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.metrics import Metrics
-from order_viewer.ports import DatabaseUnavailable, Message, Stopped, StoredDocument
+from order_viewer.model import PreparedOrder
+from order_viewer.ports import (
+    DatabaseUnavailable,
+    Deletion,
+    Message,
+    Stopped,
+    StoredDocument,
+    WriteResult,
+    WriteTimedOut,
+)
 from order_viewer.retry import Health, Patience
 from order_viewer.service import (
     BatchOutcome,
     OrderIngest,
     OrderLookup,
     Readiness,
+    WriteTimeouts,
     prepare_batch,
     warm_up,
 )
@@ -226,7 +236,8 @@ def test_readiness_names_each_part_that_is_not_ready() -> None:
         return reachable
 
     listening = threading.Event()
-    readiness = Readiness(database_reachable, consuming, listening)
+    write_timeouts = WriteTimeouts(Metrics(OrderCache(1)))
+    readiness = Readiness(database_reachable, consuming, listening, write_timeouts)
     assert asyncio.run(readiness.not_ready()) == {
         "listener": "not listening for changes",
         "cache": "warming up",
@@ -241,6 +252,64 @@ def test_readiness_names_each_part_that_is_not_ready() -> None:
     reachable = True
     listening.clear()
     assert asyncio.run(readiness.not_ready()) == {"listener": "not listening for changes"}
+    listening.set()
+    write_timeouts.timed_out(WriteTimedOut("canceling statement", "lock", "pid 7"))
+    assert asyncio.run(readiness.not_ready()) == {"database": "writes timing out: blocked by pid 7"}
+    # Unreachable says more than timing out.
+    reachable = False
+    assert asyncio.run(readiness.not_ready()) == {"database": "unreachable"}
+    reachable = True
+    write_timeouts.got_through()
+    assert asyncio.run(readiness.not_ready()) == {}
+
+
+def test_a_write_cut_by_its_deadline_is_counted_logged_shown_and_retried(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingest = Ingest()
+    ingest.writer.timeouts = [
+        WriteTimedOut(
+            "canceling statement due to lock timeout",
+            "lock",
+            "pid 4242 (idle in transaction, its transaction open for 61 s)",
+        ),
+        WriteTimedOut("no answer from PostgreSQL within 70 s", "unresponsive"),
+    ]
+    timeouts = ingest.service.write_timeouts
+    # What readiness shows as each attempt begins.
+    shown: list[str | None] = []
+    write = ingest.writer.write
+
+    def write_watched(
+        batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+    ) -> WriteResult:
+        shown.append(timeouts.failing)
+        return write(batch, deletions)
+
+    monkeypatch.setattr(ingest.writer, "write", write_watched)
+    with caplog.at_level(logging.INFO):
+        outcome = ingest.all([message(0, order("a"))])
+    assert outcome.inserted == 1
+    assert set(ingest.writer.stored) == {"a"}
+    blocked = "blocked by pid 4242 (idle in transaction, its transaction open for 61 s)"
+    assert shown == [
+        None,
+        f"writes timing out: {blocked}",
+        "writes timing out (unresponsive): no answer from PostgreSQL within 70 s",
+    ]
+    assert timeouts.failing is None
+
+    def sample(name: str, **labels: str) -> float | None:
+        return ingest.metrics.registry.get_sample_value(name, labels)
+
+    timeouts_total = "order_viewer_database_write_timeouts_total"
+    assert sample(timeouts_total, cause="lock") == 1
+    assert sample(timeouts_total, cause="unresponsive") == 1
+    assert sample(timeouts_total, cause="statement") is None
+    assert sample("order_viewer_transient_failure_retries_total", kind="database") == 2
+    lines = [record.getMessage() for record in caplog.records]
+    assert f"writes timing out: {blocked}; the write is rolled back and retried" in lines
+    assert "writes get through again" in lines
 
 
 def test_a_miss_reads_the_database_once_and_fills_the_cache() -> None:
