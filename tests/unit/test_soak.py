@@ -5,14 +5,29 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
-from benchmarks.soak import FAULTS, PLANNED_GAP_SECONDS, arguments, children, plan, stopped
+from benchmarks.soak import (
+    FAULTS,
+    PLANNED_GAP_SECONDS,
+    Ledger,
+    SentOrder,
+    Version,
+    arguments,
+    behind,
+    children,
+    plan,
+    stopped,
+)
+from confluent_kafka import KafkaError
+from confluent_kafka import Message as KafkaMessage
 
 from tests.conftest import wait_until
 
@@ -84,3 +99,34 @@ def test_a_frozen_process_is_continued_when_the_block_fails(
 def test_the_children_of_a_process_are_found(sleeper: subprocess.Popen[bytes]) -> None:
     assert sleeper.pid in children(os.getpid())
     assert children(sleeper.pid) == []
+
+
+class Acknowledged:
+    """What a delivery report hands over, as far as the ledger reads it."""
+
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def at(offset: int) -> KafkaMessage:
+    return cast(KafkaMessage, Acknowledged(offset))
+
+
+def test_the_ledger_keeps_each_orders_newest_acknowledged_version() -> None:
+    ledger = Ledger()
+    report = ledger.order_delivered
+    report(SentOrder("a", b"a2", 2, updatable=True), None, at(7))
+    # A report of an earlier offset, however late it comes, does not make it the newest.
+    report(SentOrder("a", b"a1", 1, updatable=True), None, at(3))
+    report(SentOrder("m", b"m1", 1, updatable=False), None, at(1))
+    failed = KafkaError(KafkaError._MSG_TIMED_OUT)
+    report(SentOrder("b", b"b1", 1, updatable=True), failed, at(-1))
+    assert ledger.newest == {"a": Version(7, b"a2", 2), "m": Version(1, b"m1", 1)}
+    assert ledger.counts() == (0, 3, 1)
+    # Markers are never picked for an update or a read, and a failed order never was acknowledged.
+    assert {ledger.pick(random.Random(seed), recent=True) for seed in range(20)} == {"a"}
+    assert behind(ledger, {"a": b"a2", "m": b"m1"}) == []
+    assert sorted(behind(ledger, {"a": b"a1"})) == ["a", "m"]
