@@ -795,7 +795,7 @@ def main() -> int:
     planned = plan(seed, seconds)
     print(f"seed {seed}: {len(planned)} faults planned in {args.minutes:g} min", flush=True)
     # Ctrl-C and SIGTERM alike unwind through the `finally` that stops everything.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # A temp dir the postgres server user can traverse, as the test suite's.
     base = Path(tempfile.mkdtemp(prefix="order-viewer-soak-"))
     base.chmod(0o755)
@@ -823,6 +823,10 @@ def main() -> int:
         print("\n" + ("FAILED:\n  " + "\n  ".join(failures) if failures else "OK"))
         print(f"seed {seed}; logs: {logs}")
         return 1 if failures else 0
+    except KeyboardInterrupt:
+        done = len(soak.faults) if soak is not None else 0
+        print(f"\ninterrupted after {done} faults; seed {seed}; logs: {logs}", flush=True)
+        return 130
     finally:
         if soak is not None:
             soak.stop()
