@@ -495,8 +495,15 @@ class Soak:
             held = holder.execute(
                 "SELECT order_uid FROM orders WHERE order_uid = ANY(%s) FOR UPDATE", (uids,)
             ).fetchall()
-            fault.detail = f"{len(held):,} rows"
-            time.sleep(ROW_LOCK_SECONDS)
+            # Halfway, whether the writers wait for the rows: that the fault bites.
+            time.sleep(ROW_LOCK_SECONDS / 2)
+            with self.stack.connect() as connection:
+                row = connection.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = 'order-viewer-writer' AND wait_event_type = 'Lock'"
+                ).fetchone()
+            fault.detail = f"{len(held):,} rows; {row[0] if row else 0} writers waiting"
+            time.sleep(ROW_LOCK_SECONDS / 2)
             holder.rollback()
 
     def postgres_freeze(self, fault: Fault, _: PlannedFault) -> None:
