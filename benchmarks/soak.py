@@ -314,19 +314,6 @@ class Fault:
     detail: str = ""
 
 
-FAULTS = {
-    "row-lock": f"another session holds the rows of the {RECENT_WINDOW:,} newest orders (the "
-    f"ones updates go to) FOR UPDATE for {ROW_LOCK_SECONDS} s",
-    "postgres-freeze": f"SIGSTOP of PostgreSQL (the postmaster and every backend) for "
-    f"{POSTGRES_FREEZE_SECONDS} s",
-    "broker-freeze": f"SIGSTOP of the broker for {BROKER_FREEZE_SECONDS} s",
-    "listener-terminate": "pg_terminate_backend of the instances' LISTEN connections",
-    "instance-kill": "SIGKILL of one instance, restarted at once",
-    "broker-restart": "the broker stopped (SIGTERM, orderly) and started again",
-    "postgres-crash": "PostgreSQL stopped in immediate mode (crash recovery), started again",
-}
-
-
 def plan(seed: int, seconds: float) -> list[PlannedFault]:
     """The faults of a run of `seconds`, one every PLANNED_GAP_SECONDS; the kinds drawn in rounds
     of one each, shuffled, so that every kind comes as often as the others."""
@@ -452,7 +439,7 @@ class Soak:
             time.sleep(max(0.0, fault_plan.at - self.elapsed()))
             fault = Fault(number, fault_plan.kind, self.elapsed())
             self.now_doing = fault.kind
-            getattr(self, fault.kind.replace("-", "_"))(fault, fault_plan)
+            FAULTS[fault.kind].inject(self, fault, fault_plan)
             fault.ended = self.elapsed()
             self.now_doing = f"recovering from {fault.kind}"
             fault.recovered = self.recovery(fault)
@@ -543,6 +530,42 @@ class Soak:
     def postgres_crash(self, _fault: Fault, _: PlannedFault) -> None:
         self.servers.pg_crash()
         self.servers.pg_start()
+
+
+@dataclass(frozen=True, slots=True)
+class FaultKind:
+    what: str
+    inject: Callable[[Soak, Fault, PlannedFault], None]
+
+
+FAULTS = {
+    "row-lock": FaultKind(
+        f"another session holds the rows of the {RECENT_WINDOW:,} newest orders (the ones "
+        f"updates go to) FOR UPDATE for {ROW_LOCK_SECONDS} s",
+        Soak.row_lock,
+    ),
+    "postgres-freeze": FaultKind(
+        f"SIGSTOP of PostgreSQL (the postmaster, then every process it started) for "
+        f"{POSTGRES_FREEZE_SECONDS} s",
+        Soak.postgres_freeze,
+    ),
+    "broker-freeze": FaultKind(
+        f"SIGSTOP of the broker for {BROKER_FREEZE_SECONDS} s", Soak.broker_freeze
+    ),
+    "listener-terminate": FaultKind(
+        "pg_terminate_backend of the instances' LISTEN connections", Soak.listener_terminate
+    ),
+    "instance-kill": FaultKind(
+        "SIGKILL of one instance, started again at once", Soak.instance_kill
+    ),
+    "broker-restart": FaultKind(
+        "the broker stopped (SIGTERM, orderly) and started again", Soak.broker_restart
+    ),
+    "postgres-crash": FaultKind(
+        "PostgreSQL stopped in immediate mode (crash recovery at the start), started again",
+        Soak.postgres_crash,
+    ),
+}
 
 
 # ------------------------------------------------------------ the audit at the end
@@ -748,14 +771,17 @@ def report(soak: Soak, outcome: Outcome, minutes: float, rate: int, group_protoc
             f"| {fault.number} | {clock(fault.started)} | {fault.kind} | {fault.detail} | "
             f"{fault.ended - fault.started:.1f} | {recovered} |"
         )
-    print("\n| fault | count | recovered in s, median | max | stalls |")
-    print("|---|---:|---:|---:|---:|")
-    for kind in FAULTS:
+    print("\n| fault | what is done | count | recovered in s, median | max | stalls |")
+    print("|---|---|---:|---:|---:|---:|")
+    for kind, fault_kind in FAULTS.items():
         of_kind = [fault for fault in soak.faults if fault.kind == kind]
         times = [fault.recovered for fault in of_kind if fault.recovered is not None]
         median = f"{statistics.median(times):.1f}" if times else "-"
         longest = f"{max(times):.1f}" if times else "-"
-        print(f"| {kind} | {len(of_kind)} | {median} | {longest} | {len(of_kind) - len(times)} |")
+        print(
+            f"| {kind} | {fault_kind.what} | {len(of_kind)} | {median} | {longest} | "
+            f"{len(of_kind) - len(times)} |"
+        )
 
 
 def positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
