@@ -254,12 +254,12 @@ class SteadyProducer:
             self._ledger.sent()
             return
 
-    def stop(self) -> None:
-        """Stop producing, then wait up to FLUSH_SECONDS for the acknowledgements still due;
+    def stop(self, wait: float) -> None:
+        """Stop producing, then wait up to `wait` seconds for the acknowledgements still due;
         those that did not come are counted in `unacknowledged`."""
         self._stop.set()
-        self._thread.join(FLUSH_SECONDS)
-        self.unacknowledged = self._producer.flush(FLUSH_SECONDS)
+        self._thread.join(5)  # it waits a message's interval (1 s at most) between checks
+        self.unacknowledged = self._producer.flush(wait)
 
 
 class CacheReader:
@@ -422,12 +422,13 @@ class Soak:
                 f"faults {len(self.faults)}; now: {self.now_doing}"
             )
 
-    def stop(self) -> None:
-        """Stop producing (waiting for the acknowledgements due), reading and reporting."""
+    def stop(self, wait: float) -> None:
+        """Stop producing (waiting up to `wait` seconds for the acknowledgements due), reading
+        and reporting."""
         self._progress_stop.set()
         self.reader.stop()
         if self.producer is not None:
-            self.producer.stop()
+            self.producer.stop(wait)
 
     # ------------------------------------------------------------ faults
 
@@ -844,7 +845,7 @@ def main() -> int:
         if (left := seconds - soak.elapsed()) > 0:
             soak.now_doing = "no more faults"
             time.sleep(left)
-        soak.stop()
+        soak.stop(FLUSH_SECONDS)
         soak.say(f"{len(soak.faults)} faults; production stopped, draining")
         outcome = audit(soak, args.drain_seconds)
         report(soak, outcome, args.minutes, args.rate, args.group_protocol)
@@ -862,7 +863,9 @@ def main() -> int:
         return 130
     finally:
         if soak is not None:
-            soak.stop()
+            # Waiting for acknowledgements only on the way to the audit: a second Ctrl-C
+            # during a long wait here would leave the servers running.
+            soak.stop(0)
             for service in soak.services:
                 service.kill()
         for name in ("postgres.log", "kafka.log"):
