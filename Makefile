@@ -7,7 +7,7 @@ PARALLEL := -n 3 --dist loadgroup
 PYTHON ?= python3
 DEVSTACK := $(BIN)/python -m devstack
 
-.PHONY: install venv lock run stack stack-down test test-unit test-integration test-faults check bench clean
+.PHONY: install venv lock run stack stack-down test test-unit test-integration test-faults check bench soak clean
 
 ## The virtualenv, then the system's part the service needs (PostgreSQL, Java, the Kafka jars),
 ## installed where missing: with `test`'s extras, the one step that installs anything.
@@ -68,6 +68,11 @@ bench: venv
 	$(DEVSTACK) up
 	$(BIN)/python -m benchmarks
 	$(BIN)/pytest -m perf -s
+
+## The chaos soak of docs/RELIABILITY.md, on servers of its own: faults for 20 minutes, then an
+## audit; e.g. `make soak SOAK_ARGS="--minutes 3 --seed 9"`.
+soak: install
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
