@@ -6,7 +6,8 @@ to its end as it is when they begin (or where the range ends), with partitions
 assigned by hand under a consumer group of their own that commits nothing: the service's group
 and its offsets are never touched. A replay sends back only genuine dead letters: those whose
 original, the record their `source.*` headers name, is still in the orders topic with the same
-key and value (anyone who can write the dead-letter topic can write any record there).
+key and value, and no later record of that key differs from it (anyone who can write the
+dead-letter topic can write any record there, naming any earlier version of an order).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ ORIGINAL_REMOVED = "original removed"
 # without a record (compacted away, a transaction marker, an aborted write).
 ORIGINAL_MISSING = "original not in the topic"
 NOT_THE_ORIGINAL = "key or value differ from the original"
+# A later record of the original's key, with another value or none, is the last in the topic: sent
+# back, the original would replace that later version of the order, or undo its deletion.
+SUPERSEDED = "a later record of its key differs"
 
 # Canonical decimals as the service writes them, short enough for a partition (int32) and an
 # offset (int64): no sign, no leading zero, no spaces, underscores or non-ASCII digits, and
@@ -198,11 +202,16 @@ class Reader(Protocol):
 
 
 class Originals:
-    """Tells whether dead letters are genuine: the record each names is still in the orders
-    topic with the dead letter's key and value. One consumer, assigned by hand, reads the named
-    offsets of each partition in order, seeking over wide gaps, and pauses a partition once
-    nothing more is wanted of it; a look-up that reads nothing wanted for `time_limit` seconds
-    is an error."""
+    """Tells whether dead letters are genuine and still worth sending: the record each names is
+    in the orders topic with the dead letter's key and value, and the last record of that key
+    there (as the look-up begins) has that value too. A forged letter could otherwise name any
+    earlier version of an order, stored and replaced since or deleted since, and a replay would
+    bring it back; a genuine one would do the same once a later version was stored. A letter
+    without a key cannot be told from other orders' records, and is checked against its
+    original only. One consumer, assigned by hand, reads the named offsets of each partition in
+    order, seeking over wide gaps until an original is found, then on to the partition's end,
+    and pauses a partition once nothing more is wanted of it; a look-up that reads nothing
+    wanted for `time_limit` seconds is an error."""
 
     def __init__(
         self, consumer: Reader, topic: str, progress: Progress, time_limit: float = LOOKUP_SECONDS
@@ -238,32 +247,34 @@ class Originals:
 
         deadline = time.monotonic() + self._time_limit
         while queues:
-            settled = 0
+            moved = False
             timeout = min(1.0, max(0.0, deadline - time.monotonic()))
             for message in _arrived(self._consumer, timeout):
                 if not _usable(message, self._topic) or message.partition() not in queues:
                     continue
                 partition, offset = message.partition(), message.offset()
-                settled += lookup.read(partition, offset, message)
+                moved = True
+                lookup.read(partition, offset, message)
                 queue = queues[partition]
-                if not queue:
+                if lookup.finished(partition, offset + 1):
                     done(partition)
-                elif queue[0] - offset > SEEK_GAP:
+                elif queue and queue[0] - offset > SEEK_GAP and not lookup.watches(partition):
                     self._consumer.seek(TopicPartition(self._topic, partition, queue[0]))
             # By position too: offsets without a record, last in a partition, send nothing after.
             for position in self._consumer.position(
                 [TopicPartition(self._topic, p) for p in queues]
             ):
-                settled += lookup.read(position.partition, position.offset, None)
-                if not queues[position.partition]:
+                moved |= lookup.read(position.partition, position.offset, None) > 0
+                if lookup.finished(position.partition, position.offset):
                     done(position.partition)
-            if settled:
+            if moved:
                 deadline = time.monotonic() + self._time_limit
             elif queues and time.monotonic() >= deadline:
-                partition, queue = next(iter(queues.items()))
+                partition = next(iter(queues))
                 raise DeadLetterToolError(
                     f"looking up dead letters' originals in {self._topic}: nothing read for "
-                    f"{self._time_limit:g} s (partition {partition} offset {queue[0]} awaited)"
+                    f"{self._time_limit:g} s (partition {partition} offset "
+                    f"{lookup.awaited(partition)} awaited)"
                 )
 
 
@@ -290,12 +301,19 @@ class _Lookup:
             self._naming.setdefault(partition, {}).setdefault(offset, []).append(index)
         # partition -> its named offsets still to read, in order
         self.queues = {p: deque(sorted(named)) for p, named in self._naming.items()}
+        # partition -> key -> the letters whose original of that key was read there: each later
+        # record of the key settles them again, as the last one read of it says
+        self._watched: dict[int, dict[bytes, list[int]]] = {}
+        # partition -> its next offset as the look-up begins: later records of a key are looked
+        # for up to there
+        self._ends: dict[int, int] = {}
 
     def bound(self, ends: dict[int, tuple[int, int]]) -> None:
         """Settle the offsets outside the partitions' `ends` (first, next): nothing to read."""
         for partition, queue in list(self.queues.items()):
             # A partition the topic does not have ends where it begins: nothing is in it.
             low, high = ends.get(partition, (0, 0))
+            self._ends[partition] = high
             for offset in [o for o in queue if not low <= o < high]:
                 self._settle(
                     partition, offset, ORIGINAL_REMOVED if offset < low else ORIGINAL_MISSING
@@ -312,16 +330,38 @@ class _Lookup:
         while queue and queue[0] < offset:
             self._settle(partition, queue.popleft(), ORIGINAL_MISSING)
             settled += 1
-        if original is not None and queue and queue[0] == offset:
+        if original is None:
+            return settled
+        key, value = original.key(), original.value()
+        watched = self._watched.setdefault(partition, {})
+        for index in watched.get(key, ()):
+            self.verdicts[index] = None if self.letters[index].value == value else SUPERSEDED
+        if queue and queue[0] == offset:
             queue.popleft()
-            key, value = original.key(), original.value()
             for index in self._naming[partition].pop(offset):
                 letter = self.letters[index]
                 if (letter.key, letter.value) != (key, value):
                     self.verdicts[index] = NOT_THE_ORIGINAL
+                elif key is not None:
+                    watched.setdefault(key, []).append(index)
                 self._advance()
             settled += 1
         return settled
+
+    def watches(self, partition: int) -> bool:
+        """Whether later records of `partition` are to be read: an original was found there."""
+        return bool(self._watched.get(partition))
+
+    def finished(self, partition: int, position: int) -> bool:
+        """Whether nothing more is wanted of `partition` once the consumer is at `position`."""
+        if self.queues[partition]:
+            return False
+        return not self.watches(partition) or position >= self._ends[partition]
+
+    def awaited(self, partition: int) -> int:
+        """The offset of `partition` the look-up waits for."""
+        queue = self.queues[partition]
+        return queue[0] if queue else self._ends[partition]
 
     def _settle(self, partition: int, offset: int, why: str) -> None:
         for index in self._naming[partition].pop(offset):

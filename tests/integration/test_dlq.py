@@ -343,6 +343,50 @@ def test_replay_sends_back_only_dead_letters_whose_original_is_there_as_they_hav
     )
 
 
+def test_a_dead_letter_naming_an_order_changed_or_deleted_since_is_not_replayed(
+    stack: Stack, topics: Topics
+) -> None:
+    """Whoever can write the dead-letter topic could name any earlier record of the orders
+    topic, one stored and replaced since or deleted since: sent back, it would replace the
+    order's later version, or store a deleted order again. A dead letter is sent back only
+    while the last record of its key has its value."""
+    create_topics(stack, [topics.orders, topics.dead_letters], 2)
+    produce(
+        stack,
+        topics.orders,
+        [
+            Record(key, value, partition=0)
+            for key, value in [
+                (b"a", b"a1"), (b"a", b"a2"),  # a stored, then replaced
+                (b"b", b"b1"), (b"b", None),  # b stored, then deleted
+                (b"c", b"c1"),  # c refused, and last of its key
+                (b"d", b"d1"), (b"d", b"d2"), (b"d", b"d1"),  # d back to what it was
+            ]
+        ],
+    )  # fmt: skip
+    produce(
+        stack,
+        topics.dead_letters,
+        [
+            Record(key, value, source(topics.orders, 0, offset, b"db_rejected"))
+            for key, value, offset in [(b"a", b"a1", 0), (b"b", b"b1", 2), (b"c", b"c1", 4),
+                                       (b"d", b"d1", 5)]
+        ],
+    )  # fmt: skip
+
+    summary = dlq.replay(
+        settings_for(stack, topics),
+        dlq.Selection(),
+        dry_run=False,
+        send_unverified=False,
+        interactive=False,
+    )
+    assert (summary.selected, summary.sendable, summary.sent) == (4, 2, 2)
+    assert summary.unverified == {dlq.SUPERSEDED: 2}
+    sent = replayed(stack, topics, 2, timeout=5)
+    assert sorted((m.key(), m.value()) for m in sent) == [(b"c", b"c1"), (b"d", b"d1")]
+
+
 def test_the_commands_say_when_the_dead_letter_topic_is_missing(
     stack: Stack, topics: Topics
 ) -> None:
