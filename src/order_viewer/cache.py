@@ -176,11 +176,7 @@ class OrderCache:
         with self._lock:
             if self._suspended and not how.written:
                 return 0
-            fresh = [
-                (order_uid, entry)
-                for order_uid, entry in entries.items()
-                if ticket is None or not self._changed_since(order_uid, ticket)
-            ]
+            fresh = self._unchanged_since(entries, ticket)
             if how.written:
                 self._change(entries)
                 for order_uid in entries:
@@ -201,9 +197,16 @@ class OrderCache:
                 self._evict()
             return kept
 
-    def _changed_since(self, order_uid: str, ticket: CacheTicket) -> bool:
-        # Before the floor, a change of the id may be forgotten or may have gone unheard.
-        return ticket.changes < self._floor or self._changed.get(order_uid, 0) > ticket.changes
+    def _unchanged_since(
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None
+    ) -> list[tuple[str, CachedOrder]]:
+        if ticket is None:
+            return list(entries.items())
+        if ticket.changes < self._floor:
+            # Before the floor, a change of any id may be forgotten or may have gone unheard.
+            return []
+        changed, since = self._changed, ticket.changes
+        return [(uid, entry) for uid, entry in entries.items() if changed.get(uid, 0) <= since]
 
     def _change(self, order_uids: Iterable[str]) -> None:
         self._writes += 1
