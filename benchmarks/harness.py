@@ -26,8 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from rich.console import Console
 from rich.progress import Progress
 
-from order_viewer.broker import client_config
-from order_viewer.config import Settings
+from order_viewer.config import Settings, kafka_client
 from order_viewer.generate import encode, make_order
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +167,7 @@ class BareServerRun(ServerProcess):
 
 def with_new_topic(bench: Bench, settings: Settings) -> Bench:
     topic = f"bench-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient(client_config(settings))
+    admin = AdminClient(kafka_client(settings))
     partitions = settings.kafka_topic_partitions
     created = admin.create_topics(
         [NewTopic(name, num_partitions=partitions) for name in (topic, f"{topic}.dlq")]

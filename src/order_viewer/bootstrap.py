@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import psycopg
 import sqlalchemy.exc
@@ -23,9 +24,9 @@ from starlette.types import ASGIApp
 
 from order_viewer.access import AccessPolicy
 from order_viewer.api import create_app
-from order_viewer.broker import DeadLetterWriter, client_config, ensure_topics
+from order_viewer.broker import DeadLetterWriter, ensure_topics
 from order_viewer.cache import OrderCache
-from order_viewer.config import Settings
+from order_viewer.config import Settings, kafka_client
 from order_viewer.consumer import Batching, OrderConsumer, group_membership
 from order_viewer.metrics import Metrics
 from order_viewer.ports import Stopped
@@ -76,6 +77,8 @@ class Parts:
     expirer: PostgresOrderExpirer | None
     readiness: Readiness
     app: ASGIApp
+    # What every Kafka client shares (`config.kafka_client`), each adding its own.
+    kafka: dict[str, Any]
 
 
 def build(settings: Settings, access: AccessPolicy | None) -> Parts:
@@ -94,6 +97,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         Health("Kafka broker", logging.getLogger("order_viewer.broker")), stop, max_backoff
     )
     database_url = str(settings.database_url)
+    kafka = kafka_client(settings)
     # Names this instance in its change notifications, so that it skips its own.
     instance = uuid.uuid4().hex
     cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
@@ -103,9 +107,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         PostgresOrderWriter(database_url, instance, settings.database_write_timeout_seconds)
         for _ in range(settings.database_writers)
     ]
-    dead_letters = DeadLetterWriter(
-        client_config(settings), settings.kafka_dlq_topic, broker, metrics
-    )
+    dead_letters = DeadLetterWriter(kafka, settings.kafka_dlq_topic, broker, metrics)
     ingest = OrderIngest(
         writers,
         cache,
@@ -115,11 +117,11 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         delete_on_tombstone=settings.kafka_tombstones == "delete",
     )
     consumer = OrderConsumer(
-        client=client_config(
-            settings,
+        client={
+            **kafka,
             **group_membership(settings),
-            **{"max.poll.interval.ms": settings.kafka_max_poll_interval_ms},
-        ),
+            "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
+        },
         topic=settings.kafka_topic,
         batching=Batching(
             settings.batch_max_orders,
@@ -156,7 +158,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     )
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,
-        ingest, lookup, consumer, coherence, listener, expirer, readiness, app,
+        ingest, lookup, consumer, coherence, listener, expirer, readiness, app, kafka,
     )  # fmt: skip
 
 
@@ -196,7 +198,7 @@ def start(parts: Parts) -> None:
     gc.freeze()
     parts.readiness.warmed.set()
     ensure_topics(
-        client_config(settings),
+        parts.kafka,
         [settings.kafka_topic, settings.kafka_dlq_topic],
         settings.kafka_topic_partitions,
         parts.broker,

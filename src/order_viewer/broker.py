@@ -1,4 +1,4 @@
-"""Kafka adapters: client settings, topic creation and the dead-letter writer."""
+"""Kafka adapters: topic creation and the dead-letter writer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from order_viewer.config import Settings, kafka_security
 from order_viewer.metrics import Metrics
 from order_viewer.ports import RejectedMessage, Stopped
 from order_viewer.retry import Patience, retry
@@ -30,18 +29,6 @@ DEAD_LETTER_PRODUCER: Mapping[str, Any] = {
     "compression.type": "lz4",
     "message.max.bytes": LARGEST_DEAD_LETTER_BYTES,
 }
-
-
-def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
-    """What every Kafka client of the service shares: the brokers and how to reach them."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        **kafka_security(settings),
-        # librdkafka logs every failed reconnect (at level 3); the service reports state changes
-        # once itself, from the errors the client returns.
-        "log_level": 2,
-        **extra,
-    }
 
 
 def ensure_topics(

@@ -7,28 +7,34 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from order_viewer.ports import CachedOrder, CacheTicket, etag_of
 
-@dataclass(frozen=True, slots=True)
-class CachedOrder:
-    """An order as the API sends it: the JSON body and its entity tag, computed once."""
-
-    body: bytes
-    etag: str
-
-    @classmethod
-    def of(cls, body: bytes, sha256: bytes) -> CachedOrder:
-        return cls(body, etag_of(sha256))
-
-
-def etag_of(sha256: bytes) -> str:
-    """The entity tag of a version: a prefix of its content's digest, so that the tag of a stored
-    version can be told from its digest alone."""
-    return f'"{sha256[:16].hex()}"'
-
+# The entries and their tags are values of the service layer (`ports`), named here too: the
+# modules that hold entries import them from here.
+__all__ = ["CHANGES_REMEMBERED", "CachedOrder", "OrderCache", "etag_of"]
 
 # How many recently changed ids the cache remembers to refuse reads that began before the change;
 # a read that began before the oldest remembered change is refused whole.
 CHANGES_REMEMBERED = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Insertion:
+    """How one kind of insertion treats the orders it brings; the three kinds share one path
+    (`OrderCache._insert`), so that each keeps the rule of reads racing changes the same way."""
+
+    # Versions the database has just committed: each replaces a cached copy, counts as a change
+    # of its id (a read of it under way is not kept), and is kept while the cache is suspended
+    # (it was the newest when it committed). Otherwise a copy already cached wins.
+    written: bool
+    # Warm-up reads the newest first: each order goes behind every one cached so far, so that it
+    # is evicted before them, and the first one over a bound ends the warm-up instead of evicting.
+    behind: bool
+
+
+_WRITTEN = _Insertion(written=True, behind=False)
+_READ = _Insertion(written=False, behind=False)
+_WARMING = _Insertion(written=False, behind=True)
 
 
 class OrderCache:
@@ -40,10 +46,11 @@ class OrderCache:
     shorter than a request.
 
     A database read that fills the cache may have read a version that changed while it ran. Each
-    change (a write here, an invalidation heard from another instance) therefore takes a number
-    from `writes`, and the cache remembers the number of the last change of each recently
-    changed id: a read notes `writes` before it starts, and what it read of an id changed since
-    is not kept.
+    change (a write here, an invalidation heard from another instance) therefore takes a number,
+    and the cache remembers the number of the last change of each recently changed id. Whoever
+    asks the database takes a `ticket` first and hands it back with the answer (`fill`, `warm`,
+    `put_written`): what it brings of an id changed since the ticket is not kept. The numbers
+    stay inside the cache, so a caller cannot hand back a later one by mistake.
 
     While changes may go unheard (`suspend`), the cache answers no lookup; it keeps its entries
     for `kept` (what to serve when the database cannot be reached either) and for `verify`, which
@@ -73,11 +80,10 @@ class OrderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
-    def writes(self) -> int:
-        """The number of the latest change; a read that fills the cache notes it before it
-        starts, so that it never puts back a version older than one written meanwhile."""
-        return self._writes
+    def ticket(self) -> CacheTicket:
+        """To take before the database is asked, and hand back with what it answered."""
+        with self._lock:
+            return CacheTicket(self._writes)
 
     @property
     def suspended(self) -> bool:
@@ -120,26 +126,12 @@ class OrderCache:
             return dropped
 
     def put_written(
-        self, entries: dict[str, CachedOrder], writes_before_write: int | None = None
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None = None
     ) -> None:
-        """Store orders the database has just committed, replacing older copies. With
-        `writes_before_write` (`writes` noted before the write began), an order changed since
-        (another instance committed a newer version and it was heard) is dropped, not stored:
-        the rule `fill` keeps to."""
-        with self._lock:
-            overtaken = (
-                set()
-                if writes_before_write is None
-                else {uid for uid in entries if self._changed_since(uid, writes_before_write)}
-            )
-            self._change(entries)
-            for order_uid, entry in entries.items():
-                self._drop(order_uid)
-                # One order over the whole bound would only empty the cache and then go itself.
-                if order_uid not in overtaken and self._fits(entry):
-                    self._entries[order_uid] = entry
-                    self.bytes += len(entry.body)
-            self._evict()
+        """Store orders the database has just committed, replacing older copies. With the
+        `ticket` taken before the write began, an order changed since (another instance committed
+        a newer version and it was heard) is dropped, not stored: the rule `fill` keeps to."""
+        self._insert(entries, ticket, _WRITTEN)
 
     def invalidate(self, order_uids: Iterable[str]) -> None:
         """Forget these orders (replaced or deleted elsewhere), and any read of them under way."""
@@ -166,51 +158,55 @@ class OrderCache:
             self._floor = self._writes
             self._suspended = False
 
-    def fill(self, entries: dict[str, CachedOrder], writes_before_read: int) -> int:
-        """Keep orders read from the database, except those changed since the read began (the
-        read may then be older than what is stored now); a copy already here wins. Returns how
-        many were kept."""
-        with self._lock:
-            kept = 0
-            for order_uid, entry in self._unchanged_since(entries, writes_before_read):
-                if order_uid not in self._entries and self._fits(entry):
-                    self._entries[order_uid] = entry
-                    self.bytes += len(entry.body)
-                    kept += 1
-            self._evict()
-            return kept
+    def fill(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
+        """Keep orders read from the database, except those changed since the `ticket` (the read
+        may then be older than what is stored now); a copy already here wins. Returns how many
+        were kept."""
+        return self._insert(entries, ticket, _READ)
 
-    def warm(self, entries: dict[str, CachedOrder], writes_before_read: int) -> int:
+    def warm(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
         """Keep orders older than every one cached so far (warm-up reads the newest first), so
-        they are evicted before them, except those changed since the read began; stops when the
+        they are evicted before them, except those changed since the `ticket`; stops when the
         cache is full, and says so in `warm_full`. Returns how many were kept."""
+        return self._insert(entries, ticket, _WARMING)
+
+    def _insert(
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None, how: _Insertion
+    ) -> int:
         with self._lock:
+            if self._suspended and not how.written:
+                return 0
+            fresh = self._unchanged_since(entries, ticket)
+            if how.written:
+                self._change(entries)
+                for order_uid in entries:
+                    self._drop(order_uid)
             kept = 0
-            for order_uid, entry in self._unchanged_since(entries, writes_before_read):
-                if self._full(len(entry.body)):
+            for order_uid, entry in fresh:
+                if how.behind and self._full(len(entry.body)):
                     self.warm_full = True
                     break
-                if order_uid not in self._entries:
+                # One order over the whole bound would only empty the cache and then go itself.
+                if order_uid not in self._entries and self._fits(entry):
                     self._entries[order_uid] = entry
-                    self._entries.move_to_end(order_uid, last=False)
+                    if how.behind:
+                        self._entries.move_to_end(order_uid, last=False)
                     self.bytes += len(entry.body)
                     kept += 1
+            if not how.behind:
+                self._evict()
             return kept
 
     def _unchanged_since(
-        self, entries: dict[str, CachedOrder], writes_before_read: int
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None
     ) -> list[tuple[str, CachedOrder]]:
-        if self._suspended:
+        if ticket is None:
+            return list(entries.items())
+        if ticket.changes < self._floor:
+            # Before the floor, a change of any id may be forgotten or may have gone unheard.
             return []
-        return [
-            (order_uid, entry)
-            for order_uid, entry in entries.items()
-            if not self._changed_since(order_uid, writes_before_read)
-        ]
-
-    def _changed_since(self, order_uid: str, writes_before: int) -> bool:
-        # Before the floor, a change of the id may be forgotten or may have gone unheard.
-        return writes_before < self._floor or self._changed.get(order_uid, 0) > writes_before
+        changed, since = self._changed, ticket.changes
+        return [(uid, entry) for uid, entry in entries.items() if changed.get(uid, 0) <= since]
 
     def _change(self, order_uids: Iterable[str]) -> None:
         self._writes += 1

@@ -8,8 +8,7 @@ import psycopg
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from order_viewer.broker import client_config
-from order_viewer.config import Settings
+from order_viewer.config import Settings, kafka_client
 
 TIMEOUT_SECONDS = 5
 
@@ -51,7 +50,7 @@ def _database(settings: Settings) -> Verdict:
 
 def _broker(settings: Settings) -> Verdict:
     where = f"kafka {settings.kafka_bootstrap_servers}"
-    admin = AdminClient(client_config(settings))
+    admin = AdminClient(kafka_client(settings))
     try:
         metadata = admin.list_topics(timeout=TIMEOUT_SECONDS)
     except KafkaException as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -286,6 +286,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def kafka_client(settings: Settings) -> dict[str, Any]:
+    """What every Kafka client of the service shares, under librdkafka's names: the brokers and
+    how to reach them. Computed where the settings are read and handed to the Kafka adapters,
+    each of which adds what its own client needs."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **kafka_security(settings),
+        # librdkafka logs every failed reconnect (at level 3); the service reports state changes
+        # once itself, from the errors the client returns.
+        "log_level": 2,
+    }
 
 
 def kafka_security(settings: Settings) -> dict[str, str]:

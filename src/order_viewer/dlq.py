@@ -25,8 +25,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from order_viewer.broker import DEAD_LETTER_PRODUCER, client_config
-from order_viewer.config import Settings
+from order_viewer.broker import DEAD_LETTER_PRODUCER
+from order_viewer.config import Settings, kafka_client
 from order_viewer.model import DB_REJECTED, REASON_CODES
 
 KNOWN_REASONS = (*REASON_CODES, DB_REJECTED)
@@ -508,21 +508,19 @@ def _batches(letters: Iterable[DeadLetter]) -> Iterator[list[DeadLetter]]:
 
 
 def _producer(settings: Settings) -> Producer:
-    return Producer(client_config(settings, **DEAD_LETTER_PRODUCER, **{"linger.ms": 20}))
+    return Producer({**kafka_client(settings), **DEAD_LETTER_PRODUCER, "linger.ms": 20})
 
 
 def _consumer(settings: Settings, **extra: Any) -> Consumer:
     """A consumer of partitions assigned by hand, in a group of its own that commits nothing."""
     return Consumer(
-        client_config(
-            settings,
-            **{
-                "group.id": f"order-viewer-dlq-tool-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                **extra,
-            },
-        )
+        {
+            **kafka_client(settings),
+            "group.id": f"order-viewer-dlq-tool-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            **extra,
+        }
     )
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from confluent_kafka import KafkaError, Message, Producer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from order_viewer.broker import client_config, ensure_topics
-from order_viewer.config import Settings
+from order_viewer.broker import ensure_topics
+from order_viewer.config import Settings, kafka_client
 from order_viewer.generate import break_order, encode, make_order
 from order_viewer.retry import Health, Patience
 
@@ -75,15 +75,14 @@ def produce(
     broker = Patience(
         Health("Kafka broker", log), threading.Event(), settings.retry_max_backoff_ms / 1000
     )
+    client = kafka_client(settings)
     ensure_topics(
-        client_config(settings),
+        client,
         [settings.kafka_topic, settings.kafka_dlq_topic],
         settings.kafka_topic_partitions,
         broker,
     )
-    producer = Producer(
-        client_config(settings, **{"acks": "all", "linger.ms": 20, "enable.idempotence": True})
-    )
+    producer = Producer({**client, "acks": "all", "linger.ms": 20, "enable.idempotence": True})
     failures: list[KafkaError] = []
     acknowledged = 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import accumulate
 from typing import Any
@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from order_viewer.auth import TokenFile
 from order_viewer.cache import OrderCache
 from order_viewer.masking import MaskedViews
+from order_viewer.ports import TimeoutCause
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ORDER_ROUTE = "/order/{order_uid}"
@@ -136,6 +137,45 @@ class Metrics:
     def order_stored(self, date_created: datetime) -> None:
         if self._newest_order is None or date_created > self._newest_order:
             self._newest_order = date_created
+
+    # What the service layer counts and measures (`ports.ServiceMetrics`).
+
+    def write_timed_out(self, cause: TimeoutCause) -> None:
+        self.write_timeouts.labels(cause).inc()
+
+    def batch_written(self, seconds: float) -> None:
+        self.write_duration.observe(seconds)
+
+    def retried(self, kind: str) -> None:
+        self.retries.labels(kind).inc()
+
+    def batch_settled(
+        self,
+        inserted: int,
+        replaced: int,
+        deleted: int,
+        dead_lettered: Iterable[str],
+        newest: datetime | None,
+    ) -> None:
+        self.orders_stored.inc(inserted)
+        self.orders_replaced.inc(replaced)
+        self.orders_deleted.inc(deleted)
+        for reason in dead_lettered:
+            self.dead_lettered.labels(reason).inc()
+        if newest is not None:
+            self.order_stored(newest)
+
+    def warmed_up(self, seconds: float) -> None:
+        self.warm_up_duration.set(seconds)
+
+    def heard_changes(self, orders: int) -> None:
+        self.changes_heard.inc(orders)
+
+    def listener_state(self, listening: bool) -> None:
+        self.listener_connected.set(int(listening))
+
+    def expired(self, orders: int) -> None:
+        self.orders_expired.inc(orders)
 
     def _newest_order_age(self) -> float:
         if self._newest_order is None:

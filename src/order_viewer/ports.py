@@ -7,7 +7,7 @@ these ports, the service layer (`service`) uses them, and the tests give it fake
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -67,6 +67,34 @@ class OrderSummary:
     amount: int
     currency: str
     item_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class CachedOrder:
+    """An order as the API sends it: the JSON body and its entity tag, computed once."""
+
+    body: bytes
+    etag: str
+
+    @classmethod
+    def of(cls, body: bytes, sha256: bytes) -> CachedOrder:
+        return cls(body, etag_of(sha256))
+
+
+def etag_of(sha256: bytes) -> str:
+    """The entity tag of a version: a prefix of its content's digest, so that the tag of a stored
+    version can be told from its digest alone."""
+    return f'"{sha256[:16].hex()}"'
+
+
+@dataclass(frozen=True, slots=True)
+class CacheTicket:
+    """Taken from the cache (`Cache.ticket`) before the database is asked, and handed back with
+    its answer: the cache then keeps nothing of an order changed since, so that a read never
+    puts back a version older than one written or heard meanwhile. `changes` is the cache's
+    count of changes when the ticket was taken, read by the cache alone."""
+
+    changes: int
 
 
 class DatabaseUnavailable(Exception):
@@ -173,4 +201,103 @@ class DeadLetters(Protocol):
     def send(self, rejected: Sequence[RejectedMessage]) -> None:
         """Returns once the dead-letter topic has acknowledged every one; raises Stopped if a
         stop comes first."""
+        ...
+
+
+class Cache(Protocol):
+    """The bounded cache of orders the HTTP side answers from (`cache.OrderCache`): what the
+    service layer puts in, takes out and keeps in step with the other instances' changes."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def warm_full(self) -> bool:
+        """Whether warm-up met a bound, so that it stops reading the database."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def ticket(self) -> CacheTicket:
+        """To take before the database is asked, and hand back with what it answered."""
+        ...
+
+    def get(self, order_uid: str) -> CachedOrder | None:
+        """The cached order, or None (also while suspended)."""
+        ...
+
+    def kept(self, order_uid: str) -> CachedOrder | None:
+        """The entry of an order, even while suspended: what is left to serve when the database
+        cannot be reached."""
+        ...
+
+    def put_written(
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None = None
+    ) -> None:
+        """Orders the database has just committed, replacing older copies, except those changed
+        since the ticket."""
+        ...
+
+    def fill(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
+        """Orders read from the database, except those changed since the ticket; how many were
+        kept."""
+        ...
+
+    def warm(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
+        """Orders read at warm-up, older than every one cached so far, except those changed since
+        the ticket; how many were kept."""
+        ...
+
+    def invalidate(self, order_uids: Iterable[str]) -> None:
+        """Forget these orders, and any read of them under way."""
+        ...
+
+    def etags(self) -> dict[str, str]: ...
+
+    def verify(self, stored_etags: dict[str, str], checked: Iterable[str]) -> int:
+        """Drop the checked entries whose tag is not the stored one; how many were dropped."""
+        ...
+
+    def suspend(self) -> None:
+        """Answer no lookup and keep no read until `resume`."""
+        ...
+
+    def resume(self) -> None: ...
+
+
+class ServiceMetrics(Protocol):
+    """What the service layer counts and measures (`metrics.Metrics` exports it)."""
+
+    def write_timed_out(self, cause: TimeoutCause) -> None: ...
+
+    def batch_written(self, seconds: float) -> None:
+        """One batch stored, in one transaction of this many seconds."""
+        ...
+
+    def retried(self, kind: str) -> None:
+        """A retry after a transient failure of `kind` (what failed)."""
+        ...
+
+    def batch_settled(
+        self,
+        inserted: int,
+        replaced: int,
+        deleted: int,
+        dead_lettered: Iterable[str],
+        newest: datetime | None,
+    ) -> None:
+        """A batch stored and acknowledged: the orders it stored, replaced and deleted, the
+        reason code of each message it dead-lettered, and its newest order's date_created."""
+        ...
+
+    def warmed_up(self, seconds: float) -> None: ...
+
+    def heard_changes(self, orders: int) -> None:
+        """Orders other instances replaced or deleted, as heard by this one."""
+        ...
+
+    def listener_state(self, listening: bool) -> None: ...
+
+    def expired(self, orders: int) -> None:
+        """Orders this instance deleted for being older than the retention."""
         ...

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-from order_viewer.cache import CachedOrder, OrderCache, etag_of
-from order_viewer.metrics import Metrics
 from order_viewer.model import (
     DB_REJECTED,
     InvalidOrder,
@@ -26,6 +24,8 @@ from order_viewer.model import (
     tombstone_uid,
 )
 from order_viewer.ports import (
+    Cache,
+    CachedOrder,
     DatabaseBusy,
     DatabaseUnavailable,
     DeadLetters,
@@ -38,9 +38,11 @@ from order_viewer.ports import (
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
+    ServiceMetrics,
     Stopped,
     StoredVersions,
     WriteTimedOut,
+    etag_of,
 )
 from order_viewer.retry import Health, Patience, retry
 
@@ -102,13 +104,13 @@ class WriteTimeouts:
     """The writes that the database's deadlines cut: each counted by cause and logged with what
     blocked it, and the last one shown by readiness until a write gets through again."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: ServiceMetrics) -> None:
         self._metrics = metrics
         # Read by the event loop, replaced whole by the writing threads.
         self.failing: str | None = None
 
     def timed_out(self, timeout: WriteTimedOut) -> None:
-        self._metrics.write_timeouts.labels(timeout.cause).inc()
+        self._metrics.write_timed_out(timeout.cause)
         if timeout.blocker is not None:
             self.failing = f"writes timing out: blocked by {timeout.blocker}"
         else:
@@ -136,10 +138,10 @@ class OrderIngest:
     def __init__(
         self,
         writers: Sequence[OrderWriter],
-        cache: OrderCache,
+        cache: Cache,
         dead_letters: DeadLetters,
         database: Patience,
-        metrics: Metrics,
+        metrics: ServiceMetrics,
         *,
         delete_on_tombstone: bool = False,
     ) -> None:
@@ -190,7 +192,7 @@ class OrderIngest:
                     self.write_timeouts.timed_out(timeout)
                     raise
                 self.write_timeouts.got_through()
-            self._metrics.write_duration.observe(time.perf_counter() - started)
+            self._metrics.batch_written(time.perf_counter() - started)
             return outcome
 
         def forget_batch() -> None:
@@ -198,7 +200,7 @@ class OrderIngest:
             # committed, the retry finds nothing left to replace or delete, and this instance's
             # listener skips its own notifications, so no cached copy of the batch may outlive it.
             self._cache.invalidate([*batch.orders, *batch.deletions])
-            self._metrics.retries.labels("database").inc()
+            self._metrics.retried("database")
 
         return retry(
             attempt,
@@ -215,7 +217,7 @@ class OrderIngest:
         batch: PreparedBatch,
         outcome: BatchOutcome,
     ) -> None:
-        writes_before = self._cache.writes
+        ticket = self._cache.ticket()
         try:
             result = writer.write(orders, deletions)
         except RejectedByDatabase as refused:
@@ -247,7 +249,7 @@ class OrderIngest:
                 uid: CachedOrder.of(batch.orders[uid][0].document, batch.orders[uid][0].sha256)
                 for uid in (*result.inserted, *result.replaced)
             },
-            writes_before,
+            ticket,
         )
         if result.deleted:
             self._cache.invalidate(result.deleted)
@@ -279,14 +281,13 @@ class OrderIngest:
 
     def _report(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
         """Count the batch, and log the throughput every few seconds."""
-        metrics = self._metrics
-        metrics.orders_stored.inc(outcome.inserted)
-        metrics.orders_replaced.inc(outcome.replaced)
-        metrics.orders_deleted.inc(outcome.deleted)
-        for entry in outcome.rejected:
-            metrics.dead_lettered.labels(entry.rejection.code).inc()
-        if batch.orders:
-            metrics.order_stored(max(p.order.date_created for p, _ in batch.orders.values()))
+        self._metrics.batch_settled(
+            outcome.inserted,
+            outcome.replaced,
+            outcome.deleted,
+            (entry.rejection.code for entry in outcome.rejected),
+            max((p.order.date_created for p, _ in batch.orders.values()), default=None),
+        )
         since = self._since_report
         since.update(
             stored=outcome.inserted + outcome.replaced, dead_lettered=len(outcome.rejected)
@@ -303,7 +304,7 @@ class OrderIngest:
 
 
 def warm_up(
-    cache: OrderCache, newest: NewestDocuments, database: Patience, metrics: Metrics
+    cache: Cache, newest: NewestDocuments, database: Patience, metrics: ServiceMetrics
 ) -> int:
     """Fill the cache with the newest stored orders until one of its bounds is met, waiting out
     database outages; how many orders were loaded. Raises Stopped if a stop comes first."""
@@ -312,12 +313,12 @@ def warm_up(
     def attempt() -> int:
         loaded = 0
         # The read is one snapshot: what changed after it began is not put in the cache.
-        writes_before_read = cache.writes
+        ticket = cache.ticket()
         with contextlib.closing(newest(cache.capacity)) as chunks:
             for chunk in chunks:
                 loaded += cache.warm(
                     {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in chunk},
-                    writes_before_read,
+                    ticket,
                 )
                 if cache.warm_full:
                     break
@@ -325,7 +326,7 @@ def warm_up(
 
     loaded = retry(attempt, transient=(DatabaseUnavailable,), patience=database)
     seconds = time.perf_counter() - started
-    metrics.warm_up_duration.set(seconds)
+    metrics.warmed_up(seconds)
     log.info("cache warmed with %d orders in %.2f s", loaded, seconds)
     return loaded
 
@@ -340,7 +341,7 @@ class OrderLookup:
 
     MAX_IDS_PER_QUERY = 200
 
-    def __init__(self, reader: OrderReader, cache: OrderCache) -> None:
+    def __init__(self, reader: OrderReader, cache: Cache) -> None:
         self._reader = reader
         self._cache = cache
         self._in_flight: dict[str, asyncio.Future[CachedOrder | None]] = {}
@@ -383,7 +384,7 @@ class OrderLookup:
             task.add_done_callback(self._tasks.discard)
 
     async def _query(self, order_uids: list[str]) -> None:
-        writes_before = self._cache.writes
+        ticket = self._cache.ticket()
         try:
             stored = await self._reader.documents(order_uids)
         except Exception as error:
@@ -394,7 +395,7 @@ class OrderLookup:
                 future.exception()
             return
         found = {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in stored}
-        self._cache.fill(found, writes_before)
+        self._cache.fill(found, ticket)
         for order_uid in order_uids:
             self._in_flight.pop(order_uid).set_result(found.get(order_uid))
 
@@ -419,8 +420,8 @@ class CacheCoherence:
 
     def __init__(
         self,
-        cache: OrderCache,
-        metrics: Metrics,
+        cache: Cache,
+        metrics: ServiceMetrics,
         stored_versions: StoredVersions,
         database: Patience,
         in_background: Callable[[Callable[[], object]], object],
@@ -443,14 +444,14 @@ class CacheCoherence:
 
     def changed(self, order_uids: Sequence[str]) -> None:
         self._cache.invalidate(order_uids)
-        self._metrics.changes_heard.inc(len(order_uids))
+        self._metrics.heard_changes(len(order_uids))
 
     def lost(self) -> None:
         with self._lock:
             self._losses += 1
             self._cache.suspend()
         self.listening_now.clear()
-        self._metrics.listener_connected.set(0)
+        self._metrics.listener_state(listening=False)
         log.warning(
             "the change listener lost its connection: the cache answers nothing until it is "
             "listening again and the cached orders are checked"
@@ -458,7 +459,7 @@ class CacheCoherence:
 
     def listening(self) -> None:
         self.listening_now.set()
-        self._metrics.listener_connected.set(1)
+        self._metrics.listener_state(listening=True)
         with self._lock:
             losses = self._losses
             if len(self._cache) == 0:
@@ -511,8 +512,8 @@ class _CheckFailed(Exception):
 
 def expire_orders(
     expirer: OrderExpirer,
-    cache: OrderCache,
-    metrics: Metrics,
+    cache: Cache,
+    metrics: ServiceMetrics,
     database: Patience,
     *,
     retention: timedelta,
@@ -529,11 +530,11 @@ def expire_orders(
             partial(expirer.expire, before, batch),
             transient=(DatabaseUnavailable,),
             patience=database,
-            on_retry=metrics.retries.labels("retention").inc,
+            on_retry=partial(metrics.retried, "retention"),
         )
         if expired.order_uids:
             cache.invalidate(expired.order_uids)
-            metrics.orders_expired.inc(len(expired.order_uids))
+            metrics.expired(len(expired.order_uids))
             total += len(expired.order_uids)
         if (
             len(expired.order_uids) < batch and expired.tombstones < batch

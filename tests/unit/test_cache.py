@@ -35,10 +35,10 @@ def test_a_written_order_replaces_its_cached_copy() -> None:
 def test_fill_never_overwrites_and_yields_to_a_concurrent_write() -> None:
     cache = OrderCache(capacity=10)
     cache.put_written({"a": entry("new")})
-    assert cache.fill({"a": entry("old")}, cache.writes) == 0
+    assert cache.fill({"a": entry("old")}, cache.ticket()) == 0
     assert cache.get("a") == entry("new")
 
-    before_read = cache.writes
+    before_read = cache.ticket()
     # The consumer committed "c" and "b" while the read of "c" and "d" was under way, and "c"
     # was evicted since (or never fitted): what the read found of "c" may be older.
     cache.put_written({"b": entry("b"), "c": entry("new c")})
@@ -46,7 +46,7 @@ def test_fill_never_overwrites_and_yields_to_a_concurrent_write() -> None:
     assert cache.fill({"c": entry("c"), "d": entry("d")}, before_read) == 1
     assert cache.get("c") is None
     assert cache.get("d") == entry("d")
-    assert cache.fill({"c": entry("c")}, cache.writes) == 1
+    assert cache.fill({"c": entry("c")}, cache.ticket()) == 1
     assert cache.get("c") == entry("c")
 
 
@@ -86,8 +86,8 @@ def test_warm_up_keeps_the_newest_most_recently_used_and_stops_when_full() -> No
     cache = OrderCache(capacity=3)
     cache.put_written({"written": entry("written")})
     # Warm-up reads newest first; "written" (stored since) must outlive all of them.
-    assert cache.warm({"new": entry("new"), "written": entry("old copy")}, cache.writes) == 1
-    assert cache.warm({"older": entry("older"), "oldest": entry("oldest")}, cache.writes) == 1
+    assert cache.warm({"new": entry("new"), "written": entry("old copy")}, cache.ticket()) == 1
+    assert cache.warm({"older": entry("older"), "oldest": entry("oldest")}, cache.ticket()) == 1
     assert cache.get("written") == entry("written")
     assert cache.get("oldest") is None
     cache.put_written({"next": entry("next")})
@@ -104,7 +104,7 @@ def test_the_bytes_of_bodies_bound_the_cache_as_well_as_the_count() -> None:
     assert (cache.bytes, len(cache), cache.evictions) == (8, 2, 1)
     cache.put_written({"b": entry("bb")})  # a replaced copy counts its own size only
     assert cache.bytes == 6
-    assert cache.fill({"d": entry("dddd")}, cache.writes) == 1
+    assert cache.fill({"d": entry("dddd")}, cache.ticket()) == 1
     assert cache.bytes == 10
     assert [cache.get(uid) for uid in "bcd"] == [entry("bb"), entry("cccc"), entry("dddd")]
 
@@ -116,24 +116,24 @@ def test_an_order_larger_than_the_byte_bound_is_not_kept_and_evicts_nothing() ->
     assert cache.get("huge") is None  # nor its older copy
     assert cache.get("a") == entry("aaaa")
     assert (cache.bytes, len(cache), cache.evictions) == (4, 1, 0)
-    assert cache.fill({"other": entry("o" * 11)}, cache.writes) == 0
+    assert cache.fill({"other": entry("o" * 11)}, cache.ticket()) == 0
 
 
 def test_warm_up_stops_at_the_byte_bound_and_says_the_cache_is_full() -> None:
     cache = OrderCache(capacity=100, max_bytes=10)
     assert not cache.warm_full
-    assert cache.warm({"a": entry("aaaa"), "b": entry("bbbb")}, cache.writes) == 2
+    assert cache.warm({"a": entry("aaaa"), "b": entry("bbbb")}, cache.ticket()) == 2
     assert not cache.warm_full
-    assert cache.warm({"c": entry("cccc"), "d": entry("dd")}, cache.writes) == 0
+    assert cache.warm({"c": entry("cccc"), "d": entry("dd")}, cache.ticket()) == 0
     assert cache.warm_full
     assert cache.bytes == 8
 
 
 def test_warm_up_says_the_cache_is_full_at_its_count() -> None:
     cache = OrderCache(capacity=2)
-    assert cache.warm({"a": entry("a"), "b": entry("b")}, cache.writes) == 2
+    assert cache.warm({"a": entry("a"), "b": entry("b")}, cache.ticket()) == 2
     assert not cache.warm_full  # nothing was left out yet
-    assert cache.warm({"c": entry("c")}, cache.writes) == 0
+    assert cache.warm({"c": entry("c")}, cache.ticket()) == 0
     assert cache.warm_full
     assert OrderCache(capacity=0).warm_full
 
@@ -141,7 +141,7 @@ def test_warm_up_says_the_cache_is_full_at_its_count() -> None:
 def test_a_write_overtaken_by_a_change_heard_before_it_is_cached_is_dropped() -> None:
     cache = OrderCache(capacity=10)
     cache.put_written({"a": entry("a0"), "b": entry("b0")})
-    before_write = cache.writes
+    before_write = cache.ticket()
     # Our write committed a1 and b1; another instance committed a2 right after, and our
     # listener heard it before our writer came back to cache what it wrote.
     cache.invalidate(["a"])
@@ -151,7 +151,7 @@ def test_a_write_overtaken_by_a_change_heard_before_it_is_cached_is_dropped() ->
     assert cache.bytes == 2
     # Nor is a read of "a" under way during our write kept.
     assert cache.fill({"a": entry("a1")}, before_write) == 0
-    cache.put_written({"a": entry("a3")}, cache.writes)
+    cache.put_written({"a": entry("a3")}, cache.ticket())
     assert cache.get("a") == entry("a3")
 
 
@@ -160,7 +160,7 @@ def test_a_write_begun_before_the_changes_remembered_is_not_cached(
 ) -> None:
     monkeypatch.setattr(cache_module, "CHANGES_REMEMBERED", 2)
     cache = OrderCache(capacity=10)
-    before_write = cache.writes
+    before_write = cache.ticket()
     cache.invalidate(["x", "y", "z"])  # "x" forgotten: changes before this are unknown
     cache.put_written({"a": entry("a1")}, before_write)
     assert cache.get("a") is None
@@ -169,28 +169,28 @@ def test_a_write_begun_before_the_changes_remembered_is_not_cached(
 def test_an_invalidation_drops_the_copy_and_refuses_a_read_of_it_under_way() -> None:
     cache = OrderCache(capacity=10)
     cache.put_written({"a": entry("a1"), "b": entry("b1")})
-    before_read = cache.writes
+    before_read = cache.ticket()
     cache.invalidate(["a", "absent"])
     assert cache.get("a") is None
     assert cache.get("b") == entry("b1")
     assert (cache.invalidations, cache.bytes) == (1, 2)
     assert cache.fill({"a": entry("a1"), "absent": entry("x")}, before_read) == 0
     assert cache.warm({"a": entry("a1")}, before_read) == 0
-    assert cache.fill({"a": entry("a2")}, cache.writes) == 1
+    assert cache.fill({"a": entry("a2")}, cache.ticket()) == 1
 
 
 def test_a_suspended_cache_answers_nothing_keeps_its_entries_and_refuses_reads() -> None:
     cache = OrderCache(capacity=10)
-    cache.warm({"a": entry("a"), "b": entry("b")}, cache.writes)
-    before_suspension = cache.writes
+    cache.warm({"a": entry("a"), "b": entry("b")}, cache.ticket())
+    before_suspension = cache.ticket()
     cache.suspend()
     assert (cache.get("a"), cache.suspended, cache.suspensions) == (None, True, 1)
     assert cache.kept("a") == entry("a")  # for when the database cannot be reached either
-    during = cache.writes
+    during = cache.ticket()
     cache.put_written({"c": entry("c")})  # this instance's own commit: the newest at the time
     assert cache.kept("c") == entry("c")
-    assert cache.fill({"d": entry("d")}, cache.writes) == 0
-    assert cache.warm({"d": entry("d")}, cache.writes) == 0
+    assert cache.fill({"d": entry("d")}, cache.ticket()) == 0
+    assert cache.warm({"d": entry("d")}, cache.ticket()) == 0
     assert cache.etags() == {"a": entry("a").etag, "b": entry("b").etag, "c": entry("c").etag}
     # "a" changed meanwhile, "b" was deleted, "c" is as stored; "e" was never cached.
     stored = {"a": entry("a2").etag, "c": entry("c").etag, "e": entry("e").etag}
@@ -200,7 +200,7 @@ def test_a_suspended_cache_answers_nothing_keeps_its_entries_and_refuses_reads()
     assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, None, entry("c"))
     assert cache.fill({"a": entry("a")}, before_suspension) == 0
     assert cache.fill({"d": entry("d")}, during) == 0
-    assert cache.fill({"d": entry("d")}, cache.writes) == 1
+    assert cache.fill({"d": entry("d")}, cache.ticket()) == 1
     assert cache.get("d") == entry("d")
 
 
@@ -209,10 +209,10 @@ def test_a_read_older_than_the_changes_remembered_is_refused_whole(
 ) -> None:
     monkeypatch.setattr(cache_module, "CHANGES_REMEMBERED", 2)
     cache = OrderCache(capacity=10)
-    before_read = cache.writes
+    before_read = cache.ticket()
     cache.invalidate(["x"])
+    after_x = cache.ticket()
     cache.invalidate(["y", "z"])  # "x" is forgotten: a read begun before its change cannot tell
     assert cache.fill({"a": entry("a")}, before_read) == 0
-    after_x = cache.writes - 1
     assert cache.fill({"a": entry("a"), "y": entry("y")}, after_x) == 1
     assert cache.get("y") is None

@@ -197,7 +197,7 @@ def test_a_change_heard_drops_the_cached_copy_and_a_read_of_it_under_way() -> No
     coherence.service.listening()
     cache = coherence.cache
     cache.put_written({"a": entry("a1"), "b": entry("b1")})
-    before_read = cache.writes
+    before_read = cache.ticket()
     coherence.service.changed(["a", "not-cached"])
     assert cache.get("a") is None
     assert cache.get("b") == entry("b1")

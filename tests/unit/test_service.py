@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import copy
 import json
 import logging
 import threading
 from collections.abc import Generator, Sequence
+from pathlib import Path
 
 import pytest
 
+from order_viewer import service
 from order_viewer.cache import OrderCache
 from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.metrics import Metrics
@@ -383,3 +386,23 @@ def test_a_burst_is_split_into_bounded_queries() -> None:
 
     asyncio.run(scenario())
     assert [len(ids) for ids in reader.asked] == [200, 200, 50]
+
+
+def test_the_service_layer_imports_no_adapter() -> None:
+    """Only the domain, the ports and the retry rules: the concrete cache, the Prometheus metrics
+    and every other adapter are handed in by the composition root."""
+    assert service.__file__ is not None
+    tree = ast.parse(Path(service.__file__).read_text(encoding="utf-8"))
+    imported = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("order_viewer")
+    }
+    imported |= {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+        if alias.name.startswith("order_viewer")
+    }
+    assert imported <= {"order_viewer.model", "order_viewer.ports", "order_viewer.retry"}
