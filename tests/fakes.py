@@ -1,6 +1,6 @@
 """Fakes of the service layer's ports (`order_viewer.ports`), for the unit tests. The writer
-contract tests (tests/contract) run the fake writer and the PostgreSQL one through the same
-cases, so the two cannot drift apart."""
+contract tests (tests/integration/test_writer_contract.py, as they need PostgreSQL) run the fake
+writer and the PostgreSQL one through the same cases, so the two cannot drift apart."""
 
 from __future__ import annotations
 
