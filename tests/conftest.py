@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from devstack import LocalStack, settings_from_env
+from order_viewer.broker import enqueue
 from order_viewer.logs import BackgroundHandler
 from order_viewer.store import migrate
 
@@ -354,20 +355,16 @@ def produce(
 
     for message in messages:
         record = message if isinstance(message, Record) else Record(*message)
-        while True:
-            try:
-                producer.produce(
-                    topic,
-                    key=record.key,
-                    value=record.value,
-                    headers=record.headers,
-                    timestamp=record.timestamp_ms,
-                    partition=record.partition,
-                    on_delivery=delivered,
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
+        enqueue(
+            producer,
+            topic,
+            key=record.key,
+            value=record.value,
+            headers=record.headers,
+            timestamp=record.timestamp_ms,
+            partition=record.partition,
+            on_delivery=delivered,
+        )
     assert producer.flush(60) == 0, "the broker did not take every message in time"
     assert not failures, f"{len(failures)} messages not delivered, e.g. {failures[0]}"
 
