@@ -306,6 +306,11 @@ def metric_value(
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def current_metric(service: ServiceProcess, name: str, **labels: str) -> float:
+    """One sample of the service's /metrics as it is now (0 if it has none)."""
+    return metric_value(scrape(service), name, **labels)
+
+
 @pytest.fixture
 def start_service(
     stack: Stack, topics: Topics, tmp_path: Path
@@ -371,6 +376,16 @@ def produce(
 
 def encode_orders(orders: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes | None]]:
     return [(order["order_uid"].encode(), json.dumps(order).encode()) for order in orders]
+
+
+def produce_orders(stack: Stack, topic: str, orders: list[dict[str, Any]]) -> None:
+    """`produce` the orders as JSON, each keyed by its order_uid."""
+    produce(stack, topic, encode_orders(orders))
+
+
+def served(service: ServiceProcess, uid: str) -> bool:
+    """Whether the service answers the order now."""
+    return service.get(f"/order/{uid}").status_code == 200
 
 
 def read_topic(
