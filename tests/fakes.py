@@ -9,6 +9,7 @@ import hashlib
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from order_viewer.broker import Delivered, Headers
 from order_viewer.model import PreparedOrder, later, supersedes
@@ -197,22 +198,12 @@ class StalledProducer:
         self.polls: list[float] = []
         self.queued: list[Queued] = []
 
-    def produce(
-        self,
-        topic: str,
-        *,
-        value: bytes | None,
-        key: bytes | None,
-        partition: int,
-        on_delivery: Delivered | None,
-        timestamp: int,
-        headers: Headers | None,
-    ) -> None:
+    def produce(self, topic: str, **message: Any) -> None:
         if self.error is not None:
             raise self.error
         if len(self.polls) < self.full:
             raise BufferError("Local: Queue full")
-        self.queued.append(Queued(topic, key, value, partition, on_delivery, timestamp, headers))
+        self.queued.append(Queued(topic=topic, **message))
 
     def poll(self, timeout: float) -> int:
         self.polls.append(timeout)
