@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from rich.console import Console
 from rich.progress import Progress
 
+from order_viewer.broker import enqueue
 from order_viewer.config import Settings, kafka_client
 from order_viewer.generate import encode, make_order
 
@@ -197,12 +198,7 @@ def produce(bench: Bench, messages: list[tuple[bytes, bytes]]) -> None:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("producing to Kafka", total=len(messages))
         for number, (key, value) in enumerate(messages):
-            while True:
-                try:
-                    producer.produce(bench.topic, key=key, value=value)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            enqueue(producer, bench.topic, key=key, value=value)
             if number % 5000 == 0:
                 producer.poll(0)
                 progress.update(task, completed=number)

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from tests.conftest import Stack, Topics, committed_lag, encode_orders, produce, wait_until
+from tests.conftest import Stack, Topics, committed_lag, produce_orders, wait_until
 
 
 def stored_documents(stack: Stack, uids: list[str]) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def stream(stack: Stack, topic: str, orders: list[dict[str, Any]], seconds: floa
     chunks = 20
     size = max(1, len(orders) // chunks)
     for start in range(0, len(orders), size):
-        produce(stack, topic, encode_orders(orders[start : start + size]))
+        produce_orders(stack, topic, orders[start : start + size])
         time.sleep(seconds / chunks)
 
 

@@ -16,7 +16,16 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
+from tests.conftest import ServiceProcess, Stack, Topics, produce_orders, wait_until
+
+# What the instances of a test with several run with: partitions enough for each to have some,
+# a stopped member's partitions moved on within seconds rather than the default 45, and each
+# batch written without waiting to fill.
+INSTANCE_SETTINGS = {
+    "KAFKA_TOPIC_PARTITIONS": "6",
+    "KAFKA_SESSION_TIMEOUT_MS": "6000",
+    "BATCH_MAX_WAIT_MS": "20",
+}
 
 # What the contract allows between a commit and every instance serving it.
 ALLOWED_DELAY_SECONDS = 1.0
@@ -188,7 +197,7 @@ def update_in_rounds(
     """Each round produces a new version of every order, waits until all are committed, then
     lets the readers read for `pause` seconds."""
     for version in rounds:
-        produce(stack, topics.orders, encode_orders([versioned(o, version) for o in orders]))
+        produce_orders(stack, topics.orders, [versioned(o, version) for o in orders])
         wait_until(
             partial(all_committed, observer, orders, version),
             30,

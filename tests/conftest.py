@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from devstack import LocalStack, settings_from_env
+from order_viewer.broker import enqueue
 from order_viewer.logs import BackgroundHandler
 from order_viewer.store import migrate
 
@@ -305,6 +306,11 @@ def metric_value(
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def current_metric(service: ServiceProcess, name: str, **labels: str) -> float:
+    """One sample of the service's /metrics as it is now (0 if it has none)."""
+    return metric_value(scrape(service), name, **labels)
+
+
 @pytest.fixture
 def start_service(
     stack: Stack, topics: Topics, tmp_path: Path
@@ -354,26 +360,32 @@ def produce(
 
     for message in messages:
         record = message if isinstance(message, Record) else Record(*message)
-        while True:
-            try:
-                producer.produce(
-                    topic,
-                    key=record.key,
-                    value=record.value,
-                    headers=record.headers,
-                    timestamp=record.timestamp_ms,
-                    partition=record.partition,
-                    on_delivery=delivered,
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
+        enqueue(
+            producer,
+            topic,
+            key=record.key,
+            value=record.value,
+            headers=record.headers,
+            timestamp=record.timestamp_ms,
+            partition=record.partition,
+            on_delivery=delivered,
+        )
     assert producer.flush(60) == 0, "the broker did not take every message in time"
     assert not failures, f"{len(failures)} messages not delivered, e.g. {failures[0]}"
 
 
 def encode_orders(orders: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes | None]]:
     return [(order["order_uid"].encode(), json.dumps(order).encode()) for order in orders]
+
+
+def produce_orders(stack: Stack, topic: str, orders: list[dict[str, Any]]) -> None:
+    """`produce` the orders as JSON, each keyed by its order_uid."""
+    produce(stack, topic, encode_orders(orders))
+
+
+def served(service: ServiceProcess, uid: str) -> bool:
+    """Whether the service answers the order now."""
+    return service.get(f"/order/{uid}").status_code == 200
 
 
 def read_topic(

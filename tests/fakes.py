@@ -1,14 +1,17 @@
 """Fakes of the service layer's ports (`order_viewer.ports`), for the unit tests. The writer
-contract tests (tests/contract) run the fake writer and the PostgreSQL one through the same
-cases, so the two cannot drift apart."""
+contract tests (tests/integration/test_writer_contract.py, as they need PostgreSQL) run the fake
+writer and the PostgreSQL one through the same cases, so the two cannot drift apart."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from order_viewer.broker import Delivered, Headers
 from order_viewer.model import PreparedOrder, later, supersedes
 from order_viewer.ports import (
     DatabaseUnavailable,
@@ -168,3 +171,43 @@ class FakeExpirer:
         for prepared in old:
             del self.writer.stored[prepared.order.order_uid]
         return Expired(tuple(p.order.order_uid for p in old), 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A message as a producer was given it."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int
+    on_delivery: Delivered | None
+    timestamp: int
+    headers: Headers | None
+
+
+class StalledProducer:
+    """A Kafka producer (`broker.MessageProducer`) whose broker never acknowledges: it keeps
+    each message it is given, its local queue is full until it has been polled `full` times,
+    `produce` raises `error` instead when one is given, and `flush` gives up with everything
+    still queued."""
+
+    def __init__(self, full: int = 0, error: Exception | None = None) -> None:
+        self.full = full
+        self.error = error
+        self.polls: list[float] = []
+        self.queued: list[Queued] = []
+
+    def produce(self, topic: str, **message: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        if len(self.polls) < self.full:
+            raise BufferError("Local: Queue full")
+        self.queued.append(Queued(topic=topic, **message))
+
+    def poll(self, timeout: float) -> int:
+        self.polls.append(timeout)
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        return len(self.queued)

@@ -1,10 +1,10 @@
-"""Kafka adapters: topic creation and the dead-letter writer."""
+"""Kafka adapters: topic creation, producing and the dead-letter writer."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -55,6 +55,60 @@ def ensure_topics(
     retry(attempt, transient=(KafkaException,), patience=broker)
 
 
+Headers = list[tuple[str, str | bytes | None]]
+Delivered = Callable[[KafkaError | None, Any], None]
+
+
+class MessageProducer(Protocol):
+    """What `enqueue` asks of a Kafka producer (confluent_kafka's, or a fake in unit tests)."""
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int,
+        on_delivery: Delivered | None,
+        timestamp: int,
+        headers: Headers | None,
+    ) -> None: ...
+
+    def poll(self, timeout: float) -> int: ...
+
+
+def enqueue(
+    producer: MessageProducer,
+    topic: str,
+    *,
+    key: bytes | None,
+    value: bytes | None,
+    on_delivery: Delivered | None = None,
+    headers: Headers | None = None,
+    timestamp: int = 0,
+    partition: int = -1,
+) -> None:
+    """Hand one message to the producer's local queue, waiting while the queue is full: polling
+    runs the delivery reports, and each acknowledged message makes room. The producer only
+    raises BufferError when its queue is full, so no message is dropped and no caller stops in
+    the middle of a batch for it. `timestamp` 0 is the producer's clock, `partition` -1 its
+    partitioner; any other error of `produce` is the caller's."""
+    while True:
+        try:
+            producer.produce(
+                topic,
+                key=key,
+                value=value,
+                partition=partition,
+                on_delivery=on_delivery,
+                timestamp=timestamp,
+                headers=headers,
+            )
+            return
+        except BufferError:
+            producer.poll(0.1)
+
+
 class _Undelivered(Exception):
     """The broker did not acknowledge some dead letters; they are sent again."""
 
@@ -99,7 +153,7 @@ class DeadLetterWriter:
         self, entry: RejectedMessage, with_value: bool, failed: list[tuple[RejectedMessage, bool]]
     ) -> None:
         message, rejection = entry.message, entry.rejection
-        headers: list[tuple[str, str | bytes | None]] = [
+        headers: Headers = [
             ("error.code", rejection.code.encode()),
             ("error.message", rejection.message.encode()),
             ("source.topic", message.topic.encode()),
@@ -125,23 +179,19 @@ class DeadLetterWriter:
                 self._metrics.dead_letter_failures.inc()
                 failed.append((entry, with_value and error.code() != KafkaError.MSG_SIZE_TOO_LARGE))
 
-        while True:
-            try:
-                self._producer.produce(
-                    self._topic,
-                    key=message.key,
-                    value=message.value if with_value else None,
-                    headers=headers,
-                    on_delivery=delivered,
-                )
-                return
-            except BufferError:  # the local queue is full: let deliveries drain, then go on
-                self._producer.poll(0.1)
-            except KafkaException as error:
-                if not with_value or error.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                    raise
-                self._produce(entry, False, failed)
-                return
+        try:
+            enqueue(
+                self._producer,
+                self._topic,
+                key=message.key,
+                value=message.value if with_value else None,
+                headers=headers,
+                on_delivery=delivered,
+            )
+        except KafkaException as error:
+            if not with_value or error.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            self._produce(entry, False, failed)
 
     def close(self) -> None:
         self._producer.flush(5)

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from order_viewer.broker import DEAD_LETTER_PRODUCER
+from order_viewer.broker import DEAD_LETTER_PRODUCER, MessageProducer, enqueue
 from order_viewer.config import Settings, kafka_client
 from order_viewer.model import DB_REJECTED, REASON_CODES
 
@@ -369,20 +369,8 @@ class _Lookup:
             self._advance()
 
 
-class Sender(Protocol):
+class Sender(MessageProducer, Protocol):
     """What a replay asks of a Kafka producer."""
-
-    def produce(
-        self,
-        topic: str,
-        *,
-        value: bytes | None,
-        key: bytes | None,
-        on_delivery: Callable[[KafkaError | None, Any], None],
-        headers: list[tuple[str, str | bytes | None]],
-    ) -> None: ...
-
-    def poll(self, timeout: float) -> int: ...
 
     def flush(self, timeout: float) -> int: ...
 
@@ -472,18 +460,14 @@ def send_back(
             if producer is None:
                 continue
             origin = f"{dead_letter_topic}/{letter.partition}/{letter.offset}"
-            while True:
-                try:
-                    producer.produce(
-                        orders_topic,
-                        key=letter.key,
-                        value=letter.value,
-                        headers=[(REPLAYED_FROM, origin.encode())],
-                        on_delivery=delivered,
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.1)
+            enqueue(
+                producer,
+                orders_topic,
+                key=letter.key,
+                value=letter.value,
+                headers=[(REPLAYED_FROM, origin.encode())],
+                on_delivery=delivered,
+            )
             producer.poll(0)
     if producer is not None:
         summary.failed += producer.flush(FLUSH_SECONDS)

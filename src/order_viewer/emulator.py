@@ -15,7 +15,7 @@ from pathlib import Path
 from confluent_kafka import KafkaError, Message, Producer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from order_viewer.broker import ensure_topics
+from order_viewer.broker import enqueue, ensure_topics
 from order_viewer.config import Settings, kafka_client
 from order_viewer.generate import break_order, encode, make_order
 from order_viewer.retry import Health, Patience
@@ -107,14 +107,7 @@ def produce(
                 # Without a terminal (CI, a pipe) a bar would not show: a line now and then.
                 last_line = time.perf_counter()
                 print(f"producing: {acknowledged:,} of {total:,} acknowledged", file=sys.stderr)
-            while True:
-                try:
-                    producer.produce(
-                        settings.kafka_topic, key=key, value=value, on_delivery=delivered
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.1)
+            enqueue(producer, settings.kafka_topic, key=key, value=value, on_delivery=delivered)
             producer.poll(0)
             progress.update(task, completed=acknowledged)
         while producer.flush(0.2) > 0:

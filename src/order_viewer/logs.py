@@ -17,8 +17,9 @@ from typing import Literal, TextIO
 # Context a log call may attach with `extra=`; the JSON lines carry them as fields of their own.
 CONTEXT_FIELDS = ("topic", "partition", "offset", "order_uid", "reason", "field")
 
-# Lines waiting for the writer at most (an audit line is about 200 bytes): half a second of
-# audit lines at 20,000 reads/s, so a slow moment of the output does not reach the request path.
+# Lines waiting for the writer at most: enough for the audit lines of a busy moment while the
+# output is slow, so that it does not reach the request path, and few enough that a stuck output
+# holds little memory (the sizing is in docs/PERFORMANCE.md).
 MAX_WAITING_LINES = 10_000
 # How long the writer lets lines gather before it writes them: the most a line waits.
 GATHER_SECONDS = 0.01
@@ -155,7 +156,7 @@ def printable(text: str) -> str:
     """Text a client sent, which may be anything, escaped for a log line: what json.dumps
     writes for a string, without its quotes or its per-call checks, spaces too, so that no
     value can pass for the fields after it."""
-    if text.isascii() and text.isalnum():  # nothing to escape: most ids, at a tenth the cost
+    if text.isascii() and text.isalnum():  # nothing to escape (most ids), and no escaping paid
         return text
     return _json_ascii(text)[1:-1].replace(" ", "\\u0020")
 

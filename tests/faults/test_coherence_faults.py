@@ -15,26 +15,23 @@ import pytest
 
 from order_viewer.generate import make_order
 from tests.audit import orphan_rows, row_counts
-from tests.coherence import Observer, update_in_rounds
+from tests.coherence import INSTANCE_SETTINGS, Observer, update_in_rounds
 from tests.conftest import (
     ServiceProcess,
     Stack,
     Topics,
-    encode_orders,
+    current_metric,
     metric_value,
     produce,
+    produce_orders,
     scrape,
+    served,
     wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-SETTINGS = {
-    "KAFKA_TOPIC_PARTITIONS": "6",
-    "KAFKA_SESSION_TIMEOUT_MS": "6000",
-    "KAFKA_TOMBSTONES": "delete",
-    "BATCH_MAX_WAIT_MS": "20",
-}
+SETTINGS = {**INSTANCE_SETTINGS, "KAFKA_TOMBSTONES": "delete"}
 
 
 def backends(stack: Stack, application: str) -> list[int]:
@@ -54,7 +51,7 @@ def terminate(stack: Stack, pids: list[int]) -> None:
 
 
 def listening(service: ServiceProcess) -> bool:
-    return metric_value(scrape(service), "order_viewer_change_listener_connected") == 1
+    return current_metric(service, "order_viewer_change_listener_connected") == 1
 
 
 def test_a_terminated_listener_connection_never_leaves_a_stale_read(
@@ -104,9 +101,9 @@ def test_a_terminated_listener_connection_never_leaves_a_stale_read(
         assert "the cache answers again" in service.log()
         assert metric_value(samples, "order_viewer_cache_suspended") == 0
         service.get(f"/order/{orders[0]['order_uid']}")  # cached now, if it was not
-        hits = metric_value(scrape(service), "order_viewer_cache_hits_total")
+        hits = current_metric(service, "order_viewer_cache_hits_total")
         service.get(f"/order/{orders[0]['order_uid']}")
-        assert metric_value(scrape(service), "order_viewer_cache_hits_total") == hits + 1
+        assert current_metric(service, "order_viewer_cache_hits_total") == hits + 1
 
 
 def test_a_crash_between_a_delete_and_its_commit_deletes_once_after_the_restart(
@@ -116,8 +113,8 @@ def test_a_crash_between_a_delete_and_its_commit_deletes_once_after_the_restart(
     rng = random.Random(2003)
     order, other = make_order(rng), make_order(rng)
     uid = order["order_uid"]
-    produce(stack, topics.orders, encode_orders([order, other]))
-    wait_until(lambda: service.get(f"/order/{uid}").status_code == 200, 30, "the order stored")
+    produce_orders(stack, topics.orders, [order, other])
+    wait_until(partial(served, service, uid), 30, "the order stored")
     with psycopg.connect(stack.database_url) as holder:
         # The row held, so that the tombstone's DELETE waits inside its transaction.
         holder.execute("SELECT 1 FROM orders WHERE order_uid = %s FOR UPDATE", (uid,))
@@ -151,7 +148,7 @@ def test_a_crash_between_a_delete_and_its_commit_deletes_once_after_the_restart(
     wait_until(lambda: restarted.get(f"/order/{uid}").status_code == 404, 60, "the delete")
     assert row_counts(stack, [uid]) == {"orders": 0, "delivery": 0, "payment": 0, "items": 0}
     assert orphan_rows(stack) == 0
-    assert metric_value(scrape(restarted), "order_viewer_orders_deleted_total") == 1
+    assert current_metric(restarted, "order_viewer_orders_deleted_total") == 1
     restarted.terminate()
 
     # A new group reads the topic again from its start: the order's older message comes again
@@ -159,11 +156,11 @@ def test_a_crash_between_a_delete_and_its_commit_deletes_once_after_the_restart(
     again = start_service(**{**SETTINGS, "KAFKA_GROUP_ID": topics.group + "-again"})
     other_uid = other["order_uid"]
     wait_until(
-        lambda: metric_value(scrape(again), "order_viewer_messages_consumed_total") == 3,
+        lambda: current_metric(again, "order_viewer_messages_consumed_total") == 3,
         60,
         "the topic read again",
     )
-    wait_until(lambda: again.get(f"/order/{other_uid}").status_code == 200, 30, "the other order")
+    wait_until(partial(served, again, other_uid), 30, "the other order")
     assert again.get(f"/order/{uid}").status_code == 404
     assert row_counts(stack, [uid])["orders"] == 0
-    assert metric_value(scrape(again), "order_viewer_orders_deleted_total") == 0
+    assert current_metric(again, "order_viewer_orders_deleted_total") == 0

@@ -24,16 +24,15 @@ import pytest
 from order_viewer.generate import make_order
 from order_viewer.model import PreparedOrder, parse_order
 from tests.audit import assert_stored_exactly, stored_documents, stream, wait_stored
-from tests.coherence import versioned
+from tests.coherence import INSTANCE_SETTINGS, versioned
 from tests.conftest import (
     Servers,
     ServiceProcess,
     Stack,
     Topics,
+    current_metric,
     encode_orders,
-    metric_value,
     produce,
-    scrape,
     wait_until,
 )
 from tests.faults.test_coherence_faults import backends, listening, terminate
@@ -41,9 +40,7 @@ from tests.faults.test_coherence_faults import backends, listening, terminate
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 SETTINGS = {
-    "KAFKA_TOPIC_PARTITIONS": "6",
-    "KAFKA_SESSION_TIMEOUT_MS": "6000",
-    "BATCH_MAX_WAIT_MS": "20",
+    **INSTANCE_SETTINGS,
     # A lock is waited for 3 s, a statement runs 6 s, an unanswered write is cut after 16 s.
     "DATABASE_WRITE_TIMEOUT_SECONDS": "3",
 }
@@ -76,7 +73,7 @@ def ready(service: ServiceProcess) -> bool:
 
 
 def cache_metric(service: ServiceProcess, name: str) -> float:
-    return metric_value(scrape(service), f"order_viewer_cache_{name}")
+    return current_metric(service, f"order_viewer_cache_{name}")
 
 
 def suspended_since(service: ServiceProcess, suspensions: float) -> bool:
@@ -88,7 +85,7 @@ def answering(service: ServiceProcess) -> bool:
 
 
 def write_timeouts(service: ServiceProcess, cause: str) -> float:
-    return metric_value(scrape(service), "order_viewer_database_write_timeouts_total", cause=cause)
+    return current_metric(service, "order_viewer_database_write_timeouts_total", cause=cause)
 
 
 def test_a_row_lock_held_for_a_minute_times_writes_out_until_it_is_released(

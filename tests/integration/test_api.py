@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from order_viewer.generate import SAMPLE_ORDER, make_order
-from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
+from tests.conftest import ServiceProcess, Stack, Topics, produce_orders, served, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +41,8 @@ def dated_now(order: dict[str, Any]) -> dict[str, Any]:
     return stamped
 
 
-def served(service: ServiceProcess, uid: str) -> bool:
-    return service.get(f"/order/{uid}").status_code == 200
+# What the `publish` fixture gives: produce orders, then wait until each is served.
+Publish = Callable[[list[dict[str, Any]]], None]
 
 
 @pytest.fixture
@@ -52,18 +52,30 @@ def sample(topics: Topics) -> dict[str, Any]:
     return order
 
 
+@pytest.fixture
+def service(start_service: Callable[..., ServiceProcess]) -> ServiceProcess:
+    return start_service()
+
+
+@pytest.fixture
+def publish(stack: Stack, topics: Topics, service: ServiceProcess) -> Publish:
+    """Produces orders to the topic and waits until `service` serves each of them."""
+
+    def produce_until_served(orders: list[dict[str, Any]]) -> None:
+        produce_orders(stack, topics.orders, orders)
+        for order in orders:
+            wait_until(partial(served, service, order["order_uid"]), 30, "the order to be served")
+
+    return produce_until_served
+
+
 def test_round_trip_of_the_sample_and_generated_orders(
-    stack: Stack,
-    topics: Topics,
-    start_service: Callable[..., ServiceProcess],
-    sample: dict[str, Any],
+    service: ServiceProcess, publish: Publish, sample: dict[str, Any]
 ) -> None:
-    service = start_service()
     rng = random.Random(3)
     orders = [sample, *(make_order(rng) for _ in range(50))]
-    produce(stack, topics.orders, encode_orders(orders))
+    publish(orders)
     for order in orders:
-        wait_until(partial(served, service, order["order_uid"]), 30, "the order to be served")
         response = service.get(f"/order/{order['order_uid']}")
         assert response.headers["content-type"] == "application/json"
         assert response.json() == order
@@ -82,10 +94,7 @@ def test_round_trip_of_the_sample_and_generated_orders(
     }
 
 
-def test_errors_are_clear_and_never_500(
-    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
-) -> None:
-    service = start_service()
+def test_errors_are_clear_and_never_500(service: ServiceProcess) -> None:
     unknown = service.get("/order/no-such-order")
     assert unknown.status_code == 404
     assert unknown.json() == {"error": "no order with this id", "order_uid": "no-such-order"}
@@ -109,14 +118,9 @@ def test_errors_are_clear_and_never_500(
 
 
 def test_etag_revalidation(
-    stack: Stack,
-    topics: Topics,
-    start_service: Callable[..., ServiceProcess],
-    sample: dict[str, Any],
+    service: ServiceProcess, publish: Publish, sample: dict[str, Any]
 ) -> None:
-    service = start_service()
-    produce(stack, topics.orders, encode_orders([sample]))
-    wait_until(lambda: served(service, sample["order_uid"]), 30, "the sample to be served")
+    publish([sample])
     first = service.get(f"/order/{sample['order_uid']}")
     again = service.get(
         f"/order/{sample['order_uid']}", headers={"If-None-Match": first.headers["etag"]}
@@ -127,10 +131,7 @@ def test_etag_revalidation(
     assert stale.status_code == 200
 
 
-def test_page_is_served_with_a_strict_policy(
-    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
-) -> None:
-    service = start_service()
+def test_page_is_served_with_a_strict_policy(service: ServiceProcess) -> None:
     page = service.get("/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
@@ -141,14 +142,9 @@ def test_page_is_served_with_a_strict_policy(
 
 
 def test_database_down_cached_orders_200_uncached_503(
-    stack: Stack,
-    topics: Topics,
-    start_service: Callable[..., ServiceProcess],
-    sample: dict[str, Any],
+    stack: Stack, service: ServiceProcess, publish: Publish, sample: dict[str, Any]
 ) -> None:
-    service = start_service()
-    produce(stack, topics.orders, encode_orders([sample]))
-    wait_until(lambda: served(service, sample["order_uid"]), 30, "the sample to be served")
+    publish([sample])
     stack.servers.pg_stop()
     try:
         cached = service.get(f"/order/{sample['order_uid']}")
@@ -168,16 +164,14 @@ def test_database_down_cached_orders_200_uncached_503(
 
 def test_restart_serves_stored_orders_from_the_warmed_cache(
     stack: Stack,
-    topics: Topics,
     start_service: Callable[..., ServiceProcess],
+    service: ServiceProcess,
+    publish: Publish,
     sample: dict[str, Any],
 ) -> None:
-    service = start_service()
     rng = random.Random(8)
     orders = [sample, *(dated_now(make_order(rng)) for _ in range(20))]
-    produce(stack, topics.orders, encode_orders(orders))
-    for order in orders:
-        wait_until(partial(served, service, order["order_uid"]), 30, "the order to be served")
+    publish(orders)
     assert service.terminate() == 0
 
     restarted = start_service()
@@ -192,7 +186,7 @@ def test_restart_serves_stored_orders_from_the_warmed_cache(
 
 
 def test_access_log_names_requests_without_their_headers(
-    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+    start_service: Callable[..., ServiceProcess],
 ) -> None:
     service = start_service(HTTP_ACCESS_LOG="true")
     service.get("/order/unknown-order", headers={"Authorization": "Bearer s3cret"})

@@ -27,10 +27,9 @@ from tests.conftest import (
     ServiceProcess,
     Stack,
     Topics,
-    encode_orders,
-    metric_value,
-    produce,
-    scrape,
+    current_metric,
+    produce_orders,
+    served,
     wait_until,
 )
 
@@ -116,18 +115,15 @@ def test_a_service_with_a_retention_deletes_old_orders_in_the_background(
     store(stack, [*old, *recent])
     service = start_service(ORDER_RETENTION_DAYS="30", KAFKA_SESSION_TIMEOUT_MS="6000")
     fresh = [aged(0) for _ in range(20)]
-    produce(stack, topics.orders, encode_orders(fresh))
+    produce_orders(stack, topics.orders, fresh)
     wait_until(
-        lambda: metric_value(scrape(service), "order_viewer_orders_expired_total") >= len(old),
+        lambda: current_metric(service, "order_viewer_orders_expired_total") >= len(old),
         60,
         "the old orders to expire",
     )
 
-    def served(uid: str) -> bool:
-        return service.get(f"/order/{uid}").status_code == 200
-
     for order in fresh:
-        wait_until(partial(served, order["order_uid"]), 30, "a new order to be served")
+        wait_until(partial(served, service, order["order_uid"]), 30, "a new order to be served")
     for order in old[:5]:
         assert service.get(f"/order/{order['order_uid']}").status_code == 404
     assert row_counts(stack, [o["order_uid"] for o in old])["orders"] == 0

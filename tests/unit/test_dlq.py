@@ -4,7 +4,7 @@ refusals (which come before any connection)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -30,6 +30,7 @@ from order_viewer.dlq import (
     send_back,
     source,
 )
+from tests.fakes import StalledProducer
 
 
 @pytest.mark.parametrize(
@@ -116,30 +117,6 @@ def test_dlq_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "required" in capsys.readouterr().err
 
 
-class StalledProducer:
-    """A producer whose broker never acknowledges: `flush` gives up with everything queued."""
-
-    def __init__(self) -> None:
-        self.queued: list[tuple[str, bytes | None]] = []
-
-    def produce(
-        self,
-        topic: str,
-        *,
-        value: bytes | None,
-        key: bytes | None,
-        on_delivery: Callable[[Any, Any], None],
-        headers: list[tuple[str, str | bytes | None]],
-    ) -> None:
-        self.queued.append((topic, key))
-
-    def poll(self, timeout: float) -> int:
-        return 0
-
-    def flush(self, timeout: float) -> int:
-        return len(self.queued)
-
-
 class Verdicts:
     """Look-ups of originals that find unverified the letters whose key is in `unverified`, and
     remember what each was asked."""
@@ -151,6 +128,10 @@ class Verdicts:
     def unverified(self, letters: Sequence[DeadLetter]) -> list[str | None]:
         self.asked.append(list(letters))
         return [self.unverified_keys.get(letter.key or b"") for letter in letters]
+
+
+def topics_and_keys(producer: StalledProducer) -> list[tuple[str, bytes | None]]:
+    return [(message.topic, message.key) for message in producer.queued]
 
 
 def send(
@@ -169,7 +150,7 @@ def test_what_the_broker_has_not_acknowledged_when_flush_gives_up_counts_as_fail
     letters = [letter(b"invalid_json", None) for _ in range(3)]
     producer = StalledProducer()
     summary = send(letters, producer)
-    assert producer.queued == [("orders", b"k")] * 3
+    assert topics_and_keys(producer) == [("orders", b"k")] * 3
     assert (summary.selected, summary.sent, summary.failed) == (3, 0, 3)
 
 
@@ -262,7 +243,7 @@ def test_the_unverified_are_skipped_and_counted_unless_asked_for_and_a_dry_run_c
         assert summary.unverified == {dlq.NOT_THE_ORIGINAL: 1, dlq.ORIGINAL_REMOVED: 1}
         assert summary.skipped == {"no error.code header": 1}
         if producer is not None:
-            assert producer.queued == [("orders", b"a"), ("orders", b"b")]
+            assert topics_and_keys(producer) == [("orders", b"a"), ("orders", b"b")]
         asked = send(
             letters, producer and StalledProducer(), Verdicts(verdicts), send_unverified=True
         )

@@ -34,6 +34,7 @@ from order_viewer.model import (
     order_json,
     parse_order,
 )
+from tests.fixtures.hostile.make_corpus import SMALL_ITEM
 
 # No example database: these tests must not leave files in the working tree.
 PROPERTIES = settings(database=None, deadline=None)
@@ -362,24 +363,11 @@ def test_deep_nesting_is_rejected_without_recursion_error() -> None:
 
 
 def test_huge_messages_are_rejected_quickly() -> None:
-    smallest_item = {
-        "chrt_id": 0,
-        "track_number": "T",
-        "price": 0,
-        "rid": "r",
-        "name": "",
-        "sale": 0,
-        "size": "",
-        "total_price": 0,
-        "nm_id": 0,
-        "brand": "",
-        "status": 0,
-    }
     cases = [
         (with_value("delivery.name", "Ж" * 460_000), "invalid_length", 1.0),  # 900 KiB
         (with_value("x", "a" * 900 * 1024), None, 1.0),  # an ignored 900 KiB field
         (with_items([{}] * 100_000), "missing_field", 1.0),  # stops at the first bad item
-        (with_items([smallest_item] * 100_000), "invalid_length", 5.0),  # 13 MB
+        (with_items([SMALL_ITEM] * 100_000), "invalid_length", 5.0),  # 13 MB
     ]
     for message, code, seconds in cases:
         started = time.perf_counter()
