@@ -17,6 +17,7 @@ from typing import TypedDict
 import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from order_viewer.model import PreparedOrder
@@ -34,6 +35,7 @@ from order_viewer.ports import (
     WriteTimedOut,
 )
 from order_viewer.retry import Patience, retry
+from order_viewer.tables import ORDERS, PARTS
 
 # SQLSTATE classes that mean "try again": connection exceptions, resource shortage, operator
 # intervention (shutdown, crash recovery), and the transaction rollbacks (serialization, deadlock).
@@ -93,59 +95,64 @@ def migrate(database_url: str) -> None:
     command.upgrade(config, "head")
 
 
-_ORDER_COLUMNS = (
-    "order_uid, track_number, entry, locale, internal_signature, customer_id, delivery_service, "
-    "shardkey, sm_id, date_created, oof_shard, content_sha256, kafka_partition, kafka_offset, "
-    "document"
-)
-_DELIVERY_COLUMNS = "order_uid, name, phone, zip, city, address, region, email"
-_PAYMENT_COLUMNS = (
-    "order_uid, transaction, request_id, currency, provider, amount, payment_dt, bank, "
-    "delivery_cost, goods_total, custom_fee"
-)
-_ITEM_COLUMNS = (
-    "order_uid, position, chrt_id, track_number, price, rid, name, sale, size, total_price, "
-    "nm_id, brand, status"
-)
-
 # The order rows of a batch are COPYed (the fastest way into PostgreSQL) into a staging table
 # that lives as long as the writer's connection and empties at every commit, then merged in one
 # statement that says which orders were new or replaced. Only those orders' delivery, payment and
-# items rows are then COPYed straight into their tables.
+# items rows are then COPYed straight into their tables. The statements are composed once, here,
+# from the declaration of the tables' columns.
 _CREATE_STAGING = (
     "CREATE TEMP TABLE stage_orders (LIKE orders INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_COPY_STAGED_ORDERS = (
+    sql.SQL("COPY stage_orders ({columns}) FROM STDIN")
+    .format(columns=ORDERS.column_list)
+    .as_string()
+)
+_COPY_PARTS = tuple(
+    (
+        sql.SQL("COPY {table} ({columns}) FROM STDIN")
+        .format(table=sql.Identifier(table.name), columns=table.column_list)
+        .as_string(),
+        table,
+    )
+    for table in PARTS
 )
 
 # model.supersedes in SQL: an existing order is replaced only by a different version from a later
 # message, so an identical redelivery changes nothing and an older one redelivered loses; and an
 # order is not stored again from a message older than its tombstone (model.later).
-_MERGE_ORDERS = f"""
-INSERT INTO orders ({_ORDER_COLUMNS})
-SELECT {_ORDER_COLUMNS} FROM stage_orders s
+_MERGE_ORDERS = (
+    sql.SQL("""
+INSERT INTO orders ({columns})
+SELECT {columns} FROM stage_orders s
 WHERE NOT EXISTS (
     SELECT FROM order_tombstones t
     WHERE t.order_uid = s.order_uid
       AND t.kafka_partition = s.kafka_partition AND t.kafka_offset >= s.kafka_offset
 )
-ON CONFLICT (order_uid) DO UPDATE SET
-    track_number = excluded.track_number, entry = excluded.entry, locale = excluded.locale,
-    internal_signature = excluded.internal_signature, customer_id = excluded.customer_id,
-    delivery_service = excluded.delivery_service, shardkey = excluded.shardkey,
-    sm_id = excluded.sm_id, date_created = excluded.date_created,
-    oof_shard = excluded.oof_shard, content_sha256 = excluded.content_sha256,
-    kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset,
-    document = excluded.document, stored_at = now()
+ON CONFLICT (order_uid) DO UPDATE SET {updates}, stored_at = now()
 WHERE orders.content_sha256 <> excluded.content_sha256
   AND (orders.kafka_partition <> excluded.kafka_partition
        OR orders.kafka_offset < excluded.kafka_offset)
 RETURNING order_uid, xmax <> 0 AS replaced
-"""  # noqa: S608 (only the constant column lists above are interpolated)
+""")
+    .format(
+        columns=ORDERS.column_list,
+        updates=sql.SQL(", ").join(
+            sql.SQL("{column} = excluded.{column}").format(column=sql.Identifier(column.name))
+            for column in ORDERS.columns
+            if column.name != "order_uid"
+        ),
+    )
+    .as_string()
+)
 
 # The replaced orders' old parts go before their new ones are copied in.
-_DELETE_PARTS = (
-    "DELETE FROM delivery WHERE order_uid = ANY(%(uids)s)",
-    "DELETE FROM payment WHERE order_uid = ANY(%(uids)s)",
-    "DELETE FROM items WHERE order_uid = ANY(%(uids)s)",
+_DELETE_PARTS = tuple(
+    sql.SQL("DELETE FROM {table} WHERE order_uid = ANY(%(uids)s)")
+    .format(table=sql.Identifier(table.name))
+    .as_string()
+    for table in PARTS
 )
 
 
@@ -344,7 +351,7 @@ WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()
 ORDER BY a.xact_start NULLS LAST, a.pid
 LIMIT 1
 """
-_ORDER_TABLES = ["orders", "delivery", "payment", "items", "order_tombstones"]
+_ORDER_TABLES = [ORDERS.name, *(table.name for table in PARTS), "order_tombstones"]
 # DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal). One batch of
 # 1,000 orders of 1,000 items each, the most items an order may have (217 MB), took 28.8 s to
 # write, so its statements stay well within twice this; batches under the default
@@ -604,43 +611,16 @@ def _describe(error: psycopg.Error) -> str:
 def _copy_order_rows(
     cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]
 ) -> None:
-    with cursor.copy(f"COPY stage_orders ({_ORDER_COLUMNS}) FROM STDIN") as copy:
-        for prepared in batch:
-            order = prepared.order
-            copy.write_row((
-                order.order_uid, order.track_number, order.entry, order.locale,
-                order.internal_signature, order.customer_id, order.delivery_service,
-                order.shardkey, order.sm_id, order.date_created, order.oof_shard,
-                prepared.sha256, prepared.partition, prepared.offset,
-                prepared.document.decode(),
-            ))  # fmt: skip
+    with cursor.copy(_COPY_STAGED_ORDERS) as copy:
+        for row in ORDERS.rows(batch):
+            copy.write_row(row)
 
 
 def _copy_parts(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]) -> None:
-    with cursor.copy(f"COPY delivery ({_DELIVERY_COLUMNS}) FROM STDIN") as copy:
-        for prepared in batch:
-            uid, delivery = prepared.order.order_uid, prepared.order.delivery
-            copy.write_row((
-                uid, delivery.name, delivery.phone, delivery.zip, delivery.city,
-                delivery.address, delivery.region, delivery.email,
-            ))  # fmt: skip
-    with cursor.copy(f"COPY payment ({_PAYMENT_COLUMNS}) FROM STDIN") as copy:
-        for prepared in batch:
-            uid, payment = prepared.order.order_uid, prepared.order.payment
-            copy.write_row((
-                uid, payment.transaction, payment.request_id, payment.currency, payment.provider,
-                payment.amount, payment.payment_dt, payment.bank, payment.delivery_cost,
-                payment.goods_total, payment.custom_fee,
-            ))  # fmt: skip
-    with cursor.copy(f"COPY items ({_ITEM_COLUMNS}) FROM STDIN") as copy:
-        for prepared in batch:
-            uid = prepared.order.order_uid
-            for position, item in enumerate(prepared.order.items):
-                copy.write_row((
-                    uid, position, item.chrt_id, item.track_number, item.price, item.rid,
-                    item.name, item.sale, item.size, item.total_price, item.nm_id, item.brand,
-                    item.status,
-                ))  # fmt: skip
+    for statement, table in _COPY_PARTS:
+        with cursor.copy(statement) as copy:
+            for row in table.rows(batch):
+                copy.write_row(row)
 
 
 class PostgresOrderReader:

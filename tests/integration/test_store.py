@@ -33,6 +33,7 @@ from order_viewer.store import (
     PostgresOrderWriter,
     newest_documents,
 )
+from order_viewer.tables import ORDERS, PARTS, Column
 from tests.audit import row_counts, stored_documents
 from tests.conftest import Stack, free_port, wait_until
 from tests.fakes import FakeDeadLetters
@@ -63,6 +64,24 @@ def test_a_batch_lands_in_all_four_tables_as_its_document_says(stack: Stack) -> 
     assert stored_documents(stack, uids) == {str(o["order_uid"]): o for o, _ in orders}
     items = sum(len(order["items"]) for order, _ in orders)
     assert row_counts(stack, uids) == {"orders": 3, "delivery": 3, "payment": 3, "items": items}
+
+
+def test_the_migrated_tables_have_the_declared_columns_and_no_others(stack: Stack) -> None:
+    # A column the declaration lacks is never written (a NOT NULL one refuses every order), and
+    # one the migrations lack refuses every batch. Rows are COPYed by column name, so only the
+    # names, types and nullability must agree, not the tables' physical order.
+    with stack.connect() as connection:
+        for table in (ORDERS, *PARTS):
+            migrated = connection.execute(
+                "SELECT attname, format_type(atttypid, atttypmod), NOT attnotnull, atthasdef "
+                "FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+                "AND NOT attisdropped",
+                (table.name,),
+            ).fetchall()
+            columns = {Column(name, type_, nullable) for name, type_, nullable, _ in migrated}
+            assert columns == {*table.columns, *table.filled_by_database}, table.name
+            defaults = {name for name, _, _, has_default in migrated if has_default}
+            assert defaults >= {column.name for column in table.filled_by_database}, table.name
 
 
 def test_a_refused_order_leaves_nothing_of_its_batch(stack: Stack) -> None:
