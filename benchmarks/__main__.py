@@ -514,7 +514,7 @@ def audit_line_cost(log_format: Literal["console", "json"], logs_dir: Path) -> d
     ):
         thread, process = time.thread_time(), time.process_time()
         for number in range(AUDIT_LINES):
-            audit_order_read(principal, f"/order/{number:020d}", 200, "whole", "127.0.0.1")
+            audit_order_read(principal, f"{number:020d}", 200, "whole", "127.0.0.1")
         thread = time.thread_time() - thread
         handler.flush()
         process = time.process_time() - process

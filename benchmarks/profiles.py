@@ -31,9 +31,8 @@ from starlette.types import ASGIApp, Scope
 from benchmarks import bare_server
 from benchmarks.harness import Bench, console
 from order_viewer import logs as log_setup
-from order_viewer.access import access_policy
 from order_viewer.api import create_app
-from order_viewer.bootstrap import COLLECTOR_THRESHOLDS
+from order_viewer.bootstrap import COLLECTOR_THRESHOLDS, access_policy
 from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import Settings
 from order_viewer.metrics import Metrics

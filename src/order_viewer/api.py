@@ -1,4 +1,9 @@
-"""The HTTP app: orders by id, the recent orders, health, and the page that shows them."""
+"""The HTTP app: orders by id, the recent orders, health, and the page that shows them.
+
+A request goes one way: `Front` (the access check, an order in memory, its metrics and audit
+line), then the framework's routes for everything else; both answer an order with
+`order_answer`.
+"""
 
 from __future__ import annotations
 
@@ -22,23 +27,27 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from order_viewer.access import (
-    ORDER_VIEW,
+    PRIVATE,
     AccessGuard,
     AccessPolicy,
-    Answer,
-    Headers,
+    Refusal,
     View,
+    audit_order_read,
+    audit_request,
     raw_header,
-    viewed,
+    required_scope,
+    view_name,
 )
+from order_viewer.auth import Principal
 from order_viewer.cache import CachedOrder
 from order_viewer.metrics import (
     DOCS_FILES,
+    ORDER_PATH,
     ORDER_ROUTE,
     PAGE_FILES,
     HttpStats,
     Metrics,
-    RequestMetrics,
+    route_template,
 )
 from order_viewer.model import ORDER_UID_PATTERN, Order
 from order_viewer.ports import DatabaseUnavailable, OrderSummary
@@ -63,6 +72,9 @@ STRICT_TRANSPORT_SECURITY = (b"strict-transport-security", b"max-age=31536000")
 # An order changes only when a new message replaces it, so clients may keep a copy but must
 # revalidate it (cheaply, with the ETag) before use.
 ORDER_CACHE_CONTROL = "no-cache"
+# The key of the request scope under which `Front` leaves the framework's order route the view
+# the principal may see (absent or None: the order whole).
+ORDER_VIEW = "order_viewer.view"
 
 _order_uid = re.compile(ORDER_UID_PATTERN)
 
@@ -189,7 +201,7 @@ def create_app(
         return _html_page(docs_html, docs_policy)
 
     @app.get(
-        "/order/{order_uid:any_text}",
+        f"{ORDER_PATH}{{order_uid:any_text}}",
         summary="One order by its id",
         response_model=Order,
         responses={
@@ -211,7 +223,7 @@ def create_app(
         ],
         request: Request,
     ) -> Response:
-        # Orders in memory were answered by CachedOrders before the request got here.
+        # Orders in memory were answered by Front before the request got here.
         if not _order_uid.fullmatch(order_uid):
             return _error(400, "an order id is 1 to 64 letters, digits, '-' or '_'")
         try:
@@ -220,10 +232,12 @@ def create_app(
             return _error(503, "the order is not in memory and the database is unreachable")
         if found is None:
             return _error(404, "no order with this id", order_uid=order_uid)
-        status, headers, body = order_reply(
-            viewed(request.scope, found), request.headers.get("if-none-match")
+        status, headers, body = order_answer(
+            found, request.scope.get(ORDER_VIEW), raw_header(request.scope, b"if-none-match")
         )
-        return Response(body, status_code=status, headers=headers)
+        response = Response(body, status_code=status)
+        response.raw_headers[:0] = headers
+        return response
 
     @app.get(
         "/orders",
@@ -269,13 +283,13 @@ def create_app(
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.mount(PAGE_FILES, StaticFiles(directory=str(static)), name="static")
-    front = (
-        CachedOrders(app, lookup, None)
-        if metrics is None
-        else CachedOrders(RequestMetrics(app, metrics.http), lookup, metrics.http)
+    front = Front(
+        app,
+        lookup,
+        None if access is None else AccessGuard(access, metrics),
+        None if metrics is None else metrics.http,
     )
-    guarded_front = front if access is None else AccessGuard(front, access, metrics)
-    return StrictTransport(guarded_front) if tls else guarded_front
+    return StrictTransport(front) if tls else front
 
 
 def _html_page(body: bytes, content_security_policy: str) -> Response:
@@ -313,12 +327,22 @@ class StrictTransport:
         await self._app(scope, receive, send_with_hsts)
 
 
-def order_reply(found: CachedOrder, if_none_match: str | None) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body for an order found, honouring the client's If-None-Match."""
-    headers = {"etag": found.etag, "cache-control": ORDER_CACHE_CONTROL}
-    if if_none_match is not None and _matches(if_none_match, found.etag):
+_ORDER_CACHE_CONTROL = (b"cache-control", ORDER_CACHE_CONTROL.encode())
+_JSON = (b"content-type", b"application/json")
+
+
+def order_answer(
+    found: CachedOrder, view: View | None, if_none_match: bytes | None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The status, headers and body that answer a GET of an order found, as `view` shows it
+    (None: whole), honouring the client's If-None-Match: the one place that makes them, for an
+    order in memory and one read from the database alike."""
+    if view is not None:
+        found = view(found)
+    headers = [(b"etag", found.etag.encode()), _ORDER_CACHE_CONTROL]
+    if if_none_match is not None and _matches(if_none_match.decode("latin-1"), found.etag):
         return 304, headers, b""
-    headers["content-type"] = "application/json"
+    headers.append(_JSON)
     return 200, headers, found.body
 
 
@@ -327,57 +351,97 @@ def _matches(if_none_match: str, etag: str) -> bool:
     return etag in candidates or "*" in candidates
 
 
-class CachedOrders:
-    """Answers GET /order/{id} for orders in memory before the framework sees the request.
+class Front:
+    """The service's ASGI app, which every request passes once, downhill: the access check of
+    a guarded route (the guard decides and returns), an order in memory answered here, anything
+    else answered by the framework behind; then the request's metrics and audit line.
 
-    That is the hot path, and the framework's routing, validation and response objects would
-    cost most of its time (docs/DESIGN.md has the figures); misses and everything else go on to
-    the app, which documents the route and answers the other cases.
+    Orders in memory are the hot path, answered in this frame without a coroutine or a wrapped
+    `send` more: the framework's routing, validation and response objects would cost most of
+    their time (docs/PERFORMANCE.md). The framework documents the order route and answers its
+    other cases, with the same `order_answer`.
     """
 
-    def __init__(self, app: ASGIApp, lookup: OrderLookup, stats: HttpStats | None) -> None:
+    def __init__(
+        self, app: ASGIApp, lookup: OrderLookup, guard: AccessGuard | None, stats: HttpStats | None
+    ) -> None:
         self._app = app
         self._lookup = lookup
+        self._guard = guard
         self._stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        answer = (
-            self.answer(scope, scope.get(ORDER_VIEW), ())
-            if scope["type"] == "http" and scope["path"].startswith("/order/")
-            else None
-        )
-        if answer is None:
+        if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        await send(answer[1])
-        await send(answer[2])
-
-    def answer(self, scope: Scope, view: View | None, extra_headers: Headers) -> Answer | None:
-        """The answer to a GET of /order/{id} when that order is in memory, as `view` shows it
-        with `extra_headers` too, and counted as answered; None otherwise. The caller sends its
-        two messages: made a coroutine, this cost a hit a twentieth more."""
-        if scope["method"] != "GET":
-            return None
         started = time.perf_counter()
-        found = self._lookup.cached(scope["path"][7:])
-        if found is None:
-            return None
-        if_none_match = raw_header(scope, b"if-none-match")
-        status, headers, body = order_reply(
-            found if view is None else view(found),
-            None if if_none_match is None else if_none_match.decode("latin-1"),
+        path: str = scope["path"]
+        guard = self._guard
+        # Set on a guarded route only: the request's principal, what it may see, its client.
+        principal: Principal | None = None
+        view: View | None = None
+        client = "-"
+        if guard is not None and (needed := required_scope(path)) is not None:
+            client = guard.client(scope)
+            verdict = await guard.admit(scope, needed, client)
+            if isinstance(verdict, Refusal):
+                await self._refuse(path, send, verdict, client, started)
+                return
+            principal, view = verdict, guard.view(verdict)
+        if path.startswith(ORDER_PATH) and scope["method"] == "GET":
+            order_uid = path[len(ORDER_PATH) :]
+            found = self._lookup.cached(order_uid)
+            if found is not None:
+                status, headers, body = order_answer(
+                    found, view, raw_header(scope, b"if-none-match")
+                )
+                if principal is not None:
+                    headers += PRIVATE
+                # Before the sends, which only hand the two messages to the server.
+                self._record(ORDER_ROUTE, status, started)
+                try:
+                    await send(
+                        {"type": "http.response.start", "status": status, "headers": headers}
+                    )
+                    await send({"type": "http.response.body", "body": body})
+                finally:  # a client gone mid-answer may have read it: audited too
+                    if principal is not None:
+                        audit_order_read(principal, order_uid, status, view_name(view), client)
+                return
+        if principal is None and self._stats is None:
+            await self._app(scope, receive, send)
+            return
+        scope[ORDER_VIEW] = view
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if principal is not None:
+                    message["headers"] = [*message["headers"], *PRIVATE]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_noting_status)
+        finally:
+            self._record(route_template(path), status, started)
+            if principal is not None:
+                audit_request(principal, path, status, view_name(view), client)
+
+    async def _refuse(
+        self, path: str, send: Send, refusal: Refusal, client: str, started: float
+    ) -> None:
+        await send(
+            {"type": "http.response.start", "status": refusal.status, "headers": refusal.headers}
         )
-        encoded = [(name.encode(), value.encode()) for name, value in headers.items()]
-        if extra_headers:
-            encoded += extra_headers
+        await send({"type": "http.response.body", "body": refusal.body})
+        self._record(route_template(path), refusal.status, started)
+        audit_request(refusal.principal, path, refusal.status, "-", client)
+
+    def _record(self, route: str, status: int, started: float) -> None:
         if self._stats is not None:
-            # Before the sends, which only hand the two messages to the server.
-            self._stats.record(ORDER_ROUTE, status, time.perf_counter() - started)
-        return (
-            status,
-            {"type": "http.response.start", "status": status, "headers": encoded},
-            {"type": "http.response.body", "body": body},
-        )
+            self._stats.record(route, status, time.perf_counter() - started)
 
 
 def _version() -> str:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
-from order_viewer.config import Settings, is_loopback
+from order_viewer.config import is_loopback
 from order_viewer.logs import printable
 
 if TYPE_CHECKING:
@@ -147,14 +147,15 @@ def bearer_token(authorization: bytes | None) -> str:
     return token.decode("ascii")
 
 
-def protected_mode_problem(settings: Settings) -> str | None:
-    """Why the settings would serve personal data to anyone, or None."""
-    if settings.http_auth != "none" or settings.http_allow_anonymous:
+def protected_mode_problem(http_auth: str, http_host: str, *, allow_anonymous: bool) -> str | None:
+    """Why serving with HTTP_AUTH `http_auth` on the address `http_host` would serve personal
+    data to anyone, or None."""
+    if http_auth != "none" or allow_anonymous:
         return None
-    if is_loopback(settings.http_host):
+    if is_loopback(http_host):
         return None
     return (
-        f"HTTP_AUTH=none with HTTP_HOST={settings.http_host} serves every customer's personal "
+        f"HTTP_AUTH=none with HTTP_HOST={http_host} serves every customer's personal "
         "data to anyone who can reach it: set HTTP_AUTH to token or jwt, or "
         "HTTP_ALLOW_ANONYMOUS=true if that is intended"
     )

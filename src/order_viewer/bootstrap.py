@@ -22,12 +22,22 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 from starlette.types import ASGIApp
 
-from order_viewer.access import AccessPolicy
+from order_viewer.access import AccessConfigurationError, AccessPolicy
 from order_viewer.api import create_app
+from order_viewer.auth import (
+    Authenticator,
+    FailureLimiter,
+    JwtVerifier,
+    TokenFileError,
+    open_token_file,
+    protected_mode_problem,
+)
 from order_viewer.broker import DeadLetterWriter, ensure_topics
 from order_viewer.cache import OrderCache
 from order_viewer.config import Settings, kafka_client
 from order_viewer.consumer import Batching, OrderConsumer, group_membership
+from order_viewer.forwarded import TrustedProxies
+from order_viewer.masking import MaskedViews
 from order_viewer.metrics import Metrics
 from order_viewer.ports import Stopped
 from order_viewer.retry import Health, Patience, retry
@@ -79,6 +89,42 @@ class Parts:
     app: ASGIApp
     # What every Kafka client shares (`config.kafka_client`), each adding its own.
     kafka: dict[str, Any]
+
+
+def access_policy(settings: Settings) -> AccessPolicy | None:
+    """The access policy `serve` enforces; None with HTTP_AUTH=none. Raises
+    AccessConfigurationError when the settings would serve orders to anyone beyond loopback
+    (protected mode) or name a tokens file that cannot be used."""
+    problem = protected_mode_problem(
+        settings.http_auth, settings.http_host, allow_anonymous=settings.http_allow_anonymous
+    )
+    if problem is not None:
+        raise AccessConfigurationError(problem)
+    authenticator: Authenticator
+    if settings.http_auth == "token":
+        assert settings.http_tokens_file is not None  # the settings validated it
+        try:
+            authenticator = open_token_file(settings.http_tokens_file)
+        except TokenFileError as error:
+            raise AccessConfigurationError(f"HTTP_TOKENS_FILE: {error}") from None
+    elif settings.http_auth == "jwt":
+        assert settings.http_jwt_jwks_url is not None
+        assert settings.http_jwt_issuer is not None
+        assert settings.http_jwt_audience is not None
+        authenticator = JwtVerifier(
+            str(settings.http_jwt_jwks_url),
+            settings.http_jwt_issuer,
+            settings.http_jwt_audience,
+            max_lifetime=settings.http_jwt_max_lifetime_seconds,
+        )
+    else:
+        return None
+    return AccessPolicy(
+        authenticator,
+        FailureLimiter(),
+        MaskedViews(settings.cache_capacity, settings.cache_max_bytes),
+        TrustedProxies(settings.http_trusted_proxies) if settings.http_trusted_proxies else None,
+    )
 
 
 def build(settings: Settings, access: AccessPolicy | None) -> Parts:

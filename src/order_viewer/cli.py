@@ -14,14 +14,9 @@ from typing import NoReturn, TypeVar
 import sqlalchemy.exc
 
 from order_viewer import dlq, emulator, logs
-from order_viewer.access import AccessConfigurationError, access_policy
-from order_viewer.auth import (
-    check_client_name,
-    new_token,
-    parse_scopes,
-    protected_mode_problem,
-    token_digest,
-)
+from order_viewer.access import AccessConfigurationError
+from order_viewer.auth import check_client_name, new_token, parse_scopes, token_digest
+from order_viewer.bootstrap import access_policy
 from order_viewer.check import check
 from order_viewer.config import ConfigurationError, Settings, load_settings
 from order_viewer.server import serve
@@ -176,10 +171,6 @@ def _ratio(text: str) -> float:
 
 
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
-    problem = protected_mode_problem(settings)
-    if problem is not None:
-        print(f"order-viewer: {problem}", file=sys.stderr)
-        return 2
     try:
         access = access_policy(settings)
     except AccessConfigurationError as error:

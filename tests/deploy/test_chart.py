@@ -310,7 +310,12 @@ def test_the_rendered_pods_pass_the_services_start_checks(
         else:
             environment[name] = "from-a-secret"
     parsed = Settings(_env_file=None, **{name.lower(): v for name, v in environment.items()})
-    assert protected_mode_problem(parsed) is None
+    assert (
+        protected_mode_problem(
+            parsed.http_auth, parsed.http_host, allow_anonymous=parsed.http_allow_anonymous
+        )
+        is None
+    )
 
 
 def test_kafka_client_certificates_come_with_their_key_and_its_password(helm: Path) -> None:

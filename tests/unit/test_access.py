@@ -20,15 +20,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer import bootstrap
 from order_viewer.access import (
+    AccessConfigurationError,
     AccessGuard,
     AccessPolicy,
-    Answer,
-    Headers,
-    View,
     audit,
     audit_order_read,
 )
-from order_viewer.api import create_app
+from order_viewer.api import Front, create_app
 from order_viewer.auth import (
     JWKS_RETRY_SECONDS,
     ORDERS_READ,
@@ -61,8 +59,8 @@ def test_the_line_names_who_read_which_order_with_what_answer_from_where(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
-    audit_order_read(SUPPORT, "/order/b563feb7b2b84b6test", 200, "masked", "10.0.0.7")
-    audit_order_read(None, "/order/b563feb7b2b84b6test", 401, "-", "10.0.0.8")
+    audit_order_read(SUPPORT, "b563feb7b2b84b6test", 200, "masked", "10.0.0.7")
+    audit_order_read(None, "b563feb7b2b84b6test", 401, "-", "10.0.0.8")
     read, refused = audit_records(caplog)
     assert read.getMessage() == (
         "order read principal=support order_uid=b563feb7b2b84b6test status=200 view=masked "
@@ -92,14 +90,14 @@ def test_refusals_are_warnings_and_reads_are_info(
     caplog: pytest.LogCaptureFixture, status: int, level: int
 ) -> None:
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
-    audit_order_read(SUPPORT, "/order/x", status, "masked", "10.0.0.7")
+    audit_order_read(SUPPORT, "x", status, "masked", "10.0.0.7")
     assert [record.levelno for record in audit_records(caplog)] == [level]
 
 
 def test_a_level_above_info_keeps_only_the_refusals(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="order_viewer.audit")
     for status in (200, 304, 404, 403):
-        audit_order_read(SUPPORT, "/order/x", status, "masked", "10.0.0.7")
+        audit_order_read(SUPPORT, "x", status, "masked", "10.0.0.7")
     assert [record.getMessage().split()[4] for record in audit_records(caplog)] == ["status=403"]
 
 
@@ -119,7 +117,7 @@ def test_an_id_of_any_kind_is_escaped_and_cut_on_one_line(
     caplog: pytest.LogCaptureFixture, uid: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
-    audit_order_read(SUPPORT, f"/order/{uid}", 404, "masked", "10.0.0.7")
+    audit_order_read(SUPPORT, uid, 404, "masked", "10.0.0.7")
     (record,) = audit_records(caplog)
     message = record.getMessage()
     assert message.isascii()
@@ -136,7 +134,7 @@ def test_with_the_service_log_set_up_the_line_is_the_one_of_the_record(
 ) -> None:
     """The service's own set-up writes the line without making a record: the same line."""
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
-    audit_order_read(SUPPORT, f"/order/{uid}", status, "masked", "10.0.0.7")
+    audit_order_read(SUPPORT, uid, status, "masked", "10.0.0.7")
     (record,) = audit_records(caplog)
     output = io.StringIO()
     writer = BackgroundHandler(output)
@@ -144,7 +142,7 @@ def test_with_the_service_log_set_up_the_line_is_the_one_of_the_record(
     audit.handlers, audit.propagate = [writer], False
     try:
         assert sole_writer(audit, record.levelno) is writer
-        audit_order_read(SUPPORT, f"/order/{uid}", status, "masked", "10.0.0.7")
+        audit_order_read(SUPPORT, uid, status, "masked", "10.0.0.7")
     finally:
         audit.handlers, audit.propagate = [], True
         writer.stop()
@@ -168,7 +166,7 @@ def test_a_principal_of_any_name_is_escaped_on_one_line(
     caplog: pytest.LogCaptureFixture, sub: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
-    audit_order_read(Principal(sub, frozenset({ORDERS_READ})), "/order/x", 200, "masked", "-")
+    audit_order_read(Principal(sub, frozenset({ORDERS_READ})), "x", 200, "masked", "-")
     (record,) = audit_records(caplog)
     message = record.getMessage()
     assert message.isascii()
@@ -199,18 +197,19 @@ class OneToken:
         return SUPPORT
 
 
-class AnswersOk:
-    """An app that holds no order in memory and answers every request with a 200."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    def answer(self, scope: Scope, view: View | None, extra_headers: Headers) -> Answer | None:
-        return None
+async def answer_ok(scope: Scope, receive: Receive, send: Send) -> None:
+    """The framework behind the front, answering every request with a 200."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
 
 
-answer_ok = AnswersOk()
+def front(
+    policy: AccessPolicy, metrics: Metrics | None = None, cache: OrderCache | None = None
+) -> Front:
+    """The app's front with `policy`, in front of `answer_ok`, holding the orders of `cache`."""
+    lookup = OrderLookup(FakeReader({}), cache or OrderCache(10))
+    stats = None if metrics is None else metrics.http
+    return Front(answer_ok, lookup, AccessGuard(policy, metrics), stats)
 
 
 def request(path: str, authorization: str | None, client: str = "203.0.113.9") -> Scope:
@@ -229,7 +228,7 @@ async def receive() -> Message:
 
 
 def answer(
-    guard: AccessGuard, authorization: str | None, client: str = "203.0.113.9"
+    guard: Front, authorization: str | None, client: str = "203.0.113.9"
 ) -> tuple[int, dict[bytes, bytes]]:
     sent: list[Message] = []
 
@@ -240,13 +239,12 @@ def answer(
     return sent[0]["status"], dict(sent[0]["headers"])
 
 
-def status_of(guard: AccessGuard, authorization: str | None, client: str = "203.0.113.9") -> int:
+def status_of(guard: Front, authorization: str | None, client: str = "203.0.113.9") -> int:
     return answer(guard, authorization, client)[0]
 
 
-def guard(authenticator: Authenticator | None = None) -> AccessGuard:
-    policy = AccessPolicy(authenticator or OneToken(), FailureLimiter(), MaskedViews(10, None))
-    return AccessGuard(answer_ok, policy, None)
+def guard(authenticator: Authenticator | None = None) -> Front:
+    return front(AccessPolicy(authenticator or OneToken(), FailureLimiter(), MaskedViews(10, None)))
 
 
 def test_requests_without_a_token_do_not_lock_out_their_address() -> None:
@@ -267,7 +265,7 @@ def test_wrong_tokens_still_lock_out_their_address() -> None:
 
 
 def forwarded_for(
-    checked: AccessGuard, token: str, forwarded: str, caplog: pytest.LogCaptureFixture
+    checked: Front, token: str, forwarded: str, caplog: pytest.LogCaptureFixture
 ) -> tuple[int, str]:
     """The status of a GET of /orders through the proxy at 10.0.0.2, and the client its audit
     line names."""
@@ -292,9 +290,7 @@ def test_failures_through_a_trusted_proxy_lock_out_their_client_only(
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
     limiter = FailureLimiter()
     proxies = TrustedProxies(trusted_networks("10.0.0.0/8"))
-    checked = AccessGuard(
-        answer_ok, AccessPolicy(OneToken(), limiter, MaskedViews(10, None), proxies), None
-    )
+    checked = front(AccessPolicy(OneToken(), limiter, MaskedViews(10, None), proxies))
     attacker = [
         forwarded_for(checked, "guess", "198.51.100.1, 203.0.113.66", caplog) for _ in range(22)
     ]
@@ -373,6 +369,26 @@ def test_no_access_policy_is_refused_when_the_settings_ask_for_authentication(
         bootstrap.build(settings, None)
 
 
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        (
+            {"http_host": "0.0.0.0"},
+            "HTTP_AUTH=none with HTTP_HOST=0.0.0.0 serves every customer's personal data",
+        ),
+        (
+            {"http_auth": "token", "http_tokens_file": "no such file"},
+            "HTTP_TOKENS_FILE: cannot read",
+        ),
+    ],
+)
+def test_settings_that_cannot_guard_the_orders_give_no_access_policy(
+    settings: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(AccessConfigurationError, match=f"^{problem}"):
+        bootstrap.access_policy(Settings(_env_file=None, **settings))  # type: ignore[arg-type]
+
+
 def test_the_list_is_audited_with_its_view_and_no_answer_of_a_guarded_route_is_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -397,32 +413,19 @@ def test_the_list_is_audited_with_its_view_and_no_answer_of_a_guarded_route_is_k
     assert len(lines) == len(answers)
 
 
-class OneOrderInMemory(AnswersOk):
-    """An app holding one order in memory, which notes how the guard asked for it."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[View | None, Headers]] = []
-
-    def answer(self, scope: Scope, view: View | None, extra_headers: Headers) -> Answer | None:
-        self.asked.append((view, extra_headers))
-        return (
-            200,
-            {"type": "http.response.start", "status": 200, "headers": list(extra_headers)},
-            {"type": "http.response.body", "body": b"{}"},
-        )
-
-
-def order_read(send: Send) -> tuple[list[tuple[View | None, Headers]], View]:
-    """A read of an order in memory with the support token: how the guard asked the app for
-    it, and the masked view the guard had to ask for."""
-    in_memory = OneOrderInMemory()
+def order_read(send: Send) -> tuple[MaskedViews, CachedOrder]:
+    """A read of an order in memory with the support token, which reads orders masked: the
+    masked views of the policy, and the order whole."""
+    whole = CachedOrder(json.dumps(SAMPLE_ORDER).encode(), '"v1"')
+    cache = OrderCache(10)
+    cache.put_written({"b563": whole})
     views = MaskedViews(10, None)
-    guarded = AccessGuard(in_memory, AccessPolicy(OneToken(), FailureLimiter(), views), None)
+    guarded = front(AccessPolicy(OneToken(), FailureLimiter(), views), cache=cache)
     asyncio.run(guarded(request("/order/b563", f"Bearer {VALID}"), receive, send))
-    return in_memory.asked, views.masked
+    return views, whole
 
 
-def test_an_order_in_memory_is_asked_for_in_the_principals_view_and_kept_private(
+def test_an_order_in_memory_is_answered_in_the_principals_view_and_kept_private(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="order_viewer.audit")
@@ -431,12 +434,14 @@ def test_an_order_in_memory_is_asked_for_in_the_principals_view_and_kept_private
     async def send(message: Message) -> None:
         sent.append(message)
 
-    asked, masked = order_read(send)
-    ((view, extra_headers),) = asked
-    assert view == masked  # support reads orders masked
-    assert (b"vary", b"Authorization") in extra_headers
-    assert (b"cache-control", b"no-store") in extra_headers
+    views, whole = order_read(send)
+    masked = views.masked(whole)
     assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == masked.body  # support reads orders masked
+    headers = sent[0]["headers"]
+    assert (b"etag", masked.etag.encode()) in headers
+    assert (b"vary", b"Authorization") in headers
+    assert (b"cache-control", b"no-store") in headers
     (record,) = audit_records(caplog)
     assert "order_uid=b563 status=200 view=masked" in record.getMessage()
 
@@ -458,7 +463,7 @@ def test_an_order_read_from_memory_is_audited_though_the_client_left(
 def test_the_masked_views_beside_the_cache_are_measured() -> None:
     metrics = Metrics(OrderCache(10))
     views = MaskedViews(10, None)
-    AccessGuard(answer_ok, AccessPolicy(OneToken(), FailureLimiter(), views), metrics)
+    AccessGuard(AccessPolicy(OneToken(), FailureLimiter(), views), metrics)
 
     def gauges() -> tuple[float | None, float | None]:
         return (
@@ -480,16 +485,14 @@ def test_the_refused_lines_of_the_tokens_file_are_measured(tmp_path: Path) -> No
     path.write_text(f"support:{'a' * 64}:orders:read\nbroken\n")
     tokens = TokenFile(path)
     metrics = Metrics(OrderCache(10))
-    AccessGuard(answer_ok, AccessPolicy(tokens, FailureLimiter(), MaskedViews(10, None)), metrics)
+    AccessGuard(AccessPolicy(tokens, FailureLimiter(), MaskedViews(10, None)), metrics)
     assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") == 1
     path.write_text(f"support:{'a' * 64}:orders:read\n")
     tokens.reload_if_changed()
     assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") == 0
     # Only the tokens file has the gauge.
     metrics = Metrics(OrderCache(10))
-    AccessGuard(
-        answer_ok, AccessPolicy(OneToken(), FailureLimiter(), MaskedViews(10, None)), metrics
-    )
+    AccessGuard(AccessPolicy(OneToken(), FailureLimiter(), MaskedViews(10, None)), metrics)
     assert metrics.registry.get_sample_value("order_viewer_tokens_file_refused_lines") is None
 
 
@@ -510,7 +513,7 @@ class NotReady:
 @dataclass
 class Instance:
     """The app of one instance as a masked reader meets it, with a cache that keeps the order
-    (answered by CachedOrders) or none (answered by the framework, from the database)."""
+    (answered by the front) or none (answered by the framework, from the database)."""
 
     app: ASGIApp
     reader: FakeReader

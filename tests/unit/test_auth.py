@@ -847,7 +847,9 @@ def test_protected_mode_refuses_anonymous_access_beyond_loopback(
 ) -> None:
     values: dict[str, Any] = {name.lower(): value for name, value in env.items()}
     settings = Settings(_env_file=None, **values)
-    problem = protected_mode_problem(settings)
+    problem = protected_mode_problem(
+        settings.http_auth, settings.http_host, allow_anonymous=settings.http_allow_anonymous
+    )
     assert (problem is not None) == refused
     if problem is not None:
         assert "HTTP_AUTH=none" in problem
