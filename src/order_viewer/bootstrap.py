@@ -32,6 +32,7 @@ from order_viewer.ports import Stopped
 from order_viewer.retry import Health, Patience, retry
 from order_viewer.service import (
     CacheCoherence,
+    Liveness,
     OrderIngest,
     OrderLookup,
     Readiness,
@@ -113,6 +114,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         metrics,
         delete_on_tombstone=settings.kafka_tombstones == "delete",
     )
+    liveness = Liveness()
     consumer = OrderConsumer(
         client=client_config(
             settings,
@@ -129,6 +131,8 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         broker=broker.health,
         stop=stop,
         metrics=metrics,
+        stall_timeout_seconds=settings.kafka_stall_timeout_ms / 1000,
+        liveness=liveness,
     )
     lookup = OrderLookup(reader, cache)
     coherence = CacheCoherence(
@@ -140,7 +144,9 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         if settings.order_retention_days is not None
         else None
     )
-    readiness = Readiness(lookup.database_reachable, consumer.consuming, coherence.listening_now)
+    readiness = Readiness(
+        lookup.database_reachable, consumer.consuming, coherence.listening_now, liveness
+    )
     app = create_app(lookup, readiness, metrics if settings.metrics_enabled else None, access)
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,

@@ -18,6 +18,7 @@ from order_viewer.ports import DatabaseUnavailable, Message, Stopped, StoredDocu
 from order_viewer.retry import Health, Patience
 from order_viewer.service import (
     BatchOutcome,
+    Liveness,
     OrderIngest,
     OrderLookup,
     Readiness,
@@ -226,7 +227,7 @@ def test_readiness_names_each_part_that_is_not_ready() -> None:
         return reachable
 
     listening = threading.Event()
-    readiness = Readiness(database_reachable, consuming, listening)
+    readiness = Readiness(database_reachable, consuming, listening, Liveness())
     assert asyncio.run(readiness.not_ready()) == {
         "listener": "not listening for changes",
         "cache": "warming up",
@@ -241,6 +242,26 @@ def test_readiness_names_each_part_that_is_not_ready() -> None:
     reachable = True
     listening.clear()
     assert asyncio.run(readiness.not_ready()) == {"listener": "not listening for changes"}
+
+
+def test_liveness_names_each_part_stuck_until_it_moves_again() -> None:
+    async def reachable() -> bool:
+        return True
+
+    liveness = Liveness()
+    readiness = Readiness(reachable, threading.Event(), threading.Event(), liveness)
+    assert readiness.not_live() == {}
+    liveness.stuck("consumer", "nothing fetched")
+    liveness.stuck("listener", "silent")
+    liveness.stuck("consumer", "nothing fetched after 3 new consumers")
+    assert readiness.not_live() == {
+        "consumer": "nothing fetched after 3 new consumers",
+        "listener": "silent",
+    }
+    liveness.moving("consumer")
+    liveness.moving("consumer")  # moving twice, or without having been stuck, is harmless
+    liveness.moving("writer")
+    assert readiness.not_live() == {"listener": "silent"}
 
 
 def test_a_miss_reads_the_database_once_and_fills_the_cache() -> None:
