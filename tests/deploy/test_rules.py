@@ -96,6 +96,7 @@ def test_the_issue_asks_for_each_of_these_alerts() -> None:
         "OrderViewerCacheHitRatioCollapsed",
         "OrderViewerHttpErrors",
         "OrderViewerHttpLatencyHigh",
+        "OrderViewerConsumerStalled",
     }
 
 
