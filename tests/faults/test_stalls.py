@@ -157,7 +157,9 @@ def test_a_broker_frozen_for_30_s_is_waited_out_without_a_restart_while_it_is_fr
     stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess], protocol: str
 ) -> None:
     service = start_service(KAFKA_GROUP_PROTOCOL=protocol, KAFKA_STALL_TIMEOUT_MS="10000")
-    stream = Stream(8_000, seed=303).start(stack, topics.orders, seconds=40)
+    # Orders of their own for each protocol: the test module shares one database.
+    stream = Stream(6_000, seed={"classic": 303, "consumer": 304}[protocol])
+    stream.start(stack, topics.orders, seconds=20)
     first = list(stream.valid)[:100]
     wait_until(lambda: stored_count(stack, first) == len(first), 60, "the service to be storing")
     pid = stack.servers.kafka_pid()
@@ -177,6 +179,4 @@ def test_a_broker_frozen_for_30_s_is_waited_out_without_a_restart_while_it_is_fr
     assert stale_answers(service, stream) == []
     assert service.process is not None
     assert service.process.poll() is None
-    print(
-        f"restarts of a stalled consumer after the broker resumed: {stalled_restarts(service):.0f}"
-    )
+    print(f"restarts of a stalled consumer in all: {stalled_restarts(service):.0f}")
