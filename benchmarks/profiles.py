@@ -159,6 +159,9 @@ class _Ready:
     async def not_ready(self) -> dict[str, str]:
         return {}
 
+    def not_live(self) -> dict[str, str]:
+        return {}
+
 
 def _cached(bench: Bench, ids: list[str]) -> tuple[OrderCache, dict[str, Any]]:
     """A cache holding the stored orders of `ids`, and their bodies as the bare server's."""

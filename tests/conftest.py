@@ -37,6 +37,7 @@ from order_viewer.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
+SERVE = (str(ORDER_VIEWER), "serve")
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -234,9 +235,18 @@ def with_open_files_limit(limit: int, command: list[str]) -> list[str]:
 
 
 class ServiceProcess:
-    """One `order-viewer serve` process over the run's servers, started and stopped at will."""
+    """One `order-viewer serve` process over the run's servers, started and stopped at will;
+    `command` runs it another way (a test seam's)."""
 
-    def __init__(self, stack: Stack, topics: Topics, log_dir: Path, **settings: str) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        topics: Topics,
+        log_dir: Path,
+        command: Sequence[str] = SERVE,
+        **settings: str,
+    ) -> None:
+        self.command = list(command)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -253,7 +263,7 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, ready: bool = True, open_files_limit: int | None = None) -> ServiceProcess:
-        command = [str(ORDER_VIEWER), "serve"]
+        command = self.command
         if open_files_limit is not None:
             command = with_open_files_limit(open_files_limit, command)
         with self.log_path.open("ab") as log:
@@ -318,8 +328,10 @@ def start_service(
     """Start services over this test's topics; each is stopped when the test ends."""
     started: list[ServiceProcess] = []
 
-    def start(ready: bool = True, **settings: str) -> ServiceProcess:
-        service = ServiceProcess(stack, topics, tmp_path, **settings)
+    def start(
+        ready: bool = True, command: Sequence[str] = SERVE, **settings: str
+    ) -> ServiceProcess:
+        service = ServiceProcess(stack, topics, tmp_path, command, **settings)
         started.append(service)
         return service.start(ready)
 

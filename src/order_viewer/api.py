@@ -97,6 +97,10 @@ class Readiness(Protocol):
         """The parts that are not ready, each with what is wrong; empty when all are."""
         ...
 
+    def not_live(self) -> dict[str, str]:
+        """The parts stuck for good, each with why; empty when none is."""
+        ...
+
 
 class ErrorBody(BaseModel):
     error: str
@@ -114,6 +118,11 @@ class RecentOrdersBody(BaseModel):
 class ReadinessBody(BaseModel):
     status: str
     not_ready: dict[str, str]
+
+
+class LivenessBody(BaseModel):
+    status: str
+    stuck: dict[str, str] = {}
 
 
 def _error(status: int, message: str, **extra: str) -> JSONResponse:
@@ -253,9 +262,17 @@ def create_app(
         body = RecentOrdersBody(orders=summaries)
         return Response(body.model_dump_json(), media_type="application/json")
 
-    @app.get("/livez", summary="The process is up")
-    async def livez() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get(
+        "/livez",
+        summary="The process is up and none of its parts is stuck for good",
+        response_model=LivenessBody,
+        responses={503: {"model": LivenessBody, "description": "A part is stuck: restart."}},
+    )
+    async def livez() -> JSONResponse:
+        stuck = readiness.not_live()
+        if stuck:
+            return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get(
         "/readyz",

@@ -43,6 +43,7 @@ from order_viewer.ports import Stopped
 from order_viewer.retry import Health, Patience, retry
 from order_viewer.service import (
     CacheCoherence,
+    Liveness,
     OrderIngest,
     OrderLookup,
     Readiness,
@@ -162,6 +163,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         metrics,
         delete_on_tombstone=settings.kafka_tombstones == "delete",
     )
+    liveness = Liveness()
     consumer = OrderConsumer(
         client={
             **kafka,
@@ -178,6 +180,8 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         broker=broker.health,
         stop=stop,
         metrics=metrics,
+        stall_timeout_seconds=settings.kafka_stall_timeout_ms / 1000,
+        liveness=liveness,
     )
     lookup = OrderLookup(reader, cache)
     coherence = CacheCoherence(
@@ -194,6 +198,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         consumer.consuming,
         coherence.listening_now,
         ingest.write_timeouts,
+        liveness,
     )
     app = create_app(
         lookup,

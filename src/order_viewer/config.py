@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         description="How long one batch may take (a database outage included) before the "
         "consumer gives its partitions to another instance.",
     )
+    kafka_stall_timeout_ms: Annotated[int, Field(ge=5_000, le=3_600_000)] = Field(
+        default=30_000,
+        description="How long the consumer may ask for messages and get none while the broker "
+        "holds some beyond its position before it is closed and made again (librdkafka can "
+        "stop fetching after a broker restart without a word); after 3 such restarts in a row "
+        "without a message, /livez fails.",
+    )
     kafka_tombstones: Literal["dead-letter", "delete"] = Field(
         default="dead-letter",
         description="What a message with a key and no value does. dead-letter: it is rejected "

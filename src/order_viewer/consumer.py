@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -17,7 +18,7 @@ from order_viewer.config import Settings
 from order_viewer.metrics import Metrics
 from order_viewer.ports import Message, Stopped
 from order_viewer.retry import Health
-from order_viewer.service import BatchOutcome, OrderIngest, PreparedBatch
+from order_viewer.service import BatchOutcome, Liveness, OrderIngest, PreparedBatch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ IDLE_SLICE_SECONDS = 0.1
 # and splitting every poll in three looked slower to show new orders at 1,000 orders/s
 # (docs/PERFORMANCE.md, Lanes).
 SPLIT_FROM = 200
+
+
+# Restarts of a stalled consumer in a row that bring no message before it is reported stuck:
+# `/livez` then fails, so that the orchestrator restarts the whole process.
+RESTARTS_BEFORE_STUCK = 3
+# How long each request of a stall check (committed offsets, a partition's end) may take: a
+# broker that does not answer within it counts as away, not as stalled. The loop waits for the
+# check, so a stop asked meanwhile waits up to two of these while the broker is frozen.
+CHECK_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,60 @@ def lane_groups(
     )
 
 
+class Verdict(Enum):
+    """What to do after a stall check."""
+
+    CARRY_ON = "carry on"  # nothing waits, or the broker did not answer
+    RESTART = "restart"  # messages wait and none comes: close the consumer, make a new one
+    STUCK = "stuck"  # the same, after RESTARTS_BEFORE_STUCK restarts that brought nothing
+
+
+class ProgressWatch:
+    """Decides when the consumer has stalled: it has asked for messages for `timeout` seconds
+    and got none, while the broker answers and holds messages beyond its position.
+
+    Only time spent asking counts. A loop that waits for its writes (the database away or slow)
+    or for the dead-letter topic asks for nothing, and its lag grows for that reason alone. A
+    broker that does not answer the check is away: a new consumer would not bring it back, so
+    that check counts for nothing and the next one, a timeout later, looks again. Pure: the
+    clock is given, and the caller does what the verdicts say.
+    """
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._timeout = timeout
+        self._clock = clock
+        self._quiet_since = clock()
+        self._restarts = 0  # in a row, without a message since
+
+    @property
+    def stuck(self) -> bool:
+        return self._restarts > RESTARTS_BEFORE_STUCK
+
+    def moved(self) -> bool:
+        """Messages came; True if the consumer was stuck until now."""
+        was_stuck = self.stuck
+        self._restarts = 0
+        self._quiet_since = self._clock()
+        return was_stuck
+
+    def held(self) -> None:
+        """The loop waited for something else than the broker: the quiet starts again."""
+        self._quiet_since = self._clock()
+
+    def due(self) -> bool:
+        """Quiet for the timeout: time to check whether messages wait."""
+        return self._clock() - self._quiet_since >= self._timeout
+
+    def checked(self, waiting: Mapping[str, int] | None) -> Verdict:
+        """The verdict on what a check found: the messages waiting beyond the consumer's
+        position in each of its partitions, or None if the broker did not answer."""
+        self._quiet_since = self._clock()
+        if waiting is None or not any(count > 0 for count in waiting.values()):
+            return Verdict.CARRY_ON
+        self._restarts += 1
+        return Verdict.STUCK if self._restarts == RESTARTS_BEFORE_STUCK + 1 else Verdict.RESTART
+
+
 class OrderConsumer:
     """Consumes the orders topic until `stop` is set, handing each batch to the service layer.
 
@@ -84,6 +148,11 @@ class OrderConsumer:
     a batch's offsets only after its orders are committed in PostgreSQL and its dead letters
     acknowledged. A crash therefore re-delivers at most the unfinished batches, which the store
     absorbs.
+
+    A consumer that stops fetching without a word (librdkafka's, after a broker restart, under
+    KIP-848: confluentinc/librdkafka#5153) is closed and made again when the `ProgressWatch`
+    says so, with the same group settings and from the offsets stored; after
+    RESTARTS_BEFORE_STUCK restarts that brought nothing, `liveness` says it is stuck.
     """
 
     def __init__(
@@ -96,6 +165,8 @@ class OrderConsumer:
         broker: Health,
         stop: threading.Event,
         metrics: Metrics,
+        stall_timeout_seconds: float,
+        liveness: Liveness,
     ) -> None:
         self._client = client
         self._topic = topic
@@ -104,32 +175,15 @@ class OrderConsumer:
         self._broker = broker
         self._stop = stop
         self._metrics = metrics
+        self._stall_timeout = stall_timeout_seconds
+        self._liveness = liveness
         self.consuming = threading.Event()
 
     def run(self) -> None:
         """Consume until stopped; raises KafkaException on an error no retry can cure (e.g.
         fenced by another instance with the same static member id)."""
-        consumer = Consumer(
-            {
-                **self._client,
-                "enable.auto.commit": True,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "statistics.interval.ms": 5000,
-                # librdkafka's default read-ahead is 64 MiB of messages, on top of the
-                # batches held here (one per lane, and one being validated); two batches ahead
-                # keep the database as busy.
-                "queued.max.messages.kbytes": 2 * self._batching.max_bytes // 1024,
-                "stats_cb": self._metrics.librdkafka_statistics,
-            }
-        )
-        consumer.subscribe(
-            [self._topic],
-            on_assign=_log_assignment("assigned"),
-            on_revoke=_log_assignment("revoked"),
-        )
-        self.consuming.set()
-        log.info("consuming %s as group %s", self._topic, self._client["group.id"])
+        consumer = self._subscribed()
+        watch = ProgressWatch(self._stall_timeout)
         # The database writes batches while this thread polls and validates the next. A
         # partition's messages all belong to one lane, and a lane holds one batch at a time, so
         # each partition's batches are stored, and their offsets stored, in order.
@@ -151,10 +205,19 @@ class OrderConsumer:
         try:
             while not self._stop.is_set():
                 polled = self._poll(consumer, free)
-                if not polled:
+                if polled:
+                    if watch.moved():
+                        self._liveness.moving("consumer")
+                        log.info("the consumer consumes again: /livez passes again")
+                elif writing:
                     # Nothing came: the batches under way are settled as they end, so that
-                    # their offsets are stored without waiting for more messages.
+                    # their offsets are stored without waiting for more messages. Meanwhile
+                    # the loop asked the broker for nothing.
                     settle(list(writing))
+                    watch.held()
+                elif watch.due():
+                    # Nothing is under way, so every offset of what was consumed is stored.
+                    consumer = self._restarted_if_stalled(consumer, watch)
                 groups = lane_groups(polled, self._ingest.lane_of, self._batching.split_from, free)
                 for lanes, group in groups:
                     for messages in by_size(group, self._batching.max_bytes):
@@ -175,6 +238,57 @@ class OrderConsumer:
             # (a static member stays in it, for its restart to find them).
             consumer.close()
             log.info("consumer stopped")
+
+    def _subscribed(self) -> Consumer:
+        """A new consumer of the topic, in the group."""
+        consumer = Consumer(
+            {
+                **self._client,
+                "enable.auto.commit": True,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "statistics.interval.ms": 5000,
+                # librdkafka's default read-ahead is 64 MiB of messages, on top of the
+                # batches held here (one per lane, and one being validated); two batches ahead
+                # keep the database as busy.
+                "queued.max.messages.kbytes": 2 * self._batching.max_bytes // 1024,
+                "stats_cb": self._metrics.librdkafka_statistics,
+            }
+        )
+        consumer.subscribe(
+            [self._topic],
+            on_assign=_log_assignment("assigned"),
+            on_revoke=_log_assignment("revoked"),
+        )
+        self.consuming.set()
+        log.info("consuming %s as group %s", self._topic, self._client["group.id"])
+        return consumer
+
+    def _restarted_if_stalled(self, consumer: Consumer, watch: ProgressWatch) -> Consumer:
+        """The consumer, or a new one in its place if messages wait and it fetches none. The
+        old one's close() commits the offsets stored (everything consumed before: nothing is
+        under way) and leaves the group, or for a static member hands its place to the new
+        one; the new one fetches from those offsets, so nothing is skipped or read twice."""
+        waiting = messages_waiting(consumer, CHECK_TIMEOUT_SECONDS)
+        verdict = watch.checked(waiting)
+        if verdict is Verdict.CARRY_ON:
+            return consumer
+        assert waiting is not None
+        lags = ", ".join(f"{part} lag {count}" for part, count in waiting.items() if count > 0)
+        log.warning(
+            "the consumer fetched nothing for %.0f s while messages wait (%s): closing it and "
+            "consuming with a new one",
+            self._stall_timeout,
+            lags,
+        )
+        self._metrics.consumer_restarts.labels("stalled").inc()
+        if verdict is Verdict.STUCK:
+            reason = f"nothing fetched after {RESTARTS_BEFORE_STUCK} new consumers ({lags})"
+            log.error("the consumer is stuck: %s; /livez fails so that it is restarted", reason)
+            self._liveness.stuck("consumer", reason)
+        self.consuming.clear()
+        consumer.close()
+        return self._subscribed()
 
     def _poll(self, consumer: Consumer, free: Callable[[int], bool]) -> list[Message]:
         """The next batch: up to BATCH_MAX_ORDERS messages, gathered for at most
@@ -237,6 +351,35 @@ class OrderConsumer:
                 Message(topic, partition, offset, kafka_message.key(), kafka_message.value())
             )
         return batch
+
+
+def messages_waiting(consumer: Consumer, timeout: float) -> dict[str, int] | None:
+    """How many messages each assigned partition ("topic/partition") holds beyond the
+    consumer's position, asked of the broker; None if it did not answer in time. The cached
+    watermarks would not do: librdkafka learns a partition's end from its fetches, and the
+    fetches are what may have stopped. A partition whose position is not known yet (nothing
+    consumed since it was assigned) starts at its committed offset, or at its beginning
+    (`auto.offset.reset=earliest`)."""
+    try:
+        assigned = consumer.position(consumer.assignment())
+        unknown = [partition for partition in assigned if partition.offset < 0]
+        committed = {
+            (partition.topic, partition.partition): partition.offset
+            for partition in (consumer.committed(unknown, timeout=timeout) if unknown else [])
+        }
+        waiting = {}
+        for partition in assigned:
+            watermarks = consumer.get_watermark_offsets(partition, timeout=timeout, cached=False)
+            if watermarks is None:
+                return None
+            beginning, end = watermarks
+            stored = committed.get((partition.topic, partition.partition), -1)
+            known = [offset for offset in (partition.offset, stored) if offset >= 0]
+            start = known[0] if known else beginning
+            waiting[f"{partition.topic}/{partition.partition}"] = max(0, end - start)
+    except KafkaException:
+        return None
+    return waiting
 
 
 def group_membership(settings: Settings) -> dict[str, str | int]:

@@ -111,6 +111,17 @@ class Metrics:
             ["topic", "partition"],
             registry=registry,
         )
+        self.consumer_restarts = Counter(
+            "order_viewer_consumer_restarts",
+            "Kafka consumers the service closed and made again, by reason (stalled: it asked "
+            "for messages for KAFKA_STALL_TIMEOUT_MS and got none while the broker answered and "
+            "held some beyond its position).",
+            ["reason"],
+            registry=registry,
+        )
+        # Exposed at 0 from the start: a labelled counter appears with its first increment,
+        # which Prometheus cannot see as a rise, and the first restart is the one to notice.
+        self.consumer_restarts.labels("stalled")
         self.warm_up_duration = Gauge(
             "order_viewer_cache_warm_up_duration_seconds",
             "How long loading the cache at start took.",

@@ -98,6 +98,7 @@ def test_the_issue_asks_for_each_of_these_alerts() -> None:
         "OrderViewerHttpLatencyHigh",
         "OrderViewerTokensFileLinesRefused",
         "OrderViewerDatabaseWritesTimingOut",
+        "OrderViewerConsumerStalled",
     }
 
 

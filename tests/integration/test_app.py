@@ -17,7 +17,7 @@ from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.generate import make_order
 from order_viewer.metrics import Metrics
 from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.service import OrderLookup, Readiness, WriteTimeouts
+from order_viewer.service import Liveness, OrderLookup, Readiness, WriteTimeouts
 from order_viewer.store import PostgresOrderReader, PostgresOrderWriter
 from tests.conftest import Stack, free_port
 from tests.integration.test_api import HOSTILE_IDS
@@ -34,12 +34,14 @@ class App:
         self.consuming = threading.Event()
         self.lookup = OrderLookup(self.reader, self.cache)
         self.listening = threading.Event()
+        self.liveness = Liveness()
         self.metrics = Metrics(self.cache)
         self.readiness = Readiness(
             self.lookup.database_reachable,
             self.consuming,
             self.listening,
             WriteTimeouts(self.metrics),
+            self.liveness,
         )
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(create_app(self.lookup, self.readiness, self.metrics)),
@@ -142,6 +144,25 @@ def test_readiness_follows_the_listener_warm_up_and_consumption(stack: Stack) ->
         app.listening.set()
         ready = await app.client.get("/readyz")
         assert (ready.status_code, ready.json()["status"]) == (200, "ready")
+
+    run(stack.database_url, scenario)
+
+
+def test_liveness_fails_with_the_reason_while_a_part_is_stuck(stack: Stack) -> None:
+    async def scenario(app: App) -> None:
+        assert (await app.client.get("/livez")).json() == {"status": "ok"}
+        app.liveness.stuck("consumer", "nothing fetched after 3 new consumers (orders/0 lag 7)")
+        stuck = await app.client.get("/livez")
+        assert stuck.status_code == 503
+        assert stuck.json() == {
+            "status": "stuck",
+            "stuck": {"consumer": "nothing fetched after 3 new consumers (orders/0 lag 7)"},
+        }
+        # Liveness is not readiness: the orders are still served meanwhile.
+        assert (await app.client.get("/order/no-such-order")).status_code == 404
+        app.liveness.moving("consumer")
+        live = await app.client.get("/livez")
+        assert (live.status_code, live.json()) == (200, {"status": "ok"})
 
     run(stack.database_url, scenario)
 

@@ -10,30 +10,35 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+import order_viewer.consumer
 from order_viewer.broker import DeadLetterWriter, ensure_topics
 from order_viewer.cache import OrderCache
-from order_viewer.consumer import Batching, OrderConsumer
+from order_viewer.consumer import RESTARTS_BEFORE_STUCK, Batching, OrderConsumer, messages_waiting
 from order_viewer.generate import SAMPLE_ORDER
 from order_viewer.metrics import Metrics
 from order_viewer.model import PreparedOrder, Rejection
 from order_viewer.ports import Deletion, Message, RejectedMessage, WriteResult
 from order_viewer.retry import Health, Patience
-from order_viewer.service import OrderIngest
+from order_viewer.service import Liveness, OrderIngest
 from tests.conftest import (
     Record,
     Stack,
     Topics,
     committed_lag,
     consume_all,
+    free_port,
     produce,
     wait_until,
 )
 from tests.fakes import FakeWriter
+from tests.frozen_fetching import freezing
 
 pytestmark = pytest.mark.integration
 
@@ -87,11 +92,17 @@ class RunningConsumer:
     consumer: OrderConsumer
     cache: OrderCache
     dead_letters: DeadLetterWriter
+    metrics: Metrics
+    liveness: Liveness
 
 
 @contextmanager
 def running_consumer(
-    stack: Stack, topics: Topics, writers: Sequence[FakeWriter], batching: Batching
+    stack: Stack,
+    topics: Topics,
+    writers: Sequence[FakeWriter],
+    batching: Batching,
+    stall_timeout_seconds: float = 600,
 ) -> Iterator[RunningConsumer]:
     """The consumer loop in a thread, storing through `writers` (one per lane); stopped and
     joined on exit."""
@@ -102,6 +113,7 @@ def running_consumer(
     metrics = Metrics(cache)
     dead_letters = DeadLetterWriter(client(stack), topics.dead_letters, patience, metrics)
     database = Patience(Health("database", logging.getLogger("test.database")), stop, 0.5)
+    liveness = Liveness()
     consumer = OrderConsumer(
         client={**client(stack), "group.id": topics.group, "session.timeout.ms": 6000},
         topic=topics.orders,
@@ -110,11 +122,13 @@ def running_consumer(
         broker=patience.health,
         stop=stop,
         metrics=metrics,
+        stall_timeout_seconds=stall_timeout_seconds,
+        liveness=liveness,
     )
     running = threading.Thread(target=consumer.run)
     running.start()
     try:
-        yield RunningConsumer(consumer, cache, dead_letters)
+        yield RunningConsumer(consumer, cache, dead_letters, metrics, liveness)
     finally:
         stop.set()
         running.join(30)
@@ -240,3 +254,133 @@ def test_each_partition_is_stored_in_order_by_its_lane_and_the_lanes_write_at_on
         assert {partition for partition, _ in stored} == {lane}
         assert [offset for _, offset in stored] == list(range(20))
     assert committed_lag(stack, topics) == 0
+
+
+def test_messages_waiting_count_from_the_position_else_the_committed_offset_else_the_start(
+    stack: Stack, topics: Topics
+) -> None:
+    ensure_topics(client(stack), [topics.orders], 3, broker(threading.Event()))
+    produce(
+        stack,
+        topics.orders,
+        [
+            Record(key, value, partition=n % 2)
+            for n, (key, value) in enumerate(order_messages("w", 20))
+        ],
+    )
+    consumer = Consumer(
+        {
+            **client(stack),
+            "group.id": topics.group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",  # as the service's consumer
+        }
+    )
+    try:
+        assert messages_waiting(consumer, 10) == {}  # nothing assigned
+        consumer.assign([TopicPartition(topics.orders, p) for p in range(3)])
+        consumer.commit(offsets=[TopicPartition(topics.orders, 1, 4)], asynchronous=False)
+        # No position yet: partition 0 from its start, 1 from its committed offset, 2 is empty.
+        assert messages_waiting(consumer, 10) == {
+            f"{topics.orders}/0": 10,
+            f"{topics.orders}/1": 6,
+            f"{topics.orders}/2": 0,
+        }
+        consumed = consume_from(consumer, 13)
+        assert messages_waiting(consumer, 10) == {
+            f"{topics.orders}/0": 10 - consumed[0],
+            f"{topics.orders}/1": 6 - consumed[1],
+            f"{topics.orders}/2": 0,
+        }
+    finally:
+        consumer.close()
+
+
+def consume_from(consumer: Consumer, count: int) -> dict[int, int]:
+    """`count` messages consumed, by partition."""
+    by_partition = {0: 0, 1: 0}
+    deadline = time.monotonic() + 30
+    while sum(by_partition.values()) < count and time.monotonic() < deadline:
+        for message in consumer.consume(count - sum(by_partition.values()), timeout=1):
+            assert message.error() is None
+            partition = message.partition()
+            assert partition is not None
+            by_partition[partition] += 1
+    assert sum(by_partition.values()) == count
+    return by_partition
+
+
+def test_messages_waiting_are_unknown_when_no_broker_answers() -> None:
+    nowhere = {"bootstrap.servers": f"127.0.0.1:{free_port()}", "group.id": "nowhere"}
+    consumer = Consumer(nowhere)
+    try:
+        consumer.assign([TopicPartition("orders", 0)])
+        started = time.monotonic()
+        assert messages_waiting(consumer, 1) is None
+        assert time.monotonic() - started < 5
+    finally:
+        consumer.close()
+
+
+def stalled_restarts(metrics: Metrics) -> float:
+    value = metrics.registry.get_sample_value(
+        "order_viewer_consumer_restarts_total", {"reason": "stalled"}
+    )
+    assert value is not None
+    return value
+
+
+def written_once(writer: FakeWriter, uids: list[str]) -> bool:
+    written = [uid for batch in writer.batches for uid in batch]
+    return sorted(written) == sorted(uids)
+
+
+def test_a_consumer_that_fetches_nothing_while_messages_wait_is_replaced_and_loses_nothing(
+    stack: Stack, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    switch = tmp_path / "freeze"
+    monkeypatch.setattr(order_viewer.consumer, "Consumer", freezing(switch))
+    writer = FakeWriter()
+    batching = Batching(max_messages=50, max_bytes=1 << 20, max_wait_seconds=0.05)
+    with running_consumer(stack, topics, [writer], batching, stall_timeout_seconds=2) as running:
+        produce(stack, topics.orders, order_messages("before", 10))
+        wait_until(lambda: len(writer.stored) == 10, 60, "the first orders to be stored")
+        switch.write_text("1")  # the consumer made at start fetches nothing from now on
+        produce(stack, topics.orders, order_messages("after", 10))
+        wait_until(lambda: len(writer.stored) == 20, 60, "the watchdog's new consumer to store")
+        restarts = stalled_restarts(running.metrics)
+        assert restarts >= 1
+        assert running.liveness.not_live() == {}
+    # Every message written once: the stalled consumer's offsets were committed as it closed.
+    assert written_once(
+        writer, [f"before-{n}" for n in range(10)] + [f"after-{n}" for n in range(10)]
+    )
+    assert committed_lag(stack, topics) == 0
+
+
+def test_consumers_that_never_fetch_make_it_stuck_until_one_does(
+    stack: Stack, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    switch = tmp_path / "freeze"
+    monkeypatch.setattr(order_viewer.consumer, "Consumer", freezing(switch))
+    writer = FakeWriter()
+    batching = Batching(max_messages=50, max_bytes=1 << 20, max_wait_seconds=0.05)
+    with running_consumer(stack, topics, [writer], batching, stall_timeout_seconds=1) as running:
+        produce(stack, topics.orders, order_messages("before", 5))
+        wait_until(lambda: len(writer.stored) == 5, 60, "the first orders to be stored")
+        switch.write_text("1000")  # every consumer, the new ones too
+        produce(stack, topics.orders, order_messages("after", 5))
+        stuck = wait_until(running.liveness.not_live, 90, "the consumer to be reported stuck")
+        assert stuck["consumer"].startswith(
+            f"nothing fetched after {RESTARTS_BEFORE_STUCK} new consumers ("
+        )
+        assert f"{topics.orders}/" in stuck["consumer"]
+        restarts = stalled_restarts(running.metrics)
+        assert restarts >= RESTARTS_BEFORE_STUCK + 1
+        assert len(writer.stored) < 10  # but one the first consumer polled before it froze
+        switch.unlink()
+        wait_until(lambda: len(writer.stored) == 10, 60, "the orders to be stored at last")
+        wait_until(lambda: running.liveness.not_live() == {}, 10, "the consumer to be live again")
+    assert written_once(
+        writer, [f"before-{n}" for n in range(5)] + [f"after-{n}" for n in range(5)]
+    )

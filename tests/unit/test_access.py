@@ -509,6 +509,9 @@ class NotReady:
     async def not_ready(self) -> dict[str, str]:
         return {}
 
+    def not_live(self) -> dict[str, str]:
+        return {}
+
 
 @dataclass
 class Instance:

@@ -6,7 +6,14 @@ import pytest
 from confluent_kafka import Consumer
 
 from order_viewer.config import Settings
-from order_viewer.consumer import by_size, group_membership, lane_groups
+from order_viewer.consumer import (
+    RESTARTS_BEFORE_STUCK,
+    ProgressWatch,
+    Verdict,
+    by_size,
+    group_membership,
+    lane_groups,
+)
 from order_viewer.ports import Message
 
 
@@ -90,3 +97,111 @@ def test_group_membership_is_one_librdkafka_accepts(
     assert membership == expected
     # librdkafka checks its configuration when the client is made, before any connection.
     Consumer({"bootstrap.servers": "127.0.0.1:9", **membership}).close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def watch_of(timeout: float = 30) -> tuple[ProgressWatch, Clock]:
+    clock = Clock()
+    return ProgressWatch(timeout, clock), clock
+
+
+LAGGING = {"orders/0": 0, "orders/1": 120}
+
+
+def test_a_quiet_consumer_is_checked_once_the_timeout_has_passed() -> None:
+    watch, clock = watch_of(30)
+    clock.now += 29.9
+    assert not watch.due()
+    clock.now += 0.1
+    assert watch.due()
+
+
+def test_messages_coming_keep_the_check_away() -> None:
+    watch, clock = watch_of(30)
+    for _ in range(10):
+        clock.now += 20
+        assert not watch.moved()
+        assert not watch.due()
+
+
+def test_waiting_for_the_writes_is_not_quiet_time() -> None:
+    # The database away for ten minutes: the loop waited in its writes, asking the broker for
+    # nothing, and the lag grew because of that alone.
+    watch, clock = watch_of(30)
+    clock.now += 600
+    watch.held()
+    assert not watch.due()
+    clock.now += 29
+    assert not watch.due()
+    clock.now += 1
+    assert watch.due()
+
+
+def test_a_broker_that_does_not_answer_the_check_counts_for_nothing() -> None:
+    watch, clock = watch_of(30)
+    for _ in range(2 * RESTARTS_BEFORE_STUCK):
+        clock.now += 30
+        assert watch.due()
+        assert watch.checked(None) is Verdict.CARRY_ON
+        assert not watch.due()  # the next check is a timeout later
+    assert not watch.stuck
+    # Back, and still nothing comes: now it counts, from the first restart.
+    clock.now += 30
+    assert watch.checked(LAGGING) is Verdict.RESTART
+
+
+@pytest.mark.parametrize("waiting", [{}, {"orders/0": 0, "orders/1": 0}])
+def test_nothing_waiting_or_nothing_assigned_is_no_stall(waiting: dict[str, int]) -> None:
+    watch, clock = watch_of(30)
+    for _ in range(2 * RESTARTS_BEFORE_STUCK):
+        clock.now += 30
+        assert watch.checked(waiting) is Verdict.CARRY_ON
+    assert not watch.stuck
+
+
+def test_restarts_that_bring_nothing_make_it_stuck_once_and_a_message_frees_it() -> None:
+    watch, clock = watch_of(30)
+    verdicts = []
+    for _ in range(RESTARTS_BEFORE_STUCK + 3):
+        clock.now += 30
+        verdicts.append(watch.checked(LAGGING))
+    assert verdicts == [
+        *[Verdict.RESTART] * RESTARTS_BEFORE_STUCK,
+        Verdict.STUCK,
+        Verdict.RESTART,
+        Verdict.RESTART,
+    ]
+    assert watch.stuck
+    assert watch.moved()  # it was stuck
+    assert not watch.stuck
+    assert not watch.moved()
+    clock.now += 30
+    assert watch.checked(LAGGING) is Verdict.RESTART
+
+
+def test_a_message_between_restarts_starts_the_count_again() -> None:
+    watch, clock = watch_of(30)
+    for _ in range(3):
+        for _ in range(RESTARTS_BEFORE_STUCK):
+            clock.now += 30
+            assert watch.checked(LAGGING) is Verdict.RESTART
+        watch.moved()
+    assert not watch.stuck
+
+
+def test_an_unanswered_check_between_restarts_neither_counts_nor_forgives() -> None:
+    watch, clock = watch_of(30)
+    verdicts = []
+    for _ in range(RESTARTS_BEFORE_STUCK + 1):
+        clock.now += 30
+        assert watch.checked(None) is Verdict.CARRY_ON
+        clock.now += 30
+        verdicts.append(watch.checked(LAGGING))
+    assert verdicts[-1] is Verdict.STUCK

@@ -30,6 +30,7 @@ from order_viewer.ports import (
 from order_viewer.retry import Health, Patience
 from order_viewer.service import (
     BatchOutcome,
+    Liveness,
     OrderIngest,
     OrderLookup,
     Readiness,
@@ -240,7 +241,7 @@ def test_readiness_names_each_part_that_is_not_ready() -> None:
 
     listening = threading.Event()
     write_timeouts = WriteTimeouts(Metrics(OrderCache(1)))
-    readiness = Readiness(database_reachable, consuming, listening, write_timeouts)
+    readiness = Readiness(database_reachable, consuming, listening, write_timeouts, Liveness())
     assert asyncio.run(readiness.not_ready()) == {
         "listener": "not listening for changes",
         "cache": "warming up",
@@ -313,6 +314,32 @@ def test_a_write_cut_by_its_deadline_is_counted_logged_shown_and_retried(
     lines = [record.getMessage() for record in caplog.records]
     assert f"writes timing out: {blocked}; the write is rolled back and retried" in lines
     assert "writes get through again" in lines
+
+
+def test_liveness_names_each_part_stuck_until_it_moves_again() -> None:
+    async def reachable() -> bool:
+        return True
+
+    liveness = Liveness()
+    readiness = Readiness(
+        reachable,
+        threading.Event(),
+        threading.Event(),
+        WriteTimeouts(Metrics(OrderCache(1))),
+        liveness,
+    )
+    assert readiness.not_live() == {}
+    liveness.stuck("consumer", "nothing fetched")
+    liveness.stuck("listener", "silent")
+    liveness.stuck("consumer", "nothing fetched after 3 new consumers")
+    assert readiness.not_live() == {
+        "consumer": "nothing fetched after 3 new consumers",
+        "listener": "silent",
+    }
+    liveness.moving("consumer")
+    liveness.moving("consumer")  # moving twice, or without having been stuck, is harmless
+    liveness.moving("writer")
+    assert readiness.not_live() == {"listener": "silent"}
 
 
 def test_a_miss_reads_the_database_once_and_fills_the_cache() -> None:

@@ -1,0 +1,91 @@
+"""A test seam: the service's Kafka consumers stop fetching when told to, as librdkafka's
+consumer sometimes does after a broker restart under KIP-848 (confluentinc/librdkafka#5153), a
+fault that cannot be made to happen at will.
+
+A consumer told to freeze pauses its assigned partitions behind the service's back: nothing is
+fetched, nothing revoked, no error reported, while the broker answers and holds the messages.
+It is the real client, only paused, and the seam lives in the tests alone: `freezing` makes the
+consumer class to put in place of the service's in-process, and `python -m tests.frozen_fetching
+SWITCH serve` runs the service's command line with it. While the file SWITCH holds a number n,
+the first n consumers the process made are frozen (1: the one made at start, which the
+watchdog replaces; a large n: every one); once the file is gone they fetch again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Message as KafkaMessage
+
+import order_viewer.consumer
+from order_viewer.cli import main
+
+Rebalance = Callable[[Consumer, list[TopicPartition]], None]
+
+
+def freezing(switch: Path) -> type[Consumer]:
+    """The consumer class whose first n instances fetch nothing while `switch` holds n."""
+    made = itertools.count(1)
+
+    class FreezingConsumer(Consumer):
+        def __init__(self, config: dict[str, Any]) -> None:
+            super().__init__(config)
+            self._number = next(made)
+            self._incremental = config.get("group.protocol") == "consumer"
+            self._paused = False
+
+        def subscribe(
+            self,
+            topics: list[str],
+            on_assign: Rebalance | None = None,
+            on_revoke: Rebalance | None = None,
+            on_lost: Rebalance | None = None,
+        ) -> None:
+            def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+                if on_assign is not None:
+                    on_assign(consumer, partitions)
+                if self._frozen():
+                    # Assigned here, and paused before a poll can return one of their
+                    # messages (the client assigns them after the callback otherwise).
+                    if self._incremental:
+                        consumer.incremental_assign(partitions)
+                    else:
+                        consumer.assign(partitions)
+                    consumer.pause(partitions)
+
+            # The client refuses a None callback.
+            others = {"on_revoke": on_revoke, "on_lost": on_lost}
+            given = {name: callback for name, callback in others.items() if callback is not None}
+            super().subscribe(topics, on_assign=assigned, **given)
+
+        def poll(self, timeout: float = -1) -> KafkaMessage | None:
+            assigned = self.assignment()
+            frozen = self._frozen()
+            if assigned and frozen != self._paused:
+                # Paused, the messages it has fetched already are dropped, not delivered.
+                (self.pause if frozen else self.resume)(assigned)
+                self._paused = frozen
+            return super().poll(timeout)
+
+        def _frozen(self) -> bool:
+            try:
+                return self._number <= int(switch.read_text())
+            except (FileNotFoundError, ValueError):
+                return False
+
+    return FreezingConsumer
+
+
+def command(switch: Path) -> list[str]:
+    """`order-viewer serve` with consumers that follow `switch`."""
+    return [sys.executable, "-m", "tests.frozen_fetching", str(switch), "serve"]
+
+
+if __name__ == "__main__":
+    order_viewer.consumer.Consumer = freezing(Path(sys.argv[1]))  # type: ignore[attr-defined]
+    sys.exit(main(sys.argv[2:]))
