@@ -50,9 +50,10 @@ test: venv
 test-unit: venv
 	$(BIN)/pytest tests/unit
 
-## The fault-injection scenarios alone (they are part of `make test` too).
+## The fault-injection scenarios alone (they are part of `make test` too), spread over the same
+## workers as `make test`: each scenario mostly waits out an outage or a deadline.
 test-faults: install
-	$(BIN)/pytest -m faults
+	$(BIN)/pytest -m faults $(PARALLEL)
 
 test-integration: install
 	$(BIN)/pytest tests/integration tests/e2e
