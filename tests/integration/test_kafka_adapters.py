@@ -55,7 +55,14 @@ def test_missing_topics_are_created_and_existing_ones_kept(stack: Stack, topics:
     names = [topics.orders, topics.dead_letters]
     ensure_topics(client(stack), names[:1], 2, broker(threading.Event()))
     ensure_topics(client(stack), names, 4, broker(threading.Event()))
-    listed = AdminClient(client(stack)).list_topics(timeout=10).topics
+    admin = AdminClient(client(stack))
+
+    def both_listed() -> dict[str, Any] | None:
+        # A topic just created reaches the metadata of another connection a moment later.
+        listed = admin.list_topics(timeout=10).topics
+        return listed if all(name in listed for name in names) else None
+
+    listed = wait_until(both_listed, 10, "both topics in the broker's metadata")
     assert len(listed[topics.orders].partitions) == 2
     assert len(listed[topics.dead_letters].partitions) == 4
 
