@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
-from order_viewer.api import create_app
-from order_viewer.cache import CachedOrder, OrderCache
-from order_viewer.generate import make_order
-from order_viewer.metrics import Metrics
-from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.service import Liveness, OrderLookup, Readiness, WriteTimeouts
-from order_viewer.store import PostgresOrderReader, PostgresOrderWriter
+from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.adapters.http.api import create_app
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.writer import PostgresOrderReader, PostgresOrderWriter
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.ingest import Liveness, OrderLookup, Readiness, WriteTimeouts
 from tests.conftest import Stack, free_port
 from tests.integration.test_api import HOSTILE_IDS
 

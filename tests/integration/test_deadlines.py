@@ -11,10 +11,10 @@ import time
 import psycopg
 import pytest
 
-from order_viewer.generate import make_order
-from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.ports import WriteTimedOut
-from order_viewer.store import _WATCHDOG, PostgresOrderWriter
+from order_viewer.adapters.postgres.writer import _WATCHDOG, PostgresOrderWriter
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.ports import WriteTimedOut
 from tests.audit import stored_documents
 from tests.conftest import Stack
 

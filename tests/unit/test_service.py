@@ -13,22 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from order_viewer import service
-from order_viewer.cache import OrderCache
-from order_viewer.generate import SAMPLE_ORDER
-from order_viewer.metrics import Metrics
-from order_viewer.model import PreparedOrder
-from order_viewer.ports import (
-    DatabaseUnavailable,
-    Deletion,
-    Message,
-    Stopped,
-    StoredDocument,
-    WriteResult,
-    WriteTimedOut,
-)
-from order_viewer.retry import Health, Patience
-from order_viewer.service import (
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.domain.model import PreparedOrder
+from order_viewer.entrypoints.generate import SAMPLE_ORDER
+from order_viewer.service import ingest as service
+from order_viewer.service.ingest import (
     BatchOutcome,
     Liveness,
     OrderIngest,
@@ -38,6 +28,16 @@ from order_viewer.service import (
     prepare_batch,
     warm_up,
 )
+from order_viewer.service.ports import (
+    DatabaseUnavailable,
+    Deletion,
+    Message,
+    Stopped,
+    StoredDocument,
+    WriteResult,
+    WriteTimedOut,
+)
+from order_viewer.service.retry import Health, Patience
 from tests.fakes import FakeDeadLetters, FakeReader, FakeWriter
 
 
@@ -432,4 +432,8 @@ def test_the_service_layer_imports_no_adapter() -> None:
         for alias in node.names
         if alias.name.startswith("order_viewer")
     }
-    assert imported <= {"order_viewer.model", "order_viewer.ports", "order_viewer.retry"}
+    assert imported <= {
+        "order_viewer.domain.model",
+        "order_viewer.service.ports",
+        "order_viewer.service.retry",
+    }

@@ -20,8 +20,9 @@ from alembic.config import Config as AlembicConfig
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from order_viewer.model import PreparedOrder
-from order_viewer.ports import (
+from order_viewer.adapters.postgres.tables import ORDERS, PARTS
+from order_viewer.domain.model import PreparedOrder
+from order_viewer.service.ports import (
     Changes,
     DatabaseBusy,
     DatabaseUnavailable,
@@ -34,8 +35,7 @@ from order_viewer.ports import (
     WriteResult,
     WriteTimedOut,
 )
-from order_viewer.retry import Patience, retry
-from order_viewer.tables import ORDERS, PARTS
+from order_viewer.service.retry import Patience, retry
 
 # SQLSTATE classes that mean "try again": connection exceptions, resource shortage, operator
 # intervention (shutdown, crash recovery), and the transaction rollbacks (serialization, deadlock).
@@ -88,7 +88,9 @@ def _database_errors(
 def migrate(database_url: str) -> None:
     """Bring the schema to the newest version (a no-op when it is there already)."""
     config = AlembicConfig()
-    config.set_main_option("script_location", str(resources.files("order_viewer") / "migrations"))
+    config.set_main_option(
+        "script_location", str(resources.files("order_viewer.adapters.postgres") / "migrations")
+    )
     config.set_main_option(
         "sqlalchemy.url", database_url.replace("postgresql://", "postgresql+psycopg://", 1)
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-from order_viewer.model import (
+from order_viewer.domain.model import (
     DB_REJECTED,
     InvalidOrder,
     PreparedOrder,
@@ -23,7 +23,7 @@ from order_viewer.model import (
     parse_order,
     tombstone_uid,
 )
-from order_viewer.ports import (
+from order_viewer.service.ports import (
     Cache,
     CachedOrder,
     DatabaseBusy,
@@ -44,7 +44,7 @@ from order_viewer.ports import (
     WriteTimedOut,
     etag_of,
 )
-from order_viewer.retry import Health, Patience, retry
+from order_viewer.service.retry import Health, Patience, retry
 
 log = logging.getLogger(__name__)
 
