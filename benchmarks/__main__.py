@@ -53,7 +53,8 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.postgres.writer import migrate, newest_documents
 from order_viewer.config import Settings
 from order_viewer.domain.model import MAX_ITEMS, PreparedOrder, parse_order
-from order_viewer.service.ingest import prepare_batch, warm_up
+from order_viewer.service.ingest import prepare_batch
+from order_viewer.service.lookup import warm_up
 from order_viewer.service.ports import Message
 
 AUTH_ROUNDS = 3

@@ -37,7 +37,8 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.bootstrap import COLLECTOR_THRESHOLDS, access_policy
 from order_viewer.config import Settings
-from order_viewer.service.ingest import OrderLookup, prepare_batch
+from order_viewer.service.ingest import prepare_batch
+from order_viewer.service.lookup import OrderLookup
 from order_viewer.service.ports import Message, OrderSummary, StoredDocument
 
 BATCH = 2000

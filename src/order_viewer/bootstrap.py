@@ -48,16 +48,12 @@ from order_viewer.adapters.postgres.writer import (
 )
 from order_viewer.config import Settings, kafka_client
 from order_viewer.domain.masking import MaskedViews
-from order_viewer.service.ingest import (
-    CacheCoherence,
-    Liveness,
-    OrderIngest,
-    OrderLookup,
-    Readiness,
-    expire_orders,
-    warm_up,
-)
+from order_viewer.service.coherence import CacheCoherence
+from order_viewer.service.ingest import OrderIngest
+from order_viewer.service.lookup import OrderLookup, warm_up
 from order_viewer.service.ports import Stopped
+from order_viewer.service.readiness import Liveness, Readiness
+from order_viewer.service.retention import expire_orders
 from order_viewer.service.retry import Health, Patience, retry
 
 log = logging.getLogger(__name__)

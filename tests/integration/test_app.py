@@ -18,7 +18,9 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.postgres.writer import PostgresOrderReader, PostgresOrderWriter
 from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
-from order_viewer.service.ingest import Liveness, OrderLookup, Readiness, WriteTimeouts
+from order_viewer.service.ingest import WriteTimeouts
+from order_viewer.service.lookup import OrderLookup
+from order_viewer.service.readiness import Liveness, Readiness
 from tests.conftest import Stack, free_port
 from tests.integration.test_api import HOSTILE_IDS
 

@@ -29,8 +29,9 @@ from order_viewer.adapters.kafka.consumer import (
 from order_viewer.adapters.metrics import Metrics
 from order_viewer.domain.model import PreparedOrder, Rejection
 from order_viewer.entrypoints.generate import SAMPLE_ORDER
-from order_viewer.service.ingest import Liveness, OrderIngest
+from order_viewer.service.ingest import OrderIngest
 from order_viewer.service.ports import Deletion, Message, RejectedMessage, WriteResult
+from order_viewer.service.readiness import Liveness
 from order_viewer.service.retry import Health, Patience
 from tests.conftest import (
     Record,

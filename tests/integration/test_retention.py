@@ -20,7 +20,7 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.postgres.writer import PostgresOrderExpirer, PostgresOrderWriter
 from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
-from order_viewer.service.ingest import expire_orders
+from order_viewer.service.retention import expire_orders
 from order_viewer.service.retry import Health, Patience
 from tests.audit import orphan_rows, row_counts
 from tests.conftest import (

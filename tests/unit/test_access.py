@@ -45,7 +45,7 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.config import Settings
 from order_viewer.domain.masking import DELIVERY_MASKS, MASK, MaskedViews
 from order_viewer.entrypoints.generate import SAMPLE_ORDER, make_order
-from order_viewer.service.ingest import OrderLookup
+from order_viewer.service.lookup import OrderLookup
 from tests.fakes import FakeReader
 
 SUPPORT = Principal("support", frozenset({ORDERS_READ}))

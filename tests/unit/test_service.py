@@ -18,16 +18,8 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.domain.model import PreparedOrder
 from order_viewer.entrypoints.generate import SAMPLE_ORDER
 from order_viewer.service import ingest as service
-from order_viewer.service.ingest import (
-    BatchOutcome,
-    Liveness,
-    OrderIngest,
-    OrderLookup,
-    Readiness,
-    WriteTimeouts,
-    prepare_batch,
-    warm_up,
-)
+from order_viewer.service.ingest import BatchOutcome, OrderIngest, WriteTimeouts, prepare_batch
+from order_viewer.service.lookup import OrderLookup, warm_up
 from order_viewer.service.ports import (
     DatabaseUnavailable,
     Deletion,
@@ -37,6 +29,7 @@ from order_viewer.service.ports import (
     WriteResult,
     WriteTimedOut,
 )
+from order_viewer.service.readiness import Liveness, Readiness
 from order_viewer.service.retry import Health, Patience
 from tests.fakes import FakeDeadLetters, FakeReader, FakeWriter
 

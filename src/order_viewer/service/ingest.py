@@ -1,18 +1,13 @@
-"""The service layer: what the consumer and the HTTP app ask of orders, written once, over the
+"""Ingest: a batch of consumed messages parsed, stored and dead-lettered (`OrderIngest`), over the
 ports of `ports` (the adapters implement them; the unit tests fake them)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import partial
 
 from order_viewer.domain.model import (
     DB_REJECTED,
@@ -26,25 +21,17 @@ from order_viewer.domain.model import (
 from order_viewer.service.ports import (
     Cache,
     CachedOrder,
-    DatabaseBusy,
     DatabaseUnavailable,
     DeadLetters,
     Deletion,
     Message,
-    NewestDocuments,
-    OrderExpirer,
-    OrderReader,
-    OrderSummary,
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
     ServiceMetrics,
-    Stopped,
-    StoredVersions,
     WriteTimedOut,
-    etag_of,
 )
-from order_viewer.service.retry import Health, Patience, retry
+from order_viewer.service.retry import Patience, retry
 
 log = logging.getLogger(__name__)
 
@@ -301,308 +288,3 @@ class OrderIngest:
                 )  # fmt: skip
             since.clear()
             self._last_report = time.monotonic()
-
-
-def warm_up(
-    cache: Cache, newest: NewestDocuments, database: Patience, metrics: ServiceMetrics
-) -> int:
-    """Fill the cache with the newest stored orders until one of its bounds is met, waiting out
-    database outages; how many orders were loaded. Raises Stopped if a stop comes first."""
-    started = time.perf_counter()
-
-    def attempt() -> int:
-        loaded = 0
-        # The read is one snapshot: what changed after it began is not put in the cache.
-        ticket = cache.ticket()
-        with contextlib.closing(newest(cache.capacity)) as chunks:
-            for chunk in chunks:
-                loaded += cache.warm(
-                    {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in chunk},
-                    ticket,
-                )
-                if cache.warm_full:
-                    break
-        return loaded
-
-    loaded = retry(attempt, transient=(DatabaseUnavailable,), patience=database)
-    seconds = time.perf_counter() - started
-    metrics.warmed_up(seconds)
-    log.info("cache warmed with %d orders in %.2f s", loaded, seconds)
-    return loaded
-
-
-class OrderLookup:
-    """Finds orders for the HTTP side: `cached` from memory; `load` from the database.
-
-    Loads are gathered: every id asked for while the event loop runs one step goes to the
-    database in one query, and an id already on its way is not asked again, so a burst of
-    misses costs a few queries rather than one each. What the database returns fills the cache.
-    """
-
-    MAX_IDS_PER_QUERY = 200
-
-    def __init__(self, reader: OrderReader, cache: Cache) -> None:
-        self._reader = reader
-        self._cache = cache
-        self._in_flight: dict[str, asyncio.Future[CachedOrder | None]] = {}
-        self._queued: list[str] = []
-        # Running queries, referenced so that the event loop does not collect them midway.
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def cached(self, order_uid: str) -> CachedOrder | None:
-        return self._cache.get(order_uid)
-
-    async def load(self, order_uid: str) -> CachedOrder | None:
-        """The stored order, or None; raises DatabaseUnavailable when the database cannot be
-        reached and the cache kept no copy (it keeps them, without answering from them, while
-        it cannot hear other instances' changes: with the database away, none can be made).
-        A busy database (DatabaseBusy) gets no kept copy served: others may be committing."""
-        future = self._in_flight.get(order_uid)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = self._in_flight[order_uid] = loop.create_future()
-            if not self._queued:
-                loop.call_soon(self._send_queued)
-            self._queued.append(order_uid)
-        try:
-            # Shielded: one request giving up must not cancel the query the others wait for.
-            return await asyncio.shield(future)
-        except DatabaseBusy:
-            raise
-        except DatabaseUnavailable:
-            kept = self._cache.kept(order_uid)
-            if kept is None:
-                raise
-            return kept
-
-    def _send_queued(self) -> None:
-        queued, self._queued = self._queued, []
-        for start in range(0, len(queued), self.MAX_IDS_PER_QUERY):
-            batch = queued[start : start + self.MAX_IDS_PER_QUERY]
-            task = asyncio.get_running_loop().create_task(self._query(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _query(self, order_uids: list[str]) -> None:
-        ticket = self._cache.ticket()
-        try:
-            stored = await self._reader.documents(order_uids)
-        except Exception as error:
-            for order_uid in order_uids:
-                future = self._in_flight.pop(order_uid)
-                future.set_exception(error)
-                # Marked retrieved, so a failure whose waiter already left is not logged as lost.
-                future.exception()
-            return
-        found = {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in stored}
-        self._cache.fill(found, ticket)
-        for order_uid in order_uids:
-            self._in_flight.pop(order_uid).set_result(found.get(order_uid))
-
-    async def recent(self, limit: int) -> list[OrderSummary]:
-        return await self._reader.recent(limit)
-
-    async def database_reachable(self) -> bool:
-        return await self._reader.ping()
-
-
-class CacheCoherence:
-    """Keeps this instance's cache in step with what the other instances commit (the `Changes`
-    the change listener reports): a replaced or deleted order is dropped from the cache, and any
-    read of it under way is not kept.
-
-    While changes cannot be heard, the cache answers nothing (every lookup reads the database,
-    or, if that cannot be reached either, gets what the cache kept). Once the listener listens
-    again, every cached entry is checked against the stored version's digest, those that changed
-    meanwhile are dropped, and only then does the cache answer again; this runs beside the
-    listener (`in_background`), so changes are heard while it reads.
-    """
-
-    def __init__(
-        self,
-        cache: Cache,
-        metrics: ServiceMetrics,
-        stored_versions: StoredVersions,
-        database: Patience,
-        in_background: Callable[[Callable[[], object]], object],
-    ) -> None:
-        self._cache = cache
-        self._metrics = metrics
-        self._stored_versions = stored_versions
-        self._database = database
-        self._in_background = in_background
-        self.listening_now = threading.Event()
-        self._lock = threading.Lock()
-        # Nothing is answered before the first LISTEN (a copy kept before could change unheard):
-        # the start counts as a loss, so the first `listening` resumes the way any other does.
-        cache.suspend()
-        self._losses = 1
-        # Failures of the check that are not the database being away (retried all the same).
-        self._check = Patience(
-            Health("the cache check", log), database.stop, database.max_backoff_seconds
-        )
-
-    def changed(self, order_uids: Sequence[str]) -> None:
-        self._cache.invalidate(order_uids)
-        self._metrics.heard_changes(len(order_uids))
-
-    def lost(self) -> None:
-        with self._lock:
-            self._losses += 1
-            self._cache.suspend()
-        self.listening_now.clear()
-        self._metrics.listener_state(listening=False)
-        log.warning(
-            "the change listener lost its connection: the cache answers nothing until it is "
-            "listening again and the cached orders are checked"
-        )
-
-    def listening(self) -> None:
-        self.listening_now.set()
-        self._metrics.listener_state(listening=True)
-        with self._lock:
-            losses = self._losses
-            if len(self._cache) == 0:
-                # Nothing cached (at start, say): nothing to check.
-                self._cache.resume()
-                return
-        self._in_background(partial(self._verify, losses))
-
-    def _verify(self, losses: int) -> None:
-        """Check the cached entries and let the cache answer again; the check is retried until
-        it succeeds, a stop comes or the listener is lost again (whose reconnection checks
-        anew): a cache left suspended for good would read the database for every lookup."""
-
-        def attempt() -> tuple[int, int] | None:
-            if self._lost_since(losses):
-                return None
-            etags = self._cache.etags()
-            try:
-                stored = retry(
-                    partial(self._stored_versions, list(etags)),
-                    transient=(DatabaseUnavailable,),
-                    patience=self._database,
-                )
-            except Stopped:
-                raise
-            except Exception as error:
-                raise _CheckFailed(f"{type(error).__name__}: {error}") from error
-            stored_etags = {uid: etag_of(sha) for uid, sha in stored.items()}
-            return len(etags), self._cache.verify(stored_etags, etags)
-
-        checked = retry(attempt, transient=(_CheckFailed,), patience=self._check)
-        with self._lock:
-            if checked is None or self._losses != losses:
-                return  # lost again meanwhile: the next reconnection checks again
-            self._cache.resume()
-        log.info(
-            "the change listener is listening again: %d cached orders checked, %d had changed "
-            "and were dropped; the cache answers again",
-            *checked,
-        )
-
-    def _lost_since(self, losses: int) -> bool:
-        with self._lock:
-            return self._losses != losses
-
-
-class _CheckFailed(Exception):
-    """The cache check failed for another reason than the database being away."""
-
-
-def expire_orders(
-    expirer: OrderExpirer,
-    cache: Cache,
-    metrics: ServiceMetrics,
-    database: Patience,
-    *,
-    retention: timedelta,
-    batch: int,
-) -> int:
-    """Delete the orders created more than `retention` ago, `batch` at a time (each batch its own
-    short transaction, so that ingestion never waits long behind one), and drop them from the
-    cache; waits out database outages. How many orders were deleted; raises Stopped if a stop
-    comes first."""
-    before = datetime.now(UTC) - retention
-    total = 0
-    while True:
-        expired = retry(
-            partial(expirer.expire, before, batch),
-            transient=(DatabaseUnavailable,),
-            patience=database,
-            on_retry=partial(metrics.retried, "retention"),
-        )
-        if expired.order_uids:
-            cache.invalidate(expired.order_uids)
-            metrics.expired(len(expired.order_uids))
-            total += len(expired.order_uids)
-        if (
-            len(expired.order_uids) < batch and expired.tombstones < batch
-        ) or database.stop.is_set():
-            break
-    if total:
-        log.info("deleted %d orders created before %s", total, before.isoformat())
-    return total
-
-
-class Liveness:
-    """The loops that stopped moving and that the process cannot set going again by itself, each
-    with the reason: `/livez` fails while there is one, so that the orchestrator restarts the
-    process. A loop reports from its own thread; the event loop reads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stuck: dict[str, str] = {}
-
-    def stuck(self, part: str, reason: str) -> None:
-        with self._lock:
-            self._stuck[part] = reason
-
-    def moving(self, part: str) -> None:
-        with self._lock:
-            self._stuck.pop(part, None)
-
-    def not_live(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._stuck)
-
-
-class Readiness:
-    """What `/readyz` reports: the database reachable and writes getting through, the change
-    listener listening, the cache warmed, the consumer consuming; and what `/livez` reports, the
-    parts stuck for good. The start-up, listener and writing threads set the events and the write
-    timeouts, and the event loop reads them."""
-
-    def __init__(
-        self,
-        database_reachable: Callable[[], Awaitable[bool]],
-        consuming: threading.Event,
-        listening: threading.Event,
-        write_timeouts: WriteTimeouts,
-        liveness: Liveness,
-    ) -> None:
-        self._database_reachable = database_reachable
-        self._consuming = consuming
-        self._listening = listening
-        self._write_timeouts = write_timeouts
-        self._liveness = liveness
-        self.warmed = threading.Event()
-        # Set when a start-up step or the consumer failed for good: the process is stopping.
-        self.failed = threading.Event()
-
-    async def not_ready(self) -> dict[str, str]:
-        not_ready = {}
-        if not await self._database_reachable():
-            not_ready["database"] = "unreachable"
-        elif (failing := self._write_timeouts.failing) is not None:
-            not_ready["database"] = failing
-        if not self._listening.is_set():
-            not_ready["listener"] = "not listening for changes"
-        if not self.warmed.is_set():
-            not_ready["cache"] = "warming up"
-        if not self._consuming.is_set():
-            not_ready["consumer"] = "not consuming"
-        return not_ready
-
-    def not_live(self) -> dict[str, str]:
-        return self._liveness.not_live()

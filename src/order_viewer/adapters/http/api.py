@@ -50,7 +50,7 @@ from order_viewer.adapters.metrics import (
     route_template,
 )
 from order_viewer.domain.model import ORDER_UID_PATTERN, Order
-from order_viewer.service.ingest import OrderLookup
+from order_viewer.service.lookup import OrderLookup
 from order_viewer.service.ports import DatabaseUnavailable, OrderSummary
 
 RETRY_AFTER_SECONDS = "5"

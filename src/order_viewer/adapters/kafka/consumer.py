@@ -16,8 +16,9 @@ from confluent_kafka import Message as KafkaMessage
 
 from order_viewer.adapters.metrics import Metrics
 from order_viewer.config import Settings
-from order_viewer.service.ingest import BatchOutcome, Liveness, OrderIngest, PreparedBatch
+from order_viewer.service.ingest import BatchOutcome, OrderIngest, PreparedBatch
 from order_viewer.service.ports import Message, Stopped
+from order_viewer.service.readiness import Liveness
 from order_viewer.service.retry import Health
 
 log = logging.getLogger(__name__)
