@@ -50,7 +50,8 @@ from order_viewer.adapters.http.access import audit_order_read
 from order_viewer.adapters.http.auth import ORDERS_READ_PII, Principal, new_token, token_digest
 from order_viewer.adapters.kafka.consumer import by_size
 from order_viewer.adapters.metrics import Metrics
-from order_viewer.adapters.postgres.writer import migrate, newest_documents
+from order_viewer.adapters.postgres.migrate import migrate
+from order_viewer.adapters.postgres.reader import newest_documents
 from order_viewer.config import Settings
 from order_viewer.domain.model import MAX_ITEMS, PreparedOrder, parse_order
 from order_viewer.service.ingest import prepare_batch

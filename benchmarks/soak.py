@@ -53,7 +53,7 @@ from tests.conftest import (
 from devstack.settings import PG_APP_DB
 from devstack.system import signal_process
 from order_viewer.adapters.cache import etag_of
-from order_viewer.adapters.postgres.writer import migrate
+from order_viewer.adapters.postgres.migrate import migrate
 from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import break_order, encode, make_order
 

@@ -33,7 +33,7 @@ from psycopg import sql
 from devstack import LocalStack, settings_from_env
 from order_viewer.adapters.kafka.broker import enqueue
 from order_viewer.adapters.logs import BackgroundHandler
-from order_viewer.adapters.postgres.writer import migrate
+from order_viewer.adapters.postgres.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"

@@ -37,15 +37,15 @@ from order_viewer.adapters.http.forwarded import TrustedProxies
 from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
 from order_viewer.adapters.kafka.consumer import Batching, OrderConsumer, group_membership
 from order_viewer.adapters.metrics import Metrics
-from order_viewer.adapters.postgres.writer import (
-    PostgresChangeListener,
-    PostgresOrderExpirer,
+from order_viewer.adapters.postgres.expirer import PostgresOrderExpirer
+from order_viewer.adapters.postgres.listener import PostgresChangeListener
+from order_viewer.adapters.postgres.migrate import migrate
+from order_viewer.adapters.postgres.reader import (
     PostgresOrderReader,
-    PostgresOrderWriter,
-    migrate,
     newest_documents,
     stored_versions,
 )
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.config import Settings, kafka_client
 from order_viewer.domain.masking import MaskedViews
 from order_viewer.service.coherence import CacheCoherence

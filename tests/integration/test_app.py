@@ -15,7 +15,8 @@ import pytest
 from order_viewer.adapters.cache import CachedOrder, OrderCache
 from order_viewer.adapters.http.api import create_app
 from order_viewer.adapters.metrics import Metrics
-from order_viewer.adapters.postgres.writer import PostgresOrderReader, PostgresOrderWriter
+from order_viewer.adapters.postgres.reader import PostgresOrderReader
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.ingest import WriteTimeouts

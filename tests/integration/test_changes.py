@@ -16,14 +16,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from order_viewer.adapters.postgres.writer import (
+from order_viewer.adapters.postgres.expirer import PostgresOrderExpirer
+from order_viewer.adapters.postgres.listener import (
     CHANGES_CHANNEL,
     PostgresChangeListener,
-    PostgresOrderExpirer,
-    PostgresOrderWriter,
     change_payloads,
-    stored_versions,
 )
+from order_viewer.adapters.postgres.reader import stored_versions
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.domain.model import Order, PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.ports import Deletion, RejectedByDatabase

@@ -17,7 +17,8 @@ import pytest
 
 from order_viewer.adapters.cache import CachedOrder, OrderCache
 from order_viewer.adapters.metrics import Metrics
-from order_viewer.adapters.postgres.writer import PostgresOrderExpirer, PostgresOrderWriter
+from order_viewer.adapters.postgres.expirer import PostgresOrderExpirer
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.retention import expire_orders

@@ -17,13 +17,9 @@ import pytest
 
 from order_viewer.adapters.cache import OrderCache
 from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.reader import PostgresOrderReader, newest_documents
 from order_viewer.adapters.postgres.tables import ORDERS, PARTS, Column
-from order_viewer.adapters.postgres.writer import (
-    PARTITION_LOCK_CLASS,
-    PostgresOrderReader,
-    PostgresOrderWriter,
-    newest_documents,
-)
+from order_viewer.adapters.postgres.writer import PARTITION_LOCK_CLASS, PostgresOrderWriter
 from order_viewer.domain.model import Order, PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.ingest import BatchOutcome, OrderIngest, prepare_batch

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from order_viewer.adapters.postgres.writer import PostgresOrderWriter, newest_documents
+from order_viewer.adapters.postgres.reader import newest_documents
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.ports import Deletion, OrderWriter, WriteResult
