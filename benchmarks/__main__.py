@@ -45,16 +45,18 @@ from benchmarks.harness import (
 )
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import bootstrap
-from order_viewer.access import audit_order_read
-from order_viewer.auth import ORDERS_READ_PII, Principal, new_token, token_digest
-from order_viewer.cache import OrderCache
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.http.access import audit_order_read
+from order_viewer.adapters.http.auth import ORDERS_READ_PII, Principal, new_token, token_digest
+from order_viewer.adapters.kafka.consumer import by_size
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.migrate import migrate
+from order_viewer.adapters.postgres.reader import newest_documents
 from order_viewer.config import Settings
-from order_viewer.consumer import by_size
-from order_viewer.metrics import Metrics
-from order_viewer.model import MAX_ITEMS, PreparedOrder, parse_order
-from order_viewer.ports import Message
-from order_viewer.service import prepare_batch, warm_up
-from order_viewer.store import migrate, newest_documents
+from order_viewer.domain.model import MAX_ITEMS, PreparedOrder, parse_order
+from order_viewer.service.ingest import prepare_batch
+from order_viewer.service.lookup import warm_up
+from order_viewer.service.ports import Message
 
 AUTH_ROUNDS = 3
 HTTP_ROUNDS = 3

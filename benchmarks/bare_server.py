@@ -23,8 +23,8 @@ from granian.constants import HTTPModes, Interfaces
 from granian.log import LogLevels
 from granian.server.embed import Server
 
-from order_viewer.api import ORDER_CACHE_CONTROL
-from order_viewer.cache import etag_of
+from order_viewer.adapters.cache import etag_of
+from order_viewer.adapters.http.api import ORDER_CACHE_CONTROL
 
 Response = tuple[list[tuple[bytes, bytes]], bytes]
 NOT_FOUND: Response = ([(b"content-type", b"application/json")], b'{"error":"not found"}')

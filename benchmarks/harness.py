@@ -26,9 +26,9 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from rich.console import Console
 from rich.progress import Progress
 
-from order_viewer.broker import enqueue
+from order_viewer.adapters.kafka.broker import enqueue
 from order_viewer.config import Settings, kafka_client
-from order_viewer.generate import encode, make_order
+from order_viewer.entrypoints.generate import encode, make_order
 
 ROOT = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = Path(__file__).with_name("random_ids.lua")

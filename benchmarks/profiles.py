@@ -30,15 +30,16 @@ from starlette.types import ASGIApp, Scope
 
 from benchmarks import bare_server
 from benchmarks.harness import Bench, console
-from order_viewer import logs as log_setup
-from order_viewer.api import create_app
+from order_viewer.adapters import logs as log_setup
+from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.adapters.http.api import create_app
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.bootstrap import COLLECTOR_THRESHOLDS, access_policy
-from order_viewer.cache import CachedOrder, OrderCache
 from order_viewer.config import Settings
-from order_viewer.metrics import Metrics
-from order_viewer.ports import Message, OrderSummary, StoredDocument
-from order_viewer.service import OrderLookup, prepare_batch
-from order_viewer.store import PostgresOrderWriter
+from order_viewer.service.ingest import prepare_batch
+from order_viewer.service.lookup import OrderLookup
+from order_viewer.service.ports import Message, OrderSummary, StoredDocument
 
 BATCH = 2000
 TOP = 14

@@ -52,10 +52,10 @@ from tests.conftest import (
 
 from devstack.settings import PG_APP_DB
 from devstack.system import signal_process
-from order_viewer.cache import etag_of
-from order_viewer.generate import break_order, encode, make_order
-from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.store import migrate
+from order_viewer.adapters.cache import etag_of
+from order_viewer.adapters.postgres.migrate import migrate
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import break_order, encode, make_order
 
 INSTANCES = 2
 PARTITIONS = 6

@@ -21,7 +21,7 @@ from devstack.settings import (
 )
 from devstack.stack import LocalStack
 
-SAMPLE_ORDER = PROJECT_ROOT / "src" / "order_viewer" / "sample_order.json"
+SAMPLE_ORDER = PROJECT_ROOT / "src" / "order_viewer" / "entrypoints" / "sample_order.json"
 SAMPLE_ORDER_UID = "b563feb7b2b84b6test"
 
 

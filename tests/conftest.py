@@ -31,9 +31,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from devstack import LocalStack, settings_from_env
-from order_viewer.broker import enqueue
-from order_viewer.logs import BackgroundHandler
-from order_viewer.store import migrate
+from order_viewer.adapters.kafka.broker import enqueue
+from order_viewer.adapters.logs import BackgroundHandler
+from order_viewer.adapters.postgres.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"

@@ -1,4 +1,4 @@
-"""Fakes of the service layer's ports (`order_viewer.ports`), for the unit tests. The writer
+"""Fakes of the service layer's ports (`order_viewer.service.ports`), for the unit tests. The writer
 contract tests (tests/integration/test_writer_contract.py, as they need PostgreSQL) run the fake
 writer and the PostgreSQL one through the same cases, so the two cannot drift apart."""
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from order_viewer.broker import Delivered, Headers
-from order_viewer.model import PreparedOrder, later, supersedes
-from order_viewer.ports import (
+from order_viewer.adapters.kafka.broker import Delivered, Headers
+from order_viewer.domain.model import PreparedOrder, later, supersedes
+from order_viewer.service.ports import (
     DatabaseUnavailable,
     Deletion,
     Expired,

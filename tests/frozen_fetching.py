@@ -22,8 +22,8 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
-import order_viewer.consumer
-from order_viewer.cli import main
+import order_viewer.adapters.kafka.consumer
+from order_viewer.entrypoints.cli import main
 
 Rebalance = Callable[[Consumer, list[TopicPartition]], None]
 
@@ -87,5 +87,5 @@ def command(switch: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    order_viewer.consumer.Consumer = freezing(Path(sys.argv[1]))  # type: ignore[attr-defined]
+    order_viewer.adapters.kafka.consumer.Consumer = freezing(Path(sys.argv[1]))  # type: ignore[attr-defined]
     sys.exit(main(sys.argv[2:]))

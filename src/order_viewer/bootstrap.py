@@ -22,9 +22,10 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 from starlette.types import ASGIApp
 
-from order_viewer.access import AccessConfigurationError, AccessPolicy
-from order_viewer.api import create_app
-from order_viewer.auth import (
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.http.access import AccessConfigurationError, AccessPolicy
+from order_viewer.adapters.http.api import create_app
+from order_viewer.adapters.http.auth import (
     Authenticator,
     FailureLimiter,
     JwtVerifier,
@@ -32,33 +33,28 @@ from order_viewer.auth import (
     open_token_file,
     protected_mode_problem,
 )
-from order_viewer.broker import DeadLetterWriter, ensure_topics
-from order_viewer.cache import OrderCache
-from order_viewer.config import Settings, kafka_client
-from order_viewer.consumer import Batching, OrderConsumer, group_membership
-from order_viewer.forwarded import TrustedProxies
-from order_viewer.masking import MaskedViews
-from order_viewer.metrics import Metrics
-from order_viewer.ports import Stopped
-from order_viewer.retry import Health, Patience, retry
-from order_viewer.service import (
-    CacheCoherence,
-    Liveness,
-    OrderIngest,
-    OrderLookup,
-    Readiness,
-    expire_orders,
-    warm_up,
-)
-from order_viewer.store import (
-    PostgresChangeListener,
-    PostgresOrderExpirer,
+from order_viewer.adapters.http.forwarded import TrustedProxies
+from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
+from order_viewer.adapters.kafka.consumer import Batching, OrderConsumer, group_membership
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.expirer import PostgresOrderExpirer
+from order_viewer.adapters.postgres.listener import PostgresChangeListener
+from order_viewer.adapters.postgres.migrate import migrate
+from order_viewer.adapters.postgres.reader import (
     PostgresOrderReader,
-    PostgresOrderWriter,
-    migrate,
     newest_documents,
     stored_versions,
 )
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
+from order_viewer.config import Settings, kafka_client
+from order_viewer.domain.masking import MaskedViews
+from order_viewer.service.coherence import CacheCoherence
+from order_viewer.service.ingest import OrderIngest
+from order_viewer.service.lookup import OrderLookup, warm_up
+from order_viewer.service.ports import Stopped
+from order_viewer.service.readiness import Liveness, Readiness
+from order_viewer.service.retention import expire_orders
+from order_viewer.service.retry import Health, Patience, retry
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from devstack.deploy_tools import INSTALL_COMMAND, helm_path, prometheus_path, promtool_path
-from order_viewer.auth import TokenFile
-from order_viewer.cache import OrderCache
-from order_viewer.metrics import Metrics
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.http.auth import TokenFile
+from order_viewer.adapters.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -12,9 +12,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from order_viewer.auth import protected_mode_problem
+from order_viewer.adapters.http.auth import protected_mode_problem
+from order_viewer.adapters.http.forwarded import trusted_networks
 from order_viewer.config import Settings
-from order_viewer.forwarded import trusted_networks
 from tests.deploy.conftest import CHART, PRODUCTION_VALUES
 
 # The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion) and the newest schemas.

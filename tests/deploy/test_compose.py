@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from order_viewer.auth import METRICS_READ, parse_token_file, token_digest
-from order_viewer.cli import _parser
+from order_viewer.adapters.http.auth import METRICS_READ, parse_token_file, token_digest
 from order_viewer.config import Settings
+from order_viewer.entrypoints.cli import _parser
 from tests.unit.test_packaging import CONTRACT_DEFAULTS, ROOT, SETTINGS, healthcheck_url
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"

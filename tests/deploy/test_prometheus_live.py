@@ -14,8 +14,8 @@ import httpx
 import pytest
 import yaml
 
-from order_viewer.auth import new_token, token_digest
-from order_viewer.generate import make_order
+from order_viewer.adapters.http.auth import new_token, token_digest
+from order_viewer.entrypoints.generate import make_order
 from tests.conftest import (
     ServiceProcess,
     Stack,

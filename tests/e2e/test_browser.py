@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from order_viewer.generate import SAMPLE_ORDER, make_order
+from order_viewer.entrypoints.generate import SAMPLE_ORDER, make_order
 from tests.conftest import RunningService
 from tests.e2e.conftest import Tab
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Route, expect
 
-from order_viewer.auth import new_token, token_digest
-from order_viewer.generate import make_order
+from order_viewer.adapters.http.auth import new_token, token_digest
+from order_viewer.entrypoints.generate import make_order
 from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
 from tests.e2e.conftest import Tab
 from tests.e2e.test_browser import now_iso

@@ -13,7 +13,7 @@ from functools import partial
 import psycopg
 import pytest
 
-from order_viewer.generate import make_order
+from order_viewer.entrypoints.generate import make_order
 from tests.audit import orphan_rows, row_counts
 from tests.coherence import INSTANCE_SETTINGS, Observer, update_in_rounds
 from tests.conftest import (

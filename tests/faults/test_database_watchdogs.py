@@ -21,8 +21,8 @@ import httpx
 import psycopg
 import pytest
 
-from order_viewer.generate import make_order
-from order_viewer.model import PreparedOrder, parse_order
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
 from tests.audit import assert_stored_exactly, stored_documents, stream, wait_stored
 from tests.coherence import INSTANCE_SETTINGS, versioned
 from tests.conftest import (

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from order_viewer.generate import break_order, encode, make_order
-from order_viewer.model import order_json, parse_order
+from order_viewer.domain.model import order_json, parse_order
+from order_viewer.entrypoints.generate import break_order, encode, make_order
 from tests.audit import orphan_rows, stored_count
 from tests.conftest import (
     ServiceProcess,

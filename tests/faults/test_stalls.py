@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from order_viewer.cache import etag_of
-from order_viewer.consumer import RESTARTS_BEFORE_STUCK
-from order_viewer.generate import encode
-from order_viewer.model import order_json, parse_order
+from order_viewer.adapters.cache import etag_of
+from order_viewer.adapters.kafka.consumer import RESTARTS_BEFORE_STUCK
+from order_viewer.domain.model import order_json, parse_order
+from order_viewer.entrypoints.generate import encode
 from tests import frozen_fetching
 from tests.audit import stored_count
 from tests.conftest import (

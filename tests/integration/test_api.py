@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from order_viewer.generate import SAMPLE_ORDER, make_order
+from order_viewer.entrypoints.generate import SAMPLE_ORDER, make_order
 from tests.conftest import ServiceProcess, Stack, Topics, produce_orders, served, wait_until
 
 pytestmark = pytest.mark.integration

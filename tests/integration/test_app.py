@@ -12,13 +12,16 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
-from order_viewer.api import create_app
-from order_viewer.cache import CachedOrder, OrderCache
-from order_viewer.generate import make_order
-from order_viewer.metrics import Metrics
-from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.service import Liveness, OrderLookup, Readiness, WriteTimeouts
-from order_viewer.store import PostgresOrderReader, PostgresOrderWriter
+from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.adapters.http.api import create_app
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.reader import PostgresOrderReader
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.ingest import WriteTimeouts
+from order_viewer.service.lookup import OrderLookup
+from order_viewer.service.readiness import Liveness, Readiness
 from tests.conftest import Stack, free_port
 from tests.integration.test_api import HOSTILE_IDS
 

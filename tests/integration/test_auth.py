@@ -27,10 +27,16 @@ import httpx
 import pytest
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
-from order_viewer import auth
-from order_viewer.auth import JwtVerifier, KeysUnavailable, fetch_url, new_token, token_digest
-from order_viewer.generate import make_order
-from order_viewer.masking import masked_document
+from order_viewer.adapters.http import auth
+from order_viewer.adapters.http.auth import (
+    JwtVerifier,
+    KeysUnavailable,
+    fetch_url,
+    new_token,
+    token_digest,
+)
+from order_viewer.domain.masking import masked_document
+from order_viewer.entrypoints.generate import make_order
 from tests.conftest import (
     ORDER_VIEWER,
     ServiceProcess,

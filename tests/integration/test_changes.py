@@ -16,18 +16,18 @@ from typing import Any
 import psycopg
 import pytest
 
-from order_viewer.generate import make_order
-from order_viewer.model import Order, PreparedOrder, parse_order
-from order_viewer.ports import Deletion, RejectedByDatabase
-from order_viewer.retry import Health, Patience
-from order_viewer.store import (
+from order_viewer.adapters.postgres.expirer import PostgresOrderExpirer
+from order_viewer.adapters.postgres.listener import (
     CHANGES_CHANNEL,
     PostgresChangeListener,
-    PostgresOrderExpirer,
-    PostgresOrderWriter,
     change_payloads,
-    stored_versions,
 )
+from order_viewer.adapters.postgres.reader import stored_versions
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
+from order_viewer.domain.model import Order, PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.ports import Deletion, RejectedByDatabase
+from order_viewer.service.retry import Health, Patience
 from tests.audit import orphan_rows, row_counts
 from tests.conftest import Stack, wait_until
 

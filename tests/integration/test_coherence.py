@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from order_viewer.generate import make_order
+from order_viewer.entrypoints.generate import make_order
 from tests.coherence import DELETED, Observer, percentile, update_in_rounds
 from tests.conftest import ServiceProcess, Stack, Topics, produce, wait_until
 

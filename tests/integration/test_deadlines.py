@@ -11,10 +11,11 @@ import time
 import psycopg
 import pytest
 
-from order_viewer.generate import make_order
-from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.ports import WriteTimedOut
-from order_viewer.store import _WATCHDOG, PostgresOrderWriter
+from order_viewer.adapters.postgres.errors import WATCHDOG
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.ports import WriteTimedOut
 from tests.audit import stored_documents
 from tests.conftest import Stack
 
@@ -57,7 +58,7 @@ def test_a_write_blocked_by_another_sessions_row_lock_is_cut_naming_that_session
 
 def test_a_call_the_server_leaves_unanswered_is_cut_at_its_deadline(stack: Stack) -> None:
     with psycopg.connect(stack.database_url, autocommit=True) as connection:
-        with _WATCHDOG.watch(connection, 5):
+        with WATCHDOG.watch(connection, 5):
             assert connection.execute("SELECT 1").fetchone() == (1,)
         # Answered in time: the connection is left as it was.
         assert not connection.closed
@@ -66,7 +67,7 @@ def test_a_call_the_server_leaves_unanswered_is_cut_at_its_deadline(stack: Stack
             pytest.raises(
                 psycopg.OperationalError, match=r"no answer from PostgreSQL within 0\.5 s"
             ),
-            _WATCHDOG.watch(connection, 0.5),
+            WATCHDOG.watch(connection, 0.5),
         ):
             connection.execute("SELECT pg_sleep(30)")
         assert 0.5 <= time.monotonic() - started < 3

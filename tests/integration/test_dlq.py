@@ -15,9 +15,9 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from order_viewer import dlq
 from order_viewer.config import Settings
-from order_viewer.generate import encode, make_order
+from order_viewer.entrypoints import dlq
+from order_viewer.entrypoints.generate import encode, make_order
 from tests.conftest import (
     ORDER_VIEWER,
     Record,

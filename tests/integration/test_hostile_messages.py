@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from order_viewer.generate import SAMPLE_ORDER, break_order, encode, make_order
-from order_viewer.model import (
+from order_viewer.domain.model import (
     INT64_MAX,
     MAX_ITEMS,
     MAX_PAYMENT_DT,
@@ -34,6 +33,7 @@ from order_viewer.model import (
     order_json,
     parse_order,
 )
+from order_viewer.entrypoints.generate import SAMPLE_ORDER, break_order, encode, make_order
 from tests.audit import stored_count, stored_documents, wait_stored
 from tests.conftest import (
     ServiceProcess,

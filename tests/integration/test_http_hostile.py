@@ -35,7 +35,7 @@ from schemathesis.core.errors import InvalidSchema
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Err, Ok
 
-from order_viewer.generate import make_order
+from order_viewer.entrypoints.generate import make_order
 from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
 
 # One worker runs the module, so that its tests share the one service they attack.

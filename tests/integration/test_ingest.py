@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from order_viewer.generate import SAMPLE_ORDER, break_order, make_order
+from order_viewer.entrypoints.generate import SAMPLE_ORDER, break_order, make_order
 from tests.audit import (
     assert_stored_exactly,
     orphan_rows,

@@ -17,16 +17,22 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-import order_viewer.consumer
-from order_viewer.broker import DeadLetterWriter, ensure_topics
-from order_viewer.cache import OrderCache
-from order_viewer.consumer import RESTARTS_BEFORE_STUCK, Batching, OrderConsumer, messages_waiting
-from order_viewer.generate import SAMPLE_ORDER
-from order_viewer.metrics import Metrics
-from order_viewer.model import PreparedOrder, Rejection
-from order_viewer.ports import Deletion, Message, RejectedMessage, WriteResult
-from order_viewer.retry import Health, Patience
-from order_viewer.service import Liveness, OrderIngest
+import order_viewer.adapters.kafka.consumer
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
+from order_viewer.adapters.kafka.consumer import (
+    RESTARTS_BEFORE_STUCK,
+    Batching,
+    OrderConsumer,
+    messages_waiting,
+)
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.domain.model import PreparedOrder, Rejection
+from order_viewer.entrypoints.generate import SAMPLE_ORDER
+from order_viewer.service.ingest import OrderIngest
+from order_viewer.service.ports import Deletion, Message, RejectedMessage, WriteResult
+from order_viewer.service.readiness import Liveness
+from order_viewer.service.retry import Health, Patience
 from tests.conftest import (
     Record,
     Stack,
@@ -346,7 +352,7 @@ def test_a_consumer_that_fetches_nothing_while_messages_wait_is_replaced_and_los
     stack: Stack, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     switch = tmp_path / "freeze"
-    monkeypatch.setattr(order_viewer.consumer, "Consumer", freezing(switch))
+    monkeypatch.setattr(order_viewer.adapters.kafka.consumer, "Consumer", freezing(switch))
     writer = FakeWriter()
     batching = Batching(max_messages=50, max_bytes=1 << 20, max_wait_seconds=0.05)
     with running_consumer(stack, topics, [writer], batching, stall_timeout_seconds=2) as running:
@@ -369,7 +375,7 @@ def test_consumers_that_never_fetch_make_it_stuck_until_one_does(
     stack: Stack, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     switch = tmp_path / "freeze"
-    monkeypatch.setattr(order_viewer.consumer, "Consumer", freezing(switch))
+    monkeypatch.setattr(order_viewer.adapters.kafka.consumer, "Consumer", freezing(switch))
     writer = FakeWriter()
     batching = Batching(max_messages=50, max_bytes=1 << 20, max_wait_seconds=0.05)
     with running_consumer(stack, topics, [writer], batching, stall_timeout_seconds=1) as running:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from order_viewer.auth import new_token, token_digest
-from order_viewer.generate import break_order, make_order
+from order_viewer.adapters.http.auth import new_token, token_digest
+from order_viewer.entrypoints.generate import break_order, make_order
 from tests.conftest import (
     ORDER_VIEWER,
     Servers,

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 
-from order_viewer.cache import CachedOrder, OrderCache
-from order_viewer.generate import make_order
-from order_viewer.metrics import Metrics
-from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.retry import Health, Patience
-from order_viewer.service import expire_orders
-from order_viewer.store import PostgresOrderExpirer, PostgresOrderWriter
+from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.expirer import PostgresOrderExpirer
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.retention import expire_orders
+from order_viewer.service.retry import Health, Patience
 from tests.audit import orphan_rows, row_counts
 from tests.conftest import (
     ServiceProcess,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from benchmarks.soak import ask_every_order, stored_digests
 
-from order_viewer.generate import make_order
+from order_viewer.entrypoints.generate import make_order
 from tests.conftest import (
     ServiceProcess,
     Stack,

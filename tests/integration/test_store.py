@@ -15,25 +15,21 @@ from typing import Any
 import psycopg
 import pytest
 
-from order_viewer.cache import OrderCache
-from order_viewer.generate import make_order
-from order_viewer.metrics import Metrics
-from order_viewer.model import Order, PreparedOrder, parse_order
-from order_viewer.ports import (
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.reader import PostgresOrderReader, newest_documents
+from order_viewer.adapters.postgres.tables import ORDERS, PARTS, Column
+from order_viewer.adapters.postgres.writer import PARTITION_LOCK_CLASS, PostgresOrderWriter
+from order_viewer.domain.model import Order, PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.ingest import BatchOutcome, OrderIngest, prepare_batch
+from order_viewer.service.ports import (
     DatabaseBusy,
     DatabaseUnavailable,
     Message,
     RejectedByDatabase,
 )
-from order_viewer.retry import Health, Patience
-from order_viewer.service import BatchOutcome, OrderIngest, prepare_batch
-from order_viewer.store import (
-    PARTITION_LOCK_CLASS,
-    PostgresOrderReader,
-    PostgresOrderWriter,
-    newest_documents,
-)
-from order_viewer.tables import ORDERS, PARTS, Column
+from order_viewer.service.retry import Health, Patience
 from tests.audit import row_counts, stored_documents
 from tests.conftest import Stack, free_port, wait_until
 from tests.fakes import FakeDeadLetters

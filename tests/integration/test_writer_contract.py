@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from order_viewer.generate import make_order
-from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.ports import Deletion, OrderWriter, WriteResult
-from order_viewer.store import PostgresOrderWriter, newest_documents
+from order_viewer.adapters.postgres.reader import newest_documents
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.ports import Deletion, OrderWriter, WriteResult
 from tests.conftest import Stack
 from tests.fakes import FakeWriter
 

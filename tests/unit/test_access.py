@@ -19,15 +19,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer import bootstrap
-from order_viewer.access import (
+from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.adapters.http.access import (
     AccessConfigurationError,
     AccessGuard,
     AccessPolicy,
     audit,
     audit_order_read,
 )
-from order_viewer.api import Front, create_app
-from order_viewer.auth import (
+from order_viewer.adapters.http.api import Front, create_app
+from order_viewer.adapters.http.auth import (
     JWKS_RETRY_SECONDS,
     ORDERS_READ,
     Authenticator,
@@ -38,14 +39,13 @@ from order_viewer.auth import (
     Principal,
     TokenFile,
 )
-from order_viewer.cache import CachedOrder, OrderCache
+from order_viewer.adapters.http.forwarded import TrustedProxies, trusted_networks
+from order_viewer.adapters.logs import BackgroundHandler, JsonFormatter, sole_writer
+from order_viewer.adapters.metrics import Metrics
 from order_viewer.config import Settings
-from order_viewer.forwarded import TrustedProxies, trusted_networks
-from order_viewer.generate import SAMPLE_ORDER, make_order
-from order_viewer.logs import BackgroundHandler, JsonFormatter, sole_writer
-from order_viewer.masking import DELIVERY_MASKS, MASK, MaskedViews
-from order_viewer.metrics import Metrics
-from order_viewer.service import OrderLookup
+from order_viewer.domain.masking import DELIVERY_MASKS, MASK, MaskedViews
+from order_viewer.entrypoints.generate import SAMPLE_ORDER, make_order
+from order_viewer.service.lookup import OrderLookup
 from tests.fakes import FakeReader
 
 SUPPORT = Principal("support", frozenset({ORDERS_READ}))

@@ -16,7 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
-from order_viewer.auth import (
+from order_viewer.adapters.cache import CachedOrder
+from order_viewer.adapters.http.auth import (
     JWKS_DEFAULT_MAX_AGE_SECONDS,
     JWKS_MAX_MAX_AGE_SECONDS,
     JWKS_MAX_STALE_SECONDS,
@@ -43,10 +44,8 @@ from order_viewer.auth import (
     protected_mode_problem,
     token_digest,
 )
-from order_viewer.cache import CachedOrder
 from order_viewer.config import ConfigurationError, Settings, load_settings
-from order_viewer.generate import SAMPLE_ORDER
-from order_viewer.masking import (
+from order_viewer.domain.masking import (
     MaskedViews,
     mask_email,
     mask_phone,
@@ -55,6 +54,7 @@ from order_viewer.masking import (
     masked_document,
     masked_etag,
 )
+from order_viewer.entrypoints.generate import SAMPLE_ORDER
 
 DIGEST = "a" * 64
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from order_viewer.broker import Headers, enqueue
+from order_viewer.adapters.kafka.broker import Headers, enqueue
 from tests.fakes import Queued, StalledProducer
 
 

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from order_viewer import cache as cache_module
-from order_viewer.cache import CachedOrder, OrderCache
+from order_viewer.adapters import cache as cache_module
+from order_viewer.adapters.cache import CachedOrder, OrderCache
 
 
 def entry(text: str) -> CachedOrder:

@@ -13,18 +13,15 @@ import psycopg
 import pytest
 from psycopg_pool import PoolTimeout
 
-from order_viewer.cache import CachedOrder, OrderCache
-from order_viewer.metrics import Metrics
-from order_viewer.ports import DatabaseBusy, DatabaseUnavailable, Message, Stopped
-from order_viewer.retry import Health, Patience
-from order_viewer.service import (
-    CacheCoherence,
-    OrderIngest,
-    OrderLookup,
-    expire_orders,
-    prepare_batch,
-)
-from order_viewer.store import unavailable
+from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.errors import unavailable
+from order_viewer.service.coherence import CacheCoherence
+from order_viewer.service.ingest import OrderIngest, prepare_batch
+from order_viewer.service.lookup import OrderLookup
+from order_viewer.service.ports import DatabaseBusy, DatabaseUnavailable, Message, Stopped
+from order_viewer.service.retention import expire_orders
+from order_viewer.service.retry import Health, Patience
 from tests.fakes import FakeDeadLetters, FakeExpirer, FakeReader, FakeWriter
 from tests.unit.test_service import order
 
@@ -261,7 +258,7 @@ def test_a_check_failing_for_another_reason_is_retried_until_it_succeeds(
     lost_with_a_cached_order(coherence)
     coherence.broken_for = 3
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="order_viewer.service"):
+    with caplog.at_level(logging.INFO, logger="order_viewer.service.coherence"):
         coherence.run_pending()
     assert not coherence.cache.suspended
     assert coherence.cache.get("a") == entry("a1")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from order_viewer.cli import main
+from order_viewer.adapters.postgres.writer import DEFAULT_WRITE_TIMEOUT_SECONDS
 from order_viewer.config import ConfigurationError, Settings, kafka_security, load_settings
-from order_viewer.store import DEFAULT_WRITE_TIMEOUT_SECONDS
+from order_viewer.entrypoints.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

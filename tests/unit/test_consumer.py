@@ -5,8 +5,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer
 
-from order_viewer.config import Settings
-from order_viewer.consumer import (
+from order_viewer.adapters.kafka.consumer import (
     RESTARTS_BEFORE_STUCK,
     ProgressWatch,
     Verdict,
@@ -14,7 +13,8 @@ from order_viewer.consumer import (
     group_membership,
     lane_groups,
 )
-from order_viewer.ports import Message
+from order_viewer.config import Settings
+from order_viewer.service.ports import Message
 
 
 def message(offset: int, size: int | None) -> Message:

@@ -14,9 +14,9 @@ import pytest
 from confluent_kafka import TopicPartition
 from rich.progress import Progress
 
-from order_viewer import dlq
-from order_viewer.cli import main
-from order_viewer.dlq import (
+from order_viewer.entrypoints import dlq
+from order_viewer.entrypoints.cli import main
+from order_viewer.entrypoints.dlq import (
     NO_REASON,
     DeadLetter,
     DeadLetterToolError,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from order_viewer.config import ConfigurationError, load_settings
-from order_viewer.forwarded import (
+from order_viewer.adapters.http.forwarded import (
     MAX_HOPS,
     MAX_TRUSTED_PROXIES,
     TrustedProxies,
     limiter_key,
     trusted_networks,
 )
+from order_viewer.config import ConfigurationError, load_settings
 
 PROXIES = TrustedProxies(trusted_networks("10.0.0.0/8, 2001:db8:ffff::/48"))
 PROXY = "10.0.0.2"

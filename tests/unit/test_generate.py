@@ -15,13 +15,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from order_viewer.generate import BREAK_KINDS, SAMPLE_ORDER, break_order, encode, make_order
-from order_viewer.model import (
+from order_viewer.domain.model import (
     REASON_CODES,
     InvalidOrder,
     consistency_problems,
     order_json,
     parse_order,
+)
+from order_viewer.entrypoints.generate import (
+    BREAK_KINDS,
+    SAMPLE_ORDER,
+    break_order,
+    encode,
+    make_order,
 )
 
 # No example database: these tests must not leave files in the working tree.
@@ -47,7 +53,9 @@ def leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
 
 
 def test_sample_order_is_the_packaged_sample() -> None:
-    packaged = files("order_viewer").joinpath("sample_order.json").read_text(encoding="utf-8")
+    packaged = (
+        files("order_viewer.entrypoints").joinpath("sample_order.json").read_text(encoding="utf-8")
+    )
     assert json.loads(packaged) == SAMPLE_ORDER
     assert packaged == json.dumps(SAMPLE_ORDER, indent=2, ensure_ascii=False) + "\n"
     assert SAMPLE_ORDER["order_uid"] == "b563feb7b2b84b6test"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from order_viewer import logs
-from order_viewer.logs import (
+from order_viewer.adapters import logs
+from order_viewer.adapters.logs import (
     BackgroundHandler,
     ConsoleFormatter,
     JsonFormatter,
@@ -357,7 +357,7 @@ def test_configure_again_replaces_the_writer() -> None:
 
 EXIT_ON_SIGTERM = """
 import logging, logging.config, os, signal, sys
-from order_viewer import logs
+from order_viewer.adapters import logs
 
 logs.configure("INFO", "json")
 # As granian does when its server is made: every handler known to logging is closed and

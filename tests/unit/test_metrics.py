@@ -2,7 +2,7 @@
 
 import pytest
 
-from order_viewer.metrics import route_template
+from order_viewer.adapters.metrics import route_template
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from order_viewer.generate import SAMPLE_ORDER, encode
-from order_viewer.model import (
+from order_viewer.domain.model import (
     INT64_MAX,
     MAX_ITEMS,
     MAX_PAYMENT_DT,
@@ -34,11 +33,12 @@ from order_viewer.model import (
     order_json,
     parse_order,
 )
+from order_viewer.entrypoints.generate import SAMPLE_ORDER, encode
 from tests.fixtures.hostile.make_corpus import SMALL_ITEM
 
 # No example database: these tests must not leave files in the working tree.
 PROPERTIES = settings(database=None, deadline=None)
-SAMPLE_BYTES = files("order_viewer").joinpath("sample_order.json").read_bytes()
+SAMPLE_BYTES = files("order_viewer.entrypoints").joinpath("sample_order.json").read_bytes()
 DOC = Path(__file__).parents[2] / "docs" / "ORDER_FORMAT.md"
 MARKER = "@@raw@@"
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from order_viewer.config import MIN_HTTP_CONNECTIONS
-from order_viewer.server import FILES_BESIDES_CONNECTIONS, http_connection_limit
+from order_viewer.entrypoints.server import FILES_BESIDES_CONNECTIONS, http_connection_limit
 from tests.conftest import ORDER_VIEWER, free_port, with_open_files_limit
 
 
@@ -22,7 +22,7 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     script = (
         "import resource\n"
-        "from order_viewer.server import raise_open_files_limit\n"
+        "from order_viewer.entrypoints.server import raise_open_files_limit\n"
         "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
         "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"

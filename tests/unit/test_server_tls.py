@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from order_viewer.config import Settings
-from order_viewer.server import serve, tls_problem
+from order_viewer.entrypoints.server import serve, tls_problem
 from tests.conftest import free_port
 from tests.tls import key_pem, self_signed_pair
 

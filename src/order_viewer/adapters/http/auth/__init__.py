@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
+from order_viewer.adapters.logs import printable
 from order_viewer.config import is_loopback
-from order_viewer.logs import printable
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

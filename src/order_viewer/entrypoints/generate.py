@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from typing import Any, Final
 
-from order_viewer.model import INT64_MAX, MAX_ITEMS, MAX_PAYMENT_DT, STRING_LIMITS
+from order_viewer.domain.model import INT64_MAX, MAX_ITEMS, MAX_PAYMENT_DT, STRING_LIMITS
 
 SAMPLE_ORDER: Final[dict[str, Any]] = json.loads(
-    files("order_viewer").joinpath("sample_order.json").read_bytes()
+    files("order_viewer.entrypoints").joinpath("sample_order.json").read_bytes()
 )
 """The sample message of the task; shared, so deep-copy it before changing anything."""
 

@@ -1,0 +1,1 @@
+"""The HTTP adapters (API, access guard, credentials); domain, service and adapters only."""

@@ -1,0 +1,1 @@
+"""The Kafka adapters (consumer, producers); domain, service and the other adapters only."""

@@ -1,0 +1,1 @@
+"""The PostgreSQL adapters (migrations, writer, readers); domain, ports and adapters only."""

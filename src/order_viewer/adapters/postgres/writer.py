@@ -1,0 +1,289 @@
+"""The batch writer the consumer uses: a batch COPYed, merged and its changes notified in one
+transaction, under deadlines that say what held it up."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import psycopg
+from psycopg import sql
+
+from order_viewer.adapters.postgres.errors import (
+    WATCHDOG,
+    DedicatedConnection,
+    Unanswered,
+    database_errors,
+)
+from order_viewer.adapters.postgres.listener import notify_changes
+from order_viewer.adapters.postgres.tables import ORDERS, PARTS
+from order_viewer.domain.model import PreparedOrder
+from order_viewer.service.ports import (
+    Deletion,
+    RejectedByDatabase,
+    WriteResult,
+    WriteTimedOut,
+)
+
+# The order rows of a batch are COPYed (the fastest way into PostgreSQL) into a staging table
+# that lives as long as the writer's connection and empties at every commit, then merged in one
+# statement that says which orders were new or replaced. Only those orders' delivery, payment and
+# items rows are then COPYed straight into their tables. The statements are composed once, here,
+# from the declaration of the tables' columns.
+_CREATE_STAGING = (
+    "CREATE TEMP TABLE stage_orders (LIKE orders INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_COPY_STAGED_ORDERS = (
+    sql.SQL("COPY stage_orders ({columns}) FROM STDIN")
+    .format(columns=ORDERS.column_list)
+    .as_string()
+)
+_COPY_PARTS = tuple(
+    (
+        sql.SQL("COPY {table} ({columns}) FROM STDIN")
+        .format(table=sql.Identifier(table.name), columns=table.column_list)
+        .as_string(),
+        table,
+    )
+    for table in PARTS
+)
+
+# model.supersedes in SQL: an existing order is replaced only by a different version from a later
+# message, so an identical redelivery changes nothing and an older one redelivered loses; and an
+# order is not stored again from a message older than its tombstone (model.later).
+_MERGE_ORDERS = (
+    sql.SQL("""
+INSERT INTO orders ({columns})
+SELECT {columns} FROM stage_orders s
+WHERE NOT EXISTS (
+    SELECT FROM order_tombstones t
+    WHERE t.order_uid = s.order_uid
+      AND t.kafka_partition = s.kafka_partition AND t.kafka_offset >= s.kafka_offset
+)
+ON CONFLICT (order_uid) DO UPDATE SET {updates}, stored_at = now()
+WHERE orders.content_sha256 <> excluded.content_sha256
+  AND (orders.kafka_partition <> excluded.kafka_partition
+       OR orders.kafka_offset < excluded.kafka_offset)
+RETURNING order_uid, xmax <> 0 AS replaced
+""")
+    .format(
+        columns=ORDERS.column_list,
+        updates=sql.SQL(", ").join(
+            sql.SQL("{column} = excluded.{column}").format(column=sql.Identifier(column.name))
+            for column in ORDERS.columns
+            if column.name != "order_uid"
+        ),
+    )
+    .as_string()
+)
+
+# The replaced orders' old parts go before their new ones are copied in.
+_DELETE_PARTS = tuple(
+    sql.SQL("DELETE FROM {table} WHERE order_uid = ANY(%(uids)s)")
+    .format(table=sql.Identifier(table.name))
+    .as_string()
+    for table in PARTS
+)
+
+
+_TOMBSTONES = (
+    "unnest(%(uids)s::text[], %(partitions)s::integer[], %(offsets)s::bigint[]) "
+    "AS d(order_uid, kafka_partition, kafka_offset)"
+)
+
+# A tombstone is kept at the latest position seen, as a stored order is.
+_RECORD_TOMBSTONES = f"""
+INSERT INTO order_tombstones (order_uid, kafka_partition, kafka_offset)
+SELECT order_uid, kafka_partition, kafka_offset FROM {_TOMBSTONES}
+ON CONFLICT (order_uid) DO UPDATE SET
+    kafka_partition = excluded.kafka_partition, kafka_offset = excluded.kafka_offset,
+    deleted_at = now()
+WHERE order_tombstones.kafka_partition <> excluded.kafka_partition
+   OR order_tombstones.kafka_offset < excluded.kafka_offset
+"""  # noqa: S608 (only the constant above is interpolated)
+
+# Delivery, payment and items go with their order (ON DELETE CASCADE).
+_DELETE_ORDERS = f"""
+DELETE FROM orders o USING {_TOMBSTONES}
+WHERE o.order_uid = d.order_uid
+  AND (o.kafka_partition <> d.kafka_partition OR o.kafka_offset < d.kafka_offset)
+RETURNING o.order_uid
+"""  # noqa: S608 (only the constant above is interpolated)
+
+
+# Who holds a lock that a write waited for: the oldest transaction, other than one waiting for
+# a lock itself, that holds a lock on the order tables or a writer's partition lock. Its age is
+# visible only to roles that may see other sessions' activity (pg_read_all_stats, or the same
+# role); the pid always is. No query text, user or address: they may carry personal data.
+_BLOCKER = """
+SELECT a.pid, a.state, floor(extract(epoch FROM now() - a.xact_start))::bigint
+FROM pg_stat_activity a
+WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()
+  AND a.wait_event_type IS DISTINCT FROM 'Lock'
+  AND EXISTS (
+      SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.granted
+        AND (l.relation = ANY(%(tables)s::regclass[])
+             OR (l.locktype = 'advisory' AND l.classid = %(lock_class)s::oid))
+  )
+ORDER BY a.xact_start NULLS LAST, a.pid
+LIMIT 1
+"""
+_ORDER_TABLES = [ORDERS.name, *(table.name for table in PARTS), "order_tombstones"]
+# DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal). One batch of
+# 1,000 orders of 1,000 items each, the most items an order may have (217 MB), took 28.8 s to
+# write, so its statements stay well within twice this; batches under the default
+# BATCH_MAX_BYTES (4 MiB) take under a second.
+DEFAULT_WRITE_TIMEOUT_SECONDS = 30
+
+
+class PostgresOrderWriter:
+    """Writes batches of orders, each batch in one transaction, over one dedicated connection.
+
+    Every write has deadlines: a lock another session holds is waited for at most
+    `timeout_seconds` (lock_timeout), a statement runs at most twice that (statement_timeout,
+    which a lock wait close to its limit leaves time to run), and a write the server has not
+    answered 10 s after that is cut by the client (`_Watchdog`), as a frozen server enforces
+    nothing. Each raises WriteTimedOut, naming its cause and, for a lock, who held it.
+    """
+
+    def __init__(
+        self, database_url: str, instance: str, timeout_seconds: int = DEFAULT_WRITE_TIMEOUT_SECONDS
+    ) -> None:
+        self._database_url = database_url
+        self._instance = instance
+        self._lock_timeout_ms = timeout_seconds * 1000
+        self._unanswered_seconds = 2 * timeout_seconds + 10
+        self._connection = DedicatedConnection(database_url, "order-viewer-writer", self._prepare)
+
+    def _prepare(self, connection: psycopg.Connection[tuple[object, ...]]) -> None:
+        # Set here rather than as connection `options`, which would replace any of the URL's.
+        connection.execute(
+            "SELECT set_config('lock_timeout', %s, false), "
+            "set_config('statement_timeout', %s, false)",
+            (f"{self._lock_timeout_ms}ms", f"{2 * self._lock_timeout_ms}ms"),
+        )
+        connection.execute(_CREATE_STAGING)
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def write(
+        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+    ) -> WriteResult:
+        """Store every order of the batch and apply every deletion, or none of them.
+
+        The batch and the deletions must hold each order_uid once (its newest message).
+        """
+        written: dict[str, bool] = {}
+        deleted: list[str] = []
+        with database_errors(
+            reset=self.close, refused=lambda error: RejectedByDatabase(_describe(error))
+        ):
+            connection = self._connection.get()
+            with (
+                self._deadlines(connection),
+                connection.transaction(),
+                connection.cursor() as cursor,
+            ):
+                _lock_partitions(
+                    cursor, {p.partition for p in batch} | {d.partition for d in deletions}
+                )
+                if deletions:
+                    tombstones = {
+                        "uids": [d.order_uid for d in deletions],
+                        "partitions": [d.partition for d in deletions],
+                        "offsets": [d.offset for d in deletions],
+                    }
+                    cursor.execute(_RECORD_TOMBSTONES, tombstones)
+                    cursor.execute(_DELETE_ORDERS, tombstones)
+                    deleted = [str(uid) for (uid,) in cursor.fetchall()]
+                if batch:
+                    _copy_order_rows(cursor, batch)
+                    cursor.execute(_MERGE_ORDERS)
+                    written = {str(uid): bool(replaced) for uid, replaced in cursor.fetchall()}
+                replaced = [uid for uid, was_replaced in written.items() if was_replaced]
+                if replaced:
+                    for statement in _DELETE_PARTS:
+                        cursor.execute(statement, {"uids": replaced})
+                if written:
+                    _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
+                # New orders need no word: no instance can hold a copy of what did not exist.
+                notify_changes(cursor, self._instance, [*replaced, *deleted])
+        return WriteResult(
+            inserted=tuple(uid for uid, was_replaced in written.items() if not was_replaced),
+            replaced=tuple(replaced),
+            deleted=tuple(deleted),
+        )
+
+    @contextlib.contextmanager
+    def _deadlines(self, connection: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
+        """A write's deadlines, watched, and the errors they end it with as WriteTimedOut."""
+        try:
+            with WATCHDOG.watch(connection, self._unanswered_seconds):
+                yield
+        except Unanswered as error:
+            raise WriteTimedOut(str(error), "unresponsive") from error
+        except psycopg.errors.LockNotAvailable as error:
+            raise WriteTimedOut(_describe(error), "lock", self._blocker()) from error
+        except psycopg.errors.QueryCanceled as error:
+            raise WriteTimedOut(_describe(error), "statement") from error
+
+    def _blocker(self) -> str | None:
+        """Who held the lock a write gave up on, if it can be told (and still holds it)."""
+        try:
+            with psycopg.connect(
+                self._database_url,
+                autocommit=True,
+                connect_timeout=5,
+                application_name="order-viewer-lock-lookup",
+            ) as connection:
+                row = connection.execute(
+                    _BLOCKER, {"tables": _ORDER_TABLES, "lock_class": PARTITION_LOCK_CLASS}
+                ).fetchone()
+        except psycopg.Error:
+            return None
+        if row is None:
+            return None
+        pid, state, open_seconds = row
+        age = "of unknown age" if open_seconds is None else f"open for {open_seconds} s"
+        return f"pid {pid} ({state or 'state not visible'}, its transaction {age})"
+
+
+# The class of the advisory locks that writers take per Kafka partition (the objid is the
+# partition); two-key advisory locks never meet the migration's one-key lock.
+PARTITION_LOCK_CLASS = 0x6F76  # "ov"
+
+
+def _lock_partitions(cursor: psycopg.Cursor[tuple[object, ...]], partitions: set[int]) -> None:
+    """Make the writers of one partition take turns until their transactions end. Two instances
+    write one partition only while it moves between them (the old owner finishing a batch the
+    new one re-reads), and then a tombstone's delete and the merge of an earlier version of the
+    same order, each under READ COMMITTED, could miss each other's uncommitted rows and leave
+    the order stored behind its later tombstone. Waiting here, the later writer's statements see
+    what the earlier one committed. In ascending order, so that two writers never wait for each
+    other in a cycle."""
+    for partition in sorted(partitions):
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (PARTITION_LOCK_CLASS, partition))
+
+
+def _describe(error: psycopg.Error) -> str:
+    diagnostic = error.diag
+    detail = f"{diagnostic.message_primary or error}"
+    if diagnostic.column_name or diagnostic.constraint_name:
+        detail += f" ({diagnostic.column_name or diagnostic.constraint_name})"
+    return detail
+
+
+def _copy_order_rows(
+    cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]
+) -> None:
+    with cursor.copy(_COPY_STAGED_ORDERS) as copy:
+        for row in ORDERS.rows(batch):
+            copy.write_row(row)
+
+
+def _copy_parts(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]) -> None:
+    for statement, table in _COPY_PARTS:
+        with cursor.copy(statement) as copy:
+            for row in table.rows(batch):
+                copy.write_row(row)

@@ -1,0 +1,1 @@
+"""The domain: the order and its rules (validation, masking); no I/O, no imports of other layers."""

@@ -1,0 +1,1 @@
+"""The entrypoints: the commands and the server; they may import every layer and the settings."""

@@ -1,0 +1,1 @@
+"""The service layer: the use cases over the ports; imports the domain only, never an adapter."""

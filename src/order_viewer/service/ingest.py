@@ -1,0 +1,290 @@
+"""Ingest: a batch of consumed messages parsed, stored and dead-lettered (`OrderIngest`), over the
+ports of `ports` (the adapters implement them; the unit tests fake them)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from order_viewer.domain.model import (
+    DB_REJECTED,
+    InvalidOrder,
+    PreparedOrder,
+    Rejection,
+    consistency_problems,
+    parse_order,
+    tombstone_uid,
+)
+from order_viewer.service.ports import (
+    Cache,
+    CachedOrder,
+    DatabaseUnavailable,
+    DeadLetters,
+    Deletion,
+    Message,
+    OrderWriter,
+    RejectedByDatabase,
+    RejectedMessage,
+    ServiceMetrics,
+    WriteTimedOut,
+)
+from order_viewer.service.retry import Patience, retry
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_SECONDS = 10.0
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    inserted: int = 0
+    replaced: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    inconsistent: int = 0
+    rejected: list[RejectedMessage] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch validated and serialized, ready to store: the newest message of each order, a
+    version in `orders` or a tombstone in `deletions`."""
+
+    messages: Sequence[Message]
+    orders: dict[str, tuple[PreparedOrder, Message]]
+    rejected: list[RejectedMessage]
+    inconsistent: int
+    deletions: dict[str, tuple[Deletion, Message]] = field(default_factory=dict)
+
+
+def prepare_batch(messages: Sequence[Message], delete_on_tombstone: bool = False) -> PreparedBatch:
+    """Validate and serialize a batch; the newest message of each order_uid is the one kept. A
+    tombstone (a key without a value) deletes its order if `delete_on_tombstone`, and is
+    rejected as `empty_value` otherwise."""
+    batch = PreparedBatch(messages, {}, [], 0)
+    for message in messages:
+        try:
+            if message.value is None and delete_on_tombstone:
+                uid = tombstone_uid(message.key)
+                batch.orders.pop(uid, None)
+                batch.deletions[uid] = (Deletion(uid, message.partition, message.offset), message)
+                continue
+            order = parse_order(message.value)
+        except InvalidOrder as invalid:
+            batch.rejected.append(RejectedMessage(message, invalid.rejection))
+            continue
+        if consistency_problems(order):
+            batch.inconsistent += 1
+        # Same key, same partition: a later message of an order_uid in the batch is newer.
+        batch.deletions.pop(order.order_uid, None)
+        batch.orders[order.order_uid] = (
+            PreparedOrder.of(order, message.partition, message.offset),
+            message,
+        )
+    return batch
+
+
+class WriteTimeouts:
+    """The writes that the database's deadlines cut: each counted by cause and logged with what
+    blocked it, and the last one shown by readiness until a write gets through again."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+        # Read by the event loop, replaced whole by the writing threads.
+        self.failing: str | None = None
+
+    def timed_out(self, timeout: WriteTimedOut) -> None:
+        self._metrics.write_timed_out(timeout.cause)
+        if timeout.blocker is not None:
+            self.failing = f"writes timing out: blocked by {timeout.blocker}"
+        else:
+            self.failing = f"writes timing out ({timeout.cause}): {timeout}"
+        log.warning("%s; the write is rolled back and retried", self.failing)
+
+    def got_through(self) -> None:
+        if self.failing is not None:
+            self.failing = None
+            log.info("writes get through again")
+
+
+class OrderIngest:
+    """A batch of messages goes through three steps, in this order:
+
+    - `prepare_batch`: validate and serialize (the consumer does this for batch n+1 while the
+      database writes batch n);
+    - `store`: write the valid orders in one transaction, waiting out database outages, then
+      cache them;
+    - `settle`: send the rejected messages to the dead-letter topic and, only once it has
+      acknowledged them, let the caller acknowledge the whole batch (store its offsets), so that
+      no message is acknowledged before it is either stored or dead-lettered.
+    """
+
+    def __init__(
+        self,
+        writers: Sequence[OrderWriter],
+        cache: Cache,
+        dead_letters: DeadLetters,
+        database: Patience,
+        metrics: ServiceMetrics,
+        *,
+        delete_on_tombstone: bool = False,
+    ) -> None:
+        if not writers:
+            raise ValueError("an ingest needs at least one writer")
+        self._writers = writers
+        self._cache = cache
+        self._dead_letters = dead_letters
+        self._database = database
+        self._metrics = metrics
+        self._delete_on_tombstone = delete_on_tombstone
+        self._since_report: Counter[str] = Counter()
+        self._last_report = time.monotonic()
+        self.write_timeouts = WriteTimeouts(metrics)
+
+    @property
+    def lanes(self) -> int:
+        """How many batches may be stored at once: one per writer, each writing the partitions
+        whose number modulo `lanes` is its lane, so that a partition's batches are stored in
+        order (see `lane_of`)."""
+        return len(self._writers)
+
+    def lane_of(self, partition: int) -> int:
+        return partition % len(self._writers)
+
+    def prepare(self, messages: Sequence[Message]) -> PreparedBatch:
+        return prepare_batch(messages, self._delete_on_tombstone)
+
+    def store(self, batch: PreparedBatch, lane: int = 0) -> BatchOutcome:
+        """The batch's valid orders stored and cached by the writer of `lane`, retrying the
+        whole batch while the database is away (storing a batch again changes nothing). Raises
+        Stopped if a stop comes first. Batches of one lane are stored one at a time; those of
+        different lanes may be stored at once, from different threads."""
+
+        def attempt() -> BatchOutcome:
+            started = time.perf_counter()
+            outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
+            if batch.orders or batch.deletions:
+                try:
+                    self._write(
+                        self._writers[lane],
+                        [prepared for prepared, _ in batch.orders.values()],
+                        [deletion for deletion, _ in batch.deletions.values()],
+                        batch,
+                        outcome,
+                    )
+                except WriteTimedOut as timeout:
+                    self.write_timeouts.timed_out(timeout)
+                    raise
+                self.write_timeouts.got_through()
+            self._metrics.batch_written(time.perf_counter() - started)
+            return outcome
+
+        def forget_batch() -> None:
+            # A connection lost during COMMIT leaves the attempt's fate unknown: if the server
+            # committed, the retry finds nothing left to replace or delete, and this instance's
+            # listener skips its own notifications, so no cached copy of the batch may outlive it.
+            self._cache.invalidate([*batch.orders, *batch.deletions])
+            self._metrics.retried("database")
+
+        return retry(
+            attempt,
+            transient=(DatabaseUnavailable,),
+            patience=self._database,
+            on_retry=forget_batch,
+        )
+
+    def _write(
+        self,
+        writer: OrderWriter,
+        orders: list[PreparedOrder],
+        deletions: list[Deletion],
+        batch: PreparedBatch,
+        outcome: BatchOutcome,
+    ) -> None:
+        ticket = self._cache.ticket()
+        try:
+            result = writer.write(orders, deletions)
+        except RejectedByDatabase as refused:
+            if len(orders) + len(deletions) > 1:
+                # One order the validator passed but the database refuses must not sink the
+                # others: write each alone and dead-letter only the ones refused.
+                for prepared in orders:
+                    self._write(writer, [prepared], [], batch, outcome)
+                for deletion in deletions:
+                    self._write(writer, [], [deletion], batch, outcome)
+                return
+            rejection = Rejection(DB_REJECTED, f"the database refused the order: {refused}", None)
+            message = (
+                batch.orders[orders[0].order.order_uid][1]
+                if orders
+                else batch.deletions[deletions[0].order_uid][1]
+            )
+            outcome.rejected.append(RejectedMessage(message, rejection))
+            return
+        outcome.inserted += len(result.inserted)
+        outcome.replaced += len(result.replaced)
+        outcome.deleted += len(result.deleted)
+        outcome.unchanged += (
+            len(orders) + len(deletions)
+            - len(result.inserted) - len(result.replaced) - len(result.deleted)
+        )  # fmt: skip
+        self._cache.put_written(
+            {
+                uid: CachedOrder.of(batch.orders[uid][0].document, batch.orders[uid][0].sha256)
+                for uid in (*result.inserted, *result.replaced)
+            },
+            ticket,
+        )
+        if result.deleted:
+            self._cache.invalidate(result.deleted)
+
+    def settle(
+        self,
+        batch: PreparedBatch,
+        outcome: BatchOutcome,
+        acknowledge: Callable[[Sequence[Message]], None],
+    ) -> None:
+        """Dead-letter the rejected messages, then acknowledge the batch. Raises Stopped (and
+        acknowledges nothing) if a stop comes while the dead-letter topic is away: the batch is
+        then read again by whoever consumes next, and storing it again changes nothing."""
+        for entry in outcome.rejected:
+            message, rejection = entry.message, entry.rejection
+            log.warning(
+                "rejected message %s/%d@%d: %s (%s%s)",
+                message.topic, message.partition, message.offset, rejection.code,
+                rejection.message, f", field {rejection.field}" if rejection.field else "",
+                extra={
+                    "topic": message.topic, "partition": message.partition,
+                    "offset": message.offset, "reason": rejection.code, "field": rejection.field,
+                },
+            )  # fmt: skip
+        if outcome.rejected:
+            self._dead_letters.send(outcome.rejected)
+        acknowledge(batch.messages)
+        self._report(batch, outcome)
+
+    def _report(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
+        """Count the batch, and log the throughput every few seconds."""
+        self._metrics.batch_settled(
+            outcome.inserted,
+            outcome.replaced,
+            outcome.deleted,
+            (entry.rejection.code for entry in outcome.rejected),
+            max((p.order.date_created for p, _ in batch.orders.values()), default=None),
+        )
+        since = self._since_report
+        since.update(
+            stored=outcome.inserted + outcome.replaced, dead_lettered=len(outcome.rejected)
+        )
+        elapsed = time.monotonic() - self._last_report
+        if elapsed >= PROGRESS_INTERVAL_SECONDS:
+            if since:
+                log.info(
+                    "stored %d orders (%.0f/s) and dead-lettered %d messages in the last %.0f s",
+                    since["stored"], since["stored"] / elapsed, since["dead_lettered"], elapsed,
+                )  # fmt: skip
+            since.clear()
+            self._last_report = time.monotonic()
