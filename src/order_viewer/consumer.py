@@ -14,7 +14,6 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
-from order_viewer.config import Settings
 from order_viewer.metrics import Metrics
 from order_viewer.ports import Message, Stopped
 from order_viewer.retry import Health
@@ -380,19 +379,6 @@ def messages_waiting(consumer: Consumer, timeout: float) -> dict[str, int] | Non
     except KafkaException:
         return None
     return waiting
-
-
-def group_membership(settings: Settings) -> dict[str, str | int]:
-    """The consumer group settings, under librdkafka's names."""
-    group: dict[str, str | int] = {"group.id": settings.kafka_group_id}
-    if settings.kafka_group_protocol == "consumer":
-        # librdkafka refuses the session settings under this protocol: the broker holds them.
-        group["group.protocol"] = "consumer"
-        return group
-    group["session.timeout.ms"] = settings.kafka_session_timeout_ms
-    if settings.kafka_group_instance_id is not None:
-        group["group.instance.id"] = settings.kafka_group_instance_id
-    return group
 
 
 def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:

@@ -5,13 +5,13 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer
 
+from order_viewer.bootstrap import group_membership
 from order_viewer.config import Settings
 from order_viewer.consumer import (
     RESTARTS_BEFORE_STUCK,
     ProgressWatch,
     Verdict,
     by_size,
-    group_membership,
     lane_groups,
 )
 from order_viewer.ports import Message
