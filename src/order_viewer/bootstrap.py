@@ -35,7 +35,7 @@ from order_viewer.adapters.http.auth import (
 )
 from order_viewer.adapters.http.forwarded import TrustedProxies
 from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
-from order_viewer.adapters.kafka.consumer import Batching, OrderConsumer, group_membership
+from order_viewer.adapters.kafka.consumer import Batching, OrderConsumer
 from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.postgres.expirer import PostgresOrderExpirer
 from order_viewer.adapters.postgres.listener import PostgresChangeListener
@@ -122,6 +122,19 @@ def access_policy(settings: Settings) -> AccessPolicy | None:
         MaskedViews(settings.cache_capacity, settings.cache_max_bytes),
         TrustedProxies(settings.http_trusted_proxies) if settings.http_trusted_proxies else None,
     )
+
+
+def group_membership(settings: Settings) -> dict[str, str | int]:
+    """The consumer group settings, under librdkafka's names."""
+    group: dict[str, str | int] = {"group.id": settings.kafka_group_id}
+    if settings.kafka_group_protocol == "consumer":
+        # librdkafka refuses the session settings under this protocol: the broker holds them.
+        group["group.protocol"] = "consumer"
+        return group
+    group["session.timeout.ms"] = settings.kafka_session_timeout_ms
+    if settings.kafka_group_instance_id is not None:
+        group["group.instance.id"] = settings.kafka_group_instance_id
+    return group
 
 
 def build(settings: Settings, access: AccessPolicy | None) -> Parts:

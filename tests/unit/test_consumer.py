@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -7,12 +8,12 @@ from confluent_kafka import Consumer
 
 from order_viewer.adapters.kafka.consumer import (
     RESTARTS_BEFORE_STUCK,
+    Lanes,
     ProgressWatch,
     Verdict,
     by_size,
-    group_membership,
-    lane_groups,
 )
+from order_viewer.bootstrap import group_membership
 from order_viewer.config import Settings
 from order_viewer.service.ports import Message
 
@@ -38,8 +39,22 @@ def on(partition: int, offset: int) -> Message:
     return Message("orders", partition, offset, b"k", b"{}")
 
 
-def three_lanes(partition: int) -> int:
-    return partition % 3
+class Write:
+    """A write whose end the test decides."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def three_lanes(split_from: int = 5) -> Lanes[Write]:
+    return Lanes(3, split_from)
 
 
 def positions(groups: list[tuple[frozenset[int], list[Message]]]) -> list[Any]:
@@ -48,17 +63,30 @@ def positions(groups: list[tuple[frozenset[int], list[Message]]]) -> list[Any]:
     ]
 
 
+def test_a_partition_belongs_to_the_lane_of_its_number_modulo_the_lanes() -> None:
+    assert [Lanes[Write](2).of(partition) for partition in range(5)] == [0, 1, 0, 1, 0]
+    assert [Lanes[Write](1).of(partition) for partition in range(3)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_lanes_are_at_least_one(count: int) -> None:
+    with pytest.raises(ValueError, match="at least one lane"):
+        Lanes[Write](count)
+
+
 def test_a_small_poll_is_one_batch_of_all_its_lanes_in_the_order_it_came() -> None:
     messages = [on(0, 0), on(4, 0), on(1, 0), on(0, 1)]
-    groups = lane_groups(messages, three_lanes, 5, lambda lane: True)
-    assert positions(groups) == [([0, 1], [(0, 0), (4, 0), (1, 0), (0, 1)])]
-    assert lane_groups([], three_lanes, 5, lambda lane: True) == []
+    assert positions(three_lanes().batches(messages)) == [
+        ([0, 1], [(0, 0), (4, 0), (1, 0), (0, 1)])
+    ]
+    assert three_lanes().batches([]) == []
 
 
 def test_a_large_poll_is_a_batch_per_lane_the_free_lanes_first() -> None:
+    lanes = three_lanes()
+    lanes.begin(frozenset({0}), Write("busy"))
     messages = [on(0, 0), on(1, 0), on(2, 0), on(3, 0), on(1, 1), on(5, 0)]
-    groups = lane_groups(messages, three_lanes, 5, lambda lane: lane != 0)
-    assert positions(groups) == [
+    assert positions(lanes.batches(messages)) == [
         ([1], [(1, 0), (1, 1)]),
         ([2], [(2, 0), (5, 0)]),
         ([0], [(0, 0), (3, 0)]),
@@ -67,9 +95,101 @@ def test_a_large_poll_is_a_batch_per_lane_the_free_lanes_first() -> None:
 
 def test_a_large_poll_of_one_lane_is_one_batch() -> None:
     messages = [on(3, n) for n in range(10)]
-    assert positions(lane_groups(messages, three_lanes, 5, lambda lane: True)) == [
-        ([0], [(3, n) for n in range(10)])
-    ]
+    assert positions(three_lanes().batches(messages)) == [([0], [(3, n) for n in range(10)])]
+
+
+def test_a_lane_holds_one_write_until_it_is_taken_back_done_or_not() -> None:
+    lanes = three_lanes()
+    first = Write("first")
+    lanes.begin(frozenset({0}), first)
+    with pytest.raises(ValueError, match=r"lanes \[0\] are held"):
+        lanes.begin(frozenset({0, 2}), Write("second"))
+    assert not lanes.free(0)
+    assert lanes.free(1)
+    assert lanes.free(2)
+    first.finished = True
+    assert lanes.free(0)  # its write is done, only its settling waits
+    with pytest.raises(ValueError, match="held"):
+        lanes.begin(frozenset({0}), Write("second"))
+    assert lanes.take_holding(frozenset({0, 2})) == [first]
+    lanes.begin(frozenset({0, 2}), Write("second"))
+
+
+def test_a_batch_of_several_lanes_holds_them_all_and_is_settled_before_any_of_them_is_used() -> (
+    None
+):
+    lanes = three_lanes()
+    several = Write("several")
+    lanes.begin(frozenset({0, 1}), several)
+    assert [lanes.free(lane) for lane in range(3)] == [False, False, True]
+    lanes.begin(frozenset({2}), beside := Write("beside"))
+    assert lanes.take_holding(frozenset({1})) == [several]
+    assert [lanes.free(lane) for lane in range(3)] == [True, True, False]
+    assert lanes.take_all() == [beside]
+
+
+def test_the_writes_are_handed_back_in_the_order_they_began() -> None:
+    lanes = three_lanes()
+    writes = [Write("a"), Write("b"), Write("c")]
+    for lane, write in enumerate(writes):
+        lanes.begin(frozenset({lane}), write)
+    assert lanes.take_holding(frozenset({2, 0})) == [writes[0], writes[2]]
+    assert lanes.take_all() == [writes[1]]
+    assert not lanes.under_way
+
+
+def test_only_the_done_writes_are_taken_in_the_order_they_began_the_others_stay() -> None:
+    lanes = three_lanes()
+    a, b, c = Write("a"), Write("b"), Write("c")
+    for lane, write in enumerate((a, b, c)):
+        lanes.begin(frozenset({lane}), write)
+    assert lanes.take_done() == []
+    c.finished = a.finished = True
+    assert lanes.take_done() == [a, c]
+    assert lanes.take_done() == []
+    assert lanes.under_way
+    b.finished = True
+    assert lanes.take_done() == [b]
+    assert not lanes.under_way
+    assert lanes.take_all() == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_scheduled_as_the_consumer_does_each_partition_is_settled_in_order(seed: int) -> None:
+    """Polls of random partitions, split or not, whose writes end at random: every message is
+    settled once, each partition's in offset order, with at most one write per lane."""
+    chance = random.Random(seed)
+    lanes: Lanes[Batch] = Lanes(3, split_from=6)
+    next_offset = dict.fromkeys(range(7), 0)
+    begun: list[Batch] = []
+    settled: list[Message] = []
+    for _ in range(200):
+        polled = []
+        for _ in range(chance.randrange(12)):
+            partition = chance.randrange(7)
+            polled.append(on(partition, next_offset[partition]))
+            next_offset[partition] += 1
+        for batch_lanes, messages in lanes.batches(polled):
+            settled += settle(lanes.take_holding(batch_lanes))
+            begun.append(Batch(messages))
+            lanes.begin(batch_lanes, begun[-1])  # raises if a lane held a write
+        for write in begun:
+            write.finished = write.finished or chance.random() < 0.4
+        settled += settle(lanes.take_done())
+    settled += settle(lanes.take_all())
+    for partition, count in next_offset.items():
+        offsets = [m.offset for m in settled if m.partition == partition]
+        assert offsets == list(range(count))
+
+
+class Batch(Write):
+    def __init__(self, messages: list[Message]) -> None:
+        super().__init__(f"batch of {len(messages)}")
+        self.messages = messages
+
+
+def settle(writes: list[Batch]) -> list[Message]:
+    return [message for write in writes for message in write.messages]
 
 
 @pytest.mark.parametrize(

@@ -146,13 +146,10 @@ class OrderIngest:
 
     @property
     def lanes(self) -> int:
-        """How many batches may be stored at once: one per writer, each writing the partitions
-        whose number modulo `lanes` is its lane, so that a partition's batches are stored in
-        order (see `lane_of`)."""
+        """How many batches may be stored at once: one per writer, the lane `store` is given;
+        the caller keeps each partition's batches on one lane, one at a time, so that they are
+        stored in order."""
         return len(self._writers)
-
-    def lane_of(self, partition: int) -> int:
-        return partition % len(self._writers)
 
     def prepare(self, messages: Sequence[Message]) -> PreparedBatch:
         return prepare_batch(messages, self._delete_on_tombstone)

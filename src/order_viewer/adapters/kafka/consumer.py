@@ -9,13 +9,13 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
 from order_viewer.adapters.metrics import Metrics
-from order_viewer.config import Settings
 from order_viewer.service.ingest import BatchOutcome, OrderIngest, PreparedBatch
 from order_viewer.service.ports import Message, Stopped
 from order_viewer.service.readiness import Liveness
@@ -56,35 +56,100 @@ class Batching:
     split_from: int = SPLIT_FROM
 
 
-@dataclass(frozen=True, eq=False, slots=True)  # each write is itself: compared by identity
+@dataclass(frozen=True, slots=True)
 class _Write:
-    """A batch being stored, and the lanes it holds until it is settled (one, or all those of
-    a poll too small to split)."""
+    """A batch being stored, and the outcome it will have."""
 
-    lanes: frozenset[int]
     batch: PreparedBatch
     outcome: Future[BatchOutcome]
 
+    def done(self) -> bool:
+        return self.outcome.done()
 
-def lane_groups(
-    messages: list[Message],
-    lane_of: Callable[[int], int],
-    split_from: int,
-    free: Callable[[int], bool],
-) -> list[tuple[frozenset[int], list[Message]]]:
-    """The batches a poll makes, each with its lanes, in the order they should start: fewer
-    than `split_from` messages make one batch; more make one per lane, the lanes that are
-    `free` first, so that their batches start before the consumer waits for a busy one. Each
-    batch keeps its messages in the order they came."""
-    by_lane: dict[int, list[Message]] = {}
-    for message in messages:
-        by_lane.setdefault(lane_of(message.partition), []).append(message)
-    if len(messages) < split_from or len(by_lane) < 2:
-        return [(frozenset(by_lane), messages)] if messages else []
-    return sorted(
-        ((frozenset((lane,)), lane_messages) for lane, lane_messages in by_lane.items()),
-        key=lambda group: not all(free(lane) for lane in group[0]),
-    )
+
+class UnderWay(Protocol):
+    """A write as the lanes see it: under way until it is done."""
+
+    def done(self) -> bool: ...
+
+
+W = TypeVar("W", bound=UnderWay)
+
+
+class Lanes(Generic[W]):
+    """The lane schedule of the writes: which lane a partition belongs to, which writes are under
+    way on which lanes, which lanes are free, and which writes must be settled before a batch
+    may begin.
+
+    A partition's messages all belong to one lane, and a lane holds one write at a time, so each
+    partition's batches are stored, and their offsets stored, in order, while different lanes
+    write at once. The writes are handed back for settling in the order they began. Pure: what a
+    write is, and when it is done, is the caller's (a future, in the consumer).
+    """
+
+    def __init__(self, count: int, split_from: int = SPLIT_FROM) -> None:
+        if count < 1:
+            raise ValueError("the writes need at least one lane")
+        self.count = count
+        self._split_from = split_from
+        self._under_way: list[tuple[frozenset[int], W]] = []  # in the order they began
+
+    def of(self, partition: int) -> int:
+        return partition % self.count
+
+    def free(self, lane: int) -> bool:
+        """No write on the lane, or only one that is done and waits to be settled."""
+        return not any(lane in lanes and not write.done() for lanes, write in self._under_way)
+
+    @property
+    def under_way(self) -> bool:
+        """Some write begun and not yet handed back for settling."""
+        return bool(self._under_way)
+
+    def batches(self, messages: list[Message]) -> list[tuple[frozenset[int], list[Message]]]:
+        """The batches a poll makes, each with its lanes, in the order they should begin: fewer
+        than `split_from` messages make one batch; more make one per lane, the free lanes first,
+        so that their batches begin before the consumer waits for a busy one. Each batch keeps
+        its messages in the order they came."""
+        by_lane: dict[int, list[Message]] = {}
+        for message in messages:
+            by_lane.setdefault(self.of(message.partition), []).append(message)
+        if len(messages) < self._split_from or len(by_lane) < 2:
+            return [(frozenset(by_lane), messages)] if messages else []
+        return sorted(
+            ((frozenset((lane,)), lane_messages) for lane, lane_messages in by_lane.items()),
+            key=lambda batch: not all(self.free(lane) for lane in batch[0]),
+        )
+
+    def begin(self, lanes: frozenset[int], write: W) -> None:
+        """A write holding `lanes` until it is handed back; none of them may be held already
+        (`take_holding` hands back those that are)."""
+        for held, _ in self._under_way:
+            if held & lanes:
+                raise ValueError(f"lanes {sorted(held & lanes)} are held by a write under way")
+        self._under_way.append((lanes, write))
+
+    def take_holding(self, lanes: frozenset[int]) -> list[W]:
+        """The writes to settle before a batch on `lanes` begins: those holding any of them,
+        done or not."""
+        return self._take(lambda held, _: bool(held & lanes))
+
+    def take_done(self) -> list[W]:
+        return self._take(lambda _, write: write.done())
+
+    def take_all(self) -> list[W]:
+        return self._take(lambda _, __: True)
+
+    def _take(self, taken: Callable[[frozenset[int], W], bool]) -> list[W]:
+        """The writes `taken` picks, in the order they began, no longer under way from now."""
+        writes, kept = [], []
+        for held, write in self._under_way:
+            if taken(held, write):
+                writes.append(write)
+            else:
+                kept.append((held, write))
+        self._under_way = kept
+        return writes
 
 
 class Verdict(Enum):
@@ -185,50 +250,30 @@ class OrderConsumer:
         fenced by another instance with the same static member id)."""
         consumer = self._subscribed()
         watch = ProgressWatch(self._stall_timeout)
-        # The database writes batches while this thread polls and validates the next. A
-        # partition's messages all belong to one lane, and a lane holds one batch at a time, so
-        # each partition's batches are stored, and their offsets stored, in order.
-        writer = ThreadPoolExecutor(max_workers=self._ingest.lanes, thread_name_prefix="writer")
-        writing: list[_Write] = []  # in the order they began; no two share a lane
-
-        def settle(writes: list[_Write]) -> None:
-            for write in writes:
-                writing.remove(write)
-                self._ingest.settle(
-                    write.batch,
-                    write.outcome.result(),
-                    lambda messages: _store_offsets(consumer, messages),
-                )
-
-        def free(lane: int) -> bool:
-            return not any(lane in write.lanes and not write.outcome.done() for write in writing)
-
+        # The database writes batches while this thread polls and validates the next.
+        lanes: Lanes[_Write] = Lanes(self._ingest.lanes, self._batching.split_from)
+        writer = ThreadPoolExecutor(max_workers=lanes.count, thread_name_prefix="writer")
         try:
             while not self._stop.is_set():
-                polled = self._poll(consumer, free)
+                polled = self._poll(consumer, lanes)
                 if polled:
                     if watch.moved():
                         self._liveness.moving("consumer")
                         log.info("the consumer consumes again: /livez passes again")
-                elif writing:
+                elif lanes.under_way:
                     # Nothing came: the batches under way are settled as they end, so that
                     # their offsets are stored without waiting for more messages. Meanwhile
                     # the loop asked the broker for nothing.
-                    settle(list(writing))
+                    self._settle(consumer, lanes.take_all())
                     watch.held()
                 elif watch.due():
                     # Nothing is under way, so every offset of what was consumed is stored.
                     consumer = self._restarted_if_stalled(consumer, watch)
-                groups = lane_groups(polled, self._ingest.lane_of, self._batching.split_from, free)
-                for lanes, group in groups:
-                    for messages in by_size(group, self._batching.max_bytes):
-                        prepared = self._ingest.prepare(messages)
-                        settle([write for write in writing if write.lanes & lanes])
-                        # The batch's lanes are all free now: the first one's writer stores it.
-                        outcome = writer.submit(self._ingest.store, prepared, min(lanes))
-                        writing.append(_Write(lanes, prepared, outcome))
-                settle([write for write in writing if write.outcome.done()])
-            settle(list(writing))
+                for batch_lanes, messages in lanes.batches(polled):
+                    for batch in by_size(messages, self._batching.max_bytes):
+                        self._begin(consumer, lanes, writer, batch_lanes, batch)
+                self._settle(consumer, lanes.take_done())
+            self._settle(consumer, lanes.take_all())
         except Stopped:
             # The unsettled batches' offsets stay unstored: whoever consumes next re-reads them.
             pass
@@ -239,6 +284,29 @@ class OrderConsumer:
             # (a static member stays in it, for its restart to find them).
             consumer.close()
             log.info("consumer stopped")
+
+    def _begin(
+        self,
+        consumer: Consumer,
+        lanes: Lanes[_Write],
+        writer: ThreadPoolExecutor,
+        batch_lanes: frozenset[int],
+        messages: list[Message],
+    ) -> None:
+        """Validate the batch (while the writes before it go on), settle the writes that hold
+        its lanes, then hand it to the first lane's writer."""
+        prepared = self._ingest.prepare(messages)
+        self._settle(consumer, lanes.take_holding(batch_lanes))
+        outcome = writer.submit(self._ingest.store, prepared, min(batch_lanes))
+        lanes.begin(batch_lanes, _Write(prepared, outcome))
+
+    def _settle(self, consumer: Consumer, writes: list[_Write]) -> None:
+        """Each write's batch settled once it is stored, in the order given: its dead letters
+        sent, then its offsets stored."""
+        for write in writes:
+            self._ingest.settle(
+                write.batch, write.outcome.result(), partial(_store_offsets, consumer)
+            )
 
     def _subscribed(self) -> Consumer:
         """A new consumer of the topic, in the group."""
@@ -291,7 +359,7 @@ class OrderConsumer:
         consumer.close()
         return self._subscribed()
 
-    def _poll(self, consumer: Consumer, free: Callable[[int], bool]) -> list[Message]:
+    def _poll(self, consumer: Consumer, lanes: Lanes[_Write]) -> list[Message]:
         """The next batch: up to BATCH_MAX_ORDERS messages, gathered for at most
         BATCH_MAX_WAIT_MS, but only while the database is busy with the batches before. A
         message that finds its lane's writer free is written at once, with whatever arrived
@@ -301,10 +369,10 @@ class OrderConsumer:
         most = self._batching.max_messages
         deadline = time.monotonic() + self._batching.max_wait_seconds
         batch: list[Message] = []
-        lanes: set[int] = set()  # those of the messages gathered
+        gathered: set[int] = set()  # the lanes of the messages gathered
         while len(batch) < most and not self._stop.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or any(free(lane) for lane in lanes):
+            if remaining <= 0 or any(lanes.free(lane) for lane in gathered):
                 break
             if batch:
                 # consume() returns when it has all it asked for or when its timeout ends, so
@@ -320,7 +388,7 @@ class OrderConsumer:
                 polled = [first, *consumer.consume(num_messages=most - 1, timeout=0)]
             messages = self._messages(polled)
             batch.extend(messages)
-            lanes.update(self._ingest.lane_of(message.partition) for message in messages)
+            gathered.update(lanes.of(message.partition) for message in messages)
         if batch:
             self._broker.recovered()
             self._metrics.messages_consumed.inc(len(batch))
@@ -381,19 +449,6 @@ def messages_waiting(consumer: Consumer, timeout: float) -> dict[str, int] | Non
     except KafkaException:
         return None
     return waiting
-
-
-def group_membership(settings: Settings) -> dict[str, str | int]:
-    """The consumer group settings, under librdkafka's names."""
-    group: dict[str, str | int] = {"group.id": settings.kafka_group_id}
-    if settings.kafka_group_protocol == "consumer":
-        # librdkafka refuses the session settings under this protocol: the broker holds them.
-        group["group.protocol"] = "consumer"
-        return group
-    group["session.timeout.ms"] = settings.kafka_session_timeout_ms
-    if settings.kafka_group_instance_id is not None:
-        group["group.instance.id"] = settings.kafka_group_instance_id
-    return group
 
 
 def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:
