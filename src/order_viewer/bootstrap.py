@@ -22,7 +22,7 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 from starlette.types import ASGIApp
 
-from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.cache import MaskedViews, OrderCache
 from order_viewer.adapters.http.access import AccessConfigurationError, AccessPolicy
 from order_viewer.adapters.http.api import create_app
 from order_viewer.adapters.http.auth import (
@@ -47,7 +47,6 @@ from order_viewer.adapters.postgres.reader import (
 )
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.config import Settings, kafka_client
-from order_viewer.domain.masking import MaskedViews
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.ingest import OrderIngest
 from order_viewer.service.lookup import OrderLookup, warm_up

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer import bootstrap
-from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.adapters.cache import CachedOrder, MaskedViews, OrderCache
 from order_viewer.adapters.http.access import (
     AccessConfigurationError,
     AccessGuard,
@@ -43,7 +43,7 @@ from order_viewer.adapters.http.forwarded import TrustedProxies, trusted_network
 from order_viewer.adapters.logs import BackgroundHandler, JsonFormatter, sole_writer
 from order_viewer.adapters.metrics import Metrics
 from order_viewer.config import Settings
-from order_viewer.domain.masking import DELIVERY_MASKS, MASK, MaskedViews
+from order_viewer.domain.masking import DELIVERY_MASKS, MASK
 from order_viewer.entrypoints.generate import SAMPLE_ORDER, make_order
 from order_viewer.service.lookup import OrderLookup
 from tests.fakes import FakeReader

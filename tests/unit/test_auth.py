@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
-from order_viewer.adapters.cache import CachedOrder
+from order_viewer.adapters.cache import CachedOrder, MaskedViews, masked_etag
 from order_viewer.adapters.http.auth import (
     JWKS_DEFAULT_MAX_AGE_SECONDS,
     JWKS_MAX_MAX_AGE_SECONDS,
@@ -46,13 +46,11 @@ from order_viewer.adapters.http.auth import (
 )
 from order_viewer.config import ConfigurationError, Settings, load_settings
 from order_viewer.domain.masking import (
-    MaskedViews,
     mask_email,
     mask_phone,
     mask_words,
     mask_zip,
     masked_document,
-    masked_etag,
 )
 from order_viewer.entrypoints.generate import SAMPLE_ORDER
 

@@ -28,12 +28,7 @@ ALLOWED = {
 SETTINGS_READERS = {"bootstrap", "config", "entrypoints"}
 
 # The imports that break the rules above and stay for now, each with its reason.
-EXCEPTIONS = {
-    # MaskedViews keeps the masked documents in an OrderCache of its own, beside the plain one.
-    ("order_viewer.domain.masking", "order_viewer.adapters.cache"),
-    # The consumer still reads its batch and watchdog settings itself (being reworked apart).
-    ("order_viewer.adapters.kafka.consumer", "order_viewer.config.Settings"),
-}
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def modules() -> Iterator[tuple[str, ast.Module]]:

@@ -1,12 +1,14 @@
-"""The bounded in-memory cache of orders, ready to send."""
+"""The bounded in-memory caches of orders ready to send: the whole bodies, and their masked views."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from order_viewer.domain.masking import masked_document
 from order_viewer.service.ports import CachedOrder, CacheTicket, etag_of
 
 # The entries and their tags are values of the service layer (`ports`), named here too: the
@@ -239,3 +241,34 @@ class OrderCache:
             _, evicted = self._entries.popitem(last=False)
             self.bytes -= len(evicted.body)
             self.evictions += 1
+
+
+def masked_etag(masked_body: bytes) -> str:
+    """The tag of a masked body: a digest of the masked bytes alone, so that it tells a reader
+    nothing the body does not (a tag derived from the whole order let a masked reader test
+    guesses of the hidden characters offline), and every instance gives the same bytes the same
+    tag. Marked apart, so no client or proxy mistakes it for the tag of a whole order."""
+    return f'{etag_of(hashlib.sha256(masked_body).digest())[:-1]}-masked"'
+
+
+class MaskedViews:
+    """Masked orders, computed once per version of an order (keyed by the whole one's ETag) and
+    kept in a bounded LRU cache of their own, so a cache hit does not mask again."""
+
+    def __init__(self, capacity: int, max_bytes: int | None) -> None:
+        self._views = OrderCache(capacity, max_bytes)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    @property
+    def bytes(self) -> int:
+        return self._views.bytes
+
+    def masked(self, whole: CachedOrder) -> CachedOrder:
+        view = self._views.get(whole.etag)
+        if view is None:
+            body = masked_document(whole.body)
+            view = CachedOrder(body, masked_etag(body))
+            self._views.put_written({whole.etag: view})
+        return view

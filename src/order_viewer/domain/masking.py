@@ -3,12 +3,9 @@ recognise a customer (`+97*******00`, `t***@gmail.com`) without disclosing them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable
-
-from order_viewer.adapters.cache import CachedOrder, OrderCache, etag_of
 
 MASK = "*"
 _WORD = re.compile(r"\S+")
@@ -67,34 +64,3 @@ def masked_document(body: bytes) -> bytes:
                 # Validated orders hold text here; anything else is masked as its text too.
                 delivery[field] = mask(value if isinstance(value, str) else json.dumps(value))
     return json.dumps(order, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def masked_etag(masked_body: bytes) -> str:
-    """The tag of a masked body: a digest of the masked bytes alone, so that it tells a reader
-    nothing the body does not (a tag derived from the whole order let a masked reader test
-    guesses of the hidden characters offline), and every instance gives the same bytes the same
-    tag. Marked apart, so no client or proxy mistakes it for the tag of a whole order."""
-    return f'{etag_of(hashlib.sha256(masked_body).digest())[:-1]}-masked"'
-
-
-class MaskedViews:
-    """Masked orders, computed once per version of an order (keyed by the whole one's ETag) and
-    kept in a bounded LRU cache of their own, so a cache hit does not mask again."""
-
-    def __init__(self, capacity: int, max_bytes: int | None) -> None:
-        self._views = OrderCache(capacity, max_bytes)
-
-    def __len__(self) -> int:
-        return len(self._views)
-
-    @property
-    def bytes(self) -> int:
-        return self._views.bytes
-
-    def masked(self, whole: CachedOrder) -> CachedOrder:
-        view = self._views.get(whole.etag)
-        if view is None:
-            body = masked_document(whole.body)
-            view = CachedOrder(body, masked_etag(body))
-            self._views.put_written({whole.etag: view})
-        return view

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from prometheus_client import Counter
 from starlette.types import Scope
 
-from order_viewer.adapters.cache import CachedOrder
+from order_viewer.adapters.cache import CachedOrder, MaskedViews
 from order_viewer.adapters.http.auth import (
     METRICS_READ,
     ORDERS_READ,
@@ -32,7 +32,6 @@ from order_viewer.adapters.http.auth import (
 from order_viewer.adapters.http.forwarded import TrustedProxies, limiter_key
 from order_viewer.adapters.logs import printable, sole_writer
 from order_viewer.adapters.metrics import ORDER_PATH, Metrics
-from order_viewer.domain.masking import MaskedViews
 
 audit = logging.getLogger("order_viewer.audit")
 AUDIT_LINE = "order read principal=%s order_uid=%s status=%d view=%s client=%s"
