@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from order_viewer.adapters.postgres.errors import WATCHDOG
+from order_viewer.adapters.postgres.connection import WATCHDOG
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order

@@ -15,7 +15,7 @@ from psycopg_pool import PoolTimeout
 
 from order_viewer.adapters.cache import CachedOrder, OrderCache
 from order_viewer.adapters.metrics import Metrics
-from order_viewer.adapters.postgres.errors import unavailable
+from order_viewer.adapters.postgres.connection import unavailable
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.ingest import OrderIngest, prepare_batch
 from order_viewer.service.lookup import OrderLookup

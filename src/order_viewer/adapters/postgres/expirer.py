@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from order_viewer.adapters.postgres.errors import DedicatedConnection, database_errors
+from order_viewer.adapters.postgres.connection import DedicatedConnection, database_errors
 from order_viewer.adapters.postgres.listener import notify_changes
 from order_viewer.service.ports import (
     Expired,

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import psycopg
 
-from order_viewer.adapters.postgres.errors import KEEPALIVES, WATCHDOG, database_errors
+from order_viewer.adapters.postgres.connection import KEEPALIVES, WATCHDOG, database_errors
 from order_viewer.service.ports import (
     Changes,
     DatabaseUnavailable,

@@ -7,7 +7,7 @@ from collections.abc import Generator
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from order_viewer.adapters.postgres.errors import database_errors
+from order_viewer.adapters.postgres.connection import database_errors
 from order_viewer.service.ports import (
     DatabaseBusy,
     DatabaseUnavailable,

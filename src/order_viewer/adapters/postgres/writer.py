@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import psycopg
 from psycopg import sql
 
-from order_viewer.adapters.postgres.errors import (
+from order_viewer.adapters.postgres.connection import (
     WATCHDOG,
     DedicatedConnection,
     Unanswered,
