@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from order_viewer.adapters.cache import OrderCache
-from order_viewer.adapters.http.auth import TokenFile
+from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.domain.masking import MaskedViews
 from order_viewer.service.ports import TimeoutCause
 

@@ -23,12 +23,12 @@ from order_viewer.adapters.http.auth import (
     ORDERS_READ,
     Authenticator,
     AuthFailure,
-    FailureLimiter,
     KeysUnavailable,
     Principal,
-    TokenFile,
     bearer_token,
 )
+from order_viewer.adapters.http.auth.limiter import FailureLimiter
+from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.adapters.http.forwarded import TrustedProxies, limiter_key
 from order_viewer.adapters.logs import printable, sole_writer
 from order_viewer.adapters.metrics import ORDER_PATH, Metrics
