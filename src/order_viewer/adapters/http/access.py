@@ -30,7 +30,7 @@ from order_viewer.adapters.http.auth import (
 from order_viewer.adapters.http.auth.limiter import FailureLimiter
 from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.adapters.http.forwarded import TrustedProxies, limiter_key
-from order_viewer.adapters.logs import printable, sole_writer
+from order_viewer.adapters.logs import escaped_for_log, sole_writer
 from order_viewer.adapters.metrics import ORDER_PATH, Metrics
 from order_viewer.domain.masking import MaskedViews
 
@@ -205,7 +205,7 @@ def audit_order_read(
     order_uid = order_uid[:80]
     args = (
         principal.logged_name if principal is not None else "-",
-        printable(order_uid),
+        escaped_for_log(order_uid),
         status,
         view,
         client,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from order_viewer.adapters.logs import printable
+from order_viewer.adapters.logs import escaped_for_log
 from order_viewer.config import is_loopback
 
 ORDERS_READ = "orders:read"
@@ -30,7 +30,7 @@ class Principal:
     logged_name: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "logged_name", printable(self.name))
+        object.__setattr__(self, "logged_name", escaped_for_log(self.name))
 
     def may(self, scope: str) -> bool:
         # Reading orders whole includes reading them masked.

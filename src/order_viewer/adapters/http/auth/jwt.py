@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 
 from order_viewer.adapters.http.auth import SCOPES, AuthFailure, KeysUnavailable, Principal
-from order_viewer.adapters.logs import printable
+from order_viewer.adapters.logs import escaped_for_log
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -390,7 +390,7 @@ class JwtVerifier:
         log.warning(
             "JWKS: %d keys withdrawn (%s), %d tokens verified with them forgotten",
             len(withdrawn),
-            ", ".join(sorted(printable(kid) for kid in withdrawn)),
+            ", ".join(sorted(escaped_for_log(kid) for kid in withdrawn)),
             len(forgotten),
         )
 
