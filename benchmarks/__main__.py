@@ -47,7 +47,8 @@ from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import bootstrap
 from order_viewer.adapters.cache import OrderCache
 from order_viewer.adapters.http.access import audit_order_read
-from order_viewer.adapters.http.auth import ORDERS_READ_PII, Principal, new_token, token_digest
+from order_viewer.adapters.http.auth import ORDERS_READ_PII, Principal
+from order_viewer.adapters.http.auth.tokens import new_token, token_digest
 from order_viewer.adapters.kafka.consumer import by_size
 from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.postgres.migrate import migrate

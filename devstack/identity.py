@@ -61,8 +61,8 @@ class IdentityProvider:
         return json.dumps({"keys": keys}).encode()
 
     def fetch(self, _: str) -> tuple[bytes, str | None]:
-        """The answer the JWKS fetch (`fetch_url` of order_viewer.adapters.http.auth) would give:
-        the JWKS and its Cache-Control."""
+        """The answer the JWKS fetch (`fetch_url` of order_viewer.adapters.http.auth.jwt) would
+        give: the JWKS and its Cache-Control."""
         self.requests += 1
         return self.jwks(), self.cache_control
 

@@ -25,14 +25,10 @@ from starlette.types import ASGIApp
 from order_viewer.adapters.cache import MaskedViews, OrderCache
 from order_viewer.adapters.http.access import AccessConfigurationError, AccessPolicy
 from order_viewer.adapters.http.api import create_app
-from order_viewer.adapters.http.auth import (
-    Authenticator,
-    FailureLimiter,
-    JwtVerifier,
-    TokenFileError,
-    open_token_file,
-    protected_mode_problem,
-)
+from order_viewer.adapters.http.auth import Authenticator, protected_mode_problem
+from order_viewer.adapters.http.auth.jwt import JwtVerifier
+from order_viewer.adapters.http.auth.limiter import FailureLimiter
+from order_viewer.adapters.http.auth.tokens import TokenFileError, open_token_file
 from order_viewer.adapters.http.forwarded import TrustedProxies
 from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
 from order_viewer.adapters.kafka.consumer import Batching, OrderConsumer

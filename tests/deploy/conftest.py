@@ -13,7 +13,7 @@ import yaml
 
 from devstack.deploy_tools import INSTALL_COMMAND, helm_path, prometheus_path, promtool_path
 from order_viewer.adapters.cache import OrderCache
-from order_viewer.adapters.http.auth import TokenFile
+from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.adapters.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]

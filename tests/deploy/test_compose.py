@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from order_viewer.adapters.http.auth import METRICS_READ, parse_token_file, token_digest
+from order_viewer.adapters.http.auth import METRICS_READ
+from order_viewer.adapters.http.auth.tokens import parse_token_file, token_digest
 from order_viewer.config import Settings
 from order_viewer.entrypoints.cli import _parser
 from tests.unit.test_packaging import CONTRACT_DEFAULTS, ROOT, SETTINGS, healthcheck_url

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from order_viewer.adapters.http.auth import new_token, token_digest
+from order_viewer.adapters.http.auth.tokens import new_token, token_digest
 from order_viewer.entrypoints.generate import make_order
 from tests.conftest import (
     ServiceProcess,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Route, expect
 
-from order_viewer.adapters.http.auth import new_token, token_digest
+from order_viewer.adapters.http.auth.tokens import new_token, token_digest
 from order_viewer.entrypoints.generate import make_order
 from tests.conftest import ServiceProcess, Stack, Topics, encode_orders, produce, wait_until
 from tests.e2e.conftest import Tab

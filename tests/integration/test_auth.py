@@ -27,14 +27,9 @@ import httpx
 import pytest
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
-from order_viewer.adapters.http import auth
-from order_viewer.adapters.http.auth import (
-    JwtVerifier,
-    KeysUnavailable,
-    fetch_url,
-    new_token,
-    token_digest,
-)
+from order_viewer.adapters.http.auth import KeysUnavailable
+from order_viewer.adapters.http.auth.jwt import JwtVerifier, fetch_url
+from order_viewer.adapters.http.auth.tokens import new_token, token_digest
 from order_viewer.domain.masking import masked_document
 from order_viewer.entrypoints.generate import make_order
 from tests.conftest import (
@@ -744,7 +739,7 @@ def dripping(head: bytes, body: bytes, pause: float) -> Behaviour:
 
 @pytest.fixture
 def one_second_deadline(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(auth, "JWKS_TIMEOUT_SECONDS", 1)
+    monkeypatch.setattr("order_viewer.adapters.http.auth.jwt.JWKS_TIMEOUT_SECONDS", 1)
     return 1.0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from order_viewer.adapters.http.auth import new_token, token_digest
+from order_viewer.adapters.http.auth.tokens import new_token, token_digest
 from order_viewer.entrypoints.generate import break_order, make_order
 from tests.conftest import (
     ORDER_VIEWER,

@@ -28,17 +28,10 @@ from order_viewer.adapters.http.access import (
     audit_order_read,
 )
 from order_viewer.adapters.http.api import Front, create_app
-from order_viewer.adapters.http.auth import (
-    JWKS_RETRY_SECONDS,
-    ORDERS_READ,
-    Authenticator,
-    AuthFailure,
-    FailureLimiter,
-    JwksAnswer,
-    JwtVerifier,
-    Principal,
-    TokenFile,
-)
+from order_viewer.adapters.http.auth import ORDERS_READ, Authenticator, AuthFailure, Principal
+from order_viewer.adapters.http.auth.jwt import JWKS_RETRY_SECONDS, JwksAnswer, JwtVerifier
+from order_viewer.adapters.http.auth.limiter import FailureLimiter
+from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.adapters.http.forwarded import TrustedProxies, trusted_networks
 from order_viewer.adapters.logs import BackgroundHandler, JsonFormatter, sole_writer
 from order_viewer.adapters.metrics import Metrics

@@ -18,30 +18,34 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
 from order_viewer.adapters.cache import CachedOrder, MaskedViews, masked_etag
 from order_viewer.adapters.http.auth import (
+    ORDERS_READ,
+    ORDERS_READ_PII,
+    AuthFailure,
+    KeysUnavailable,
+    Principal,
+    bearer_token,
+    protected_mode_problem,
+)
+from order_viewer.adapters.http.auth.jwt import (
     JWKS_DEFAULT_MAX_AGE_SECONDS,
     JWKS_MAX_MAX_AGE_SECONDS,
     JWKS_MAX_STALE_SECONDS,
     JWKS_MIN_MAX_AGE_SECONDS,
     JWKS_REFETCH_SECONDS,
     JWKS_RETRY_SECONDS,
-    ORDERS_READ,
-    ORDERS_READ_PII,
-    AuthFailure,
-    FailureLimiter,
     JwksAnswer,
     JwtVerifier,
-    KeysUnavailable,
-    Principal,
+    jwks_max_age,
+    parse_jwks,
+)
+from order_viewer.adapters.http.auth.limiter import FailureLimiter
+from order_viewer.adapters.http.auth.tokens import (
     TokenFile,
     TokenFileError,
     TokenLines,
-    bearer_token,
-    jwks_max_age,
     new_token,
     open_token_file,
-    parse_jwks,
     parse_token_file,
-    protected_mode_problem,
     token_digest,
 )
 from order_viewer.config import ConfigurationError, Settings, load_settings

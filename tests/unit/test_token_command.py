@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from order_viewer.adapters.http.auth import SCOPES, parse_scopes, parse_token_file, token_digest
+from order_viewer.adapters.http.auth import SCOPES
+from order_viewer.adapters.http.auth.tokens import parse_scopes, parse_token_file, token_digest
 from order_viewer.entrypoints.cli import main
 
 NAME_RULE = "a client name is 1 to 64 letters, digits, '.', '_', '@' or '-'"

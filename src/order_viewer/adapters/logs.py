@@ -152,7 +152,7 @@ class ConsoleFormatter(LineFormatter):
         return f"{up_to_second[1]},{int(milliseconds):03d}"
 
 
-def printable(text: str) -> str:
+def escaped_for_log(text: str) -> str:
     """Text a client sent, which may be anything, escaped for a log line: what json.dumps
     writes for a string, without its quotes or its per-call checks, spaces too, so that no
     value can pass for the fields after it."""

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from order_viewer.adapters.cache import MaskedViews, OrderCache
-from order_viewer.adapters.http.auth import TokenFile
+from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.service.ports import TimeoutCause
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

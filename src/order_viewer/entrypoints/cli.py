@@ -15,7 +15,12 @@ import sqlalchemy.exc
 
 from order_viewer.adapters import logs
 from order_viewer.adapters.http.access import AccessConfigurationError
-from order_viewer.adapters.http.auth import check_client_name, new_token, parse_scopes, token_digest
+from order_viewer.adapters.http.auth.tokens import (
+    check_client_name,
+    new_token,
+    parse_scopes,
+    token_digest,
+)
 from order_viewer.adapters.postgres.migrate import migrate
 from order_viewer.bootstrap import access_policy
 from order_viewer.config import ConfigurationError, Settings, load_settings

@@ -638,15 +638,17 @@ def _dead_letter(message: Any, partition: int, offset: int) -> DeadLetter:
     return DeadLetter(partition, offset, stamp, message.key(), message.value(), headers, repeated)
 
 
-def printable(text: str) -> str:
+def quoted_if_unprintable(text: str) -> str:
     """`text` as it is if it is printable, else quoted with its escapes: a header anyone who
-    can write the topic sets must not move the cursor, recolour or forge lines."""
+    can write the topic sets must not move the cursor, recolour or forge lines. For a person at a
+    terminal, so a readable reason keeps its spaces, which a log line's fields escape
+    (`logs.escaped_for_log`)."""
     return text if text.isprintable() else repr(text)
 
 
 def print_stats(by_reason: dict[str, ReasonStats], topic: str) -> None:
     # A list, not a dict: a quoted reason may read like another, printable one.
-    shown = [(printable(reason), entry) for reason, entry in by_reason.items()]
+    shown = [(quoted_if_unprintable(reason), entry) for reason, entry in by_reason.items()]
     width = max([len("reason"), *(len(reason) for reason, _ in shown)])
     print(f"{'reason':<{width}}  {'count':>8}  {'first':<25}  last")
     for reason, entry in shown:

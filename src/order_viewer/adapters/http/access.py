@@ -23,14 +23,14 @@ from order_viewer.adapters.http.auth import (
     ORDERS_READ,
     Authenticator,
     AuthFailure,
-    FailureLimiter,
     KeysUnavailable,
     Principal,
-    TokenFile,
     bearer_token,
 )
+from order_viewer.adapters.http.auth.limiter import FailureLimiter
+from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.adapters.http.forwarded import TrustedProxies, limiter_key
-from order_viewer.adapters.logs import printable, sole_writer
+from order_viewer.adapters.logs import escaped_for_log, sole_writer
 from order_viewer.adapters.metrics import ORDER_PATH, Metrics
 
 audit = logging.getLogger("order_viewer.audit")
@@ -204,7 +204,7 @@ def audit_order_read(
     order_uid = order_uid[:80]
     args = (
         principal.logged_name if principal is not None else "-",
-        printable(order_uid),
+        escaped_for_log(order_uid),
         status,
         view,
         client,

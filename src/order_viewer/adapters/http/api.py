@@ -92,7 +92,10 @@ class _AnyText(Convertor[str]):
         return value
 
 
-class Readiness(Protocol):
+class HealthReport(Protocol):
+    """What the probes answer from: `/readyz` the parts not ready, `/livez` the parts stuck (the
+    service's `Readiness` gathers both)."""
+
     async def not_ready(self) -> dict[str, str]:
         """The parts that are not ready, each with what is wrong; empty when all are."""
         ...
@@ -153,7 +156,7 @@ def _as_json(answers: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[s
 
 def create_app(
     lookup: OrderLookup,
-    readiness: Readiness,
+    health: HealthReport,
     metrics: Metrics | None,
     access: AccessPolicy | None = None,
     *,
@@ -269,7 +272,7 @@ def create_app(
         responses={503: {"model": LivenessBody, "description": "A part is stuck: restart."}},
     )
     async def livez() -> JSONResponse:
-        stuck = readiness.not_live()
+        stuck = health.not_live()
         if stuck:
             return JSONResponse({"status": "stuck", "stuck": stuck}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -281,7 +284,7 @@ def create_app(
         responses={503: {"model": ReadinessBody}},
     )
     async def readyz() -> JSONResponse:
-        not_ready = await readiness.not_ready()
+        not_ready = await health.not_ready()
         return JSONResponse(
             {"status": "not ready" if not_ready else "ready", "not_ready": not_ready},
             status_code=503 if not_ready else 200,
