@@ -57,7 +57,7 @@ from order_viewer.config import Settings
 from order_viewer.domain.model import MAX_ITEMS, PreparedOrder, parse_order
 from order_viewer.service.ingest import prepare_batch
 from order_viewer.service.lookup import warm_up
-from order_viewer.service.ports import Message
+from order_viewer.service.ports import ConsumedMessage
 
 AUTH_ROUNDS = 3
 HTTP_ROUNDS = 3
@@ -201,7 +201,7 @@ def ingest_benchmark(
 def ingest_metrics_cost(messages: list[tuple[bytes, bytes]]) -> float:
     """Share of a batch's preparation that its consumer-side metrics cost (they are per batch)."""
     batch_messages = [
-        Message("bench", 0, offset, key, value)
+        ConsumedMessage("bench", 0, offset, key, value)
         for offset, (key, value) in enumerate(messages[:2000])
     ]
     started = time.perf_counter()
@@ -399,7 +399,10 @@ LARGE_ORDERS = 1500
 def prepared_expansion(messages: list[tuple[bytes, bytes]], batch_bytes: int) -> float:
     """Bytes a validated batch holds per byte of its messages (tracemalloc)."""
     batch = by_size(
-        [Message("bench", 0, offset, key, value) for offset, (key, value) in enumerate(messages)],
+        [
+            ConsumedMessage("bench", 0, offset, key, value)
+            for offset, (key, value) in enumerate(messages)
+        ],
         batch_bytes,
     )[0]
     tracemalloc.start()

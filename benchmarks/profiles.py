@@ -39,7 +39,7 @@ from order_viewer.bootstrap import COLLECTOR_THRESHOLDS, access_policy
 from order_viewer.config import Settings
 from order_viewer.service.ingest import prepare_batch
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.ports import Message, OrderSummary, StoredDocument
+from order_viewer.service.ports import ConsumedMessage, OrderSummary, StoredDocument
 
 BATCH = 2000
 TOP = 14
@@ -54,10 +54,10 @@ def _statements(connection: psycopg.Connection[Any]) -> dict[int, tuple[int, flo
     return {row[0]: row[1:] for row in connection.execute(_STATEMENTS)}
 
 
-def _batches(messages: list[tuple[bytes, bytes]]) -> list[list[Message]]:
+def _batches(messages: list[tuple[bytes, bytes]]) -> list[list[ConsumedMessage]]:
     return [
         [
-            Message("bench", 0, offset, key, value)
+            ConsumedMessage("bench", 0, offset, key, value)
             for offset, (key, value) in enumerate(messages[start : start + BATCH], start=start)
         ]
         for start in range(0, len(messages), BATCH)
@@ -65,7 +65,7 @@ def _batches(messages: list[tuple[bytes, bytes]]) -> list[list[Message]]:
 
 
 def _store(
-    bench: Bench, batches: list[list[Message]], profiler: cProfile.Profile | None
+    bench: Bench, batches: list[list[ConsumedMessage]], profiler: cProfile.Profile | None
 ) -> tuple[float, float]:
     """Seconds validating and serializing, and seconds writing, the batches into empty tables,
     under the service's collector thresholds."""
@@ -304,7 +304,7 @@ def _collecting_as_the_service() -> Iterator[None]:
 
 
 def validation_by_collector_thresholds(
-    batches: list[list[Message]], cached: int
+    batches: list[list[ConsumedMessage]], cached: int
 ) -> dict[tuple[int, int, int], float]:
     """Microseconds an order to validate and serialize batches of BATCH, two batches alive at a
     time as in the consumer, beside `cached` cache entries (long-lived objects, as a warm

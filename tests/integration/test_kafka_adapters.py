@@ -30,7 +30,7 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.domain.model import PreparedOrder, Rejection
 from order_viewer.entrypoints.generate import SAMPLE_ORDER
 from order_viewer.service.ingest import OrderIngest
-from order_viewer.service.ports import Deletion, Message, RejectedMessage, WriteResult
+from order_viewer.service.ports import ConsumedMessage, Deletion, RejectedMessage, WriteResult
 from order_viewer.service.readiness import Liveness
 from order_viewer.service.retry import Health, Patience
 from tests.conftest import (
@@ -81,7 +81,7 @@ def test_dead_letters_carry_the_message_unchanged_with_why_and_where(
         client(stack), topics.dead_letters, broker(threading.Event()), Metrics(OrderCache(0))
     )
     rejected = RejectedMessage(
-        Message("orders", 2, 41, b"key\x00", b"\xff not json"),
+        ConsumedMessage("orders", 2, 41, b"key\x00", b"\xff not json"),
         Rejection("invalid_json", "not JSON at byte 0", "items.0.price"),
     )
     try:

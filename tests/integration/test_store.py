@@ -24,9 +24,9 @@ from order_viewer.domain.model import Order, PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.ingest import BatchOutcome, OrderIngest, prepare_batch
 from order_viewer.service.ports import (
+    ConsumedMessage,
     DatabaseBusy,
     DatabaseUnavailable,
-    Message,
     RejectedByDatabase,
 )
 from order_viewer.service.retry import Health, Patience
@@ -268,7 +268,7 @@ def test_two_lanes_writing_the_same_orders_at_once_both_finish_and_leave_them_wh
     batches = [
         prepare_batch(
             [
-                Message("orders", lane, offset, None, json.dumps(order).encode())
+                ConsumedMessage("orders", lane, offset, None, json.dumps(order).encode())
                 for offset, order in enumerate(version if lane == 0 else version[::-1])
             ]
         )

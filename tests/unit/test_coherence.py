@@ -19,15 +19,17 @@ from order_viewer.adapters.postgres.connection import unavailable
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.ingest import OrderIngest, prepare_batch
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.ports import DatabaseBusy, DatabaseUnavailable, Message, Stopped
+from order_viewer.service.ports import ConsumedMessage, DatabaseBusy, DatabaseUnavailable, Stopped
 from order_viewer.service.retention import expire_orders
 from order_viewer.service.retry import Health, Patience
 from tests.fakes import FakeDeadLetters, FakeExpirer, FakeReader, FakeWriter
 from tests.unit.test_service import order
 
 
-def keyed(offset: int, key: bytes | None, value: bytes | None, partition: int = 0) -> Message:
-    return Message("orders", partition, offset, key, value)
+def keyed(
+    offset: int, key: bytes | None, value: bytes | None, partition: int = 0
+) -> ConsumedMessage:
+    return ConsumedMessage("orders", partition, offset, key, value)
 
 
 def patience(stop: threading.Event | None = None) -> Patience:
@@ -46,7 +48,7 @@ class Ingest:
             delete_on_tombstone=delete_on_tombstone,
         )  # fmt: skip
 
-    def all(self, messages: list[Message]) -> None:
+    def all(self, messages: list[ConsumedMessage]) -> None:
         batch = self.service.prepare(messages)
         self.service.settle(batch, self.service.store(batch), lambda _: None)
 

@@ -15,11 +15,11 @@ from order_viewer.adapters.kafka.consumer import (
 )
 from order_viewer.bootstrap import group_membership
 from order_viewer.config import Settings
-from order_viewer.service.ports import Message
+from order_viewer.service.ports import ConsumedMessage
 
 
-def message(offset: int, size: int | None) -> Message:
-    return Message("orders", 0, offset, b"k", None if size is None else b"x" * size)
+def message(offset: int, size: int | None) -> ConsumedMessage:
+    return ConsumedMessage("orders", 0, offset, b"k", None if size is None else b"x" * size)
 
 
 def test_batches_are_cut_by_bytes_in_order() -> None:
@@ -35,8 +35,8 @@ def test_empty_values_and_oversized_messages_still_get_a_batch() -> None:
     assert by_size([], 100) == []
 
 
-def on(partition: int, offset: int) -> Message:
-    return Message("orders", partition, offset, b"k", b"{}")
+def on(partition: int, offset: int) -> ConsumedMessage:
+    return ConsumedMessage("orders", partition, offset, b"k", b"{}")
 
 
 class Write:
@@ -57,7 +57,7 @@ def three_lanes(split_from: int = 5) -> Lanes[Write]:
     return Lanes(3, split_from)
 
 
-def positions(groups: list[tuple[frozenset[int], list[Message]]]) -> list[Any]:
+def positions(groups: list[tuple[frozenset[int], list[ConsumedMessage]]]) -> list[Any]:
     return [
         (sorted(lanes), [(m.partition, m.offset) for m in messages]) for lanes, messages in groups
     ]
@@ -162,7 +162,7 @@ def test_scheduled_as_the_consumer_does_each_partition_is_settled_in_order(seed:
     lanes: Lanes[Batch] = Lanes(3, split_from=6)
     next_offset = dict.fromkeys(range(7), 0)
     begun: list[Batch] = []
-    settled: list[Message] = []
+    settled: list[ConsumedMessage] = []
     for _ in range(200):
         polled = []
         for _ in range(chance.randrange(12)):
@@ -183,12 +183,12 @@ def test_scheduled_as_the_consumer_does_each_partition_is_settled_in_order(seed:
 
 
 class Batch(Write):
-    def __init__(self, messages: list[Message]) -> None:
+    def __init__(self, messages: list[ConsumedMessage]) -> None:
         super().__init__(f"batch of {len(messages)}")
         self.messages = messages
 
 
-def settle(writes: list[Batch]) -> list[Message]:
+def settle(writes: list[Batch]) -> list[ConsumedMessage]:
     return [message for write in writes for message in write.messages]
 
 

@@ -91,7 +91,11 @@ def test_the_exceptions_are_still_needed() -> None:
 @pytest.mark.parametrize(
     ("module", "source", "problem"),
     [
-        ("order_viewer.domain.x", "from order_viewer.service.ports import Message", "imports"),
+        (
+            "order_viewer.domain.x",
+            "from order_viewer.service.ports import ConsumedMessage",
+            "imports",
+        ),
         ("order_viewer.service.x", "from order_viewer.adapters.cache import OrderCache", "imports"),
         ("order_viewer.service.x", "import order_viewer.config", "imports"),
         ("order_viewer.adapters.x", "from order_viewer.bootstrap import start", "imports"),

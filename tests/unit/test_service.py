@@ -18,9 +18,9 @@ from order_viewer.entrypoints.generate import SAMPLE_ORDER
 from order_viewer.service.ingest import BatchOutcome, OrderIngest, WriteTimeouts, prepare_batch
 from order_viewer.service.lookup import OrderLookup, warm_up
 from order_viewer.service.ports import (
+    ConsumedMessage,
     DatabaseUnavailable,
     Deletion,
-    Message,
     Stopped,
     StoredDocument,
     WriteResult,
@@ -39,8 +39,8 @@ def order(uid: str, name: str = "Test Testov", date: str = "2021-11-26T06:22:19Z
     return json.dumps(document).encode()
 
 
-def message(offset: int, value: bytes | None, partition: int = 0) -> Message:
-    return Message("orders", partition, offset, b"key", value)
+def message(offset: int, value: bytes | None, partition: int = 0) -> ConsumedMessage:
+    return ConsumedMessage("orders", partition, offset, b"key", value)
 
 
 class Ingest:
@@ -58,14 +58,14 @@ class Ingest:
             [self.writer], self.cache, self.dead_letters, self.patience, self.metrics
         )
 
-    def all(self, messages: list[Message]) -> BatchOutcome:
+    def all(self, messages: list[ConsumedMessage]) -> BatchOutcome:
         """Prepare, store and settle one batch."""
         batch = prepare_batch(messages)
         outcome = self.service.store(batch)
         self.service.settle(batch, outcome, self.acknowledge)
         return outcome
 
-    def acknowledge(self, messages: Sequence[Message]) -> None:
+    def acknowledge(self, messages: Sequence[ConsumedMessage]) -> None:
         self.events.append(f"acknowledged {[m.offset for m in messages]}")
 
 

@@ -21,10 +21,10 @@ from order_viewer.domain.model import (
 from order_viewer.service.ports import (
     Cache,
     CachedOrder,
+    ConsumedMessage,
     DatabaseUnavailable,
     DeadLetters,
     Deletion,
-    Message,
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
@@ -53,14 +53,16 @@ class PreparedBatch:
     """A batch validated and serialized, ready to store: the newest message of each order, a
     version in `orders` or a tombstone in `deletions`."""
 
-    messages: Sequence[Message]
-    orders: dict[str, tuple[PreparedOrder, Message]]
+    messages: Sequence[ConsumedMessage]
+    orders: dict[str, tuple[PreparedOrder, ConsumedMessage]]
     rejected: list[RejectedMessage]
     inconsistent: int
-    deletions: dict[str, tuple[Deletion, Message]] = field(default_factory=dict)
+    deletions: dict[str, tuple[Deletion, ConsumedMessage]] = field(default_factory=dict)
 
 
-def prepare_batch(messages: Sequence[Message], delete_on_tombstone: bool = False) -> PreparedBatch:
+def prepare_batch(
+    messages: Sequence[ConsumedMessage], delete_on_tombstone: bool = False
+) -> PreparedBatch:
     """Validate and serialize a batch; the newest message of each order_uid is the one kept. A
     tombstone (a key without a value) deletes its order if `delete_on_tombstone`, and is
     rejected as `empty_value` otherwise."""
@@ -151,7 +153,7 @@ class OrderIngest:
         stored in order."""
         return len(self._writers)
 
-    def prepare(self, messages: Sequence[Message]) -> PreparedBatch:
+    def prepare(self, messages: Sequence[ConsumedMessage]) -> PreparedBatch:
         return prepare_batch(messages, self._delete_on_tombstone)
 
     def store(self, batch: PreparedBatch, lane: int = 0) -> BatchOutcome:
@@ -242,7 +244,7 @@ class OrderIngest:
         self,
         batch: PreparedBatch,
         outcome: BatchOutcome,
-        acknowledge: Callable[[Sequence[Message]], None],
+        acknowledge: Callable[[Sequence[ConsumedMessage]], None],
     ) -> None:
         """Dead-letter the rejected messages, then acknowledge the batch. Raises Stopped (and
         acknowledges nothing) if a stop comes while the dead-letter topic is away: the batch is

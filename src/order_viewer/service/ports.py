@@ -16,7 +16,7 @@ from order_viewer.domain.model import PreparedOrder, Rejection
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
+class ConsumedMessage:
     """One consumed message, as much of it as the service needs."""
 
     topic: str
@@ -28,7 +28,7 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class RejectedMessage:
-    message: Message
+    message: ConsumedMessage
     rejection: Rejection
 
 

@@ -17,7 +17,7 @@ from confluent_kafka import Message as KafkaMessage
 
 from order_viewer.adapters.metrics import Metrics
 from order_viewer.service.ingest import BatchOutcome, OrderIngest, PreparedBatch
-from order_viewer.service.ports import Message, Stopped
+from order_viewer.service.ports import ConsumedMessage, Stopped
 from order_viewer.service.readiness import Liveness
 from order_viewer.service.retry import Health
 
@@ -106,12 +106,14 @@ class Lanes(Generic[W]):
         """Some write begun and not yet handed back for settling."""
         return bool(self._under_way)
 
-    def batches(self, messages: list[Message]) -> list[tuple[frozenset[int], list[Message]]]:
+    def batches(
+        self, messages: list[ConsumedMessage]
+    ) -> list[tuple[frozenset[int], list[ConsumedMessage]]]:
         """The batches a poll makes, each with its lanes, in the order they should begin: fewer
         than `split_from` messages make one batch; more make one per lane, the free lanes first,
         so that their batches begin before the consumer waits for a busy one. Each batch keeps
         its messages in the order they came."""
-        by_lane: dict[int, list[Message]] = {}
+        by_lane: dict[int, list[ConsumedMessage]] = {}
         for message in messages:
             by_lane.setdefault(self.of(message.partition), []).append(message)
         if len(messages) < self._split_from or len(by_lane) < 2:
@@ -291,7 +293,7 @@ class OrderConsumer:
         lanes: Lanes[_Write],
         writer: ThreadPoolExecutor,
         batch_lanes: frozenset[int],
-        messages: list[Message],
+        messages: list[ConsumedMessage],
     ) -> None:
         """Validate the batch (while the writes before it go on), settle the writes that hold
         its lanes, then hand it to the first lane's writer."""
@@ -359,7 +361,7 @@ class OrderConsumer:
         consumer.close()
         return self._subscribed()
 
-    def _poll(self, consumer: Consumer, lanes: Lanes[_Write]) -> list[Message]:
+    def _poll(self, consumer: Consumer, lanes: Lanes[_Write]) -> list[ConsumedMessage]:
         """The next batch: up to BATCH_MAX_ORDERS messages, gathered for at most
         BATCH_MAX_WAIT_MS, but only while the database is busy with the batches before. A
         message that finds its lane's writer free is written at once, with whatever arrived
@@ -368,7 +370,7 @@ class OrderConsumer:
         is none)."""
         most = self._batching.max_messages
         deadline = time.monotonic() + self._batching.max_wait_seconds
-        batch: list[Message] = []
+        batch: list[ConsumedMessage] = []
         gathered: set[int] = set()  # the lanes of the messages gathered
         while len(batch) < most and not self._stop.is_set():
             remaining = deadline - time.monotonic()
@@ -395,7 +397,7 @@ class OrderConsumer:
             self._metrics.batch_size.observe(len(batch))
         return batch
 
-    def _messages(self, polled: list[KafkaMessage]) -> list[Message]:
+    def _messages(self, polled: list[KafkaMessage]) -> list[ConsumedMessage]:
         batch = []
         for kafka_message in polled:
             error = kafka_message.error()
@@ -417,7 +419,9 @@ class OrderConsumer:
             assert partition is not None
             assert offset is not None
             batch.append(
-                Message(topic, partition, offset, kafka_message.key(), kafka_message.value())
+                ConsumedMessage(
+                    topic, partition, offset, kafka_message.key(), kafka_message.value()
+                )
             )
         return batch
 
@@ -451,11 +455,11 @@ def messages_waiting(consumer: Consumer, timeout: float) -> dict[str, int] | Non
     return waiting
 
 
-def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:
+def by_size(messages: list[ConsumedMessage], max_bytes: int) -> list[list[ConsumedMessage]]:
     """The messages in order, cut into batches of at most `max_bytes` of values (a message
     larger than that is a batch of its own): validated orders take several times the bytes of
     their messages, so a count alone would not bound the memory of a batch."""
-    batches: list[list[Message]] = []
+    batches: list[list[ConsumedMessage]] = []
     size = 0
     for message in messages:
         length = len(message.value or b"")
@@ -467,7 +471,7 @@ def by_size(messages: list[Message], max_bytes: int) -> list[list[Message]]:
     return batches
 
 
-def _store_offsets(consumer: Consumer, batch: Sequence[Message]) -> None:
+def _store_offsets(consumer: Consumer, batch: Sequence[ConsumedMessage]) -> None:
     next_offsets: dict[tuple[str, int], int] = {}
     for message in batch:
         position = (message.topic, message.partition)
