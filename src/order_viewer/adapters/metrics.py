@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from itertools import accumulate
 from typing import Any
@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from order_viewer.adapters.cache import MaskedViews, OrderCache
 from order_viewer.adapters.http.auth.tokens import TokenFile
-from order_viewer.service.ports import TimeoutCause
+from order_viewer.service.ports import SettledBatch, TimeoutCause
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # The path of an order is this prefix and its id, whatever the client sent after it.
@@ -160,21 +160,14 @@ class Metrics:
     def retried(self, kind: str) -> None:
         self.retries.labels(kind).inc()
 
-    def batch_settled(
-        self,
-        inserted: int,
-        replaced: int,
-        deleted: int,
-        dead_lettered: Iterable[str],
-        newest: datetime | None,
-    ) -> None:
-        self.orders_stored.inc(inserted)
-        self.orders_replaced.inc(replaced)
-        self.orders_deleted.inc(deleted)
-        for reason in dead_lettered:
+    def batch_settled(self, batch: SettledBatch) -> None:
+        self.orders_stored.inc(batch.inserted)
+        self.orders_replaced.inc(batch.replaced)
+        self.orders_deleted.inc(batch.deleted)
+        for reason in batch.dead_lettered:
             self.dead_lettered.labels(reason).inc()
-        if newest is not None:
-            self.order_stored(newest)
+        if batch.newest is not None:
+            self.order_stored(batch.newest)
 
     def warmed_up(self, seconds: float) -> None:
         self.warm_up_duration.set(seconds)

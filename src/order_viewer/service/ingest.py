@@ -29,6 +29,7 @@ from order_viewer.service.ports import (
     RejectedByDatabase,
     RejectedMessage,
     ServiceMetrics,
+    SettledBatch,
     WriteTimedOut,
 )
 from order_viewer.service.retry import Patience, retry
@@ -268,11 +269,13 @@ class OrderIngest:
     def _report(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
         """Count the batch, and log the throughput every few seconds."""
         self._metrics.batch_settled(
-            outcome.inserted,
-            outcome.replaced,
-            outcome.deleted,
-            (entry.rejection.code for entry in outcome.rejected),
-            max((p.order.date_created for p, _ in batch.orders.values()), default=None),
+            SettledBatch(
+                outcome.inserted,
+                outcome.replaced,
+                outcome.deleted,
+                tuple(entry.rejection.code for entry in outcome.rejected),
+                max((p.order.date_created for p, _ in batch.orders.values()), default=None),
+            )
         )
         since = self._since_report
         since.update(

@@ -265,6 +265,18 @@ class Cache(Protocol):
     def resume(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SettledBatch:
+    """What a batch stored and acknowledged did: the orders it stored, replaced and deleted, the
+    reason code of each message it dead-lettered, and its newest order's date_created."""
+
+    inserted: int
+    replaced: int
+    deleted: int
+    dead_lettered: tuple[str, ...]
+    newest: datetime | None
+
+
 class ServiceMetrics(Protocol):
     """What the service layer counts and measures (`metrics.Metrics` exports it)."""
 
@@ -278,16 +290,8 @@ class ServiceMetrics(Protocol):
         """A retry after a transient failure of `kind` (what failed)."""
         ...
 
-    def batch_settled(
-        self,
-        inserted: int,
-        replaced: int,
-        deleted: int,
-        dead_lettered: Iterable[str],
-        newest: datetime | None,
-    ) -> None:
-        """A batch stored and acknowledged: the orders it stored, replaced and deleted, the
-        reason code of each message it dead-lettered, and its newest order's date_created."""
+    def batch_settled(self, batch: SettledBatch) -> None:
+        """A batch stored and acknowledged."""
         ...
 
     def warmed_up(self, seconds: float) -> None: ...
