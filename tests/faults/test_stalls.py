@@ -94,7 +94,8 @@ def start_behind_the_seam(
     stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess], switch: Path
 ) -> Callable[..., ServiceProcess]:
     """Start the service with consumers that fetch nothing while `switch` says so, produce the
-    first `produced` messages of the stream, and return the service once it stores them."""
+    first `produced` messages of the stream, and return the service once it stores the first of
+    them."""
 
     def start(stream: Stream, produced: int, **settings: str) -> ServiceProcess:
         service = start_service(
