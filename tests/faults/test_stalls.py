@@ -77,26 +77,50 @@ def stale_answers(service: ServiceProcess, stream: Stream) -> list[str]:
     return sorted(uid for uid, etag in expected.items() if served[uid] != etag)
 
 
+def wait_storing(stack: Stack, stream: Stream) -> None:
+    first = list(stream.valid)[:100]
+    wait_until(lambda: stored_count(stack, first) == len(first), 60, "the service to be storing")
+
+
+@pytest.fixture
+def switch(tmp_path: Path) -> Path:
+    """The file that tells the consumers of a service started behind the seam to freeze (see
+    tests.frozen_fetching)."""
+    return tmp_path / "freeze"
+
+
+@pytest.fixture
+def start_behind_the_seam(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess], switch: Path
+) -> Callable[..., ServiceProcess]:
+    """Start the service with consumers that fetch nothing while `switch` says so, produce the
+    first `produced` messages of the stream, and return the service once it stores the first of
+    them."""
+
+    def start(stream: Stream, produced: int, **settings: str) -> ServiceProcess:
+        service = start_service(
+            command=frozen_fetching.command(switch), PYTHONPATH=str(ROOT), **settings
+        )
+        produce(stack, topics.orders, stream.messages[:produced])
+        wait_storing(stack, stream)
+        return service
+
+    return start
+
+
 @pytest.mark.timeout(400)
 def test_a_consumer_that_stops_fetching_after_a_broker_restart_is_replaced(
     stack: Stack,
     topics: Topics,
-    start_service: Callable[..., ServiceProcess],
-    tmp_path: Path,
+    switch: Path,
+    start_behind_the_seam: Callable[..., ServiceProcess],
 ) -> None:
     # The stall itself comes about one broker restart in a few and cannot be forced, so the
     # seam makes it: right after the restart, the consumer made at start fetches nothing.
-    switch = tmp_path / "freeze"
-    service = start_service(
-        command=frozen_fetching.command(switch),
-        PYTHONPATH=str(ROOT),
-        KAFKA_GROUP_PROTOCOL="consumer",
-        KAFKA_STALL_TIMEOUT_MS="10000",
-    )
     stream = Stream(6_000, seed=301)
-    produce(stack, topics.orders, stream.messages[:3000])
-    first = list(stream.valid)[:100]
-    wait_until(lambda: stored_count(stack, first) == len(first), 60, "the service to be storing")
+    service = start_behind_the_seam(
+        stream, 3000, KAFKA_GROUP_PROTOCOL="consumer", KAFKA_STALL_TIMEOUT_MS="10000"
+    )
     stack.servers.kafka_kill()
     stack.servers.kafka_start()
     switch.write_text("1")
@@ -118,19 +142,11 @@ def test_a_consumer_that_stops_fetching_after_a_broker_restart_is_replaced(
 def test_a_consumer_no_new_one_gets_moving_fails_livez_until_it_moves(
     stack: Stack,
     topics: Topics,
-    start_service: Callable[..., ServiceProcess],
-    tmp_path: Path,
+    switch: Path,
+    start_behind_the_seam: Callable[..., ServiceProcess],
 ) -> None:
-    switch = tmp_path / "freeze"
-    service = start_service(
-        command=frozen_fetching.command(switch),
-        PYTHONPATH=str(ROOT),
-        KAFKA_STALL_TIMEOUT_MS="5000",
-    )
     stream = Stream(2_000, seed=302)
-    produce(stack, topics.orders, stream.messages[:1000])
-    first = list(stream.valid)[:100]
-    wait_until(lambda: stored_count(stack, first) == len(first), 60, "the service to be storing")
+    service = start_behind_the_seam(stream, 1000, KAFKA_STALL_TIMEOUT_MS="5000")
     switch.write_text("1000")  # every consumer from now on, the new ones too
     produce(stack, topics.orders, stream.messages[1000:])
 
@@ -160,8 +176,7 @@ def test_a_broker_frozen_for_30_s_is_waited_out_without_a_restart_while_it_is_fr
     # Orders of their own for each protocol: the test module shares one database.
     stream = Stream(6_000, seed={"classic": 303, "consumer": 304}[protocol])
     stream.start(stack, topics.orders, seconds=20)
-    first = list(stream.valid)[:100]
-    wait_until(lambda: stored_count(stack, first) == len(first), 60, "the service to be storing")
+    wait_storing(stack, stream)
     pid = stack.servers.kafka_pid()
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)

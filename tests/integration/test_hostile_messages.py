@@ -152,6 +152,22 @@ def check_dead_letter(
     assert int(headers["source.offset"]) >= 0, what
 
 
+def check_hostile_dead_letter(
+    letters: dict[bytes | None, Any], topics: Topics, hostile: Hostile
+) -> None:
+    """A rejected corpus entry's dead letter: there, byte for byte the message, with the reason
+    and field its manifest entry names."""
+    assert hostile.key in letters, f"{hostile.name}: no dead letter"
+    check_dead_letter(
+        letters[hostile.key],
+        topics,
+        hostile.value,
+        hostile.expected,
+        hostile.entry["field"],
+        hostile.name,
+    )
+
+
 def canonical(value: bytes | None) -> Any:
     """What the service must store for a message the validator accepts, decoded."""
     return json.loads(order_json(parse_order(value)))
@@ -258,15 +274,7 @@ def test_every_hostile_message_is_dead_lettered_with_its_reason(
     # Every rejected one in the dead-letter topic, byte for byte, with its key and reason.
     letters = dead_letters(stack, topics, len(rejected))
     for hostile in rejected:
-        assert hostile.key in letters, f"{hostile.name}: no dead letter"
-        check_dead_letter(
-            letters[hostile.key],
-            topics,
-            hostile.value,
-            hostile.expected,
-            hostile.entry["field"],
-            hostile.name,
-        )
+        check_hostile_dead_letter(letters, topics, hostile)
 
     # Nothing hostile reached the database: no row under any id or key the corpus used but the
     # ids of the entries expected to be stored.
@@ -312,15 +320,7 @@ def test_oversized_hostile_message_is_dead_lettered_and_the_service_goes_on(
         interval=0.25,
     )
     assert_alive(service)
-    letters = dead_letters(stack, topics, 1)
-    check_dead_letter(
-        letters[hostile.key],
-        topics,
-        hostile.value,
-        hostile.expected,
-        hostile.entry["field"],
-        name,
-    )
+    check_hostile_dead_letter(dead_letters(stack, topics, 1), topics, hostile)
     wait_stored(stack, [before["order_uid"], after["order_uid"]], timeout=60)
     wait_lag_zero(stack, topics)
     assert_alive(service)

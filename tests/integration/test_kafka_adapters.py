@@ -348,16 +348,31 @@ def written_once(writer: FakeWriter, uids: list[str]) -> bool:
     return sorted(written) == sorted(uids)
 
 
-def test_a_consumer_that_fetches_nothing_while_messages_wait_is_replaced_and_loses_nothing(
-    stack: Stack, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file that tells the consumers the loop makes to freeze (see tests.frozen_fetching)."""
     switch = tmp_path / "freeze"
     monkeypatch.setattr(order_viewer.adapters.kafka.consumer, "Consumer", freezing(switch))
-    writer = FakeWriter()
+    return switch
+
+
+@contextmanager
+def storing_before(
+    stack: Stack, topics: Topics, writer: FakeWriter, count: int, stall_timeout_seconds: float
+) -> Iterator[RunningConsumer]:
+    """`running_consumer` once it has stored the orders "before-0" to "before-{count - 1}"."""
     batching = Batching(max_messages=50, max_bytes=1 << 20, max_wait_seconds=0.05)
-    with running_consumer(stack, topics, [writer], batching, stall_timeout_seconds=2) as running:
-        produce(stack, topics.orders, order_messages("before", 10))
-        wait_until(lambda: len(writer.stored) == 10, 60, "the first orders to be stored")
+    with running_consumer(stack, topics, [writer], batching, stall_timeout_seconds) as running:
+        produce(stack, topics.orders, order_messages("before", count))
+        wait_until(lambda: len(writer.stored) == count, 60, "the first orders to be stored")
+        yield running
+
+
+def test_a_consumer_that_fetches_nothing_while_messages_wait_is_replaced_and_loses_nothing(
+    stack: Stack, topics: Topics, switch: Path
+) -> None:
+    writer = FakeWriter()
+    with storing_before(stack, topics, writer, 10, stall_timeout_seconds=2) as running:
         switch.write_text("1")  # the consumer made at start fetches nothing from now on
         produce(stack, topics.orders, order_messages("after", 10))
         wait_until(lambda: len(writer.stored) == 20, 60, "the watchdog's new consumer to store")
@@ -372,15 +387,10 @@ def test_a_consumer_that_fetches_nothing_while_messages_wait_is_replaced_and_los
 
 
 def test_consumers_that_never_fetch_make_it_stuck_until_one_does(
-    stack: Stack, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, topics: Topics, switch: Path
 ) -> None:
-    switch = tmp_path / "freeze"
-    monkeypatch.setattr(order_viewer.adapters.kafka.consumer, "Consumer", freezing(switch))
     writer = FakeWriter()
-    batching = Batching(max_messages=50, max_bytes=1 << 20, max_wait_seconds=0.05)
-    with running_consumer(stack, topics, [writer], batching, stall_timeout_seconds=1) as running:
-        produce(stack, topics.orders, order_messages("before", 5))
-        wait_until(lambda: len(writer.stored) == 5, 60, "the first orders to be stored")
+    with storing_before(stack, topics, writer, 5, stall_timeout_seconds=1) as running:
         switch.write_text("1000")  # every consumer, the new ones too
         produce(stack, topics.orders, order_messages("after", 5))
         stuck = wait_until(running.liveness.not_live, 90, "the consumer to be reported stuck")
