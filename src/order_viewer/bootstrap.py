@@ -219,9 +219,8 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
 
 # The cycle collector looks at young objects every 50,000 allocations instead of every 700: a
 # batch being validated and written (2,000 orders of about 15 objects) then mostly dies before it
-# is looked at, instead of being promoted and scanned again by the older generations' passes.
-# Validating a batch, with a full cache beside it: 70.0 µs an order before, 36.8 after
-# (`make bench`, profile section).
+# is looked at, instead of being promoted and scanned again by the older generations' passes
+# (the profile section of `make bench` measures it; docs/PERFORMANCE.md).
 COLLECTOR_THRESHOLDS = (50_000, 20, 10)
 
 
@@ -247,8 +246,8 @@ def start(parts: Parts) -> None:
         parts.metrics,
     )
     # What exists now (modules, the app, the warm cache) lives as long as the process. Frozen,
-    # it is skipped by the collector's full passes, which otherwise scanned it all and held
-    # the GIL about 110 ms each, several times a minute under load (docs/PERFORMANCE.md).
+    # it is skipped by the collector's full passes, which otherwise scanned it all, holding
+    # the GIL while reads waited (docs/PERFORMANCE.md).
     gc.collect()
     gc.freeze()
     parts.readiness.warmed.set()

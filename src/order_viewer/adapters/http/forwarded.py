@@ -25,9 +25,9 @@ MAX_HOPS = 32
 # The longest hop that can be an address: a bracketed IPv6 address with a port.
 _MAX_HOP_LENGTH = len("[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535")
 # Hops read recently, with what they are: the same proxies and clients come again and again,
-# and `ipaddress` takes 3 to 4 µs to read one and about 0.5 to check it against a network (a
-# request through two proxies cost 14 µs without this, more than the rest of a cache hit).
-# Bounded in entries and, by the length above, in bytes.
+# and reading one with `ipaddress` and checking it against the networks costs more than the
+# rest of a cache hit (docs/PERFORMANCE.md). Bounded in entries and, by the length above, in
+# bytes.
 _HOPS_REMEMBERED = 4096
 
 
@@ -135,7 +135,7 @@ def limiter_key(client: str) -> str:
 
 @lru_cache(maxsize=_HOPS_REMEMBERED)
 def _ipv6_key(client: str) -> str:
-    # Remembered as hops are: made anew, a key cost a /64 network's 10 µs on every request.
+    # Remembered as hops are: a /64 network made anew on every request costs more than a hit.
     address = _address(client)
     if address is None:
         return client

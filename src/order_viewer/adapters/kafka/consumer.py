@@ -31,8 +31,8 @@ IDLE_SLICE_SECONDS = 0.1
 
 # Fewer messages than this from one poll go in one batch, whatever their lanes: a transaction
 # has a fixed cost (its statements' round trips, its commit) that a few orders do not outweigh,
-# and splitting every poll in three looked slower to show new orders at 1,000 orders/s
-# (docs/PERFORMANCE.md, Lanes).
+# and splitting every small poll showed new orders later at a steady rate (docs/PERFORMANCE.md,
+# Lanes).
 SPLIT_FROM = 200
 
 

@@ -129,10 +129,9 @@ ORDER BY a.xact_start NULLS LAST, a.pid
 LIMIT 1
 """
 _ORDER_TABLES = [ORDERS.name, *(table.name for table in PARTS), "order_tombstones"]
-# DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal). One batch of
-# 1,000 orders of 1,000 items each, the most items an order may have (217 MB), took 28.8 s to
-# write, so its statements stay well within twice this; batches under the default
-# BATCH_MAX_BYTES (4 MiB) take under a second.
+# DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal): the largest
+# batch that is valid (1,000 orders of the most items an order may have) must be written within
+# it, not cut and retried for ever (its measured time is in docs/RELIABILITY.md).
 DEFAULT_WRITE_TIMEOUT_SECONDS = 30
 
 
