@@ -34,7 +34,10 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.integration
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+# The dead letters' time stamps: a day ago, on the hour. Records stamped beyond the broker's
+# retention (7 days) are deleted at its next retention check, which comes at any moment of a
+# test: a fixed date in the past made the letters vanish from under a test now and then.
+T0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=1)
 
 
 def settings_for(stack: Stack, topics: Topics) -> Settings:
