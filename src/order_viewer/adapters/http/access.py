@@ -75,6 +75,14 @@ class Refusal(NamedTuple):
     principal: Principal | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PendingToken:
+    """A bearer token the guard cannot tell about at once: a JWT not verified before, whose key
+    may have to be fetched."""
+
+    token: str
+
+
 def required_scope(path: str) -> str | None:
     """The scope a request on `path` needs; None for the routes open to all."""
     if path.startswith("/order"):  # /order/{id} and /orders
@@ -114,9 +122,11 @@ class AccessGuard:
             return client
         return self._proxies.client(client, scope["headers"])
 
-    async def admit(self, scope: Scope, needed: str, client: str) -> Principal | Refusal:
-        """The principal of a request from `client` whose token carries the scope `needed`;
-        otherwise the refusal to answer it with."""
+    def admit(self, scope: Scope, needed: str, client: str) -> Principal | Refusal | PendingToken:
+        """The principal of a request from `client` whose token carries the scope `needed`, or
+        the refusal to answer it with, when that can be told at once (a token of the file, a JWT
+        verified before); otherwise the token, for `verify` to tell. A coroutine only where one
+        may wait keeps the hot path to plain calls."""
         counted_as = limiter_key(client)
         wait = self._limiter.retry_after(counted_as)
         if wait is not None:
@@ -124,17 +134,17 @@ class AccessGuard:
             return _refusal(429, "too many failed authentications", {"retry-after": str(wait)})
         try:
             token = bearer_token(raw_header(scope, b"authorization"))
-            principal = self._authenticator.known(token) or await self._authenticator.authenticate(
-                token
-            )
+            principal = self._authenticator.known(token)
         except AuthFailure as failure:
-            # No token guesses nothing, and a page loads without one before its sign-in:
-            # counted, a few tabs behind one address would lock everyone there out.
-            if failure.reason != "missing":
-                self._limiter.failed(counted_as)
-            self._count_failure(failure.reason)
-            challenge = REALM if failure.reason == "missing" else f'{REALM}, error="invalid_token"'
-            return _refusal(401, "a valid bearer token is needed", {"www-authenticate": challenge})
+            return self._failed(failure, counted_as)
+        return PendingToken(token) if principal is None else self._scoped(principal, needed)
+
+    async def verify(self, pending: PendingToken, needed: str, client: str) -> Principal | Refusal:
+        """`admit` for a token only the authenticator's `authenticate` can tell about."""
+        try:
+            principal = await self._authenticator.authenticate(pending.token)
+        except AuthFailure as failure:
+            return self._failed(failure, limiter_key(client))
         except KeysUnavailable as unavailable:
             # The provider is away, not the token bad: neither counted nor to be dropped.
             return _refusal(
@@ -142,6 +152,19 @@ class AccessGuard:
                 "the identity provider's keys are unavailable",
                 {"retry-after": str(unavailable.retry_after)},
             )
+        return self._scoped(principal, needed)
+
+    def _failed(self, failure: AuthFailure, counted_as: str) -> Refusal:
+        # No token guesses nothing, and a page loads without one before its sign-in: counted, a
+        # few tabs behind one address would lock everyone there out.
+        if failure.reason != "missing":
+            self._limiter.failed(counted_as)
+        self._count_failure(failure.reason)
+        challenge = REALM if failure.reason == "missing" else f'{REALM}, error="invalid_token"'
+        return _refusal(401, "a valid bearer token is needed", {"www-authenticate": challenge})
+
+    @staticmethod
+    def _scoped(principal: Principal, needed: str) -> Principal | Refusal:
         if principal.may(needed):
             return principal
         return _refusal(

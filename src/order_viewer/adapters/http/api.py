@@ -31,6 +31,7 @@ from order_viewer.adapters.http.access import (
     PRIVATE,
     AccessGuard,
     AccessPolicy,
+    PendingToken,
     Refusal,
     View,
     audit_order_read,
@@ -403,7 +404,9 @@ class Front:
         client = "-"
         if guard is not None and (needed := required_scope(path)) is not None:
             client = guard.client(scope)
-            verdict = await guard.admit(scope, needed, client)
+            verdict = guard.admit(scope, needed, client)
+            if isinstance(verdict, PendingToken):
+                verdict = await guard.verify(verdict, needed, client)
             if isinstance(verdict, Refusal):
                 await self._refuse(path, send, verdict, client, started)
                 return
