@@ -27,10 +27,6 @@ ALLOWED = {
 # Only these take the whole Settings; every other part receives values.
 SETTINGS_READERS = {"bootstrap", "config", "entrypoints"}
 
-# The imports that break the rules above and stay for now, each with its reason.
-EXCEPTIONS: set[tuple[str, str]] = set()
-
-
 def modules() -> Iterator[tuple[str, ast.Module]]:
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -63,8 +59,6 @@ def broken_rules() -> list[str]:
     for module, tree in modules():
         layer = layer_of(module)
         for imported in set(imports_of(tree)):
-            if (module, imported) in EXCEPTIONS:
-                continue
             if imported == "order_viewer.config.Settings":
                 if layer not in SETTINGS_READERS:
                     broken.append(f"{module} takes the whole Settings")
@@ -80,12 +74,6 @@ def test_every_module_imports_only_the_layers_above_it() -> None:
 def test_every_module_is_in_a_known_layer() -> None:
     layers = {layer_of(module) for module, _ in modules()} - {""}
     assert layers == set(ALLOWED)
-
-
-def test_the_exceptions_are_still_needed() -> None:
-    """An exception the code no longer needs is taken out, so that the rule covers it again."""
-    found = {(module, imported) for module, tree in modules() for imported in imports_of(tree)}
-    assert found >= EXCEPTIONS
 
 
 @pytest.mark.parametrize(
