@@ -27,6 +27,7 @@ ALLOWED = {
 # Only these take the whole Settings; every other part receives values.
 SETTINGS_READERS = {"bootstrap", "config", "entrypoints"}
 
+
 def modules() -> Iterator[tuple[str, ast.Module]]:
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
