@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER_VIEWER = ROOT / ".venv" / "bin" / "order-viewer"
 SERVE = (str(ORDER_VIEWER), "serve")
 ARTIFACTS = ROOT / "test-artifacts"
+# The services a test started, for the report of a test that fails.
+STARTED_SERVICES = pytest.StashKey[list["ServiceProcess"]]()
+# How much of each service's log a failure's report shows (the whole log goes to ARTIFACTS).
+FAILURE_LOG_LINES = 120
 
 
 @pytest.hookimpl(wrapper=True)
@@ -58,6 +62,27 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         if added:
             root.handlers[:] = handlers
             root.setLevel(level)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's services' logs, which live in its temporary folder (soon rotated away by
+    later runs): the end of each in the report, the whole in test-artifacts/, so that a failure
+    seen once, on a loaded machine, can still be explained."""
+    report: pytest.TestReport = yield
+    if report.failed:
+        for service in item.stash.get(STARTED_SERVICES, []):
+            if not service.log_path.exists():
+                continue
+            text = service.log_path.read_text(errors="replace")
+            kept = ARTIFACTS / "failed" / f"{item.name}-{service.log_path.name}"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(text)
+            tail = "\n".join(text.splitlines()[-FAILURE_LOG_LINES:])
+            report.sections.append((f"service log {service.log_path.name} (in {kept})", tail))
+    return report
 
 
 def free_port() -> int:
@@ -323,10 +348,11 @@ def current_metric(service: ServiceProcess, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def start_service(
-    stack: Stack, topics: Topics, tmp_path: Path
+    stack: Stack, topics: Topics, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., ServiceProcess]]:
     """Start services over this test's topics; each is stopped when the test ends."""
     started: list[ServiceProcess] = []
+    request.node.stash[STARTED_SERVICES] = started
 
     def start(
         ready: bool = True, command: Sequence[str] = SERVE, **settings: str
