@@ -20,6 +20,7 @@ from order_viewer.adapters.postgres.tables import ORDERS, PARTS
 from order_viewer.domain.model import PreparedOrder
 from order_viewer.service.ports import (
     Deletion,
+    Handled,
     RejectedByDatabase,
     WriteResult,
     WriteTimedOut,
@@ -91,7 +92,8 @@ _TOMBSTONES = (
     "AS d(order_uid, kafka_partition, kafka_offset)"
 )
 
-# A tombstone is kept at the latest position seen, as a stored order is.
+# A tombstone is kept at the latest position seen, as a stored order is; those recorded now are
+# returned, for the trails.
 _RECORD_TOMBSTONES = f"""
 INSERT INTO order_tombstones (order_uid, kafka_partition, kafka_offset)
 SELECT order_uid, kafka_partition, kafka_offset FROM {_TOMBSTONES}
@@ -100,6 +102,7 @@ ON CONFLICT (order_uid) DO UPDATE SET
     deleted_at = now()
 WHERE order_tombstones.kafka_partition <> excluded.kafka_partition
    OR order_tombstones.kafka_offset < excluded.kafka_offset
+RETURNING order_uid
 """  # noqa: S608 (only the constant above is interpolated)
 
 # Delivery, payment and items go with their order (ON DELETE CASCADE).
@@ -109,6 +112,57 @@ WHERE o.order_uid = d.order_uid
   AND (o.kafka_partition <> d.kafka_partition OR o.kafka_offset < d.kafka_offset)
 RETURNING o.order_uid
 """  # noqa: S608 (only the constant above is interpolated)
+
+
+# The trail of a batch: its valid messages COPYed into a staging table beside the orders', then
+# added to `order_trail` by one statement after the merge, which reads each one's outcome from
+# what the transaction did: stored if the merge wrote its order; unchanged if its order is
+# stored with its content; older otherwise (a later version stored, or a later tombstone). A
+# tombstone is a deletion if recorded now with no order left stored, a redelivery (unchanged)
+# if it is the one recorded already, and older otherwise.
+_CREATE_TRAIL_STAGING = """
+CREATE TEMP TABLE stage_trail (
+    order_uid text, topic text, kafka_partition integer, kafka_offset bigint,
+    timestamp_ms bigint, content_sha256 bytea, superseded boolean, replayed_from text
+) ON COMMIT DELETE ROWS
+"""
+_COPY_TRAIL = (
+    "COPY stage_trail (order_uid, topic, kafka_partition, kafka_offset, timestamp_ms, "
+    "content_sha256, superseded, replayed_from) FROM STDIN"
+)
+_RECORD_TRAIL = """
+INSERT INTO order_trail (
+    order_uid, topic, kafka_partition, kafka_offset, message_timestamp, outcome,
+    content_sha256, replayed_from
+)
+SELECT h.order_uid, h.topic, h.kafka_partition, h.kafka_offset,
+       to_timestamp(h.timestamp_ms / 1000.0),
+       CASE
+           WHEN h.superseded THEN 'older'
+           WHEN h.content_sha256 IS NULL THEN CASE
+               WHEN o.order_uid IS NOT NULL OR t.kafka_partition <> h.kafka_partition
+                    OR t.kafka_offset <> h.kafka_offset THEN 'older'
+               WHEN h.order_uid = ANY(%(recorded)s) THEN 'deleted'
+               ELSE 'unchanged'
+           END
+           WHEN h.order_uid = ANY(%(stored)s) THEN 'stored'
+           WHEN o.content_sha256 = h.content_sha256 THEN 'unchanged'
+           ELSE 'older'
+       END,
+       h.content_sha256, h.replayed_from
+FROM stage_trail h
+LEFT JOIN orders o ON o.order_uid = h.order_uid
+LEFT JOIN order_tombstones t ON t.order_uid = h.order_uid AND h.content_sha256 IS NULL
+ORDER BY h.kafka_partition, h.kafka_offset
+"""
+# A deletion leaves its order's trail only its own entry (and any of a later message of the
+# same partition): the rest goes with the order.
+_DELETE_EARLIER_TRAIL = """
+DELETE FROM order_trail e USING order_tombstones t
+WHERE t.order_uid = ANY(%(recorded)s) AND e.order_uid = t.order_uid
+  AND NOT EXISTS (SELECT FROM orders o WHERE o.order_uid = t.order_uid)
+  AND NOT (e.kafka_partition = t.kafka_partition AND e.kafka_offset >= t.kafka_offset)
+"""
 
 
 # Who holds a lock that a write waited for: the oldest transaction, other than one waiting for
@@ -128,7 +182,9 @@ WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()
 ORDER BY a.xact_start NULLS LAST, a.pid
 LIMIT 1
 """
-_ORDER_TABLES = [ORDERS.name, *(table.name for table in PARTS), "order_tombstones"]
+_ORDER_TABLES = [
+    ORDERS.name, *(table.name for table in PARTS), "order_tombstones", "order_trail",
+]  # fmt: skip
 # DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal): the largest
 # batch that is valid (1,000 orders of the most items an order may have) must be written within
 # it, not cut and retried for ever (its measured time is in docs/RELIABILITY.md).
@@ -162,19 +218,25 @@ class PostgresOrderWriter:
             (f"{self._lock_timeout_ms}ms", f"{2 * self._lock_timeout_ms}ms"),
         )
         connection.execute(_CREATE_STAGING)
+        connection.execute(_CREATE_TRAIL_STAGING)
 
     def close(self) -> None:
         self._connection.close()
 
     def write(
-        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+        self,
+        batch: Sequence[PreparedOrder],
+        deletions: Sequence[Deletion] = (),
+        handled: Sequence[Handled] = (),
     ) -> WriteResult:
-        """Store every order of the batch and apply every deletion, or none of them.
+        """Store every order of the batch and apply every deletion, or none of them, and add
+        the `handled` messages to their orders' trails (`ports.OrderWriter`).
 
         The batch and the deletions must hold each order_uid once (its newest message).
         """
         written: dict[str, bool] = {}
         deleted: list[str] = []
+        recorded: list[str] = []
         with database_errors(
             reset=self.close, refused=lambda error: RejectedByDatabase(_describe(error))
         ):
@@ -194,6 +256,7 @@ class PostgresOrderWriter:
                         "offsets": [d.offset for d in deletions],
                     }
                     cursor.execute(_RECORD_TOMBSTONES, tombstones)
+                    recorded = [str(uid) for (uid,) in cursor.fetchall()]
                     cursor.execute(_DELETE_ORDERS, tombstones)
                     deleted = [str(uid) for (uid,) in cursor.fetchall()]
                 if batch:
@@ -206,6 +269,8 @@ class PostgresOrderWriter:
                         cursor.execute(statement, {"uids": replaced})
                 if written:
                     _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
+                if handled:
+                    _record_trail(cursor, handled, list(written), recorded)
                 # New orders need no word: no instance can hold a copy of what did not exist.
                 notify_changes(cursor, self._instance, [*replaced, *deleted])
         return WriteResult(
@@ -279,6 +344,32 @@ def _copy_order_rows(
     with cursor.copy(_COPY_STAGED_ORDERS) as copy:
         for row in ORDERS.rows(batch):
             copy.write_row(row)
+
+
+def _record_trail(
+    cursor: psycopg.Cursor[tuple[object, ...]],
+    handled: Sequence[Handled],
+    written: list[str],
+    recorded: list[str],
+) -> None:
+    with cursor.copy(_COPY_TRAIL) as copy:
+        for entry in handled:
+            message = entry.message
+            copy.write_row(
+                (
+                    entry.order_uid,
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    message.timestamp_ms,
+                    entry.sha256,
+                    entry.superseded,
+                    message.replayed_from,
+                )
+            )
+    cursor.execute(_RECORD_TRAIL, {"stored": written, "recorded": recorded})
+    if recorded:
+        cursor.execute(_DELETE_EARLIER_TRAIL, {"recorded": recorded})
 
 
 def _copy_parts(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]) -> None:
