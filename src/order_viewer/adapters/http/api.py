@@ -42,6 +42,7 @@ from order_viewer.adapters.http.access import (
 )
 from order_viewer.adapters.http.auth import Principal
 from order_viewer.adapters.http.trail import (
+    CURSOR_PATTERN,
     MAX_TRAIL_LIMIT,
     TRAIL_LIMIT,
     InvalidCursor,
@@ -251,8 +252,13 @@ def create_app(
     async def order_trail(
         order_uid: OrderUid,
         limit: Annotated[int, Query(ge=1, le=MAX_TRAIL_LIMIT)] = TRAIL_LIMIT,
+        # Published for clients, and checked below to answer with its own 400.
         after: Annotated[
-            str | None, Query(description="The `next` of the previous page.", max_length=64)
+            str | None,
+            Query(
+                description="The `next` of the previous page.",
+                json_schema_extra={"pattern": CURSOR_PATTERN, "minLength": 11, "maxLength": 11},
+            ),
         ] = None,
     ) -> Response:
         if not trails:
