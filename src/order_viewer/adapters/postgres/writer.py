@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 
 import psycopg
 from psycopg import sql
@@ -22,6 +23,7 @@ from order_viewer.service.ports import (
     Deletion,
     Handled,
     RejectedByDatabase,
+    TrailOutcome,
     WriteResult,
     WriteTimedOut,
 )
@@ -114,55 +116,29 @@ RETURNING o.order_uid
 """  # noqa: S608 (only the constant above is interpolated)
 
 
-# The trail of a batch: its valid messages COPYed into a staging table beside the orders', then
-# added to `order_trail` by one statement after the merge, which reads each one's outcome from
-# what the transaction did: stored if the merge wrote its order; unchanged if its order is
-# stored with its content; older otherwise (a later version stored, or a later tombstone). A
-# tombstone is a deletion if recorded now with no order left stored, a redelivery (unchanged)
-# if it is the one recorded already, and older otherwise.
-_CREATE_TRAIL_STAGING = """
-CREATE TEMP TABLE stage_trail (
-    order_uid text, topic text, kafka_partition integer, kafka_offset bigint,
-    timestamp_ms bigint, content_sha256 bytea, superseded boolean, replayed_from text
-) ON COMMIT DELETE ROWS
-"""
+# The trail of a batch: each valid message's outcome, read from what the transaction did, then
+# COPYed into `order_trail`, oldest first. Most outcomes are known without asking: stored if
+# the merge wrote its order, older if a later message of its order in the batch was written
+# instead. Only the others (a redelivery or an older version: unchanged if its order is stored
+# with its content, older otherwise; a tombstone: a deletion if recorded now with no order left
+# stored, unchanged if it is the one recorded already, older otherwise) need what is stored,
+# read for them alone, so that a batch of new orders pays one COPY and nothing more.
 _COPY_TRAIL = (
-    "COPY stage_trail (order_uid, topic, kafka_partition, kafka_offset, timestamp_ms, "
-    "content_sha256, superseded, replayed_from) FROM STDIN"
+    "COPY order_trail (order_uid, topic, kafka_partition, kafka_offset, message_timestamp, "
+    "outcome, content_sha256, replayed_from) FROM STDIN"
 )
-_RECORD_TRAIL = """
-INSERT INTO order_trail (
-    order_uid, topic, kafka_partition, kafka_offset, message_timestamp, outcome,
-    content_sha256, replayed_from
+_STORED_VERSIONS = "SELECT order_uid, content_sha256 FROM orders WHERE order_uid = ANY(%s)"
+_TOMBSTONE_POSITIONS = (
+    "SELECT order_uid, kafka_partition, kafka_offset FROM order_tombstones "
+    "WHERE order_uid = ANY(%s)"
 )
-SELECT h.order_uid, h.topic, h.kafka_partition, h.kafka_offset,
-       to_timestamp(h.timestamp_ms / 1000.0),
-       CASE
-           WHEN h.superseded THEN 'older'
-           WHEN h.content_sha256 IS NULL THEN CASE
-               WHEN o.order_uid IS NOT NULL OR t.kafka_partition <> h.kafka_partition
-                    OR t.kafka_offset <> h.kafka_offset THEN 'older'
-               WHEN h.order_uid = ANY(%(recorded)s) THEN 'deleted'
-               ELSE 'unchanged'
-           END
-           WHEN h.order_uid = ANY(%(stored)s) THEN 'stored'
-           WHEN o.content_sha256 = h.content_sha256 THEN 'unchanged'
-           ELSE 'older'
-       END,
-       h.content_sha256, h.replayed_from
-FROM stage_trail h
-LEFT JOIN orders o ON o.order_uid = h.order_uid
-LEFT JOIN order_tombstones t ON t.order_uid = h.order_uid AND h.content_sha256 IS NULL
-ORDER BY h.kafka_partition, h.kafka_offset
-"""
 # A deletion leaves its order's trail only its own entry (and any of a later message of the
-# same partition): the rest goes with the order.
-_DELETE_EARLIER_TRAIL = """
-DELETE FROM order_trail e USING order_tombstones t
-WHERE t.order_uid = ANY(%(recorded)s) AND e.order_uid = t.order_uid
-  AND NOT EXISTS (SELECT FROM orders o WHERE o.order_uid = t.order_uid)
-  AND NOT (e.kafka_partition = t.kafka_partition AND e.kafka_offset >= t.kafka_offset)
-"""
+# same partition): the rest goes with the order, this batch's entries included.
+_DELETE_EARLIER_TRAIL = f"""
+DELETE FROM order_trail e USING {_TOMBSTONES}
+WHERE e.order_uid = d.order_uid
+  AND NOT (e.kafka_partition = d.kafka_partition AND e.kafka_offset >= d.kafka_offset)
+"""  # noqa: S608 (only the constant above is interpolated)
 
 
 # Who holds a lock that a write waited for: the oldest transaction, other than one waiting for
@@ -218,7 +194,6 @@ class PostgresOrderWriter:
             (f"{self._lock_timeout_ms}ms", f"{2 * self._lock_timeout_ms}ms"),
         )
         connection.execute(_CREATE_STAGING)
-        connection.execute(_CREATE_TRAIL_STAGING)
 
     def close(self) -> None:
         self._connection.close()
@@ -270,7 +245,7 @@ class PostgresOrderWriter:
                 if written:
                     _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
                 if handled:
-                    _record_trail(cursor, handled, list(written), recorded)
+                    _record_trail(cursor, handled, set(written), set(recorded))
                 # New orders need no word: no instance can hold a copy of what did not exist.
                 notify_changes(cursor, self._instance, [*replaced, *deleted])
         return WriteResult(
@@ -349,11 +324,40 @@ def _copy_order_rows(
 def _record_trail(
     cursor: psycopg.Cursor[tuple[object, ...]],
     handled: Sequence[Handled],
-    written: list[str],
-    recorded: list[str],
+    written: set[str],
+    recorded: set[str],
 ) -> None:
+    """The handled messages' outcomes added to their orders' trails (`_COPY_TRAIL`)."""
+    pending = [h for h in handled if not h.superseded and h.order_uid not in written]
+    # As the rows hold them (bytes, integers), compared with the messages' alone.
+    stored: dict[str, object] = {}
+    tombstones: dict[str, tuple[object, object]] = {}
+    if pending:
+        uids = [entry.order_uid for entry in pending]
+        stored = {str(uid): sha for uid, sha in cursor.execute(_STORED_VERSIONS, (uids,))}
+        tombstones = {
+            str(uid): (partition, offset)
+            for uid, partition, offset in cursor.execute(_TOMBSTONE_POSITIONS, (uids,))
+        }
+    deletions: list[Handled] = []
+
+    def outcome(entry: Handled) -> TrailOutcome:
+        uid, message = entry.order_uid, entry.message
+        if entry.superseded:
+            return "older"
+        if entry.sha256 is not None:
+            if uid in written:
+                return "stored"
+            return "unchanged" if stored.get(uid) == entry.sha256 else "older"
+        if uid in stored or tombstones.get(uid) != (message.partition, message.offset):
+            return "older"
+        if uid in recorded:
+            deletions.append(entry)
+            return "deleted"
+        return "unchanged"
+
     with cursor.copy(_COPY_TRAIL) as copy:
-        for entry in handled:
+        for entry in sorted(handled, key=lambda h: (h.message.partition, h.message.offset)):
             message = entry.message
             copy.write_row(
                 (
@@ -361,15 +365,23 @@ def _record_trail(
                     message.topic,
                     message.partition,
                     message.offset,
-                    message.timestamp_ms,
+                    None
+                    if message.timestamp_ms is None
+                    else datetime.fromtimestamp(message.timestamp_ms / 1000, UTC),
+                    outcome(entry),
                     entry.sha256,
-                    entry.superseded,
                     message.replayed_from,
                 )
             )
-    cursor.execute(_RECORD_TRAIL, {"stored": written, "recorded": recorded})
-    if recorded:
-        cursor.execute(_DELETE_EARLIER_TRAIL, {"recorded": recorded})
+    if deletions:
+        cursor.execute(
+            _DELETE_EARLIER_TRAIL,
+            {
+                "uids": [d.order_uid for d in deletions],
+                "partitions": [d.message.partition for d in deletions],
+                "offsets": [d.message.offset for d in deletions],
+            },
+        )
 
 
 def _copy_parts(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]) -> None:
