@@ -174,26 +174,46 @@ def ingest_benchmark(
     per_order_seconds = time_per_order_transactions(bench, sample)
     bench.truncate()
 
+    # The same topic read twice, by a group of its own each time: without trails, then with
+    # them (the default), whose run the other sections read.
+    console.print(f"timing order-viewer serve on {len(orders):,} orders, trails off")
+    untraced = time_service(bench, len(orders), logs / "ingest-untraced.log", "untraced", "false")
+    bench.truncate()
     console.print(f"timing order-viewer serve on {len(orders):,} orders")
-    run = ServiceRun(bench, logs / "ingest.log", CACHE_CAPACITY="100000")
+    traced = time_service(bench, len(orders), logs / "ingest.log", "traced", "true")
+    return {
+        "orders": len(orders),
+        **traced,
+        "untraced_rate": untraced["service_rate"],
+        "trail_entries": bench.count_trail_entries(),
+        "copy_rate": len(orders) / copy_seconds,
+        "per_order_rate": len(sample) / per_order_seconds,
+    }
+
+
+def time_service(bench: Bench, count: int, log: Path, group: str, trails: str) -> dict[str, float]:
+    """Run order-viewer serve over the topic until `count` orders are stored."""
+    run = ServiceRun(
+        bench,
+        log,
+        CACHE_CAPACITY="100000",
+        KAFKA_GROUP_ID=f"{bench.topic}-{group}",
+        ORDER_TRAIL_ENABLED=trails,
+    )
     with peak_rss_sampler(run) as peak, Progress(console=console, transient=True) as progress:
         ready = run.wait_ready()
-        task = progress.add_task("stored", total=len(orders))
+        task = progress.add_task("stored", total=count)
         stored = 0
-        while stored < len(orders):
+        while stored < count:
             time.sleep(0.2)
             stored = bench.count_orders()
             progress.update(task, completed=stored)
         finished = time.perf_counter()
         peak_kib = max(peak(), run.memory_kib("VmHWM"))
     run.stop()
-    service_rate = len(orders) / (finished - ready)
     return {
-        "orders": len(orders),
-        "service_rate": service_rate,
-        "service_rate_from_start": len(orders) / (finished - run.started),
-        "copy_rate": len(orders) / copy_seconds,
-        "per_order_rate": len(sample) / per_order_seconds,
+        "service_rate": count / (finished - ready),
+        "service_rate_from_start": count / (finished - run.started),
         "peak_rss_mib": peak_kib / 1024,
     }
 
@@ -604,6 +624,7 @@ def print_ingest(ingest: dict[str, Any], metrics_share: float) -> None:
     for name, key in (
         ("plain COPY of the same rows (ceiling)", "copy_rate"),
         ("order-viewer serve (Kafka to PostgreSQL, from readiness)", "service_rate"),
+        ("the same, ORDER_TRAIL_ENABLED=false", "untraced_rate"),
         ("order-viewer serve (from process start)", "service_rate_from_start"),
         ("one transaction per order", "per_order_rate"),
     ):
@@ -612,7 +633,9 @@ def print_ingest(ingest: dict[str, Any], metrics_share: float) -> None:
         f"\norder-viewer vs. one transaction per order: "
         f"{ingest['service_rate'] / ingest['per_order_rate']:.1f}x; "
         f"peak RSS of the service: {ingest['peak_rss_mib']:.0f} MiB; consumer-side metrics "
-        f"cost {metrics_share:.2%} of the time to prepare their batch"
+        f"cost {metrics_share:.2%} of the time to prepare their batch; with trails at "
+        f"{ingest['service_rate'] / ingest['untraced_rate']:.2f} of the rate without, "
+        f"{ingest['trail_entries'] / ingest['orders']:.2f} trail rows written per order"
     )
 
 

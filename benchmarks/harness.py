@@ -52,6 +52,12 @@ class Bench:
     def connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.database_url, autocommit=True)
 
+    def count_trail_entries(self) -> int:
+        with self.connect() as connection:
+            row = connection.execute("SELECT count(*) FROM order_trail").fetchone()
+            assert row is not None
+            return int(row[0])
+
     def count_orders(self) -> int:
         with self.connect() as connection:
             row = connection.execute("SELECT count(*) FROM orders").fetchone()
@@ -60,7 +66,7 @@ class Bench:
 
     def truncate(self) -> None:
         with self.connect() as connection:
-            connection.execute("TRUNCATE orders, delivery, payment, items")
+            connection.execute("TRUNCATE orders, delivery, payment, items, order_trail")
 
     def settle(self) -> None:
         """Leave no work behind for autovacuum and the checkpointer, which would otherwise

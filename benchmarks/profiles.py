@@ -39,7 +39,7 @@ from order_viewer.bootstrap import COLLECTOR_THRESHOLDS, access_policy
 from order_viewer.config import Settings
 from order_viewer.service.ingest import prepare_batch
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.ports import ConsumedMessage, OrderSummary, StoredDocument
+from order_viewer.service.ports import ConsumedMessage, OrderSummary, OrderTrail, StoredDocument
 
 BATCH = 2000
 TOP = 14
@@ -150,6 +150,9 @@ class _NoReader:
         raise AssertionError("a cache hit read the database")
 
     async def recent(self, limit: int) -> list[OrderSummary]:
+        raise AssertionError("a cache hit read the database")
+
+    async def trail(self, order_uid: str, limit: int, after: int) -> OrderTrail | None:
         raise AssertionError("a cache hit read the database")
 
     async def ping(self) -> bool:

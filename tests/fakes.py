@@ -17,7 +17,9 @@ from order_viewer.service.ports import (
     DatabaseUnavailable,
     Deletion,
     Expired,
+    Handled,
     OrderSummary,
+    OrderTrail,
     RejectedByDatabase,
     RejectedMessage,
     Stopped,
@@ -42,9 +44,14 @@ class FakeWriter:
         self.lost_after_commit_for = 0
         # Raised by the next writes, one each, before anything is written (a deadline's cut).
         self.timeouts: list[WriteTimedOut] = []
+        # The messages handed over for the trails by the writes that committed.
+        self.handled: list[Handled] = []
 
     def write(
-        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+        self,
+        batch: Sequence[PreparedOrder],
+        deletions: Sequence[Deletion] = (),
+        handled: Sequence[Handled] = (),
     ) -> WriteResult:
         if self.unavailable_for:
             self.unavailable_for -= 1
@@ -55,6 +62,7 @@ class FakeWriter:
         if any(uid in self.refuse for uid in [*uids, *(d.order_uid for d in deletions)]):
             raise RejectedByDatabase("value too long for type")
         self.batches.append(uids)
+        self.handled.extend(handled)
         result = self._apply(batch, deletions)
         if self.lost_after_commit_for:
             self.lost_after_commit_for -= 1
@@ -132,6 +140,9 @@ class FakeReader:
     async def recent(self, limit: int) -> list[OrderSummary]:
         return []
 
+    async def trail(self, order_uid: str, limit: int, after: int) -> OrderTrail | None:
+        return None
+
     async def ping(self) -> bool:
         return not self.unavailable
 
@@ -149,6 +160,23 @@ class FakeDeadLetters:
             raise Stopped
         self.sent.extend(rejected)
         self.events.append(f"dead-lettered {[entry.message.offset for entry in rejected]}")
+
+
+class FakeDeadLetterTrail:
+    """Records the dead letters it was given, and when, in the same `events` as the dead-letter
+    topic's sends and the acknowledgements; can be told to fail like the database would."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.recorded: list[tuple[str, RejectedMessage]] = []
+        self.events = events
+        self.unavailable_for = 0
+
+    def dead_lettered(self, rejected: Sequence[tuple[str, RejectedMessage]]) -> None:
+        if self.unavailable_for:
+            self.unavailable_for -= 1
+            raise DatabaseUnavailable("connection refused")
+        self.recorded.extend(rejected)
+        self.events.append(f"trail {[(uid, entry.message.offset) for uid, entry in rejected]}")
 
 
 class FakeExpirer:

@@ -41,6 +41,7 @@ from order_viewer.adapters.postgres.reader import (
     newest_documents,
     stored_versions,
 )
+from order_viewer.adapters.postgres.trail import PostgresDeadLetterTrail
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.config import Settings, kafka_client
 from order_viewer.service.coherence import CacheCoherence
@@ -81,6 +82,8 @@ class Parts:
     app: ASGIApp
     # What every Kafka client shares (`config.kafka_client`), each adding its own.
     kafka: dict[str, Any]
+    # Records dead letters in the orders' trails; None with ORDER_TRAIL_ENABLED=false.
+    trail: PostgresDeadLetterTrail | None
 
 
 def access_policy(settings: Settings) -> AccessPolicy | None:
@@ -159,6 +162,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         for _ in range(settings.database_writers)
     ]
     dead_letters = DeadLetterWriter(kafka, settings.kafka_dlq_topic, broker, metrics)
+    trail = PostgresDeadLetterTrail(database_url) if settings.order_trail_enabled else None
     ingest = OrderIngest(
         writers,
         cache,
@@ -166,6 +170,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         database,
         metrics,
         delete_on_tombstone=settings.kafka_tombstones == "delete",
+        trail=trail,
     )
     liveness = Liveness()
     consumer = OrderConsumer(
@@ -210,10 +215,11 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         metrics if settings.metrics_enabled else None,
         access,
         tls=settings.http_tls_cert_file is not None,
+        trails=settings.order_trail_enabled,
     )
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,
-        ingest, lookup, consumer, coherence, listener, expirer, readiness, app, kafka,
+        ingest, lookup, consumer, coherence, listener, expirer, readiness, app, kafka, trail,
     )  # fmt: skip
 
 
@@ -351,3 +357,5 @@ def close(parts: Parts) -> None:
         writer.close()
     if parts.expirer is not None:
         parts.expirer.close()
+    if parts.trail is not None:
+        parts.trail.close()

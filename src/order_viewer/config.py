@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         description="Delete orders whose date_created is older than this many days, in the "
         "background; unset: keep them for ever.",
     )
+    order_trail_enabled: bool = Field(
+        default=True,
+        description="Record what became of every message of an order (stored, unchanged, older, "
+        "dead-lettered, deleted) in its trail, served at /order/{id}/trail and by "
+        "`order-viewer trail`; false: nothing is recorded and the route answers 404.",
+    )
     batch_max_orders: Positive = Field(
         default=2000, description="Most messages written in one database transaction."
     )

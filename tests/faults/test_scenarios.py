@@ -112,12 +112,57 @@ def audit(
         assert by_key[key].value() == value
         assert dict(by_key[key].headers())["error.code"].decode() == code
     wait_until(lambda: committed_lag(stack, topics) == 0, 90, "offsets committed to the end")
+    trail_audit(stack, topics, stream, expected)
     recovery = f"; all stored {caught_up - since:.1f} s after the last fault" if since else ""
     print(
         f"\naudit: produced {len(stream.messages)} ({len(stream.valid)} valid, "
         f"{len(stream.invalid)} invalid); stored {len(stored)}, dead-lettered "
-        f"{len(stream.invalid)} with the right reason; duplicates 0, lost 0{recovery}"
+        f"{len(stream.invalid)} with the right reason; duplicates 0, lost 0; every message "
+        f"in its order's trail{recovery}"
     )
+
+
+def trail_audit(stack: Stack, topics: Topics, stream: Stream, digests: dict[str, bytes]) -> None:
+    """Once every offset is committed (every message acknowledged), each order's trail holds
+    every message of it in the topic (at least once: a redelivered batch records its messages
+    again), and nothing else: no entry for a message never sent. A valid order's entries carry
+    its digest and are stored, unchanged or older, at least one stored; an invalid one's are
+    dead-lettered with its reason."""
+    keys = {uid.encode() for uid in stream.valid} | set(stream.invalid)
+    looked_at, ours = 0, 0
+
+    def all_of_ours(read: list[Any]) -> bool:
+        nonlocal looked_at, ours
+        ours += sum(message.key() in keys for message in read[looked_at:])
+        looked_at = len(read)
+        return ours >= len(stream.messages)
+
+    sent = read_topic(stack, topics.orders, all_of_ours, timeout=120)
+    coordinates = {
+        (message.key().decode(), message.partition(), message.offset())
+        for message in sent
+        if message.key() in keys
+    }
+    with stack.connect() as connection:
+        rows = connection.execute(
+            "SELECT order_uid, kafka_partition, kafka_offset, outcome, content_sha256, "
+            "reason_code FROM order_trail WHERE topic = %s AND order_uid = ANY(%s)",
+            (topics.orders, [key.decode() for key in keys]),
+        ).fetchall()
+    recorded = {(uid, partition, offset) for uid, partition, offset, *_ in rows}
+    assert coordinates <= recorded, f"{len(coordinates - recorded)} messages missing in trails"
+    assert recorded <= coordinates, f"{len(recorded - coordinates)} trail entries never sent"
+    stored: set[str] = set()
+    for uid, _, _, outcome, sha256, reason in rows:
+        if uid in stream.valid:
+            assert (outcome, bytes(sha256)) in {
+                (kind, digests[uid]) for kind in ("stored", "unchanged", "older")
+            }, uid
+            if outcome == "stored":
+                stored.add(uid)
+        else:
+            assert (outcome, reason) == ("dead_lettered", stream.invalid[uid.encode()][1]), uid
+    assert stored == set(stream.valid), f"{len(set(stream.valid) - stored)} never stored"
 
 
 def test_crash_loop_of_five_sigkills(

@@ -15,6 +15,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from order_viewer.adapters.kafka.consumer import REPLAYED_FROM
 from order_viewer.config import Settings
 from order_viewer.entrypoints import dlq
 from order_viewer.entrypoints.generate import encode, make_order
@@ -135,7 +136,7 @@ def replayed(stack: Stack, topics: Topics, enough: int, timeout: float) -> list[
     until more than `enough` of them came or `timeout` passed."""
 
     def sent(read: list[Any]) -> list[Any]:
-        return [m for m in read if m.headers() and dlq.REPLAYED_FROM in dict(m.headers())]
+        return [m for m in read if m.headers() and REPLAYED_FROM in dict(m.headers())]
 
     return sent(read_topic(stack, topics.orders, lambda read: len(sent(read)) > enough, timeout))
 

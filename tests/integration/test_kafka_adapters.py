@@ -30,7 +30,13 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.domain.model import PreparedOrder, Rejection
 from order_viewer.entrypoints.generate import SAMPLE_ORDER
 from order_viewer.service.ingest import OrderIngest
-from order_viewer.service.ports import ConsumedMessage, Deletion, RejectedMessage, WriteResult
+from order_viewer.service.ports import (
+    ConsumedMessage,
+    Deletion,
+    Handled,
+    RejectedMessage,
+    WriteResult,
+)
 from order_viewer.service.readiness import Liveness
 from order_viewer.service.retry import Health, Patience
 from tests.conftest import (
@@ -184,11 +190,14 @@ class GatedWriter(FakeWriter):
         self.began: list[float] = []
 
     def write(
-        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+        self,
+        batch: Sequence[PreparedOrder],
+        deletions: Sequence[Deletion] = (),
+        handled: Sequence[Handled] = (),
     ) -> WriteResult:
         self.began.append(time.monotonic())
         self.gate.wait(60)
-        return super().write(batch, deletions)
+        return super().write(batch, deletions, handled)
 
 
 def test_an_order_that_finds_the_database_idle_is_written_at_once_and_the_next_gather(
@@ -223,11 +232,14 @@ class SlowWriter(FakeWriter):
         self.spans: list[tuple[float, float]] = []
 
     def write(
-        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+        self,
+        batch: Sequence[PreparedOrder],
+        deletions: Sequence[Deletion] = (),
+        handled: Sequence[Handled] = (),
     ) -> WriteResult:
         began = time.monotonic()
         time.sleep(0.3)
-        result = super().write(batch, deletions)
+        result = super().write(batch, deletions, handled)
         self.spans.append((began, time.monotonic()))
         return result
 

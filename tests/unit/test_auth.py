@@ -318,9 +318,9 @@ def test_a_removed_line_revokes_its_token_even_when_another_line_breaks(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [
         "HTTP_TOKENS_FILE line 2: unknown scope; known are metrics:read, orders:read, "
-        "orders:read:pii; the line admits no token",
+        "orders:read:pii, orders:trail; the line admits no token",
         "HTTP_TOKENS_FILE line 3: unknown scope; known are metrics:read, orders:read, "
-        "orders:read:pii; the line admits no token",
+        "orders:read:pii, orders:trail; the line admits no token",
     ]
     assert "s3cret" not in caplog.text
 

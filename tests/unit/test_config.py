@@ -73,6 +73,12 @@ def test_defaults_are_the_documented_contract() -> None:
         ("ORDER_RETENTION_DAYS", "-3"),
         ("ORDER_RETENTION_DAYS", "1.5"),
         ("ORDER_RETENTION_DAYS", "forever"),
+        ("ORDER_TRAIL_ENABLED", "maybe"),
+        ("ORDER_TRAIL_ENABLED", "2"),
+        ("ORDER_TRAIL_ENABLED", "-1"),
+        ("ORDER_TRAIL_ENABLED", ""),
+        ("ORDER_TRAIL_ENABLED", "1" + "0" * 30),
+        ("ORDER_TRAIL_ENABLED", "true false"),
         ("HTTP_AUTH", "basic"),
         ("HTTP_JWT_JWKS_URL", "file:///etc/passwd"),
         ("HTTP_JWT_JWKS_URL", "not a url"),
@@ -196,3 +202,12 @@ def test_kafka_security_settings_pass_through_and_stay_secret(
 
 def test_plaintext_kafka_needs_no_security_settings() -> None:
     assert kafka_security(Settings(_env_file=None)) == {"security.protocol": "PLAINTEXT"}
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("false", False), ("0", False), ("true", True)])
+def test_trails_are_on_unless_turned_off(
+    monkeypatch: pytest.MonkeyPatch, value: str, enabled: bool
+) -> None:
+    assert Settings(_env_file=None).order_trail_enabled
+    monkeypatch.setenv("ORDER_TRAIL_ENABLED", value)
+    assert load_settings().order_trail_enabled is enabled

@@ -21,6 +21,7 @@ from order_viewer.service.ports import (
     ConsumedMessage,
     DatabaseUnavailable,
     Deletion,
+    Handled,
     Stopped,
     StoredDocument,
     WriteResult,
@@ -274,10 +275,12 @@ def test_a_write_cut_by_its_deadline_is_counted_logged_shown_and_retried(
     write = ingest.writer.write
 
     def write_watched(
-        batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+        batch: Sequence[PreparedOrder],
+        deletions: Sequence[Deletion] = (),
+        handled: Sequence[Handled] = (),
     ) -> WriteResult:
         shown.append(timeouts.failing)
-        return write(batch, deletions)
+        return write(batch, deletions, handled)
 
     monkeypatch.setattr(ingest.writer, "write", write_watched)
     with caplog.at_level(logging.INFO):

@@ -22,6 +22,8 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # The path of an order is this prefix and its id, whatever the client sent after it.
 ORDER_PATH = "/order/"
 ORDER_ROUTE = f"{ORDER_PATH}{{order_uid}}"
+TRAIL_SUFFIX = "/trail"
+TRAIL_ROUTE = f"{ORDER_ROUTE}{TRAIL_SUFFIX}"
 PAGE_FILES = "/static"
 DOCS_FILES = "/docs/static"
 _ROUTES = ("/", "/orders", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs")
@@ -196,10 +198,19 @@ class Metrics:
                     self.consumer_lag.labels(topic, partition).set(lag)
 
 
+def trail_of(path: str) -> str | None:
+    """The order id (as the path holds it, whatever it is) whose trail `path` asks for, or None
+    if it asks for none. An order id holds no '/', so no order is taken for a trail."""
+    rest = path[len(ORDER_PATH) :]
+    if path.startswith(ORDER_PATH) and rest.endswith(TRAIL_SUFFIX):
+        return rest[: -len(TRAIL_SUFFIX)]
+    return None
+
+
 def route_template(path: str) -> str:
     """The route a path belongs to; never the raw id, so the label set stays small."""
     if path.startswith(ORDER_PATH):
-        return ORDER_ROUTE
+        return ORDER_ROUTE if trail_of(path) is None else TRAIL_ROUTE
     for files in (PAGE_FILES, DOCS_FILES):
         if path.startswith(files + "/"):
             return files

@@ -360,14 +360,22 @@ def tombstone_uid(key: bytes | None) -> str:
     a valid order_uid; raises InvalidOrder otherwise."""
     if key is None:
         raise InvalidOrder(_EMPTY_REJECTION)
-    try:
-        uid = key.decode("utf-8")
-    except UnicodeDecodeError:
-        uid = ""
-    if not re.fullmatch(ORDER_UID_PATTERN.strip("^$"), uid):
+    uid = key_uid(key)
+    if uid is None:
         message = "The tombstone's key is not an order_uid (1 to 64 of A-Z, a-z, 0-9, _ and -)."
         raise InvalidOrder(Rejection("invalid_format", message, "key"))
     return uid
+
+
+_KEY_UID = re.compile(ORDER_UID_PATTERN.strip("^$").encode())
+
+
+def key_uid(key: bytes | None) -> str | None:
+    """The order_uid a message's key names, or None if the key is not a valid order_uid (ASCII
+    only, so the bytes are checked before anything is decoded)."""
+    if key is None or not _KEY_UID.fullmatch(key):
+        return None
+    return key.decode("ascii")
 
 
 def consistency_problems(order: Order) -> list[str]:

@@ -24,9 +24,10 @@ from order_viewer.adapters.http.auth.tokens import (
 from order_viewer.adapters.postgres.migrate import migrate
 from order_viewer.bootstrap import access_policy
 from order_viewer.config import ConfigurationError, Settings, load_settings
-from order_viewer.entrypoints import dlq, produce
+from order_viewer.entrypoints import dlq, produce, trail
 from order_viewer.entrypoints.check import check
 from order_viewer.entrypoints.server import serve
+from order_viewer.service.ports import DatabaseUnavailable
 
 T = TypeVar("T")
 
@@ -111,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_argument(parse_scopes),
         required=True,
         help="comma-separated: orders:read (personal fields masked), orders:read:pii (whole), "
-        "metrics:read",
+        "metrics:read, orders:trail",
     )
     create.set_defaults(run=_create_token)
 
@@ -147,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
         "the dead-letter topic is trusted",
     )
     replay.set_defaults(run=_dlq_replay)
+
+    order_trail = commands.add_parser(
+        "trail", help="what became of every message of an order, and its state (from the database)"
+    )
+    order_trail.add_argument("order_uid", type=_argument(trail.order_uid), help="the order id")
+    order_trail.set_defaults(run=_trail)
     return parser
 
 
@@ -275,6 +282,26 @@ def _dlq_replay(settings: Settings, arguments: argparse.Namespace) -> int:
         f"skipped: {_counts(summary.skipped) or 'none'}; {summary.failed} failed"
     )
     return 1 if summary.failed else 0
+
+
+def _trail(settings: Settings, arguments: argparse.Namespace) -> int:
+    uid = arguments.order_uid
+    try:
+        found = trail.whole_trail(str(settings.database_url), uid)
+    except DatabaseUnavailable as error:
+        print(f"order-viewer: cannot reach the database: {error}", file=sys.stderr)
+        return 1
+    if not settings.order_trail_enabled:
+        print("order-viewer: ORDER_TRAIL_ENABLED=false: nothing new is recorded", file=sys.stderr)
+    if found is None:
+        print(
+            f"order-viewer: nothing is known of order {uid}: no message of it handled, not "
+            "stored, not deleted",
+            file=sys.stderr,
+        )
+        return 1
+    trail.print_trail(*found, trail.console(sys.stdout.isatty()))
+    return 0
 
 
 def _counts(counter: Counter[str]) -> str:

@@ -26,11 +26,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from order_viewer.adapters.kafka.broker import DEAD_LETTER_PRODUCER, MessageProducer, enqueue
+from order_viewer.adapters.kafka.consumer import REPLAYED_FROM
 from order_viewer.config import Settings, kafka_client
 from order_viewer.domain.model import DB_REJECTED, REASON_CODES
 
 KNOWN_REASONS = (*REASON_CODES, DB_REJECTED)
-REPLAYED_FROM = "replayed.from"
 # Said of a dead letter without an error.code header: not one this service wrote.
 NO_REASON = "(none)"
 # The headers the service writes on a dead letter to name its original.

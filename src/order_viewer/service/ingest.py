@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from order_viewer.domain.model import (
     DB_REJECTED,
@@ -15,6 +16,7 @@ from order_viewer.domain.model import (
     PreparedOrder,
     Rejection,
     consistency_problems,
+    key_uid,
     parse_order,
     tombstone_uid,
 )
@@ -24,7 +26,9 @@ from order_viewer.service.ports import (
     ConsumedMessage,
     DatabaseUnavailable,
     DeadLetters,
+    DeadLetterTrail,
     Deletion,
+    Handled,
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
@@ -52,13 +56,26 @@ class BatchOutcome:
 @dataclass(slots=True)
 class PreparedBatch:
     """A batch validated and serialized, ready to store: the newest message of each order, a
-    version in `orders` or a tombstone in `deletions`."""
+    version in `orders` or a tombstone in `deletions`, and in `superseded` the valid messages
+    that a later one of their order in the batch replaced."""
 
     messages: Sequence[ConsumedMessage]
     orders: dict[str, tuple[PreparedOrder, ConsumedMessage]]
     rejected: list[RejectedMessage]
     inconsistent: int
     deletions: dict[str, tuple[Deletion, ConsumedMessage]] = field(default_factory=dict)
+    superseded: list[Handled] = field(default_factory=list)
+
+    def handled(self) -> list[Handled]:
+        """Every valid message of the batch, for the trails of their orders."""
+        return [
+            *(
+                Handled(uid, message, prepared.sha256)
+                for uid, (prepared, message) in self.orders.items()
+            ),
+            *(Handled(uid, message, None) for uid, (_, message) in self.deletions.items()),
+            *self.superseded,
+        ]
 
 
 def prepare_batch(
@@ -72,6 +89,7 @@ def prepare_batch(
         try:
             if message.value is None and delete_on_tombstone:
                 uid = tombstone_uid(message.key)
+                _supersede(batch, uid)
                 batch.orders.pop(uid, None)
                 batch.deletions[uid] = (Deletion(uid, message.partition, message.offset), message)
                 continue
@@ -82,12 +100,24 @@ def prepare_batch(
         if consistency_problems(order):
             batch.inconsistent += 1
         # Same key, same partition: a later message of an order_uid in the batch is newer.
+        _supersede(batch, order.order_uid)
         batch.deletions.pop(order.order_uid, None)
         batch.orders[order.order_uid] = (
             PreparedOrder.of(order, message.partition, message.offset),
             message,
         )
     return batch
+
+
+def _supersede(batch: PreparedBatch, uid: str) -> None:
+    """The message of `uid` kept so far in the batch, if any, counted among those superseded
+    (the caller puts the later one in its place)."""
+    earlier = batch.orders.get(uid)
+    if earlier is not None:
+        batch.superseded.append(Handled(uid, earlier[1], earlier[0].sha256, superseded=True))
+    deletion = batch.deletions.get(uid)
+    if deletion is not None:
+        batch.superseded.append(Handled(uid, deletion[1], None, superseded=True))
 
 
 class WriteTimeouts:
@@ -121,8 +151,13 @@ class OrderIngest:
     - `store`: write the valid orders in one transaction, waiting out database outages, then
       cache them;
     - `settle`: send the rejected messages to the dead-letter topic and, only once it has
-      acknowledged them, let the caller acknowledge the whole batch (store its offsets), so that
-      no message is acknowledged before it is either stored or dead-lettered.
+      acknowledged them (and their orders' trails have recorded them), let the caller
+      acknowledge the whole batch (store its offsets), so that no message is acknowledged
+      before it is either stored or dead-lettered.
+
+    With `trail` (ORDER_TRAIL_ENABLED), every message whose order is known is added to its
+    order's trail where its outcome is decided: the writer's transaction for what was stored,
+    unchanged, older or deleted, `trail` for the dead letters.
     """
 
     def __init__(
@@ -134,10 +169,12 @@ class OrderIngest:
         metrics: ServiceMetrics,
         *,
         delete_on_tombstone: bool = False,
+        trail: DeadLetterTrail | None = None,
     ) -> None:
         if not writers:
             raise ValueError("an ingest needs at least one writer")
         self._writers = writers
+        self._trail = trail
         self._cache = cache
         self._dead_letters = dead_letters
         self._database = database
@@ -174,6 +211,7 @@ class OrderIngest:
                         [deletion for deletion, _ in batch.deletions.values()],
                         batch,
                         outcome,
+                        handled=batch.handled() if self._trail is not None else [],
                     )
                 except WriteTimedOut as timeout:
                     self.write_timeouts.timed_out(timeout)
@@ -203,18 +241,26 @@ class OrderIngest:
         deletions: list[Deletion],
         batch: PreparedBatch,
         outcome: BatchOutcome,
+        *,
+        handled: list[Handled],
     ) -> None:
         ticket = self._cache.ticket()
         try:
-            result = writer.write(orders, deletions)
+            result = writer.write(orders, deletions, handled)
         except RejectedByDatabase as refused:
             if len(orders) + len(deletions) > 1:
                 # One order the validator passed but the database refuses must not sink the
-                # others: write each alone and dead-letter only the ones refused.
+                # others: write each alone (with its messages' trail) and dead-letter only the
+                # ones refused.
+                of_order: defaultdict[str, list[Handled]] = defaultdict(list)
+                for entry in handled:
+                    of_order[entry.order_uid].append(entry)
                 for prepared in orders:
-                    self._write(writer, [prepared], [], batch, outcome)
+                    uid = prepared.order.order_uid
+                    self._write(writer, [prepared], [], batch, outcome, handled=of_order[uid])
                 for deletion in deletions:
-                    self._write(writer, [], [deletion], batch, outcome)
+                    uid = deletion.order_uid
+                    self._write(writer, [], [deletion], batch, outcome, handled=of_order[uid])
                 return
             rejection = Rejection(DB_REJECTED, f"the database refused the order: {refused}", None)
             message = (
@@ -247,9 +293,10 @@ class OrderIngest:
         outcome: BatchOutcome,
         acknowledge: Callable[[Sequence[ConsumedMessage]], None],
     ) -> None:
-        """Dead-letter the rejected messages, then acknowledge the batch. Raises Stopped (and
-        acknowledges nothing) if a stop comes while the dead-letter topic is away: the batch is
-        then read again by whoever consumes next, and storing it again changes nothing."""
+        """Dead-letter the rejected messages, record them in their orders' trails, then
+        acknowledge the batch. Raises Stopped (and acknowledges nothing) if a stop comes while
+        the dead-letter topic or the database is away: the batch is then read again by whoever
+        consumes next, and storing it again changes nothing (its trail gains the redelivery)."""
         for entry in outcome.rejected:
             message, rejection = entry.message, entry.rejection
             log.warning(
@@ -263,8 +310,26 @@ class OrderIngest:
             )  # fmt: skip
         if outcome.rejected:
             self._dead_letters.send(outcome.rejected)
+            if self._trail is not None:
+                self._record_dead_letters(self._trail, outcome.rejected)
         acknowledge(batch.messages)
         self._report(batch, outcome)
+
+    def _record_dead_letters(
+        self, trail: DeadLetterTrail, rejected: Sequence[RejectedMessage]
+    ) -> None:
+        """The dead letters whose key is an order_uid added to their orders' trails, waiting out
+        database outages as a write does; the others are known to `dlq stats` alone."""
+        keyed = [
+            (uid, entry) for entry in rejected if (uid := key_uid(entry.message.key)) is not None
+        ]
+        if keyed:
+            retry(
+                partial(trail.dead_lettered, keyed),
+                transient=(DatabaseUnavailable,),
+                patience=self._database,
+                on_retry=partial(self._metrics.retried, "database"),
+            )
 
     def _report(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:
         """Count the batch, and log the throughput every few seconds."""

@@ -16,6 +16,7 @@ from order_viewer.service.ports import (
     NewestDocuments,
     OrderReader,
     OrderSummary,
+    OrderTrail,
     ServiceMetrics,
 )
 from order_viewer.service.retry import Patience, retry
@@ -121,6 +122,10 @@ class OrderLookup:
 
     async def recent(self, limit: int) -> list[OrderSummary]:
         return await self._reader.recent(limit)
+
+    async def trail(self, order_uid: str, limit: int, after: int) -> OrderTrail | None:
+        """A page of the order's trail (`OrderReader.trail`), always from the database."""
+        return await self._reader.trail(order_uid, limit, after)
 
     async def database_reachable(self) -> bool:
         return await self._reader.ping()

@@ -24,6 +24,10 @@ class ConsumedMessage:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int | None = None
+    """The message's own timestamp, in milliseconds since the epoch; None if it has none."""
+    replayed_from: str | None = None
+    """The dead letter it was sent back from ("topic/partition/offset"), if a replay sent it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,18 @@ class Deletion:
     order_uid: str
     partition: int
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """A message of a batch being written, for its order's trail: `sha256` is its version's
+    digest (None for a tombstone), and `superseded` says that a later message of the same order
+    in the batch was written instead, which makes this one an older version."""
+
+    order_uid: str
+    message: ConsumedMessage
+    sha256: bytes | None
+    superseded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +83,53 @@ class OrderSummary:
     amount: int
     currency: str
     item_count: int
+
+
+# What became of a message, as an order's trail records it.
+TrailOutcome = Literal["stored", "unchanged", "older", "dead_lettered", "deleted"]
+TRAIL_OUTCOMES: tuple[TrailOutcome, ...] = (
+    "stored", "unchanged", "older", "dead_lettered", "deleted",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TrailEntry:
+    """One handled message of an order; `key` orders the trail (and pages it)."""
+
+    key: int
+    topic: str
+    partition: int
+    offset: int
+    message_timestamp: datetime | None
+    handled_at: datetime
+    outcome: TrailOutcome
+    sha256: bytes | None
+    reason_code: str | None
+    reason_detail: str | None
+    replayed_from: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    sha256: bytes
+    partition: int
+    offset: int
+    stored_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OrderTrail:
+    """A page of an order's trail: its state (a stored version, or when it was deleted), the
+    count of each outcome and the latest entry of the whole trail, and the page's entries;
+    `more` says that entries follow the page's last."""
+
+    order_uid: str
+    stored: StoredVersion | None
+    deleted_at: datetime | None
+    counts: dict[TrailOutcome, int]
+    latest: TrailEntry | None
+    entries: tuple[TrailEntry, ...]
+    more: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,14 +196,29 @@ class Stopped(Exception):
 
 class OrderWriter(Protocol):
     def write(
-        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+        self,
+        batch: Sequence[PreparedOrder],
+        deletions: Sequence[Deletion] = (),
+        handled: Sequence[Handled] = (),
     ) -> WriteResult:
         """Store every order of the batch and apply every deletion in one transaction, or none
         of them, and tell the other instances which of their cached orders changed when (and
         only if) it commits. The batch and the deletions hold each order_uid once between them;
         a stored order is replaced only as `model.supersedes` says, deleted only by a later
         tombstone (`model.later`), and an order is not stored again from a message older than
-        its tombstone. Raises DatabaseUnavailable or RejectedByDatabase."""
+        its tombstone. With `handled` (the messages of the batch and the deletions, and those
+        they superseded), each one's outcome is added to its order's trail in the same
+        transaction, and a deletion leaves its order only the deletion's own entry. Raises
+        DatabaseUnavailable or RejectedByDatabase."""
+        ...
+
+
+class DeadLetterTrail(Protocol):
+    def dead_lettered(self, rejected: Sequence[tuple[str, RejectedMessage]]) -> None:
+        """Add each rejected message, with the order_uid its key names, to that order's trail
+        as dead-lettered, with its reason, and return once committed; a message older than its
+        order's tombstone is left out, as the deletion left only its own entry. Raises
+        DatabaseUnavailable."""
         ...
 
 
@@ -148,13 +226,15 @@ class OrderWriter(Protocol):
 class Expired:
     order_uids: tuple[str, ...]
     tombstones: int
+    trail_entries: int = 0
 
 
 class OrderExpirer(Protocol):
     def expire(self, before: datetime, limit: int) -> Expired:
-        """Delete at most `limit` orders created before the instant and at most `limit`
-        tombstones recorded before it, in one transaction that tells the other instances;
-        skips rows a writer holds rather than waiting for them. Raises DatabaseUnavailable."""
+        """Delete at most `limit` orders created before the instant, and at most `limit`
+        tombstones and `limit` trail entries recorded before it, in one transaction that tells
+        the other instances; skips rows a writer holds rather than waiting for them. Raises
+        DatabaseUnavailable."""
         ...
 
 
@@ -177,6 +257,12 @@ class Changes(Protocol):
 class OrderReader(Protocol):
     async def documents(self, order_uids: list[str]) -> list[StoredDocument]:
         """The stored orders of these ids (absent ids are left out); raises DatabaseUnavailable."""
+        ...
+
+    async def trail(self, order_uid: str, limit: int, after: int) -> OrderTrail | None:
+        """A page of the order's trail: its state, the counts and latest entry of the whole
+        trail, and up to `limit` entries whose key is above `after`, oldest first; None when
+        nothing is known of the id. Raises DatabaseUnavailable."""
         ...
 
     async def recent(self, limit: int) -> list[OrderSummary]: ...

@@ -1,4 +1,5 @@
-"""The orders older than the retention deleted, from the database and the cache."""
+"""The orders older than the retention deleted, from the database and the cache, with the
+tombstones and trail entries recorded before it."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def expire_orders(
             metrics.expired(len(expired.order_uids))
             total += len(expired.order_uids)
         if (
-            len(expired.order_uids) < batch and expired.tombstones < batch
+            len(expired.order_uids) < batch
+            and expired.tombstones < batch
+            and expired.trail_entries < batch
         ) or database.stop.is_set():
             break
     if total:

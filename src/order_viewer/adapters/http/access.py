@@ -21,6 +21,7 @@ from order_viewer.adapters.cache import CachedOrder, MaskedViews
 from order_viewer.adapters.http.auth import (
     METRICS_READ,
     ORDERS_READ,
+    ORDERS_TRAIL,
     Authenticator,
     AuthFailure,
     KeysUnavailable,
@@ -31,11 +32,12 @@ from order_viewer.adapters.http.auth.limiter import FailureLimiter
 from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.adapters.http.forwarded import TrustedProxies, limiter_key
 from order_viewer.adapters.logs import escaped_for_log, sole_writer
-from order_viewer.adapters.metrics import ORDER_PATH, Metrics
+from order_viewer.adapters.metrics import ORDER_PATH, Metrics, trail_of
 
 audit = logging.getLogger("order_viewer.audit")
 AUDIT_LINE = "order read principal=%s order_uid=%s status=%d view=%s client=%s"
 LIST_AUDIT_LINE = "orders listed principal=%s status=%d view=%s client=%s"
+TRAIL_AUDIT_LINE = "order trail read principal=%s order_uid=%s status=%d view=%s client=%s"
 REALM = 'Bearer realm="order-viewer"'
 
 
@@ -85,6 +87,8 @@ class PendingToken:
 
 def required_scope(path: str) -> str | None:
     """The scope a request on `path` needs; None for the routes open to all."""
+    if trail_of(path) is not None:
+        return ORDERS_TRAIL
     if path.startswith("/order"):  # /order/{id} and /orders
         return ORDERS_READ
     if path == "/metrics":
@@ -205,8 +209,12 @@ def _refusal(
 def audit_request(
     principal: Principal | None, path: str, status: int, view: str, client: str
 ) -> None:
-    """The audit line of a guarded request, if it asked for order data: an order or the list."""
-    if path.startswith(ORDER_PATH):
+    """The audit line of a guarded request, if it asked for order data: an order, its trail
+    or the list."""
+    trail_uid = trail_of(path)
+    if trail_uid is not None:
+        audit_order_read(principal, trail_uid, status, view, client, line=TRAIL_AUDIT_LINE)
+    elif path.startswith(ORDER_PATH):
         audit_order_read(principal, path[len(ORDER_PATH) :], status, view, client)
     elif path == "/orders":
         level = logging.INFO if status < 400 else logging.WARNING
@@ -215,10 +223,17 @@ def audit_request(
 
 
 def audit_order_read(
-    principal: Principal | None, order_uid: str, status: int, view: str, client: str
+    principal: Principal | None,
+    order_uid: str,
+    status: int,
+    view: str,
+    client: str,
+    *,
+    line: str = AUDIT_LINE,
 ) -> None:
-    """The audit line of a request for the order `order_uid` (as the path held it, whatever it
-    is); the principal's name is escaped like the id, since a JWT `sub` may hold anything."""
+    """The audit `line` of a request for the order `order_uid` (as the path held it, whatever
+    it is), or for its trail; the principal's name is escaped like the id, since a JWT `sub`
+    may hold anything."""
     # Never a body, a token or a personal field: who, which order, what answer, from where.
     # Refusals at WARNING: a LOG_LEVEL that drops routine reads still records them.
     level = logging.INFO if status < 400 or status == 404 else logging.WARNING
@@ -235,7 +250,7 @@ def audit_order_read(
     writer = sole_writer(audit, level)
     if writer is not None:
         # The service's own log set-up: the line without a record (docs/DESIGN.md, Audit).
-        writer.defer(level, audit.name, AUDIT_LINE % args, (("order_uid", order_uid),))
+        writer.defer(level, audit.name, line % args, (("order_uid", order_uid),))
         return
     # Made and handed to the logger's handlers directly, as Logger.log would but without its
     # search of the stack for the caller, which costs on every line: it is always this line.
@@ -245,7 +260,7 @@ def audit_order_read(
             level,
             __file__,
             0,
-            AUDIT_LINE,
+            line,
             args,
             None,
             "audit_order_read",

@@ -41,11 +41,21 @@ from order_viewer.adapters.http.access import (
     view_name,
 )
 from order_viewer.adapters.http.auth import Principal
+from order_viewer.adapters.http.trail import (
+    CURSOR_PATTERN,
+    MAX_TRAIL_LIMIT,
+    TRAIL_LIMIT,
+    InvalidCursor,
+    TrailBody,
+    key_of,
+    trail_body,
+)
 from order_viewer.adapters.metrics import (
     DOCS_FILES,
     ORDER_PATH,
     ORDER_ROUTE,
     PAGE_FILES,
+    TRAIL_SUFFIX,
     HttpStats,
     Metrics,
     route_template,
@@ -78,6 +88,15 @@ ORDER_CACHE_CONTROL = "no-cache"
 ORDER_VIEW = "order_viewer.view"
 
 _order_uid = re.compile(ORDER_UID_PATTERN)
+_BAD_ORDER_UID = "an order id is 1 to 64 letters, digits, '-' or '_'"
+# The rule is published for clients, and checked by each route to answer with its own 400.
+OrderUid = Annotated[
+    str,
+    Path(
+        description="1 to 64 letters, digits, '-' or '_'",
+        json_schema_extra={"pattern": ORDER_UID_PATTERN, "minLength": 1, "maxLength": 64},
+    ),
+]
 
 
 class _AnyText(Convertor[str]):
@@ -162,10 +181,12 @@ def create_app(
     access: AccessPolicy | None = None,
     *,
     tls: bool = False,
+    trails: bool = True,
 ) -> ASGIApp:
     """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them; with
     `access`, orders and metrics need a token with their scope; with `tls` (served over HTTPS),
-    every answer says that browsers must use nothing else."""
+    every answer says that browsers must use nothing else; without `trails`
+    (ORDER_TRAIL_ENABLED=false), the trail route answers 404."""
     guarded: dict[int | str, dict[str, Any]] = {} if access is None else _GUARDED
     # /docs serves Swagger UI from files installed with the package, so it works where the
     # browser cannot reach a CDN; the page is our own (below), to send it with its security
@@ -213,6 +234,49 @@ def create_app(
     async def docs() -> Response:
         return _html_page(docs_html, docs_policy)
 
+    # Before the order's route, which would take "{id}/trail" for an id (and refuse it).
+    @app.get(
+        f"{ORDER_PATH}{{order_uid:any_text}}{TRAIL_SUFFIX}",
+        summary="What became of every message of an order, and its state",
+        description="Each message with this order id that the service handled, oldest first: "
+        "where it came from and its outcome (stored, unchanged, older, dead_lettered, "
+        "deleted). Paged: `next` is the `after` of the following page. No personal data.",
+        response_model=TrailBody,
+        responses={
+            400: {"model": ErrorBody, "description": "A bad id, limit or cursor."},
+            404: {"model": ErrorBody, "description": "Nothing known of the id, or trails off."},
+            503: _UNAVAILABLE,
+            **guarded,
+        },
+    )
+    async def order_trail(
+        order_uid: OrderUid,
+        limit: Annotated[int, Query(ge=1, le=MAX_TRAIL_LIMIT)] = TRAIL_LIMIT,
+        # Published for clients, and checked below to answer with its own 400.
+        after: Annotated[
+            str | None,
+            Query(
+                description="The `next` of the previous page.",
+                json_schema_extra={"pattern": CURSOR_PATTERN, "minLength": 11, "maxLength": 11},
+            ),
+        ] = None,
+    ) -> Response:
+        if not trails:
+            return _error(404, "order trails are off (ORDER_TRAIL_ENABLED=false)")
+        if not _order_uid.fullmatch(order_uid):
+            return _error(400, _BAD_ORDER_UID)
+        try:
+            key = 0 if after is None else key_of(after)
+        except InvalidCursor:
+            return _error(400, "after: not a cursor of this API")
+        try:
+            trail = await lookup.trail(order_uid, limit, key)
+        except DatabaseUnavailable:
+            return _error(503, "the database is unreachable")
+        if trail is None:
+            return _error(404, "nothing is known of this order id", order_uid=order_uid)
+        return Response(trail_body(trail).model_dump_json(), media_type="application/json")
+
     @app.get(
         f"{ORDER_PATH}{{order_uid:any_text}}",
         summary="One order by its id",
@@ -225,20 +289,10 @@ def create_app(
             **guarded,
         },
     )
-    async def order(
-        # The rule is published for clients, and checked below to answer with its own 400.
-        order_uid: Annotated[
-            str,
-            Path(
-                description="1 to 64 letters, digits, '-' or '_'",
-                json_schema_extra={"pattern": ORDER_UID_PATTERN, "minLength": 1, "maxLength": 64},
-            ),
-        ],
-        request: Request,
-    ) -> Response:
+    async def order(order_uid: OrderUid, request: Request) -> Response:
         # Orders in memory were answered by Front before the request got here.
         if not _order_uid.fullmatch(order_uid):
-            return _error(400, "an order id is 1 to 64 letters, digits, '-' or '_'")
+            return _error(400, _BAD_ORDER_UID)
         try:
             found = await lookup.load(order_uid)
         except DatabaseUnavailable:
@@ -412,6 +466,7 @@ class Front:
                 return
             principal, view = verdict, guard.view(verdict)
         if path.startswith(ORDER_PATH) and scope["method"] == "GET":
+            # No order id holds a '/': a trail's path is never found in the cache.
             order_uid = path[len(ORDER_PATH) :]
             found = self._lookup.cached(order_uid)
             if found is not None:

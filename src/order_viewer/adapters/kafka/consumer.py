@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -12,7 +13,13 @@ from enum import Enum
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka import Message as KafkaMessage
 
 from order_viewer.adapters.metrics import Metrics
@@ -43,6 +50,19 @@ RESTARTS_BEFORE_STUCK = 3
 # broker that does not answer within it counts as away, not as stalled. The loop waits for the
 # check, so a stop asked meanwhile waits up to two of these while the broker is frozen.
 CHECK_TIMEOUT_SECONDS = 5.0
+
+# The header `dlq replay` puts on a message it sends back: its dead letter, as
+# "topic/partition/offset".
+REPLAYED_FROM = "replayed.from"
+# As the replay writes it: a name Kafka allows for a topic, a partition and an offset in
+# canonical decimal; anything else in the header (anyone who can produce can write it) is
+# ignored, never an error.
+_REPLAYED_FROM = re.compile(rb"[A-Za-z0-9._-]{1,249}/(0|[1-9][0-9]{0,9})/(0|[1-9][0-9]{0,18})")
+_LARGEST_PARTITION = 2**31 - 1
+_LARGEST_OFFSET = 2**63 - 1
+# The last millisecond of year 9999: a producer may set any timestamp, and no later one is a
+# moment a datetime (or the trail's column, read back) can hold.
+LATEST_TIMESTAMP_MS = 253_402_300_799_999
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,12 +438,43 @@ class OrderConsumer:
             assert topic is not None
             assert partition is not None
             assert offset is not None
+            # A list for a consumed message (the client's type also allows a producer's dict).
+            headers = kafka_message.headers()
             batch.append(
                 ConsumedMessage(
-                    topic, partition, offset, kafka_message.key(), kafka_message.value()
+                    topic,
+                    partition,
+                    offset,
+                    kafka_message.key(),
+                    kafka_message.value(),
+                    timestamp_ms(*kafka_message.timestamp()),
+                    replayed_from(headers if isinstance(headers, list) else None),
                 )
             )
         return batch
+
+
+def timestamp_ms(kind: int, milliseconds: int) -> int | None:
+    """A message's timestamp as the trail keeps it: None if it has none or one out of range."""
+    if kind == TIMESTAMP_NOT_AVAILABLE or not 0 <= milliseconds <= LATEST_TIMESTAMP_MS:
+        return None
+    return milliseconds
+
+
+def replayed_from(headers: Sequence[tuple[str, str | bytes | None]] | None) -> str | None:
+    """The dead letter a message was replayed from, from its first `replayed.from` header;
+    None if it has none, or one that is not a dead letter's position."""
+    for name, value in headers or ():
+        if name == REPLAYED_FROM:
+            found = _REPLAYED_FROM.fullmatch(value) if isinstance(value, bytes) else None
+            if (
+                found is None
+                or int(found[1]) > _LARGEST_PARTITION
+                or int(found[2]) > _LARGEST_OFFSET
+            ):
+                return None
+            return found[0].decode("ascii")
+    return None
 
 
 def messages_waiting(consumer: Consumer, timeout: float) -> dict[str, int] | None:

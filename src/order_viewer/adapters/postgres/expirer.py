@@ -1,4 +1,5 @@
-"""The retention's deletes: orders past it removed in bounded transactions."""
+"""The retention's deletes: orders, tombstones and trail entries past it removed in bounded
+transactions."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ DELETE FROM order_tombstones WHERE order_uid IN (
 )
 """
 
+# By the time each entry was recorded (the BRIN index of migration 0004): a deletion's entry
+# goes when its tombstone does, both recorded in one transaction.
+_EXPIRE_TRAIL = """
+DELETE FROM order_trail WHERE id IN (
+    SELECT id FROM order_trail WHERE handled_at < %(before)s LIMIT %(limit)s
+)
+"""
+
 
 class PostgresOrderExpirer:
     """Deletes orders past their retention in bounded transactions, over its own connection."""
@@ -42,11 +51,13 @@ class PostgresOrderExpirer:
                 expired = tuple(str(uid) for (uid,) in cursor.fetchall())
                 cursor.execute(_EXPIRE_TOMBSTONES, {"before": before, "limit": limit})
                 tombstones = cursor.rowcount
+                cursor.execute(_EXPIRE_TRAIL, {"before": before, "limit": limit})
+                trail_entries = cursor.rowcount
                 # Under a sender name of its own, so that this instance's listener hears the
                 # sweep too: a sweep whose COMMIT went through but whose answer was lost is
                 # retried finding nothing, and only the notification drops what it deleted.
                 notify_changes(cursor, f"{self._instance}-retention", expired)
-        return Expired(expired, tombstones)
+        return Expired(expired, tombstones, trail_entries)
 
     def close(self) -> None:
         self._connection.close()

@@ -8,10 +8,12 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from order_viewer.adapters.postgres.connection import database_errors
+from order_viewer.adapters.postgres.trail import TRAIL_PAGE, trail_page
 from order_viewer.service.ports import (
     DatabaseBusy,
     DatabaseUnavailable,
     OrderSummary,
+    OrderTrail,
     StoredDocument,
 )
 
@@ -67,8 +69,16 @@ class PostgresOrderReader:
         )
         return [OrderSummary(*row) for row in rows]  # type: ignore[arg-type]
 
+    async def trail(self, order_uid: str, limit: int, after: int) -> OrderTrail | None:
+        rows = await self._fetch(TRAIL_PAGE, {"uid": order_uid, "limit": limit, "after": after})
+        return trail_page(order_uid, limit, rows)
+
     async def _fetch(
-        self, query: str, params: tuple[object, ...], *, binary: bool = False
+        self,
+        query: str,
+        params: tuple[object, ...] | dict[str, object],
+        *,
+        binary: bool = False,
     ) -> list[tuple[object, ...]]:
         try:
             with database_errors():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 
 import psycopg
 from psycopg import sql
@@ -20,7 +21,9 @@ from order_viewer.adapters.postgres.tables import ORDERS, PARTS
 from order_viewer.domain.model import PreparedOrder
 from order_viewer.service.ports import (
     Deletion,
+    Handled,
     RejectedByDatabase,
+    TrailOutcome,
     WriteResult,
     WriteTimedOut,
 )
@@ -91,7 +94,8 @@ _TOMBSTONES = (
     "AS d(order_uid, kafka_partition, kafka_offset)"
 )
 
-# A tombstone is kept at the latest position seen, as a stored order is.
+# A tombstone is kept at the latest position seen, as a stored order is; those recorded now are
+# returned, for the trails.
 _RECORD_TOMBSTONES = f"""
 INSERT INTO order_tombstones (order_uid, kafka_partition, kafka_offset)
 SELECT order_uid, kafka_partition, kafka_offset FROM {_TOMBSTONES}
@@ -100,6 +104,7 @@ ON CONFLICT (order_uid) DO UPDATE SET
     deleted_at = now()
 WHERE order_tombstones.kafka_partition <> excluded.kafka_partition
    OR order_tombstones.kafka_offset < excluded.kafka_offset
+RETURNING order_uid
 """  # noqa: S608 (only the constant above is interpolated)
 
 # Delivery, payment and items go with their order (ON DELETE CASCADE).
@@ -108,6 +113,31 @@ DELETE FROM orders o USING {_TOMBSTONES}
 WHERE o.order_uid = d.order_uid
   AND (o.kafka_partition <> d.kafka_partition OR o.kafka_offset < d.kafka_offset)
 RETURNING o.order_uid
+"""  # noqa: S608 (only the constant above is interpolated)
+
+
+# The trail of a batch: each valid message's outcome, read from what the transaction did, then
+# COPYed into `order_trail`, oldest first. Most outcomes are known without asking: stored if
+# the merge wrote its order, older if a later message of its order in the batch was written
+# instead. Only the others (a redelivery or an older version: unchanged if its order is stored
+# with its content, older otherwise; a tombstone: a deletion if recorded now with no order left
+# stored, unchanged if it is the one recorded already, older otherwise) need what is stored,
+# read for them alone, so that a batch of new orders pays one COPY and nothing more.
+_COPY_TRAIL = (
+    "COPY order_trail (order_uid, topic, kafka_partition, kafka_offset, message_timestamp, "
+    "outcome, content_sha256, replayed_from) FROM STDIN"
+)
+_STORED_VERSIONS = "SELECT order_uid, content_sha256 FROM orders WHERE order_uid = ANY(%s)"
+_TOMBSTONE_POSITIONS = (
+    "SELECT order_uid, kafka_partition, kafka_offset FROM order_tombstones "
+    "WHERE order_uid = ANY(%s)"
+)
+# A deletion leaves its order's trail only its own entry (and any of a later message of the
+# same partition): the rest goes with the order, this batch's entries included.
+_DELETE_EARLIER_TRAIL = f"""
+DELETE FROM order_trail e USING {_TOMBSTONES}
+WHERE e.order_uid = d.order_uid
+  AND NOT (e.kafka_partition = d.kafka_partition AND e.kafka_offset >= d.kafka_offset)
 """  # noqa: S608 (only the constant above is interpolated)
 
 
@@ -128,7 +158,9 @@ WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()
 ORDER BY a.xact_start NULLS LAST, a.pid
 LIMIT 1
 """
-_ORDER_TABLES = [ORDERS.name, *(table.name for table in PARTS), "order_tombstones"]
+_ORDER_TABLES = [
+    ORDERS.name, *(table.name for table in PARTS), "order_tombstones", "order_trail",
+]  # fmt: skip
 # DATABASE_WRITE_TIMEOUT_SECONDS's default (the settings' test holds them equal): the largest
 # batch that is valid (1,000 orders of the most items an order may have) must be written within
 # it, not cut and retried for ever (its measured time is in docs/RELIABILITY.md).
@@ -167,14 +199,19 @@ class PostgresOrderWriter:
         self._connection.close()
 
     def write(
-        self, batch: Sequence[PreparedOrder], deletions: Sequence[Deletion] = ()
+        self,
+        batch: Sequence[PreparedOrder],
+        deletions: Sequence[Deletion] = (),
+        handled: Sequence[Handled] = (),
     ) -> WriteResult:
-        """Store every order of the batch and apply every deletion, or none of them.
+        """Store every order of the batch and apply every deletion, or none of them, and add
+        the `handled` messages to their orders' trails (`ports.OrderWriter`).
 
         The batch and the deletions must hold each order_uid once (its newest message).
         """
         written: dict[str, bool] = {}
         deleted: list[str] = []
+        recorded: list[str] = []
         with database_errors(
             reset=self.close, refused=lambda error: RejectedByDatabase(_describe(error))
         ):
@@ -194,6 +231,7 @@ class PostgresOrderWriter:
                         "offsets": [d.offset for d in deletions],
                     }
                     cursor.execute(_RECORD_TOMBSTONES, tombstones)
+                    recorded = [str(uid) for (uid,) in cursor.fetchall()]
                     cursor.execute(_DELETE_ORDERS, tombstones)
                     deleted = [str(uid) for (uid,) in cursor.fetchall()]
                 if batch:
@@ -206,6 +244,8 @@ class PostgresOrderWriter:
                         cursor.execute(statement, {"uids": replaced})
                 if written:
                     _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
+                if handled:
+                    _record_trail(cursor, handled, set(written), set(recorded))
                 # New orders need no word: no instance can hold a copy of what did not exist.
                 notify_changes(cursor, self._instance, [*replaced, *deleted])
         return WriteResult(
@@ -279,6 +319,69 @@ def _copy_order_rows(
     with cursor.copy(_COPY_STAGED_ORDERS) as copy:
         for row in ORDERS.rows(batch):
             copy.write_row(row)
+
+
+def _record_trail(
+    cursor: psycopg.Cursor[tuple[object, ...]],
+    handled: Sequence[Handled],
+    written: set[str],
+    recorded: set[str],
+) -> None:
+    """The handled messages' outcomes added to their orders' trails (`_COPY_TRAIL`)."""
+    pending = [h for h in handled if not h.superseded and h.order_uid not in written]
+    # As the rows hold them (bytes, integers), compared with the messages' alone.
+    stored: dict[str, object] = {}
+    tombstones: dict[str, tuple[object, object]] = {}
+    if pending:
+        uids = [entry.order_uid for entry in pending]
+        stored = {str(uid): sha for uid, sha in cursor.execute(_STORED_VERSIONS, (uids,))}
+        tombstones = {
+            str(uid): (partition, offset)
+            for uid, partition, offset in cursor.execute(_TOMBSTONE_POSITIONS, (uids,))
+        }
+    deletions: list[Handled] = []
+
+    def outcome(entry: Handled) -> TrailOutcome:
+        uid, message = entry.order_uid, entry.message
+        if entry.superseded:
+            return "older"
+        if entry.sha256 is not None:
+            if uid in written:
+                return "stored"
+            return "unchanged" if stored.get(uid) == entry.sha256 else "older"
+        if uid in stored or tombstones.get(uid) != (message.partition, message.offset):
+            return "older"
+        if uid in recorded:
+            deletions.append(entry)
+            return "deleted"
+        return "unchanged"
+
+    with cursor.copy(_COPY_TRAIL) as copy:
+        for entry in sorted(handled, key=lambda h: (h.message.partition, h.message.offset)):
+            message = entry.message
+            copy.write_row(
+                (
+                    entry.order_uid,
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    None
+                    if message.timestamp_ms is None
+                    else datetime.fromtimestamp(message.timestamp_ms / 1000, UTC),
+                    outcome(entry),
+                    entry.sha256,
+                    message.replayed_from,
+                )
+            )
+    if deletions:
+        cursor.execute(
+            _DELETE_EARLIER_TRAIL,
+            {
+                "uids": [d.order_uid for d in deletions],
+                "partitions": [d.message.partition for d in deletions],
+                "offsets": [d.message.offset for d in deletions],
+            },
+        )
 
 
 def _copy_parts(cursor: psycopg.Cursor[tuple[object, ...]], batch: Sequence[PreparedOrder]) -> None:

@@ -14,7 +14,10 @@ from order_viewer.config import is_loopback
 ORDERS_READ = "orders:read"
 ORDERS_READ_PII = "orders:read:pii"
 METRICS_READ = "metrics:read"
-SCOPES = frozenset({ORDERS_READ, ORDERS_READ_PII, METRICS_READ})
+# What became of an order's messages: no personal data, but who asked about which order is
+# itself worth a scope of its own (support, not every reader).
+ORDERS_TRAIL = "orders:trail"
+SCOPES = frozenset({ORDERS_READ, ORDERS_READ_PII, METRICS_READ, ORDERS_TRAIL})
 
 # A JWT with a few claims is under 1 KB; anything far larger is not one we issued.
 MAX_TOKEN_CHARS = 8192
