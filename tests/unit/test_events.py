@@ -11,10 +11,15 @@ from typing import Any
 
 import pytest
 
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.http import api
+from order_viewer.adapters.http.api import create_app
 from order_viewer.service import events as events_module
 from order_viewer.service.events import OrderEvents, StreamEnded, Subscription
+from order_viewer.service.lookup import OrderLookup
 from order_viewer.service.ports import CachedOrder, OrderState
-from tests.fakes import FakeOrderStates
+from tests.fakes import FakeOrderStates, FakeReader
+from tests.unit.test_access import NotReady
 
 
 def version(offset: int) -> OrderState:
@@ -222,5 +227,108 @@ def test_close_ends_every_stream_and_opens_no_more() -> None:
         assert events.open_streams == 0
         assert events.subscribe("a", None) is None
         events.changed(["a"])  # a change heard after the stop changes nothing
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------- the HTTP stream over the hub
+
+
+def stream_request(
+    events: OrderEvents, path: str, leave: asyncio.Event, headers: list[tuple[bytes, bytes]]
+) -> Coroutine[Any, Any, list[dict[str, Any]]]:
+    """The messages the app sends for a GET of `path`; its client leaves when `leave` is set."""
+    app = create_app(OrderLookup(FakeReader({}), OrderCache(10)), NotReady(), None, events=events)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def run() -> list[dict[str, Any]]:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8081),
+        }
+        await app(scope, receive, send)
+        return sent
+
+    return run()
+
+
+def body_of(sent: list[dict[str, Any]]) -> bytes:
+    return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_a_stream_sends_each_state_as_an_event_and_ends_when_its_client_leaves() -> None:
+    async def scenario(events: OrderEvents, states: FakeOrderStates) -> None:
+        states.states["a"] = version(3)
+        leave = asyncio.Event()
+        answer = asyncio.ensure_future(stream_request(events, "/order/a/events", leave, []))
+        await asyncio.sleep(0.05)
+        states.states["a"] = OrderState(None, 4)
+        events.changed(["a"])
+        await asyncio.sleep(0.05)
+        assert events.open_streams == 1
+        leave.set()
+        sent = await asyncio.wait_for(answer, 1)
+        assert sent[0]["status"] == 200
+        assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+        assert body_of(sent) == (
+            b'id: 3\nevent: version\ndata: {"v":3}\n\n'
+            b'id: 4\nevent: deleted\ndata: {"order_uid": "a"}\n\n'
+        )
+        assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+        assert events.open_streams == 0
+
+    run(scenario)
+
+
+def test_a_stream_ends_after_its_lifetime_so_that_its_credential_is_checked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(api, "STREAM_LIFETIME_SECONDS", 0.2)
+    monkeypatch.setattr(api, "HEARTBEAT_SECONDS", 0.05)
+
+    async def scenario(events: OrderEvents, _: FakeOrderStates) -> None:
+        stay = asyncio.Event()
+        sent = await asyncio.wait_for(stream_request(events, "/order/a/events", stay, []), 2)
+        assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+        assert body_of(sent).startswith(b": heartbeat\n\n: heartbeat\n\n")
+        assert events.open_streams == 0
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/order/a%20b/events", [], 400),
+        ("/order/" + "x" * 65 + "/events", [], 400),
+        ("/order/a/events", [(b"last-event-id", b"-1")], 400),
+        ("/order/a/events", [(b"last-event-id", b"9223372036854775808")], 400),
+        ("/order/a/events", [(b"last-event-id", b"1e3")], 400),
+    ],
+)
+def test_a_stream_of_a_bad_id_or_event_id_is_refused(
+    path: str, headers: list[tuple[bytes, bytes]], status: int
+) -> None:
+    async def scenario(events: OrderEvents, _: FakeOrderStates) -> None:
+        sent = await asyncio.wait_for(stream_request(events, path, asyncio.Event(), headers), 2)
+        assert sent[0]["status"] == status
+        assert events.open_streams == 0
 
     run(scenario)

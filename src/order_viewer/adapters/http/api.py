@@ -85,6 +85,9 @@ ORDER_VIEW = "order_viewer.view"
 # A stream of an order's changes sends a comment this often when nothing else, so that proxies
 # keep the connection and a client notices a dead one.
 HEARTBEAT_SECONDS = 15.0
+# A stream ends after this long, and its client connects again (with Last-Event-ID, missing
+# nothing): its credential is checked at connect, so a revoked one is shut out within this.
+STREAM_LIFETIME_SECONDS = 600.0
 # A Last-Event-ID is an offset the stream sent: a non-negative bigint, in decimal.
 _LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
 _LARGEST_OFFSET = 2**63 - 1
@@ -349,14 +352,17 @@ def _add_event_stream(
             "connect is sent only if newer than that offset."
         ),
         response_class=_EventStream,
+        status_code=200,
+        response_description="The event stream, until the client leaves or the service stops.",
         responses={
             200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-            400: {"model": ErrorBody, "description": "Not an order id or an event id."},
-            503: {
-                "model": ErrorBody,
-                "description": "As many streams are open as allowed; retry later.",
-            },
-            **guarded,
+            **_as_json(
+                {
+                    400: {"description": "Not an order id, or not an event id of the stream."},
+                    503: {"description": "As many streams are open as allowed; retry later."},
+                    **guarded,
+                }
+            ),
         },
     )
     async def order_events(
@@ -485,9 +491,10 @@ class _EventStream(StreamingResponse):
 
 
 async def _event_frames(subscription: Subscription, view: View | None) -> AsyncIterator[bytes]:
-    while True:
+    ends = time.monotonic() + STREAM_LIFETIME_SECONDS
+    while (left := ends - time.monotonic()) > 0:
         try:
-            state = await subscription.next(HEARTBEAT_SECONDS)
+            state = await subscription.next(min(HEARTBEAT_SECONDS, left))
         except StreamEnded:
             return
         yield b": heartbeat\n\n" if state is None else event_frame(subscription, state, view)
