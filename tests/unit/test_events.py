@@ -13,7 +13,7 @@ import pytest
 
 from order_viewer.adapters.cache import OrderCache
 from order_viewer.adapters.http import api
-from order_viewer.adapters.http.api import create_app
+from order_viewer.adapters.http.api import STRICT_TRANSPORT_SECURITY, create_app
 from order_viewer.service import events as events_module
 from order_viewer.service.events import OrderEvents, StreamEnded, Subscription
 from order_viewer.service.lookup import OrderLookup
@@ -235,10 +235,16 @@ def test_close_ends_every_stream_and_opens_no_more() -> None:
 
 
 def stream_request(
-    events: OrderEvents, path: str, leave: asyncio.Event, headers: list[tuple[bytes, bytes]]
+    events: OrderEvents,
+    path: str,
+    leave: asyncio.Event,
+    headers: list[tuple[bytes, bytes]],
+    tls: bool = False,
 ) -> Coroutine[Any, Any, list[dict[str, Any]]]:
     """The messages the app sends for a GET of `path`; its client leaves when `leave` is set."""
-    app = create_app(OrderLookup(FakeReader({}), OrderCache(10)), NotReady(), None, events=events)
+    app = create_app(
+        OrderLookup(FakeReader({}), OrderCache(10)), NotReady(), None, events=events, tls=tls
+    )
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -273,11 +279,14 @@ def body_of(sent: list[dict[str, Any]]) -> bytes:
     return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
 
 
-def test_a_stream_sends_each_state_as_an_event_and_ends_when_its_client_leaves() -> None:
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_stream_sends_each_state_as_an_event_and_ends_when_its_client_leaves(tls: bool) -> None:
     async def scenario(events: OrderEvents, states: FakeOrderStates) -> None:
         states.states["a"] = version(3)
         leave = asyncio.Event()
-        answer = asyncio.ensure_future(stream_request(events, "/order/a/events", leave, []))
+        answer = asyncio.ensure_future(
+            stream_request(events, "/order/a/events", leave, [], tls=tls)
+        )
         await asyncio.sleep(0.05)
         states.states["a"] = OrderState(None, 4)
         events.changed(["a"])
@@ -287,6 +296,9 @@ def test_a_stream_sends_each_state_as_an_event_and_ends_when_its_client_leaves()
         sent = await asyncio.wait_for(answer, 1)
         assert sent[0]["status"] == 200
         assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+        # Over TLS the HSTS wrapper adds its header and passes each event on as it comes.
+        assert (STRICT_TRANSPORT_SECURITY in sent[0]["headers"]) is tls
+        assert all(m.get("more_body", True) for m in sent[1:-1])
         assert body_of(sent) == (
             b'id: 3\nevent: version\ndata: {"v":3}\n\n'
             b'id: 4\nevent: deleted\ndata: {"order_uid": "a"}\n\n'

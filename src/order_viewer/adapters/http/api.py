@@ -348,7 +348,9 @@ def _add_event_stream(
             "An event stream: `event: version` with the order (as `GET /order/{order_uid}` "
             "gives it to the caller) and `id:` the offset of its message, on connect if it "
             "is stored and on each new version; `event: deleted` when it is deleted; a "
-            f"comment every {HEARTBEAT_SECONDS:.0f} s. With `Last-Event-ID`, the state on "
+            f"comment every {HEARTBEAT_SECONDS:.0f} s. A stream ends after "
+            f"{STREAM_LIFETIME_SECONDS / 60:.0f} minutes, for the client to connect again "
+            "(and its credential to be checked again). With `Last-Event-ID`, the state on "
             "connect is sent only if newer than that offset."
         ),
         response_class=_EventStream,
