@@ -18,6 +18,7 @@ from order_viewer.service.ports import (
     Deletion,
     Expired,
     Handled,
+    OrderState,
     OrderSummary,
     OrderTrail,
     RejectedByDatabase,
@@ -239,3 +240,19 @@ class StalledProducer:
 
     def flush(self, timeout: float) -> int:
         return len(self.queued)
+
+
+class FakeOrderStates:
+    """The states of orders as the hub of their streams reads them (`ports.OrderStates`): set
+    `states` by hand; `unavailable` fails the reads as a database away would."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, OrderState] = {}
+        self.reads: list[list[str]] = []
+        self.unavailable = False
+
+    async def __call__(self, order_uids: list[str]) -> dict[str, OrderState]:
+        self.reads.append(sorted(order_uids))
+        if self.unavailable:
+            raise DatabaseUnavailable("connection refused")
+        return {uid: self.states[uid] for uid in order_uids if uid in self.states}

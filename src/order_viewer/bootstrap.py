@@ -45,6 +45,7 @@ from order_viewer.adapters.postgres.trail import PostgresDeadLetterTrail
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
 from order_viewer.config import Settings, kafka_client
 from order_viewer.service.coherence import CacheCoherence
+from order_viewer.service.events import OrderEvents
 from order_viewer.service.ingest import OrderIngest
 from order_viewer.service.lookup import OrderLookup, warm_up
 from order_viewer.service.ports import Stopped
@@ -76,6 +77,7 @@ class Parts:
     lookup: OrderLookup
     consumer: OrderConsumer
     coherence: CacheCoherence
+    events: OrderEvents
     listener: PostgresChangeListener
     expirer: PostgresOrderExpirer | None
     readiness: Readiness
@@ -196,7 +198,8 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     coherence = CacheCoherence(
         cache, metrics, partial(stored_versions, database_url), database, _in_background
     )
-    listener = PostgresChangeListener(database_url, instance, coherence, database)
+    events = OrderEvents(reader.states, settings.http_events_max_streams)
+    listener = PostgresChangeListener(database_url, instance, coherence, database, events)
     expirer = (
         PostgresOrderExpirer(database_url, instance)
         if settings.order_retention_days is not None
@@ -216,10 +219,12 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         access,
         tls=settings.http_tls_cert_file is not None,
         trails=settings.order_trail_enabled,
+        events=events,
     )
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,
-        ingest, lookup, consumer, coherence, listener, expirer, readiness, app, kafka, trail,
+        ingest, lookup, consumer, coherence, events, listener, expirer, readiness, app, kafka,
+        trail,
     )  # fmt: skip
 
 

@@ -219,6 +219,12 @@ class Settings(BaseSettings):
         "X-Forwarded-For hop not among them. Empty: the peer is the client and the header is "
         "ignored, as any client can send it.",
     )
+    http_events_max_streams: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=1000,
+        description="Event streams of orders' changes (GET /order/{id}/events) open at once; "
+        "beyond it 503 with Retry-After. Each holds an HTTP connection, so it must stay below "
+        "HTTP_MAX_CONNECTIONS, leaving connections for the other requests.",
+    )
     metrics_enabled: bool = Field(
         default=True,
         description="Serve Prometheus metrics at /metrics and count every HTTP request.",
@@ -239,6 +245,16 @@ class Settings(BaseSettings):
         default="console",
         description="console: readable lines; json: one JSON object per line, for a collector.",
     )
+
+    @model_validator(mode="after")
+    def _streams_leave_connections(self) -> Settings:
+        if self.http_events_max_streams >= self.http_max_connections:
+            raise ValueError(
+                f"HTTP_EVENTS_MAX_STREAMS={self.http_events_max_streams} must be below "
+                f"HTTP_MAX_CONNECTIONS={self.http_max_connections}: each stream holds a "
+                "connection, and other requests need some too"
+            )
+        return self
 
     @model_validator(mode="after")
     def _classic_protocol_only(self) -> Settings:

@@ -62,7 +62,12 @@ class Tab:
         ]
 
     def order_requests(self) -> list[str]:
-        return [url for url in self.requests if "/order/" in url]
+        """The lookups of orders, not the stream or the trail of the order shown."""
+        return [
+            url
+            for url in self.requests
+            if "/order/" in url and not url.endswith("/events") and "/trail?" not in url
+        ]
 
     def wait_loaded(self) -> None:
         expect(self.by("status")).to_have_attribute("data-state", "loaded")

@@ -96,6 +96,24 @@ def test_the_page_asks_for_a_token_and_shows_a_masked_order(
     tab.assert_clean()
 
 
+def test_the_live_stream_of_the_order_shown_is_authorised_by_header_not_by_url(
+    tab: Tab, service: GuardedService
+) -> None:
+    uid = service.order["order_uid"]
+    token = service.tokens["support"]
+    tab.open("/")
+    sign_in(tab, token)
+    with tab.page.expect_response(lambda r: r.url.endswith(f"/order/{uid}/events")) as stream:
+        tab.open(f"/?id={uid}")
+        tab.wait_loaded()
+    assert stream.value.status == 200
+    assert stream.value.request.headers.get("authorization") == f"Bearer {token}"
+    assert stream.value.headers["content-type"].startswith("text/event-stream")
+    expect(tab.by("section-delivery")).to_contain_text("T*** T*****")
+    assert_token_kept_out_of_sight(tab, token)
+    tab.assert_clean()
+
+
 def test_a_pii_token_shows_the_whole_order_and_sign_out_forgets_it(
     tab: Tab, service: GuardedService
 ) -> None:

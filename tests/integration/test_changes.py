@@ -172,11 +172,19 @@ class Recorder:
 
 
 @pytest.fixture
-def listener(stack: Stack) -> Iterator[tuple[Recorder, threading.Event]]:
+def every_change() -> Recorder:
+    """What the listener tells of every notification, its own instance's included."""
+    return Recorder()
+
+
+@pytest.fixture
+def listener(stack: Stack, every_change: Recorder) -> Iterator[tuple[Recorder, threading.Event]]:
     recorder, stop = Recorder(), threading.Event()
     patience = Patience(Health("database", logging.getLogger("test.database")), stop, 0.2)
     thread = threading.Thread(
-        target=PostgresChangeListener(stack.database_url, "me", recorder, patience).run
+        target=PostgresChangeListener(
+            stack.database_url, "me", recorder, patience, every_change
+        ).run
     )
     thread.start()
     try:
@@ -194,7 +202,7 @@ def notify(stack: Stack, payload: str) -> None:
 
 
 def test_the_listener_reports_other_instances_changes_and_skips_its_own(
-    stack: Stack, listener: tuple[Recorder, threading.Event]
+    stack: Stack, listener: tuple[Recorder, threading.Event], every_change: Recorder
 ) -> None:
     recorder, _ = listener
     a = make_order(_rng)
@@ -209,6 +217,13 @@ def test_the_listener_reports_other_instances_changes_and_skips_its_own(
         other.close()
     wait_until(lambda: recorder.count("changed") == 1, 10, "the other instance's change")
     assert recorder.events[1:] == [("changed", (a["order_uid"],))]
+    # The streams of orders' changes hear both, their own instance's first.
+    wait_until(lambda: every_change.count("changed") == 2, 10, "both changes")
+    assert every_change.events == [
+        ("listening", ()),
+        ("changed", (a["order_uid"],)),
+        ("changed", (a["order_uid"],)),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,13 @@ def test_defaults_are_the_documented_contract() -> None:
         ("HTTP_JWT_MAX_LIFETIME_SECONDS", "an hour"),
         ("HTTP_JWT_MAX_LIFETIME_SECONDS", "31622401"),
         ("HTTP_JWT_MAX_LIFETIME_SECONDS", "9" * 5000),
+        ("HTTP_EVENTS_MAX_STREAMS", "0"),
+        ("HTTP_EVENTS_MAX_STREAMS", "-1"),
+        ("HTTP_EVENTS_MAX_STREAMS", "1000001"),
+        ("HTTP_EVENTS_MAX_STREAMS", "9" * 5000),
+        ("HTTP_EVENTS_MAX_STREAMS", "1.5"),
+        ("HTTP_EVENTS_MAX_STREAMS", "many"),
+        ("HTTP_EVENTS_MAX_STREAMS", ""),
     ],
 )
 def test_a_malformed_setting_names_its_variable(
@@ -128,6 +135,23 @@ def test_a_tokens_lifetime_is_unbounded_unless_set(monkeypatch: pytest.MonkeyPat
     assert load_settings().http_jwt_max_lifetime_seconds is None
     monkeypatch.setenv("HTTP_JWT_MAX_LIFETIME_SECONDS", "3600")
     assert load_settings().http_jwt_max_lifetime_seconds == 3600
+
+
+@pytest.mark.parametrize(("streams", "connections"), [("1024", "1024"), ("5000", "1024")])
+def test_event_streams_must_leave_connections_for_other_requests(
+    monkeypatch: pytest.MonkeyPatch, streams: str, connections: str
+) -> None:
+    monkeypatch.setenv("HTTP_EVENTS_MAX_STREAMS", streams)
+    monkeypatch.setenv("HTTP_MAX_CONNECTIONS", connections)
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings()
+    assert str(refused.value) == (
+        f"invalid settings: Value error, HTTP_EVENTS_MAX_STREAMS={streams} must be below "
+        f"HTTP_MAX_CONNECTIONS={connections}: each stream holds a connection, and other "
+        "requests need some too"
+    )
+    monkeypatch.setenv("HTTP_EVENTS_MAX_STREAMS", "1023")
+    assert load_settings().http_events_max_streams == 1023
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ from order_viewer.adapters.metrics import route_template
     [
         ("/order/abc", "/order/{order_uid}"),
         ("/order/", "/order/{order_uid}"),
+        ("/order/abc/events", "/order/{order_uid}/events"),
+        ("/order/a/b/events", "/order/{order_uid}/events"),
         ("/static/app.js", "/static"),
         ("/docs/static/swagger-ui-bundle.js", "/docs/static"),
         ("/docs", "/docs"),

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from order_viewer.adapters.cache import MaskedViews, OrderCache
 from order_viewer.adapters.http.auth.tokens import TokenFile
+from order_viewer.service.events import OrderEvents
 from order_viewer.service.ports import SettledBatch, TimeoutCause
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -24,6 +25,9 @@ ORDER_PATH = "/order/"
 ORDER_ROUTE = f"{ORDER_PATH}{{order_uid}}"
 TRAIL_SUFFIX = "/trail"
 TRAIL_ROUTE = f"{ORDER_ROUTE}{TRAIL_SUFFIX}"
+# The stream of an order's changes: its path and this suffix.
+EVENTS_SUFFIX = "/events"
+EVENTS_ROUTE = f"{ORDER_ROUTE}{EVENTS_SUFFIX}"
 PAGE_FILES = "/static"
 DOCS_FILES = "/docs/static"
 _ROUTES = ("/", "/orders", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs")
@@ -147,6 +151,20 @@ class Metrics:
         """A gauge of the tokens file too, which is read only with HTTP_AUTH=token."""
         self.registry.register(_TokenFileCollector(tokens))
 
+    def count_event_streams(self, events: OrderEvents) -> None:
+        """Gauges of the streams of orders' changes, which exist only where the app serves them."""
+        open_streams = Gauge(
+            "order_viewer_http_event_streams",
+            "Streams of orders' changes (GET /order/{id}/events) open now.",
+            registry=self.registry,
+        )
+        open_streams.set_function(lambda: events.open_streams)
+        Gauge(
+            "order_viewer_http_event_streams_max",
+            "HTTP_EVENTS_MAX_STREAMS: beyond it a new stream gets 503.",
+            registry=self.registry,
+        ).set(events.max_streams)
+
     def order_stored(self, date_created: datetime) -> None:
         if self._newest_order is None or date_created > self._newest_order:
             self._newest_order = date_created
@@ -198,19 +216,32 @@ class Metrics:
                     self.consumer_lag.labels(topic, partition).set(lag)
 
 
-def trail_of(path: str) -> str | None:
-    """The order id (as the path holds it, whatever it is) whose trail `path` asks for, or None
-    if it asks for none. An order id holds no '/', so no order is taken for a trail."""
+def order_below(path: str, suffix: str) -> str | None:
+    """The order id (as the path holds it, whatever it is) of a path that asks for the resource
+    `suffix` of an order (its trail, its events), or None. An order id holds no '/', so no
+    order is taken for one of them."""
     rest = path[len(ORDER_PATH) :]
-    if path.startswith(ORDER_PATH) and rest.endswith(TRAIL_SUFFIX):
-        return rest[: -len(TRAIL_SUFFIX)]
+    if path.startswith(ORDER_PATH) and rest.endswith(suffix):
+        return rest[: -len(suffix)]
     return None
+
+
+def trail_of(path: str) -> str | None:
+    """The order id whose trail `path` asks for, or None."""
+    return order_below(path, TRAIL_SUFFIX)
+
+
+def events_of(path: str) -> str | None:
+    """The order id whose stream of changes `path` asks for, or None."""
+    return order_below(path, EVENTS_SUFFIX)
 
 
 def route_template(path: str) -> str:
     """The route a path belongs to; never the raw id, so the label set stays small."""
     if path.startswith(ORDER_PATH):
-        return ORDER_ROUTE if trail_of(path) is None else TRAIL_ROUTE
+        if trail_of(path) is not None:
+            return TRAIL_ROUTE
+        return ORDER_ROUTE if events_of(path) is None else EVENTS_ROUTE
     for files in (PAGE_FILES, DOCS_FILES):
         if path.startswith(files + "/"):
             return files

@@ -150,9 +150,11 @@ async def _serve(parts: bootstrap.Parts, connections: int) -> int:
         },
     )
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stop_signal, _stopped_by_signal, stop_signal, server)
+        loop.add_signal_handler(stop_signal, _stopped_by_signal, stop_signal, parts, server)
     await parts.reader.open()
-    background = bootstrap.run_in_background(parts, lambda: loop.call_soon_threadsafe(server.stop))
+    background = bootstrap.run_in_background(
+        parts, lambda: loop.call_soon_threadsafe(_stop_serving, parts, server)
+    )
     try:
         await server.serve()
     finally:
@@ -164,6 +166,12 @@ async def _serve(parts: bootstrap.Parts, connections: int) -> int:
     return 1 if parts.readiness.failed.is_set() else 0
 
 
-def _stopped_by_signal(stop_signal: signal.Signals, server: Server) -> None:
+def _stopped_by_signal(stop_signal: signal.Signals, parts: bootstrap.Parts, server: Server) -> None:
     log.info("stopping on %s", stop_signal.name)
+    _stop_serving(parts, server)
+
+
+def _stop_serving(parts: bootstrap.Parts, server: Server) -> None:
+    # The streams of orders' changes end first: the server waits for the answers under way.
+    parts.events.close()
     server.stop()

@@ -391,3 +391,21 @@ class ServiceMetrics(Protocol):
     def expired(self, orders: int) -> None:
         """Orders this instance deleted for being older than the retention."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class OrderState:
+    """What is stored of an order now, as the streams of its changes send it: its version and
+    the offset of the message it came from, or, when none is stored, the offset of the tombstone
+    that deleted it (None: retention deleted it, or it was never stored). One key's messages
+    stay in one partition, so a later state of an order has a greater offset."""
+
+    order: CachedOrder | None
+    offset: int | None
+
+
+class OrderStates(Protocol):
+    async def __call__(self, order_uids: list[str]) -> dict[str, OrderState]:
+        """The state of each of these orders that is stored or has a tombstone (the others are
+        left out); raises DatabaseUnavailable."""
+        ...

@@ -32,12 +32,13 @@ from order_viewer.adapters.http.auth.limiter import FailureLimiter
 from order_viewer.adapters.http.auth.tokens import TokenFile
 from order_viewer.adapters.http.forwarded import TrustedProxies, limiter_key
 from order_viewer.adapters.logs import escaped_for_log, sole_writer
-from order_viewer.adapters.metrics import ORDER_PATH, Metrics, trail_of
+from order_viewer.adapters.metrics import ORDER_PATH, Metrics, events_of, trail_of
 
 audit = logging.getLogger("order_viewer.audit")
 AUDIT_LINE = "order read principal=%s order_uid=%s status=%d view=%s client=%s"
 LIST_AUDIT_LINE = "orders listed principal=%s status=%d view=%s client=%s"
 TRAIL_AUDIT_LINE = "order trail read principal=%s order_uid=%s status=%d view=%s client=%s"
+EVENTS_AUDIT_LINE = "order events read principal=%s order_uid=%s status=%d view=%s client=%s"
 REALM = 'Bearer realm="order-viewer"'
 
 
@@ -209,11 +210,14 @@ def _refusal(
 def audit_request(
     principal: Principal | None, path: str, status: int, view: str, client: str
 ) -> None:
-    """The audit line of a guarded request, if it asked for order data: an order, its trail
-    or the list."""
+    """The audit line of a guarded request, if it asked for order data: an order, its trail,
+    the stream of its changes or the list."""
     trail_uid = trail_of(path)
+    events_uid = events_of(path)
     if trail_uid is not None:
         audit_order_read(principal, trail_uid, status, view, client, line=TRAIL_AUDIT_LINE)
+    elif events_uid is not None:
+        audit_order_read(principal, events_uid, status, view, client, line=EVENTS_AUDIT_LINE)
     elif path.startswith(ORDER_PATH):
         audit_order_read(principal, path[len(ORDER_PATH) :], status, view, client)
     elif path == "/orders":

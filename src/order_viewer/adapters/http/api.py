@@ -7,18 +7,21 @@ line), then the framework's routes for everything else; both answer an order wit
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 import re
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from importlib.metadata import version
 from typing import Annotated, Any, Protocol
 
-from fastapi import Path, Query, Request
+from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -52,6 +55,7 @@ from order_viewer.adapters.http.trail import (
 )
 from order_viewer.adapters.metrics import (
     DOCS_FILES,
+    EVENTS_ROUTE,
     ORDER_PATH,
     ORDER_ROUTE,
     PAGE_FILES,
@@ -61,8 +65,9 @@ from order_viewer.adapters.metrics import (
     route_template,
 )
 from order_viewer.domain.model import ORDER_UID_PATTERN, Order
+from order_viewer.service.events import OrderEvents, StreamEnded, Subscription
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.ports import DatabaseUnavailable, OrderSummary
+from order_viewer.service.ports import DatabaseUnavailable, OrderState, OrderSummary
 
 RETRY_AFTER_SECONDS = "5"
 # The page's scripts and styles are files of our own; nothing inline, nothing from elsewhere.
@@ -86,6 +91,16 @@ ORDER_CACHE_CONTROL = "no-cache"
 # The key of the request scope under which `Front` leaves the framework's order route the view
 # the principal may see (absent or None: the order whole).
 ORDER_VIEW = "order_viewer.view"
+
+# A stream of an order's changes sends a comment this often when nothing else, so that proxies
+# keep the connection and a client notices a dead one.
+HEARTBEAT_SECONDS = 15.0
+# A stream ends after this long, and its client connects again (with Last-Event-ID, missing
+# nothing): its credential is checked at connect, so a revoked one is shut out within this.
+STREAM_LIFETIME_SECONDS = 600.0
+# A Last-Event-ID is an offset the stream sent: a non-negative bigint, in decimal.
+_LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
+_LARGEST_OFFSET = 2**63 - 1
 
 _order_uid = re.compile(ORDER_UID_PATTERN)
 _BAD_ORDER_UID = "an order id is 1 to 64 letters, digits, '-' or '_'"
@@ -182,11 +197,13 @@ def create_app(
     *,
     tls: bool = False,
     trails: bool = True,
+    events: OrderEvents | None = None,
 ) -> ASGIApp:
     """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them; with
     `access`, orders and metrics need a token with their scope; with `tls` (served over HTTPS),
     every answer says that browsers must use nothing else; without `trails`
-    (ORDER_TRAIL_ENABLED=false), the trail route answers 404."""
+    (ORDER_TRAIL_ENABLED=false), the trail route answers 404; with `events`, the stream of an
+    order's changes is served from that hub."""
     guarded: dict[int | str, dict[str, Any]] = {} if access is None else _GUARDED
     # /docs serves Swagger UI from files installed with the package, so it works where the
     # browser cannot reach a CDN; the page is our own (below), to send it with its security
@@ -234,48 +251,10 @@ def create_app(
     async def docs() -> Response:
         return _html_page(docs_html, docs_policy)
 
-    # Before the order's route, which would take "{id}/trail" for an id (and refuse it).
-    @app.get(
-        f"{ORDER_PATH}{{order_uid:any_text}}{TRAIL_SUFFIX}",
-        summary="What became of every message of an order, and its state",
-        description="Each message with this order id that the service handled, oldest first: "
-        "where it came from and its outcome (stored, unchanged, older, dead_lettered, "
-        "deleted). Paged: `next` is the `after` of the following page. No personal data.",
-        response_model=TrailBody,
-        responses={
-            400: {"model": ErrorBody, "description": "A bad id, limit or cursor."},
-            404: {"model": ErrorBody, "description": "Nothing known of the id, or trails off."},
-            503: _UNAVAILABLE,
-            **guarded,
-        },
-    )
-    async def order_trail(
-        order_uid: OrderUid,
-        limit: Annotated[int, Query(ge=1, le=MAX_TRAIL_LIMIT)] = TRAIL_LIMIT,
-        # Published for clients, and checked below to answer with its own 400.
-        after: Annotated[
-            str | None,
-            Query(
-                description="The `next` of the previous page.",
-                json_schema_extra={"pattern": CURSOR_PATTERN, "minLength": 11, "maxLength": 11},
-            ),
-        ] = None,
-    ) -> Response:
-        if not trails:
-            return _error(404, "order trails are off (ORDER_TRAIL_ENABLED=false)")
-        if not _order_uid.fullmatch(order_uid):
-            return _error(400, _BAD_ORDER_UID)
-        try:
-            key = 0 if after is None else key_of(after)
-        except InvalidCursor:
-            return _error(400, "after: not a cursor of this API")
-        try:
-            trail = await lookup.trail(order_uid, limit, key)
-        except DatabaseUnavailable:
-            return _error(503, "the database is unreachable")
-        if trail is None:
-            return _error(404, "nothing is known of this order id", order_uid=order_uid)
-        return Response(trail_body(trail).model_dump_json(), media_type="application/json")
+    # Both before the order's route, whose id takes any rest of the path.
+    _add_trail_route(app, lookup, guarded, trails=trails)
+    if events is not None:
+        _add_event_stream(app, events, guarded)
 
     @app.get(
         f"{ORDER_PATH}{{order_uid:any_text}}",
@@ -358,6 +337,8 @@ def create_app(
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.mount(PAGE_FILES, StaticFiles(directory=str(static)), name="static")
+    if metrics is not None and events is not None:
+        metrics.count_event_streams(events)
     front = Front(
         app,
         lookup,
@@ -365,6 +346,118 @@ def create_app(
         None if metrics is None else metrics.http,
     )
     return StrictTransport(front) if tls else front
+
+
+def _add_trail_route(
+    app: FastAPI, lookup: OrderLookup, guarded: dict[int | str, dict[str, Any]], *, trails: bool
+) -> None:
+    """The route of an order's trail; without `trails`, it answers 404."""
+
+    @app.get(
+        f"{ORDER_PATH}{{order_uid:any_text}}{TRAIL_SUFFIX}",
+        summary="What became of every message of an order, and its state",
+        description="Each message with this order id that the service handled, oldest first: "
+        "where it came from and its outcome (stored, unchanged, older, dead_lettered, "
+        "deleted). Paged: `next` is the `after` of the following page. No personal data.",
+        response_model=TrailBody,
+        responses={
+            400: {"model": ErrorBody, "description": "A bad id, limit or cursor."},
+            404: {"model": ErrorBody, "description": "Nothing known of the id, or trails off."},
+            503: _UNAVAILABLE,
+            **guarded,
+        },
+    )
+    async def order_trail(
+        order_uid: OrderUid,
+        limit: Annotated[int, Query(ge=1, le=MAX_TRAIL_LIMIT)] = TRAIL_LIMIT,
+        # Published for clients, and checked below to answer with its own 400.
+        after: Annotated[
+            str | None,
+            Query(
+                description="The `next` of the previous page.",
+                json_schema_extra={"pattern": CURSOR_PATTERN, "minLength": 11, "maxLength": 11},
+            ),
+        ] = None,
+    ) -> Response:
+        if not trails:
+            return _error(404, "order trails are off (ORDER_TRAIL_ENABLED=false)")
+        if not _order_uid.fullmatch(order_uid):
+            return _error(400, _BAD_ORDER_UID)
+        try:
+            key = 0 if after is None else key_of(after)
+        except InvalidCursor:
+            return _error(400, "after: not a cursor of this API")
+        try:
+            trail = await lookup.trail(order_uid, limit, key)
+        except DatabaseUnavailable:
+            return _error(503, "the database is unreachable")
+        if trail is None:
+            return _error(404, "nothing is known of this order id", order_uid=order_uid)
+        return Response(trail_body(trail).model_dump_json(), media_type="application/json")
+
+
+def _add_event_stream(
+    app: FastAPI, events: OrderEvents, guarded: dict[int | str, dict[str, Any]]
+) -> None:
+    """The route of the stream of an order's changes, fed by `events`."""
+
+    @app.get(
+        EVENTS_ROUTE,
+        summary="The changes of one order, as they are stored (Server-Sent Events)",
+        description=(
+            "An event stream: `event: version` with the order (as `GET /order/{order_uid}` "
+            "gives it to the caller) and `id:` the offset of its message, on connect if it "
+            "is stored and on each new version; `event: deleted` when it is deleted; a "
+            f"comment every {HEARTBEAT_SECONDS:.0f} s. A stream ends after "
+            f"{STREAM_LIFETIME_SECONDS / 60:.0f} minutes, for the client to connect again "
+            "(and its credential to be checked again). With `Last-Event-ID`, the state on "
+            "connect is sent only if newer than that offset."
+        ),
+        response_class=_EventStream,
+        status_code=200,
+        response_description="The event stream, until the client leaves or the service stops.",
+        responses={
+            200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_as_json(
+                {
+                    400: {"description": "Not an order id, or not an event id of the stream."},
+                    503: {"description": "As many streams are open as allowed; retry later."},
+                    **guarded,
+                }
+            ),
+        },
+    )
+    async def order_events(
+        order_uid: Annotated[
+            str,
+            Path(
+                description="1 to 64 letters, digits, '-' or '_'",
+                json_schema_extra={
+                    "pattern": ORDER_UID_PATTERN,
+                    "minLength": 1,
+                    "maxLength": 64,
+                },
+            ),
+        ],
+        request: Request,
+        last_event_id: Annotated[
+            str | None,
+            Header(description="The id of the last event received, to resume after it."),
+        ] = None,
+    ) -> Response:
+        if not _order_uid.fullmatch(order_uid):
+            return _error(400, "an order id is 1 to 64 letters, digits, '-' or '_'")
+        last_offset = None
+        if last_event_id is not None:
+            if not _LAST_EVENT_ID.fullmatch(last_event_id) or (
+                int(last_event_id) > _LARGEST_OFFSET
+            ):
+                return _error(400, "Last-Event-ID: not an event id of this stream")
+            last_offset = int(last_event_id)
+        subscription = events.subscribe(order_uid, last_offset)
+        if subscription is None:
+            return _error(503, "too many event streams are open")
+        return _EventStream(events, subscription, request.scope.get(ORDER_VIEW))
 
 
 def _html_page(body: bytes, content_security_policy: str) -> Response:
@@ -424,6 +517,63 @@ def order_answer(
 def _matches(if_none_match: str, etag: str) -> bool:
     candidates = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
     return etag in candidates or "*" in candidates
+
+
+class _EventStream(StreamingResponse):
+    """The stream of one order's changes: each state the hub offers, in the caller's view, and
+    a heartbeat comment while there is none, until the client leaves or the service stops.
+    Watching for the client's leaving ends it at once, not at the next write."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: OrderEvents, subscription: Subscription, view: View | None) -> None:
+        super().__init__(
+            _event_frames(subscription, view),
+            # no-cache: never kept; X-Accel-Buffering: a proxy such as nginx passes each
+            # event on at once instead of gathering the answer.
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+        self._events = events
+        self._subscription = subscription
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        leaving = asyncio.ensure_future(self._until_disconnect(receive))
+        try:
+            await self.stream_response(send)
+        except OSError:
+            pass  # the client left while an event was being sent
+        finally:
+            leaving.cancel()
+            self._events.unsubscribe(self._subscription)
+
+    async def _until_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._subscription.close()
+
+
+async def _event_frames(subscription: Subscription, view: View | None) -> AsyncIterator[bytes]:
+    ends = time.monotonic() + STREAM_LIFETIME_SECONDS
+    while (left := ends - time.monotonic()) > 0:
+        try:
+            state = await subscription.next(min(HEARTBEAT_SECONDS, left))
+        except StreamEnded:
+            return
+        yield b": heartbeat\n\n" if state is None else event_frame(subscription, state, view)
+
+
+def event_frame(subscription: Subscription, state: OrderState, view: View | None) -> bytes:
+    """One Server-Sent Event of an order's state: its offset as the id (absent for a deletion
+    without a tombstone), and the order as `GET /order/{id}` would give it to the caller."""
+    frame = b"" if state.offset is None else b"id: %d\n" % state.offset
+    if state.order is None:
+        data = json.dumps({"order_uid": subscription.order_uid}).encode()
+        return frame + b"event: deleted\ndata: " + data + b"\n\n"
+    shown = state.order if view is None else view(state.order)
+    # The stored document is compact JSON, one line; a line break in it would still be
+    # delivered whole, each line of it a data line of the event.
+    lines = b"".join(b"data: " + line + b"\n" for line in shown.body.splitlines())
+    return frame + b"event: version\n" + lines + b"\n"
 
 
 class Front:
@@ -489,22 +639,45 @@ class Front:
         if principal is None and self._stats is None:
             await self._app(scope, receive, send)
             return
+        await self._answered_by_app(
+            scope, receive, send, principal=principal, view=view, client=client, started=started
+        )
+
+    async def _answered_by_app(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        principal: Principal | None,
+        view: View | None,
+        client: str,
+        started: float,
+    ) -> None:
+        """The request answered by the framework, counted, and audited when guarded."""
+        path: str = scope["path"]
         scope[ORDER_VIEW] = view
         status = 500
+        route = route_template(path)
+        # A stream is audited once its answer starts, not when it ends, hours later maybe.
+        audited = False
 
         async def send_noting_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, audited
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if principal is not None:
                     message["headers"] = [*message["headers"], *PRIVATE]
+                    if route == EVENTS_ROUTE:
+                        audit_request(principal, path, status, view_name(view), client)
+                        audited = True
             await send(message)
 
         try:
             await self._app(scope, receive, send_noting_status)
         finally:
-            self._record(route_template(path), status, started)
-            if principal is not None:
+            self._record(route, status, started)
+            if principal is not None and not audited:
                 audit_request(principal, path, status, view_name(view), client)
 
     async def _refuse(

@@ -52,7 +52,9 @@ class PostgresChangeListener:
     """Hears, on a connection of its own, which orders other instances replaced or deleted, and
     tells `changes`: `listening` once LISTEN is in place, `changed` for each notification from
     another instance, `lost` as soon as the connection is (then it connects again, waiting out
-    the database's outages). Runs until the stop of its `patience`."""
+    the database's outages). `every_change` is told the same of every notification, this
+    instance's own included (the streams of orders' changes watch them all). Runs until the
+    stop of its `patience`."""
 
     # How often the loop looks at the stop while no notification comes.
     STOP_CHECK_SECONDS = 0.5
@@ -63,12 +65,18 @@ class PostgresChangeListener:
     ANSWER_SECONDS = 3.0
 
     def __init__(
-        self, database_url: str, instance: str, changes: Changes, patience: Patience
+        self,
+        database_url: str,
+        instance: str,
+        changes: Changes,
+        patience: Patience,
+        every_change: Changes,
     ) -> None:
         self._database_url = database_url
         self._instance = instance
         self._changes = changes
         self._patience = patience
+        self._every_change = every_change
 
     def run(self) -> None:
         stop = self._patience.stop
@@ -81,9 +89,11 @@ class PostgresChangeListener:
                 return
             try:
                 self._changes.listening()
+                self._every_change.listening()
                 self._hear(connection, stop)
             except psycopg.Error as error:
                 self._changes.lost()
+                self._every_change.lost()
                 self._patience.health.failed(f"change listener: {str(error).strip()}")
             finally:
                 connection.close()
@@ -108,8 +118,12 @@ class PostgresChangeListener:
             for notification in connection.notifies(timeout=self.STOP_CHECK_SECONDS):
                 answered = time.monotonic()
                 instance, _, ids = notification.payload.partition(" ")
-                if instance != self._instance and ids:
-                    self._changes.changed(ids.split(" "))
+                if not ids:
+                    continue
+                order_uids = ids.split(" ")
+                self._every_change.changed(order_uids)
+                if instance != self._instance:
+                    self._changes.changed(order_uids)
             if time.monotonic() - answered >= self.PROBE_AFTER_SECONDS:
                 # Notifications that arrive meanwhile wait for the next notifies().
                 with WATCHDOG.watch(connection, self.ANSWER_SECONDS):

@@ -10,8 +10,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from order_viewer.adapters.postgres.connection import database_errors
 from order_viewer.adapters.postgres.trail import TRAIL_PAGE, trail_page
 from order_viewer.service.ports import (
+    CachedOrder,
     DatabaseBusy,
     DatabaseUnavailable,
+    OrderState,
     OrderSummary,
     OrderTrail,
     StoredDocument,
@@ -55,6 +57,29 @@ class PostgresOrderReader:
             binary=True,
         )
         return [_stored_document(row) for row in rows]
+
+    async def states(self, order_uids: list[str]) -> dict[str, OrderState]:
+        """What is stored of these orders now, for their streams (`ports.OrderStates`): the
+        version and its offset, else the offset of the tombstone that deleted it."""
+        rows = await self._fetch(
+            "SELECT u.order_uid, convert_to(o.document, 'UTF8'), o.content_sha256, "
+            "coalesce(o.kafka_offset, t.kafka_offset) "
+            "FROM unnest(%s::text[]) AS u(order_uid) "
+            "LEFT JOIN orders o USING (order_uid) "
+            "LEFT JOIN order_tombstones t USING (order_uid) "
+            "WHERE o.order_uid IS NOT NULL OR t.order_uid IS NOT NULL",
+            (order_uids,),
+            binary=True,
+        )
+        states: dict[str, OrderState] = {}
+        for order_uid, document, sha256, offset in rows:
+            assert isinstance(order_uid, str)
+            assert isinstance(offset, int)
+            stored = None
+            if isinstance(document, bytes) and isinstance(sha256, bytes):
+                stored = CachedOrder.of(document, sha256)
+            states[order_uid] = OrderState(stored, offset)
+        return states
 
     async def recent(self, limit: int) -> list[OrderSummary]:
         rows = await self._fetch(

@@ -3,11 +3,17 @@
 // (never innerHTML), so an order containing markup is shown literally.
 // When the service requires a token, it is kept in sessionStorage (this tab only) and sent in
 // the Authorization header; it never goes into a URL or the page.
+// The order shown is kept current by its event stream (GET /order/{id}/events), read with
+// fetch() rather than EventSource, which cannot send the Authorization header.
 
 const ID_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
 const RECENT_LIMIT = 20;
 const TIMEOUT_MS = 15000;
 const TOKEN_KEY = 'order-viewer.token';
+const LIVE_RETRY_MAX_MS = 30000;
+// A stream's unfinished event larger than this is no event of ours: the stream is dropped.
+const LIVE_MAX_PENDING = 16 * 1024 * 1024;
+const HISTORY_PAGE = 50;
 
 const byId = (id) => document.getElementById(id);
 const ui = {
@@ -35,6 +41,11 @@ const ui = {
   token: byId('token'),
   signOut: byId('sign-out'),
   maskedNote: byId('masked-note'),
+  live: byId('live'),
+  history: byId('history'),
+  historyRows: byId('history-rows'),
+  historyStatus: byId('history-status'),
+  historyMore: byId('history-more'),
 };
 
 let currentId = null; // the order shown, or being loaded
@@ -43,6 +54,8 @@ let inflight = null; // AbortController of the running lookup
 let retryAction = null;
 let recentLoading = false;
 let afterSignIn = null; // what to do again once a token is given
+let watch = null; // the event stream of the order shown: see watchOrder
+let historyNext = null; // the cursor of the history's next page, or null
 
 // ---------------------------------------------------------------- credentials
 
@@ -96,6 +109,9 @@ const dateFormat = new Intl.DateTimeFormat(undefined, {
 });
 const shortDateFormat = new Intl.DateTimeFormat(undefined, {
   month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit',
+});
+const clockFormat = new Intl.DateTimeFormat(undefined, {
+  hour: '2-digit', minute: '2-digit', second: '2-digit',
 });
 const moneyFormats = new Map();
 
@@ -260,6 +276,13 @@ function renderOrder(order) {
   ui.raw.textContent = JSON.stringify(order, null, 2);
 }
 
+// The order in the page, masked or whole as the service sent it.
+function showRendered(order, masked) {
+  renderOrder(order);
+  ui.maskedNote.hidden = !masked;
+  for (const dd of ui.delivery.querySelectorAll('dd')) dd.classList.toggle('masked', masked);
+}
+
 function showView(visible) {
   ui.view.hidden = !visible;
   ui.empty.hidden = visible;
@@ -324,6 +347,9 @@ function cancelLookup() {
   if (inflight) inflight.abort();
   inflight = null;
   setBusy(false);
+  stopWatching();
+  ui.history.hidden = true;
+  ui.view.classList.remove('is-deleted');
 }
 
 function rejectId(id, serverMessage = '') {
@@ -384,11 +410,8 @@ async function showOrder(rawId, how, { focus = false } = {}) {
   }
   if (response.ok && body && typeof body === 'object') {
     try {
-      renderOrder(body);
       // The service tags the masked view of an order apart from the whole one.
-      const masked = (response.headers.get('ETag') || '').endsWith('-masked"');
-      ui.maskedNote.hidden = !masked;
-      for (const dd of ui.delivery.querySelectorAll('dd')) dd.classList.toggle('masked', masked);
+      showRendered(body, (response.headers.get('ETag') || '').endsWith('-masked"'));
     } catch {
       showView(false);
       setStatus('error', `Order ${id} could not be displayed: the server sent unexpected data.`, retry);
@@ -398,6 +421,8 @@ async function showOrder(rawId, how, { focus = false } = {}) {
     document.title = `Order ${id} · Order viewer`;
     setStatus('loaded', `Showing order ${id}.`);
     if (focus) ui.title.focus();
+    watchOrder(id);
+    loadHistory(id, null);
     return;
   }
   showView(false);
@@ -412,6 +437,7 @@ async function showOrder(rawId, how, { focus = false } = {}) {
     setStatus('error', `Too many failed sign-ins from this address. Please try again in ${plural(wait ?? 60, 'second', 'seconds')}.`, retry);
   } else if (response.status === 404) {
     setStatus('not-found', `Order ${id} was not found. Check the ID, or try again later if it was sent just now.`);
+    explainNotFound(id, mine);
   } else if (response.status === 400) {
     rejectId(id, serverMessage);
   } else if (response.status === 503) {
@@ -496,6 +522,243 @@ async function loadRecent() {
   }
 }
 
+// ---------------------------------------------------------------- live updates
+
+// The Server-Sent Events of a stream's body, as they come: `onEvent({ type, id, data })`.
+async function readEvents(body, onEvent) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let pending = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    pending += value;
+    let end;
+    while ((end = pending.search(/\r\n\r\n|\n\n|\r\r/)) !== -1) {
+      const block = pending.slice(0, end);
+      pending = pending.slice(end).replace(/^(\r\n\r\n|\n\n|\r\r)/, '');
+      const event = { type: 'message', id: null, data: [] };
+      for (const line of block.split(/\r\n|\n|\r/)) {
+        if (line === '' || line.startsWith(':')) continue; // a comment: the heartbeat
+        const colon = line.indexOf(':');
+        const field = colon === -1 ? line : line.slice(0, colon);
+        const text = colon === -1 ? '' : line.slice(colon + 1).replace(/^ /, '');
+        if (field === 'event') event.type = text;
+        else if (field === 'id') event.id = text;
+        else if (field === 'data') event.data.push(text);
+      }
+      if (event.data.length) onEvent({ type: event.type, id: event.id, data: event.data.join('\n') });
+    }
+    if (pending.length > LIVE_MAX_PENDING) throw new Error('event too large');
+  }
+}
+
+// An event's id: the offset of the message its version came from, which only grows for one
+// order. BigInt, as offsets may pass 2^53.
+function eventOffset(id) {
+  return typeof id === 'string' && /^\d{1,19}$/.test(id) ? BigInt(id) : null;
+}
+
+function sayLive(state, message) {
+  ui.live.dataset.state = state;
+  ui.live.textContent = message;
+  ui.live.hidden = false;
+}
+
+function stopWatching() {
+  if (!watch) return;
+  watch.stopped = true;
+  if (watch.controller) watch.controller.abort();
+  window.clearTimeout(watch.timer);
+  watch = null;
+  ui.live.hidden = true;
+  ui.live.textContent = '';
+}
+
+// Keep the order shown current: its stream replaces it by each newer version and says when it
+// is deleted. After a loss the stream is opened again with Last-Event-ID, the offset of the
+// version on screen, so the server sends only a newer one; and any event whose offset is not
+// above it is dropped here as well, so the page never goes back to an older version.
+function watchOrder(id) {
+  stopWatching();
+  watch = {
+    id, offset: null, deleted: false, attempts: 0, stopped: false, controller: null, timer: null,
+  };
+  connectWatch(watch);
+}
+
+async function connectWatch(mine) {
+  const controller = new AbortController();
+  mine.controller = controller;
+  const headers = { Accept: 'text/event-stream' };
+  const token = storedToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (mine.offset !== null) headers['Last-Event-ID'] = mine.offset.toString();
+  let wait = null;
+  try {
+    const response = await fetch(`/order/${encodeURIComponent(mine.id)}/events`, {
+      headers, signal: controller.signal, cache: 'no-store',
+    });
+    // Refused for the token or the id: the lookups say why; trying again would not help.
+    if ([400, 401, 403, 404].includes(response.status)) return;
+    if (response.ok && response.body) {
+      mine.attempts = 0;
+      await readEvents(response.body, (event) => {
+        if (!mine.stopped) liveEvent(mine, event);
+      });
+    } else {
+      wait = retryAfterSeconds(response.headers.get('Retry-After'));
+    }
+  } catch {
+    // the connection was lost, or the watch stopped: below
+  }
+  if (mine.stopped || watch !== mine) return;
+  mine.attempts += 1;
+  const backoff = Math.min(LIVE_RETRY_MAX_MS, 1000 * 2 ** Math.min(mine.attempts - 1, 5));
+  mine.timer = window.setTimeout(() => connectWatch(mine), wait !== null ? wait * 1000 : backoff);
+}
+
+function liveEvent(mine, event) {
+  const offset = eventOffset(event.id);
+  const newer = offset !== null && (mine.offset === null || offset > mine.offset);
+  const at = clockFormat.format(new Date());
+  if (event.type === 'version' && newer) {
+    let order;
+    try {
+      order = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    mine.offset = offset;
+    // The first event of a stream is the version stored now, mostly the one on screen already.
+    if (!mine.deleted && JSON.stringify(order, null, 2) === ui.raw.textContent) return;
+    mine.deleted = false;
+    showRendered(order, !ui.maskedNote.hidden);
+    ui.view.classList.remove('is-deleted');
+    sayLive('updated', `Updated at ${at}: a new version of this order was stored.`);
+    loadHistory(mine.id, null);
+  } else if (event.type === 'deleted' && !mine.deleted && (offset === null || newer)) {
+    if (offset !== null) mine.offset = offset;
+    mine.deleted = true;
+    ui.view.classList.add('is-deleted');
+    sayLive('deleted', `This order was deleted (at ${at}); what is shown is its last version.`);
+    loadHistory(mine.id, null);
+  }
+}
+
+// ---------------------------------------------------------------- trails
+
+const OUTCOMES = {
+  stored: 'Stored as a new version',
+  unchanged: 'Identical redelivery: nothing changed',
+  older: 'Older version: ignored',
+  dead_lettered: 'Dead-lettered',
+  deleted: 'Deleted by a tombstone',
+};
+
+// One page of an order's trail: { status, body } (body null unless JSON).
+async function fetchTrail(id, limit, after, signal) {
+  const query = new URLSearchParams({ limit: String(limit) });
+  if (after) query.set('after', after);
+  const response = await api(`/order/${encodeURIComponent(id)}/trail?${query}`, signal);
+  return { status: response.status, body: await readJson(response) };
+}
+
+function clock(value) {
+  const date = toDate(value);
+  return date ? clockFormat.format(date) : '?';
+}
+
+// Why an order is not there, in words, from its trail's state, counts and latest entry; null
+// when the trail cannot tell (no such route, or the token may not read trails).
+function whyNotFound(id, { status, body }) {
+  if (status === 404 && body && typeof body.error === 'string') {
+    return `Order ${id} was never seen: no message with this ID has reached the service.`;
+  }
+  if (status !== 200 || !body || typeof body !== 'object') return null;
+  const state = obj(body.state);
+  const counts = obj(body.counts);
+  const latest = obj(body.latest);
+  if (state.status === 'deleted') {
+    return `Order ${id} is not stored: it was deleted at ${clock(state.deleted_at)}.`;
+  }
+  if (state.status === 'stored') {
+    return `Order ${id} has just been stored: try again.`;
+  }
+  const dead = typeof counts.dead_lettered === 'number' ? counts.dead_lettered : 0;
+  if (dead > 0) {
+    const reason = obj(latest.reason);
+    const detail = latest.outcome === 'dead_lettered' && typeof reason.detail === 'string'
+      ? ` — ${reason.detail}` : '';
+    const last = latest.outcome === 'dead_lettered' ? `, last at ${clock(latest.handled_at)}` : '';
+    return `Order ${id} is not stored: dead-lettered ${plural(dead, 'time', 'times')}${last}${detail}.`;
+  }
+  return `Order ${id} is not stored: its messages were seen, but none was stored.`;
+}
+
+async function explainNotFound(id, mine) {
+  let answer;
+  try {
+    answer = await fetchTrail(id, 1, null);
+  } catch {
+    return; // the not-found message stays
+  }
+  if (mine !== generation) return;
+  const why = whyNotFound(id, answer);
+  if (why) setStatus('not-found', why);
+}
+
+function historyRow(entry) {
+  const item = obj(entry);
+  const outcome = String(item.outcome ?? '');
+  const reason = obj(item.reason);
+  const why = [];
+  if (typeof reason.detail === 'string') why.push(`${reason.code ?? ''}: ${reason.detail}`);
+  if (typeof item.replayed_from === 'string') why.push(`replayed from ${item.replayed_from}`);
+  if (typeof item.sha256 === 'string') why.push(`version ${item.sha256.slice(0, 12)}`);
+  const where = `${item.topic ?? '?'} / ${item.partition ?? '?'} / ${item.offset ?? '?'}`;
+  const cell = (label, value, cls = '') => {
+    const td = el('td', { class: cls, 'data-label': label });
+    fillValue(td, value);
+    return td;
+  };
+  return el('tr', { 'data-testid': 'history-entry', 'data-outcome': outcome },
+    cell('Handled', timeNode(item.handled_at)),
+    cell('What became of it', OUTCOMES[outcome] ?? outcome, `outcome-${outcome}`),
+    cell('Message', where, 'mono'),
+    cell('Why, or from where', why.join('; ')));
+}
+
+// The history panel of the order shown: its first page (after null), or the next one.
+async function loadHistory(id, after) {
+  const mine = generation;
+  ui.historyMore.disabled = true;
+  let answer;
+  try {
+    answer = await fetchTrail(id, HISTORY_PAGE, after);
+  } catch {
+    answer = null;
+  }
+  if (mine !== generation || currentId !== id) return;
+  ui.historyMore.disabled = false;
+  const body = answer && answer.status === 200 ? obj(answer.body) : null;
+  if (!body || !Array.isArray(body.entries)) {
+    // No trail to show (the token may not read trails, or there is no such route): no panel.
+    if (after === null) ui.history.hidden = true;
+    else ui.historyStatus.textContent = 'The next entries could not be loaded.';
+    return;
+  }
+  const rows = body.entries.map(historyRow);
+  if (after === null) ui.historyRows.replaceChildren(...rows);
+  else ui.historyRows.append(...rows);
+  historyNext = typeof body.next === 'string' && body.next ? body.next : null;
+  ui.historyMore.hidden = historyNext === null;
+  const shown = ui.historyRows.childElementCount;
+  ui.historyStatus.textContent = historyNext === null
+    ? `${plural(shown, 'message', 'messages')}, all shown.`
+    : `The oldest ${plural(shown, 'message', 'messages')}; “More” shows the later ones.`;
+  ui.history.hidden = false;
+}
+
 // ---------------------------------------------------------------- wiring
 
 ui.form.addEventListener('submit', (event) => {
@@ -517,6 +780,10 @@ ui.rawToggle.addEventListener('click', () => {
 });
 
 ui.recentRefresh.addEventListener('click', () => loadRecent());
+
+ui.historyMore.addEventListener('click', () => {
+  if (currentId !== null && historyNext !== null) loadHistory(currentId, historyNext);
+});
 
 ui.signIn.addEventListener('submit', (event) => {
   event.preventDefault();
