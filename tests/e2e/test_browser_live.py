@@ -204,10 +204,11 @@ def test_the_history_panel_pages_through_the_trail_of_the_order_shown(
     expect(tab.by("history")).to_be_visible()
     expect(entries).to_have_count(50, timeout=15_000)
     expect(entries.first).to_have_attribute("data-outcome", "stored")
-    expect(entries.nth(1)).to_have_attribute("data-outcome", "stored")
-    expect(entries.nth(2)).to_have_attribute("data-outcome", "unchanged")
     tab.by("history-more").click()
     expect(entries).to_have_count(60)
+    # However the copies fell into batches, one of them stored the new version.
+    expect(entries.and_(tab.page.locator("[data-outcome=stored]"))).to_have_count(2)
+    expect(entries.and_(tab.page.locator("[data-outcome=unchanged]"))).to_have_count(58)
     expect(tab.by("history-more")).to_be_hidden()
     expect(tab.by("history-status")).to_contain_text("all shown")
     tab.assert_clean()

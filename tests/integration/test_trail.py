@@ -120,6 +120,22 @@ def test_each_outcome_of_a_write_is_recorded_with_its_version(stack: Stack) -> N
     assert not trail.more
 
 
+def test_copies_of_a_version_in_one_batch_are_redeliveries_of_it(stack: Stack) -> None:
+    """A producer's retries land in one batch: the copies before the one written changed
+    nothing, like any redelivery; an earlier other version in that batch lost to it."""
+    uid = new_uid()
+    first, second = value(uid, "A"), value(uid, "B")
+    write(stack, [message(uid, 20, first), message(uid, 21, second), message(uid, 22, second)])
+    write(stack, [message(uid, 23, second), message(uid, 24, second)])
+    assert outcomes(read_trail(stack, uid)) == [
+        (20, "older"), (21, "unchanged"), (22, "stored"), (23, "unchanged"), (24, "unchanged"),
+    ]  # fmt: skip
+    older = new_uid()
+    write(stack, [message(older, 31, value(older, "C"))])
+    write(stack, [message(older, 29, value(older, "D")), message(older, 30, value(older, "D"))])
+    assert outcomes(read_trail(stack, older)) == [(31, "stored"), (29, "older"), (30, "older")]
+
+
 def test_a_deletion_leaves_only_its_own_entry_and_older_messages_stay_older(stack: Stack) -> None:
     uid = new_uid()
     write(stack, [message(uid, 1, value(uid, "A"))])

@@ -49,7 +49,8 @@ class Deletion:
 class Handled:
     """A message of a batch being written, for its order's trail: `sha256` is its version's
     digest (None for a tombstone), and `superseded` says that a later message of the same order
-    in the batch was written instead, which makes this one an older version."""
+    in the batch was written instead, which makes this one an older version, or, if it is a copy
+    of that one, a redelivery that changed nothing."""
 
     order_uid: str
     message: ConsumedMessage

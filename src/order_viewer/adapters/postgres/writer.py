@@ -341,10 +341,8 @@ def _record_trail(
         }
     deletions: list[Handled] = []
 
-    def outcome(entry: Handled) -> TrailOutcome:
+    def kept_outcome(entry: Handled) -> TrailOutcome:
         uid, message = entry.order_uid, entry.message
-        if entry.superseded:
-            return "older"
         if entry.sha256 is not None:
             if uid in written:
                 return "stored"
@@ -355,6 +353,25 @@ def _record_trail(
             deletions.append(entry)
             return "deleted"
         return "unchanged"
+
+    # The newest message of each order in the batch, the one the write acted on.
+    kept = {entry.order_uid: entry for entry in handled if not entry.superseded}
+    decided = {uid: kept_outcome(entry) for uid, entry in kept.items()}
+
+    def outcome(entry: Handled) -> TrailOutcome:
+        if not entry.superseded:
+            return decided[entry.order_uid]
+        newest = kept.get(entry.order_uid)
+        # A copy of the version the batch stored (or found stored) is a redelivery of it, which
+        # changed nothing; any other earlier message of the order lost to the later one.
+        if (
+            newest is not None
+            and entry.sha256 is not None
+            and entry.sha256 == newest.sha256
+            and decided[entry.order_uid] in ("stored", "unchanged")
+        ):
+            return "unchanged"
+        return "older"
 
     with cursor.copy(_COPY_TRAIL) as copy:
         for entry in sorted(handled, key=lambda h: (h.message.partition, h.message.offset)):
