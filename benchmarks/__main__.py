@@ -14,9 +14,11 @@ import io
 import itertools
 import os
 import re
+import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +33,7 @@ from benchmarks import freshness, profiles
 from benchmarks.harness import (
     BareServerRun,
     Bench,
+    HeldBacklog,
     ServerProcess,
     ServiceRun,
     console,
@@ -596,6 +599,73 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     }
 
 
+def drain_benchmark(
+    bench: Bench, settings: Settings, cached: int, backlog: int, *, seconds: int, logs: Path
+) -> dict[str, Any]:
+    """Cache hits of one service, idle and while a backlog of new orders drains into it, and
+    the drain's rate alone and under those reads. Two backlogs of `backlog` orders are held in
+    open Kafka transactions before the service starts (so it starts idle, with `cached` orders
+    warm), then released in turn: the first drains alone, the second under wrk. Each rate is
+    taken over the `seconds` after its release, the window wrk runs in."""
+    ids_file = newest_ids_file(bench, cached, logs)
+    own = with_new_topic(bench, settings)
+    seeds = (3_000_000, 4_000_000)  # seeds of their own: the orders are new, not replacements
+    alone, under_reads = (HeldBacklog(own, generate(backlog, seed)) for seed in seeds)
+    capacity = cached + 2 * backlog
+    run = ServiceRun(
+        own,
+        logs / "drain.log",
+        # Room for every order the backlogs bring: the cached ones stay hits.
+        CACHE_CAPACITY=str(capacity),
+        CACHE_MAX_BYTES=str(capacity * 16 * 1024),
+        # While a backlog is held, the broker's end is beyond what the consumer can read: not a
+        # stall to restart the consumer for.
+        KAFKA_STALL_TIMEOUT_MS="3600000",
+    )
+    run.wait_ready()
+    console.print(f"drain: {cached:,} orders cached, hits idle for {seconds} s")
+    wrk(run.url, ids_file, 64, 3)  # untimed: connections and caches warm
+    idle = wrk(run.url, ids_file, 64, seconds)
+
+    def drained_in_window(backlog_held: HeldBacklog, during: Callable[[], None]) -> float:
+        """Orders stored a second in the window after the backlog's release; waits for the rest."""
+        before = stored_so_far(run)
+        started = time.perf_counter()
+        backlog_held.release()
+        during()
+        in_window = stored_so_far(run) - before
+        window = time.perf_counter() - started
+        if in_window >= backlog:
+            sys.exit(f"the backlog drained within {window:.1f} s: raise --drain-backlog")
+        stored = in_window
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("draining the rest", total=backlog)
+            while stored < backlog:
+                time.sleep(0.5)
+                stored = stored_so_far(run) - before
+                progress.update(task, completed=stored)
+        return in_window / window
+
+    console.print(f"drain: {backlog:,} new orders drain alone")
+    alone_rate = drained_in_window(alone, partial(time.sleep, seconds))
+    bench.settle()
+    console.print(f"drain: {backlog:,} new orders drain, hits for {seconds} s")
+    during: dict[str, float] = {}
+    reads_rate = drained_in_window(
+        under_reads, lambda: during.update(wrk(run.url, ids_file, 64, seconds))
+    )
+    run.stop()
+    return {
+        "cached": cached,
+        "backlog": backlog,
+        "seconds": seconds,
+        "idle": idle,
+        "during": during,
+        "alone_rate": alone_rate,
+        "reads_rate": reads_rate,
+    }
+
+
 def print_auth(auth: dict[str, Any], lines: dict[str, dict[str, float]], cached: int) -> None:
     print(
         f"\n## Authentication on cache hits, {cached:,} orders, wrk -t1 -c64, "
@@ -769,6 +839,27 @@ def print_backlog(backlog: dict[str, Any]) -> None:
         print(f"\nstatement {number}: {queries[queryid][:100]}")
 
 
+def print_drain(drain: dict[str, Any]) -> None:
+    print(
+        f"\n## Reads during a drain: {drain['cached']:,} orders cached, backlogs of "
+        f"{drain['backlog']:,} new orders, wrk -t1 -c64 for {drain['seconds']} s\n"
+    )
+    print("| cache hits | requests/s | vs. idle | p99 ms | non-2xx |")
+    print("|---|---:|---:|---:|---:|")
+    idle = drain["idle"]["rate"]
+    for label, key in (("idle", "idle"), ("while a backlog drains", "during")):
+        run = drain[key]
+        print(
+            f"| {label} | {run['rate']:,.0f} | {run['rate'] / idle:.2f} | "
+            f"{run['p99_ms']:.2f} | {run['errors']:.0f} |"
+        )
+    print(
+        f"\nthe drain's rate over the {drain['seconds']} s after its release: alone "
+        f"{drain['alone_rate']:,.0f} orders/s, under the hits {drain['reads_rate']:,.0f} "
+        f"orders/s ({drain['reads_rate'] / drain['alone_rate']:.2f} of alone)"
+    )
+
+
 def print_large(large: dict[str, Any]) -> None:
     print(
         f"\n## Backlog of {LARGE_ORDERS:,} orders of {MAX_ITEMS:,} items "
@@ -787,7 +878,7 @@ def print_large(large: dict[str, Any]) -> None:
     )
 
 
-SECTIONS = ("freshness", "auth", "http", "large", "backlog", "profile")
+SECTIONS = ("freshness", "auth", "http", "drain", "large", "backlog", "profile")
 
 
 def main() -> None:
@@ -816,10 +907,20 @@ def main() -> None:
         "--backlog", type=int, default=1_000_000, help="orders in the backlog section"
     )
     parser.add_argument(
+        "--drain-backlog",
+        type=int,
+        help="orders in each backlog of the drain section, at least twice those cached; "
+        "default: twice those cached",
+    )
+    parser.add_argument(
         "--profile-orders", type=int, default=100_000, help="orders in the profile section"
     )
     arguments = parser.parse_args()
     sections = arguments.only or SECTIONS
+    cached = min(arguments.cached, arguments.orders)
+    drain_backlog = arguments.drain_backlog or 2 * cached
+    if drain_backlog < 2 * cached:
+        parser.error(f"--drain-backlog must be at least twice the orders cached ({2 * cached:,})")
 
     settings = Settings()
     base_url = str(settings.database_url)
@@ -835,7 +936,6 @@ def main() -> None:
     ingest = ingest_benchmark(bench, messages, logs)
     print_ingest(ingest, ingest_metrics_cost(messages))
     bench.settle()
-    cached = min(arguments.cached, arguments.orders)
     if "freshness" in sections:
         rates = arguments.freshness_rates or [1000, round(ingest["service_rate"] / 2)]
         runs = [
@@ -850,6 +950,12 @@ def main() -> None:
         print_auth(auth, lines, cached)
     if "http" in sections:
         print_http(http_benchmark(bench, cached, arguments.seconds, logs))
+    if "drain" in sections:
+        print_drain(
+            drain_benchmark(
+                bench, settings, cached, drain_backlog, seconds=arguments.seconds, logs=logs
+            )
+        )
     if "large" in sections:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     if "backlog" in sections:

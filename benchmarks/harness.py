@@ -211,6 +211,40 @@ def produce(bench: Bench, messages: list[tuple[bytes, bytes]]) -> None:
         producer.flush()
 
 
+class HeldBacklog:
+    """Orders produced inside one Kafka transaction left open: a consumer reading committed
+    messages (librdkafka's default) sees none of them until `release` commits it, and then all of
+    them at once. So a backlog is produced before the service consumes it, and starts draining at
+    a moment the benchmark chooses, into a service already running. Backlogs held one after the
+    other on a topic are released in the same order: each one's messages precede the next's."""
+
+    def __init__(self, bench: Bench, messages: list[tuple[bytes, bytes]]) -> None:
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bench.bootstrap,
+                "linger.ms": 50,
+                "compression.type": "lz4",
+                "transactional.id": f"{bench.topic}-{uuid.uuid4().hex[:8]}",
+                # Held while the service warms up and is measured idle: up to the broker's default
+                # transaction.max.timeout.ms, past which the broker would abort it.
+                "transaction.timeout.ms": 900_000,
+            }
+        )
+        self._producer.init_transactions()
+        self._producer.begin_transaction()
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("producing a held backlog", total=len(messages))
+            for number, (key, value) in enumerate(messages):
+                enqueue(self._producer, bench.topic, key=key, value=value)
+                if number % 5000 == 0:
+                    self._producer.poll(0)
+                    progress.update(task, completed=number)
+            self._producer.flush()
+
+    def release(self) -> None:
+        self._producer.commit_transaction()
+
+
 @contextmanager
 def peak_rss_sampler(run: ServiceRun) -> Iterator[Callable[[], int]]:
     """VmHWM is the kernel's own peak; read it while the process lives."""

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 
@@ -24,7 +25,7 @@ from order_viewer.adapters.postgres.listener import (
 )
 from order_viewer.adapters.postgres.reader import stored_versions
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
-from order_viewer.domain.model import Order, PreparedOrder, parse_order
+from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.ports import Deletion, RejectedByDatabase
 from order_viewer.service.retry import Health, Patience
@@ -89,9 +90,9 @@ def test_a_write_that_rolls_back_announces_nothing(
     a, bad = make_order(_rng), make_order(_rng)
     writer.write([prepared(a, 1)])
     refused = prepared(bad, 2)
-    negative = refused.order.payment.model_copy(update={"amount": -1})
+    negative = msgspec.structs.replace(refused.order.payment, amount=-1)
     broken = PreparedOrder(
-        Order.model_construct(**{**dict(refused.order), "payment": negative}),
+        msgspec.structs.replace(refused.order, payment=negative),
         0, 2, refused.document, refused.sha256,
     )  # fmt: skip
     with pytest.raises(RejectedByDatabase):

@@ -4,6 +4,7 @@ cover (refusals, the normalized rows, the reader, an unreachable server)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 
@@ -20,7 +22,8 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.postgres.reader import PostgresOrderReader, newest_documents
 from order_viewer.adapters.postgres.tables import ORDERS, PARTS, Column
 from order_viewer.adapters.postgres.writer import PARTITION_LOCK_CLASS, PostgresOrderWriter
-from order_viewer.domain.model import Order, PreparedOrder, parse_order
+from order_viewer.domain import schema
+from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.ingest import BatchOutcome, OrderIngest, prepare_batch
 from order_viewer.service.ports import (
@@ -62,6 +65,24 @@ def test_a_batch_lands_in_all_four_tables_as_its_document_says(stack: Stack) -> 
     assert row_counts(stack, uids) == {"orders": 3, "delivery": 3, "payment": 3, "items": items}
 
 
+def test_an_order_stored_before_msgspec_is_unchanged_when_delivered_again(stack: Stack) -> None:
+    order, _ = prepared()
+    message = json.dumps(order).encode()
+    # As it was stored when pydantic made the document: its canonical JSON and that digest.
+    document = schema.Order.__pydantic_serializer__.to_json(
+        schema.Order.model_validate_json(message)
+    )
+    stored = PreparedOrder(parse_order(message), 0, 1, document, hashlib.sha256(document).digest())
+    writer = PostgresOrderWriter(stack.database_url, "tests")
+    try:
+        assert writer.write([stored]).inserted == (order["order_uid"],)
+        # The same message again, later in the partition: replaced if its digest differed.
+        again = writer.write([PreparedOrder.of(parse_order(message), 0, 2)])
+    finally:
+        writer.close()
+    assert (again.inserted, again.replaced) == ((), ())
+
+
 def test_the_migrated_tables_have_the_declared_columns_and_no_others(stack: Stack) -> None:
     # A column the declaration lacks is never written (a NOT NULL one refuses every order), and
     # one the migrations lack refuses every batch. Rows are COPYed by column name, so only the
@@ -84,11 +105,10 @@ def test_a_refused_order_leaves_nothing_of_its_batch(stack: Stack) -> None:
     good_order, good = prepared()
     _, bad = prepared()
     # What the validator would never pass but the database's own checks refuse.
-    negative = bad.order.payment.model_copy(update={"amount": -1})
+    negative = msgspec.structs.replace(bad.order.payment, amount=-1)
     broken = PreparedOrder(
-        Order.model_construct(**{**dict(bad.order), "payment": negative}),
-        0, 1, bad.document, bad.sha256,
-    )  # fmt: skip
+        msgspec.structs.replace(bad.order, payment=negative), 0, 1, bad.document, bad.sha256
+    )
     writer = PostgresOrderWriter(stack.database_url, "tests")
     try:
         with pytest.raises(RejectedByDatabase, match="amount"):
@@ -226,7 +246,7 @@ def test_writers_of_one_partition_take_turns_and_others_do_not_wait(stack: Stack
     holds up a batch of partition 0 until it commits, so the batch then sees what it committed;
     a batch of partition 1 goes on at once."""
     _, on_zero = prepared(offset=1)
-    on_one = PreparedOrder.of(on_zero.order.model_copy(update={"order_uid": "lock-one"}), 1, 1)
+    on_one = PreparedOrder.of(msgspec.structs.replace(on_zero.order, order_uid="lock-one"), 1, 1)
     zero_writer = PostgresOrderWriter(stack.database_url, "zero")
     one_writer = PostgresOrderWriter(stack.database_url, "one")
     written = threading.Event()

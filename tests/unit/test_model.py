@@ -12,11 +12,13 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from order_viewer.domain import schema
 from order_viewer.domain.model import (
     INT64_MAX,
     MAX_ITEMS,
@@ -25,8 +27,11 @@ from order_viewer.domain.model import (
     REASON_CODES,
     RFC3339_PATTERN,
     STRING_LIMITS,
+    Delivery,
     InvalidOrder,
+    Item,
     Order,
+    Payment,
     Rejection,
     _rejection_from_error,
     consistency_problems,
@@ -477,20 +482,13 @@ def test_consistency_problems() -> None:
     assert consistency_problems(order) == []
     payment = order.payment
     item = order.items[0]
+    replace = msgspec.structs.replace
     cases = {
-        "goods_total_mismatch": order.model_copy(
-            update={"items": (item.model_copy(update={"total_price": 318}),)}
-        ),
-        "amount_mismatch": order.model_copy(
-            update={"payment": payment.model_copy(update={"amount": 1818})}
-        ),
-        "transaction_mismatch": order.model_copy(
-            update={"payment": payment.model_copy(update={"transaction": "other"})}
-        ),
-        "item_track_number_mismatch": order.model_copy(
-            update={
-                "items": (item, item.model_copy(update={"track_number": "X", "total_price": 0}))
-            }
+        "goods_total_mismatch": replace(order, items=(replace(item, total_price=318),)),
+        "amount_mismatch": replace(order, payment=replace(payment, amount=1818)),
+        "transaction_mismatch": replace(order, payment=replace(payment, transaction="other")),
+        "item_track_number_mismatch": replace(
+            order, items=(item, replace(item, track_number="X", total_price=0))
         ),
     }
     for problem, broken in cases.items():
@@ -512,16 +510,19 @@ def test_inconsistent_orders_are_still_valid() -> None:
 
 def test_models_are_frozen_and_build_from_python_values() -> None:
     order = parse_order(SAMPLE_BYTES)
+    with pytest.raises(AttributeError):
+        order.order_uid = "x"  # type: ignore[misc]
+    described = schema.Order.model_validate_json(SAMPLE_BYTES)
     with pytest.raises(ValidationError):
-        order.order_uid = "x"
-    python_values = order.model_dump()
+        described.order_uid = "x"
+    python_values = described.model_dump()
     python_values["items"] = list(python_values["items"])
     moscow = timezone(timedelta(hours=3))
     python_values["date_created"] = datetime(2021, 11, 26, 9, 22, 19, tzinfo=moscow)
-    assert Order.model_validate(python_values) == order
+    assert schema.Order.model_validate(python_values) == described
     python_values["date_created"] = datetime(2021, 11, 26, 6, 22, 19)  # naive
     with pytest.raises(ValidationError):
-        Order.model_validate(python_values)
+        schema.Order.model_validate(python_values)
 
 
 def test_invalid_order_pickles_and_prints_no_input() -> None:
@@ -720,3 +721,142 @@ def test_the_first_broken_field_in_model_order_wins(names: list[str]) -> None:
         order[name] = None
     first = min(names, key=list(SAMPLE_ORDER).index)
     check("wrong_type", encode(order), first)
+
+
+# --- the Structs of msgspec and the models of pydantic ---------------------------------------
+
+
+def struct_rules(struct: type[msgspec.Struct]) -> dict[str, dict[str, Any]]:
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    rules = {}
+    for field in info.fields:
+        bounds = {
+            name: getattr(field.type, name, None)
+            for name in ("ge", "le", "min_length", "max_length", "pattern")
+        }
+        rules[field.name] = {name: value for name, value in bounds.items() if value is not None}
+    return rules
+
+
+def model_rules(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
+    rules = {}
+    for name, info in model.model_fields.items():
+        bounds = {
+            bound: getattr(constraint, bound)
+            for constraint in info.metadata
+            for bound in ("ge", "le", "min_length", "max_length", "pattern")
+            if getattr(constraint, bound, None) is not None
+        }
+        if bounds.get("pattern") == r"^[^\x00]*$":
+            del bounds["pattern"]  # the Structs leave NUL to the message's check for its escape
+        elif "pattern" in bounds:
+            bounds["pattern"] = r"\A" + bounds["pattern"][1:-1] + r"\Z"
+        rules[name] = bounds
+    return rules
+
+
+@pytest.mark.parametrize(
+    ("struct", "model"),
+    [
+        (Order, schema.Order),
+        (Delivery, schema.Delivery),
+        (Payment, schema.Payment),
+        (Item, schema.Item),
+    ],
+)
+def test_the_structs_declare_the_rules_of_the_pydantic_models(
+    struct: type[msgspec.Struct], model: type[BaseModel]
+) -> None:
+    # Field names in the same order (the canonical JSON's), and the same bounds and patterns.
+    assert list(struct_rules(struct).items()) == list(model_rules(model).items())
+
+
+def by_pydantic(value: bytes) -> bytes | Rejection:
+    """What parse_order answered before msgspec decoded orders: pydantic's canonical JSON of an
+    accepted message, or the rejection of its first error."""
+    try:
+        accepted = schema.Order.model_validate_json(value)
+    except ValidationError as error:
+        return _rejection_from_error(error.errors(include_url=False)[0])
+    return schema.Order.__pydantic_serializer__.to_json(accepted)
+
+
+def by_parse_order(value: bytes) -> bytes | Rejection:
+    try:
+        return order_json(parse_order(value))
+    except InvalidOrder as invalid:
+        return invalid.rejection
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children),
+    max_leaves=8,
+)
+# Moments in the RFC 3339 form with any digits (month 13, hour 24, offset +03:60, ...), and
+# real ones in any zone, with up to 9 fraction digits and either case of "t" and "z".
+DATES = st.from_regex(RFC3339_PATTERN, fullmatch=True) | st.builds(
+    lambda moment, fraction, zone, t: f"{moment:%Y-%m-%d}{t}{moment:%H:%M:%S}{fraction}{zone}",
+    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)),
+    st.sampled_from(["", ".5", ".000", ".123456", ".1234567", ".999999999"]),
+    st.sampled_from(["Z", "z", "+00:00", "-00:00", "+03:00", "-07:30", "+23:59", "-23:59"]),
+    st.sampled_from(["T", "t"]),
+)
+NEAR_BOUNDS = st.sampled_from(
+    [-1, 0, 100, 101, INT64_MAX, INT64_MAX + 1, 2**64, MAX_PAYMENT_DT + 1, "", "\x00", "a\n"]
+)
+
+
+@st.composite
+def hostile_messages(draw: st.DrawFn) -> bytes:
+    """The sample, or a valid order, changed in a few ways a producer or an attacker might."""
+    order = draw(st.sampled_from([sample()]) | ORDERS)
+    for _ in range(draw(st.integers(0, 3))):
+        path = draw(st.sampled_from(leaf_paths(order)))
+        target, last = _parent(order, path)
+        values = JSON_VALUES | NEAR_BOUNDS | DATES | st.text(st.characters(codec="utf-8"))
+        target[last] = draw(values)
+    if draw(st.booleans()):
+        order[draw(st.text(max_size=5))] = draw(JSON_VALUES)
+    message = encode(order)
+    if draw(st.booleans()):  # a key repeated, its last value kept by both parsers
+        key = draw(st.sampled_from(list(SAMPLE_ORDER)))
+        value = json.dumps(draw(JSON_VALUES | DATES), ensure_ascii=draw(st.booleans()))
+        message = message[:-1] + f',"{key}":{value}}}'.encode()
+    if draw(st.integers(0, 4)) == 0:  # a character where none belongs
+        at = draw(st.integers(0, len(message)))
+        message = (
+            message[:at]
+            + draw(st.sampled_from(list(b' \t\x0c0-".,:[]{}\\'))).to_bytes(1, "big")
+            + message[at:]
+        )
+    return message
+
+
+@PROPERTIES
+@given(hostile_messages())
+def test_msgspec_and_pydantic_agree_on_every_message(message: bytes) -> None:
+    # Accepted alike, with the same canonical JSON (so the same digest), or refused alike.
+    assert by_parse_order(message) == by_pydantic(message)
+
+
+@PROPERTIES
+@given(ORDERS)
+def test_valid_orders_get_pydantics_canonical_json_byte_for_byte(order: dict[str, Any]) -> None:
+    assert by_parse_order(encode(order)) == by_pydantic(encode(order))
+
+
+def test_what_msgspec_refuses_alone_is_judged_by_pydantic() -> None:
+    # A repeated key whose first value breaks a rule, unknown fields, a NUL in an ignored
+    # value, a lower-case zone: each accepted as before, with the same canonical JSON.
+    repeated = encode(SAMPLE_ORDER)[:-1] + b',"sm_id":"x","sm_id":99}'
+    unknown = sample() | {"comment": {"nested": [[["deep"]]], "nul": "x\x00"}}
+    lower = with_value("date_created", "2021-11-26t06:22:19.123456789z")
+    for message in (repeated, encode(unknown), lower):
+        assert isinstance(by_pydantic(message), bytes)
+        assert by_parse_order(message) == by_pydantic(message)

@@ -8,9 +8,8 @@ import random
 from datetime import datetime
 from typing import Annotated, Any, Optional
 
+import msgspec
 import pytest
-from annotated_types import MaxLen
-from pydantic import BaseModel
 
 from order_viewer.adapters.postgres.tables import (
     DELIVERY,
@@ -42,28 +41,36 @@ def test_each_row_holds_the_values_of_its_columns(seed: int) -> None:
     uid = order.order_uid
     assert by_column(ORDERS, prepared) == [
         {
-            **order.model_dump(exclude={"delivery", "payment", "items"}),
+            **{
+                name: value
+                for name, value in msgspec.structs.asdict(order).items()
+                if name not in {"delivery", "payment", "items"}
+            },
             "content_sha256": prepared.sha256,
             "kafka_partition": 3,
             "kafka_offset": 41,
             "document": prepared.document.decode(),
         }
     ]
-    assert by_column(DELIVERY, prepared) == [{"order_uid": uid, **order.delivery.model_dump()}]
-    assert by_column(PAYMENT, prepared) == [{"order_uid": uid, **order.payment.model_dump()}]
+    assert by_column(DELIVERY, prepared) == [
+        {"order_uid": uid, **msgspec.structs.asdict(order.delivery)}
+    ]
+    assert by_column(PAYMENT, prepared) == [
+        {"order_uid": uid, **msgspec.structs.asdict(order.payment)}
+    ]
     assert by_column(ITEMS, prepared) == [
-        {"order_uid": uid, "position": position, **item.model_dump()}
+        {"order_uid": uid, "position": position, **msgspec.structs.asdict(item)}
         for position, item in enumerate(order.items)
     ]
     assert PARTS == (DELIVERY, PAYMENT, ITEMS)
 
 
 def test_a_field_that_may_be_null_is_a_column_that_may_be() -> None:
-    class Part(BaseModel):
+    class Part(msgspec.Struct):
         name: str
-        note: Annotated[str, MaxLen(3)] | None = None
+        note: Annotated[str, msgspec.Meta(max_length=3)] | None = None
         count: int | None = None
-        when: Optional[datetime]  # noqa: UP045 (the older spelling is one too)
+        when: Optional[datetime] = None  # noqa: UP045 (the older spelling is one too)
 
     assert columns_of(Part) == (
         Column("name", "text"),
@@ -79,8 +86,6 @@ def test_a_field_that_may_be_null_is_a_column_that_may_be() -> None:
 
 @pytest.mark.parametrize("annotation", [float, bool, bytes, list[str], str | int, str | int | None])
 def test_a_field_of_a_type_no_column_holds_is_refused(annotation: object) -> None:
-    part = type(
-        "Part", (BaseModel,), {"__annotations__": {"odd": annotation}, "__module__": __name__}
-    )
+    part = msgspec.defstruct("Part", [("odd", annotation)], module=__name__)
     with pytest.raises(TypeError, match=r"^Part\.odd: no column type for "):
         columns_of(part)

@@ -1,6 +1,9 @@
 """The order message: its model, its validation and its canonical JSON.
 
-docs/ORDER_FORMAT.md is the human description of every rule and reason code here.
+docs/ORDER_FORMAT.md is the human description of every rule and reason code here. A message is
+decoded by msgspec into the Structs below, whose strict typed decoding is several times faster
+than building pydantic models; a message they refuse goes to the pydantic models of `schema`,
+whose first error names the reason, so that a rejection is the same whichever path saw it.
 """
 
 from __future__ import annotations
@@ -14,37 +17,27 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Annotated, Any, Final
 
-from annotated_types import MaxLen, MinLen
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    GetPydanticSchema,
-    StringConstraints,
-    ValidationError,
-    WithJsonSchema,
+import msgspec
+from msgspec import Meta
+from pydantic import ValidationError
+
+from order_viewer.domain import schema
+from order_viewer.domain.schema import (
+    CURRENCY_PATTERN,
+    INT64_MAX,
+    MAX_ITEMS,
+    MAX_PAYMENT_DT,
+    ORDER_UID_PATTERN,
+    RFC3339_PATTERN,
 )
-from pydantic_core import PydanticCustomError, core_schema
 
-ORDER_UID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
-"""Pydantic and Rust regex syntax; in Python's `re` use `fullmatch`, since `$` there accepts a
-trailing newline."""
-
-INT64_MAX: Final = 2**63 - 1
-MAX_PAYMENT_DT: Final = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second of year 9999
-MAX_ITEMS: Final = 1000
-
-CURRENCY_PATTERN: Final = r"^[A-Z]{3}$"
-# Only the RFC 3339 `date-time` production: pydantic's own parser also takes unix-time strings,
-# a space separator, missing seconds and "+0300" offsets, which the producer must not send.
-# Up to 9 fraction digits because Go's RFC3339Nano writes that many; they are cut to microseconds.
-RFC3339_PATTERN: Final = (
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
-    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})$"
-)
-# PostgreSQL text cannot hold U+0000. A pattern keeps the check inside pydantic-core (no Python
-# call per string); errors on strings containing NUL are then reported as nul_character.
-_NO_NUL_PATTERN: Final = r"^[^\x00]*$"
+__all__ = [
+    "INT64_MAX",
+    "MAX_ITEMS",
+    "MAX_PAYMENT_DT",
+    "ORDER_UID_PATTERN",
+    "RFC3339_PATTERN",
+]
 
 REASON_CODES: Final[Mapping[str, str]] = MappingProxyType(
     {
@@ -70,117 +63,120 @@ REASON_CODES: Final[Mapping[str, str]] = MappingProxyType(
 # The one reason set after validation: the database refused an order the validator passed.
 DB_REJECTED: Final = "db_rejected"
 
-_STRICT = ConfigDict(strict=True, extra="ignore", frozen=True)
 
-Text = Annotated[str, StringConstraints(pattern=_NO_NUL_PATTERN)]
-NonNegativeInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
+def _searched(pattern: str) -> str:
+    """A pattern of `schema` (anchored by ^ and $ for pydantic's Rust regex) as msgspec needs it:
+    msgspec searches with Python's `re`, whose `$` also matches before a trailing newline."""
+    return r"\A" + pattern.removeprefix("^").removesuffix("$") + r"\Z"
 
 
-def _to_utc(value: datetime) -> datetime:
+class Instant(datetime):
+    """date_created: a moment in UTC. A type of its own so that msgspec hands its string to
+    `_instant`: msgspec's own datetime parser also takes a space separator, no zone and "+0300"
+    offsets, and rounds the fraction that pydantic cuts."""
+
+    __slots__ = ()
+
+
+# The RFC 3339 strings whose moment Python's parser reads as pydantic's does (it cuts a fraction
+# to microseconds too), with each field within its range, since Python would read "+03:60" as
+# four hours. Any other string goes to pydantic, which accepts the lower-case "t" and "z" too.
+_PLAIN_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+
+
+def _instant(kind: type, value: Any) -> Instant:
+    """msgspec's decoding of `Instant`; a ValueError or TypeError is its ValidationError."""
+    if kind is not Instant or not isinstance(value, str) or not _PLAIN_RFC3339.fullmatch(value):
+        raise TypeError("not a plain RFC 3339 timestamp")
     try:
-        return value.astimezone(UTC)
+        return Instant.fromisoformat(value).astimezone(UTC)
     except OverflowError:
-        raise PydanticCustomError(
-            "out_of_range", "the instant falls outside years 1 to 9999 once converted to UTC"
-        ) from None
+        raise ValueError("outside years 1 to 9999 once converted to UTC") from None
 
 
-def _utc_timestamp_schema(_source: Any, _handler: Any) -> core_schema.CoreSchema:
-    to_utc = core_schema.no_info_plain_validator_function(_to_utc)
-    from_json = core_schema.chain_schema(
-        [
-            core_schema.str_schema(pattern=RFC3339_PATTERN, strict=True),
-            # Lax only because its input is the string the previous step already checked.
-            core_schema.datetime_schema(strict=False),
-            to_utc,
-        ]
-    )
-    # Python callers (tests, the database layer) hand over datetime objects, not strings.
-    from_python = core_schema.chain_schema(
-        [core_schema.datetime_schema(strict=True, tz_constraint="aware"), to_utc]
-    )
-    return core_schema.json_or_python_schema(json_schema=from_json, python_schema=from_python)
+def _instant_json(value: Any) -> str:
+    """msgspec's encoding of `Instant`, as pydantic writes a datetime in UTC."""
+    if not isinstance(value, Instant):
+        raise TypeError(f"cannot encode {type(value).__name__}")
+    return value.isoformat().removesuffix("+00:00") + "Z"
 
 
-UtcTimestamp = Annotated[
-    datetime,
-    GetPydanticSchema(_utc_timestamp_schema),
-    WithJsonSchema({"type": "string", "format": "date-time"}),
-]
+NonNegativeInt64 = Annotated[int, Meta(ge=0, le=INT64_MAX)]
 
 
-class Delivery(BaseModel):
-    model_config = _STRICT
+# Unknown fields are refused here (pydantic ignores them) because msgspec skips a value it does
+# not keep without the limits of pydantic's JSON parser (nesting, digits); such a message goes
+# to pydantic. Without cycles, the Structs stay out of the cycle collector's walks (gc=False).
+class Delivery(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    name: Annotated[str, Meta(max_length=256)]
+    phone: Annotated[str, Meta(max_length=64)]
+    zip: Annotated[str, Meta(max_length=32)]
+    city: Annotated[str, Meta(max_length=256)]
+    address: Annotated[str, Meta(max_length=512)]
+    region: Annotated[str, Meta(max_length=256)]
+    email: Annotated[str, Meta(max_length=254)]
 
-    name: Text = Field(max_length=256)
-    phone: Text = Field(max_length=64)
-    zip: Text = Field(max_length=32)
-    city: Text = Field(max_length=256)
-    address: Text = Field(max_length=512)
-    region: Text = Field(max_length=256)
-    email: Text = Field(max_length=254)
 
-
-class Payment(BaseModel):
-    model_config = _STRICT
-
-    transaction: Text = Field(min_length=1, max_length=128)
-    request_id: Text = Field(max_length=128)
-    currency: str = Field(pattern=CURRENCY_PATTERN)
-    provider: Text = Field(max_length=128)
+class Payment(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    transaction: Annotated[str, Meta(min_length=1, max_length=128)]
+    request_id: Annotated[str, Meta(max_length=128)]
+    currency: Annotated[str, Meta(pattern=_searched(CURRENCY_PATTERN))]
+    provider: Annotated[str, Meta(max_length=128)]
     amount: NonNegativeInt64
-    payment_dt: int = Field(ge=0, le=MAX_PAYMENT_DT)
-    bank: Text = Field(max_length=128)
+    payment_dt: Annotated[int, Meta(ge=0, le=MAX_PAYMENT_DT)]
+    bank: Annotated[str, Meta(max_length=128)]
     delivery_cost: NonNegativeInt64
     goods_total: NonNegativeInt64
     custom_fee: NonNegativeInt64
 
 
-class Item(BaseModel):
-    model_config = _STRICT
-
+class Item(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     chrt_id: NonNegativeInt64
-    track_number: Text = Field(min_length=1, max_length=128)
+    track_number: Annotated[str, Meta(min_length=1, max_length=128)]
     price: NonNegativeInt64
-    rid: Text = Field(min_length=1, max_length=128)
-    name: Text = Field(max_length=512)
-    sale: int = Field(ge=0, le=100)
-    size: Text = Field(max_length=64)
+    rid: Annotated[str, Meta(min_length=1, max_length=128)]
+    name: Annotated[str, Meta(max_length=512)]
+    sale: Annotated[int, Meta(ge=0, le=100)]
+    size: Annotated[str, Meta(max_length=64)]
     total_price: NonNegativeInt64
     nm_id: NonNegativeInt64
-    brand: Text = Field(max_length=256)
+    brand: Annotated[str, Meta(max_length=256)]
     status: NonNegativeInt64
 
 
-class Order(BaseModel):
-    model_config = _STRICT
-
-    order_uid: str = Field(min_length=1, max_length=64, pattern=ORDER_UID_PATTERN)
-    track_number: Text = Field(min_length=1, max_length=128)
-    entry: Text = Field(max_length=64)
+class Order(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    order_uid: Annotated[
+        str, Meta(min_length=1, max_length=64, pattern=_searched(ORDER_UID_PATTERN))
+    ]
+    track_number: Annotated[str, Meta(min_length=1, max_length=128)]
+    entry: Annotated[str, Meta(max_length=64)]
     delivery: Delivery
     payment: Payment
-    # Lax only for Python callers passing a list; JSON input is an array or a wrong_type.
-    items: tuple[Item, ...] = Field(
-        strict=False, fail_fast=True, min_length=1, max_length=MAX_ITEMS
-    )
-    locale: Text = Field(max_length=64)
-    internal_signature: Text = Field(max_length=1024)
-    customer_id: Text = Field(max_length=128)
-    delivery_service: Text = Field(max_length=128)
-    shardkey: Text = Field(max_length=64)
+    items: Annotated[tuple[Item, ...], Meta(min_length=1, max_length=MAX_ITEMS)]
+    locale: Annotated[str, Meta(max_length=64)]
+    internal_signature: Annotated[str, Meta(max_length=1024)]
+    customer_id: Annotated[str, Meta(max_length=128)]
+    delivery_service: Annotated[str, Meta(max_length=128)]
+    shardkey: Annotated[str, Meta(max_length=64)]
     sm_id: NonNegativeInt64
-    date_created: UtcTimestamp
-    oof_shard: Text = Field(max_length=64)
+    date_created: Instant
+    oof_shard: Annotated[str, Meta(max_length=64)]
 
 
-def _string_limits(model: type[BaseModel], prefix: str) -> dict[str, tuple[int, int]]:
+_DECODER: Final = msgspec.json.Decoder(Order, dec_hook=_instant)
+_ENCODER: Final = msgspec.json.Encoder(enc_hook=_instant_json)
+
+
+def _string_limits(struct: type[msgspec.Struct], prefix: str) -> dict[str, tuple[int, int]]:
     limits: dict[str, tuple[int, int]] = {}
-    for name, info in model.model_fields.items():
-        maxima = [m.max_length for m in info.metadata if isinstance(m, MaxLen)]
-        if info.annotation is str and maxima:
-            minima = [m.min_length for m in info.metadata if isinstance(m, MinLen)]
-            limits[prefix + name] = (minima[0] if minima else 0, maxima[0])
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        if isinstance(field.type, msgspec.inspect.StrType) and field.type.max_length is not None:
+            limits[prefix + field.name] = (field.type.min_length or 0, field.type.max_length)
     return limits
 
 
@@ -295,6 +291,11 @@ def _rejection_from_error(error: Mapping[str, Any]) -> Rejection:
     return Rejection(code, message, field)
 
 
+# A string with U+0000 can only come as this escape: the Structs do not look for it (a pattern
+# on every string would cost each string a call of `re`); pydantic's models do.
+_ESCAPED_NUL: Final = b"\\u0000"
+
+
 def parse_order(value: bytes | None) -> Order:
     """Validates one Kafka message value; raises InvalidOrder with the first problem found."""
     if not value:
@@ -308,17 +309,25 @@ def parse_order(value: bytes | None) -> Order:
             raise InvalidOrder(Rejection("invalid_utf8", message, None)) from None
         if value.startswith(codecs.BOM_UTF8):
             raise InvalidOrder(_BOM_REJECTION)
+    if _ESCAPED_NUL not in value:
+        try:
+            return _DECODER.decode(value)
+        except msgspec.DecodeError:
+            pass  # refused, or not for msgspec to judge: pydantic decides
     try:
-        return Order.model_validate_json(value)
+        accepted = schema.Order.model_validate_json(value)
     except ValidationError as error:
         # "from None": pydantic's error text quotes the input, which may be personal data.
         first = error.errors(include_url=False)[0]
         raise InvalidOrder(_rejection_from_error(first)) from None
+    # Accepted by pydantic alone (a repeated key whose first value breaks a rule, an unknown
+    # field, a NUL in an ignored value, a lower-case "z"): its canonical JSON is plain.
+    return _DECODER.decode(schema.Order.__pydantic_serializer__.to_json(accepted))
 
 
 def order_json(order: Order) -> bytes:
     """The canonical compact UTF-8 JSON of an order: the message's fields in the message's order."""
-    return Order.__pydantic_serializer__.to_json(order)
+    return _ENCODER.encode(order)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,8 @@ from order_viewer.adapters.metrics import (
     Metrics,
     route_template,
 )
-from order_viewer.domain.model import ORDER_UID_PATTERN, Order
+from order_viewer.domain.model import ORDER_UID_PATTERN
+from order_viewer.domain.schema import Order
 from order_viewer.service.events import OrderEvents, StreamEnded, Subscription
 from order_viewer.service.lookup import OrderLookup
 from order_viewer.service.ports import DatabaseUnavailable, OrderState, OrderSummary

@@ -16,12 +16,12 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Final, Union, get_args, get_origin
+from typing import Final, Union, get_args, get_origin, get_type_hints
 
+import msgspec
 from psycopg import sql
-from pydantic import BaseModel
 
-from order_viewer.domain.model import Delivery, Item, Order, Payment, PreparedOrder
+from order_viewer.domain.model import Delivery, Instant, Item, Order, Payment, PreparedOrder
 
 Row = tuple[object, ...]
 
@@ -54,30 +54,35 @@ _POSTGRES_TYPES: Final[dict[object, str]] = {
     str: "text",
     int: "bigint",
     datetime: "timestamp with time zone",
+    Instant: "timestamp with time zone",
 }
 # The parts of an order that are tables of their own rather than columns of `orders`.
 _PARTS: Final = frozenset({"delivery", "payment", "items"})
 
 
-def _field_column(model: type[BaseModel], name: str) -> Column:
-    annotation = model.model_fields[name].annotation
+def _field_column(model: type[msgspec.Struct], name: str, annotation: object) -> Column:
     nullable = False
     if get_origin(annotation) in (Union, types.UnionType):
         others = [arg for arg in get_args(annotation) if arg is not type(None)]
         if len(others) == 1:
             (annotation,), nullable = others, True
-    # Pydantic strips the constraints of a field's own annotation, not of a union's member.
-    if get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
     if annotation not in _POSTGRES_TYPES:
         raise TypeError(f"{model.__name__}.{name}: no column type for {annotation!r}")
     return Column(name, _POSTGRES_TYPES[annotation], nullable)
 
 
-def columns_of(model: type[BaseModel], but: frozenset[str] = frozenset()) -> tuple[Column, ...]:
+def columns_of(
+    model: type[msgspec.Struct], but: frozenset[str] = frozenset()
+) -> tuple[Column, ...]:
     """A column for each field of the model, but those named: a field that may be null is a
     column that may be; a field of a type no column holds is refused, as TypeError."""
-    return tuple(_field_column(model, name) for name in model.model_fields if name not in but)
+    # Without their constraints (Annotated), which are the validation's, not the column's.
+    annotations = get_type_hints(model)
+    return tuple(
+        _field_column(model, name, annotations[name])
+        for name in model.__struct_fields__
+        if name not in but
+    )
 
 
 def _row_function(columns: tuple[Column, ...], fields: tuple[Column, ...]) -> Callable[..., Row]:
