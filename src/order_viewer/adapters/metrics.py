@@ -64,7 +64,7 @@ class Metrics:
         )
         self.changes_heard = Counter(
             "order_viewer_changes_heard",
-            "Orders other instances replaced or deleted, as heard by this one.",
+            "Orders other instances stored, replaced or deleted, as heard by this one.",
             registry=registry,
         )
         self.dead_lettered = Counter(
@@ -321,6 +321,17 @@ class _CacheCollector(Collector):
         )
         yield CounterMetricFamily(
             "order_viewer_cache_misses", "Lookups not in the cache.", value=cache.misses
+        )
+        yield CounterMetricFamily(
+            "order_viewer_cache_absent_hits",
+            "Lookups answered 404 from memory: ids the database had answered absent for, with no "
+            "change of them heard since (counted among the misses too).",
+            value=cache.absent_hits,
+        )
+        yield GaugeMetricFamily(
+            "order_viewer_cache_absent_entries",
+            "Ids remembered as absent (bounded by CACHE_ABSENT_CAPACITY).",
+            value=cache.absent_entries,
         )
         yield CounterMetricFamily(
             "order_viewer_cache_invalidations",

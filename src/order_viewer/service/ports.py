@@ -162,7 +162,7 @@ class Changes(Protocol):
     """What an instance does when it hears of orders another instance changed."""
 
     def changed(self, order_uids: Sequence[str]) -> None:
-        """These orders were replaced or deleted by a committed transaction."""
+        """These orders were stored, replaced or deleted by a committed transaction."""
         ...
 
     def lost(self) -> None:
@@ -226,6 +226,11 @@ class Cache(Protocol):
         """The cached order, or None (also while suspended)."""
         ...
 
+    def absent(self, order_uid: str) -> bool:
+        """Whether the database answered this id absent and no change of it came since (never
+        while suspended)."""
+        ...
+
     def kept(self, order_uid: str) -> CachedOrder | None:
         """The entry of an order, even while suspended: what is left to serve when the database
         cannot be reached."""
@@ -238,9 +243,11 @@ class Cache(Protocol):
         since the ticket."""
         ...
 
-    def fill(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
-        """Orders read from the database, except those changed since the ticket; how many were
-        kept."""
+    def fill(
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket, absent: Iterable[str] = ()
+    ) -> int:
+        """Orders read from the database, and the ids it answered `absent` for, except those
+        changed since the ticket; how many orders were kept."""
         ...
 
     def warm(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
@@ -249,7 +256,7 @@ class Cache(Protocol):
         ...
 
     def invalidate(self, order_uids: Iterable[str]) -> None:
-        """Forget these orders, and any read of them under way."""
+        """Forget these orders (and that they were absent), and any read of them under way."""
         ...
 
     def etags(self) -> dict[str, str]: ...
@@ -297,7 +304,7 @@ class ServiceMetrics(Protocol):
     def warmed_up(self, seconds: float) -> None: ...
 
     def heard_changes(self, orders: int) -> None:
-        """Orders other instances replaced or deleted, as heard by this one."""
+        """Orders other instances stored, replaced or deleted, as heard by this one."""
         ...
 
     def listener_state(self, listening: bool) -> None: ...

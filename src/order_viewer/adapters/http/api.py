@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import time
 from importlib import resources
@@ -244,10 +245,11 @@ def create_app(
         except DatabaseUnavailable:
             return _error(503, "the order is not in memory and the database is unreachable")
         if found is None:
-            return _error(404, "no order with this id", order_uid=order_uid)
-        status, headers, body = order_answer(
-            found, request.scope.get(ORDER_VIEW), raw_header(request.scope, b"if-none-match")
-        )
+            status, headers, body = absent_answer(order_uid)
+        else:
+            status, headers, body = order_answer(
+                found, request.scope.get(ORDER_VIEW), raw_header(request.scope, b"if-none-match")
+            )
         response = Response(body, status_code=status)
         response.raw_headers[:0] = headers
         return response
@@ -367,6 +369,13 @@ def order_answer(
     return 200, headers, found.body
 
 
+def absent_answer(order_uid: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The answer to a GET of an order that is not stored: the one place that makes it, for an
+    id the cache knows absent and one the database did not find alike."""
+    body = {"error": "no order with this id", "order_uid": order_uid}
+    return 404, [_JSON], json.dumps(body, separators=(",", ":")).encode()
+
+
 def _matches(if_none_match: str, etag: str) -> bool:
     candidates = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
     return etag in candidates or "*" in candidates
@@ -379,8 +388,9 @@ class Front:
 
     Orders in memory are the hot path, answered in this frame without a coroutine or a wrapped
     `send` more: the framework's routing, validation and response objects would cost most of
-    their time (docs/PERFORMANCE.md). The framework documents the order route and answers its
-    other cases, with the same `order_answer`.
+    their time (docs/PERFORMANCE.md). So are the ids the cache knows absent, a client polling
+    for an order not there yet or a flood of made-up ids. The framework documents the order
+    route and answers its other cases, with the same `order_answer` and `absent_answer`.
     """
 
     def __init__(
@@ -413,11 +423,9 @@ class Front:
             principal, view = verdict, guard.view(verdict)
         if path.startswith(ORDER_PATH) and scope["method"] == "GET":
             order_uid = path[len(ORDER_PATH) :]
-            found = self._lookup.cached(order_uid)
-            if found is not None:
-                status, headers, body = order_answer(
-                    found, view, raw_header(scope, b"if-none-match")
-                )
+            answer = self._from_memory(order_uid, view, scope)
+            if answer is not None:
+                status, headers, body = answer
                 if principal is not None:
                     headers += PRIVATE
                 # Before the sends, which only hand the two messages to the server.
@@ -451,6 +459,17 @@ class Front:
             self._record(route_template(path), status, started)
             if principal is not None:
                 audit_request(principal, path, status, view_name(view), client)
+
+    def _from_memory(
+        self, order_uid: str, view: View | None, scope: Scope
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The answer to a GET of the order if memory has it: the order, or that it is absent."""
+        found = self._lookup.cached(order_uid)
+        if found is not None:
+            return order_answer(found, view, raw_header(scope, b"if-none-match"))
+        if self._lookup.absent(order_uid):
+            return absent_answer(order_uid)
+        return None
 
     async def _refuse(
         self, path: str, send: Send, refusal: Refusal, client: str, started: float
