@@ -230,8 +230,8 @@ class Settings(BaseSettings):
     cache_absent_capacity: Annotated[int, Field(ge=0, le=10_000_000)] = Field(
         default=100_000,
         description="Most ids of orders not stored kept in memory, so that asking for one again "
-        "is answered 404 without a query (least recently asked evicted; about 170 bytes each, "
-        "up to 230 for ids of 64 characters); 0 keeps none.",
+        "is answered 404 without a query (least recently asked evicted; about 160 bytes each, "
+        "205 for ids of 64 characters); 0 keeps none.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Lowest level of log lines printed."
