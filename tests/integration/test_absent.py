@@ -5,6 +5,9 @@ the id race its store."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import random
 import threading
 import time
@@ -17,8 +20,17 @@ import httpx
 import psycopg
 import pytest
 
-from order_viewer.adapters.postgres.listener import CHANGES_CHANNEL
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.postgres.listener import CHANGES_CHANNEL, PostgresChangeListener
+from order_viewer.adapters.postgres.reader import PostgresOrderReader, stored_versions
+from order_viewer.adapters.postgres.writer import PostgresOrderWriter
+from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
+from order_viewer.service.coherence import CacheCoherence
+from order_viewer.service.lookup import OrderLookup
+from order_viewer.service.ports import OrderSummary, StoredDocument
+from order_viewer.service.retry import Health, Patience
 from tests.audit import row_counts
 from tests.coherence import ALLOWED_DELAY_SECONDS, percentile
 from tests.conftest import (
@@ -37,6 +49,10 @@ pytestmark = pytest.mark.integration
 # The freshness target: from a commit to every instance serving it, at the 99th percentile.
 TARGET_SECONDS = 0.1
 RACES = 200
+
+
+def prepared_order(order: dict[str, object]) -> PreparedOrder:
+    return PreparedOrder.of(parse_order(json.dumps(order).encode()), 0, 0)
 
 
 class CommitsHeard:
@@ -194,3 +210,81 @@ def test_lookups_racing_the_store_of_their_order_answer_no_404_past_the_target(
     assert remembered > RACES  # the lookups did meet the absent ids remembered
     assert max(late) < ALLOWED_DELAY_SECONDS
     assert p99 <= TARGET_SECONDS
+
+
+class HeldReader:
+    """The PostgreSQL reader, whose answers wait for `release` once the database gave them: a
+    read whose snapshot came before a commit, held until that commit has been heard."""
+
+    def __init__(self, reader: PostgresOrderReader) -> None:
+        self._reader = reader
+        self.answered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def documents(self, order_uids: list[str]) -> list[StoredDocument]:
+        found = await self._reader.documents(order_uids)
+        self.answered.set()
+        await self.release.wait()
+        return found
+
+    async def recent(self, limit: int) -> list[OrderSummary]:
+        return await self._reader.recent(limit)
+
+    async def ping(self) -> bool:
+        return await self._reader.ping()
+
+
+def test_an_absent_answer_read_before_a_commit_heard_before_it_returns_is_not_kept(
+    stack: Stack,
+) -> None:
+    """The ticket rule with the real reader, listener and writer: PostgreSQL answers a lookup
+    `absent`, another instance then commits the order and this one hears it, and only then does
+    the answer reach the cache, which must not remember the id as absent."""
+    order = prepared_order(make_order(random.Random(2403)))
+    uid = order.order.order_uid
+    cache = OrderCache(10, absent_capacity=10)
+    metrics = Metrics(cache)
+    stop = threading.Event()
+    database = Patience(Health("database", logging.getLogger("test.database")), stop, 0.2)
+    coherence = CacheCoherence(
+        cache, metrics, partial(stored_versions, stack.database_url), database, lambda _: None
+    )
+    listener = PostgresChangeListener(stack.database_url, "this-one", coherence, database)
+    listening = threading.Thread(target=listener.run)
+    listening.start()
+    reader = PostgresOrderReader(stack.database_url, 1)
+    held = HeldReader(reader)
+    lookup = OrderLookup(held, cache)
+
+    def heard() -> float:
+        return metrics.registry.get_sample_value("order_viewer_changes_heard_total") or 0.0
+
+    async def race() -> None:
+        await reader.open()
+        try:
+            loading = asyncio.create_task(lookup.load(uid))
+            await held.answered.wait()
+            writer = PostgresOrderWriter(stack.database_url, "another-one")
+            try:
+                writer.write([order])
+            finally:
+                writer.close()
+            deadline = time.monotonic() + 10
+            while heard() < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert heard() == 1
+            held.release.set()
+            assert await loading is None  # what the database answered when asked
+            assert not lookup.absent(uid)
+            found = await lookup.load(uid)
+            assert found is not None
+            assert found.body == order.document
+        finally:
+            await reader.close()
+
+    try:
+        wait_until(coherence.listening_now.is_set, 10, "the listener to listen")
+        asyncio.run(race())
+    finally:
+        stop.set()
+        listening.join(10)
