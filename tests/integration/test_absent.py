@@ -29,7 +29,7 @@ from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.ports import OrderSummary, StoredDocument
+from order_viewer.service.ports import ABSENT, OrderSummary, StoredDocument
 from order_viewer.service.retry import Health, Patience
 from tests.audit import row_counts
 from tests.coherence import ALLOWED_DELAY_SECONDS, percentile
@@ -275,7 +275,7 @@ def test_an_absent_answer_read_before_a_commit_heard_before_it_returns_is_not_ke
             assert heard() == 1
             held.release.set()
             assert await loading is None  # what the database answered when asked
-            assert not lookup.absent(uid)
+            assert lookup.cached(uid) is not ABSENT
             found = await lookup.load(uid)
             assert found is not None
             assert found.body == order.document

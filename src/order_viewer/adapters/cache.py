@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from order_viewer.domain.masking import masked_document
-from order_viewer.service.ports import CachedOrder, CacheTicket, etag_of
+from order_viewer.service.ports import ABSENT, Absent, CachedOrder, CacheTicket, etag_of
 
 # The entries and their tags are values of the service layer (`ports`), named here too: the
 # modules that hold entries import them from here.
@@ -56,9 +56,9 @@ class OrderCache:
 
     It also remembers, up to `absent_capacity` of them (least recently asked evicted), the ids
     the database answered absent for (`fill`'s `absent`), so that asking again costs no query
-    (`absent`). Such an entry is right until the id is stored, which is a change like any other:
-    a write here or one heard from another instance forgets it, and a read under way when it
-    happened is not kept, by the same ticket rule.
+    (`look_up` answers ABSENT). Such an entry is right until the id is stored, which is a change
+    like any other: a write here or one heard from another instance forgets it, and a read under
+    way when it happened is not kept, by the same ticket rule.
 
     While changes may go unheard (`suspend`), the cache answers no lookup; it keeps its entries
     for `kept` (what to serve when the database cannot be reached either) and for `verify`, which
@@ -105,25 +105,26 @@ class OrderCache:
         """Whether the cache answers no lookup, until its entries are verified again."""
         return self._suspended
 
-    def get(self, order_uid: str) -> CachedOrder | None:
+    def look_up(self, order_uid: str) -> CachedOrder | Absent | None:
+        """The cached order, ABSENT for an id remembered absent, or None; each lookup counted
+        once, as a hit, an absent hit or a miss (a query to come)."""
         with self._lock:
-            entry = None if self._suspended else self._entries.get(order_uid)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(order_uid)
-            self.hits += 1
-            return entry
+            if not self._suspended:
+                entry = self._entries.get(order_uid)
+                if entry is not None:
+                    self._entries.move_to_end(order_uid)
+                    self.hits += 1
+                    return entry
+                if order_uid in self._absent:
+                    self._absent.move_to_end(order_uid)
+                    self.absent_hits += 1
+                    return ABSENT
+            self.misses += 1
+            return None
 
-    def absent(self, order_uid: str) -> bool:
-        """Whether the database answered this id absent and no change of it came since (never
-        while suspended): a lookup after a miss, so that a hit pays nothing for it."""
-        with self._lock:
-            if self._suspended or order_uid not in self._absent:
-                return False
-            self._absent.move_to_end(order_uid)
-            self.absent_hits += 1
-            return True
+    def get(self, order_uid: str) -> CachedOrder | None:
+        found = self.look_up(order_uid)
+        return None if found is ABSENT else found
 
     @property
     def absent_entries(self) -> int:

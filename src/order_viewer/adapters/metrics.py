@@ -325,7 +325,7 @@ class _CacheCollector(Collector):
         yield CounterMetricFamily(
             "order_viewer_cache_absent_hits",
             "Lookups answered 404 from memory: ids the database had answered absent for, with no "
-            "change of them heard since (counted among the misses too).",
+            "change of them heard since (neither hits nor misses).",
             value=cache.absent_hits,
         )
         yield GaugeMetricFamily(

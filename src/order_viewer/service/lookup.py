@@ -9,6 +9,7 @@ import logging
 import time
 
 from order_viewer.service.ports import (
+    Absent,
     Cache,
     CachedOrder,
     DatabaseBusy,
@@ -52,8 +53,8 @@ def warm_up(
 
 
 class OrderLookup:
-    """Finds orders for the HTTP side: `cached` from memory, or `absent` (known from memory not
-    to be stored); `load` from the database.
+    """Finds orders for the HTTP side: `cached` from memory (an order, or ABSENT for one known
+    not to be stored); `load` from the database.
 
     Loads are gathered: every id asked for while the event loop runs one step goes to the
     database in one query, and an id already on its way is not asked again, so a burst of
@@ -72,12 +73,8 @@ class OrderLookup:
         # Running queries, referenced so that the event loop does not collect them midway.
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def cached(self, order_uid: str) -> CachedOrder | None:
-        return self._cache.get(order_uid)
-
-    def absent(self, order_uid: str) -> bool:
-        """Whether the order is known not to be stored (to ask after `cached` found nothing)."""
-        return self._cache.absent(order_uid)
+    def cached(self, order_uid: str) -> CachedOrder | Absent | None:
+        return self._cache.look_up(order_uid)
 
     async def load(self, order_uid: str) -> CachedOrder | None:
         """The stored order, or None; raises DatabaseUnavailable when the database cannot be

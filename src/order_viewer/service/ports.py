@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from enum import Enum
+from typing import Final, Literal, Protocol
 
 from order_viewer.domain.model import PreparedOrder, Rejection
 
@@ -85,6 +86,15 @@ def etag_of(sha256: bytes) -> str:
     """The entity tag of a version: a prefix of its content's digest, so that the tag of a stored
     version can be told from its digest alone."""
     return f'"{sha256[:16].hex()}"'
+
+
+class Absent(Enum):
+    """What the cache answers for an id the database did not find, with no change of it since."""
+
+    ABSENT = "absent"
+
+
+ABSENT: Final = Absent.ABSENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,13 +232,9 @@ class Cache(Protocol):
         """To take before the database is asked, and hand back with what it answered."""
         ...
 
-    def get(self, order_uid: str) -> CachedOrder | None:
-        """The cached order, or None (also while suspended)."""
-        ...
-
-    def absent(self, order_uid: str) -> bool:
-        """Whether the database answered this id absent and no change of it came since (never
-        while suspended)."""
+    def look_up(self, order_uid: str) -> CachedOrder | Absent | None:
+        """The cached order; ABSENT for an id the database did not find, with no change of it
+        since; None for a miss (and for every id while suspended)."""
         ...
 
     def kept(self, order_uid: str) -> CachedOrder | None:

@@ -53,7 +53,7 @@ from order_viewer.adapters.metrics import (
 )
 from order_viewer.domain.model import ORDER_UID_PATTERN, Order
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.ports import DatabaseUnavailable, OrderSummary
+from order_viewer.service.ports import ABSENT, DatabaseUnavailable, OrderSummary
 
 RETRY_AFTER_SECONDS = "5"
 # The page's scripts and styles are files of our own; nothing inline, nothing from elsewhere.
@@ -465,11 +465,11 @@ class Front:
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         """The answer to a GET of the order if memory has it: the order, or that it is absent."""
         found = self._lookup.cached(order_uid)
-        if found is not None:
-            return order_answer(found, view, raw_header(scope, b"if-none-match"))
-        if self._lookup.absent(order_uid):
+        if found is None:
+            return None
+        if found is ABSENT:
             return absent_answer(order_uid)
-        return None
+        return order_answer(found, view, raw_header(scope, b"if-none-match"))
 
     async def _refuse(
         self, path: str, send: Send, refusal: Refusal, client: str, started: float
