@@ -123,6 +123,7 @@ class OrderCache:
             return None
 
     def get(self, order_uid: str) -> CachedOrder | None:
+        """The cached order, or None: for a cache that remembers no absent ids (masked views)."""
         found = self.look_up(order_uid)
         return None if found is ABSENT else found
 

@@ -320,7 +320,9 @@ class _CacheCollector(Collector):
             "order_viewer_cache_hits", "Lookups answered from the cache.", value=cache.hits
         )
         yield CounterMetricFamily(
-            "order_viewer_cache_misses", "Lookups not in the cache.", value=cache.misses
+            "order_viewer_cache_misses",
+            "Lookups not in the cache nor remembered absent: each reads the database.",
+            value=cache.misses,
         )
         yield CounterMetricFamily(
             "order_viewer_cache_absent_hits",
