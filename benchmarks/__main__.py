@@ -13,6 +13,7 @@ import gc
 import io
 import itertools
 import os
+import random
 import re
 import sys
 import tempfile
@@ -599,6 +600,109 @@ def http_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[
     }
 
 
+ABSENT_IDS = 10_000
+
+
+def absent_ids_file(bench: Bench, count: int, logs: Path) -> Path:
+    """`count` random ids of the generator's shape that no stored order has, one a line."""
+    rng = random.Random(2024)
+    candidates = [f"{rng.getrandbits(80):020x}" for _ in range(count)]
+    with bench.connect() as connection:
+        stored = {
+            row[0]
+            for row in connection.execute(
+                "SELECT order_uid FROM orders WHERE order_uid = ANY(%s)", (candidates,)
+            )
+        }
+    ids_file = logs / "absent-ids.txt"
+    ids_file.write_text("".join(f"{uid}\n" for uid in candidates if uid not in stored))
+    return ids_file
+
+
+def absent_entry_bytes(length: int, count: int = 100_000) -> float:
+    """Bytes an absent id remembered takes in the cache, the id's own string included
+    (tracemalloc), for ids of `length` characters."""
+    cache = OrderCache(0, absent_capacity=count)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    # Each id a string of its own, as each request's path makes one.
+    cache.fill({}, cache.ticket(), [f"{n:0{length}d}" for n in range(count)])
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert cache.absent_entries == count
+    return held / count
+
+
+def absent_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
+    """Cache hits against lookups of ids that are not stored, each of a fixed set asked again
+    and again: answered from the absent ids the cache remembers (the default settings), and
+    with none remembered (CACHE_ABSENT_CAPACITY=0: a query each). Both services run at once and
+    are measured in turns, best of HTTP_ROUNDS; then the same in-process, in µs a lookup."""
+    ids_file = newest_ids_file(bench, cached, logs)
+    absent_file = absent_ids_file(bench, ABSENT_IDS, logs)
+    console.print(
+        f"absent ids: {ABSENT_IDS:,} ids not stored against hits of {cached:,} cached orders"
+    )
+    services = {
+        remembered: ServiceRun(
+            bench,
+            logs / f"absent-capacity-{remembered}.log",
+            CACHE_CAPACITY=str(cached),
+            CACHE_ABSENT_CAPACITY=str(remembered),
+        )
+        for remembered in (ABSENT_IDS, 0)
+    }
+    for service in services.values():
+        service.wait_ready()
+    turns = {
+        "hit": (services[ABSENT_IDS], ids_file),
+        "absent": (services[ABSENT_IDS], absent_file),
+        "absent_unremembered": (services[0], absent_file),
+    }
+    # Untimed: connections warm, and every absent id asked at least once (remembered).
+    for service, lookups in turns.values():
+        wrk(service.url, lookups, 64, 3)
+    results: dict[str, dict[str, float]] = {}
+    for round_number in range(1, HTTP_ROUNDS + 1):
+        for name, (service, lookups) in turns.items():
+            console.print(f"absent ids, round {round_number}: {name}, {seconds} s")
+            measured = wrk(service.url, lookups, 64, seconds)
+            if name not in results or measured["rate"] > results[name]["rate"]:
+                results[name] = measured
+    for service in services.values():
+        service.stop()
+    return {
+        "cached": cached,
+        "absent_ids": len(absent_file.read_text().split()),
+        **results,
+        "in_process_us": profiles.absent_cost(bench, ids_file, absent_file.read_text().split()),
+        "bytes_per_absent_id": {length: absent_entry_bytes(length) for length in (20, 64)},
+    }
+
+
+def print_absent(absent: dict[str, Any]) -> None:
+    print(
+        f"\n## Absent ids: {absent['absent_ids']:,} ids not stored, each asked again and again, "
+        f"against hits of {absent['cached']:,} orders; wrk -t1 -c64, best of {HTTP_ROUNDS}\n"
+    )
+    print("| lookup | requests/s | vs. hits | p99 ms | non-2xx |")
+    print("|---|---:|---:|---:|---:|")
+    hits = absent["hit"]["rate"]
+    for name, label in (
+        ("hit", "cache hit"),
+        ("absent", "absent id, remembered (default settings)"),
+        ("absent_unremembered", "absent id, CACHE_ABSENT_CAPACITY=0 (a query each)"),
+    ):
+        rate, p99, errors = (absent[name][key] for key in ("rate", "p99_ms", "errors"))
+        print(f"| {label} | {rate:,.0f} | {rate / hits:.2f} | {p99:.2f} | {errors:.0f} |")
+    in_process, sizes = absent["in_process_us"], absent["bytes_per_absent_id"]
+    print(
+        f"\nin-process, µs a lookup with a no-op send: hit {in_process['hit']:.2f}, absent id "
+        f"{in_process['absent']:.2f}; memory per absent id remembered (tracemalloc): "
+        + ", ".join(f"{size:.0f} bytes for ids of {length}" for length, size in sizes.items())
+    )
+
+
 def drain_benchmark(
     bench: Bench, settings: Settings, cached: int, backlog: int, *, seconds: int, logs: Path
 ) -> dict[str, Any]:
@@ -878,10 +982,10 @@ def print_large(large: dict[str, Any]) -> None:
     )
 
 
-SECTIONS = ("freshness", "auth", "http", "drain", "large", "backlog", "profile")
+SECTIONS = ("freshness", "auth", "http", "absent", "drain", "large", "backlog", "profile")
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--orders", type=int, default=200_000)
     parser.add_argument("--cached", type=int, default=100_000)
@@ -916,12 +1020,17 @@ def main() -> None:
         "--profile-orders", type=int, default=100_000, help="orders in the profile section"
     )
     arguments = parser.parse_args()
+    cached = min(arguments.cached, arguments.orders)
+    arguments.drain_backlog = arguments.drain_backlog or 2 * cached
+    if arguments.drain_backlog < 2 * cached:
+        parser.error(f"--drain-backlog must be at least twice the orders cached ({2 * cached:,})")
+    return arguments
+
+
+def main() -> None:
+    arguments = parse_arguments()
     sections = arguments.only or SECTIONS
     cached = min(arguments.cached, arguments.orders)
-    drain_backlog = arguments.drain_backlog or 2 * cached
-    if drain_backlog < 2 * cached:
-        parser.error(f"--drain-backlog must be at least twice the orders cached ({2 * cached:,})")
-
     settings = Settings()
     base_url = str(settings.database_url)
     database = fresh_database(base_url)
@@ -953,9 +1062,16 @@ def main() -> None:
     if "drain" in sections:
         print_drain(
             drain_benchmark(
-                bench, settings, cached, drain_backlog, seconds=arguments.seconds, logs=logs
+                bench,
+                settings,
+                cached,
+                arguments.drain_backlog,
+                seconds=arguments.seconds,
+                logs=logs,
             )
         )
+    if "absent" in sections:
+        print_absent(absent_benchmark(bench, cached, arguments.seconds, logs))
     if "large" in sections:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     if "backlog" in sections:

@@ -5,7 +5,7 @@
   PostgreSQL's pg_stat_statements (the local stack preloads it).
 - A cache hit: the service's ASGI app and the bare server's, each called in this process with
   what granian hands over, so that what the service adds to a hit is told from the HTTP
-  server's own time.
+  server's own time; and a lookup of an id the cache remembers as absent, beside a hit.
 """
 
 from __future__ import annotations
@@ -248,6 +248,27 @@ def cache_hit_cost(bench: Bench, ids_file: Path) -> dict[str, float]:
         }
 
     return asyncio.run(best_of_three())
+
+
+def absent_cost(bench: Bench, ids_file: Path, absent_ids: list[str]) -> dict[str, float]:
+    """Microseconds one lookup spends in the service's app (metrics on, no authentication): a
+    cache hit, and an id the cache remembers as absent, called with a no-op send."""
+    ids = ids_file.read_text().split()
+    cache, _ = _cached(bench, ids)
+    cache.absent_capacity = len(absent_ids)
+    cache.fill({}, cache.ticket(), absent_ids)
+    app = create_app(OrderLookup(_NoReader(), cache), _Ready(), Metrics(cache))
+    scopes = {"hit": _hits(ids), "absent": _hits(absent_ids)}
+
+    async def best_of_three() -> dict[str, float]:
+        return {
+            name: min([await _microseconds_a_call(app, lookups) for _ in range(3)])
+            for name, lookups in scopes.items()
+        }
+
+    costs = asyncio.run(best_of_three())
+    assert cache.absent_hits == 3 * HIT_CALLS
+    return costs
 
 
 def auth_hit_cost(

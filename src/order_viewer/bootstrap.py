@@ -156,7 +156,9 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     kafka = kafka_client(settings)
     # Names this instance in its change notifications, so that it skips its own.
     instance = uuid.uuid4().hex
-    cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
+    cache = OrderCache(
+        settings.cache_capacity, settings.cache_max_bytes, settings.cache_absent_capacity
+    )
     metrics = Metrics(cache)
     reader = PostgresOrderReader(database_url, settings.database_pool_size)
     writers = [

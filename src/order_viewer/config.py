@@ -238,6 +238,13 @@ class Settings(BaseSettings):
         "binds before CACHE_CAPACITY when orders are large. With HTTP_AUTH set, masked views of "
         "orders are kept in a second cache with the same bounds, so up to twice this.",
     )
+    # Every id a client makes up may take an entry: the bound caps that memory at about 2 GB.
+    cache_absent_capacity: Annotated[int, Field(ge=0, le=10_000_000)] = Field(
+        default=100_000,
+        description="Most ids of orders not stored kept in memory, so that asking for one again "
+        "is answered 404 without a query (least recently asked evicted; about 160 bytes each, "
+        "205 for ids of 64 characters); 0 keeps none.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Lowest level of log lines printed."
     )

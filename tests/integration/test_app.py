@@ -32,7 +32,7 @@ _rng = random.Random(77)
 
 class App:
     def __init__(self, database_url: str) -> None:
-        self.cache = OrderCache(100)
+        self.cache = OrderCache(100, absent_capacity=100)
         self.reader = PostgresOrderReader(database_url, 2)
         self.consuming = threading.Event()
         self.lookup = OrderLookup(self.reader, self.cache)
@@ -113,6 +113,36 @@ def test_unknown_and_malformed_ids_get_their_own_answers(stack: Stack) -> None:
             response = await app.client.get(f"/order/{hostile}")
             assert response.status_code == 400, hostile
             assert "error" in response.json(), hostile
+
+    run(stack.database_url, scenario)
+
+
+def test_an_id_found_absent_is_answered_from_memory_as_the_database_answered_it(
+    stack: Stack,
+) -> None:
+    order = PreparedOrder.of(parse_order(json.dumps(make_order(_rng)).encode()), 0, 0)
+    uid = order.order.order_uid
+
+    async def scenario(app: App) -> None:
+        first = await app.client.get(f"/order/{uid}")
+        again = await app.client.get(f"/order/{uid}")
+        for response in (first, again):
+            assert response.status_code == 404
+            assert response.json() == {"error": "no order with this id", "order_uid": uid}
+            assert response.headers["content-type"] == "application/json"
+        assert again.content == first.content
+        assert app.cache.absent_hits == 1  # the second, without a query
+        text = (await app.client.get("/metrics")).text
+        assert "order_viewer_cache_absent_hits_total 1.0" in text
+        assert 'route="/order/{order_uid}",status="404"} 2.0' in text
+        writer = PostgresOrderWriter(stack.database_url, "another-instance")
+        try:
+            writer.write([order])
+        finally:
+            writer.close()
+        app.cache.invalidate([uid])  # what the change listener does when it hears the store
+        stored = await app.client.get(f"/order/{uid}")
+        assert (stored.status_code, stored.content) == (200, order.document)
 
     run(stack.database_url, scenario)
 

@@ -54,6 +54,11 @@ def heard(connection: psycopg.Connection[Any], timeout: float = 1.0) -> list[str
     return [n.payload for n in connection.notifies(timeout=timeout) if n.channel == CHANGES_CHANNEL]
 
 
+def announced(payloads: list[str]) -> list[str]:
+    """The ids the payloads name, sorted (a batch's come in the order the merge returned them)."""
+    return sorted(uid for payload in payloads for uid in payload.split(" ")[1:])
+
+
 @pytest.fixture
 def listening(stack: Stack) -> Iterator[psycopg.Connection[Any]]:
     with stack.connect() as connection:
@@ -68,18 +73,21 @@ def writer(stack: Stack) -> Iterator[PostgresOrderWriter]:
     writer.close()
 
 
-def test_replaced_and_deleted_orders_are_announced_when_the_write_commits(
+def test_stored_replaced_and_deleted_orders_are_announced_when_the_write_commits(
     listening: psycopg.Connection[Any], writer: PostgresOrderWriter
 ) -> None:
     a, b, c = (make_order(_rng) for _ in range(3))
     writer.write([prepared(a, 1), prepared(b, 2)])
-    assert heard(listening, 0.5) == []  # a new order is in no instance's cache
+    # New orders too: another instance may remember their ids as absent.
+    payloads = heard(listening)
+    assert [payload.split(" ")[0] for payload in payloads] == ["writer-1"]
+    assert announced(payloads) == sorted([a["order_uid"], b["order_uid"]])
     writer.write(
         [prepared(renamed(a, "A2"), 3), prepared(c, 4), prepared(b, 2)],
         [Deletion(b["order_uid"], 0, 1), Deletion("never-stored", 0, 9)],
     )
-    # b's tombstone is older than its stored version: only a is announced.
-    assert heard(listening) == [f"writer-1 {a['order_uid']}"]
+    # b is unchanged and its tombstone older than its stored version: a and c are announced.
+    assert announced(heard(listening)) == sorted([a["order_uid"], c["order_uid"]])
     writer.write([], [Deletion(b["order_uid"], 0, 5)])
     assert heard(listening) == [f"writer-1 {b['order_uid']}"]
 
@@ -89,6 +97,7 @@ def test_a_write_that_rolls_back_announces_nothing(
 ) -> None:
     a, bad = make_order(_rng), make_order(_rng)
     writer.write([prepared(a, 1)])
+    assert announced(heard(listening)) == [a["order_uid"]]
     refused = prepared(bad, 2)
     negative = msgspec.structs.replace(refused.order.payment, amount=-1)
     broken = PreparedOrder(
@@ -105,13 +114,14 @@ def test_many_changes_are_announced_in_payloads_under_the_limit(
     listening: psycopg.Connection[Any], writer: PostgresOrderWriter
 ) -> None:
     orders = [make_order(_rng, order_uid=f"{n:04d}-" + "x" * 59) for n in range(400)]
+    uids = sorted(order["order_uid"] for order in orders)
     writer.write([prepared(order, 1) for order in orders])
+    assert announced(heard(listening, 2.0)) == uids  # new
     writer.write([prepared(renamed(order, "Again"), 2) for order in orders])
     payloads = heard(listening, 2.0)
     assert len(payloads) > 1
     assert all(len(payload.encode()) < 8000 for payload in payloads)
-    announced = [uid for payload in payloads for uid in payload.split(" ")[1:]]
-    assert sorted(announced) == sorted(order["order_uid"] for order in orders)
+    assert announced(payloads) == uids  # replaced
     assert {payload.split(" ")[0] for payload in payloads} == {"writer-1"}
 
 
@@ -122,6 +132,7 @@ def test_the_payloads_of_a_batch_go_in_one_statement(
 ) -> None:
     orders = [make_order(_rng, order_uid=f"{n:04d}-" + "y" * 59) for n in range(300)]
     writer.write([prepared(order, 1) for order in orders])
+    heard(listening, 2.0)  # the new orders' announcements, before the statements are counted
     notifying: list[str] = []
     execute = psycopg.Cursor.execute
 
@@ -135,8 +146,7 @@ def test_the_payloads_of_a_batch_go_in_one_statement(
     payloads = heard(listening, 2.0)
     assert len(payloads) > 1
     assert len(notifying) == 1
-    announced = [uid for payload in payloads for uid in payload.split(" ")[1:]]
-    assert sorted(announced) == sorted(order["order_uid"] for order in orders)
+    assert announced(payloads) == sorted(order["order_uid"] for order in orders)
 
 
 def test_payloads_split_exactly_at_the_limit() -> None:
@@ -218,10 +228,12 @@ def test_the_listener_reports_other_instances_changes_and_skips_its_own(
         other.close()
     wait_until(lambda: recorder.count("changed") == 1, 10, "the other instance's change")
     assert recorder.events[1:] == [("changed", (a["order_uid"],))]
-    # The streams of orders' changes hear both, their own instance's first.
-    wait_until(lambda: every_change.count("changed") == 2, 10, "both changes")
+    # The streams of orders' changes hear all three, their own instance's (the first store,
+    # then the replacement) first.
+    wait_until(lambda: every_change.count("changed") == 3, 10, "the three changes")
     assert every_change.events == [
         ("listening", ()),
+        ("changed", (a["order_uid"],)),
         ("changed", (a["order_uid"],)),
         ("changed", (a["order_uid"],)),
     ]
@@ -313,8 +325,7 @@ def test_the_expirer_deletes_the_oldest_in_bounded_batches_and_skips_locked_rows
     assert row_counts(stack, expired)["orders"] == 0
     assert row_counts(stack, [o["order_uid"] for o in recent])["orders"] == 2
     assert orphan_rows(stack) == 0
-    announced = [uid for payload in heard(listening) for uid in payload.split(" ")[1:]]
-    assert sorted(announced) == sorted(expired)
+    assert announced(heard(listening)) == sorted(expired)
 
 
 def test_the_expirers_deletions_are_heard_by_its_own_instance_too(

@@ -27,7 +27,7 @@ from order_viewer.adapters.http.access import (
     audit,
     audit_order_read,
 )
-from order_viewer.adapters.http.api import Front, create_app
+from order_viewer.adapters.http.api import Front, absent_answer, create_app
 from order_viewer.adapters.http.auth import ORDERS_READ, Authenticator, AuthFailure, Principal
 from order_viewer.adapters.http.auth.jwt import JWKS_RETRY_SECONDS, JwksAnswer, JwtVerifier
 from order_viewer.adapters.http.auth.limiter import FailureLimiter
@@ -200,7 +200,7 @@ def front(
     policy: AccessPolicy, metrics: Metrics | None = None, cache: OrderCache | None = None
 ) -> Front:
     """The app's front with `policy`, in front of `answer_ok`, holding the orders of `cache`."""
-    lookup = OrderLookup(FakeReader({}), cache or OrderCache(10))
+    lookup = OrderLookup(FakeReader({}), OrderCache(10) if cache is None else cache)
     stats = None if metrics is None else metrics.http
     return Front(answer_ok, lookup, AccessGuard(policy, metrics), stats)
 
@@ -451,6 +451,38 @@ def test_an_order_read_from_memory_is_audited_though_the_client_left(
         order_read(send)
     (record,) = audit_records(caplog)
     assert "order_uid=b563 status=200 view=masked" in record.getMessage()
+
+
+def test_an_id_remembered_absent_is_answered_404_from_memory_kept_private_and_audited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="order_viewer.audit")
+    cache = OrderCache(10, absent_capacity=10)
+    cache.fill({}, cache.ticket(), ["gone-1"])
+    guarded = front(AccessPolicy(OneToken(), FailureLimiter(), MaskedViews(10, None)), cache=cache)
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(guarded(request("/order/gone-1", f"Bearer {VALID}"), receive, send))
+    assert sent[0]["status"] == 404  # not the framework's answer_ok behind: answered here
+    assert json.loads(sent[1]["body"]) == {"error": "no order with this id", "order_uid": "gone-1"}
+    headers = sent[0]["headers"]
+    assert (b"content-type", b"application/json") in headers
+    assert (b"vary", b"Authorization") in headers
+    assert (b"cache-control", b"no-store") in headers
+    assert cache.absent_hits == 1
+    (record,) = audit_records(caplog)
+    assert record.levelno == logging.INFO
+    assert "order_uid=gone-1 status=404 view=masked" in record.getMessage()
+
+
+@pytest.mark.parametrize("order_uid", ["plain", 'quo"te', "back\\slash", "new\nline", "é☃", "\x00"])
+def test_the_answer_of_an_absent_id_is_json_whatever_the_id(order_uid: str) -> None:
+    status, headers, body = absent_answer(order_uid)
+    assert (status, headers) == (404, [(b"content-type", b"application/json")])
+    assert json.loads(body) == {"error": "no order with this id", "order_uid": order_uid}
 
 
 def test_the_masked_views_beside_the_cache_are_measured() -> None:

@@ -6,10 +6,16 @@ import pytest
 
 from order_viewer.adapters import cache as cache_module
 from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.service.ports import ABSENT
 
 
 def entry(text: str) -> CachedOrder:
     return CachedOrder.of(text.encode(), text.encode().ljust(32, b"\0"))
+
+
+def absent(cache: OrderCache, order_uid: str) -> bool:
+    """Whether the cache answers the id as absent (a lookup, counted as one)."""
+    return cache.look_up(order_uid) is ABSENT
 
 
 def test_least_recently_used_is_evicted_first() -> None:
@@ -216,3 +222,83 @@ def test_a_read_older_than_the_changes_remembered_is_refused_whole(
     assert cache.fill({"a": entry("a")}, before_read) == 0
     assert cache.fill({"a": entry("a"), "y": entry("y")}, after_x) == 1
     assert cache.get("y") is None
+
+
+def test_an_id_the_database_did_not_find_is_answered_absent_until_a_change_of_it() -> None:
+    cache = OrderCache(capacity=10, absent_capacity=10)
+    assert cache.fill({"a": entry("a")}, cache.ticket(), ["x", "y", "z"]) == 1
+    assert (absent(cache, "x"), absent(cache, "a"), absent(cache, "never-asked")) == (
+        True,
+        False,
+        False,
+    )
+    # Each lookup counted once: "a" a hit, "x" an absent hit, "never-asked" a miss.
+    assert (cache.hits, cache.absent_hits, cache.misses, cache.absent_entries) == (1, 1, 1, 3)
+    cache.put_written({"x": entry("x")})  # this instance stored it
+    cache.invalidate(["y"])  # another instance stored it, and it was heard
+    assert (absent(cache, "x"), absent(cache, "y"), absent(cache, "z")) == (False, False, True)
+    assert cache.get("x") == entry("x")
+    assert cache.absent_entries == 1
+
+
+def test_the_absent_ids_are_bounded_least_recently_asked_first() -> None:
+    cache = OrderCache(capacity=10, absent_capacity=2)
+    cache.fill({}, cache.ticket(), ["a", "b"])
+    assert absent(cache, "a")  # "b" is now the least recently asked
+    cache.fill({}, cache.ticket(), ["c"])
+    assert (absent(cache, "a"), absent(cache, "b"), absent(cache, "c")) == (True, False, True)
+    assert cache.absent_entries == 2
+    cache.fill({}, cache.ticket(), [f"flood{n}" for n in range(1000)])
+    assert cache.absent_entries == 2
+    assert (absent(cache, "flood998"), absent(cache, "flood999"), absent(cache, "a")) == (
+        True,
+        True,
+        False,
+    )
+    off = OrderCache(capacity=10, absent_capacity=0)
+    off.fill({}, off.ticket(), ["a"])
+    assert (absent(off, "a"), off.absent_entries) == (False, 0)
+
+
+def test_an_absent_answer_read_before_a_change_of_its_id_is_not_kept() -> None:
+    cache = OrderCache(capacity=10, absent_capacity=10)
+    before_read = cache.ticket()
+    # While the database was being asked, this instance stored "mine" and another instance
+    # stored "theirs" (heard): the read may have begun before either commit.
+    cache.put_written({"mine": entry("mine")}, cache.ticket())
+    cache.invalidate(["theirs"])
+    cache.fill({}, before_read, ["mine", "theirs", "other"])
+    assert (absent(cache, "mine"), absent(cache, "theirs"), absent(cache, "other")) == (
+        False,
+        False,
+        True,
+    )
+    cache.fill({}, cache.ticket(), ["theirs"])  # asked again after the change: absent again
+    assert absent(cache, "theirs")
+
+
+def test_an_absent_answer_older_than_the_changes_remembered_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cache_module, "CHANGES_REMEMBERED", 2)
+    cache = OrderCache(capacity=10, absent_capacity=10)
+    before_read = cache.ticket()
+    cache.invalidate(["x", "y", "z"])  # "x" forgotten: a change of "a" could have been too
+    cache.fill({}, before_read, ["a"])
+    assert not absent(cache, "a")
+
+
+def test_a_suspended_cache_answers_no_id_absent_and_forgets_them() -> None:
+    cache = OrderCache(capacity=10, absent_capacity=10)
+    cache.fill({}, cache.ticket(), ["a"])
+    before_suspension = cache.ticket()
+    cache.suspend()
+    assert not absent(cache, "a")
+    cache.fill({}, cache.ticket(), ["b"])  # nothing kept while changes may go unheard
+    cache.resume()
+    # "a" may have been stored unheard meanwhile: forgotten, not answered again.
+    assert (absent(cache, "a"), absent(cache, "b"), cache.absent_entries) == (False, False, 0)
+    cache.fill({}, before_suspension, ["a"])
+    assert not absent(cache, "a")
+    cache.fill({}, cache.ticket(), ["a"])
+    assert absent(cache, "a")

@@ -19,10 +19,17 @@ from order_viewer.adapters.postgres.connection import unavailable
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.ingest import OrderIngest, prepare_batch
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.ports import ConsumedMessage, DatabaseBusy, DatabaseUnavailable, Stopped
+from order_viewer.service.ports import (
+    ABSENT,
+    ConsumedMessage,
+    DatabaseBusy,
+    DatabaseUnavailable,
+    Stopped,
+)
 from order_viewer.service.retention import expire_orders
 from order_viewer.service.retry import Health, Patience
 from tests.fakes import FakeDeadLetters, FakeExpirer, FakeReader, FakeWriter
+from tests.unit.test_cache import absent
 from tests.unit.test_service import order
 
 
@@ -39,8 +46,8 @@ def patience(stop: threading.Event | None = None) -> Patience:
 
 
 class Ingest:
-    def __init__(self, delete_on_tombstone: bool = True) -> None:
-        self.writer, self.cache = FakeWriter(), OrderCache(100)
+    def __init__(self, delete_on_tombstone: bool = True, capacity: int = 100) -> None:
+        self.writer, self.cache = FakeWriter(), OrderCache(capacity, absent_capacity=100)
         self.dead_letters = FakeDeadLetters([])
         self.metrics = Metrics(self.cache)
         self.service = OrderIngest(
@@ -152,7 +159,7 @@ def test_a_deletion_the_database_refuses_is_dead_lettered_alone() -> None:
 
 class Coherence:
     def __init__(self) -> None:
-        self.cache = OrderCache(10)
+        self.cache = OrderCache(10, absent_capacity=10)
         self.metrics = Metrics(self.cache)
         self.stored: dict[str, bytes] = {}
         self.unavailable_for = 0
@@ -203,6 +210,36 @@ def test_a_change_heard_drops_the_cached_copy_and_a_read_of_it_under_way() -> No
     assert cache.fill({"a": entry("a1")}, before_read) == 0
     assert coherence.sample("order_viewer_changes_heard_total") == 2
     assert coherence.sample("order_viewer_cache_invalidations_total") == 1
+
+
+def test_a_new_order_heard_is_no_longer_answered_absent_nor_a_read_of_it_under_way() -> None:
+    coherence = Coherence()
+    coherence.service.listening()
+    cache = coherence.cache
+    cache.fill({}, cache.ticket(), ["a"])
+    before_read = cache.ticket()
+    coherence.service.changed(["a", "b"])  # another instance stored both
+    assert not absent(cache, "a")
+    cache.fill({}, before_read, ["b"])
+    assert not absent(cache, "b")
+    assert coherence.sample("order_viewer_cache_absent_entries") == 0
+
+
+def test_while_changes_may_go_unheard_no_id_is_answered_absent_nor_remembered() -> None:
+    coherence = Coherence()
+    coherence.service.listening()
+    cache = coherence.cache
+    cache.fill({}, cache.ticket(), ["a"])
+    assert absent(cache, "a")
+    assert coherence.sample("order_viewer_cache_absent_hits_total") == 1
+    coherence.service.lost()
+    assert not absent(cache, "a")
+    cache.fill({}, cache.ticket(), ["b"])
+    coherence.service.listening()  # nothing cached: answers again at once
+    assert not cache.suspended
+    # Either may have been stored while nothing was heard: asked again, the database answers.
+    assert (absent(cache, "a"), absent(cache, "b")) == (False, False)
+    assert coherence.sample("order_viewer_cache_absent_hits_total") == 1
 
 
 def test_after_a_lost_listener_the_cache_answers_again_only_once_its_entries_are_checked() -> None:
@@ -380,3 +417,49 @@ def test_a_busy_database_gets_no_kept_copy_served(error: psycopg.Error, busy: bo
 
     lookup = OrderLookup(reader, cache)
     asyncio.run(look())
+
+
+@pytest.mark.parametrize("capacity", [100, 0])
+def test_an_order_this_instance_stores_is_no_longer_answered_absent(capacity: int) -> None:
+    # With a capacity of 0 the order itself is not kept (as when evicted): a lookup misses.
+    ingest = Ingest(capacity=capacity)
+    reader = FakeReader({})
+    lookup = OrderLookup(reader, ingest.cache)
+
+    async def look() -> None:
+        assert await lookup.load("a") is None
+
+    asyncio.run(look())
+    assert lookup.cached("a") is ABSENT
+    assert ingest.sample("order_viewer_cache_absent_entries") == 1
+    ingest.all([keyed(1, b"a", order("a"))])
+    assert isinstance(lookup.cached("a"), CachedOrder) if capacity else lookup.cached("a") is None
+    assert ingest.sample("order_viewer_cache_absent_entries") == 0
+    assert reader.queries == 1
+
+
+@pytest.mark.parametrize("stored_by", ["this instance", "another instance"])
+def test_a_lookup_racing_the_store_of_its_order_does_not_keep_it_absent(stored_by: str) -> None:
+    ingest = Ingest(capacity=0)  # nothing kept of the order itself that could hide the absence
+    coherence = CacheCoherence(
+        ingest.cache, ingest.metrics, lambda _: {}, patience(), lambda _: None
+    )
+    coherence.listening()
+    reader = FakeReader({})
+    reader.release.clear()
+    lookup = OrderLookup(reader, ingest.cache)
+
+    async def race() -> None:
+        loading = asyncio.create_task(lookup.load("a"))
+        while not reader.asked:
+            await asyncio.sleep(0)
+        # The query has begun; the order commits before it answers, unseen by its snapshot.
+        if stored_by == "this instance":
+            ingest.all([keyed(1, b"a", order("a"))])
+        else:
+            coherence.changed(["a"])
+        reader.release.set()
+        assert await loading is None  # read before the commit: that answer is right then
+
+    asyncio.run(race())
+    assert lookup.cached("a") is not ABSENT

@@ -32,6 +32,7 @@ def test_defaults_are_the_documented_contract() -> None:
     assert settings.kafka_group_id == "order-viewer"
     assert (settings.http_host, settings.http_port) == ("127.0.0.1", 8081)
     assert settings.cache_capacity == 100_000
+    assert settings.cache_absent_capacity == 100_000
     assert settings.database_writers == 1
     assert settings.database_write_timeout_seconds == DEFAULT_WRITE_TIMEOUT_SECONDS
     assert settings.log_level == "INFO"
@@ -43,6 +44,13 @@ def test_defaults_are_the_documented_contract() -> None:
         ("HTTP_PORT", "eighty"),
         ("HTTP_PORT", "70000"),
         ("CACHE_CAPACITY", "-1"),
+        ("CACHE_ABSENT_CAPACITY", "-1"),
+        ("CACHE_ABSENT_CAPACITY", "10000001"),
+        ("CACHE_ABSENT_CAPACITY", "9" * 5000),
+        ("CACHE_ABSENT_CAPACITY", "1e5"),
+        ("CACHE_ABSENT_CAPACITY", "100k"),
+        ("CACHE_ABSENT_CAPACITY", "0x10"),
+        ("CACHE_ABSENT_CAPACITY", ""),
         ("DATABASE_WRITERS", "0"),
         ("DATABASE_WRITERS", "65"),
         ("DATABASE_WRITERS", "two"),

@@ -37,6 +37,7 @@ from order_viewer.domain.model import (
     consistency_problems,
     order_json,
     parse_order,
+    readable,
 )
 from order_viewer.entrypoints.generate import SAMPLE_ORDER, encode
 from tests.fixtures.hostile.make_corpus import SMALL_ITEM
@@ -773,10 +774,12 @@ def test_the_structs_declare_the_rules_of_the_pydantic_models(
 
 
 def by_pydantic(value: bytes) -> bytes | Rejection:
-    """What parse_order answered before msgspec decoded orders: pydantic's canonical JSON of an
-    accepted message, or the rejection of its first error."""
+    """What parse_order answered before msgspec decoded orders: the checks of the bytes, then
+    pydantic's canonical JSON of an accepted message, or the rejection of its first error."""
     try:
-        accepted = schema.Order.model_validate_json(value)
+        accepted = schema.Order.model_validate_json(readable(value))
+    except InvalidOrder as unreadable:
+        return unreadable.rejection
     except ValidationError as error:
         return _rejection_from_error(error.errors(include_url=False)[0])
     return schema.Order.__pydantic_serializer__.to_json(accepted)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from order_viewer.domain.masking import masked_document
-from order_viewer.service.ports import CachedOrder, CacheTicket, etag_of
+from order_viewer.service.ports import ABSENT, Absent, CachedOrder, CacheTicket, etag_of
 
 # The entries and their tags are values of the service layer (`ports`), named here too: the
 # modules that hold entries import them from here.
@@ -54,18 +54,30 @@ class OrderCache:
     `put_written`): what it brings of an id changed since the ticket is not kept. The numbers
     stay inside the cache, so a caller cannot hand back a later one by mistake.
 
+    It also remembers, up to `absent_capacity` of them (least recently asked evicted), the ids
+    the database answered absent for (`fill`'s `absent`), so that asking again costs no query
+    (`look_up` answers ABSENT). Such an entry is right until the id is stored, which is a change
+    like any other: a write here or one heard from another instance forgets it, and a read under
+    way when it happened is not kept, by the same ticket rule.
+
     While changes may go unheard (`suspend`), the cache answers no lookup; it keeps its entries
     for `kept` (what to serve when the database cannot be reached either) and for `verify`, which
-    drops those that changed meanwhile before `resume`.
+    drops those that changed meanwhile before `resume`. The absent ids are forgotten instead: an
+    id is one query to learn again, and none may be stored unheard in the meantime.
     """
 
-    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, capacity: int, max_bytes: int | None = None, absent_capacity: int = 0
+    ) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
+        self.absent_capacity = absent_capacity
         self.bytes = 0
         # Set when warm-up met a bound, so that it stops reading the database.
         self.warm_full = capacity == 0
         self._entries: OrderedDict[str, CachedOrder] = OrderedDict()
+        # The ids the database answered absent for, least recently asked first (no values).
+        self._absent: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._writes = 0
         self._changed: OrderedDict[str, int] = OrderedDict()
@@ -75,6 +87,7 @@ class OrderCache:
         self._suspended = False
         self.hits = 0
         self.misses = 0
+        self.absent_hits = 0
         self.evictions = 0
         self.invalidations = 0
         self.suspensions = 0
@@ -92,15 +105,31 @@ class OrderCache:
         """Whether the cache answers no lookup, until its entries are verified again."""
         return self._suspended
 
-    def get(self, order_uid: str) -> CachedOrder | None:
+    def look_up(self, order_uid: str) -> CachedOrder | Absent | None:
+        """The cached order, ABSENT for an id remembered absent, or None; each lookup counted
+        once, as a hit, an absent hit or a miss (a query to come)."""
         with self._lock:
-            entry = None if self._suspended else self._entries.get(order_uid)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(order_uid)
-            self.hits += 1
-            return entry
+            if not self._suspended:
+                entry = self._entries.get(order_uid)
+                if entry is not None:
+                    self._entries.move_to_end(order_uid)
+                    self.hits += 1
+                    return entry
+                if order_uid in self._absent:
+                    self._absent.move_to_end(order_uid)
+                    self.absent_hits += 1
+                    return ABSENT
+            self.misses += 1
+            return None
+
+    def get(self, order_uid: str) -> CachedOrder | None:
+        """The cached order, or None: for a cache that remembers no absent ids (masked views)."""
+        found = self.look_up(order_uid)
+        return None if found is ABSENT else found
+
+    @property
+    def absent_entries(self) -> int:
+        return len(self._absent)
 
     def kept(self, order_uid: str) -> CachedOrder | None:
         """The entry of an order, even while the cache is suspended: what is left to serve when
@@ -136,7 +165,8 @@ class OrderCache:
         self._insert(entries, ticket, _WRITTEN)
 
     def invalidate(self, order_uids: Iterable[str]) -> None:
-        """Forget these orders (replaced or deleted elsewhere), and any read of them under way."""
+        """Forget these orders (stored, replaced or deleted elsewhere), and any read of them
+        under way."""
         with self._lock:
             order_uids = list(order_uids)
             self._change(order_uids)
@@ -145,8 +175,10 @@ class OrderCache:
 
     def suspend(self) -> None:
         """Answer no lookup and keep no read until `resume`: changes may go unheard meanwhile.
-        Writes of this instance are still kept (each was the newest when it committed)."""
+        Writes of this instance are still kept (each was the newest when it committed); the
+        absent ids are forgotten (any may be stored unheard)."""
         with self._lock:
+            self._absent.clear()
             self._writes += 1
             self._floor = self._writes
             self._suspended = True
@@ -160,11 +192,13 @@ class OrderCache:
             self._floor = self._writes
             self._suspended = False
 
-    def fill(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
-        """Keep orders read from the database, except those changed since the `ticket` (the read
-        may then be older than what is stored now); a copy already here wins. Returns how many
-        were kept."""
-        return self._insert(entries, ticket, _READ)
+    def fill(
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket, absent: Iterable[str] = ()
+    ) -> int:
+        """Keep orders read from the database, and the ids it answered `absent` for, except
+        those changed since the `ticket` (the read may then be older than what is stored now); a
+        copy already here wins. Returns how many orders were kept."""
+        return self._insert(entries, ticket, _READ, absent)
 
     def warm(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
         """Keep orders older than every one cached so far (warm-up reads the newest first), so
@@ -173,12 +207,18 @@ class OrderCache:
         return self._insert(entries, ticket, _WARMING)
 
     def _insert(
-        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None, how: _Insertion
+        self,
+        entries: dict[str, CachedOrder],
+        ticket: CacheTicket | None,
+        how: _Insertion,
+        absent: Iterable[str] = (),
     ) -> int:
         with self._lock:
             if self._suspended and not how.written:
                 return 0
-            fresh = self._unchanged_since(entries, ticket)
+            if self.absent_capacity:
+                self._remember_absent(self._unchanged_since(absent, ticket))
+            fresh = [(uid, entries[uid]) for uid in self._unchanged_since(entries, ticket)]
             if how.written:
                 self._change(entries)
                 for order_uid in entries:
@@ -199,23 +239,32 @@ class OrderCache:
                 self._evict()
             return kept
 
-    def _unchanged_since(
-        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None
-    ) -> list[tuple[str, CachedOrder]]:
+    def _remember_absent(self, order_uids: list[str]) -> None:
+        remembered = self._absent
+        for order_uid in order_uids:
+            remembered[order_uid] = None
+            remembered.move_to_end(order_uid)
+        while len(remembered) > self.absent_capacity:
+            remembered.popitem(last=False)
+
+    def _unchanged_since(self, order_uids: Iterable[str], ticket: CacheTicket | None) -> list[str]:
         if ticket is None:
-            return list(entries.items())
+            return list(order_uids)
         if ticket.changes < self._floor:
             # Before the floor, a change of any id may be forgotten or may have gone unheard.
             return []
         changed, since = self._changed, ticket.changes
-        return [(uid, entry) for uid, entry in entries.items() if changed.get(uid, 0) <= since]
+        return [uid for uid in order_uids if changed.get(uid, 0) <= since]
 
     def _change(self, order_uids: Iterable[str]) -> None:
+        """Number a change of these ids: a read of them under way is not kept, and an id
+        remembered absent is forgotten (the change may have stored it)."""
         self._writes += 1
-        changed = self._changed
+        changed, absent = self._changed, self._absent
         for order_uid in order_uids:
             changed[order_uid] = self._writes
             changed.move_to_end(order_uid)
+            absent.pop(order_uid, None)
         while len(changed) > CHANGES_REMEMBERED:
             _, forgotten = changed.popitem(last=False)
             self._floor = max(self._floor, forgotten)

@@ -70,7 +70,7 @@ class Metrics:
         )
         self.changes_heard = Counter(
             "order_viewer_changes_heard",
-            "Orders other instances replaced or deleted, as heard by this one.",
+            "Orders other instances stored, replaced or deleted, as heard by this one.",
             registry=registry,
         )
         self.dead_lettered = Counter(
@@ -362,7 +362,20 @@ class _CacheCollector(Collector):
             "order_viewer_cache_hits", "Lookups answered from the cache.", value=cache.hits
         )
         yield CounterMetricFamily(
-            "order_viewer_cache_misses", "Lookups not in the cache.", value=cache.misses
+            "order_viewer_cache_misses",
+            "Lookups not in the cache nor remembered absent: each reads the database.",
+            value=cache.misses,
+        )
+        yield CounterMetricFamily(
+            "order_viewer_cache_absent_hits",
+            "Lookups answered 404 from memory: ids the database had answered absent for, with no "
+            "change of them heard since (neither hits nor misses).",
+            value=cache.absent_hits,
+        )
+        yield GaugeMetricFamily(
+            "order_viewer_cache_absent_entries",
+            "Ids remembered as absent (bounded by CACHE_ABSENT_CAPACITY).",
+            value=cache.absent_entries,
         )
         yield CounterMetricFamily(
             "order_viewer_cache_invalidations",

@@ -296,8 +296,9 @@ def _rejection_from_error(error: Mapping[str, Any]) -> Rejection:
 _ESCAPED_NUL: Final = b"\\u0000"
 
 
-def parse_order(value: bytes | None) -> Order:
-    """Validates one Kafka message value; raises InvalidOrder with the first problem found."""
+def readable(value: bytes | None) -> bytes:
+    """The value, if it is text a JSON decoder may be given: not empty, UTF-8, without a byte
+    order mark; else InvalidOrder saying which."""
     if not value:
         raise InvalidOrder(_EMPTY_REJECTION)
     # bytes.isascii is far cheaper than decoding, and ASCII is always valid UTF-8.
@@ -309,6 +310,12 @@ def parse_order(value: bytes | None) -> Order:
             raise InvalidOrder(Rejection("invalid_utf8", message, None)) from None
         if value.startswith(codecs.BOM_UTF8):
             raise InvalidOrder(_BOM_REJECTION)
+    return value
+
+
+def parse_order(value: bytes | None) -> Order:
+    """Validates one Kafka message value; raises InvalidOrder with the first problem found."""
+    value = readable(value)
     if _ESCAPED_NUL not in value:
         try:
             return _DECODER.decode(value)

@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 
 class CacheCoherence:
     """Keeps this instance's cache in step with what the other instances commit (the `Changes`
-    the change listener reports): a replaced or deleted order is dropped from the cache, and any
-    read of it under way is not kept.
+    the change listener reports): a replaced or deleted order is dropped from the cache, a new
+    one is no longer remembered as absent, and any read of either under way is not kept.
 
     While changes cannot be heard, the cache answers nothing (every lookup reads the database,
-    or, if that cannot be reached either, gets what the cache kept). Once the listener listens
-    again, every cached entry is checked against the stored version's digest, those that changed
-    meanwhile are dropped, and only then does the cache answer again; this runs beside the
-    listener (`in_background`), so changes are heard while it reads.
+    or, if that cannot be reached either, gets what the cache kept) and forgets the ids it knew
+    absent. Once the listener listens again, every cached entry is checked against the stored
+    version's digest, those that changed meanwhile are dropped, and only then does the cache
+    answer again; this runs beside the listener (`in_background`), so changes are heard while it
+    reads.
     """
 
     def __init__(

@@ -140,7 +140,7 @@ class OrderEvents:
     # What the change listener reports (`ports.Changes`), from its own thread.
 
     def changed(self, order_uids: Sequence[str]) -> None:
-        """These orders were replaced or deleted: the watched ones are read and offered."""
+        """These orders were stored, replaced or deleted: the watched ones are read and offered."""
         watched = [uid for uid in order_uids if uid in self._watched]
         if watched:
             self._mark_stale_soon(watched)

@@ -9,6 +9,7 @@ import logging
 import time
 
 from order_viewer.service.ports import (
+    Absent,
     Cache,
     CachedOrder,
     DatabaseBusy,
@@ -53,11 +54,14 @@ def warm_up(
 
 
 class OrderLookup:
-    """Finds orders for the HTTP side: `cached` from memory; `load` from the database.
+    """Finds orders for the HTTP side: `cached` from memory (an order, or ABSENT for one known
+    not to be stored); `load` from the database.
 
     Loads are gathered: every id asked for while the event loop runs one step goes to the
     database in one query, and an id already on its way is not asked again, so a burst of
-    misses costs a few queries rather than one each. What the database returns fills the cache.
+    misses costs a few queries rather than one each. What the database returns fills the cache,
+    and so do the ids it did not find: a client polling for an order not there yet, or a flood
+    of made-up ids, then costs no query a request.
     """
 
     MAX_IDS_PER_QUERY = 200
@@ -70,8 +74,8 @@ class OrderLookup:
         # Running queries, referenced so that the event loop does not collect them midway.
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def cached(self, order_uid: str) -> CachedOrder | None:
-        return self._cache.get(order_uid)
+    def cached(self, order_uid: str) -> CachedOrder | Absent | None:
+        return self._cache.look_up(order_uid)
 
     async def load(self, order_uid: str) -> CachedOrder | None:
         """The stored order, or None; raises DatabaseUnavailable when the database cannot be
@@ -116,7 +120,7 @@ class OrderLookup:
                 future.exception()
             return
         found = {doc.order_uid: CachedOrder.of(doc.document, doc.sha256) for doc in stored}
-        self._cache.fill(found, ticket)
+        self._cache.fill(found, ticket, [uid for uid in order_uids if uid not in found])
         for order_uid in order_uids:
             self._in_flight.pop(order_uid).set_result(found.get(order_uid))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from enum import Enum
+from typing import Final, Literal, Protocol
 
 from order_viewer.domain.model import PreparedOrder, Rejection
 
@@ -151,6 +152,15 @@ def etag_of(sha256: bytes) -> str:
     return f'"{sha256[:16].hex()}"'
 
 
+class Absent(Enum):
+    """What the cache answers for an id the database did not find, with no change of it since."""
+
+    ABSENT = "absent"
+
+
+ABSENT: Final = Absent.ABSENT
+
+
 @dataclass(frozen=True, slots=True)
 class CacheTicket:
     """Taken from the cache (`Cache.ticket`) before the database is asked, and handed back with
@@ -243,7 +253,7 @@ class Changes(Protocol):
     """What an instance does when it hears of orders another instance changed."""
 
     def changed(self, order_uids: Sequence[str]) -> None:
-        """These orders were replaced or deleted by a committed transaction."""
+        """These orders were stored, replaced or deleted by a committed transaction."""
         ...
 
     def lost(self) -> None:
@@ -309,8 +319,9 @@ class Cache(Protocol):
         """To take before the database is asked, and hand back with what it answered."""
         ...
 
-    def get(self, order_uid: str) -> CachedOrder | None:
-        """The cached order, or None (also while suspended)."""
+    def look_up(self, order_uid: str) -> CachedOrder | Absent | None:
+        """The cached order; ABSENT for an id the database did not find, with no change of it
+        since; None for a miss (and for every id while suspended)."""
         ...
 
     def kept(self, order_uid: str) -> CachedOrder | None:
@@ -325,9 +336,11 @@ class Cache(Protocol):
         since the ticket."""
         ...
 
-    def fill(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
-        """Orders read from the database, except those changed since the ticket; how many were
-        kept."""
+    def fill(
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket, absent: Iterable[str] = ()
+    ) -> int:
+        """Orders read from the database, and the ids it answered `absent` for, except those
+        changed since the ticket; how many orders were kept."""
         ...
 
     def warm(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
@@ -336,7 +349,7 @@ class Cache(Protocol):
         ...
 
     def invalidate(self, order_uids: Iterable[str]) -> None:
-        """Forget these orders, and any read of them under way."""
+        """Forget these orders (and that they were absent), and any read of them under way."""
         ...
 
     def etags(self) -> dict[str, str]: ...
@@ -384,7 +397,7 @@ class ServiceMetrics(Protocol):
     def warmed_up(self, seconds: float) -> None: ...
 
     def heard_changes(self, orders: int) -> None:
-        """Orders other instances replaced or deleted, as heard by this one."""
+        """Orders other instances stored, replaced or deleted, as heard by this one."""
         ...
 
     def listener_state(self, listening: bool) -> None: ...

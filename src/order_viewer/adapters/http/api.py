@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from importlib import resources
 from importlib.metadata import version
+from json.encoder import encode_basestring_ascii
 from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, Header, Path, Query, Request
@@ -68,7 +69,7 @@ from order_viewer.domain.model import ORDER_UID_PATTERN
 from order_viewer.domain.schema import Order
 from order_viewer.service.events import OrderEvents, StreamEnded, Subscription
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.ports import DatabaseUnavailable, OrderState, OrderSummary
+from order_viewer.service.ports import ABSENT, DatabaseUnavailable, OrderState, OrderSummary
 
 RETRY_AFTER_SECONDS = "5"
 # The page's scripts and styles are files of our own; nothing inline, nothing from elsewhere.
@@ -278,10 +279,11 @@ def create_app(
         except DatabaseUnavailable:
             return _error(503, "the order is not in memory and the database is unreachable")
         if found is None:
-            return _error(404, "no order with this id", order_uid=order_uid)
-        status, headers, body = order_answer(
-            found, request.scope.get(ORDER_VIEW), raw_header(request.scope, b"if-none-match")
-        )
+            status, headers, body = absent_answer(order_uid)
+        else:
+            status, headers, body = order_answer(
+                found, request.scope.get(ORDER_VIEW), raw_header(request.scope, b"if-none-match")
+            )
         response = Response(body, status_code=status)
         response.raw_headers[:0] = headers
         return response
@@ -498,6 +500,7 @@ class StrictTransport:
 
 _ORDER_CACHE_CONTROL = (b"cache-control", ORDER_CACHE_CONTROL.encode())
 _JSON = (b"content-type", b"application/json")
+_ABSENT_BODY = b'{"error":"no order with this id","order_uid":%s}'
 
 
 def order_answer(
@@ -513,6 +516,14 @@ def order_answer(
         return 304, headers, b""
     headers.append(_JSON)
     return 200, headers, found.body
+
+
+def absent_answer(order_uid: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The answer to a GET of an order that is not stored: the one place that makes it, for an
+    id the cache knows absent and one the database did not find alike."""
+    # The id as a JSON string, quoted and escaped; a whole json.dumps of the body took most of
+    # the time of an absent id's answer (docs/PERFORMANCE.md, Absent ids).
+    return 404, [_JSON], _ABSENT_BODY % encode_basestring_ascii(order_uid).encode()
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
@@ -584,8 +595,9 @@ class Front:
 
     Orders in memory are the hot path, answered in this frame without a coroutine or a wrapped
     `send` more: the framework's routing, validation and response objects would cost most of
-    their time (docs/PERFORMANCE.md). The framework documents the order route and answers its
-    other cases, with the same `order_answer`.
+    their time (docs/PERFORMANCE.md). So are the ids the cache knows absent, a client polling
+    for an order not there yet or a flood of made-up ids. The framework documents the order
+    route and answers its other cases, with the same `order_answer` and `absent_answer`.
     """
 
     def __init__(
@@ -619,11 +631,9 @@ class Front:
         if path.startswith(ORDER_PATH) and scope["method"] == "GET":
             # No order id holds a '/': a trail's path is never found in the cache.
             order_uid = path[len(ORDER_PATH) :]
-            found = self._lookup.cached(order_uid)
-            if found is not None:
-                status, headers, body = order_answer(
-                    found, view, raw_header(scope, b"if-none-match")
-                )
+            answer = self._from_memory(order_uid, view, scope)
+            if answer is not None:
+                status, headers, body = answer
                 if principal is not None:
                     headers += PRIVATE
                 # Before the sends, which only hand the two messages to the server.
@@ -680,6 +690,17 @@ class Front:
             self._record(route, status, started)
             if principal is not None and not audited:
                 audit_request(principal, path, status, view_name(view), client)
+
+    def _from_memory(
+        self, order_uid: str, view: View | None, scope: Scope
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The answer to a GET of the order if memory has it: the order, or that it is absent."""
+        found = self._lookup.cached(order_uid)
+        if found is None:
+            return None
+        if found is ABSENT:
+            return absent_answer(order_uid)
+        return order_answer(found, view, raw_header(scope, b"if-none-match"))
 
     async def _refuse(
         self, path: str, send: Send, refusal: Refusal, client: str, started: float

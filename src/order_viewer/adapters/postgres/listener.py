@@ -1,5 +1,5 @@
-"""The channel of changes: the writer and the expirer notify the orders they replaced or deleted
-in their transactions, and every instance's listener hears the others'."""
+"""The channel of changes: the writer and the expirer notify the orders they stored, replaced or
+deleted in their transactions, and every instance's listener hears the others'."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from order_viewer.service.ports import (
 )
 from order_viewer.service.retry import Patience, retry
 
-# The channel on which every instance hears which orders the others replaced or deleted.
+# The channel on which every instance hears which orders the others stored, replaced or deleted.
 CHANGES_CHANNEL = "order_viewer_changes"
 # PostgreSQL refuses a notification payload of 8,000 bytes or more.
 _LARGEST_PAYLOAD = 7900
@@ -49,12 +49,12 @@ def notify_changes(
 
 
 class PostgresChangeListener:
-    """Hears, on a connection of its own, which orders other instances replaced or deleted, and
-    tells `changes`: `listening` once LISTEN is in place, `changed` for each notification from
-    another instance, `lost` as soon as the connection is (then it connects again, waiting out
-    the database's outages). `every_change` is told the same of every notification, this
-    instance's own included (the streams of orders' changes watch them all). Runs until the
-    stop of its `patience`."""
+    """Hears, on a connection of its own, which orders other instances stored, replaced or
+    deleted, and tells `changes`: `listening` once LISTEN is in place, `changed` for each
+    notification from another instance, `lost` as soon as the connection is (then it connects
+    again, waiting out the database's outages). `every_change` is told the same of every
+    notification, this instance's own included (the streams of orders' changes watch them all).
+    Runs until the stop of its `patience`."""
 
     # How often the loop looks at the stop while no notification comes.
     STOP_CHECK_SECONDS = 0.5

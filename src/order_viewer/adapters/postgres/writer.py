@@ -246,8 +246,8 @@ class PostgresOrderWriter:
                     _copy_parts(cursor, [p for p in batch if p.order.order_uid in written])
                 if handled:
                     _record_trail(cursor, handled, set(written), set(recorded))
-                # New orders need no word: no instance can hold a copy of what did not exist.
-                notify_changes(cursor, self._instance, [*replaced, *deleted])
+                # New orders too: another instance may remember their ids as absent.
+                notify_changes(cursor, self._instance, [*written, *deleted])
         return WriteResult(
             inserted=tuple(uid for uid, was_replaced in written.items() if not was_replaced),
             replaced=tuple(replaced),
