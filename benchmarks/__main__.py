@@ -181,14 +181,16 @@ def ingest_benchmark(
     # The same topic read twice, by a group of its own each time: without trails, then with
     # them (the default), whose run the other sections read.
     console.print(f"timing order-viewer serve on {len(orders):,} orders, trails off")
-    untraced = time_service(bench, len(orders), logs / "ingest-untraced.log", "untraced", "false")
+    without_trails = time_service(
+        bench, len(orders), logs / "ingest-without-trails.log", "without-trails", "false"
+    )
     bench.truncate()
     console.print(f"timing order-viewer serve on {len(orders):,} orders")
-    traced = time_service(bench, len(orders), logs / "ingest.log", "traced", "true")
+    with_trails = time_service(bench, len(orders), logs / "ingest.log", "with-trails", "true")
     return {
         "orders": len(orders),
-        **traced,
-        "untraced_rate": untraced["service_rate"],
+        **with_trails,
+        "without_trails_rate": without_trails["service_rate"],
         "trail_entries": bench.count_trail_entries(),
         "copy_rate": len(orders) / copy_seconds,
         "per_order_rate": len(sample) / per_order_seconds,
@@ -798,7 +800,7 @@ def print_ingest(ingest: dict[str, Any], metrics_share: float) -> None:
     for name, key in (
         ("plain COPY of the same rows (ceiling)", "copy_rate"),
         ("order-viewer serve (Kafka to PostgreSQL, from readiness)", "service_rate"),
-        ("the same, ORDER_TRAIL_ENABLED=false", "untraced_rate"),
+        ("the same, ORDER_TRAIL_ENABLED=false", "without_trails_rate"),
         ("order-viewer serve (from process start)", "service_rate_from_start"),
         ("one transaction per order", "per_order_rate"),
     ):
@@ -808,7 +810,7 @@ def print_ingest(ingest: dict[str, Any], metrics_share: float) -> None:
         f"{ingest['service_rate'] / ingest['per_order_rate']:.1f}x; "
         f"peak RSS of the service: {ingest['peak_rss_mib']:.0f} MiB; consumer-side metrics "
         f"cost {metrics_share:.2%} of the time to prepare their batch; with trails at "
-        f"{ingest['service_rate'] / ingest['untraced_rate']:.2f} of the rate without, "
+        f"{ingest['service_rate'] / ingest['without_trails_rate']:.2f} of the rate without, "
         f"{ingest['trail_entries'] / ingest['orders']:.2f} trail rows written per order"
     )
 
