@@ -42,7 +42,8 @@ from order_viewer.adapters.postgres.reader import (
     stored_versions,
 )
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
-from order_viewer.config import Settings, kafka_client
+from order_viewer.adapters.tracing import Tracing, start_tracing
+from order_viewer.config import Settings, kafka_client, tracing_enabled
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.ingest import OrderIngest
 from order_viewer.service.lookup import OrderLookup, warm_up
@@ -81,6 +82,8 @@ class Parts:
     app: ASGIApp
     # What every Kafka client shares (`config.kafka_client`), each adding its own.
     kafka: dict[str, Any]
+    # None unless the OTEL_* variables turn tracing on.
+    tracing: Tracing | None
 
 
 def access_policy(settings: Settings) -> AccessPolicy | None:
@@ -153,7 +156,8 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     instance = uuid.uuid4().hex
     cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
     metrics = Metrics(cache)
-    reader = PostgresOrderReader(database_url, settings.database_pool_size)
+    tracing = start_tracing(settings.kafka_group_id) if tracing_enabled(settings) else None
+    reader = PostgresOrderReader(database_url, settings.database_pool_size, tracing)
     writers = [
         PostgresOrderWriter(database_url, instance, settings.database_write_timeout_seconds)
         for _ in range(settings.database_writers)
@@ -166,6 +170,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         database,
         metrics,
         delete_on_tombstone=settings.kafka_tombstones == "delete",
+        tracing=tracing,
     )
     liveness = Liveness()
     consumer = OrderConsumer(
@@ -210,10 +215,11 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         metrics if settings.metrics_enabled else None,
         access,
         tls=settings.http_tls_cert_file is not None,
+        tracing=tracing,
     )
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,
-        ingest, lookup, consumer, coherence, listener, expirer, readiness, app, kafka,
+        ingest, lookup, consumer, coherence, listener, expirer, readiness, app, kafka, tracing,
     )  # fmt: skip
 
 
@@ -351,3 +357,6 @@ def close(parts: Parts) -> None:
         writer.close()
     if parts.expirer is not None:
         parts.expirer.close()
+    if parts.tracing is not None:
+        # Last, so that the spans of the final batches and requests are exported.
+        parts.tracing.shutdown()

@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from order_viewer.domain.model import (
@@ -19,12 +20,14 @@ from order_viewer.domain.model import (
     tombstone_uid,
 )
 from order_viewer.service.ports import (
+    BatchTrace,
     Cache,
     CachedOrder,
     ConsumedMessage,
     DatabaseUnavailable,
     DeadLetters,
     Deletion,
+    MessageTracing,
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
@@ -59,6 +62,8 @@ class PreparedBatch:
     rejected: list[RejectedMessage]
     inconsistent: int
     deletions: dict[str, tuple[Deletion, ConsumedMessage]] = field(default_factory=dict)
+    # The messages' spans, when tracing is on.
+    trace: BatchTrace | None = None
 
 
 def prepare_batch(
@@ -134,6 +139,7 @@ class OrderIngest:
         metrics: ServiceMetrics,
         *,
         delete_on_tombstone: bool = False,
+        tracing: MessageTracing | None = None,
     ) -> None:
         if not writers:
             raise ValueError("an ingest needs at least one writer")
@@ -143,6 +149,7 @@ class OrderIngest:
         self._database = database
         self._metrics = metrics
         self._delete_on_tombstone = delete_on_tombstone
+        self._tracing = tracing
         self._since_report: Counter[str] = Counter()
         self._last_report = time.monotonic()
         self.write_timeouts = WriteTimeouts(metrics)
@@ -155,7 +162,11 @@ class OrderIngest:
         return len(self._writers)
 
     def prepare(self, messages: Sequence[ConsumedMessage]) -> PreparedBatch:
-        return prepare_batch(messages, self._delete_on_tombstone)
+        # The messages' spans begin before their validation, and end when they are settled.
+        trace = None if self._tracing is None else self._tracing.batch(messages)
+        batch = prepare_batch(messages, self._delete_on_tombstone)
+        batch.trace = trace
+        return batch
 
     def store(self, batch: PreparedBatch, lane: int = 0) -> BatchOutcome:
         """The batch's valid orders stored and cached by the writer of `lane`, retrying the
@@ -167,14 +178,20 @@ class OrderIngest:
             started = time.perf_counter()
             outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
             if batch.orders or batch.deletions:
+                writing = (
+                    nullcontext()
+                    if batch.trace is None
+                    else batch.trace.writing(len(batch.orders), len(batch.deletions))
+                )
                 try:
-                    self._write(
-                        self._writers[lane],
-                        [prepared for prepared, _ in batch.orders.values()],
-                        [deletion for deletion, _ in batch.deletions.values()],
-                        batch,
-                        outcome,
-                    )
+                    with writing:
+                        self._write(
+                            self._writers[lane],
+                            [prepared for prepared, _ in batch.orders.values()],
+                            [deletion for deletion, _ in batch.deletions.values()],
+                            batch,
+                            outcome,
+                        )
                 except WriteTimedOut as timeout:
                     self.write_timeouts.timed_out(timeout)
                     raise
@@ -224,6 +241,8 @@ class OrderIngest:
             )
             outcome.rejected.append(RejectedMessage(message, rejection))
             return
+        if batch.trace is not None:
+            batch.trace.written(result)
         outcome.inserted += len(result.inserted)
         outcome.replaced += len(result.replaced)
         outcome.deleted += len(result.deleted)
@@ -261,9 +280,19 @@ class OrderIngest:
                     "offset": message.offset, "reason": rejection.code, "field": rejection.field,
                 },
             )  # fmt: skip
+        trace = batch.trace
+        if trace is not None:
+            outcome.rejected = [
+                RejectedMessage(entry.message, entry.rejection, trace.onward(entry.message))
+                for entry in outcome.rejected
+            ]
         if outcome.rejected:
             self._dead_letters.send(outcome.rejected)
         acknowledge(batch.messages)
+        if trace is not None:
+            kept = {uid: message for uid, (_, message) in batch.orders.items()}
+            kept.update((uid, message) for uid, (_, message) in batch.deletions.items())
+            trace.settled(kept, outcome.rejected)
         self._report(batch, outcome)
 
     def _report(self, batch: PreparedBatch, outcome: BatchOutcome) -> None:

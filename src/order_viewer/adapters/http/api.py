@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from order_viewer.adapters import tracing as traces
 from order_viewer.adapters.cache import CachedOrder
 from order_viewer.adapters.http.access import (
     PRIVATE,
@@ -162,10 +163,12 @@ def create_app(
     access: AccessPolicy | None = None,
     *,
     tls: bool = False,
+    tracing: traces.Tracing | None = None,
 ) -> ASGIApp:
     """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them; with
     `access`, orders and metrics need a token with their scope; with `tls` (served over HTTPS),
-    every answer says that browsers must use nothing else."""
+    every answer says that browsers must use nothing else; with `tracing`, every request is a
+    server span."""
     guarded: dict[int | str, dict[str, Any]] = {} if access is None else _GUARDED
     # /docs serves Swagger UI from files installed with the package, so it works where the
     # browser cannot reach a CDN; the page is our own (below), to send it with its security
@@ -304,11 +307,12 @@ def create_app(
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.mount(PAGE_FILES, StaticFiles(directory=str(static)), name="static")
-    front = Front(
-        app,
-        lookup,
-        None if access is None else AccessGuard(access, metrics),
-        None if metrics is None else metrics.http,
+    guard = None if access is None else AccessGuard(access, metrics)
+    stats = None if metrics is None else metrics.http
+    front = (
+        Front(app, lookup, guard, stats)
+        if tracing is None
+        else TracedFront(app, lookup, guard, stats, tracing)
     )
     return StrictTransport(front) if tls else front
 
@@ -421,7 +425,7 @@ class Front:
                 if principal is not None:
                     headers += PRIVATE
                 # Before the sends, which only hand the two messages to the server.
-                self._record(ORDER_ROUTE, status, started)
+                self._record(ORDER_ROUTE, status, started, "hit")
                 try:
                     await send(
                         {"type": "http.response.start", "status": status, "headers": headers}
@@ -448,7 +452,8 @@ class Front:
         try:
             await self._app(scope, receive, send_noting_status)
         finally:
-            self._record(route_template(path), status, started)
+            route = route_template(path)
+            self._record(route, status, started, "miss" if route == ORDER_ROUTE else None)
             if principal is not None:
                 audit_request(principal, path, status, view_name(view), client)
 
@@ -462,9 +467,39 @@ class Front:
         self._record(route_template(path), refusal.status, started)
         audit_request(refusal.principal, path, refusal.status, "-", client)
 
-    def _record(self, route: str, status: int, started: float) -> None:
+    def _record(self, route: str, status: int, started: float, cache: str | None = None) -> None:
+        """The request counted; `cache` says whether an order's GET was a hit or a miss."""
         if self._stats is not None:
             self._stats.record(route, status, time.perf_counter() - started)
+
+
+class TracedFront(Front):
+    """`Front` with a server span around every request, made only when tracing is on, so that
+    the front without it checks nothing more per request."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        lookup: OrderLookup,
+        guard: AccessGuard | None,
+        stats: HttpStats | None,
+        tracing: traces.Tracing,
+    ) -> None:
+        super().__init__(app, lookup, guard, stats)
+        self._tracing = tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        with self._tracing.request(
+            scope["method"], route_template(scope["path"]), scope["headers"]
+        ):
+            await super().__call__(scope, receive, send)
+
+    def _record(self, route: str, status: int, started: float, cache: str | None = None) -> None:
+        super()._record(route, status, started, cache)
+        traces.answered(status, cache)
 
 
 def _version() -> str:

@@ -10,12 +10,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
 from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.tracing import KafkaHeaders, trace_headers
 from order_viewer.service.ingest import BatchOutcome, OrderIngest, PreparedBatch
 from order_viewer.service.ports import ConsumedMessage, Stopped
 from order_viewer.service.readiness import Liveness
@@ -420,7 +421,14 @@ class OrderConsumer:
             assert offset is not None
             batch.append(
                 ConsumedMessage(
-                    topic, partition, offset, kafka_message.key(), kafka_message.value()
+                    topic,
+                    partition,
+                    offset,
+                    kafka_message.key(),
+                    kafka_message.value(),
+                    # Read whether tracing is on or not: a dead letter passes them on. A
+                    # consumed message's headers are a list of (name, bytes or None).
+                    trace_headers(cast(KafkaHeaders | None, kafka_message.headers())),
                 )
             )
         return batch
