@@ -43,6 +43,7 @@ from benchmarks.harness import (
     with_new_topic,
     wrk,
 )
+from benchmarks.tracing import print_tracing, tracing_cost
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import bootstrap
 from order_viewer.adapters.cache import OrderCache
@@ -764,7 +765,7 @@ def print_large(large: dict[str, Any]) -> None:
     )
 
 
-SECTIONS = ("freshness", "auth", "http", "large", "backlog", "profile")
+SECTIONS = ("freshness", "auth", "http", "tracing", "large", "backlog", "profile")
 
 
 def main() -> None:
@@ -827,6 +828,8 @@ def main() -> None:
         print_auth(auth, lines, cached)
     if "http" in sections:
         print_http(http_benchmark(bench, cached, arguments.seconds, logs))
+    if "tracing" in sections:
+        print_tracing(tracing_cost(messages[:20_000]), min(len(messages), 20_000))
     if "large" in sections:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     if "backlog" in sections:
