@@ -19,6 +19,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanContext, SpanKind
 
 from order_viewer.adapters import logs
@@ -394,3 +396,91 @@ def test_no_personal_value_of_an_order_is_exported(
     assert len(personal) > 40
     leaked = sorted(value for value in personal if value in text)
     assert leaked == []
+
+
+def sampling(
+    monkeypatch: pytest.MonkeyPatch, sampler: str, ratio: str | None = None
+) -> tuple[Tracing, InMemorySpanExporter]:
+    """Tracing whose SDK built its sampler from OTEL_TRACES_SAMPLER (and its argument)."""
+    monkeypatch.setattr(logs, "trace_ids", None)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    if ratio is not None:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", ratio)
+    exported = InMemorySpanExporter()
+    return start_tracing("order-viewer", SimpleSpanProcessor(exported)), exported
+
+
+def test_a_message_or_request_not_sampled_makes_no_span_and_its_letter_keeps_its_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracing, exported = sampling(monkeypatch, "parentbased_traceidratio", "0")
+    started: list[str] = []
+    start_span = tracing.tracer.start_span
+
+    def counted(name: str, *args: Any, **kwargs: Any) -> trace.Span:
+        started.append(name)
+        return start_span(name, *args, **kwargs)
+
+    monkeypatch.setattr(tracing.tracer, "start_span", counted)
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00".encode()
+    ingest = traced_ingest(tracing)
+    settle(
+        ingest,
+        [
+            message(0, order("a")),  # a new trace, at a ratio of 0
+            message(1, b"{nope", [("traceparent", unsampled)]),  # the producer's: not sampled
+            message(2, b"{nope"),
+        ],
+    )
+    cache = OrderCache(100)
+    cache.put_written({"hit": CachedOrder.of(order("hit"), b"0" * 32)})
+
+    async def scenario() -> None:
+        async with traced_app(tracing, FakeReader({"miss": order("miss")}), cache) as client:
+            for path in ("/order/hit", "/order/miss", "/livez"):
+                assert (await client.get(path)).status_code == 200
+
+    asyncio.run(scenario())
+    assert started == []
+    # The letters carry the trace the messages came with, none made up for them.
+    assert [letter.trace for letter in ingest.dead_letters.sent] == [
+        (("traceparent", unsampled),),
+        (),
+    ]
+    # A producer's sampled trace is followed whatever the ratio (parent-based).
+    settle(ingest, [message(3, order("b"), [("traceparent", TRACEPARENT)])])
+    assert started == ["process orders", "INSERT orders"]
+    (consumed,) = spans_named(exported, "process ")
+    assert ids(consumed)[0] == TRACE_ID
+    tracing.shutdown()
+
+
+def test_a_new_trace_is_sampled_on_the_trace_id_its_spans_get(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    drawn: list[int] = []
+    generate = RandomIdGenerator.generate_trace_id
+
+    def recorded(self: RandomIdGenerator) -> int:
+        drawn.append(generate(self))
+        return drawn[-1]
+
+    monkeypatch.setattr(RandomIdGenerator, "generate_trace_id", recorded)
+    tracing, exported = sampling(monkeypatch, "parentbased_traceidratio", "0.5")
+    settle(traced_ingest(tracing), [message(offset, order(f"o{offset}")) for offset in range(200)])
+    cache = OrderCache(100)
+    cache.put_written({"hit": CachedOrder.of(order("hit"), b"0" * 32)})
+
+    async def scenario() -> None:
+        async with traced_app(tracing, FakeReader({}), cache) as client:
+            for _ in range(200):
+                await client.get("/order/hit")
+
+    asyncio.run(scenario())
+    bound = TraceIdRatioBased(0.5).bound
+    kept = {trace_id for trace_id in drawn if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound}
+    # As often as the ratio says (not its square, as a second draw at the span's start would).
+    assert 150 < len(kept) < 250
+    traced = {span.context.trace_id for span in exported.get_finished_spans() if span.context}
+    assert traced == kept
+    tracing.shutdown()

@@ -4,7 +4,10 @@ HTTP request a server span with its database read as a child.
 
 Off unless configured (`config.tracing_enabled`): then no tracer exists, and every part that
 would trace holds None and checks that one value, so that no span object is made. When on, the
-SDK reads its own `OTEL_*` variables (exporter, endpoint, sampler, resource, batching).
+SDK reads its own `OTEL_*` variables (exporter, endpoint, sampler, resource, batching), and a
+message or request the SDK's sampler does not keep costs its decision only: the sampler is asked
+before any span, context or attribute is made (`Tracing.sampled`), so that at 1 % the other 99 %
+pay one random draw and one call (the figures are in docs/PERFORMANCE.md).
 
 No personal data leaves in a span: attributes are positions, ids, counts, reason codes and route
 templates; exceptions are never recorded (a database error quotes the row it refused), only
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import Token
 from importlib.metadata import version
 from typing import Final
 
@@ -27,6 +32,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -58,6 +65,8 @@ KafkaHeaders = Sequence[tuple[str, bytes | None]]
 
 _order_uid = re.compile(ORDER_UID_PATTERN)
 _propagator = TraceContextTextMapPropagator()
+# The parent of a span that begins a new trace.
+_NO_PARENT: Final = Context()
 
 
 def trace_headers(headers: KafkaHeaders | None) -> TraceHeaders:
@@ -88,7 +97,7 @@ def parent_of(headers: TraceHeaders) -> Context:
     """The producer's span as the parent of the message's, as W3C Trace Context reads it; an
     empty context (a new trace) when the headers are missing or malformed."""
     if not headers:
-        return Context()
+        return _NO_PARENT
     return _propagator.extract({name: value.decode("ascii") for name, value in headers})
 
 
@@ -96,7 +105,7 @@ def headers_of(span: Span) -> TraceHeaders:
     """The W3C headers that continue `span`'s trace downstream (a dead letter, then its
     replay)."""
     carrier: dict[str, str] = {}
-    _propagator.inject(carrier, trace.set_span_in_context(span, Context()))
+    _propagator.inject(carrier, trace.set_span_in_context(span, _NO_PARENT))
     return tuple((name, value.encode("ascii")) for name, value in carrier.items())
 
 
@@ -109,23 +118,43 @@ def _order_key(key: bytes | None) -> str | None:
     return text if _order_uid.fullmatch(text) else None
 
 
+def failed(span: Span, error: BaseException) -> None:
+    """The span marked failed by `error`'s type only: its text may quote a row."""
+    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+
+
+def made_current(span: Span) -> Token[Context]:
+    """`span` the current one of this thread or task, until `ended`."""
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def ended(span: Span, current: Token[Context]) -> None:
+    """`span`, made current by `made_current`, ended and no longer current."""
+    otel_context.detach(current)
+    span.end()
+
+
 class KafkaBatchTrace:
-    """The spans of one batch of consumed messages: one per message (a consumer span of its
-    producer's trace, ended when the batch is settled, with what became of the message), and one
-    per attempt at writing the batch, linked to every message's span (`service.ports.BatchTrace`).
+    """The spans of one batch of consumed messages: one per sampled message (a consumer span of
+    its producer's trace, ended when the batch is settled, with what became of the message),
+    and one per attempt at writing the batch when any is sampled, linked to every sampled
+    message's span (`service.ports.BatchTrace`). A message not sampled has no span at all.
     """
 
-    def __init__(
-        self, tracer: trace.Tracer, messages: Sequence[ConsumedMessage], group: str
-    ) -> None:
-        self._tracer = tracer
-        self._messages = messages
-        self._spans = [self._consumed(message, group) for message in messages]
+    def __init__(self, tracing: Tracing, messages: Sequence[ConsumedMessage], group: str) -> None:
+        self._tracer = tracing.tracer
+        # Each sampled message with its span.
+        self._traced: list[tuple[ConsumedMessage, Span]] = []
+        for message in messages:
+            parent = parent_of(message.trace)
+            name = f"process {message.topic}"
+            if tracing.sampled(parent, name, SpanKind.CONSUMER):
+                self._traced.append((message, self._consumed(message, group, parent, name)))
         self._written: dict[str, str] = {}
-        # Each message's span by the message's identity, made for the first dead letter.
+        # Each sampled message's span by the message's identity, made for the first dead letter.
         self._span_of: dict[int, Span] | None = None
 
-    def _consumed(self, message: ConsumedMessage, group: str) -> Span:
+    def _consumed(self, message: ConsumedMessage, group: str, parent: Context, name: str) -> Span:
         attributes: dict[str, str | int] = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
@@ -139,8 +168,8 @@ class KafkaBatchTrace:
         if key is not None:
             attributes["messaging.kafka.message.key"] = key
         return self._tracer.start_span(
-            f"process {message.topic}",
-            context=parent_of(message.trace),
+            name,
+            context=parent,
             kind=SpanKind.CONSUMER,
             attributes=attributes,
             record_exception=False,
@@ -149,13 +178,12 @@ class KafkaBatchTrace:
     @contextmanager
     def _writing(self, orders: int, deletions: int) -> Iterator[None]:
         # A child of the first sampled message's span, so that following one order shows the
-        # write; linked to all of them, and sampled only if one of them is.
-        parent = next((span for span in self._spans if span.is_recording()), self._spans[0])
+        # write; linked to all of them.
         span = self._tracer.start_span(
             "INSERT orders",
-            context=trace.set_span_in_context(parent, Context()),
+            context=trace.set_span_in_context(self._traced[0][1], _NO_PARENT),
             kind=SpanKind.CLIENT,
-            links=[Link(span.get_span_context()) for span in self._spans],
+            links=[Link(span.get_span_context()) for _, span in self._traced],
             attributes={
                 "db.system.name": "postgresql",
                 "db.system": "postgresql",
@@ -170,15 +198,17 @@ class KafkaBatchTrace:
         try:
             yield
         except BaseException as error:
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            failed(span, error)
             raise
         finally:
             span.end()
 
     def writing(self, orders: int, deletions: int) -> AbstractContextManager[None]:
-        return self._writing(orders, deletions)
+        return self._writing(orders, deletions) if self._traced else nullcontext()
 
     def written(self, result: WriteResult) -> None:
+        if not self._traced:
+            return
         for uid in (*result.inserted, *result.replaced):
             self._written[uid] = STORED
         for uid in result.deleted:
@@ -187,12 +217,14 @@ class KafkaBatchTrace:
     def settled(
         self, kept: Mapping[str, ConsumedMessage], rejected: Sequence[RejectedMessage]
     ) -> None:
+        if not self._traced:
+            return
         outcomes: dict[int, tuple[str, str | None]] = {
             id(entry.message): (DEAD_LETTERED, entry.rejection.code) for entry in rejected
         }
         for uid, message in kept.items():
             outcomes.setdefault(id(message), (self._written.get(uid, UNCHANGED), None))
-        for message, span in zip(self._messages, self._spans, strict=True):
+        for message, span in self._traced:
             outcome, reason = outcomes.get(id(message), (OLDER, None))
             span.set_attribute("order_viewer.outcome", outcome)
             if reason is not None:
@@ -202,58 +234,95 @@ class KafkaBatchTrace:
 
     def onward(self, message: ConsumedMessage) -> TraceHeaders:
         if self._span_of is None:
-            self._span_of = {
-                id(consumed): span
-                for consumed, span in zip(self._messages, self._spans, strict=True)
-            }
+            self._span_of = {id(consumed): span for consumed, span in self._traced}
         span = self._span_of.get(id(message))
-        if span is None or not span.get_span_context().is_valid:
-            return message.trace
-        return headers_of(span)
+        # Not sampled: the letter carries the message's own trace on, as it came.
+        return message.trace if span is None else headers_of(span)
+
+
+class DecidedTraceIds(RandomIdGenerator):
+    """The SDK's random ids, except that a new trace whose sampling `Tracing.sampled` decided
+    before its span existed gets the trace id the decision was made on: the SDK's sampler,
+    asked again as the span starts, then decides the same (a ratio sampler drawing on another
+    id would keep the square of its ratio). One per thread: nothing runs in between."""
+
+    def __init__(self) -> None:
+        self._decided = threading.local()
+
+    def decided(self, trace_id: int) -> None:
+        """`trace_id` is the next new trace's of this thread, whose span is started next."""
+        self._decided.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        trace_id: int | None = getattr(self._decided, "trace_id", None)
+        if trace_id is None:
+            return super().generate_trace_id()
+        self._decided.trace_id = None
+        return trace_id
 
 
 class Tracing:
     """The service's tracer: made only when tracing is on (`start_tracing`)."""
 
-    def __init__(self, provider: TracerProvider, group: str) -> None:
+    def __init__(self, provider: TracerProvider, ids: DecidedTraceIds, group: str) -> None:
         self._provider = provider
+        self._ids = ids
+        # The sampler the SDK made of OTEL_TRACES_SAMPLER and its argument.
+        self._sampler = provider.sampler
         self._group = group
         self.tracer = provider.get_tracer("order_viewer", version("order-viewer"))
 
-    def batch(self, messages: Sequence[ConsumedMessage]) -> KafkaBatchTrace:
-        return KafkaBatchTrace(self.tracer, messages, self._group)
+    def sampled(self, parent: Context, name: str, kind: SpanKind) -> bool:
+        """Whether the span `name` of `parent`'s trace (a new trace when `parent` carries none)
+        is to be recorded, as the SDK's sampler decides it when the span starts: asked first,
+        so that nothing else is made for a span it drops. True promises that the span is
+        started next, in this thread, with `parent` (a new trace's id is set aside for it)."""
+        context = (
+            trace.INVALID_SPAN_CONTEXT
+            if parent is _NO_PARENT
+            else trace.get_current_span(parent).get_span_context()
+        )
+        new_trace = not context.is_valid
+        trace_id = self._ids.generate_trace_id() if new_trace else context.trace_id
+        if self._sampler.should_sample(parent, trace_id, name, kind).decision is Decision.DROP:
+            return False
+        if new_trace:
+            self._ids.decided(trace_id)
+        return True
 
-    @contextmanager
+    def batch(self, messages: Sequence[ConsumedMessage]) -> KafkaBatchTrace:
+        return KafkaBatchTrace(self, messages, self._group)
+
     def request(
         self, method: str, route: str, headers: Sequence[tuple[bytes, bytes]]
-    ) -> Iterator[Span]:
-        """A server span for one HTTP request, current while it is answered, continuing the
-        client's `traceparent` if it sent a valid one (once, as for a message)."""
-        span = self.tracer.start_span(
-            f"{method} {route}",
-            context=parent_of(
-                trace_headers(
-                    [(name.decode("latin-1"), value) for name, value in headers if name in _W3C]
-                )
-            ),
+    ) -> Span | None:
+        """A server span for one HTTP request when it is sampled, continuing the client's
+        `traceparent` if it sent a valid one (once, as for a message); None, and nothing made,
+        when it is not. The caller makes it current while the request is answered (a database
+        read and the log lines are its children) and ends it."""
+        parent = parent_of(
+            trace_headers(
+                [(header.decode("latin-1"), value) for header, value in headers if header in _W3C]
+            )
+        )
+        name = f"{method} {route}"
+        if not self.sampled(parent, name, SpanKind.SERVER):
+            return None
+        return self.tracer.start_span(
+            name,
+            context=parent,
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "http.route": route},
             record_exception=False,
         )
-        token = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            yield span
-        except BaseException as error:
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            raise
-        finally:
-            otel_context.detach(token)
-            span.end()
 
-    @contextmanager
-    def database_read(self, collection: str) -> Iterator[Span]:
-        """A client span for one read of the database, a child of the request that made it."""
-        span = self.tracer.start_span(
+    def database_read(self, collection: str) -> Span | None:
+        """A client span for one read of the database, a child of the request that made it;
+        None, and nothing made, when that request is not recorded (a read outside a request
+        would otherwise begin a trace of its own)."""
+        if not trace.get_current_span().is_recording():
+            return None
+        return self.tracer.start_span(
             f"SELECT {collection}",
             kind=SpanKind.CLIENT,
             attributes={
@@ -264,13 +333,6 @@ class Tracing:
             },
             record_exception=False,
         )
-        try:
-            yield span
-        except BaseException as error:
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            raise
-        finally:
-            span.end()
 
     def shutdown(self) -> None:
         """Export the spans still waiting, then stop (at SIGTERM's stop of `serve`)."""
@@ -307,11 +369,12 @@ def start_tracing(group: str, processor: SpanProcessor | None = None) -> Tracing
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: SERVICE}))
-    provider = TracerProvider(resource=resource)
+    ids = DecidedTraceIds()
+    provider = TracerProvider(resource=resource, id_generator=ids)
     provider.add_span_processor(processor or BatchSpanProcessor(OTLPSpanExporter()))
     # A message's malformed tracestate is dropped; the SDK would also log it, member by member,
     # once per message: a producer could fill the log.
     for noisy in ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logs.trace_ids = current_ids
-    return Tracing(provider, group)
+    return Tracing(provider, ids, group)

@@ -474,8 +474,9 @@ class Front:
 
 
 class TracedFront(Front):
-    """`Front` with a server span around every request, made only when tracing is on, so that
-    the front without it checks nothing more per request."""
+    """`Front` with a server span around every sampled request, made only when tracing is on,
+    so that the front without it checks nothing more per request. A request the sampler drops
+    goes through that front as it is, with nothing made for it but the decision."""
 
     def __init__(
         self,
@@ -487,15 +488,28 @@ class TracedFront(Front):
     ) -> None:
         super().__init__(app, lookup, guard, stats)
         self._tracing = tracing
+        self._untraced = Front(app, lookup, guard, stats)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
+        span = (
+            None
+            if scope["type"] != "http"
+            else self._tracing.request(
+                scope["method"], route_template(scope["path"]), scope["headers"]
+            )
+        )
+        if span is None:
+            await self._untraced(scope, receive, send)
             return
-        with self._tracing.request(
-            scope["method"], route_template(scope["path"]), scope["headers"]
-        ):
+        # Current while the request is answered: its database read and log lines are its.
+        token = traces.made_current(span)
+        try:
             await super().__call__(scope, receive, send)
+        except BaseException as error:
+            traces.failed(span, error)
+            raise
+        finally:
+            traces.ended(span, token)
 
     def _record(self, route: str, status: int, started: float, cache: str | None = None) -> None:
         super()._record(route, status, started, cache)

@@ -8,7 +8,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from order_viewer.adapters.postgres.connection import database_errors
-from order_viewer.adapters.tracing import Tracing
+from order_viewer.adapters.tracing import Tracing, failed
 from order_viewer.service.ports import (
     DatabaseBusy,
     DatabaseUnavailable,
@@ -72,14 +72,20 @@ class PostgresOrderReader:
     async def _fetch(
         self, query: str, params: tuple[object, ...], *, binary: bool = False
     ) -> list[tuple[object, ...]]:
-        if self._tracing is None:
-            return await self._rows(query, params, binary)
         # A child of the request that asked first: the lookup gathers the misses of one
         # event-loop step into this read, in that request's context.
-        with self._tracing.database_read("orders") as span:
+        span = None if self._tracing is None else self._tracing.database_read("orders")
+        if span is None:
+            return await self._rows(query, params, binary)
+        try:
             rows = await self._rows(query, params, binary)
             span.set_attribute("db.response.returned_rows", len(rows))
             return rows
+        except BaseException as error:
+            failed(span, error)
+            raise
+        finally:
+            span.end()
 
     async def _rows(
         self, query: str, params: tuple[object, ...], binary: bool
