@@ -21,14 +21,14 @@ from contextlib import contextmanager
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from benchmarks import profiles
 from benchmarks.harness import console, generate
 from order_viewer.adapters.cache import OrderCache
 from order_viewer.adapters.http.api import create_app
 from order_viewer.adapters.metrics import Metrics
-from order_viewer.adapters.tracing import Tracing, start_tracing
+from order_viewer.adapters.tracing import Tracing, batch_processor, start_tracing
 from order_viewer.domain.model import PreparedOrder
 from order_viewer.service.ingest import OrderIngest
 from order_viewer.service.lookup import OrderLookup
@@ -89,7 +89,7 @@ def tracing(mode: str) -> Iterator[Tracing | None]:
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:
-        traced = start_tracing("bench", BatchSpanProcessor(EncodingSink()))
+        traced = start_tracing("bench", batch_processor(BATCH, EncodingSink()))
     finally:
         for name, value in saved.items():
             if value is None:

@@ -42,7 +42,7 @@ from order_viewer.adapters.postgres.reader import (
     stored_versions,
 )
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
-from order_viewer.adapters.tracing import Tracing, start_tracing
+from order_viewer.adapters.tracing import Tracing, batch_processor, start_tracing
 from order_viewer.config import Settings, kafka_client, tracing_enabled
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.ingest import OrderIngest
@@ -156,7 +156,11 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     instance = uuid.uuid4().hex
     cache = OrderCache(settings.cache_capacity, settings.cache_max_bytes)
     metrics = Metrics(cache)
-    tracing = start_tracing(settings.kafka_group_id) if tracing_enabled(settings) else None
+    tracing = (
+        start_tracing(settings.kafka_group_id, batch_processor(settings.batch_max_orders))
+        if tracing_enabled(settings)
+        else None
+    )
     reader = PostgresOrderReader(database_url, settings.database_pool_size, tracing)
     writers = [
         PostgresOrderWriter(database_url, instance, settings.database_write_timeout_seconds)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -31,6 +31,7 @@ from order_viewer.adapters.tracing import (
     MAX_TRACESTATE_BYTES,
     KafkaHeaders,
     Tracing,
+    batch_processor,
     parent_of,
     start_tracing,
     trace_headers,
@@ -484,3 +485,25 @@ def test_a_new_trace_is_sampled_on_the_trace_id_its_spans_get(
     traced = {span.context.trace_id for span in exported.get_finished_spans() if span.context}
     assert traced == kept
     tracing.shutdown()
+
+
+def test_the_span_queue_holds_two_of_the_largest_batches_unless_the_sdks_variable_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def queue_size(largest_batch: int) -> int:
+        provider = TracerProvider()
+        processor = batch_processor(largest_batch, InMemorySpanExporter())
+        provider.add_span_processor(processor)
+        # The SDK's own attribute: it has no other way to tell its queue's size.
+        size: int = processor._batch_processor._max_queue_size
+        provider.shutdown()
+        return size
+
+    monkeypatch.delenv("OTEL_BSP_MAX_QUEUE_SIZE", raising=False)
+    assert [queue_size(largest_batch) for largest_batch in (1, 2000, 50_000)] == [
+        2048,
+        4002,
+        100_002,
+    ]
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1000")
+    assert queue_size(2000) == 1000

@@ -17,6 +17,7 @@ their type.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,8 +31,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
@@ -59,6 +60,9 @@ UNCHANGED = "unchanged"
 # Not written: a later message of the same order in the same batch was.
 OLDER = "older"
 DEAD_LETTERED = "dead_lettered"
+
+# The SDK's variable that sizes its queue of finished spans.
+QUEUE_SIZE: Final = "OTEL_BSP_MAX_QUEUE_SIZE"
 
 # Headers as confluent-kafka gives those of a consumed message.
 KafkaHeaders = Sequence[tuple[str, bytes | None]]
@@ -143,26 +147,34 @@ class KafkaBatchTrace:
 
     def __init__(self, tracing: Tracing, messages: Sequence[ConsumedMessage], group: str) -> None:
         self._tracer = tracing.tracer
+        self._max_links = tracing.max_links
+        # What every message's span says alike, made once a batch.
+        common = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.consumer.group.name": group,
+        }
         # Each sampled message with its span.
         self._traced: list[tuple[ConsumedMessage, Span]] = []
         for message in messages:
             parent = parent_of(message.trace)
             name = f"process {message.topic}"
             if tracing.sampled(parent, name, SpanKind.CONSUMER):
-                self._traced.append((message, self._consumed(message, group, parent, name)))
+                self._traced.append((message, self._consumed(message, common, parent, name)))
         self._written: dict[str, str] = {}
         # Each sampled message's span by the message's identity, made for the first dead letter.
         self._span_of: dict[int, Span] | None = None
 
-    def _consumed(self, message: ConsumedMessage, group: str, parent: Context, name: str) -> Span:
+    def _consumed(
+        self, message: ConsumedMessage, common: dict[str, str], parent: Context, name: str
+    ) -> Span:
+        # Given as the span starts: the SDK checks them once, not once per later call.
         attributes: dict[str, str | int] = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
+            **common,
             "messaging.destination.name": message.topic,
             "messaging.destination.partition.id": str(message.partition),
             "messaging.kafka.offset": message.offset,
-            "messaging.consumer.group.name": group,
         }
         key = _order_key(message.key)
         if key is not None:
@@ -183,7 +195,8 @@ class KafkaBatchTrace:
             "INSERT orders",
             context=trace.set_span_in_context(self._traced[0][1], _NO_PARENT),
             kind=SpanKind.CLIENT,
-            links=[Link(span.get_span_context()) for _, span in self._traced],
+            # The SDK keeps OTEL_SPAN_LINK_COUNT_LIMIT of them (128 by default): no more made.
+            links=[Link(span.get_span_context()) for _, span in self._traced[: self._max_links]],
             attributes={
                 "db.system.name": "postgresql",
                 "db.system": "postgresql",
@@ -226,9 +239,10 @@ class KafkaBatchTrace:
             outcomes.setdefault(id(message), (self._written.get(uid, UNCHANGED), None))
         for message, span in self._traced:
             outcome, reason = outcomes.get(id(message), (OLDER, None))
-            span.set_attribute("order_viewer.outcome", outcome)
-            if reason is not None:
-                span.set_attribute("error.type", reason)
+            if reason is None:
+                span.set_attribute("order_viewer.outcome", outcome)
+            else:
+                span.set_attributes({"order_viewer.outcome": outcome, "error.type": reason})
                 span.set_status(Status(StatusCode.ERROR, reason))
             span.end()
 
@@ -248,6 +262,10 @@ class DecidedTraceIds(RandomIdGenerator):
 
     def __init__(self) -> None:
         self._decided = threading.local()
+
+    def drawn(self) -> int:
+        """A new trace's id, to decide its sampling on."""
+        return super().generate_trace_id()
 
     def decided(self, trace_id: int) -> None:
         """`trace_id` is the next new trace's of this thread, whose span is started next."""
@@ -269,6 +287,8 @@ class Tracing:
         self._ids = ids
         # The sampler the SDK made of OTEL_TRACES_SAMPLER and its argument.
         self._sampler = provider.sampler
+        # Links kept on a span, as the SDK read OTEL_SPAN_LINK_COUNT_LIMIT (None: all).
+        self.max_links = SpanLimits().max_links
         self._group = group
         self.tracer = provider.get_tracer("order_viewer", version("order-viewer"))
 
@@ -283,7 +303,7 @@ class Tracing:
             else trace.get_current_span(parent).get_span_context()
         )
         new_trace = not context.is_valid
-        trace_id = self._ids.generate_trace_id() if new_trace else context.trace_id
+        trace_id = self._ids.drawn() if new_trace else context.trace_id
         if self._sampler.should_sample(parent, trace_id, name, kind).decision is Decision.DROP:
             return False
         if new_trace:
@@ -347,9 +367,10 @@ def answered(status: int, cache: str | None) -> None:
     """The current request's span told its status and, for an order, whether the cache
     answered it."""
     span = trace.get_current_span()
-    span.set_attribute("http.response.status_code", status)
-    if cache is not None:
-        span.set_attribute("order_viewer.cache", cache)
+    if cache is None:
+        span.set_attribute("http.response.status_code", status)
+    else:
+        span.set_attributes({"http.response.status_code": status, "order_viewer.cache": cache})
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR))
 
@@ -363,15 +384,27 @@ def current_ids() -> tuple[str, str] | None:
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
 
-def start_tracing(group: str, processor: SpanProcessor | None = None) -> Tracing:
-    """The tracer, exporting over OTLP/HTTP as the `OTEL_*` variables say (or to `processor`,
-    for the tests), and the JSON log lines told to carry the current span's ids."""
+def batch_processor(largest_batch: int, exporter: SpanExporter | None = None) -> BatchSpanProcessor:
+    """The SDK's batching of finished spans for `exporter` (OTLP/HTTP, to where the OTEL_*
+    variables say, unless given: the benchmarks' own), as the OTEL_BSP_* variables say,
+    with a queue of two of the largest batches' spans (one a message, and its write) unless
+    OTEL_BSP_MAX_QUEUE_SIZE says otherwise: a traced batch ends all its spans at once, and the
+    SDK's 2,048 would hold one batch of 2,000, dropping (with a warning) the spans of the next
+    whenever the exporter is one batch behind. A span is never waited for: the queue is a
+    deque, and a full one drops its oldest."""
+    queue = None if QUEUE_SIZE in os.environ else max(2048, 2 * (largest_batch + 1))
+    return BatchSpanProcessor(exporter or OTLPSpanExporter(), max_queue_size=queue)
+
+
+def start_tracing(group: str, processor: SpanProcessor) -> Tracing:
+    """The tracer, its finished spans given to `processor` (`batch_processor`, or the tests'
+    own), and the JSON log lines told to carry the current span's ids."""
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: SERVICE}))
     ids = DecidedTraceIds()
     provider = TracerProvider(resource=resource, id_generator=ids)
-    provider.add_span_processor(processor or BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(processor)
     # A message's malformed tracestate is dropped; the SDK would also log it, member by member,
     # once per message: a producer could fill the log.
     for noisy in ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext"):
