@@ -43,7 +43,12 @@ from benchmarks.harness import (
     with_new_topic,
     wrk,
 )
-from benchmarks.tracing import print_tracing, tracing_cost
+from benchmarks.tracing import (
+    http_tracing_cost,
+    print_tracing,
+    print_tracing_http,
+    tracing_cost,
+)
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import bootstrap
 from order_viewer.adapters.cache import OrderCache
@@ -830,6 +835,7 @@ def main() -> None:
         print_http(http_benchmark(bench, cached, arguments.seconds, logs))
     if "tracing" in sections:
         print_tracing(tracing_cost(messages[:20_000]), min(len(messages), 20_000))
+        print_tracing_http(http_tracing_cost(20_000, arguments.seconds, logs), arguments.seconds)
     if "large" in sections:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     if "backlog" in sections:

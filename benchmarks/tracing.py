@@ -11,20 +11,26 @@ section of its own.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
+import uvloop
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from starlette.types import ASGIApp
 
-from benchmarks import profiles
-from benchmarks.harness import console, generate
+from benchmarks import bare_server, profiles
+from benchmarks.harness import ServerProcess, console, free_port, generate, wrk
 from order_viewer.adapters.cache import OrderCache
 from order_viewer.adapters.http.api import create_app
 from order_viewer.adapters.metrics import Metrics
@@ -56,6 +62,8 @@ MODES: dict[str, dict[str, str] | None] = {
 }
 BATCH = 2000
 ROUNDS = 3
+# Orders cached for the hits.
+HITS = 10_000
 
 
 class EncodingSink(SpanExporter):
@@ -127,13 +135,15 @@ def ingest_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> 
     return (time.process_time() - started) / len(messages) * 1e6
 
 
-def hit_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> float:
-    """Microseconds of CPU per cache hit through the service's app (metrics on, no
-    authentication), with a no-op send."""
-    ids = [key.decode() for key, _ in messages[:10_000]]
+def hit_app(
+    messages: list[tuple[bytes, bytes]], traced: Tracing | None
+) -> tuple[ASGIApp, list[str]]:
+    """The service's app (metrics on, no authentication) with the first HITS orders cached,
+    and their ids."""
+    ids = [key.decode() for key, _ in messages[:HITS]]
     cache = OrderCache(len(ids))
     cache.put_written(
-        {key.decode(): CachedOrder.of(value, b"0" * 32) for key, value in messages[:10_000]}
+        {key.decode(): CachedOrder.of(value, b"0" * 32) for key, value in messages[:HITS]}
     )
     app = create_app(
         OrderLookup(profiles._NoReader(), cache),
@@ -141,6 +151,12 @@ def hit_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> flo
         Metrics(cache),
         tracing=traced,
     )
+    return app, ids
+
+
+def hit_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> float:
+    """Microseconds of CPU per cache hit through the service's app, with a no-op send."""
+    app, ids = hit_app(messages, traced)
     scopes = profiles._hits(ids)
 
     async def timed() -> float:
@@ -168,6 +184,64 @@ def tracing_cost(messages: list[tuple[bytes, bytes]]) -> dict[str, dict[str, flo
     }
 
 
+class TracedServerRun(ServerProcess):
+    """This module serving `hit_app` over granian as the bare server does, tracing as `mode`
+    says (its spans encoded and discarded)."""
+
+    def __init__(self, mode: str, log: Path, orders: int) -> None:
+        port = free_port()
+        command = [
+            sys.executable, "-m", "benchmarks.tracing", "--serve", mode, "--port", str(port),
+            "--orders", str(orders),
+        ]  # fmt: skip
+        super().__init__(command, dict(os.environ), log, port, "/livez")
+
+
+def http_tracing_cost(orders: int, seconds: int, logs: Path) -> dict[str, dict[str, float]]:
+    """Cache hits over HTTP as a client times them (wrk, one thread, 64 connections), one
+    server per mode, all running at once and measured in turns, best of ROUNDS."""
+    ids_file = logs / "tracing-ids.txt"
+    ids_file.write_text("\n".join(key.decode() for key, _ in generate(min(orders, HITS), 1)))
+    servers = {
+        mode: TracedServerRun(mode, logs / f"tracing-{mode.replace(' %', '')}.log", orders)
+        for mode in MODES
+    }
+    for server in servers.values():
+        server.wait_ready()
+        wrk(server.url, ids_file, 64, 3)  # untimed: connections and caches warm
+    results: dict[str, dict[str, float]] = {}
+    for number in range(1, ROUNDS + 1):
+        for mode, server in servers.items():
+            console.print(f"tracing over HTTP, round {number} of {ROUNDS}: {mode}, {seconds} s")
+            measured = wrk(server.url, ids_file, 64, seconds)
+            if mode not in results or measured["rate"] > results[mode]["rate"]:
+                results[mode] = measured
+    for server in servers.values():
+        server.stop()
+    return results
+
+
+def print_tracing_http(results: dict[str, dict[str, float]], seconds: int) -> None:
+    print(
+        f"\n### Cache hits over HTTP (wrk -t1 -c64, {seconds} s, best of {ROUNDS} in turns; "
+        "spans encoded as OTLP and discarded)\n"
+    )
+    print("| tracing | requests/s | vs. off | µs a request | p99 ms | non-2xx |")
+    print("|---|---:|---:|---:|---:|---:|")
+    off = results["off"]["rate"]
+    for mode, run in results.items():
+        print(
+            f"| {mode} | {run['rate']:,.0f} | {off / run['rate'] - 1:+.1%} | "
+            f"{1e6 / run['rate']:.1f} | {run['p99_ms']:.2f} | {run['errors']:.0f} |"
+        )
+
+
+async def serve(mode: str, port: int, orders: int) -> None:
+    with tracing(mode) as traced:
+        app, _ = hit_app(generate(min(orders, HITS), 1), traced)
+        await bare_server.serve(app, port)
+
+
 def print_tracing(costs: dict[str, dict[str, float]], orders: int) -> None:
     print(
         f"\n## Tracing (in-process, µs of CPU of all threads, best of {ROUNDS} in turns; "
@@ -184,6 +258,23 @@ def print_tracing(costs: dict[str, dict[str, float]], orders: int) -> None:
         )
 
 
-if __name__ == "__main__":
-    generated = generate(20_000, 1)
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tracing", description=__doc__)
+    parser.add_argument("--orders", type=int, default=20_000)
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--serve", choices=MODES, help="serve hits over HTTP (for the wrk part)")
+    parser.add_argument("--port", type=int)
+    arguments = parser.parse_args()
+    if arguments.serve is not None:
+        uvloop.run(serve(arguments.serve, arguments.port, arguments.orders))
+        return
+    generated = generate(arguments.orders, 1)
     print_tracing(tracing_cost(generated), len(generated))
+    logs = Path(tempfile.mkdtemp(prefix="order-viewer-bench-tracing-"))
+    print_tracing_http(
+        http_tracing_cost(arguments.orders, arguments.seconds, logs), arguments.seconds
+    )
+
+
+if __name__ == "__main__":
+    main()
