@@ -11,6 +11,7 @@ import base64
 import hashlib
 import re
 import time
+from collections.abc import Coroutine
 from importlib import resources
 from importlib.metadata import version
 from typing import Annotated, Any, Protocol
@@ -21,6 +22,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
@@ -490,7 +492,9 @@ class TracedFront(Front):
         self._tracing = tracing
         self._untraced = Front(app, lookup, guard, stats)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        # Not a coroutine itself: a request the sampler drops is the plain front's coroutine,
+        # with no frame of this one's in between.
         span = (
             None
             if scope["type"] != "http"
@@ -499,8 +503,10 @@ class TracedFront(Front):
             )
         )
         if span is None:
-            await self._untraced(scope, receive, send)
-            return
+            return self._untraced(scope, receive, send)
+        return self._traced(span, scope, receive, send)
+
+    async def _traced(self, span: Span, scope: Scope, receive: Receive, send: Send) -> None:
         # Current while the request is answered: its database read and log lines are its.
         token = traces.made_current(span)
         try:
