@@ -32,6 +32,8 @@ from order_viewer.adapters.tracing import (
     KafkaHeaders,
     Tracing,
     batch_processor,
+    ended,
+    made_current,
     parent_of,
     start_tracing,
     trace_headers,
@@ -507,3 +509,22 @@ def test_the_span_queue_holds_two_of_the_largest_batches_unless_the_sdks_variabl
     ]
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1000")
     assert queue_size(2000) == 1000
+
+
+def test_a_database_read_is_a_span_only_within_a_recorded_request(
+    traced: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    tracing, exported = traced
+    # Outside a request, or in one not sampled, it would begin a trace of its own.
+    assert tracing.database_read("orders") is None
+    request = tracing.request("GET", "/order/{order_uid}", [(b"traceparent", TRACEPARENT)])
+    assert request is not None
+    current = made_current(request)
+    read = tracing.database_read("orders")
+    assert read is not None
+    read.end()
+    ended(request, current)
+    (span,) = spans_named(exported, "SELECT ")
+    assert span.parent is not None
+    assert ids(span.parent) == ids(request.get_span_context())
+    assert ids(span)[0] == TRACE_ID
