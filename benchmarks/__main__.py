@@ -47,6 +47,12 @@ from benchmarks.harness import (
     with_new_topic,
     wrk,
 )
+from benchmarks.tracing import (
+    http_tracing_cost,
+    print_tracing,
+    print_tracing_http,
+    tracing_cost,
+)
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import bootstrap
 from order_viewer.adapters.cache import OrderCache
@@ -984,7 +990,9 @@ def print_large(large: dict[str, Any]) -> None:
     )
 
 
-SECTIONS = ("freshness", "auth", "http", "absent", "drain", "large", "backlog", "profile")
+SECTIONS = (
+    "freshness", "auth", "http", "absent", "drain", "tracing", "large", "backlog", "profile",
+)  # fmt: skip
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -1074,6 +1082,9 @@ def main() -> None:
         )
     if "absent" in sections:
         print_absent(absent_benchmark(bench, cached, arguments.seconds, logs))
+    if "tracing" in sections:
+        print_tracing(tracing_cost(messages[:20_000]), min(len(messages), 20_000))
+        print_tracing_http(http_tracing_cost(20_000, arguments.seconds, logs), arguments.seconds)
     if "large" in sections:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     if "backlog" in sections:

@@ -64,9 +64,10 @@ def bare_app(bodies: dict[str, Response]) -> Any:
     return app
 
 
-async def serve(bodies: dict[str, Response], port: int) -> None:
+async def serve(app: Any, port: int) -> None:
+    """`app` served as the service serves its own."""
     server = Server(
-        bare_app(bodies),
+        app,
         address="127.0.0.1",
         port=port,
         interface=Interfaces.ASGINL,
@@ -91,7 +92,7 @@ def main() -> None:
     bodies = stored_bodies(os.environ["DATABASE_URL"], ids)
     if len(bodies) != len(ids):
         raise SystemExit(f"{len(ids) - len(bodies)} of the ids are not stored")
-    uvloop.run(serve(bodies, arguments.port))
+    uvloop.run(serve(bare_app(bodies), arguments.port))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""The tools the deployment tests need: helm (built from its Go module into the project's
-`.stack/bin`) and Debian's prometheus package (prometheus and promtool). `python -m devstack
-install --deploy-tools` installs them with the rest of the bootstrap; each step does nothing when
-its tool is there, and the tests only look them up."""
+"""The tools the deployment and tracing tests need: helm and Jaeger (built from their Go modules
+into the project's `.stack/bin`) and Debian's prometheus package (prometheus and promtool).
+`python -m devstack install --deploy-tools` installs them with the rest of the bootstrap; each
+step does nothing when its tool is there, and the tests only look them up."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ from devstack.system import as_root, say
 TOOLS_BIN = PROJECT_ROOT / ".stack" / "bin"
 HELM_MODULE = "helm.sh/helm/v3/cmd/helm"
 HELM_VERSION = "v3.22.0"
+JAEGER_MODULE = "github.com/jaegertracing/jaeger/cmd/jaeger"
+JAEGER_VERSION = "v1.75.0"  # Jaeger v2, built on the OpenTelemetry collector
+# Jaeger's go.mod has replace directives, so `go install module@version` refuses it: it is built
+# as a tool of a module of our own, made in the git-ignored tools folder, not in the sources.
+JAEGER_BUILD_MODULE = PROJECT_ROOT / ".stack" / "jaeger-build"
 PROMETHEUS_PACKAGE = "prometheus"
 INSTALL_COMMAND = "python -m devstack install --deploy-tools"
 # Go's usual install place, which a non-login shell often lacks on its PATH.
@@ -25,10 +30,19 @@ GO_CANDIDATES = ("/usr/local/go/bin/go",)
 
 def helm_path() -> Path | None:
     """The project's own helm, else one on PATH."""
-    own = TOOLS_BIN / "helm"
+    return _own_or_on_path("helm")
+
+
+def jaeger_path() -> Path | None:
+    """The project's own jaeger, else one on PATH."""
+    return _own_or_on_path("jaeger")
+
+
+def _own_or_on_path(program: str) -> Path | None:
+    own = TOOLS_BIN / program
     if own.is_file() and os.access(own, os.X_OK):
         return own
-    found = shutil.which("helm")
+    found = shutil.which(program)
     return Path(found) if found else None
 
 
@@ -69,6 +83,30 @@ def install_helm() -> Path:
     return installed
 
 
+def install_jaeger() -> Path:
+    existing = jaeger_path()
+    if existing is not None:
+        return existing
+    TOOLS_BIN.mkdir(parents=True, exist_ok=True)
+    JAEGER_BUILD_MODULE.mkdir(parents=True, exist_ok=True)
+    say(f"building jaeger {JAEGER_VERSION} with go build into {TOOLS_BIN}")
+    go = str(go_path())
+    steps = [
+        [go, "get", "-tool", f"{JAEGER_MODULE}@{JAEGER_VERSION}"],
+        [go, "build", "-o", str(TOOLS_BIN / "jaeger"), JAEGER_MODULE],
+    ]
+    if not (JAEGER_BUILD_MODULE / "go.mod").is_file():
+        steps.insert(0, [go, "mod", "init", "order-viewer.local/jaeger-build"])
+    for step in steps:
+        subprocess.run(
+            step, cwd=JAEGER_BUILD_MODULE, env={**os.environ, "CGO_ENABLED": "0"}, check=True
+        )
+    installed = TOOLS_BIN / "jaeger"
+    if not installed.is_file():
+        raise StackError(f"go build finished but {installed} is missing")
+    return installed
+
+
 def stop_system_prometheus() -> None:
     """Debian's package starts a system Prometheus on port 9090 at boot and after install; the
     tests run their own on free ports and want no stray server scraping or holding ports."""
@@ -102,4 +140,5 @@ def install_prometheus(bootstrap: Bootstrap) -> tuple[Path, Path]:
 
 def install_deploy_tools(bootstrap: Bootstrap) -> None:
     install_helm()
+    install_jaeger()
     install_prometheus(bootstrap)

@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 from grafana_foundation_sdk.builders.dashboard import (
     Dashboard,
+    DashboardLink,
     DatasourceVariable,
     QueryVariable,
     Row,
+    TextBoxVariable,
 )
 from grafana_foundation_sdk.builders.prometheus import Dataquery
 from grafana_foundation_sdk.builders.stat import Panel as Stat
 from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
 from grafana_foundation_sdk.cog.builder import Builder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, Panel, VariableRefresh
+from grafana_foundation_sdk.models.dashboard import (
+    DashboardLinkType,
+    DataSourceRef,
+    Panel,
+    VariableRefresh,
+)
 
 OUTPUT = Path(__file__).with_name("order-viewer.json")
 UID = "order-viewer"
@@ -26,6 +34,14 @@ DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 JOB = 'job="$job"'
 RATE = "[$__rate_interval]"
 HEIGHT = 8
+# Where the traces are (docs/OPERATIONS.md): Jaeger's UI, by default the compose tracing
+# profile's. The service's histograms carry no exemplars (its HTTP statistics are counted by
+# hand, docs/PERFORMANCE.md), so the latency panels link to the traces of their time range, which
+# Jaeger's search takes in microseconds.
+TRACES_UI = "http://127.0.0.1:16686"
+TRACES_SEARCH = (
+    "${traces}/search?service=order-viewer&lookback=custom&start=${__from}000&end=${__to}000"
+)
 
 
 def query(expr: str, legend: str) -> Dataquery:
@@ -41,6 +57,18 @@ def with_queries(panel: Timeseries | Stat, queries: tuple[Dataquery, ...]) -> Ti
 def timeseries(title: str, unit: str, *queries: Dataquery, width: int = 12) -> Builder[Panel]:
     panel = Timeseries().title(title).unit(unit).datasource(DATASOURCE)
     return with_queries(panel.height(HEIGHT).span(width), queries)
+
+
+def with_traces(panel: Builder[Panel], operation: str) -> Builder[Panel]:
+    """The panel with a link to the traces of `operation` in its time range."""
+    assert isinstance(panel, Timeseries)
+    link = (
+        DashboardLink(f"Traces: {operation}")
+        .type(DashboardLinkType.LINK)
+        .url(f"{TRACES_SEARCH}&operation={quote(operation)}")
+        .target_blank(True)
+    )
+    return panel.links([link])
 
 
 def stat(title: str, unit: str, *queries: Dataquery, width: int = 12) -> Builder[Panel]:
@@ -99,11 +127,14 @@ def ingest() -> list[Builder[Panel]]:
             query(quantile(0.99, batch), "p99"),
             query(f"{rate(batch + '_sum')} / {rate(batch + '_count')}", "mean"),
         ),
-        timeseries(
-            "Database write latency (one batch)",
-            "s",
-            query(quantile(0.5, write), "p50"),
-            query(quantile(0.99, write), "p99"),
+        with_traces(
+            timeseries(
+                "Database write latency (one batch)",
+                "s",
+                query(quantile(0.5, write), "p50"),
+                query(quantile(0.99, write), "p99"),
+            ),
+            "INSERT orders",
         ),
         timeseries(
             "Age of the newest stored order",
@@ -160,11 +191,14 @@ def http() -> list[Builder[Panel]]:
             "reqps",
             query(rate(requests, "route, status"), "{{route}} {{status}}"),
         ),
-        timeseries(
-            "Latency by route",
-            "s",
-            query(quantile(0.5, latency, "route, le"), "p50 {{route}}"),
-            query(quantile(0.99, latency, "route, le"), "p99 {{route}}"),
+        with_traces(
+            timeseries(
+                "Latency by route",
+                "s",
+                query(quantile(0.5, latency, "route, le"), "p50 {{route}}"),
+                query(quantile(0.99, latency, "route, le"), "p99 {{route}}"),
+            ),
+            "GET /order/{order_uid}",
         ),
         timeseries(
             "5xx ratio (readiness probes left out)",
@@ -195,6 +229,9 @@ def build() -> Dashboard:
             .datasource(DATASOURCE)
             .query("label_values(order_viewer_messages_consumed_total, job)")
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        )
+        .with_variable(
+            TextBoxVariable("traces").label("Traces UI (Jaeger)").default_value(TRACES_UI)
         )
     )
     for title, panels in (("Ingest", ingest()), ("Cache", cache()), ("HTTP", http())):

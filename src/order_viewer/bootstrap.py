@@ -43,7 +43,8 @@ from order_viewer.adapters.postgres.reader import (
 )
 from order_viewer.adapters.postgres.trail import PostgresDeadLetterTrail
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
-from order_viewer.config import Settings, kafka_client
+from order_viewer.adapters.tracing import Tracing, batch_processor, start_tracing
+from order_viewer.config import Settings, kafka_client, tracing_enabled
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.events import OrderEvents
 from order_viewer.service.ingest import OrderIngest
@@ -86,6 +87,8 @@ class Parts:
     kafka: dict[str, Any]
     # Records dead letters in the orders' trails; None with ORDER_TRAIL_ENABLED=false.
     trail: PostgresDeadLetterTrail | None
+    # None unless the OTEL_* variables turn tracing on.
+    tracing: Tracing | None
 
 
 def access_policy(settings: Settings) -> AccessPolicy | None:
@@ -160,7 +163,12 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         settings.cache_capacity, settings.cache_max_bytes, settings.cache_absent_capacity
     )
     metrics = Metrics(cache)
-    reader = PostgresOrderReader(database_url, settings.database_pool_size)
+    tracing = (
+        start_tracing(settings.kafka_group_id, batch_processor(settings.batch_max_orders))
+        if tracing_enabled(settings)
+        else None
+    )
+    reader = PostgresOrderReader(database_url, settings.database_pool_size, tracing)
     writers = [
         PostgresOrderWriter(database_url, instance, settings.database_write_timeout_seconds)
         for _ in range(settings.database_writers)
@@ -175,6 +183,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         metrics,
         delete_on_tombstone=settings.kafka_tombstones == "delete",
         trail=trail,
+        tracing=tracing,
     )
     liveness = Liveness()
     consumer = OrderConsumer(
@@ -222,11 +231,12 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         tls=settings.http_tls_cert_file is not None,
         trails=settings.order_trail_enabled,
         events=events,
+        tracing=tracing,
     )
     return Parts(
         settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,
         ingest, lookup, consumer, coherence, events, listener, expirer, readiness, app, kafka,
-        trail,
+        trail, tracing,
     )  # fmt: skip
 
 
@@ -366,3 +376,6 @@ def close(parts: Parts) -> None:
         parts.expirer.close()
     if parts.trail is not None:
         parts.trail.close()
+    if parts.tracing is not None:
+        # Last, so that the spans of the final batches and requests are exported.
+        parts.tracing.shutdown()

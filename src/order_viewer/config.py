@@ -252,6 +252,48 @@ class Settings(BaseSettings):
         default="console",
         description="console: readable lines; json: one JSON object per line, for a collector.",
     )
+    # OpenTelemetry's own variables, read by its SDK from the process environment (not from
+    # .env); the service reads the few that turn tracing on or that the SDK would misread in
+    # silence (a sampler ratio it cannot parse samples everything), to refuse them in one line.
+    otel_sdk_disabled: bool = Field(
+        default=False, description="true: no tracing, whatever the other OTEL_* variables say."
+    )
+    otel_traces_exporter: Literal["otlp", "none"] | None = Field(
+        default=None,
+        description="otlp: export traces over OTLP/HTTP; none: no tracing. Unset: otlp when an "
+        "OTLP endpoint is set, else no tracing.",
+    )
+    otel_exporter_otlp_endpoint: AnyHttpUrl | None = Field(
+        default=None,
+        description="The OTLP/HTTP collector (e.g. http://jaeger:4318): traces go to its "
+        "/v1/traces. The other OTEL_* variables (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, "
+        "OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*) are the SDK's, as documented by OpenTelemetry.",
+    )
+    otel_exporter_otlp_traces_endpoint: AnyHttpUrl | None = Field(
+        default=None, description="The full OTLP/HTTP URL of traces, instead of the one above."
+    )
+    otel_traces_sampler: (
+        Literal[
+            "always_on",
+            "always_off",
+            "traceidratio",
+            "parentbased_always_on",
+            "parentbased_always_off",
+            "parentbased_traceidratio",
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="Which traces are kept; unset: parentbased_always_on (every trace, and "
+        "the producer's decision for a message that carries one).",
+    )
+    otel_traces_sampler_arg: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = (
+        Field(
+            default=None,
+            description="The ratio of the traceidratio samplers, 0 to 1 (0.01: one trace in "
+            "a hundred).",
+        )
+    )
 
     @model_validator(mode="after")
     def _streams_leave_connections(self) -> Settings:
@@ -322,6 +364,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def tracing_enabled(settings: Settings) -> bool:
+    """Whether the service traces: only when asked, by an OTLP endpoint or OTEL_TRACES_EXPORTER,
+    and never with OTEL_SDK_DISABLED=true, as OpenTelemetry's own start-up would decide."""
+    if settings.otel_sdk_disabled or settings.otel_traces_exporter == "none":
+        return False
+    return settings.otel_traces_exporter == "otlp" or (
+        settings.otel_exporter_otlp_endpoint is not None
+        or settings.otel_exporter_otlp_traces_endpoint is not None
+    )
 
 
 def kafka_client(settings: Settings) -> dict[str, Any]:

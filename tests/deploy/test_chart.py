@@ -14,7 +14,7 @@ import yaml
 
 from order_viewer.adapters.http.auth import protected_mode_problem
 from order_viewer.adapters.http.forwarded import trusted_networks
-from order_viewer.config import Settings
+from order_viewer.config import Settings, tracing_enabled
 from tests.deploy.conftest import CHART, PRODUCTION_VALUES
 
 # The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion) and the newest schemas.
@@ -483,3 +483,27 @@ def test_values_the_service_would_refuse_fail_the_render(
     helm: Path, settings: tuple[str, ...], message: str
 ) -> None:
     assert message in render_error(helm, *settings)
+
+
+def test_opentelemetrys_variables_reach_every_pod_as_given_and_nothing_else_goes_there(
+    helm: Path,
+) -> None:
+    assert not any(name.startswith("OTEL_") for name in one(render(helm), "ConfigMap")["data"])
+    production = one(render(helm, PRODUCTION_VALUES), "ConfigMap")["data"]
+    traced = {name: value for name, value in production.items() if name.startswith("OTEL_")}
+    assert traced == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.01",
+    }
+    assert tracing_enabled(Settings(_env_file=None, **{k.lower(): v for k, v in traced.items()}))
+    sdk_only = one(render(helm, None, "otel.OTEL_SERVICE_NAME=orders-eu"), "ConfigMap")["data"]
+    assert sdk_only["OTEL_SERVICE_NAME"] == "orders-eu"
+    for setting, message in [
+        ("otel.DATABASE_URL=postgresql://x", "otel.DATABASE_URL: only OpenTelemetry's OTEL_*"),
+        ("otel.otel_service_name=x", "otel.otel_service_name: only OpenTelemetry's OTEL_*"),
+    ]:
+        assert message in render_error(helm, setting)
+    assert "otel.OTEL_SDK_DISABLED is also under settings" in render_error(
+        helm, "otel.OTEL_SDK_DISABLED=true", "settings.OTEL_SDK_DISABLED=false"
+    )

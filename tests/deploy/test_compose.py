@@ -16,7 +16,7 @@ import yaml
 
 from order_viewer.adapters.http.auth import METRICS_READ
 from order_viewer.adapters.http.auth.tokens import parse_token_file, token_digest
-from order_viewer.config import Settings
+from order_viewer.config import Settings, tracing_enabled
 from order_viewer.entrypoints.cli import _parser
 from tests.unit.test_packaging import CONTRACT_DEFAULTS, ROOT, SETTINGS, healthcheck_url
 
@@ -112,7 +112,7 @@ def test_every_port_is_published_on_the_hosts_loopback_only() -> None:
     """The service with its public demo tokens (one reads personal data whole) was published
     on every interface of the host, and Prometheus and Grafana with it."""
     publishing = {name for name, service in services().items() if "ports" in service}
-    assert publishing == {"order-viewer", "prometheus", "grafana"}
+    assert publishing == {"order-viewer", "prometheus", "grafana", "jaeger"}
     for name in publishing:
         for host_ip, published, _ in published_ports(name):
             assert host_ip == "127.0.0.1", (name, published)
@@ -232,3 +232,16 @@ def test_compose_serves_behind_the_demo_tokens_the_readme_prints() -> None:
     assert len(printed) == len(demo) == 3
     for name, token in printed:
         assert demo[token_digest(token)].name == name
+
+
+def test_the_tracing_profile_runs_jaeger_which_the_service_exports_to_once_asked() -> None:
+    jaeger = services()["jaeger"]
+    assert jaeger["profiles"] == ["tracing"]
+    assert jaeger["image"].startswith("jaegertracing/jaeger:2.")
+    assert published_ports("jaeger") == [("127.0.0.1", "16686", "16686")]
+    env = environment("order-viewer")
+    assert urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"]).netloc == "jaeger:4318"
+    # Off unless asked for: no span is made, nothing is sent to a Jaeger not running.
+    assert env["OTEL_TRACES_EXPORTER"] == "none"
+    values: dict[str, Any] = {name.lower(): value for name, value in env.items()}
+    assert not tracing_enabled(Settings(_env_file=None, **values))

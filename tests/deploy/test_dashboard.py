@@ -7,6 +7,7 @@ import importlib.util
 import json
 from types import ModuleType
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_every_query_names_metrics_and_labels_the_service_exposes(expr: str) -> 
 def test_every_panel_queries_the_chosen_data_source_and_job() -> None:
     datasource = {"type": "prometheus", "uid": "${datasource}"}
     variables = {variable["name"] for variable in dashboard()["templating"]["list"]}
-    assert variables == {"datasource", "job"}
+    assert variables == {"datasource", "job", "traces"}
     for panel in panels():
         assert panel["datasource"] == datasource, panel["title"]
         assert panel["targets"], f"{panel['title']} has no query"
@@ -106,3 +107,25 @@ def test_no_two_panels_overlap() -> None:
             for y in range(grid["y"], grid["y"] + grid["h"]):
                 assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
                 cells[(x, y)] = panel["title"]
+
+
+def test_the_latency_panels_link_to_the_traces_of_their_operation_and_time_range() -> None:
+    [traces] = [v for v in dashboard()["templating"]["list"] if v["name"] == "traces"]
+    assert traces["query"] == "http://127.0.0.1:16686"  # the compose tracing profile's Jaeger
+    linked = {
+        panel["title"]: urlsplit(link["url"])
+        for panel in panels()
+        for link in panel.get("links", [])
+    }
+    assert set(linked) == {"Database write latency (one batch)", "Latency by route"}
+    for url, operation in zip(
+        linked.values(), ("INSERT orders", "GET /order/{order_uid}"), strict=True
+    ):
+        assert url.path == "${traces}/search"
+        assert parse_qs(url.query) == {
+            "service": ["order-viewer"],
+            "lookback": ["custom"],
+            "start": ["${__from}000"],
+            "end": ["${__to}000"],
+            "operation": [operation],
+        }

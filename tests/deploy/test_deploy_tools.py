@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,37 @@ def test_promtool_alone_is_not_enough(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(StackError, match="missing after installing"):
         deploy_tools.install_prometheus(bootstrap)
     assert apt.asked == [("--no-install-recommends", "prometheus")]
+
+
+def test_the_projects_own_jaeger_is_found_and_none_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_install: None
+) -> None:
+    own = executable(tmp_path / "project" / "jaeger")
+    monkeypatch.setattr(deploy_tools, "TOOLS_BIN", own.parent)
+    monkeypatch.setenv("PATH", str(tmp_path / "path"))
+    assert deploy_tools.jaeger_path() == own
+    assert deploy_tools.install_jaeger() == own
+
+
+def test_jaeger_is_built_in_a_module_of_its_own_under_the_tools_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir, module = tmp_path / "stack" / "bin", tmp_path / "stack" / "jaeger-build"
+    monkeypatch.setattr(deploy_tools, "TOOLS_BIN", bin_dir)
+    monkeypatch.setattr(deploy_tools, "JAEGER_BUILD_MODULE", module)
+    monkeypatch.setattr(deploy_tools, "go_path", lambda: Path("go"))
+    monkeypatch.setenv("PATH", str(tmp_path / "path"))
+    ran: list[tuple[list[str], Path]] = []
+
+    def run(step: list[str], *, cwd: Path, env: dict[str, str], check: bool) -> None:
+        ran.append((step, cwd))
+        if step[1] == "build":
+            executable(Path(step[3]))
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert deploy_tools.install_jaeger() == bin_dir / "jaeger"
+    assert ran == [
+        (["go", "mod", "init", "order-viewer.local/jaeger-build"], module),
+        (["go", "get", "-tool", f"{deploy_tools.JAEGER_MODULE}@v1.75.0"], module),
+        (["go", "build", "-o", str(bin_dir / "jaeger"), deploy_tools.JAEGER_MODULE], module),
+    ]

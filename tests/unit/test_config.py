@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from order_viewer.adapters.postgres.writer import DEFAULT_WRITE_TIMEOUT_SECONDS
-from order_viewer.config import ConfigurationError, Settings, kafka_security, load_settings
+from order_viewer.config import (
+    ConfigurationError,
+    Settings,
+    kafka_security,
+    load_settings,
+    tracing_enabled,
+)
 from order_viewer.entrypoints.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +114,20 @@ def test_defaults_are_the_documented_contract() -> None:
         ("HTTP_EVENTS_MAX_STREAMS", "1.5"),
         ("HTTP_EVENTS_MAX_STREAMS", "many"),
         ("HTTP_EVENTS_MAX_STREAMS", ""),
+        ("OTEL_SDK_DISABLED", "maybe"),
+        ("OTEL_TRACES_EXPORTER", "zipkin"),
+        ("OTEL_TRACES_EXPORTER", "otlp,console"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "jaeger:4318"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "file:///etc/passwd"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "not a url"),
+        ("OTEL_TRACES_SAMPLER", "sometimes"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.01%"),
+        ("OTEL_TRACES_SAMPLER_ARG", "-0.5"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1e400"),
+        ("OTEL_TRACES_SAMPLER_ARG", "nan"),
+        ("OTEL_TRACES_SAMPLER_ARG", "one percent"),
+        ("OTEL_TRACES_SAMPLER_ARG", "9" * 5000),
     ],
 )
 def test_a_malformed_setting_names_its_variable(
@@ -243,3 +263,33 @@ def test_trails_are_on_unless_turned_off(
     assert Settings(_env_file=None).order_trail_enabled
     monkeypatch.setenv("ORDER_TRAIL_ENABLED", value)
     assert load_settings().order_trail_enabled is enabled
+
+
+@pytest.mark.parametrize(
+    ("environment", "enabled"),
+    [
+        ({}, False),
+        ({"OTEL_SERVICE_NAME": "orders", "OTEL_TRACES_SAMPLER": "always_on"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+                "OTEL_TRACES_EXPORTER": "none",
+            },
+            False,
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true"},
+            False,
+        ),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, False),
+    ],
+)
+def test_tracing_is_off_unless_an_otel_variable_asks_for_it(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], enabled: bool
+) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert tracing_enabled(load_settings()) is enabled

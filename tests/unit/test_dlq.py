@@ -356,3 +356,27 @@ def test_the_summary_line_says_how_many_were_unverified_why_and_what_became_of_t
     }
     out = capsys.readouterr().out
     assert f"; unverified: {unverified}; skipped: 1 no error.code header; 0 failed\n" in out
+
+
+def test_a_replayed_letter_continues_its_trace_and_a_repeated_traceparent_is_none() -> None:
+    traceparent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced = {"traceparent": traceparent, "tracestate": b"v=1"}
+    letters = [
+        replace(keyed(b"traced")[0], headers={"error.code": b"invalid_json", **traced}),
+        replace(
+            keyed(b"twice")[0],
+            headers={"error.code": b"invalid_json", **traced},
+            repeated=frozenset({"traceparent"}),
+        ),
+        replace(
+            keyed(b"oversized")[0],
+            headers={"error.code": b"invalid_json", "traceparent": traceparent + b"-" * 200},
+        ),
+    ]
+    producer = StalledProducer()
+    send(letters, producer, Verdicts())
+    assert [message.headers for message in producer.queued] == [
+        [("replayed.from", b"dlq/0/0"), ("traceparent", traceparent), ("tracestate", b"v=1")],
+        [("replayed.from", b"dlq/0/0")],
+        [("replayed.from", b"dlq/0/0")],
+    ]

@@ -10,12 +10,16 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Literal, TextIO
 
 # Context a log call may attach with `extra=`; the JSON lines carry them as fields of their own.
 CONTEXT_FIELDS = ("topic", "partition", "offset", "order_uid", "reason", "field")
+
+# The current span's trace and span ids for the JSON lines, set when tracing is on
+# (`tracing.start_tracing`): one check of None per line otherwise.
+trace_ids: Callable[[], tuple[str, str] | None] | None = None
 
 # Lines waiting for the writer at most: enough for the audit lines of a busy moment while the
 # output is slow, so that it does not reach the request path, and few enough that a stuck output
@@ -83,6 +87,8 @@ class JsonFormatter(LineFormatter):
         for name, value in context:
             encoded = _json_string(value) if type(value) is str else _json_value(value)
             line += f', "{name}": {encoded}'
+        if trace_ids is not None and (ids := trace_ids()) is not None:
+            line += f', "trace_id": "{ids[0]}", "span_id": "{ids[1]}"'
         return line + "}"
 
     def _head(self, level: int | str, logger: str) -> str:

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from order_viewer.adapters.kafka.broker import DEAD_LETTER_PRODUCER, MessageProducer, enqueue
 from order_viewer.adapters.kafka.consumer import REPLAYED_FROM
+from order_viewer.adapters.tracing import TRACEPARENT, TRACESTATE, trace_headers
 from order_viewer.config import Settings, kafka_client
 from order_viewer.domain.model import DB_REJECTED, REASON_CODES
 
@@ -94,6 +95,21 @@ class DeadLetter:
     # Names of the headers that came more than once (`headers` keeps the last): the service
     # writes each once.
     repeated: frozenset[str] = frozenset()
+
+    @property
+    def trace(self) -> list[tuple[str, bytes]]:
+        """The W3C headers of the trace the letter continues (the service writes those of the
+        consumption that dead-lettered it), for its replay to go on with; a header that came
+        more than once is none."""
+        return list(
+            trace_headers(
+                [
+                    (name, self.headers[name])
+                    for name in (TRACEPARENT, TRACESTATE)
+                    if name in self.headers and name not in self.repeated
+                ]
+            )
+        )
 
     @property
     def reason(self) -> str:
@@ -465,7 +481,7 @@ def send_back(
                 orders_topic,
                 key=letter.key,
                 value=letter.value,
-                headers=[(REPLAYED_FROM, origin.encode())],
+                headers=[(REPLAYED_FROM, origin.encode()), *letter.trace],
                 on_delivery=delivered,
             )
             producer.poll(0)

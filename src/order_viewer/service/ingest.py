@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -21,6 +22,7 @@ from order_viewer.domain.model import (
     tombstone_uid,
 )
 from order_viewer.service.ports import (
+    BatchTrace,
     Cache,
     CachedOrder,
     ConsumedMessage,
@@ -29,6 +31,7 @@ from order_viewer.service.ports import (
     DeadLetterTrail,
     Deletion,
     Handled,
+    MessageTracing,
     OrderWriter,
     RejectedByDatabase,
     RejectedMessage,
@@ -76,6 +79,9 @@ class PreparedBatch:
             *(Handled(uid, message, None) for uid, (_, message) in self.deletions.items()),
             *self.superseded,
         ]
+
+    # The messages' spans, when tracing is on.
+    trace: BatchTrace | None = None
 
 
 def prepare_batch(
@@ -170,6 +176,7 @@ class OrderIngest:
         *,
         delete_on_tombstone: bool = False,
         trail: DeadLetterTrail | None = None,
+        tracing: MessageTracing | None = None,
     ) -> None:
         if not writers:
             raise ValueError("an ingest needs at least one writer")
@@ -180,6 +187,7 @@ class OrderIngest:
         self._database = database
         self._metrics = metrics
         self._delete_on_tombstone = delete_on_tombstone
+        self._tracing = tracing
         self._since_report: Counter[str] = Counter()
         self._last_report = time.monotonic()
         self.write_timeouts = WriteTimeouts(metrics)
@@ -192,7 +200,11 @@ class OrderIngest:
         return len(self._writers)
 
     def prepare(self, messages: Sequence[ConsumedMessage]) -> PreparedBatch:
-        return prepare_batch(messages, self._delete_on_tombstone)
+        # The messages' spans begin before their validation, and end when they are settled.
+        trace = None if self._tracing is None else self._tracing.batch(messages)
+        batch = prepare_batch(messages, self._delete_on_tombstone)
+        batch.trace = trace
+        return batch
 
     def store(self, batch: PreparedBatch, lane: int = 0) -> BatchOutcome:
         """The batch's valid orders stored and cached by the writer of `lane`, retrying the
@@ -204,15 +216,21 @@ class OrderIngest:
             started = time.perf_counter()
             outcome = BatchOutcome(inconsistent=batch.inconsistent, rejected=list(batch.rejected))
             if batch.orders or batch.deletions:
+                writing = (
+                    nullcontext()
+                    if batch.trace is None
+                    else batch.trace.writing(len(batch.orders), len(batch.deletions))
+                )
                 try:
-                    self._write(
-                        self._writers[lane],
-                        [prepared for prepared, _ in batch.orders.values()],
-                        [deletion for deletion, _ in batch.deletions.values()],
-                        batch,
-                        outcome,
-                        handled=batch.handled() if self._trail is not None else [],
-                    )
+                    with writing:
+                        self._write(
+                            self._writers[lane],
+                            [prepared for prepared, _ in batch.orders.values()],
+                            [deletion for deletion, _ in batch.deletions.values()],
+                            batch,
+                            outcome,
+                            handled=batch.handled() if self._trail is not None else [],
+                        )
                 except WriteTimedOut as timeout:
                     self.write_timeouts.timed_out(timeout)
                     raise
@@ -270,6 +288,8 @@ class OrderIngest:
             )
             outcome.rejected.append(RejectedMessage(message, rejection))
             return
+        if batch.trace is not None:
+            batch.trace.written(result)
         outcome.inserted += len(result.inserted)
         outcome.replaced += len(result.replaced)
         outcome.deleted += len(result.deleted)
@@ -308,11 +328,21 @@ class OrderIngest:
                     "offset": message.offset, "reason": rejection.code, "field": rejection.field,
                 },
             )  # fmt: skip
+        trace = batch.trace
+        if trace is not None:
+            outcome.rejected = [
+                RejectedMessage(entry.message, entry.rejection, trace.onward(entry.message))
+                for entry in outcome.rejected
+            ]
         if outcome.rejected:
             self._dead_letters.send(outcome.rejected)
             if self._trail is not None:
                 self._record_dead_letters(self._trail, outcome.rejected)
         acknowledge(batch.messages)
+        if trace is not None:
+            kept = {uid: message for uid, (_, message) in batch.orders.items()}
+            kept.update((uid, message) for uid, (_, message) in batch.deletions.items())
+            trace.settled(kept, outcome.rejected)
         self._report(batch, outcome)
 
     def _record_dead_letters(

@@ -7,13 +7,18 @@ these ports, the service layer (`service`) uses them, and the tests give it fake
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Final, Literal, Protocol
 
 from order_viewer.domain.model import PreparedOrder, Rejection
+
+# The W3C Trace Context headers of a message (`traceparent`, then `tracestate`), as it carried
+# them: each at most once, within its bound (`adapters.tracing.trace_headers`).
+TraceHeaders = tuple[tuple[str, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +34,16 @@ class ConsumedMessage:
     """The message's own timestamp, in milliseconds since the epoch; None if it has none."""
     replayed_from: str | None = None
     """The dead letter it was sent back from ("topic/partition/offset"), if a replay sent it."""
+    trace: TraceHeaders = ()
 
 
 @dataclass(frozen=True, slots=True)
 class RejectedMessage:
     message: ConsumedMessage
     rejection: Rejection
+    # The trace its dead letter continues: the span of its consumption when traced; None, the
+    # message's own headers, passed on.
+    trace: TraceHeaders | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +384,35 @@ class SettledBatch:
     deleted: int
     dead_lettered: tuple[str, ...]
     newest: datetime | None
+
+
+class BatchTrace(Protocol):
+    """The spans of one batch of consumed messages (`tracing.KafkaBatchTrace`): one per message,
+    continuing its producer's trace, and its write's."""
+
+    def writing(self, orders: int, deletions: int) -> AbstractContextManager[None]:
+        """One attempt at writing the batch, linked to every message's span."""
+        ...
+
+    def written(self, result: WriteResult) -> None: ...
+
+    def settled(
+        self, kept: Mapping[str, ConsumedMessage], rejected: Sequence[RejectedMessage]
+    ) -> None:
+        """Each message's span ended with what became of it: `kept` is the message of each
+        order that was written (stored, deleted or unchanged as `written` said); any other
+        message not rejected lost to a later one of its order in the batch."""
+        ...
+
+    def onward(self, message: ConsumedMessage) -> TraceHeaders:
+        """The headers that continue the message's trace in its dead letter."""
+        ...
+
+
+class MessageTracing(Protocol):
+    """Traces batches of consumed messages; only given to the service when tracing is on."""
+
+    def batch(self, messages: Sequence[ConsumedMessage]) -> BatchTrace: ...
 
 
 class ServiceMetrics(Protocol):

@@ -59,6 +59,14 @@ Refuses values that would put a secret in a ConfigMap, or ask for settings the s
 {{- fail (printf "settings.%s is set by the chart (service.port, staticMembership, kafka.*, httpAuth.*): set those values instead" $name) }}
 {{- end }}
 {{- end }}
+{{- range $name, $value := .Values.otel }}
+{{- if not (regexMatch "^OTEL_[A-Z0-9_]+$" $name) }}
+{{- fail (printf "otel.%s: only OpenTelemetry's OTEL_* variables go here; the service's settings go under settings" $name) }}
+{{- end }}
+{{- if hasKey $.Values.settings $name }}
+{{- fail (printf "otel.%s is also under settings: give it once" $name) }}
+{{- end }}
+{{- end }}
 {{- if not .Values.database.existingSecret }}
 {{- fail "database.existingSecret: name the Secret that holds DATABASE_URL" }}
 {{- end }}

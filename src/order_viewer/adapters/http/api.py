@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from importlib import resources
 from importlib.metadata import version
 from json.encoder import encode_basestring_ascii
@@ -25,11 +25,13 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from order_viewer.adapters import tracing as traces
 from order_viewer.adapters.cache import CachedOrder
 from order_viewer.adapters.http.access import (
     PRIVATE,
@@ -200,12 +202,13 @@ def create_app(
     tls: bool = False,
     trails: bool = True,
     events: OrderEvents | None = None,
+    tracing: traces.Tracing | None = None,
 ) -> ASGIApp:
     """The HTTP app; with `metrics`, every request is counted and `/metrics` serves them; with
     `access`, orders and metrics need a token with their scope; with `tls` (served over HTTPS),
     every answer says that browsers must use nothing else; without `trails`
     (ORDER_TRAIL_ENABLED=false), the trail route answers 404; with `events`, the stream of an
-    order's changes is served from that hub."""
+    order's changes is served from that hub; with `tracing`, every request is a server span."""
     guarded: dict[int | str, dict[str, Any]] = {} if access is None else _GUARDED
     # /docs serves Swagger UI from files installed with the package, so it works where the
     # browser cannot reach a CDN; the page is our own (below), to send it with its security
@@ -342,11 +345,12 @@ def create_app(
     app.mount(PAGE_FILES, StaticFiles(directory=str(static)), name="static")
     if metrics is not None and events is not None:
         metrics.count_event_streams(events)
-    front = Front(
-        app,
-        lookup,
-        None if access is None else AccessGuard(access, metrics),
-        None if metrics is None else metrics.http,
+    guard = None if access is None else AccessGuard(access, metrics)
+    stats = None if metrics is None else metrics.http
+    front = (
+        Front(app, lookup, guard, stats)
+        if tracing is None
+        else TracedFront(app, lookup, guard, stats, tracing)
     )
     return StrictTransport(front) if tls else front
 
@@ -636,8 +640,9 @@ class Front:
                 status, headers, body = answer
                 if principal is not None:
                     headers += PRIVATE
-                # Before the sends, which only hand the two messages to the server.
-                self._record(ORDER_ROUTE, status, started)
+                # Before the sends, which only hand the two messages to the server. Memory
+                # answers 404 only for an id it remembers the database did not have.
+                self._record(ORDER_ROUTE, status, started, "absent" if status == 404 else "hit")
                 try:
                     await send(
                         {"type": "http.response.start", "status": status, "headers": headers}
@@ -687,7 +692,7 @@ class Front:
         try:
             await self._app(scope, receive, send_noting_status)
         finally:
-            self._record(route, status, started)
+            self._record(route, status, started, "miss" if route == ORDER_ROUTE else None)
             if principal is not None and not audited:
                 audit_request(principal, path, status, view_name(view), client)
 
@@ -712,9 +717,58 @@ class Front:
         self._record(route_template(path), refusal.status, started)
         audit_request(refusal.principal, path, refusal.status, "-", client)
 
-    def _record(self, route: str, status: int, started: float) -> None:
+    def _record(self, route: str, status: int, started: float, cache: str | None = None) -> None:
+        """The request counted; `cache` says whether an order's GET was a hit, a miss, or an
+        id remembered absent."""
         if self._stats is not None:
             self._stats.record(route, status, time.perf_counter() - started)
+
+
+class TracedFront(Front):
+    """`Front` with a server span around every sampled request, made only when tracing is on,
+    so that the front without it checks nothing more per request. A request the sampler drops
+    goes through that front as it is, with nothing made for it but the decision."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        lookup: OrderLookup,
+        guard: AccessGuard | None,
+        stats: HttpStats | None,
+        tracing: traces.Tracing,
+    ) -> None:
+        super().__init__(app, lookup, guard, stats)
+        self._tracing = tracing
+        self._untraced = Front(app, lookup, guard, stats)
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        # Not a coroutine itself: a request the sampler drops is the plain front's coroutine,
+        # with no frame of this one's in between.
+        span = (
+            None
+            if scope["type"] != "http"
+            else self._tracing.request(
+                scope["method"], route_template(scope["path"]), scope["headers"]
+            )
+        )
+        if span is None:
+            return self._untraced(scope, receive, send)
+        return self._traced(span, scope, receive, send)
+
+    async def _traced(self, span: Span, scope: Scope, receive: Receive, send: Send) -> None:
+        # Current while the request is answered: its database read and log lines are its.
+        token = traces.made_current(span)
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException as error:
+            traces.failed(span, error)
+            raise
+        finally:
+            traces.ended(span, token)
+
+    def _record(self, route: str, status: int, started: float, cache: str | None = None) -> None:
+        super()._record(route, status, started, cache)
+        traces.answered(status, cache)
 
 
 def _version() -> str:

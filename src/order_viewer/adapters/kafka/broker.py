@@ -162,6 +162,8 @@ class DeadLetterWriter:
         ]
         if rejection.field is not None:
             headers.append(("error.field", rejection.field.encode()))
+        # The trace goes on with the letter, and with its replay.
+        headers.extend(message.trace if entry.trace is None else entry.trace)
         if not with_value:
             # Even compressed, the message is beyond what the topic takes: its key, reason and
             # origin still go, so that it can be found at its source offset.

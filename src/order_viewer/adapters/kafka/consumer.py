@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -23,6 +23,7 @@ from confluent_kafka import (
 from confluent_kafka import Message as KafkaMessage
 
 from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.tracing import KafkaHeaders, trace_headers
 from order_viewer.service.ingest import BatchOutcome, OrderIngest, PreparedBatch
 from order_viewer.service.ports import ConsumedMessage, Stopped
 from order_viewer.service.readiness import Liveness
@@ -448,7 +449,12 @@ class OrderConsumer:
                     kafka_message.key(),
                     kafka_message.value(),
                     timestamp_ms(*kafka_message.timestamp()),
+                    # A consumed message's headers are a list of (name, bytes or None); read
+                    # whether tracing is on or not: a dead letter passes the trace on.
                     replayed_from(headers if isinstance(headers, list) else None),
+                    trace_headers(
+                        cast(KafkaHeaders, headers) if isinstance(headers, list) else None
+                    ),
                 )
             )
         return batch

@@ -1,0 +1,296 @@
+"""What tracing costs, in-process: a batch of messages prepared, written and settled by the
+service's `OrderIngest` (over a writer that stores nothing, the worst case for the ratio: a real
+write takes most of a batch's time), and a cache hit through the service's app, each with
+tracing off, on at 1 % sampling and on at 100 %. CPU time of every thread, so that the span
+processor's thread counts too; the spans are encoded as OTLP (what the exporter sends) and
+discarded, so no collector's speed is in the figures.
+
+`python -m benchmarks.tracing` runs it alone (no servers needed); `make bench` runs it as a
+section of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvloop
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from starlette.types import ASGIApp
+
+from benchmarks import bare_server, profiles
+from benchmarks.harness import ServerProcess, console, free_port, generate, wrk
+from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.http.api import create_app
+from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.tracing import Tracing, batch_processor, start_tracing
+from order_viewer.domain.model import PreparedOrder
+from order_viewer.service.ingest import OrderIngest
+from order_viewer.service.lookup import OrderLookup
+from order_viewer.service.ports import (
+    CachedOrder,
+    ConsumedMessage,
+    Deletion,
+    Handled,
+    RejectedMessage,
+    WriteResult,
+)
+from order_viewer.service.retry import Health, Patience
+
+# Tracing off, then the two samplers measured, as OTEL_TRACES_SAMPLER(_ARG) would set them.
+# The span queue is made large enough that none is dropped: spans come faster in these loops
+# than the default queue (2,048) is drained, and a dropped span would cost nothing to export.
+QUEUE = {"OTEL_BSP_MAX_QUEUE_SIZE": "1000000"}
+MODES: dict[str, dict[str, str] | None] = {
+    "off": None,
+    "1 %": {
+        **QUEUE,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.01",
+    },
+    "100 %": {**QUEUE, "OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+}
+BATCH = 2000
+ROUNDS = 3
+# Orders cached for the hits.
+HITS = 10_000
+
+
+class EncodingSink(SpanExporter):
+    """Encodes the spans as the OTLP exporter would, then drops them."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        encode_spans(spans).SerializeToString()
+        return SpanExportResult.SUCCESS
+
+
+class _StoresNothing:
+    """A writer that says every order was new, at no cost."""
+
+    def write(
+        self,
+        batch: Sequence[PreparedOrder],
+        deletions: Sequence[Deletion] = (),
+        handled: Sequence[Handled] = (),
+    ) -> WriteResult:
+        return WriteResult(tuple(prepared.order.order_uid for prepared in batch), ())
+
+
+class _NoDeadLetters:
+    def send(self, rejected: Sequence[RejectedMessage]) -> None:
+        pass
+
+
+@contextmanager
+def tracing(mode: str) -> Iterator[Tracing | None]:
+    environment = MODES[mode]
+    if environment is None:
+        yield None
+        return
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        traced = start_tracing("bench", batch_processor(BATCH, EncodingSink()))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+    yield traced
+
+
+def ingest_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> float:
+    """Microseconds of CPU per message to prepare, write (nothing) and settle the batches."""
+    batches = [
+        [
+            # No producer's traceparent: each message is a new trace, sampled at the mode's rate.
+            ConsumedMessage("bench", 0, start + offset, key, value)
+            for offset, (key, value) in enumerate(messages[start : start + BATCH])
+        ]
+        for start in range(0, len(messages), BATCH)
+    ]
+    cache = OrderCache(len(messages))
+    ingest = OrderIngest(
+        [_StoresNothing()],
+        cache,
+        _NoDeadLetters(),
+        Patience(Health("bench", logging.getLogger(__name__)), threading.Event(), 1.0),
+        Metrics(cache),
+        tracing=traced,
+    )
+    started = time.process_time()
+    for batch in batches:
+        prepared = ingest.prepare(batch)
+        ingest.settle(prepared, ingest.store(prepared), lambda _: None)
+    if traced is not None:
+        traced.shutdown()  # the spans still queued are exported, within the time
+    return (time.process_time() - started) / len(messages) * 1e6
+
+
+def hit_app(
+    messages: list[tuple[bytes, bytes]], traced: Tracing | None
+) -> tuple[ASGIApp, list[str]]:
+    """The service's app (metrics on, no authentication) with the first HITS orders cached,
+    and their ids."""
+    ids = [key.decode() for key, _ in messages[:HITS]]
+    cache = OrderCache(len(ids))
+    cache.put_written(
+        {key.decode(): CachedOrder.of(value, b"0" * 32) for key, value in messages[:HITS]}
+    )
+    app = create_app(
+        OrderLookup(profiles._NoReader(), cache),
+        profiles._Ready(),
+        Metrics(cache),
+        tracing=traced,
+    )
+    return app, ids
+
+
+def hit_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> float:
+    """Microseconds of CPU per cache hit through the service's app, with a no-op send."""
+    app, ids = hit_app(messages, traced)
+    scopes = profiles._hits(ids)
+
+    async def timed() -> float:
+        started = time.process_time()
+        await profiles._microseconds_a_call(app, scopes)
+        if traced is not None:
+            traced.shutdown()  # the spans still queued are exported, within the time
+        return (time.process_time() - started) / profiles.HIT_CALLS * 1e6
+
+    return asyncio.run(timed())
+
+
+def tracing_cost(messages: list[tuple[bytes, bytes]]) -> dict[str, dict[str, float]]:
+    """Each mode's best of ROUNDS, taken in turns so that the machine's load falls on all."""
+    costs: dict[str, dict[str, list[float]]] = {mode: {"ingest": [], "hit": []} for mode in MODES}
+    for number in range(1, ROUNDS + 1):
+        for mode in MODES:
+            console.print(f"tracing, round {number} of {ROUNDS}: {mode}")
+            with tracing(mode) as traced:
+                costs[mode]["ingest"].append(ingest_cost(messages, traced))
+            with tracing(mode) as traced:
+                costs[mode]["hit"].append(hit_cost(messages, traced))
+    return {
+        mode: {kind: min(values) for kind, values in kinds.items()} for mode, kinds in costs.items()
+    }
+
+
+class TracedServerRun(ServerProcess):
+    """This module serving `hit_app` over granian as the bare server does, tracing as `mode`
+    says (its spans encoded and discarded)."""
+
+    def __init__(self, mode: str, log: Path, orders: int) -> None:
+        port = free_port()
+        command = [
+            sys.executable, "-m", "benchmarks.tracing", "--serve", mode, "--port", str(port),
+            "--orders", str(orders),
+        ]  # fmt: skip
+        super().__init__(command, dict(os.environ), log, port, "/livez")
+
+
+def http_tracing_cost(orders: int, seconds: int, logs: Path) -> dict[str, dict[str, float]]:
+    """Cache hits over HTTP as a client times them (wrk, one thread, 64 connections), one
+    server per mode, all running at once and measured in turns, best of ROUNDS; and the
+    server's CPU (all its threads) a request over the same runs, least of ROUNDS, which the
+    machine's load moves less than the rate."""
+    ids_file = logs / "tracing-ids.txt"
+    ids_file.write_text("\n".join(key.decode() for key, _ in generate(min(orders, HITS), 1)))
+    servers = {
+        mode: TracedServerRun(mode, logs / f"tracing-{mode.replace(' %', '')}.log", orders)
+        for mode in MODES
+    }
+    for server in servers.values():
+        server.wait_ready()
+        wrk(server.url, ids_file, 64, 3)  # untimed: connections and caches warm
+    results: dict[str, dict[str, float]] = {}
+    for number in range(1, ROUNDS + 1):
+        for mode, server in servers.items():
+            console.print(f"tracing over HTTP, round {number} of {ROUNDS}: {mode}, {seconds} s")
+            cpu = profiles._process_cpu(profiles._proc_stat(server.process.pid))
+            measured = wrk(server.url, ids_file, 64, seconds)
+            cpu = profiles._process_cpu(profiles._proc_stat(server.process.pid)) - cpu
+            cpu_us = cpu / (measured["rate"] * seconds) * 1e6
+            best = results.setdefault(mode, {**measured, "cpu_us": cpu_us})
+            if measured["rate"] > best["rate"]:
+                best.update(measured)
+            best["cpu_us"] = min(best["cpu_us"], cpu_us)
+    for server in servers.values():
+        server.stop()
+    return results
+
+
+def print_tracing_http(results: dict[str, dict[str, float]], seconds: int) -> None:
+    print(
+        f"\n### Cache hits over HTTP (wrk -t1 -c64, {seconds} s, best of {ROUNDS} in turns; "
+        "spans encoded as OTLP and discarded)\n"
+    )
+    print(
+        "| tracing | requests/s | µs a request | vs. off | server CPU µs a request | vs. off "
+        "| p99 ms | non-2xx |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    off = results["off"]
+    for mode, run in results.items():
+        print(
+            f"| {mode} | {run['rate']:,.0f} | {1e6 / run['rate']:.1f} | "
+            f"{off['rate'] / run['rate'] - 1:+.1%} | {run['cpu_us']:.1f} | "
+            f"{run['cpu_us'] / off['cpu_us'] - 1:+.1%} | {run['p99_ms']:.2f} | "
+            f"{run['errors']:.0f} |"
+        )
+
+
+async def serve(mode: str, port: int, orders: int) -> None:
+    with tracing(mode) as traced:
+        app, _ = hit_app(generate(min(orders, HITS), 1), traced)
+        await bare_server.serve(app, port)
+
+
+def print_tracing(costs: dict[str, dict[str, float]], orders: int) -> None:
+    print(
+        f"\n## Tracing (in-process, µs of CPU of all threads, best of {ROUNDS} in turns; "
+        f"{orders:,} orders in batches of {BATCH} over a writer that stores nothing; "
+        "spans encoded as OTLP and discarded)\n"
+    )
+    print("| tracing | ingest µs/order | vs. off | cache hit µs | vs. off |")
+    print("|---|---|---|---|---|")
+    off = costs["off"]
+    for mode, cost in costs.items():
+        print(
+            f"| {mode} | {cost['ingest']:.1f} | {cost['ingest'] / off['ingest'] - 1:+.1%} | "
+            f"{cost['hit']:.2f} | {cost['hit'] / off['hit'] - 1:+.1%} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tracing", description=__doc__)
+    parser.add_argument("--orders", type=int, default=20_000)
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--serve", choices=MODES, help="serve hits over HTTP (for the wrk part)")
+    parser.add_argument("--port", type=int)
+    arguments = parser.parse_args()
+    if arguments.serve is not None:
+        uvloop.run(serve(arguments.serve, arguments.port, arguments.orders))
+        return
+    generated = generate(arguments.orders, 1)
+    print_tracing(tracing_cost(generated), len(generated))
+    logs = Path(tempfile.mkdtemp(prefix="order-viewer-bench-tracing-"))
+    print_tracing_http(
+        http_tracing_cost(arguments.orders, arguments.seconds, logs), arguments.seconds
+    )
+
+
+if __name__ == "__main__":
+    main()
