@@ -5,6 +5,7 @@ depends on what another left behind and a developer's stack is never touched."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,11 +70,17 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failed test's services' logs, which live in its temporary folder (soon rotated away by
-    later runs): the end of each in the report, the whole in test-artifacts/, so that a failure
-    seen once, on a loaded machine, can still be explained."""
+    later runs), each ending with the stacks of the service's threads if it was still running:
+    the end of each in the report, the whole in test-artifacts/, so that a failure seen once,
+    on a loaded machine, can still be explained."""
     report: pytest.TestReport = yield
     if report.failed:
         for service in item.stash.get(STARTED_SERVICES, []):
+            if service.process is not None and service.process.poll() is None:
+                # Where each thread stands: what a service that stood still was waiting for.
+                service.process.send_signal(signal.SIGABRT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    service.process.wait(10)
             if not service.log_path.exists():
                 continue
             text = service.log_path.read_text(errors="replace")
@@ -282,6 +289,8 @@ class ServiceProcess:
             "KAFKA_DLQ_TOPIC": topics.dead_letters,
             "KAFKA_GROUP_ID": topics.group,
             "HTTP_PORT": str(self.port),
+            # A SIGABRT then writes every thread's stack to the log (see the failure report).
+            "PYTHONFAULTHANDLER": "1",
             **settings,
         }
         self.log_path = log_dir / f"service-{self.port}.log"
