@@ -187,6 +187,31 @@ def test_a_dead_letter_is_recorded_with_its_reason_and_where_it_was_replayed_fro
     assert (read.stored, read.deleted_at) == (None, None)
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01".encode()
+
+
+def test_an_entry_keeps_the_trace_its_message_named(stack: Stack) -> None:
+    """Whether the message was stored or dead-lettered, its entry keeps the trace id of its
+    traceparent, so that the producer's trace is found from the trail; none without one."""
+    uid = new_uid()
+    traced = (("traceparent", TRACEPARENT),)
+    write(stack, [message(uid, 1, value(uid, "A"), trace=traced)])
+    write(stack, [message(uid, 2, value(uid, "B"))])
+    trail = PostgresDeadLetterTrail(stack.database_url)
+    try:
+        trail.dead_lettered([dead_letter(uid, 3, trace=traced)])
+    finally:
+        trail.close()
+    read = read_trail(stack, uid)
+    assert read is not None
+    assert [(e.offset, e.trace_id) for e in read.entries] == [
+        (1, TRACE_ID),
+        (2, None),
+        (3, TRACE_ID),
+    ]
+
+
 def test_nothing_known_is_none(stack: Stack) -> None:
     assert read_trail(stack, new_uid()) is None
 
@@ -397,7 +422,7 @@ def test_every_message_of_an_order_is_in_its_trail_through_the_service(
     # Coordinates, digests and codes: nothing else, so no personal data.
     assert {key for entry in trail for key in entry} == {
         "topic", "partition", "offset", "message_timestamp", "handled_at", "outcome", "sha256",
-        "reason", "replayed_from",
+        "reason", "replayed_from", "trace_id",
     }  # fmt: skip
 
 

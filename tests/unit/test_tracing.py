@@ -37,6 +37,7 @@ from order_viewer.adapters.tracing import (
     parent_of,
     start_tracing,
     trace_headers,
+    trace_id_of,
 )
 from order_viewer.domain.masking import DELIVERY_MASKS
 from order_viewer.domain.model import parse_order
@@ -528,3 +529,29 @@ def test_a_database_read_is_a_span_only_within_a_recorded_request(
     assert span.parent is not None
     assert ids(span.parent) == ids(request.get_span_context())
     assert ids(span)[0] == TRACE_ID
+
+
+@pytest.mark.parametrize(
+    ("headers", "kept"),
+    [
+        ((("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),),
+         "4bf92f3577b34da6a3ce929d0e0e4736"),
+        # A later version may append fields; version ff is invalid, as is an all-zero id.
+        ((("traceparent", b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"),),
+         "4bf92f3577b34da6a3ce929d0e0e4736"),
+        ((("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"),),
+         None),
+        ((("traceparent", b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),), None),
+        ((("traceparent", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01"),), None),
+        ((("traceparent", b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),), None),
+        ((("traceparent", b"00-4bf92f3577b34da6-00f067aa0ba902b7-01"),), None),
+        ((("traceparent", b"'; DROP TABLE order_trail; --"),), None),
+        ((("traceparent", b""),), None),
+        ((("tracestate", b"vendor=x"),), None),
+        ((), None),
+    ],
+)  # fmt: skip
+def test_the_trace_id_a_trail_keeps_is_a_valid_traceparents_alone(
+    headers: tuple[tuple[str, bytes], ...], kept: str | None
+) -> None:
+    assert trace_id_of(headers) == kept

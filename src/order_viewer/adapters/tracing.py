@@ -73,6 +73,30 @@ _propagator = TraceContextTextMapPropagator()
 _NO_PARENT: Final = Context()
 
 
+# W3C trace context: version, trace id, parent id, flags; version 00 has exactly these fields,
+# a later one may append more; version ff and an all-zero trace id are invalid.
+_TRACEPARENT_FIELDS = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_NO_TRACE_ID = b"0" * 32
+
+
+def trace_id_of(trace: TraceHeaders) -> str | None:
+    """The id of the trace a message's `traceparent` (kept by `trace_headers`) names, or None
+    if it has none or an invalid one: what its trail entry keeps, sampled here or not."""
+    for name, value in trace:
+        if name != TRACEPARENT:
+            continue
+        found = _TRACEPARENT_FIELDS.match(value)
+        if (
+            found is None
+            or found[1] == b"ff"
+            or (found[1] == b"00" and len(value) != found.end())
+            or found[2] == _NO_TRACE_ID
+        ):
+            return None
+        return found[2].decode("ascii")
+    return None
+
+
 def trace_headers(headers: KafkaHeaders | None) -> TraceHeaders:
     """The `traceparent` and `tracestate` of a message's Kafka headers, each kept only if it
     came once, within its bound and in ASCII; a `tracestate` without its `traceparent` means

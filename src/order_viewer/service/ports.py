@@ -118,6 +118,7 @@ class TrailEntry:
     reason_code: str | None
     reason_detail: str | None
     replayed_from: str | None
+    trace_id: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,8 @@ class TrailEntryBody(BaseModel):
     """Why it was dead-lettered (the dead letter's own code and detail); else null."""
     replayed_from: str | None
     """The dead letter ("topic/partition/offset") it was replayed from, if it was."""
+    trace_id: str | None
+    """The trace its message's `traceparent` named (32 hex digits), if it had a valid one."""
 
 
 class StoredVersionBody(BaseModel):
@@ -136,6 +138,7 @@ def _entry(entry: TrailEntry) -> TrailEntryBody:
         if entry.reason_code is None
         else Reason(code=entry.reason_code, detail=entry.reason_detail),
         replayed_from=entry.replayed_from,
+        trace_id=entry.trace_id,
     )
 
 

@@ -14,6 +14,7 @@ from order_viewer.adapters.postgres.connection import (
     DedicatedConnection,
     database_errors,
 )
+from order_viewer.adapters.tracing import trace_id_of
 from order_viewer.service.ports import (
     TRAIL_OUTCOMES,
     OrderTrail,
@@ -26,15 +27,16 @@ from order_viewer.service.ports import (
 _RECORD_DEAD_LETTERS = """
 INSERT INTO order_trail (
     order_uid, topic, kafka_partition, kafka_offset, message_timestamp, outcome,
-    reason_code, reason_detail, replayed_from
+    reason_code, reason_detail, replayed_from, trace_id
 )
 SELECT order_uid, topic, kafka_partition, kafka_offset, to_timestamp(timestamp_ms / 1000.0),
-       'dead_lettered', reason_code, reason_detail, replayed_from
+       'dead_lettered', reason_code, reason_detail, replayed_from, trace_id
 FROM unnest(
     %(uids)s::text[], %(topics)s::text[], %(partitions)s::integer[], %(offsets)s::bigint[],
-    %(timestamps)s::bigint[], %(codes)s::text[], %(details)s::text[], %(replayed)s::text[]
+    %(timestamps)s::bigint[], %(codes)s::text[], %(details)s::text[], %(replayed)s::text[],
+    %(traces)s::text[]
 ) AS d(order_uid, topic, kafka_partition, kafka_offset, timestamp_ms, reason_code,
-       reason_detail, replayed_from)
+       reason_detail, replayed_from, trace_id)
 ORDER BY kafka_partition, kafka_offset
 """
 # As long as a write may go unanswered by default (writer.DEFAULT_WRITE_TIMEOUT_SECONDS twice,
@@ -65,6 +67,7 @@ class PostgresDeadLetterTrail:
                         "codes": [entry.rejection.code for _, entry in rejected],
                         "details": [entry.rejection.message for _, entry in rejected],
                         "replayed": [message.replayed_from for message in messages],
+                        "traces": [trace_id_of(message.trace) for message in messages],
                     },
                 )
 
@@ -73,7 +76,7 @@ class PostgresDeadLetterTrail:
 
 
 _ENTRY_COLUMNS = """id, topic, kafka_partition, kafka_offset, message_timestamp, handled_at,
-    outcome, content_sha256, reason_code, reason_detail, replayed_from"""
+    outcome, content_sha256, reason_code, reason_detail, replayed_from, trace_id"""
 # One statement, so that the page, the counts, the latest entry and the state are of one
 # snapshot: each part a set of rows of the same columns, told apart by the first. The page and
 # the latest entry each read the index on (order_uid, id) for the rows they return; the counts
@@ -85,14 +88,14 @@ UNION ALL
 (SELECT 'latest', {_ENTRY_COLUMNS} FROM order_trail
  WHERE order_uid = %(uid)s ORDER BY id DESC LIMIT 1)
 UNION ALL
-(SELECT 'count', count(*), NULL, NULL, NULL, NULL, NULL, outcome, NULL, NULL, NULL, NULL
+(SELECT 'count', count(*), NULL, NULL, NULL, NULL, NULL, outcome, NULL, NULL, NULL, NULL, NULL
  FROM order_trail WHERE order_uid = %(uid)s GROUP BY outcome)
 UNION ALL
 (SELECT 'stored', NULL, NULL, kafka_partition, kafka_offset, NULL, stored_at, NULL,
-        content_sha256, NULL, NULL, NULL
+        content_sha256, NULL, NULL, NULL, NULL
  FROM orders WHERE order_uid = %(uid)s)
 UNION ALL
-(SELECT 'deleted', NULL, NULL, NULL, NULL, NULL, deleted_at, NULL, NULL, NULL, NULL, NULL
+(SELECT 'deleted', NULL, NULL, NULL, NULL, NULL, deleted_at, NULL, NULL, NULL, NULL, NULL, NULL
  FROM order_tombstones WHERE order_uid = %(uid)s)
 """  # noqa: S608 (only the constant above is interpolated)
 

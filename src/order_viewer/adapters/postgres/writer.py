@@ -18,6 +18,7 @@ from order_viewer.adapters.postgres.connection import (
 )
 from order_viewer.adapters.postgres.listener import notify_changes
 from order_viewer.adapters.postgres.tables import ORDERS, PARTS
+from order_viewer.adapters.tracing import trace_id_of
 from order_viewer.domain.model import PreparedOrder
 from order_viewer.service.ports import (
     Deletion,
@@ -127,9 +128,9 @@ RETURNING o.order_uid
 # micro-benchmark of these columns), and a trail row is written for every message.
 _COPY_TRAIL = (
     "COPY order_trail (order_uid, topic, kafka_partition, kafka_offset, message_timestamp, "
-    "outcome, content_sha256, replayed_from) FROM STDIN (FORMAT BINARY)"
+    "outcome, content_sha256, replayed_from, trace_id) FROM STDIN (FORMAT BINARY)"
 )
-_TRAIL_TYPES = ("text", "text", "int4", "int8", "timestamptz", "text", "bytea", "text")
+_TRAIL_TYPES = ("text", "text", "int4", "int8", "timestamptz", "text", "bytea", "text", "text")
 _STORED_VERSIONS = "SELECT order_uid, content_sha256 FROM orders WHERE order_uid = ANY(%s)"
 _TOMBSTONE_POSITIONS = (
     "SELECT order_uid, kafka_partition, kafka_offset FROM order_tombstones "
@@ -392,6 +393,7 @@ def _record_trail(
                     outcome(entry),
                     entry.sha256,
                     message.replayed_from,
+                    trace_id_of(message.trace),
                 )
             )
     if deletions:
