@@ -18,7 +18,10 @@ import httpx
 import pytest
 
 from order_viewer.adapters.cache import etag_of
-from order_viewer.adapters.kafka.consumer import RESTARTS_BEFORE_STUCK
+from order_viewer.adapters.kafka.consumer import (
+    CONSUMER_CLOSE_TIMEOUT_SECONDS,
+    RESTARTS_BEFORE_STUCK,
+)
 from order_viewer.domain.model import order_json, parse_order
 from order_viewer.entrypoints.generate import encode
 from tests import frozen_fetching
@@ -195,3 +198,29 @@ def test_a_broker_frozen_for_30_s_is_waited_out_without_a_restart_while_it_is_fr
     assert service.process is not None
     assert service.process.poll() is None
     print(f"restarts of a stalled consumer in all: {stalled_restarts(service):.0f}")
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_while_the_broker_is_frozen_ends_the_process_within_its_bound(
+    stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
+) -> None:
+    # librdkafka's close() waits for a coordinator that does not answer without a bound of its
+    # own: a SIGTERM then left the process running until it was killed (seen: over an hour).
+    service = start_service()
+    stream = Stream(3_000, seed=305)
+    produce(stack, topics.orders, stream.messages)
+    wait_storing(stack, stream)
+    pid = stack.servers.kafka_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stopped_at = time.monotonic()
+        assert service.terminate(timeout=CONSUMER_CLOSE_TIMEOUT_SECONDS + 30) == 0
+        stopped_in = time.monotonic() - stopped_at
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "did not close within" in service.log()
+    print(f"\nstopped {stopped_in:.1f} s after SIGTERM with the broker frozen")
+    # What it had not committed is read again by the next one: nothing lost or doubled.
+    service.start()
+    audit(stack, topics, stream, since=stopped_at)

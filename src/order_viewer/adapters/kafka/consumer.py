@@ -51,6 +51,10 @@ RESTARTS_BEFORE_STUCK = 3
 # broker that does not answer within it counts as away, not as stalled. The loop waits for the
 # check, so a stop asked meanwhile waits up to two of these while the broker is frozen.
 CHECK_TIMEOUT_SECONDS = 5.0
+# How long a consumer's close() is waited for. It commits the stored offsets and leaves the
+# group, asking the group's coordinator, and librdkafka waits for an answer without a bound of
+# its own: a broker that is frozen or gone would hold a stop, or a stall's restart, for ever.
+CONSUMER_CLOSE_TIMEOUT_SECONDS = 20.0
 
 # The header `dlq replay` puts on a message it sends back: its dead letter, as
 # "topic/partition/offset".
@@ -305,7 +309,7 @@ class OrderConsumer:
             writer.shutdown()
             # close() commits the stored offsets and leaves the group so partitions move at once
             # (a static member stays in it, for its restart to find them).
-            consumer.close()
+            closed_within(consumer, CONSUMER_CLOSE_TIMEOUT_SECONDS)
             log.info("consumer stopped")
 
     def _begin(
@@ -379,7 +383,7 @@ class OrderConsumer:
             log.error("the consumer is stuck: %s; /livez fails so that it is restarted", reason)
             self._liveness.stuck("consumer", reason)
         self.consuming.clear()
-        consumer.close()
+        closed_within(consumer, CONSUMER_CLOSE_TIMEOUT_SECONDS)
         return self._subscribed()
 
     def _poll(self, consumer: Consumer, lanes: Lanes[_Write]) -> list[ConsumedMessage]:
@@ -510,6 +514,24 @@ def messages_waiting(consumer: Consumer, timeout: float) -> dict[str, int] | Non
     except KafkaException:
         return None
     return waiting
+
+
+def closed_within(consumer: Consumer, seconds: float) -> bool:
+    """Close the consumer, waiting at most `seconds`; False, with a warning, if it did not
+    close in time. It is then left to finish in a thread of its own: the offsets it had not
+    committed are read again by whoever consumes next (stored orders are idempotent), and its
+    member leaves the group when its session times out."""
+    closing = threading.Thread(target=consumer.close, name="consumer-close", daemon=True)
+    closing.start()
+    closing.join(seconds)
+    if closing.is_alive():
+        log.warning(
+            "the consumer did not close within %.0f s (the broker does not answer): "
+            "left to close by itself; what it had not committed is read again",
+            seconds,
+        )
+        return False
+    return True
 
 
 def by_size(messages: list[ConsumedMessage], max_bytes: int) -> list[list[ConsumedMessage]]:
