@@ -182,7 +182,7 @@ def by_jwt(
     """JWT authentication over a cache that keeps nothing, so that every order read takes the
     database path (the token service above answers from the cache)."""
     tokens = {
-        "whole": provider.token(sub="auditor", scope="orders:read:pii metrics:read"),
+        "whole": provider.token(sub="auditor", scope="orders:read:pii orders:trail metrics:read"),
         "masked": provider.token("ec-1", sub="support", scp=["orders:read"], scope=None),
         "metrics": provider.token("ed-1", sub="prometheus", scope="metrics:read"),
     }
