@@ -19,7 +19,7 @@ from importlib.metadata import version
 from json.encoder import encode_basestring_ascii
 from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -104,6 +104,15 @@ HEARTBEAT_SECONDS = 15.0
 STREAM_LIFETIME_SECONDS = 600.0
 # A Last-Event-ID is an offset the stream sent: a non-negative bigint, in decimal.
 _LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
+# Published as the ids the stream sends (an offset in decimal, of which 18 digits stay below the
+# largest), checked by the route to answer with its own 400.
+_LAST_EVENT_ID_PARAMETER = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "The id of the last event received, to resume after it.",
+    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$", "minLength": 1, "maxLength": 18},
+}
 _LARGEST_OFFSET = 2**63 - 1
 
 _order_uid = re.compile(ORDER_UID_PATTERN)
@@ -421,6 +430,9 @@ def _add_event_stream(
             "connect is sent only if newer than that offset."
         ),
         response_class=_EventStream,
+        # Declared here rather than as a parameter: as an optional one, its schema would allow
+        # null, which a header can only carry as the text "null".
+        openapi_extra={"parameters": [_LAST_EVENT_ID_PARAMETER]},
         status_code=200,
         response_description="The event stream, until the client leaves or the service stops.",
         responses={
@@ -447,11 +459,8 @@ def _add_event_stream(
             ),
         ],
         request: Request,
-        last_event_id: Annotated[
-            str | None,
-            Header(description="The id of the last event received, to resume after it."),
-        ] = None,
     ) -> Response:
+        last_event_id = request.headers.get("last-event-id")
         if not _order_uid.fullmatch(order_uid):
             return _error(400, "an order id is 1 to 64 letters, digits, '-' or '_'")
         last_offset = None
