@@ -28,6 +28,13 @@ from order_viewer.entrypoints.cli import main
 Rebalance = Callable[[Consumer, list[TopicPartition]], None]
 
 
+def frozen_marker(switch: Path) -> Path:
+    """The file a consumer writes once it has paused for `switch`: what a test waits for before
+    it produces the messages that must wait, since a poll under way when the switch is written
+    may still return them."""
+    return switch.with_name(switch.name + ".frozen")
+
+
 def freezing(switch: Path) -> type[Consumer]:
     """The consumer class whose first n instances fetch nothing while `switch` holds n."""
     made = itertools.count(1)
@@ -70,6 +77,8 @@ def freezing(switch: Path) -> type[Consumer]:
                 # Paused, the messages it has fetched already are dropped, not delivered.
                 (self.pause if frozen else self.resume)(assigned)
                 self._paused = frozen
+                if frozen:
+                    frozen_marker(switch).write_text(str(self._number))
             return super().poll(timeout)
 
         def _frozen(self) -> bool:

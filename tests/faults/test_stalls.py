@@ -127,6 +127,8 @@ def test_a_consumer_that_stops_fetching_after_a_broker_restart_is_replaced(
     stack.servers.kafka_kill()
     stack.servers.kafka_start()
     switch.write_text("1")
+    # After the restart the consumer may take a while to be given its partitions again.
+    wait_until(frozen_fetching.frozen_marker(switch).exists, 60, "the consumer to freeze")
     restarted = time.monotonic()
     produce(stack, topics.orders, stream.messages[3000:])
     produce(stack, topics.orders, second_versions(stream, 200))
@@ -151,6 +153,7 @@ def test_a_consumer_no_new_one_gets_moving_fails_livez_until_it_moves(
     stream = Stream(2_000, seed=302)
     service = start_behind_the_seam(stream, 1000, KAFKA_STALL_TIMEOUT_MS="5000")
     switch.write_text("1000")  # every consumer from now on, the new ones too
+    wait_until(frozen_fetching.frozen_marker(switch).exists, 30, "the consumer to freeze")
     produce(stack, topics.orders, stream.messages[1000:])
 
     def stuck() -> httpx.Response | None:

@@ -50,7 +50,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fakes import FakeWriter
-from tests.frozen_fetching import freezing
+from tests.frozen_fetching import freezing, frozen_marker
 
 pytestmark = pytest.mark.integration
 
@@ -386,6 +386,7 @@ def test_a_consumer_that_fetches_nothing_while_messages_wait_is_replaced_and_los
     writer = FakeWriter()
     with storing_before(stack, topics, writer, 10, stall_timeout_seconds=2) as running:
         switch.write_text("1")  # the consumer made at start fetches nothing from now on
+        wait_until(frozen_marker(switch).exists, 30, "the consumer to freeze")
         produce(stack, topics.orders, order_messages("after", 10))
         wait_until(lambda: len(writer.stored) == 20, 60, "the watchdog's new consumer to store")
         restarts = stalled_restarts(running.metrics)
@@ -404,6 +405,7 @@ def test_consumers_that_never_fetch_make_it_stuck_until_one_does(
     writer = FakeWriter()
     with storing_before(stack, topics, writer, 5, stall_timeout_seconds=1) as running:
         switch.write_text("1000")  # every consumer, the new ones too
+        wait_until(frozen_marker(switch).exists, 30, "the consumer to freeze")
         produce(stack, topics.orders, order_messages("after", 5))
         stuck = wait_until(running.liveness.not_live, 90, "the consumer to be reported stuck")
         assert stuck["consumer"].startswith(
