@@ -466,6 +466,21 @@ def consume_all(stack: Stack, topic: str, count: int, timeout: float = 30) -> li
     return read_topic(stack, topic, lambda received: len(received) >= count, timeout)
 
 
+def end_offsets(stack: Stack, topic: str) -> dict[int, int]:
+    """Each partition of the topic and the offset its next message will have."""
+    consumer = Consumer({"bootstrap.servers": stack.bootstrap_servers, "group.id": "end-offsets"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {
+            partition: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[
+                1
+            ]
+            for partition in partitions
+        }
+    finally:
+        consumer.close()
+
+
 def committed_lag(stack: Stack, topics: Topics) -> int:
     """Messages of the orders topic the service's group has not committed yet."""
     consumer = Consumer({"bootstrap.servers": stack.bootstrap_servers, "group.id": topics.group})
