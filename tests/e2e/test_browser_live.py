@@ -72,13 +72,18 @@ def show(tab: Tab, order_uid: str) -> None:
     tab.wait_loaded()
 
 
+def shown_new_order(tab: Tab, service: RunningService) -> tuple[dict[str, Any], str]:
+    """A new order stored, and the page open on it with its stream."""
+    order = make_order(_rng)
+    service.ingest([order])
+    show(tab, order["order_uid"])
+    return order, order["order_uid"]
+
+
 def test_a_new_version_produced_while_the_page_is_open_appears_within_two_seconds(
     tab: Tab, service: RunningService
 ) -> None:
-    order = make_order(_rng)
-    uid = order["order_uid"]
-    service.ingest([order])
-    show(tab, uid)
+    order, uid = shown_new_order(tab, service)
     expect(tab.by("section-delivery")).to_contain_text(order["delivery"]["name"])
     expect(tab.by("live-status")).to_be_hidden()
     for name in ("Second Version", "Third Version"):
@@ -98,10 +103,7 @@ def test_a_new_version_produced_while_the_page_is_open_appears_within_two_second
 def test_a_tombstone_makes_the_page_say_the_order_was_deleted(
     tab: Tab, service: RunningService
 ) -> None:
-    order = make_order(_rng)
-    uid = order["order_uid"]
-    service.ingest([order])
-    show(tab, uid)
+    order, uid = shown_new_order(tab, service)
     send(service, (uid, None))
     expect(tab.by("live-status")).to_contain_text("This order was deleted", timeout=2000)
     expect(tab.by("live-status")).to_have_attribute("data-state", "deleted")
