@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import psycopg
@@ -46,7 +46,27 @@ class Read:
     version: int
 
 
-class Observer:
+class Workers:
+    """Threads that run from the start of a `with` block until its end."""
+
+    JOIN_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.JOIN_SECONDS)
+
+
+class Observer(Workers):
     """Polls PostgreSQL for the committed version of each order (the first time a version is
     seen is an upper bound of its commit time) and reads the orders at random from the
     instances, until stopped."""
@@ -61,22 +81,12 @@ class Observer:
         self.committed: dict[str, list[tuple[float, int]]] = defaultdict(list)
         self.reads: list[Read] = []
         self.errors: list[str] = []
-        self._stop = threading.Event()
+        super().__init__()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._poll, name="db-poller")] + [
             threading.Thread(target=self._read, args=(seed,), name=f"reader-{seed}")
             for seed in range(readers)
         ]
-
-    def __enter__(self) -> Observer:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
     def committed_version(self, uid: str) -> int | None:
         with self._lock:

@@ -32,7 +32,7 @@ from order_viewer.service.lookup import OrderLookup
 from order_viewer.service.ports import ABSENT, OrderSummary, OrderTrail, StoredDocument
 from order_viewer.service.retry import Health, Patience
 from tests.audit import row_counts
-from tests.coherence import ALLOWED_DELAY_SECONDS, percentile
+from tests.coherence import ALLOWED_DELAY_SECONDS, Workers, percentile
 from tests.conftest import (
     ServiceProcess,
     Stack,
@@ -126,9 +126,11 @@ def test_an_instance_that_answered_an_id_absent_serves_it_once_another_stores_it
         assert current_metric(answering, "order_viewer_cache_absent_entries") == 0
 
 
-class Lookups:
+class Lookups(Workers):
     """Threads that look the current id up from each instance, over and over, recording when
     each lookup that was answered 404 began."""
+
+    JOIN_SECONDS = 10.0
 
     def __init__(self, services: list[ServiceProcess], per_service: int = 2) -> None:
         self.current = ""
@@ -137,7 +139,7 @@ class Lookups:
         self.lookups = 0
         self.errors: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        super().__init__()
         self._threads = [
             threading.Thread(target=self._look, args=(instance, service), name=f"lookup-{n}")
             for n in range(per_service)
@@ -160,16 +162,6 @@ class Lookups:
                         self.absent.setdefault((uid, instance), []).append(began)
                     elif status != 200:
                         self.errors.append(f"instance {instance}: {status}")
-
-    def __enter__(self) -> Lookups:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
 
 
 def test_lookups_racing_the_store_of_their_order_answer_no_404_past_the_target(
