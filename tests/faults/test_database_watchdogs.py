@@ -115,7 +115,12 @@ def test_a_row_lock_held_for_a_minute_times_writes_out_until_it_is_released(
             )
 
         wait_until(readiness_names_the_blocker, 30, "readiness to name the blocking session")
-        assert f"writes timing out: blocked by {blocker}" in service.log()
+        # Its log line goes through the log's writer thread, a moment after readiness says it.
+        wait_until(
+            lambda: f"writes timing out: blocked by {blocker}" in service.log(),
+            10,
+            "the log to name the blocking session",
+        )
         time.sleep(max(0.0, 60 - (time.monotonic() - locked_at)))
         # Cut every 3 s, then retried after a backoff that grows to 5 s.
         timed_out = write_timeouts(service, "lock")
