@@ -20,7 +20,15 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_ON,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanContext, SpanKind
 
 from order_viewer.adapters import logs
@@ -34,6 +42,7 @@ from order_viewer.adapters.tracing import (
     batch_processor,
     ended,
     made_current,
+    new_trace_bound,
     parent_of,
     start_tracing,
     trace_headers,
@@ -490,6 +499,57 @@ def test_a_new_trace_is_sampled_on_the_trace_id_its_spans_get(
     tracing.shutdown()
 
 
+@pytest.mark.parametrize(
+    ("sampler", "bound"),
+    [
+        (TraceIdRatioBased(0.01), TraceIdRatioBased(0.01).bound),
+        (ParentBasedTraceIdRatio(0.25), TraceIdRatioBased(0.25).bound),
+        (DEFAULT_ON, None),
+        (ALWAYS_ON, None),
+        (ALWAYS_OFF, None),
+        # Another root under a parent-based sampler, or a ratio below another kind of sampler,
+        # is not the comparison alone: the sampler is asked.
+        (ParentBased(TraceIdRatioBased(0.5), remote_parent_sampled=ALWAYS_OFF), None),
+    ],
+)
+def test_only_a_ratio_samplers_decision_on_a_new_trace_is_made_without_it(
+    sampler: Sampler, bound: int | None
+) -> None:
+    assert new_trace_bound(sampler) == bound
+
+
+@pytest.mark.parametrize("sampler", ["traceidratio", "parentbased_traceidratio"])
+def test_a_ratio_sampler_is_asked_only_as_a_kept_new_traces_span_starts(
+    monkeypatch: pytest.MonkeyPatch, sampler: str
+) -> None:
+    tracing, exported = sampling(monkeypatch, sampler, "0.5")
+    provider_sampler = tracing.tracer.sampler  # type: ignore[attr-defined]
+    asked: list[str] = []
+    should_sample = provider_sampler.should_sample
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(args[2] if len(args) > 2 else kwargs["name"])
+        return should_sample(*args, **kwargs)
+
+    monkeypatch.setattr(provider_sampler, "should_sample", counted)
+    cache = OrderCache(100)
+    cache.put_written({"hit": CachedOrder.of(order("hit"), b"0" * 32)})
+
+    async def scenario() -> None:
+        async with traced_app(tracing, FakeReader({}), cache) as client:
+            for _ in range(200):
+                await client.get("/order/hit")
+            # A client's trace is the sampler's to judge (here: a ratio of it, or its flag).
+            await client.get("/order/hit", headers={"traceparent": TRACEPARENT.decode()})
+
+    asyncio.run(scenario())
+    kept = spans_named(exported, "GET ")
+    assert 50 < len(kept) < 150
+    # Once a kept span, as the SDK starts it; once more for the client's trace, asked first.
+    assert len(asked) == len(kept) + 1
+    tracing.shutdown()
+
+
 def test_the_span_queue_holds_two_of_the_largest_batches_unless_the_sdks_variable_says(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -518,7 +578,7 @@ def test_a_database_read_is_a_span_only_within_a_recorded_request(
     tracing, exported = traced
     # Outside a request, or in one not sampled, it would begin a trace of its own.
     assert tracing.database_read("orders") is None
-    request = tracing.request("GET", "/order/{order_uid}", [(b"traceparent", TRACEPARENT)])
+    request = tracing.request("GET", "/order/some-order", [(b"traceparent", TRACEPARENT)])
     assert request is not None
     current = made_current(request)
     read = tracing.database_read("orders")

@@ -34,11 +34,17 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from order_viewer.adapters import logs
+from order_viewer.adapters.metrics import route_template
 from order_viewer.domain.model import ORDER_UID_PATTERN
 from order_viewer.service.ports import ConsumedMessage, RejectedMessage, TraceHeaders, WriteResult
 
@@ -303,6 +309,16 @@ class DecidedTraceIds(RandomIdGenerator):
         return trace_id
 
 
+def new_trace_bound(sampler: Sampler) -> int | None:
+    """The bound below which `sampler` keeps a new trace, by the low 64 bits of its id, when
+    that comparison is all it does for one: the SDK's `traceidratio` and
+    `parentbased_traceidratio`. None for any other sampler, which is asked each time."""
+    if type(sampler) is ParentBasedTraceIdRatio:
+        # The ratio sampler the SDK built from OTEL_TRACES_SAMPLER_ARG, which it keeps private.
+        sampler = sampler._root
+    return sampler.bound if type(sampler) is TraceIdRatioBased else None
+
+
 class Tracing:
     """The service's tracer: made only when tracing is on (`start_tracing`)."""
 
@@ -311,6 +327,7 @@ class Tracing:
         self._ids = ids
         # The sampler the SDK made of OTEL_TRACES_SAMPLER and its argument.
         self._sampler = provider.sampler
+        self._new_trace_bound = new_trace_bound(self._sampler)
         # Links kept on a span, as the SDK read OTEL_SPAN_LINK_COUNT_LIMIT (None: all).
         self.max_links = SpanLimits().max_links
         self._group = group
@@ -321,6 +338,8 @@ class Tracing:
         is to be recorded, as the SDK's sampler decides it when the span starts: asked first,
         so that nothing else is made for a span it drops. True promises that the span is
         started next, in this thread, with `parent` (a new trace's id is set aside for it)."""
+        if self._decides_alone(parent):
+            return self._new_trace_kept()
         context = (
             trace.INVALID_SPAN_CONTEXT
             if parent is _NO_PARENT
@@ -334,11 +353,27 @@ class Tracing:
             self._ids.decided(trace_id)
         return True
 
+    def _decides_alone(self, parent: Context) -> bool:
+        """Whether the sampler's decision for a span of `parent` is the comparison of a new
+        trace's id with its bound (`_new_trace_kept`), made here without the call to it and the
+        result it builds: 3.6 µs of the 4 an unsampled request cost at 1 %."""
+        return parent is _NO_PARENT and self._new_trace_bound is not None
+
+    def _new_trace_kept(self) -> bool:
+        """`_decides_alone`'s decision on a new trace's id, set aside for its span if kept:
+        the sampler, asked on the same id as the span starts, decides the same."""
+        assert self._new_trace_bound is not None
+        trace_id = self._ids.drawn()
+        if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT >= self._new_trace_bound:
+            return False
+        self._ids.decided(trace_id)
+        return True
+
     def batch(self, messages: Sequence[ConsumedMessage]) -> KafkaBatchTrace:
         return KafkaBatchTrace(self, messages, self._group)
 
     def request(
-        self, method: str, route: str, headers: Sequence[tuple[bytes, bytes]]
+        self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]
     ) -> Span | None:
         """A server span for one HTTP request when it is sampled, continuing the client's
         `traceparent` if it sent a valid one (once, as for a message); None, and nothing made,
@@ -349,8 +384,13 @@ class Tracing:
                 [(header.decode("latin-1"), value) for header, value in headers if header in _W3C]
             )
         )
+        decides_alone = self._decides_alone(parent)
+        # A request dropped by the id alone does not need its route (0.5 µs) for a name.
+        if decides_alone and not self._new_trace_kept():
+            return None
+        route = route_template(path)
         name = f"{method} {route}"
-        if not self.sampled(parent, name, SpanKind.SERVER):
+        if not decides_alone and not self.sampled(parent, name, SpanKind.SERVER):
             return None
         return self.tracer.start_span(
             name,

@@ -756,9 +756,7 @@ class TracedFront(Front):
         span = (
             None
             if scope["type"] != "http"
-            else self._tracing.request(
-                scope["method"], route_template(scope["path"]), scope["headers"]
-            )
+            else self._tracing.request(scope["method"], scope["path"], scope["headers"])
         )
         if span is None:
             return self._untraced(scope, receive, send)
