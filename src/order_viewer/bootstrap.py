@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -247,13 +248,19 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
 COLLECTOR_THRESHOLDS = (50_000, 20, 10)
 
 
+def tune_interpreter(settings: Settings) -> None:
+    """The collector's thresholds and the interpreter's switch interval, for the whole process."""
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
+    sys.setswitchinterval(settings.interpreter_switch_interval_us / 1_000_000)
+
+
 def start(parts: Parts) -> None:
     """The start-up steps, in order, then consumption until the stop: the schema, the change
     listener listening (it runs in a thread of its own, see `run_in_background`), the warm cache,
     the topics, the consumer. Raises Stopped if a stop comes while a dependency is away, and any
     other exception to say the process cannot go on."""
     settings = parts.settings
-    gc.set_threshold(*COLLECTOR_THRESHOLDS)
+    tune_interpreter(settings)
     retry(
         partial(migrate, str(settings.database_url)),
         transient=(psycopg.OperationalError, sqlalchemy.exc.OperationalError),

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import gc
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from order_viewer.adapters.postgres.writer import DEFAULT_WRITE_TIMEOUT_SECONDS
+from order_viewer.bootstrap import tune_interpreter
 from order_viewer.config import (
     ConfigurationError,
     Settings,
@@ -68,6 +71,15 @@ def test_defaults_are_the_documented_contract() -> None:
         ("DATABASE_WRITE_TIMEOUT_SECONDS", "thirty"),
         ("DATABASE_WRITE_TIMEOUT_SECONDS", "30s"),
         ("DATABASE_WRITE_TIMEOUT_SECONDS", ""),
+        ("INTERPRETER_SWITCH_INTERVAL_US", "0"),
+        ("INTERPRETER_SWITCH_INTERVAL_US", "-5000"),
+        ("INTERPRETER_SWITCH_INTERVAL_US", "99"),
+        ("INTERPRETER_SWITCH_INTERVAL_US", "100001"),
+        ("INTERPRETER_SWITCH_INTERVAL_US", "9" * 5000),
+        ("INTERPRETER_SWITCH_INTERVAL_US", "0.5"),
+        ("INTERPRETER_SWITCH_INTERVAL_US", "5ms"),
+        ("INTERPRETER_SWITCH_INTERVAL_US", "fast"),
+        ("INTERPRETER_SWITCH_INTERVAL_US", ""),
         ("LOG_LEVEL", "LOUD"),
         ("DATABASE_URL", "mysql://nope"),
         ("KAFKA_TOPIC", ""),
@@ -293,3 +305,16 @@ def test_tracing_is_off_unless_an_otel_variable_asks_for_it(
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert tracing_enabled(load_settings()) is enabled
+
+
+def test_the_switch_interval_is_the_whole_processs_once_tuned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gc, "set_threshold", lambda *thresholds: None)  # the suite's own stay
+    before = sys.getswitchinterval()
+    monkeypatch.setenv("INTERPRETER_SWITCH_INTERVAL_US", "250")
+    try:
+        tune_interpreter(load_settings())
+        assert sys.getswitchinterval() == pytest.approx(250e-6)
+    finally:
+        sys.setswitchinterval(before)
