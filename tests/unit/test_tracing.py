@@ -468,6 +468,21 @@ def test_a_message_or_request_not_sampled_makes_no_span_and_its_letter_keeps_its
     tracing.shutdown()
 
 
+def get_a_cached_order(tracing: Tracing, times: int, *then: dict[str, str]) -> None:
+    """`GET` a cached order `times` times without headers, then once with each of `then`."""
+    cache = OrderCache(100)
+    cache.put_written({"hit": CachedOrder.of(order("hit"), b"0" * 32)})
+
+    async def scenario() -> None:
+        async with traced_app(tracing, FakeReader({}), cache) as client:
+            for _ in range(times):
+                await client.get("/order/hit")
+            for headers in then:
+                await client.get("/order/hit", headers=headers)
+
+    asyncio.run(scenario())
+
+
 def test_a_new_trace_is_sampled_on_the_trace_id_its_spans_get(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -481,15 +496,7 @@ def test_a_new_trace_is_sampled_on_the_trace_id_its_spans_get(
     monkeypatch.setattr(RandomIdGenerator, "generate_trace_id", recorded)
     tracing, exported = sampling(monkeypatch, "parentbased_traceidratio", "0.5")
     settle(traced_ingest(tracing), [message(offset, order(f"o{offset}")) for offset in range(200)])
-    cache = OrderCache(100)
-    cache.put_written({"hit": CachedOrder.of(order("hit"), b"0" * 32)})
-
-    async def scenario() -> None:
-        async with traced_app(tracing, FakeReader({}), cache) as client:
-            for _ in range(200):
-                await client.get("/order/hit")
-
-    asyncio.run(scenario())
+    get_a_cached_order(tracing, 200)
     bound = TraceIdRatioBased(0.5).bound
     kept = {trace_id for trace_id in drawn if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound}
     # As often as the ratio says (not its square, as a second draw at the span's start would).
@@ -532,17 +539,8 @@ def test_a_ratio_sampler_is_asked_only_as_a_kept_new_traces_span_starts(
         return should_sample(*args, **kwargs)
 
     monkeypatch.setattr(provider_sampler, "should_sample", counted)
-    cache = OrderCache(100)
-    cache.put_written({"hit": CachedOrder.of(order("hit"), b"0" * 32)})
-
-    async def scenario() -> None:
-        async with traced_app(tracing, FakeReader({}), cache) as client:
-            for _ in range(200):
-                await client.get("/order/hit")
-            # A client's trace is the sampler's to judge (here: a ratio of it, or its flag).
-            await client.get("/order/hit", headers={"traceparent": TRACEPARENT.decode()})
-
-    asyncio.run(scenario())
+    # A client's trace, the last request, is the sampler's to judge (a ratio of it, or its flag).
+    get_a_cached_order(tracing, 200, {"traceparent": TRACEPARENT.decode()})
     kept = spans_named(exported, "GET ")
     assert 50 < len(kept) < 150
     # Once a kept span, as the SDK starts it; once more for the client's trace, asked first.
