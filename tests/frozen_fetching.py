@@ -9,17 +9,22 @@ consumer class to put in place of the service's in-process, and `python -m tests
 SWITCH serve` runs the service's command line with it. While the file SWITCH holds a number n,
 the first n consumers the process made are frozen (1: the one made at start, which the
 watchdog replaces; a large n: every one); once the file is gone they fetch again.
+
+With "n unassigned" in SWITCH, a frozen consumer drops its partitions instead, as a member
+left out of its group after a broker outage: its group still counts them as its, so no other
+member is given them, and it has nothing to fetch from; it stays so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
 import order_viewer.adapters.kafka.consumer
@@ -73,7 +78,16 @@ def freezing(switch: Path) -> type[Consumer]:
         def poll(self, timeout: float = -1) -> KafkaMessage | None:
             assigned = self.assignment()
             frozen = self._frozen()
-            if assigned and frozen != self._paused:
+            if assigned and frozen and _unassigning(switch):
+                # What it consumed is committed first, as a revocation would.
+                with contextlib.suppress(KafkaException):  # _NO_OFFSET: nothing new to commit
+                    self.commit(asynchronous=False)
+                if self._incremental:
+                    self.incremental_unassign(assigned)
+                else:
+                    self.unassign()
+                frozen_marker(switch).write_text(str(self._number))
+            elif assigned and frozen != self._paused:
                 # Paused, the messages it has fetched already are dropped, not delivered.
                 (self.pause if frozen else self.resume)(assigned)
                 self._paused = frozen
@@ -83,11 +97,18 @@ def freezing(switch: Path) -> type[Consumer]:
 
         def _frozen(self) -> bool:
             try:
-                return self._number <= int(switch.read_text())
-            except (FileNotFoundError, ValueError):
+                return self._number <= int(switch.read_text().split()[0])
+            except (FileNotFoundError, ValueError, IndexError):
                 return False
 
     return FreezingConsumer
+
+
+def _unassigning(switch: Path) -> bool:
+    try:
+        return switch.read_text().split()[1:] == ["unassigned"]
+    except FileNotFoundError:
+        return False
 
 
 def command(switch: Path) -> list[str]:

@@ -1,7 +1,8 @@
 """Faults that leave the service alive but standing still: a consumer that stops fetching after
-a broker restart (KIP-848), one that no new consumer gets moving, and a broker frozen by
-SIGSTOP for 30 s. Each ends with the audit of the other fault scenarios, and with every order
-served as stored, the newest version of the ones produced twice included."""
+a broker restart (KIP-848), one that no new consumer gets moving, a member left without
+partitions, and a broker frozen by SIGSTOP for 30 s. Each ends with the audit of the other fault
+scenarios, and with every order served as stored, the newest version of the ones produced twice
+included."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ from tests.faults.test_scenarios import Stream, audit
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
-def stalled_restarts(service: ServiceProcess) -> float:
-    return metric_value(scrape(service), "order_viewer_consumer_restarts_total", reason="stalled")
+def stalled_restarts(service: ServiceProcess, reason: str = "stalled") -> float:
+    return metric_value(scrape(service), "order_viewer_consumer_restarts_total", reason=reason)
 
 
 def second_versions(stream: Stream, count: int) -> list[tuple[bytes | None, bytes | None]]:
@@ -171,6 +172,47 @@ def test_a_consumer_no_new_one_gets_moving_fails_livez_until_it_moves(
     wait_until(lambda: service.get("/livez").status_code == 200, 30, "/livez to pass again")
     assert stale_answers(service, stream) == []
     assert "the consumer consumes again" in service.log()
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_a_member_left_without_partitions_while_messages_wait_is_replaced(
+    stack: Stack,
+    topics: Topics,
+    switch: Path,
+    start_behind_the_seam: Callable[..., ServiceProcess],
+    protocol: str,
+) -> None:
+    # Seen once under the classic protocol: after the broker's outage the member's partitions
+    # were revoked and never assigned again, and nothing else consumed them. It cannot be made
+    # to happen at will, so the seam makes it: the consumer made at start drops its partitions
+    # while the group still counts them as its.
+    stream = Stream(4_000, seed={"classic": 306, "consumer": 307}[protocol])
+    service = start_behind_the_seam(
+        stream, 2000, KAFKA_GROUP_PROTOCOL=protocol, KAFKA_STALL_TIMEOUT_MS="5000"
+    )
+    switch.write_text("1 unassigned")
+    wait_until(
+        frozen_fetching.frozen_marker(switch).exists, 60, "the consumer to drop its partitions"
+    )
+    left_out = time.monotonic()
+    produce(stack, topics.orders, stream.messages[2000:])
+    produce(stack, topics.orders, second_versions(stream, 200))
+    wait_until(
+        lambda: stalled_restarts(service, "unassigned") >= 1,
+        120,
+        "the watchdog to replace the consumer",
+    )
+    audit(stack, topics, stream, since=left_out)
+    assert stale_answers(service, stream) == []
+    assert stalled_restarts(service, "stalled") == 0
+    assert service.get("/livez").json() == {"status": "ok"}
+    assert (
+        "the consumer has had no partition, and its group has committed nothing, for 5 s "
+        f"while messages wait ({topics.orders}/"
+    ) in service.log()
+    assert service.process is not None
+    assert service.process.poll() is None
 
 
 @pytest.mark.timeout(400)

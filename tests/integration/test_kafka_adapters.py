@@ -24,6 +24,7 @@ from order_viewer.adapters.kafka.consumer import (
     RESTARTS_BEFORE_STUCK,
     Batching,
     OrderConsumer,
+    group_progress,
     messages_waiting,
 )
 from order_viewer.adapters.metrics import Metrics
@@ -347,9 +348,9 @@ def test_messages_waiting_are_unknown_when_no_broker_answers() -> None:
         consumer.close()
 
 
-def stalled_restarts(metrics: Metrics) -> float:
+def stalled_restarts(metrics: Metrics, reason: str = "stalled") -> float:
     value = metrics.registry.get_sample_value(
-        "order_viewer_consumer_restarts_total", {"reason": "stalled"}
+        "order_viewer_consumer_restarts_total", {"reason": reason}
     )
     assert value is not None
     return value
@@ -397,6 +398,63 @@ def test_a_consumer_that_fetches_nothing_while_messages_wait_is_replaced_and_los
         writer, [f"before-{n}" for n in range(10)] + [f"after-{n}" for n in range(10)]
     )
     assert committed_lag(stack, topics) == 0
+
+
+def test_a_consumer_left_without_partitions_while_messages_wait_is_replaced(
+    stack: Stack, topics: Topics, switch: Path
+) -> None:
+    writer = FakeWriter()
+    with storing_before(stack, topics, writer, 10, stall_timeout_seconds=2) as running:
+        # A batch's offsets are stored after its write: dropped before that, the partitions
+        # would be read again from before it (rightly, but these orders are to be written once).
+        wait_until(lambda: committed_lag(stack, topics) == 0, 30, "the offsets to be committed")
+        switch.write_text("1 unassigned")  # the group still counts its partitions as its
+        wait_until(frozen_marker(switch).exists, 30, "the consumer to drop its partitions")
+        produce(stack, topics.orders, order_messages("after", 10))
+        wait_until(lambda: len(writer.stored) == 20, 60, "the watchdog's new consumer to store")
+        assert stalled_restarts(running.metrics, "unassigned") >= 1
+        assert stalled_restarts(running.metrics, "stalled") == 0
+        assert running.liveness.not_live() == {}
+    assert written_once(
+        writer, [f"before-{n}" for n in range(10)] + [f"after-{n}" for n in range(10)]
+    )
+    assert committed_lag(stack, topics) == 0
+
+
+def test_group_progress_is_the_committed_offsets_and_what_waits_beyond_them(
+    stack: Stack, topics: Topics
+) -> None:
+    writer = FakeWriter()
+    with storing_before(stack, topics, writer, 10, stall_timeout_seconds=600):
+        wait_until(lambda: committed_lag(stack, topics) == 0, 30, "the offsets to be committed")
+    produce(stack, topics.orders, order_messages("after", 7))
+    consumer = Consumer({"bootstrap.servers": stack.bootstrap_servers, "group.id": topics.group})
+    try:
+        progress = group_progress(consumer, topics.orders, 10)
+    finally:
+        consumer.close()
+    assert progress is not None
+    names = [f"{topics.orders}/0", f"{topics.orders}/1"]
+    assert sorted(progress.committed) == sorted(progress.waiting) == names
+    assert sum(progress.committed.values()) == 10
+    assert sum(progress.waiting.values()) == 7
+
+
+def test_group_progress_is_unknown_for_a_topic_or_a_broker_that_is_not_there(
+    stack: Stack, topics: Topics
+) -> None:
+    nowhere = Consumer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "group.id": "nowhere"})
+    try:
+        started = time.monotonic()
+        assert group_progress(nowhere, "orders", 1) is None
+        assert time.monotonic() - started < 5
+    finally:
+        nowhere.close()
+    here = Consumer({"bootstrap.servers": stack.bootstrap_servers, "group.id": topics.group})
+    try:
+        assert group_progress(here, f"{topics.orders}-never-made", 5) is None
+    finally:
+        here.close()
 
 
 def test_consumers_that_never_fetch_make_it_stuck_until_one_does(

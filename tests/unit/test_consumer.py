@@ -8,6 +8,7 @@ from confluent_kafka import Consumer
 
 from order_viewer.adapters.kafka.consumer import (
     RESTARTS_BEFORE_STUCK,
+    GroupProgress,
     Lanes,
     ProgressWatch,
     Verdict,
@@ -325,3 +326,88 @@ def test_an_unanswered_check_between_restarts_neither_counts_nor_forgives() -> N
         clock.now += 30
         verdicts.append(watch.checked(LAGGING))
     assert verdicts[-1] is Verdict.STUCK
+
+
+def group(committed: dict[str, int], waiting: dict[str, int]) -> GroupProgress:
+    return GroupProgress(committed, waiting)
+
+
+LEFT_WAITING = group({"orders/0": 10, "orders/1": -1}, {"orders/0": 5, "orders/1": 40})
+
+
+def test_a_member_without_partitions_is_restarted_once_its_group_stands_still() -> None:
+    watch, clock = watch_of(30)
+    clock.now += 30
+    # The first look has nothing to compare with: the group may be moving.
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.CARRY_ON
+    assert not watch.due()
+    clock.now += 30
+    assert watch.due()
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.RESTART
+
+
+def test_a_group_that_commits_between_checks_is_moving() -> None:
+    watch, clock = watch_of(30)
+    for offset in range(10, 20):
+        clock.now += 30
+        moving = group({"orders/0": offset, "orders/1": -1}, {"orders/0": 5, "orders/1": 40})
+        assert watch.checked_unassigned(moving) is Verdict.CARRY_ON
+
+
+def test_a_still_group_with_nothing_waiting_is_idle_not_stalled() -> None:
+    watch, clock = watch_of(30)
+    idle = group({"orders/0": 10, "orders/1": 3}, {"orders/0": 0, "orders/1": 0})
+    for _ in range(2 * RESTARTS_BEFORE_STUCK):
+        clock.now += 30
+        assert watch.checked_unassigned(idle) is Verdict.CARRY_ON
+
+
+def test_an_unanswered_group_check_forgets_what_was_seen_before() -> None:
+    watch, clock = watch_of(30)
+    clock.now += 30
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.CARRY_ON
+    clock.now += 30
+    assert watch.checked_unassigned(None) is Verdict.CARRY_ON
+    clock.now += 30
+    # Still for two checks, but not two in a row that were answered.
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.CARRY_ON
+    clock.now += 30
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.RESTART
+
+
+def test_each_new_member_gets_a_full_interval_to_be_assigned_and_is_never_stuck() -> None:
+    watch, clock = watch_of(30)
+    verdicts = []
+    for _ in range(4 * (RESTARTS_BEFORE_STUCK + 1)):
+        clock.now += 30
+        verdicts.append(watch.checked_unassigned(LEFT_WAITING))
+    assert verdicts == [Verdict.CARRY_ON, Verdict.RESTART] * 2 * (RESTARTS_BEFORE_STUCK + 1)
+    assert not watch.stuck
+
+
+def test_partitions_assigned_between_group_checks_start_the_comparison_again() -> None:
+    watch, clock = watch_of(30)
+    clock.now += 30
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.CARRY_ON
+    clock.now += 30
+    assert watch.checked({"orders/0": 0}) is Verdict.CARRY_ON  # assigned, caught up
+    clock.now += 30
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.CARRY_ON
+    watch.moved()
+    clock.now += 30
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.CARRY_ON
+
+
+def test_restarts_for_having_no_partition_do_not_count_toward_stuck() -> None:
+    watch, clock = watch_of(30)
+    for _ in range(RESTARTS_BEFORE_STUCK):
+        clock.now += 30
+        assert watch.checked(LAGGING) is Verdict.RESTART
+    clock.now += 30
+    watch.checked_unassigned(LEFT_WAITING)
+    clock.now += 30
+    assert watch.checked_unassigned(LEFT_WAITING) is Verdict.RESTART
+    assert not watch.stuck
+    clock.now += 30
+    # The next fruitless restart of an assigned consumer is the one that makes it stuck.
+    assert watch.checked(LAGGING) is Verdict.STUCK

@@ -120,13 +120,15 @@ class Metrics:
             "order_viewer_consumer_restarts",
             "Kafka consumers the service closed and made again, by reason (stalled: it asked "
             "for messages for KAFKA_STALL_TIMEOUT_MS and got none while the broker answered and "
-            "held some beyond its position).",
+            "held some beyond its position; unassigned: it had no partition, and its group "
+            "committed nothing, for that long while messages waited).",
             ["reason"],
             registry=registry,
         )
         # Exposed at 0 from the start: a labelled counter appears with its first increment,
         # which Prometheus cannot see as a rise, and the first restart is the one to notice.
-        self.consumer_restarts.labels("stalled")
+        for reason in ("stalled", "unassigned"):
+            self.consumer_restarts.labels(reason)
         self.warm_up_duration = Gauge(
             "order_viewer_cache_warm_up_duration_seconds",
             "How long loading the cache at start took.",

@@ -187,9 +187,22 @@ class Verdict(Enum):
     STUCK = "stuck"  # the same, after RESTARTS_BEFORE_STUCK restarts that brought nothing
 
 
+@dataclass(frozen=True)
+class GroupProgress:
+    """What a member without partitions sees of its group on the topic, per partition
+    ("topic/partition"): the offset the group committed (-1 if none) and the messages beyond
+    it."""
+
+    committed: Mapping[str, int]
+    waiting: Mapping[str, int]
+
+
 class ProgressWatch:
     """Decides when the consumer has stalled: it has asked for messages for `timeout` seconds
-    and got none, while the broker answers and holds messages beyond its position.
+    and got none, while the broker answers and holds messages beyond its position; or, with no
+    partition assigned, while the group's committed offsets stayed where they were a check
+    before though messages wait beyond them (a member left out of its group after a broker
+    outage, which nobody else consumes for).
 
     Only time spent asking counts. A loop that waits for its writes (the database away or slow)
     or for the dead-letter topic asks for nothing, and its lag grows for that reason alone. A
@@ -203,6 +216,8 @@ class ProgressWatch:
         self._clock = clock
         self._quiet_since = clock()
         self._restarts = 0  # in a row, without a message since
+        # What the last check found of the group's offsets, while nothing was assigned.
+        self._group_committed: Mapping[str, int] | None = None
 
     @property
     def stuck(self) -> bool:
@@ -213,6 +228,7 @@ class ProgressWatch:
         was_stuck = self.stuck
         self._restarts = 0
         self._quiet_since = self._clock()
+        self._group_committed = None
         return was_stuck
 
     def held(self) -> None:
@@ -227,8 +243,34 @@ class ProgressWatch:
         """The verdict on what a check found: the messages waiting beyond the consumer's
         position in each of its partitions, or None if the broker did not answer."""
         self._quiet_since = self._clock()
+        self._group_committed = None
         if waiting is None or not any(count > 0 for count in waiting.values()):
             return Verdict.CARRY_ON
+        return self._restart()
+
+    def checked_unassigned(self, group: GroupProgress | None) -> Verdict:
+        """The verdict for a consumer with no partition, on what a check found of its group
+        (None if the broker did not answer): a restart if messages wait and the group committed
+        nothing since the check before, a timeout ago. Another member consuming moves the
+        offsets; one that stalled with its partitions is its own watchdog's to replace. A
+        member left out cannot be told from one waiting for the group's other members, so it is
+        restarted, never reported stuck: a new process would be left out no less."""
+        self._quiet_since = self._clock()
+        before, self._group_committed = (
+            self._group_committed,
+            None if group is None else group.committed,
+        )
+        if (
+            group is None
+            or before != group.committed
+            or not any(count > 0 for count in group.waiting.values())
+        ):
+            return Verdict.CARRY_ON
+        # The next check compares with what the new consumer's group commits from now on.
+        self._group_committed = None
+        return Verdict.RESTART
+
+    def _restart(self) -> Verdict:
         self._restarts += 1
         return Verdict.STUCK if self._restarts == RESTARTS_BEFORE_STUCK + 1 else Verdict.RESTART
 
@@ -365,12 +407,14 @@ class OrderConsumer:
         old one's close() commits the offsets stored (everything consumed before: nothing is
         under way) and leaves the group, or for a static member hands its place to the new
         one; the new one fetches from those offsets, so nothing is skipped or read twice."""
+        if not consumer.assignment():
+            return self._restarted_if_left_out(consumer, watch)
         waiting = messages_waiting(consumer, CHECK_TIMEOUT_SECONDS)
         verdict = watch.checked(waiting)
         if verdict is Verdict.CARRY_ON:
             return consumer
         assert waiting is not None
-        lags = ", ".join(f"{part} lag {count}" for part, count in waiting.items() if count > 0)
+        lags = _lags(waiting)
         log.warning(
             "the consumer fetched nothing for %.0f s while messages wait (%s): closing it and "
             "consuming with a new one",
@@ -382,6 +426,25 @@ class OrderConsumer:
             reason = f"nothing fetched after {RESTARTS_BEFORE_STUCK} new consumers ({lags})"
             log.error("the consumer is stuck: %s; /livez fails so that it is restarted", reason)
             self._liveness.stuck("consumer", reason)
+        return self._replaced(consumer)
+
+    def _restarted_if_left_out(self, consumer: Consumer, watch: ProgressWatch) -> Consumer:
+        """The consumer with no partition, or a new one in its place if the group left messages
+        waiting a whole check's interval without committing any."""
+        group = group_progress(consumer, self._topic, CHECK_TIMEOUT_SECONDS)
+        if watch.checked_unassigned(group) is Verdict.CARRY_ON:
+            return consumer
+        assert group is not None
+        log.warning(
+            "the consumer has had no partition, and its group has committed nothing, for "
+            "%.0f s while messages wait (%s): closing it and joining with a new one",
+            self._stall_timeout,
+            _lags(group.waiting),
+        )
+        self._metrics.consumer_restarts.labels("unassigned").inc()
+        return self._replaced(consumer)
+
+    def _replaced(self, consumer: Consumer) -> Consumer:
         self.consuming.clear()
         closed_within(consumer, CONSUMER_CLOSE_TIMEOUT_SECONDS)
         return self._subscribed()
@@ -501,19 +564,57 @@ def messages_waiting(consumer: Consumer, timeout: float) -> dict[str, int] | Non
             (partition.topic, partition.partition): partition.offset
             for partition in (consumer.committed(unknown, timeout=timeout) if unknown else [])
         }
-        waiting = {}
+        starts = []
         for partition in assigned:
-            watermarks = consumer.get_watermark_offsets(partition, timeout=timeout, cached=False)
-            if watermarks is None:
-                return None
-            beginning, end = watermarks
             stored = committed.get((partition.topic, partition.partition), -1)
             known = [offset for offset in (partition.offset, stored) if offset >= 0]
-            start = known[0] if known else beginning
-            waiting[f"{partition.topic}/{partition.partition}"] = max(0, end - start)
+            starts.append(
+                TopicPartition(partition.topic, partition.partition, known[0] if known else -1)
+            )
+        return _waiting_beyond(consumer, starts, timeout)
     except KafkaException:
         return None
+
+
+def group_progress(consumer: Consumer, topic: str, timeout: float) -> GroupProgress | None:
+    """The group's committed offset in each partition of the topic and the messages beyond it
+    (from the beginning where it committed none: `auto.offset.reset=earliest`), asked of the
+    broker; None if it did not answer in time."""
+    try:
+        described = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if described is None or described.error is not None:
+            return None
+        partitions = [TopicPartition(topic, number) for number in sorted(described.partitions)]
+        committed = consumer.committed(partitions, timeout=timeout)
+        waiting = _waiting_beyond(consumer, committed, timeout)
+    except KafkaException:
+        return None
+    if waiting is None:
+        return None
+    return GroupProgress(
+        {f"{p.topic}/{p.partition}": max(p.offset, -1) for p in committed}, waiting
+    )
+
+
+def _waiting_beyond(
+    consumer: Consumer, starts: list[TopicPartition], timeout: float
+) -> dict[str, int] | None:
+    """The messages each partition ("topic/partition") holds beyond its given offset (a
+    negative one: its beginning), asked of the partition's leader; None if one did not answer
+    in time. Raises KafkaException as the client does."""
+    waiting = {}
+    for partition in starts:
+        watermarks = consumer.get_watermark_offsets(partition, timeout=timeout, cached=False)
+        if watermarks is None:
+            return None
+        beginning, end = watermarks
+        start = partition.offset if partition.offset >= 0 else beginning
+        waiting[f"{partition.topic}/{partition.partition}"] = max(0, end - start)
     return waiting
+
+
+def _lags(waiting: Mapping[str, int]) -> str:
+    return ", ".join(f"{part} lag {count}" for part, count in waiting.items() if count > 0)
 
 
 def closed_within(consumer: Consumer, seconds: float) -> bool:
