@@ -113,7 +113,9 @@ class Settings(BaseSettings):
         description="How long the consumer may ask for messages and get none while the broker "
         "holds some beyond its position before it is closed and made again (librdkafka can "
         "stop fetching after a broker restart without a word); after 3 such restarts in a row "
-        "without a message, /livez fails.",
+        "without a message, /livez fails. A consumer with no partition is made again when "
+        "messages wait and its group has committed nothing for as long (a member left out of "
+        "its group); that one never fails /livez.",
     )
     kafka_tombstones: Literal["dead-letter", "delete"] = Field(
         default="dead-letter",
