@@ -400,6 +400,48 @@ def test_a_consumer_that_fetches_nothing_while_messages_wait_is_replaced_and_los
     assert committed_lag(stack, topics) == 0
 
 
+class LateAssignmentConsumer(Consumer):
+    """The real client, handing its partitions on LATE_ASSIGNMENT_SECONDS after the group
+    assigned them: a group slow to assign (under KIP-848 the broker answers a new member at a
+    later heartbeat), the time spent in the poll that brings the assignment."""
+
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: Any = None,
+        on_revoke: Any = None,
+        on_lost: Any = None,
+    ) -> None:
+        def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            time.sleep(LATE_ASSIGNMENT_SECONDS)
+            if on_assign is not None:
+                on_assign(consumer, partitions)
+
+        others = {"on_revoke": on_revoke, "on_lost": on_lost}
+        given = {name: callback for name, callback in others.items() if callback is not None}
+        super().subscribe(topics, on_assign=assigned, **given)
+
+
+LATE_ASSIGNMENT_SECONDS = 3.0
+
+
+def test_the_wait_for_an_assignment_is_not_a_stall(
+    stack: Stack, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(order_viewer.adapters.kafka.consumer, "Consumer", LateAssignmentConsumer)
+    ensure_topics(client(stack), [topics.orders, topics.dead_letters], 2, broker(threading.Event()))
+    produce(stack, topics.orders, order_messages("waiting", 10))
+    writer = FakeWriter()
+    batching = Batching(max_messages=50, max_bytes=1 << 20, max_wait_seconds=0.05)
+    # The partitions come with messages waiting, longer than the stall timeout after the
+    # consumer began to ask.
+    with running_consumer(stack, topics, [writer], batching, 2) as running:
+        wait_until(lambda: len(writer.stored) == 10, 60, "the orders to be stored")
+        assert stalled_restarts(running.metrics) == 0
+        assert stalled_restarts(running.metrics, "unassigned") == 0
+    assert written_once(writer, [f"waiting-{n}" for n in range(10)])
+
+
 def test_a_consumer_left_without_partitions_while_messages_wait_is_replaced(
     stack: Stack, topics: Topics, switch: Path
 ) -> None:

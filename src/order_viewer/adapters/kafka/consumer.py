@@ -317,8 +317,8 @@ class OrderConsumer:
     def run(self) -> None:
         """Consume until stopped; raises KafkaException on an error no retry can cure (e.g.
         fenced by another instance with the same static member id)."""
-        consumer = self._subscribed()
         watch = ProgressWatch(self._stall_timeout)
+        consumer = self._subscribed(watch)
         # The database writes batches while this thread polls and validates the next.
         lanes: Lanes[_Write] = Lanes(self._ingest.lanes, self._batching.split_from)
         writer = ThreadPoolExecutor(max_workers=lanes.count, thread_name_prefix="writer")
@@ -377,8 +377,10 @@ class OrderConsumer:
                 write.batch, write.outcome.result(), partial(_store_offsets, consumer)
             )
 
-    def _subscribed(self) -> Consumer:
-        """A new consumer of the topic, in the group."""
+    def _subscribed(self, watch: ProgressWatch) -> Consumer:
+        """A new consumer of the topic, in the group. Partitions assigned start the watch's
+        quiet time again: the time before, with nothing to fetch from (the group may take
+        longer than the stall timeout to assign them), says nothing of their fetching."""
         consumer = Consumer(
             {
                 **self._client,
@@ -395,7 +397,7 @@ class OrderConsumer:
         )
         consumer.subscribe(
             [self._topic],
-            on_assign=_log_assignment("assigned"),
+            on_assign=_log_assignment("assigned", watch.held),
             on_revoke=_log_assignment("revoked"),
         )
         self.consuming.set()
@@ -426,7 +428,7 @@ class OrderConsumer:
             reason = f"nothing fetched after {RESTARTS_BEFORE_STUCK} new consumers ({lags})"
             log.error("the consumer is stuck: %s; /livez fails so that it is restarted", reason)
             self._liveness.stuck("consumer", reason)
-        return self._replaced(consumer)
+        return self._replaced(consumer, watch)
 
     def _restarted_if_left_out(self, consumer: Consumer, watch: ProgressWatch) -> Consumer:
         """The consumer with no partition, or a new one in its place if the group left messages
@@ -442,12 +444,12 @@ class OrderConsumer:
             _lags(group.waiting),
         )
         self._metrics.consumer_restarts.labels("unassigned").inc()
-        return self._replaced(consumer)
+        return self._replaced(consumer, watch)
 
-    def _replaced(self, consumer: Consumer) -> Consumer:
+    def _replaced(self, consumer: Consumer, watch: ProgressWatch) -> Consumer:
         self.consuming.clear()
         closed_within(consumer, CONSUMER_CLOSE_TIMEOUT_SECONDS)
-        return self._subscribed()
+        return self._subscribed(watch)
 
     def _poll(self, consumer: Consumer, lanes: Lanes[_Write]) -> list[ConsumedMessage]:
         """The next batch: up to BATCH_MAX_ORDERS messages, gathered for at most
@@ -669,11 +671,15 @@ def _store_offsets(consumer: Consumer, batch: Sequence[ConsumedMessage]) -> None
         log.info("could not store offsets (%s); the new owner re-reads them", error.args[0])
 
 
-def _log_assignment(verb: str) -> Any:
+def _log_assignment(verb: str, then: Callable[[], None] | None = None) -> Any:
+    """A rebalance callback that logs the partitions and calls `then` if there are any."""
+
     def callback(_: Consumer, partitions: list[TopicPartition]) -> None:
         if partitions:
             log.info(
                 "partitions %s: %s", verb, ", ".join(f"{p.topic}/{p.partition}" for p in partitions)
             )
+            if then is not None:
+                then()
 
     return callback
