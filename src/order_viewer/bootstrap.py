@@ -34,6 +34,7 @@ from order_viewer.adapters.http.forwarded import TrustedProxies
 from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
 from order_viewer.adapters.kafka.consumer import Batching, OrderConsumer
 from order_viewer.adapters.metrics import Metrics
+from order_viewer.adapters.otlp import otlp_batches
 from order_viewer.adapters.postgres.expirer import PostgresOrderExpirer
 from order_viewer.adapters.postgres.listener import PostgresChangeListener
 from order_viewer.adapters.postgres.migrate import migrate
@@ -44,8 +45,8 @@ from order_viewer.adapters.postgres.reader import (
 )
 from order_viewer.adapters.postgres.trail import PostgresDeadLetterTrail
 from order_viewer.adapters.postgres.writer import PostgresOrderWriter
-from order_viewer.adapters.tracing import Tracing, batch_processor, start_tracing
-from order_viewer.config import Settings, kafka_client, tracing_enabled
+from order_viewer.adapters.tracing import Tracing, start_tracing
+from order_viewer.config import Settings, kafka_client, span_queue_size, tracing_enabled
 from order_viewer.service.coherence import CacheCoherence
 from order_viewer.service.events import OrderEvents
 from order_viewer.service.ingest import OrderIngest
@@ -165,7 +166,14 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     )
     metrics = Metrics(cache)
     tracing = (
-        start_tracing(settings.kafka_group_id, batch_processor(settings.batch_max_orders))
+        start_tracing(
+            settings.kafka_group_id,
+            otlp_batches(
+                queue_size=span_queue_size(settings),
+                batch_size=settings.otel_bsp_max_export_batch_size,
+                delay_ms=settings.otel_bsp_schedule_delay,
+            ),
+        )
         if tracing_enabled(settings)
         else None
     )

@@ -261,9 +261,10 @@ class Settings(BaseSettings):
         default="console",
         description="console: readable lines; json: one JSON object per line, for a collector.",
     )
-    # OpenTelemetry's own variables, read by its SDK from the process environment (not from
-    # .env); the service reads the few that turn tracing on or that the SDK would misread in
-    # silence (a sampler ratio it cannot parse samples everything), to refuse them in one line.
+    # OpenTelemetry's own variables, most read by its SDK from the process environment (not
+    # from .env); the service reads the few that turn tracing on, that the SDK would misread
+    # in silence (a sampler ratio it cannot parse samples everything), to refuse them in one
+    # line, and those of the span batching, which is the service's own (adapters/tracing.py).
     otel_sdk_disabled: bool = Field(
         default=False, description="true: no tracing, whatever the other OTEL_* variables say."
     )
@@ -276,7 +277,7 @@ class Settings(BaseSettings):
         default=None,
         description="The OTLP/HTTP collector (e.g. http://jaeger:4318): traces go to its "
         "/v1/traces. The other OTEL_* variables (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, "
-        "OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*) are the SDK's, as documented by OpenTelemetry.",
+        "OTEL_EXPORTER_OTLP_HEADERS, ...) are the SDK's, as documented by OpenTelemetry.",
     )
     otel_exporter_otlp_traces_endpoint: AnyHttpUrl | None = Field(
         default=None, description="The full OTLP/HTTP URL of traces, instead of the one above."
@@ -303,6 +304,29 @@ class Settings(BaseSettings):
             "a hundred).",
         )
     )
+
+    otel_bsp_schedule_delay: Annotated[int, Field(gt=0, le=3_600_000)] = Field(
+        default=5000,
+        description="Milliseconds at most between two exports of the finished spans.",
+    )
+    otel_bsp_max_export_batch_size: Annotated[int, Field(gt=0, le=100_000)] = Field(
+        default=512, description="Spans at most in one export."
+    )
+    otel_bsp_max_queue_size: Annotated[int, Field(gt=0, le=10_000_000)] | None = Field(
+        default=None,
+        description="Finished spans waiting for export at most; when full the oldest are "
+        "dropped (and counted in a warning). Unset: two of the largest batches' spans "
+        "(BATCH_MAX_ORDERS), at least 2048, since a traced batch ends all its spans at once.",
+    )
+
+    @model_validator(mode="after")
+    def _span_batches_fit_their_queue(self) -> Settings:
+        if self.otel_bsp_max_export_batch_size > span_queue_size(self):
+            raise ValueError(
+                f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE={self.otel_bsp_max_export_batch_size} must not "
+                f"exceed the span queue ({span_queue_size(self)}, OTEL_BSP_MAX_QUEUE_SIZE)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _streams_leave_connections(self) -> Settings:
@@ -373,6 +397,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def span_queue_size(settings: Settings) -> int:
+    """The finished spans that may wait for export: OTEL_BSP_MAX_QUEUE_SIZE, else two of the
+    largest batches' (a span a message, and its write's), at least the SDK's 2048."""
+    if settings.otel_bsp_max_queue_size is not None:
+        return settings.otel_bsp_max_queue_size
+    return max(2048, 2 * (settings.batch_max_orders + 1))
 
 
 def tracing_enabled(settings: Settings) -> bool:

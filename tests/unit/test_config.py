@@ -14,6 +14,7 @@ from order_viewer.config import (
     Settings,
     kafka_security,
     load_settings,
+    span_queue_size,
     tracing_enabled,
 )
 from order_viewer.entrypoints.cli import main
@@ -140,6 +141,22 @@ def test_defaults_are_the_documented_contract() -> None:
         ("OTEL_TRACES_SAMPLER_ARG", "nan"),
         ("OTEL_TRACES_SAMPLER_ARG", "one percent"),
         ("OTEL_TRACES_SAMPLER_ARG", "9" * 5000),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "-100"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0.5"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "5s"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "3600001"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "9" * 5000),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-1"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100001"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "many"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", ""),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "-2048"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "10000001"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "1e6"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "9" * 5000),
     ],
 )
 def test_a_malformed_setting_names_its_variable(
@@ -175,6 +192,27 @@ def test_a_tokens_lifetime_is_unbounded_unless_set(monkeypatch: pytest.MonkeyPat
     assert load_settings().http_jwt_max_lifetime_seconds is None
     monkeypatch.setenv("HTTP_JWT_MAX_LIFETIME_SECONDS", "3600")
     assert load_settings().http_jwt_max_lifetime_seconds == 3600
+
+
+@pytest.mark.parametrize(
+    ("settings", "queue"),
+    [
+        ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "5000"}, 4002),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "100"}, 100),
+    ],
+)
+def test_an_export_batch_must_fit_the_span_queue(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, str], queue: int
+) -> None:
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    batch = settings.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings()
+    assert str(refused.value) == (
+        f"invalid settings: Value error, OTEL_BSP_MAX_EXPORT_BATCH_SIZE={batch} must not "
+        f"exceed the span queue ({queue}, OTEL_BSP_MAX_QUEUE_SIZE)"
+    )
 
 
 @pytest.mark.parametrize(("streams", "connections"), [("1024", "1024"), ("5000", "1024")])
@@ -318,3 +356,15 @@ def test_the_switch_interval_is_the_whole_processs_once_tuned(
         assert sys.getswitchinterval() == pytest.approx(250e-6)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_the_span_queue_holds_two_of_the_largest_batches_unless_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sizes = []
+    for largest_batch in ("1", "2000", "50000"):
+        monkeypatch.setenv("BATCH_MAX_ORDERS", largest_batch)
+        sizes.append(span_queue_size(load_settings()))
+    assert sizes == [2048, 4002, 100_002]
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1000")
+    assert span_queue_size(load_settings()) == 1000

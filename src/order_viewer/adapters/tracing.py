@@ -4,10 +4,19 @@ HTTP request a server span with its database read as a child.
 
 Off unless configured (`config.tracing_enabled`): then no tracer exists, and every part that
 would trace holds None and checks that one value, so that no span object is made. When on, the
-SDK reads its own `OTEL_*` variables (exporter, endpoint, sampler, resource, batching), and a
-message or request the SDK's sampler does not keep costs its decision only: the sampler is asked
-before any span, context or attribute is made (`Tracing.sampled`), so that at 1 % the other 99 %
-pay one random draw and one call (the figures are in docs/PERFORMANCE.md).
+SDK reads its own `OTEL_*` variables for what it is asked here: the resource
+(`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), the sampler (`OTEL_TRACES_SAMPLER` and its
+argument) and the OTLP/HTTP exporter (endpoint, headers, timeout, compression, certificates),
+which sends what `otlp.SpanBatches` gathers.
+
+The spans themselves are this module's (`Span`), encoded as OTLP protobuf by `otlp` as they
+end, because the SDK's span and its exporter's encoder cost about 75 µs a span on these
+machines, three times a whole cache hit (docs/DESIGN.md, Tracing): a span here is a few fields
+set as it starts and ends.
+
+A message or request the sampler drops costs its decision only: the sampler's rule is applied
+here before anything else is made (`Sampling`), so that at 1 % the other 99 % pay one random
+draw and a comparison.
 
 No personal data leaves in a span: attributes are positions, ids, counts, reason codes and route
 templates; exceptions are never recorded (a database error quotes the row it refused), only
@@ -17,38 +26,31 @@ their type.
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from contextvars import Token
-from importlib.metadata import version
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
 from typing import Final
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    ParentBasedTraceIdRatio,
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from order_viewer.adapters import logs
+from order_viewer.adapters import logs, otlp
 from order_viewer.adapters.metrics import route_template
 from order_viewer.domain.model import ORDER_UID_PATTERN
 from order_viewer.service.ports import ConsumedMessage, RejectedMessage, TraceHeaders, WriteResult
 
-SERVICE = "order-viewer"
 TRACEPARENT: Final = "traceparent"
 TRACESTATE: Final = "tracestate"
 # A version-00 traceparent is 55 characters; later versions may append fields, which the
@@ -57,6 +59,9 @@ TRACESTATE: Final = "tracestate"
 # parse megabytes per message.
 MAX_TRACEPARENT_BYTES = 128
 MAX_TRACESTATE_BYTES = 512
+# The links a batch's write keeps, as the SDK's default OTEL_SPAN_LINK_COUNT_LIMIT: a batch of
+# 2,000 messages would otherwise make a span of 2,000 links, which backends truncate anyway.
+MAX_LINKS = 128
 
 # What a message's span says it became, beside dead_lettered (whose reason code goes with it).
 STORED = "stored"
@@ -67,16 +72,97 @@ UNCHANGED = "unchanged"
 OLDER = "older"
 DEAD_LETTERED = "dead_lettered"
 
-# The SDK's variable that sizes its queue of finished spans.
-QUEUE_SIZE: Final = "OTEL_BSP_MAX_QUEUE_SIZE"
-
 # Headers as confluent-kafka gives those of a consumed message.
 KafkaHeaders = Sequence[tuple[str, bytes | None]]
 
 _order_uid = re.compile(ORDER_UID_PATTERN)
 _propagator = TraceContextTextMapPropagator()
-# The parent of a span that begins a new trace.
-_NO_PARENT: Final = Context()
+
+
+@dataclass(frozen=True, slots=True)
+class Parent:
+    """The producer's or client's span a message's or request's span continues."""
+
+    trace_id: int
+    span_id: int
+    sampled: bool
+    trace_state: str
+
+
+class Span:
+    """One operation of a trace, from its start to its `end`, when it is encoded and queued
+    for export. What it shares with others of its kind (name, kind, the attributes of its route
+    or its partition) comes encoded (`described`), and so do its own attributes as they are
+    given: a span waiting for the end of its batch holds bytes, no objects the collector scans."""
+
+    __slots__ = (
+        "_finished",
+        "attributes",
+        "described",
+        "end_time",
+        "error",
+        "links",
+        "method",
+        "parent_id",
+        "path",
+        "span_id",
+        "start_time",
+        "trace_id",
+        "trace_state",
+    )
+
+    def __init__(
+        self,
+        finished: Callable[[bytes], None],
+        trace_id: int,
+        parent: Parent | Span | None,
+        described: bytes,
+        attributes: bytes = b"",
+        *,
+        links: Sequence[tuple[int, int]] = (),
+        span_id: int = 0,
+        start_time: int = 0,
+    ) -> None:
+        self._finished = finished
+        self.trace_id = trace_id
+        self.span_id = span_id or _new_span_id()
+        self.parent_id = 0 if parent is None else parent.span_id
+        self.trace_state: str = "" if parent is None else parent.trace_state
+        self.described = described
+        self.attributes = attributes
+        self.links = links
+        # The reason of a failure: an exception's type or a rejection's code, never a text.
+        self.error: str | None = None
+        # A request's, named once its route is known (`answered`).
+        self.method = ""
+        self.path = ""
+        self.start_time = start_time or time.time_ns()
+        self.end_time = 0
+
+    def set_attribute(self, key: str, value: otlp.AttributeValue) -> None:
+        self.attributes += otlp.own_attribute(key, value)
+
+    def end(self) -> None:
+        self.end_time = time.time_ns()
+        # Encoded now, so that what waits for export is bytes, which the collector never
+        # scans: queued spans made its passes cost 1.8 µs a cache hit (docs/DESIGN.md).
+        self._finished(otlp.encoded_span(self))
+
+
+_draw = random.getrandbits
+
+
+def _new_trace_id() -> int:
+    # Zero is W3C's "no trace"; the SDK's generator draws the same way.
+    return _draw(128) or 1
+
+
+def _new_span_id() -> int:
+    return _draw(64) or 1
+
+
+# The current request's span, for its database read and its log lines.
+_current: ContextVar[Span | None] = ContextVar("order_viewer_span", default=None)
 
 
 # W3C trace context: version, trace id, parent id, flags; version 00 has exactly these fields,
@@ -127,20 +213,31 @@ def trace_headers(headers: KafkaHeaders | None) -> TraceHeaders:
     return tuple(kept)
 
 
-def parent_of(headers: TraceHeaders) -> Context:
-    """The producer's span as the parent of the message's, as W3C Trace Context reads it; an
-    empty context (a new trace) when the headers are missing or malformed."""
+def parent_of(headers: TraceHeaders) -> Parent | None:
+    """The producer's span as the parent of the message's, as W3C Trace Context reads it (the
+    SDK's propagator, which drops a malformed `tracestate` and keeps the trace); None, a new
+    trace, when the headers are missing or malformed."""
     if not headers:
-        return _NO_PARENT
-    return _propagator.extract({name: value.decode("ascii") for name, value in headers})
+        return None
+    extracted = _propagator.extract({name: value.decode("ascii") for name, value in headers})
+    context = trace.get_current_span(extracted).get_span_context()
+    if not context.is_valid:
+        return None
+    return Parent(
+        context.trace_id,
+        context.span_id,
+        context.trace_flags.sampled,
+        context.trace_state.to_header(),
+    )
 
 
-def headers_of(span: Span) -> TraceHeaders:
+def headers_of(span: Span | Parent) -> TraceHeaders:
     """The W3C headers that continue `span`'s trace downstream (a dead letter, then its
     replay)."""
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier, trace.set_span_in_context(span, _NO_PARENT))
-    return tuple((name, value.encode("ascii")) for name, value in carrier.items())
+    parent = (TRACEPARENT, f"00-{span.trace_id:032x}-{span.span_id:016x}-01".encode("ascii"))
+    if not span.trace_state:
+        return (parent,)
+    return parent, (TRACESTATE, span.trace_state.encode("ascii"))
 
 
 def _order_key(key: bytes | None) -> str | None:
@@ -154,17 +251,19 @@ def _order_key(key: bytes | None) -> str | None:
 
 def failed(span: Span, error: BaseException) -> None:
     """The span marked failed by `error`'s type only: its text may quote a row."""
-    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    span.error = type(error).__name__
 
 
-def made_current(span: Span) -> Token[Context]:
+def made_current(span: Span) -> Token[Span | None]:
     """`span` the current one of this thread or task, until `ended`."""
-    return otel_context.attach(trace.set_span_in_context(span))
+    return _current.set(span)
 
 
-def ended(span: Span, current: Token[Context]) -> None:
+def ended(span: Span, current: Token[Span | None]) -> None:
     """`span`, made current by `made_current`, ended and no longer current."""
-    otel_context.detach(current)
+    _current.reset(current)
+    if not span.described:  # a request answered without being counted (no metrics, no guard)
+        span.described = otlp.server(span.method, route_template(span.path), None, None)
     span.end()
 
 
@@ -173,70 +272,68 @@ class KafkaBatchTrace:
     its producer's trace, ended when the batch is settled, with what became of the message),
     and one per attempt at writing the batch when any is sampled, linked to every sampled
     message's span (`service.ports.BatchTrace`). A message not sampled has no span at all.
+
+    A message's span is kept as its ids and encoded attributes, one list each, and made a
+    `Span` only as it ends: a batch's thousands of span objects, alive for the whole batch,
+    cost the collector's passes 2 µs a message (docs/DESIGN.md).
     """
 
     def __init__(self, tracing: Tracing, messages: Sequence[ConsumedMessage], group: str) -> None:
-        self._tracer = tracing.tracer
-        self._max_links = tracing.max_links
-        # What every message's span says alike, made once a batch.
-        common = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.consumer.group.name": group,
-        }
-        # Each sampled message with its span.
-        self._traced: list[tuple[ConsumedMessage, Span]] = []
+        self._tracing = tracing
+        # Each sampled message, and at the same place its span's parts.
+        self._messages: list[ConsumedMessage] = []
+        self._trace_ids: list[int] = []
+        self._span_ids: list[int] = []
+        self._parents: list[Parent | None] = []
+        self._described: list[bytes] = []
+        self._attributes: list[bytes] = []
+        # The spans of a batch start together, as its processing does.
+        self._started = time.time_ns()
+        kept = tracing.sampling.kept
         for message in messages:
-            parent = parent_of(message.trace)
-            name = f"process {message.topic}"
-            if tracing.sampled(parent, name, SpanKind.CONSUMER):
-                self._traced.append((message, self._consumed(message, common, parent, name)))
+            parent = parent_of(message.trace) if message.trace else None
+            trace_id = _new_trace_id() if parent is None else parent.trace_id
+            if kept(parent, trace_id):
+                self._consumed(message, group, trace_id, parent)
         self._written: dict[str, str] = {}
-        # Each sampled message's span by the message's identity, made for the first dead letter.
-        self._span_of: dict[int, Span] | None = None
+        # Each sampled message's place by the message's identity, made for the first dead letter.
+        self._place_of: dict[int, int] | None = None
 
     def _consumed(
-        self, message: ConsumedMessage, common: dict[str, str], parent: Context, name: str
-    ) -> Span:
-        # Given as the span starts: the SDK checks them once, not once per later call.
-        attributes: dict[str, str | int] = {
-            **common,
-            "messaging.destination.name": message.topic,
-            "messaging.destination.partition.id": str(message.partition),
-            "messaging.kafka.offset": message.offset,
-        }
+        self, message: ConsumedMessage, group: str, trace_id: int, parent: Parent | None
+    ) -> None:
+        attributes = otlp.attribute("messaging.kafka.offset", message.offset)
         key = _order_key(message.key)
         if key is not None:
-            attributes["messaging.kafka.message.key"] = key
-        return self._tracer.start_span(
-            name,
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            record_exception=False,
+            attributes += otlp.attribute("messaging.kafka.message.key", key)
+        self._messages.append(message)
+        self._trace_ids.append(trace_id)
+        self._span_ids.append(_new_span_id())
+        self._parents.append(parent)
+        self._described.append(otlp.consumer(group, message.topic, message.partition))
+        self._attributes.append(attributes)
+
+    def _as_parent(self, place: int) -> Parent:
+        parent = self._parents[place]
+        return Parent(
+            self._trace_ids[place],
+            self._span_ids[place],
+            True,
+            "" if parent is None else parent.trace_state,
         )
 
     @contextmanager
     def _writing(self, orders: int, deletions: int) -> Iterator[None]:
         # A child of the first sampled message's span, so that following one order shows the
         # write; linked to all of them.
-        span = self._tracer.start_span(
-            "INSERT orders",
-            context=trace.set_span_in_context(self._traced[0][1], _NO_PARENT),
-            kind=SpanKind.CLIENT,
-            # The SDK keeps OTEL_SPAN_LINK_COUNT_LIMIT of them (128 by default): no more made.
-            links=[Link(span.get_span_context()) for _, span in self._traced[: self._max_links]],
-            attributes={
-                "db.system.name": "postgresql",
-                "db.system": "postgresql",
-                "db.operation.name": "INSERT",
-                "db.collection.name": "orders",
-                "db.operation.batch.size": orders + deletions,
-                "order_viewer.orders": orders,
-                "order_viewer.deletions": deletions,
-            },
-            record_exception=False,
+        span = self._tracing.span(
+            self._trace_ids[0],
+            self._as_parent(0),
+            otlp.database("INSERT", "orders"),
+            otlp.attribute("db.operation.batch.size", orders + deletions)
+            + otlp.attribute("order_viewer.orders", orders)
+            + otlp.attribute("order_viewer.deletions", deletions),
+            links=list(zip(self._trace_ids[:MAX_LINKS], self._span_ids[:MAX_LINKS], strict=True)),
         )
         try:
             yield
@@ -247,10 +344,10 @@ class KafkaBatchTrace:
             span.end()
 
     def writing(self, orders: int, deletions: int) -> AbstractContextManager[None]:
-        return self._writing(orders, deletions) if self._traced else nullcontext()
+        return self._writing(orders, deletions) if self._messages else nullcontext()
 
     def written(self, result: WriteResult) -> None:
-        if not self._traced:
+        if not self._messages:
             return
         for uid in (*result.inserted, *result.replaced):
             self._written[uid] = STORED
@@ -260,114 +357,100 @@ class KafkaBatchTrace:
     def settled(
         self, kept: Mapping[str, ConsumedMessage], rejected: Sequence[RejectedMessage]
     ) -> None:
-        if not self._traced:
+        if not self._messages:
             return
-        outcomes: dict[int, tuple[str, str | None]] = {
-            id(entry.message): (DEAD_LETTERED, entry.rejection.code) for entry in rejected
-        }
-        for uid, message in kept.items():
-            outcomes.setdefault(id(message), (self._written.get(uid, UNCHANGED), None))
-        for message, span in self._traced:
-            outcome, reason = outcomes.get(id(message), (OLDER, None))
-            if reason is None:
-                span.set_attribute("order_viewer.outcome", outcome)
+        # By each message's identity: its rejection's code, or the order it was kept for.
+        reasons = {id(entry.message): entry.rejection.code for entry in rejected}
+        kept_for = {id(message): uid for uid, message in kept.items()}
+        finished = self._tracing.finished
+        for place, message in enumerate(self._messages):
+            span = Span(
+                finished,
+                self._trace_ids[place],
+                self._parents[place],
+                self._described[place],
+                self._attributes[place],
+                span_id=self._span_ids[place],
+                start_time=self._started,
+            )
+            reason = reasons.get(id(message))
+            if reason is not None:
+                span.set_attribute("order_viewer.outcome", DEAD_LETTERED)
+                span.set_attribute("error.type", reason)
+                span.error = reason
             else:
-                span.set_attributes({"order_viewer.outcome": outcome, "error.type": reason})
-                span.set_status(Status(StatusCode.ERROR, reason))
+                uid = kept_for.get(id(message))
+                outcome = OLDER if uid is None else self._written.get(uid, UNCHANGED)
+                span.set_attribute("order_viewer.outcome", outcome)
             span.end()
 
     def onward(self, message: ConsumedMessage) -> TraceHeaders:
-        if self._span_of is None:
-            self._span_of = {id(consumed): span for consumed, span in self._traced}
-        span = self._span_of.get(id(message))
+        if self._place_of is None:
+            self._place_of = {id(consumed): place for place, consumed in enumerate(self._messages)}
+        place = self._place_of.get(id(message))
         # Not sampled: the letter carries the message's own trace on, as it came.
-        return message.trace if span is None else headers_of(span)
+        return message.trace if place is None else headers_of(self._as_parent(place))
 
 
-class DecidedTraceIds(RandomIdGenerator):
-    """The SDK's random ids, except that a new trace whose sampling `Tracing.sampled` decided
-    before its span existed gets the trace id the decision was made on: the SDK's sampler,
-    asked again as the span starts, then decides the same (a ratio sampler drawing on another
-    id would keep the square of its ratio). One per thread: nothing runs in between."""
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """The rule of one of the SDK's samplers (those `OTEL_TRACES_SAMPLER` names), applied here
+    before any span is made: a continued trace keeps its parent's decision when the sampler is
+    parent-based; any other trace is kept when the low 64 bits of its id are below `bound`, as
+    the SDK's ratio sampler decides (`always_on`: all of them, `always_off`: none)."""
 
-    def __init__(self) -> None:
-        self._decided = threading.local()
+    parent_based: bool
+    bound: int
 
-    def drawn(self) -> int:
-        """A new trace's id, to decide its sampling on."""
-        return super().generate_trace_id()
+    @classmethod
+    def of(cls, sampler: Sampler) -> Sampling:
+        parent_based = isinstance(sampler, ParentBased)
+        if parent_based:
+            # The SDK keeps its delegates private: those of a sampler the variables make
+            # follow the parent's decision, and only its root is chosen.
+            delegates = vars(sampler)
+            if (
+                delegates["_remote_parent_sampled"] is not ALWAYS_ON
+                or delegates["_local_parent_sampled"] is not ALWAYS_ON
+                or delegates["_remote_parent_not_sampled"] is not ALWAYS_OFF
+                or delegates["_local_parent_not_sampled"] is not ALWAYS_OFF
+            ):
+                raise ValueError(f"no sampling rule for {sampler.get_description()}")
+            sampler = delegates["_root"]
+        if sampler is ALWAYS_ON:
+            return cls(parent_based, otlp.LOW_64_BITS + 1)
+        if sampler is ALWAYS_OFF:
+            return cls(parent_based, 0)
+        if isinstance(sampler, TraceIdRatioBased):
+            return cls(parent_based, sampler.bound)
+        raise ValueError(f"no sampling rule for {sampler.get_description()}")
 
-    def decided(self, trace_id: int) -> None:
-        """`trace_id` is the next new trace's of this thread, whose span is started next."""
-        self._decided.trace_id = trace_id
-
-    def generate_trace_id(self) -> int:
-        trace_id: int | None = getattr(self._decided, "trace_id", None)
-        if trace_id is None:
-            return super().generate_trace_id()
-        self._decided.trace_id = None
-        return trace_id
-
-
-def new_trace_bound(sampler: Sampler) -> int | None:
-    """The bound below which `sampler` keeps a new trace, by the low 64 bits of its id, when
-    that comparison is all it does for one: the SDK's `traceidratio` and
-    `parentbased_traceidratio`. None for any other sampler, which is asked each time."""
-    if type(sampler) is ParentBasedTraceIdRatio:
-        # The ratio sampler the SDK built from OTEL_TRACES_SAMPLER_ARG, which it keeps private.
-        sampler = sampler._root
-    return sampler.bound if type(sampler) is TraceIdRatioBased else None
+    def kept(self, parent: Parent | None, trace_id: int) -> bool:
+        if parent is not None and self.parent_based:
+            return parent.sampled
+        return trace_id & otlp.LOW_64_BITS < self.bound
 
 
 class Tracing:
     """The service's tracer: made only when tracing is on (`start_tracing`)."""
 
-    def __init__(self, provider: TracerProvider, ids: DecidedTraceIds, group: str) -> None:
-        self._provider = provider
-        self._ids = ids
-        # The sampler the SDK made of OTEL_TRACES_SAMPLER and its argument.
-        self._sampler = provider.sampler
-        self._new_trace_bound = new_trace_bound(self._sampler)
-        # Links kept on a span, as the SDK read OTEL_SPAN_LINK_COUNT_LIMIT (None: all).
-        self.max_links = SpanLimits().max_links
+    def __init__(self, sampling: Sampling, batches: otlp.SpanBatches, group: str) -> None:
+        self.sampling = sampling
+        self._batches = batches
+        # Where each span goes as it ends.
+        self.finished = batches.finished
         self._group = group
-        self.tracer = provider.get_tracer("order_viewer", version("order-viewer"))
 
-    def sampled(self, parent: Context, name: str, kind: SpanKind) -> bool:
-        """Whether the span `name` of `parent`'s trace (a new trace when `parent` carries none)
-        is to be recorded, as the SDK's sampler decides it when the span starts: asked first,
-        so that nothing else is made for a span it drops. True promises that the span is
-        started next, in this thread, with `parent` (a new trace's id is set aside for it)."""
-        if self._decides_alone(parent):
-            return self._new_trace_kept()
-        context = (
-            trace.INVALID_SPAN_CONTEXT
-            if parent is _NO_PARENT
-            else trace.get_current_span(parent).get_span_context()
-        )
-        new_trace = not context.is_valid
-        trace_id = self._ids.drawn() if new_trace else context.trace_id
-        if self._sampler.should_sample(parent, trace_id, name, kind).decision is Decision.DROP:
-            return False
-        if new_trace:
-            self._ids.decided(trace_id)
-        return True
-
-    def _decides_alone(self, parent: Context) -> bool:
-        """Whether the sampler's decision for a span of `parent` is the comparison of a new
-        trace's id with its bound (`_new_trace_kept`), made here without the call to it and the
-        result it builds: 3.6 µs of the 4 an unsampled request cost at 1 %."""
-        return parent is _NO_PARENT and self._new_trace_bound is not None
-
-    def _new_trace_kept(self) -> bool:
-        """`_decides_alone`'s decision on a new trace's id, set aside for its span if kept:
-        the sampler, asked on the same id as the span starts, decides the same."""
-        assert self._new_trace_bound is not None
-        trace_id = self._ids.drawn()
-        if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT >= self._new_trace_bound:
-            return False
-        self._ids.decided(trace_id)
-        return True
+    def span(
+        self,
+        trace_id: int,
+        parent: Parent | Span | None,
+        described: bytes,
+        attributes: bytes,
+        links: Sequence[tuple[int, int]] = (),
+    ) -> Span:
+        """A span started now, of a trace the sampler keeps, exported once it ends."""
+        return Span(self.finished, trace_id, parent, described, attributes, links=links)
 
     def batch(self, messages: Sequence[ConsumedMessage]) -> KafkaBatchTrace:
         return KafkaBatchTrace(self, messages, self._group)
@@ -384,94 +467,62 @@ class Tracing:
                 [(header.decode("latin-1"), value) for header, value in headers if header in _W3C]
             )
         )
-        decides_alone = self._decides_alone(parent)
-        # A request dropped by the id alone does not need its route (0.5 µs) for a name.
-        if decides_alone and not self._new_trace_kept():
+        trace_id = _new_trace_id() if parent is None else parent.trace_id
+        if not self.sampling.kept(parent, trace_id):
             return None
-        route = route_template(path)
-        name = f"{method} {route}"
-        if not decides_alone and not self.sampled(parent, name, SpanKind.SERVER):
-            return None
-        return self.tracer.start_span(
-            name,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "http.route": route},
-            record_exception=False,
-        )
+        # Named, with its route, status and cache, as the request is counted (`answered`).
+        span = Span(self.finished, trace_id, parent, b"")
+        span.method = method
+        span.path = path
+        return span
 
     def database_read(self, collection: str) -> Span | None:
         """A client span for one read of the database, a child of the request that made it;
         None, and nothing made, when that request is not recorded (a read outside a request
         would otherwise begin a trace of its own)."""
-        if not trace.get_current_span().is_recording():
+        request = _current.get()
+        if request is None:
             return None
-        return self.tracer.start_span(
-            f"SELECT {collection}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "db.system.name": "postgresql",
-                "db.system": "postgresql",
-                "db.operation.name": "SELECT",
-                "db.collection.name": collection,
-            },
-            record_exception=False,
-        )
+        return Span(self.finished, request.trace_id, request, otlp.database("SELECT", collection))
 
     def shutdown(self) -> None:
         """Export the spans still waiting, then stop (at SIGTERM's stop of `serve`)."""
-        self._provider.shutdown()
+        self._batches.shutdown()
 
 
 # The request headers that carry a trace, as ASGI names them.
 _W3C = (TRACEPARENT.encode(), TRACESTATE.encode())
 
 
-def answered(status: int, cache: str | None) -> None:
-    """The current request's span told its status and, for an order, whether the cache
-    answered it."""
-    span = trace.get_current_span()
-    if cache is None:
-        span.set_attribute("http.response.status_code", status)
-    else:
-        span.set_attributes({"http.response.status_code": status, "order_viewer.cache": cache})
-    if status >= 500:
-        span.set_status(Status(StatusCode.ERROR))
+def answered(route: str, status: int | None, cache: str | None = None) -> None:
+    """The current request's span named by its route and told its status (None: not known)
+    and, for an order, whether the cache answered it."""
+    span = _current.get()
+    if span is None:
+        return
+    span.described = otlp.server(span.method, route, status, cache)
+    if status is not None and status >= 500:
+        span.error = str(status)
 
 
 def current_ids() -> tuple[str, str] | None:
     """The trace and span ids of the current span, in W3C's hex, for the log lines; None
     outside a recorded span."""
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
+    span = _current.get()
+    if span is None:
         return None
-    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+    return f"{span.trace_id:032x}", f"{span.span_id:016x}"
 
 
-def batch_processor(largest_batch: int, exporter: SpanExporter | None = None) -> BatchSpanProcessor:
-    """The SDK's batching of finished spans for `exporter` (OTLP/HTTP, to where the OTEL_*
-    variables say, unless given: the benchmarks' own), as the OTEL_BSP_* variables say,
-    with a queue of two of the largest batches' spans (one a message, and its write) unless
-    OTEL_BSP_MAX_QUEUE_SIZE says otherwise: a traced batch ends all its spans at once, and the
-    SDK's 2,048 would hold one batch of 2,000, dropping (with a warning) the spans of the next
-    whenever the exporter is one batch behind. A span is never waited for: the queue is a
-    deque, and a full one drops its oldest."""
-    queue = None if QUEUE_SIZE in os.environ else max(2048, 2 * (largest_batch + 1))
-    return BatchSpanProcessor(exporter or OTLPSpanExporter(), max_queue_size=queue)
-
-
-def start_tracing(group: str, processor: SpanProcessor) -> Tracing:
-    """The tracer, its finished spans given to `processor` (`batch_processor`, or the tests'
-    own), and the JSON log lines told to carry the current span's ids."""
-    resource = Resource.create()
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: SERVICE}))
-    ids = DecidedTraceIds()
-    provider = TracerProvider(resource=resource, id_generator=ids)
-    provider.add_span_processor(processor)
+def start_tracing(group: str, batches: otlp.SpanBatches) -> Tracing:
+    """The tracer, sampling as the SDK's OTEL_TRACES_SAMPLER says, its finished spans sent by
+    `batches` (`otlp_batches`, or the tests' own), and the JSON log lines told to carry the
+    current span's ids."""
+    # The sampler the SDK makes of the variables, made the one way it offers.
+    sampling = Sampling.of(TracerProvider(shutdown_on_exit=False).sampler)
     # A message's malformed tracestate is dropped; the SDK would also log it, member by member,
     # once per message: a producer could fill the log.
     for noisy in ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logs.trace_ids = current_ids
-    return Tracing(provider, ids, group)
+    return Tracing(sampling, batches, group)

@@ -25,7 +25,6 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
@@ -762,7 +761,7 @@ class TracedFront(Front):
             return self._untraced(scope, receive, send)
         return self._traced(span, scope, receive, send)
 
-    async def _traced(self, span: Span, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _traced(self, span: traces.Span, scope: Scope, receive: Receive, send: Send) -> None:
         # Current while the request is answered: its database read and log lines are its.
         token = traces.made_current(span)
         try:
@@ -775,7 +774,7 @@ class TracedFront(Front):
 
     def _record(self, route: str, status: int, started: float, cache: str | None = None) -> None:
         super()._record(route, status, started, cache)
-        traces.answered(status, cache)
+        traces.answered(route, status, cache)
 
 
 def _version() -> str:
