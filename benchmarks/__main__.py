@@ -49,8 +49,10 @@ from benchmarks.harness import (
 )
 from benchmarks.tracing import (
     http_tracing_cost,
+    print_traced_ingest,
     print_tracing,
     print_tracing_http,
+    traced_ingest_cost,
     tracing_cost,
 )
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
@@ -1128,6 +1130,7 @@ def main() -> None:
     if "tracing" in sections:
         print_tracing(tracing_cost(messages[:20_000]), min(len(messages), 20_000))
         print_tracing_http(http_tracing_cost(20_000, arguments.seconds, logs), arguments.seconds)
+        print_traced_ingest(traced_ingest_cost(bench, len(messages), logs), len(messages))
     if "large" in sections:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     if "backlog" in sections:

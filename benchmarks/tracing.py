@@ -21,14 +21,24 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from opentelemetry.sdk.resources import Resource
 from starlette.types import ASGIApp
 
 from benchmarks import bare_server, profiles
-from benchmarks.harness import ServerProcess, console, free_port, generate, wrk
+from benchmarks.harness import (
+    Bench,
+    ServerProcess,
+    ServiceRun,
+    console,
+    free_port,
+    generate,
+    wrk,
+)
 from order_viewer.adapters.cache import OrderCache
 from order_viewer.adapters.http.api import create_app
 from order_viewer.adapters.metrics import Metrics
@@ -221,6 +231,75 @@ def http_tracing_cost(orders: int, seconds: int, logs: Path) -> dict[str, dict[s
     for server in servers.values():
         server.stop()
     return results
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector that takes every request and keeps nothing but its count."""
+
+    received = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).received += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def traced_ingest_cost(bench: Bench, count: int, logs: Path) -> dict[str, dict[str, float]]:
+    """`order-viewer serve` storing the `count` orders of the bench's topic with each mode's
+    tracing, its spans sent over OTLP/HTTP to a collector in this process, in turns, ROUNDS
+    times, with the tables emptied before each: the best rate from readiness to the last order
+    stored, and the least CPU of the service's process (all its threads) an order over the same
+    time."""
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+    results: dict[str, dict[str, float]] = {}
+    for number in range(1, ROUNDS + 1):
+        for mode, environment in MODES.items():
+            console.print(f"traced ingest, round {number} of {ROUNDS}: {mode}, {count:,} orders")
+            bench.truncate()
+            settings = {} if environment is None else {
+                **environment, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            }  # fmt: skip
+            run = ServiceRun(
+                bench,
+                logs / f"traced-ingest-{mode.replace(' %', '')}.log",
+                KAFKA_GROUP_ID=f"{bench.topic}-traced-{number}-{mode.replace(' %', '')}",
+                **settings,
+            )
+            ready = run.wait_ready()
+            cpu = profiles._process_cpu(profiles._proc_stat(run.process.pid))
+            while bench.count_orders() < count:
+                time.sleep(0.2)
+            seconds = time.perf_counter() - ready
+            cpu = profiles._process_cpu(profiles._proc_stat(run.process.pid)) - cpu
+            run.stop()
+            best = results.setdefault(mode, {"rate": 0.0, "cpu_us": float("inf")})
+            best["rate"] = max(best["rate"], count / seconds)
+            best["cpu_us"] = min(best["cpu_us"], cpu / count * 1e6)
+    collector.shutdown()
+    results["100 %"]["requests"] = _Collector.received
+    return results
+
+
+def print_traced_ingest(results: dict[str, dict[str, float]], count: int) -> None:
+    print(
+        f"\n### The service's ingest of {count:,} orders, spans sent over OTLP/HTTP (best rate "
+        f"and least CPU of {ROUNDS} in turns)\n"
+    )
+    print("| tracing | orders/s | vs. off | service CPU µs an order | vs. off |")
+    print("|---|---:|---:|---:|---:|")
+    off = results["off"]
+    for mode, run in results.items():
+        print(
+            f"| {mode} | {run['rate']:,.0f} | {run['rate'] / off['rate'] - 1:+.1%} | "
+            f"{run['cpu_us']:.1f} | {run['cpu_us'] / off['cpu_us'] - 1:+.1%} |"
+        )
 
 
 def print_tracing_http(results: dict[str, dict[str, float]], seconds: int) -> None:

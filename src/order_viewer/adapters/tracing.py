@@ -462,13 +462,17 @@ class Tracing:
         `traceparent` if it sent a valid one (once, as for a message); None, and nothing made,
         when it is not. The caller makes it current while the request is answered (a database
         read and the log lines are its children) and ends it."""
-        parent = parent_of(
-            trace_headers(
-                [(header.decode("latin-1"), value) for header, value in headers if header in _W3C]
-            )
-        )
-        trace_id = _new_trace_id() if parent is None else parent.trace_id
-        if not self.sampling.kept(parent, trace_id):
+        traced = [(header.decode("latin-1"), value) for header, value in headers if header in _W3C]
+        parent = parent_of(trace_headers(traced)) if traced else None
+        if parent is None:
+            # Most requests: a new trace, kept by its id alone (`Sampling.kept`, spelled out
+            # here to spare a call on every request the sampler drops).
+            trace_id = _draw(128) or 1
+            if trace_id & otlp.LOW_64_BITS >= self.sampling.bound:
+                return None
+        elif self.sampling.kept(parent, parent.trace_id):
+            trace_id = parent.trace_id
+        else:
             return None
         # Named, with its route, status and cache, as the request is counted (`answered`).
         span = Span(self.finished, trace_id, parent, b"")
