@@ -48,6 +48,7 @@ from benchmarks.harness import (
     wrk,
 )
 from benchmarks.tracing import (
+    decision_cost,
     http_tracing_cost,
     print_traced_ingest,
     print_tracing,
@@ -1129,8 +1130,11 @@ def main() -> None:
         print_absent(absent_benchmark(bench, cached, arguments.seconds, logs))
     if "tracing" in sections:
         print_tracing(tracing_cost(messages[:20_000]), min(len(messages), 20_000))
-        print_tracing_http(http_tracing_cost(20_000, arguments.seconds, logs), arguments.seconds)
-        print_traced_ingest(traced_ingest_cost(bench, len(messages), logs), len(messages))
+        decision = decision_cost(messages)
+        print_tracing_http(
+            http_tracing_cost(20_000, arguments.seconds, logs), arguments.seconds, decision
+        )
+        print_traced_ingest(traced_ingest_cost(bench, len(messages), logs), len(messages), decision)
     if "large" in sections:
         print_large(large_orders_benchmark(bench, settings, arguments.seed, logs))
     if "backlog" in sections:

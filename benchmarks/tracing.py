@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -44,6 +45,7 @@ from order_viewer.adapters.http.api import create_app
 from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.otlp import SpanBatches
 from order_viewer.adapters.tracing import Tracing, start_tracing
+from order_viewer.bootstrap import COLLECTOR_THRESHOLDS
 from order_viewer.domain.model import PreparedOrder
 from order_viewer.service.ingest import OrderIngest
 from order_viewer.service.lookup import OrderLookup
@@ -89,27 +91,42 @@ class _NoDeadLetters:
         pass
 
 
+# What every message and request pays at 1 % but the traced one in a hundred: nothing traced.
+NEVER = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
+
+
 @contextmanager
 def tracing(mode: str) -> Iterator[Tracing | None]:
     environment = MODES[mode]
-    if environment is None:
-        yield None
-        return
+    yield None if environment is None else tracing_as(environment)
+
+
+def tracing_as(environment: dict[str, str]) -> Tracing:
+    """Tracing as the SDK makes it of `environment`'s OTEL_* variables, its spans encoded as
+    the service's are, then dropped instead of sent."""
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:
-        # Encoded as OTLP as the service's are, then dropped instead of sent.
         batches = SpanBatches(
             len, Resource.create(), queue_size=QUEUE, batch_size=512, delay_ms=5000
         )
-        traced = start_tracing("bench", batches)
+        return start_tracing("bench", batches)
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name)
             else:
                 os.environ[name] = value
-    yield traced
+
+
+def settled_collector() -> None:
+    """The collector as the service has it (its thresholds, and what exists frozen, as the
+    service freezes it once warm): otherwise its passes over what earlier measurements left
+    moved a figure by half."""
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def ingest_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> float:
@@ -131,6 +148,7 @@ def ingest_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> 
         Metrics(cache),
         tracing=traced,
     )
+    settled_collector()
     started = time.process_time()
     for batch in batches:
         prepared = ingest.prepare(batch)
@@ -165,6 +183,7 @@ def hit_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> flo
     scopes = profiles._hits(ids)
 
     async def timed() -> float:
+        settled_collector()
         started = time.process_time()
         await profiles._microseconds_a_call(app, scopes)
         if traced is not None:
@@ -172,6 +191,29 @@ def hit_cost(messages: list[tuple[bytes, bytes]], traced: Tracing | None) -> flo
         return (time.process_time() - started) / profiles.HIT_CALLS * 1e6
 
     return asyncio.run(timed())
+
+
+def decision_cost(messages: list[tuple[bytes, bytes]]) -> dict[str, float]:
+    """Microseconds of CPU of the sampler's decision alone (`NEVER`), measured apart because it
+    is smaller than the noise of the whole: for a message, the batch's tracing with none of its
+    messages kept; for a request, a cache hit through the service's app with tracing so against
+    one without (the decision and the traced front it goes through). Best of ROUNDS."""
+    batch = [
+        ConsumedMessage("bench", 0, offset, key, value)
+        for offset, (key, value) in enumerate(messages[:BATCH])
+    ]
+    never = tracing_as(NEVER)
+    message_costs, off_hits, never_hits = [], [], []
+    for _ in range(ROUNDS):
+        settled_collector()
+        started = time.process_time()
+        for _ in range(50):
+            never.batch(batch).settled({}, [])
+        message_costs.append((time.process_time() - started) / (50 * len(batch)) * 1e6)
+        off_hits.append(hit_cost(messages, None))
+        never_hits.append(hit_cost(messages, tracing_as(NEVER)))
+    never.shutdown()
+    return {"message": min(message_costs), "request": min(never_hits) - min(off_hits)}
 
 
 def tracing_cost(messages: list[tuple[bytes, bytes]]) -> dict[str, dict[str, float]]:
@@ -287,7 +329,17 @@ def traced_ingest_cost(bench: Bench, count: int, logs: Path) -> dict[str, dict[s
     return results
 
 
-def print_traced_ingest(results: dict[str, dict[str, float]], count: int) -> None:
+def one_percent_by_its_parts(off: float, traced: float, decision: float) -> tuple[float, float]:
+    """What 1 % costs a unit (a message, a request) by its parts, in µs and against `off`'s
+    cost of the unit: the sampler's decision every unit pays, and a hundredth of what a
+    traced unit costs more than an untraced one (`traced` - `off`, at 100 %)."""
+    added = decision + (traced - off) / 100
+    return added, added / off
+
+
+def print_traced_ingest(
+    results: dict[str, dict[str, float]], count: int, decision: dict[str, float]
+) -> None:
     print(
         f"\n### The service's ingest of {count:,} orders, spans sent over OTLP/HTTP (best rate "
         f"and least CPU of {ROUNDS} in turns)\n"
@@ -300,9 +352,19 @@ def print_traced_ingest(results: dict[str, dict[str, float]], count: int) -> Non
             f"| {mode} | {run['rate']:,.0f} | {run['rate'] / off['rate'] - 1:+.1%} | "
             f"{run['cpu_us']:.1f} | {run['cpu_us'] / off['cpu_us'] - 1:+.1%} |"
         )
+    added, share = one_percent_by_its_parts(
+        off["cpu_us"], results["100 %"]["cpu_us"], decision["message"]
+    )
+    print(
+        f"\n1 % by its parts: the decision {decision['message']:.2f} µs a message (in-process, "
+        f"best of {ROUNDS}) and a hundredth of a traced message's added CPU: {added:.2f} µs, "
+        f"{share:+.2%} of an order's CPU untraced"
+    )
 
 
-def print_tracing_http(results: dict[str, dict[str, float]], seconds: int) -> None:
+def print_tracing_http(
+    results: dict[str, dict[str, float]], seconds: int, decision: dict[str, float]
+) -> None:
     print(
         f"\n### Cache hits over HTTP (wrk -t1 -c64, {seconds} s, best of {ROUNDS} in turns; "
         "spans encoded as OTLP and discarded)\n"
@@ -320,6 +382,14 @@ def print_tracing_http(results: dict[str, dict[str, float]], seconds: int) -> No
             f"{run['cpu_us'] / off['cpu_us'] - 1:+.1%} | {run['p99_ms']:.2f} | "
             f"{run['errors']:.0f} |"
         )
+    added, share = one_percent_by_its_parts(
+        off["cpu_us"], results["100 %"]["cpu_us"], decision["request"]
+    )
+    print(
+        f"\n1 % by its parts: the decision {decision['request']:.2f} µs a request (in-process, "
+        f"best of {ROUNDS}) and a hundredth of a traced request's added CPU: {added:.2f} µs, "
+        f"{share:+.2%} of a request's server CPU untraced"
+    )
 
 
 async def serve(mode: str, port: int, orders: int) -> None:
@@ -356,9 +426,10 @@ def main() -> None:
         return
     generated = generate(arguments.orders, 1)
     print_tracing(tracing_cost(generated), len(generated))
+    decision = decision_cost(generated)
     logs = Path(tempfile.mkdtemp(prefix="order-viewer-bench-tracing-"))
     print_tracing_http(
-        http_tracing_cost(arguments.orders, arguments.seconds, logs), arguments.seconds
+        http_tracing_cost(arguments.orders, arguments.seconds, logs), arguments.seconds, decision
     )
 
 

@@ -234,6 +234,8 @@ class SpanBatches:
     def finished(self, span: bytes) -> None:
         queue = self._queue
         if len(queue) == queue.maxlen:
+            # Two threads end spans (the event loop's, the consumer's): a count for the log,
+            # which a lock on every span would make exact at a price every span would pay.
             self._dropped += 1
         queue.append(span)
         # Setting an event takes a lock: once is enough.

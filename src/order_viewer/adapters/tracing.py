@@ -462,8 +462,15 @@ class Tracing:
         `traceparent` if it sent a valid one (once, as for a message); None, and nothing made,
         when it is not. The caller makes it current while the request is answered (a database
         read and the log lines are its children) and ends it."""
-        traced = [(header.decode("latin-1"), value) for header, value in headers if header in _W3C]
-        parent = parent_of(trace_headers(traced)) if traced else None
+        parent = None
+        for header, _ in headers:
+            if header in _W3C:
+                parent = parent_of(
+                    trace_headers(
+                        [(name.decode("latin-1"), value) for name, value in headers if name in _W3C]
+                    )
+                )
+                break
         if parent is None:
             # Most requests: a new trace, kept by its id alone (`Sampling.kept`, spelled out
             # here to spare a call on every request the sampler drops).
