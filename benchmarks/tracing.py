@@ -91,6 +91,8 @@ class _NoDeadLetters:
         pass
 
 
+# The second server without tracing, over HTTP.
+AGAIN = "off, again"
 # What every message and request pays at 1 % but the traced one in a hundred: nothing traced.
 NEVER = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
 
@@ -248,12 +250,17 @@ def http_tracing_cost(orders: int, seconds: int, logs: Path) -> dict[str, dict[s
     """Cache hits over HTTP as a client times them (wrk, one thread, 64 connections), one
     server per mode, all running at once and measured in turns, best of ROUNDS; and the
     server's CPU (all its threads) a request over the same runs, least of ROUNDS, which the
-    machine's load moves less than the rate."""
+    machine's load moves less than the rate. A second server without tracing (`AGAIN`) is
+    measured as the others are: how far two of the same stand apart is the noise of the run."""
     ids_file = logs / "tracing-ids.txt"
     ids_file.write_text("\n".join(key.decode() for key, _ in generate(min(orders, HITS), 1)))
     servers = {
-        mode: TracedServerRun(mode, logs / f"tracing-{mode.replace(' %', '')}.log", orders)
-        for mode in MODES
+        label: TracedServerRun(
+            "off" if label == AGAIN else label,
+            logs / f"tracing-{label.replace(' %', '').replace(', ', '-')}.log",
+            orders,
+        )
+        for label in (*MODES, AGAIN)
     }
     for server in servers.values():
         server.wait_ready()
@@ -382,6 +389,11 @@ def print_tracing_http(
             f"{run['cpu_us'] / off['cpu_us'] - 1:+.1%} | {run['p99_ms']:.2f} | "
             f"{run['errors']:.0f} |"
         )
+    again = results[AGAIN]
+    print(
+        f"\nThe two servers without tracing stand {off['rate'] / again['rate'] - 1:+.1%} apart "
+        f"by time and {again['cpu_us'] / off['cpu_us'] - 1:+.1%} by CPU: the run's noise."
+    )
     added, share = one_percent_by_its_parts(
         off["cpu_us"], results["100 %"]["cpu_us"], decision["request"]
     )
