@@ -102,6 +102,13 @@ def attribute(key: str, value: AttributeValue) -> bytes:
 _repeated_attribute = lru_cache(maxsize=4096)(attribute)
 
 
+@lru_cache(maxsize=256)
+def outcome(outcome: str, reason: str | None = None) -> bytes:
+    """A consumed message's outcome and, for a dead letter, its reason code, as attributes."""
+    encoded_outcome = attribute("order_viewer.outcome", outcome)
+    return encoded_outcome if reason is None else encoded_outcome + attribute("error.type", reason)
+
+
 def own_attribute(key: str, value: AttributeValue) -> bytes:
     return _repeated_attribute(key, value) if type(value) is str else attribute(key, value)
 
@@ -170,15 +177,42 @@ _link_ids = struct.Struct(">4sQQ2sQ").pack
 
 def encoded_span(span: Span) -> bytes:
     """`span` as an element of a ScopeSpans' spans (field 2)."""
-    trace_id = span.trace_id
-    body = _ids(b"\x0a\x10", trace_id >> 64, trace_id & LOW_64_BITS, b"\x12\x08", span.span_id)
-    if span.trace_state:
-        body += _field(b"\x1a", _text(span.trace_state))
-    if span.parent_id:
-        body += b"\x22\x08" + span.parent_id.to_bytes(8, "big")
-    body += span.described + _times(b"\x39", span.start_time, b"\x41", span.end_time)
-    body += span.attributes
-    if span.links:
+    return encoded(
+        span.trace_id,
+        span.span_id,
+        span.parent_id,
+        span.trace_state,
+        span.described,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        attributes=span.attributes,
+        links=span.links,
+        error=span.error,
+    )
+
+
+def encoded(
+    trace_id: int,
+    span_id: int,
+    parent_id: int,
+    trace_state: str,
+    described: bytes,
+    *,
+    start_time: int,
+    end_time: int,
+    attributes: bytes,
+    links: Sequence[tuple[int, int]] = (),
+    error: str | None = None,
+) -> bytes:
+    """A span of these fields as an element of a ScopeSpans' spans (field 2): `described`
+    and `attributes` already encoded (`consumer`, `attribute`, ...), `parent_id` 0 for a root."""
+    body = _ids(b"\x0a\x10", trace_id >> 64, trace_id & LOW_64_BITS, b"\x12\x08", span_id)
+    if trace_state:
+        body += _field(b"\x1a", _text(trace_state))
+    if parent_id:
+        body += b"\x22\x08" + parent_id.to_bytes(8, "big")
+    body += described + _times(b"\x39", start_time, b"\x41", end_time) + attributes
+    if links:
         # Each a Link (field 13) of its trace and span ids.
         body += b"".join(
             [
@@ -189,12 +223,12 @@ def encoded_span(span: Span) -> bytes:
                     b"\x12\x08",
                     linked_span,
                 )
-                for linked_trace, linked_span in span.links
+                for linked_trace, linked_span in links
             ]
         )
-    if span.error is not None:
+    if error is not None:
         # Status (field 15): its message, and code 2, error.
-        body += _field(b"\x7a", _field(b"\x12", _text(span.error)) + b"\x18\x02")
+        body += _field(b"\x7a", _field(b"\x12", _text(error)) + b"\x18\x02")
     return _field(b"\x12", body)
 
 

@@ -120,12 +120,10 @@ class Span:
         attributes: bytes = b"",
         *,
         links: Sequence[tuple[int, int]] = (),
-        span_id: int = 0,
-        start_time: int = 0,
     ) -> None:
         self._finished = finished
         self.trace_id = trace_id
-        self.span_id = span_id or _new_span_id()
+        self.span_id = _new_span_id()
         self.parent_id = 0 if parent is None else parent.span_id
         self.trace_state: str = "" if parent is None else parent.trace_state
         self.described = described
@@ -136,7 +134,7 @@ class Span:
         # A request's, named once its route is known (`answered`).
         self.method = ""
         self.path = ""
-        self.start_time = start_time or time.time_ns()
+        self.start_time = time.time_ns()
         self.end_time = 0
 
     def set_attribute(self, key: str, value: otlp.AttributeValue) -> None:
@@ -363,26 +361,29 @@ class KafkaBatchTrace:
         reasons = {id(entry.message): entry.rejection.code for entry in rejected}
         kept_for = {id(message): uid for uid, message in kept.items()}
         finished = self._tracing.finished
+        ended = time.time_ns()
+        outcome_of = otlp.outcome
         for place, message in enumerate(self._messages):
-            span = Span(
-                finished,
-                self._trace_ids[place],
-                self._parents[place],
-                self._described[place],
-                self._attributes[place],
-                span_id=self._span_ids[place],
-                start_time=self._started,
-            )
+            parent = self._parents[place]
             reason = reasons.get(id(message))
             if reason is not None:
-                span.set_attribute("order_viewer.outcome", DEAD_LETTERED)
-                span.set_attribute("error.type", reason)
-                span.error = reason
+                attributes = outcome_of(DEAD_LETTERED, reason)
             else:
                 uid = kept_for.get(id(message))
-                outcome = OLDER if uid is None else self._written.get(uid, UNCHANGED)
-                span.set_attribute("order_viewer.outcome", outcome)
-            span.end()
+                attributes = outcome_of(OLDER if uid is None else self._written.get(uid, UNCHANGED))
+            finished(
+                otlp.encoded(
+                    self._trace_ids[place],
+                    self._span_ids[place],
+                    0 if parent is None else parent.span_id,
+                    "" if parent is None else parent.trace_state,
+                    self._described[place],
+                    start_time=self._started,
+                    end_time=ended,
+                    attributes=self._attributes[place] + attributes,
+                    error=reason,
+                )
+            )
 
     def onward(self, message: ConsumedMessage) -> TraceHeaders:
         if self._place_of is None:
