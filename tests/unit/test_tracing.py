@@ -834,3 +834,14 @@ def test_the_trace_id_a_trail_keeps_is_a_valid_traceparents_alone(
     headers: tuple[tuple[str, bytes], ...], kept: str | None
 ) -> None:
     assert trace_id_of(headers) == kept
+
+
+@pytest.mark.parametrize("offset", [0, 5, 127, 128, 300, 10**6, 2**40, 2**62])
+@pytest.mark.parametrize("key", [None, "b563feb7b2b84b6test", "x" * 64, "ü" * 70, "k" * 200])
+def test_a_messages_own_attributes_are_encoded_as_any_attribute(
+    offset: int, key: str | None
+) -> None:
+    expected = otlp.attribute("messaging.kafka.offset", offset)
+    if key is not None:
+        expected += otlp.attribute("messaging.kafka.message.key", key)
+    assert otlp.message_attributes(offset, key) == expected

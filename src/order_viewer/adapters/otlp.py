@@ -102,11 +102,30 @@ def attribute(key: str, value: AttributeValue) -> bytes:
 _repeated_attribute = lru_cache(maxsize=4096)(attribute)
 
 
+def message_attributes(offset: int, key: str | None) -> bytes:
+    """A consumed message's own attributes: its offset, and its key when it is an order id
+    (what `attribute` makes of them, without its general steps: every message pays this)."""
+    offset_value = b"\x18" + _varint(offset)
+    key_value = _OFFSET_KEY + _varint(len(offset_value)) + offset_value
+    encoded = b"\x4a" + _varint(len(key_value)) + key_value
+    if key is None:
+        return encoded
+    text = _text(key)
+    key_text = b"\x0a" + _varint(len(text)) + text
+    key_value = _MESSAGE_KEY + _varint(len(key_text)) + key_text
+    return encoded + b"\x4a" + _varint(len(key_value)) + key_value
+
+
 @lru_cache(maxsize=256)
 def outcome(outcome: str, reason: str | None = None) -> bytes:
     """A consumed message's outcome and, for a dead letter, its reason code, as attributes."""
     encoded_outcome = attribute("order_viewer.outcome", outcome)
     return encoded_outcome if reason is None else encoded_outcome + attribute("error.type", reason)
+
+
+# The keys of a message's own attributes, each with its value's tag (field 2 of a KeyValue).
+_OFFSET_KEY: Final = _key("messaging.kafka.offset") + b"\x12"
+_MESSAGE_KEY: Final = _key("messaging.kafka.message.key") + b"\x12"
 
 
 def own_attribute(key: str, value: AttributeValue) -> bytes:

@@ -287,9 +287,15 @@ class KafkaBatchTrace:
         self._attributes: list[bytes] = []
         # The spans of a batch start together, as its processing does.
         self._started = time.time_ns()
-        kept = tracing.sampling.kept
+        kept, bound = tracing.sampling.kept, tracing.sampling.bound
         for message in messages:
-            parent = parent_of(message.trace) if message.trace else None
+            if not message.trace:
+                # Most messages: a new trace, kept by its id alone (`Sampling.kept`).
+                trace_id = _new_trace_id()
+                if trace_id & otlp.LOW_64_BITS < bound:
+                    self._consumed(message, group, trace_id, None)
+                continue
+            parent = parent_of(message.trace)
             trace_id = _new_trace_id() if parent is None else parent.trace_id
             if kept(parent, trace_id):
                 self._consumed(message, group, trace_id, parent)
@@ -300,10 +306,7 @@ class KafkaBatchTrace:
     def _consumed(
         self, message: ConsumedMessage, group: str, trace_id: int, parent: Parent | None
     ) -> None:
-        attributes = otlp.attribute("messaging.kafka.offset", message.offset)
-        key = _order_key(message.key)
-        if key is not None:
-            attributes += otlp.attribute("messaging.kafka.message.key", key)
+        attributes = otlp.message_attributes(message.offset, _order_key(message.key))
         self._messages.append(message)
         self._trace_ids.append(trace_id)
         self._span_ids.append(_new_span_id())
