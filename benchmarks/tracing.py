@@ -342,12 +342,31 @@ def traced_ingest_cost(bench: Bench, count: int, logs: Path) -> dict[str, dict[s
     return results
 
 
-def one_percent_by_its_parts(off: float, traced: float, decision: float) -> tuple[float, float]:
-    """What 1 % costs a unit (a message, a request) by its parts, in µs and against `off`'s
-    cost of the unit: the sampler's decision every unit pays, and a hundredth of what a
-    traced unit costs more than an untraced one (`traced` - `off`, at 100 %)."""
+def print_against_off(
+    results: dict[str, dict[str, float]], columns: dict[str, tuple[str, str]]
+) -> None:
+    """A row a mode: each column's figure (its key in the results, and its format) and how
+    far it is from the figure without tracing."""
+    print("| tracing | " + " | ".join(f"{title} | vs. off" for title in columns) + " |")
+    print("|---|" + "---:|---:|" * len(columns))
+    off = results["off"]
+    for mode, run in results.items():
+        cells = [
+            f"{run[key]:{form}} | {run[key] / off[key] - 1:+.1%}" for key, form in columns.values()
+        ]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+
+
+def print_one_percent_by_its_parts(off: float, traced: float, decision: float, unit: str) -> None:
+    """What 1 % costs a `unit` by its parts, in µs and against `off`'s cost of the unit: the
+    sampler's decision every unit pays, and a hundredth of what a traced unit costs more than
+    an untraced one (`traced` - `off`, at 100 %)."""
     added = decision + (traced - off) / 100
-    return added, added / off
+    print(
+        f"\n1 % by its parts: the decision {decision:.2f} µs a {unit} (in-process, best of "
+        f"{ROUNDS}) and a hundredth of a traced {unit}'s added CPU: {added:.2f} µs, "
+        f"{added / off:+.2%} of a {unit}'s CPU untraced"
+    )
 
 
 def print_traced_ingest(
@@ -357,21 +376,12 @@ def print_traced_ingest(
         f"\n### The service's ingest of {count:,} orders, spans sent over OTLP/HTTP (best rate "
         f"and least CPU of {ROUNDS} in turns)\n"
     )
-    print("| tracing | orders/s | vs. off | service CPU µs an order | vs. off |")
-    print("|---|---:|---:|---:|---:|")
-    off = results["off"]
-    for mode, run in results.items():
-        print(
-            f"| {mode} | {run['rate']:,.0f} | {run['rate'] / off['rate'] - 1:+.1%} | "
-            f"{run['cpu_us']:.1f} | {run['cpu_us'] / off['cpu_us'] - 1:+.1%} |"
-        )
-    added, share = one_percent_by_its_parts(
-        off["cpu_us"], results["100 %"]["cpu_us"], decision["message"]
+    print_against_off(
+        results, {"orders/s": ("rate", ",.0f"), "service CPU µs an order": ("cpu_us", ".1f")}
     )
-    print(
-        f"\n1 % by its parts: the decision {decision['message']:.2f} µs a message (in-process, "
-        f"best of {ROUNDS}) and a hundredth of a traced message's added CPU: {added:.2f} µs, "
-        f"{share:+.2%} of an order's CPU untraced"
+    off = results["off"]
+    print_one_percent_by_its_parts(
+        off["cpu_us"], results["100 %"]["cpu_us"], decision["message"], "message"
     )
 
 
@@ -400,13 +410,8 @@ def print_tracing_http(
         f"\nThe two servers without tracing stand {off['rate'] / again['rate'] - 1:+.1%} apart "
         f"by time and {again['cpu_us'] / off['cpu_us'] - 1:+.1%} by CPU: the run's noise."
     )
-    added, share = one_percent_by_its_parts(
-        off["cpu_us"], results["100 %"]["cpu_us"], decision["request"]
-    )
-    print(
-        f"\n1 % by its parts: the decision {decision['request']:.2f} µs a request (in-process, "
-        f"best of {ROUNDS}) and a hundredth of a traced request's added CPU: {added:.2f} µs, "
-        f"{share:+.2%} of a request's server CPU untraced"
+    print_one_percent_by_its_parts(
+        off["cpu_us"], results["100 %"]["cpu_us"], decision["request"], "request"
     )
 
 
@@ -422,14 +427,7 @@ def print_tracing(costs: dict[str, dict[str, float]], orders: int) -> None:
         f"{orders:,} orders in batches of {BATCH} over a writer that stores nothing; "
         "spans encoded as OTLP and discarded)\n"
     )
-    print("| tracing | ingest µs/order | vs. off | cache hit µs | vs. off |")
-    print("|---|---|---|---|---|")
-    off = costs["off"]
-    for mode, cost in costs.items():
-        print(
-            f"| {mode} | {cost['ingest']:.1f} | {cost['ingest'] / off['ingest'] - 1:+.1%} | "
-            f"{cost['hit']:.2f} | {cost['hit'] / off['hit'] - 1:+.1%} |"
-        )
+    print_against_off(costs, {"ingest µs/order": ("ingest", ".1f"), "cache hit µs": ("hit", ".2f")})
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from threading import Event
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -54,6 +54,7 @@ from order_viewer.adapters.tracing import (
     trace_headers,
     trace_id_of,
 )
+from order_viewer.config import Settings
 from order_viewer.domain.masking import DELIVERY_MASKS
 from order_viewer.domain.model import parse_order
 from order_viewer.entrypoints.generate import encode, make_order
@@ -586,17 +587,11 @@ def sdk_sampler(monkeypatch: pytest.MonkeyPatch, name: str, ratio: str) -> Sampl
     return TracerProvider(shutdown_on_exit=False).sampler
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "always_on",
-        "always_off",
-        "traceidratio",
-        "parentbased_always_on",
-        "parentbased_always_off",
-        "parentbased_traceidratio",
-    ],
-)
+# The samplers OTEL_TRACES_SAMPLER may name (the settings refuse any other).
+SAMPLERS = get_args(get_args(Settings.model_fields["otel_traces_sampler"].annotation)[0])
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("ratio", ["0", "0.01", "0.5", "1"])
 def test_sampling_decides_as_the_sdks_sampler_the_variables_name(
     monkeypatch: pytest.MonkeyPatch, name: str, ratio: str
