@@ -229,7 +229,7 @@ def parent_of(headers: TraceHeaders) -> Parent | None:
     )
 
 
-def headers_of(span: Span | Parent) -> TraceHeaders:
+def headers_of(span: Parent) -> TraceHeaders:
     """The W3C headers that continue `span`'s trace downstream (a dead letter, then its
     replay)."""
     parent = (TRACEPARENT, f"00-{span.trace_id:032x}-{span.span_id:016x}-01".encode("ascii"))
