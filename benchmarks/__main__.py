@@ -43,6 +43,7 @@ from benchmarks.harness import (
     newest_ids_file,
     peak_rss_sampler,
     produce,
+    wait_stored,
     warm_up_seconds,
     with_new_topic,
     wrk,
@@ -215,15 +216,9 @@ def time_service(bench: Bench, count: int, log: Path, group: str, trails: str) -
         KAFKA_GROUP_ID=f"{bench.topic}-{group}",
         ORDER_TRAIL_ENABLED=trails,
     )
-    with peak_rss_sampler(run) as peak, Progress(console=console, transient=True) as progress:
+    with peak_rss_sampler(run) as peak:
         ready = run.wait_ready()
-        task = progress.add_task("stored", total=count)
-        stored = 0
-        while stored < count:
-            time.sleep(0.2)
-            stored = bench.count_orders()
-            progress.update(task, completed=stored)
-        finished = time.perf_counter()
+        finished = wait_stored(bench, run, count)
         peak_kib = max(peak(), run.memory_kib("VmHWM"))
     run.stop()
     return {
@@ -466,15 +461,9 @@ def large_orders_benchmark(
             f"batches of {batch_bytes // 2**20} MiB"
         )
         run = ServiceRun(own, logs / f"large-{batch_bytes}.log", BATCH_MAX_BYTES=str(batch_bytes))
-        with peak_rss_sampler(run) as peak, Progress(console=console, transient=True) as progress:
+        with peak_rss_sampler(run) as peak:
             ready = run.wait_ready()
-            task = progress.add_task("stored", total=LARGE_ORDERS)
-            stored = 0
-            while stored < LARGE_ORDERS:
-                time.sleep(0.2)
-                stored = own.count_orders()
-                progress.update(task, completed=stored)
-            finished = time.perf_counter()
+            finished = wait_stored(own, run, LARGE_ORDERS)
             peak_kib = max(peak(), run.memory_kib("VmHWM"))
         run.stop()
         runs[batch_bytes] = {"seconds": finished - ready, "peak_rss_mib": peak_kib / 1024}

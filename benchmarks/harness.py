@@ -139,6 +139,21 @@ class ServerProcess:
         self.process.wait(30)
 
 
+def wait_stored(bench: Bench, run: ServerProcess, count: int) -> float:
+    """When `count` orders are stored (`time.perf_counter`), watched with a progress bar; the
+    benchmark ends, with the service's log, if the service does first."""
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("stored", total=count)
+        stored = 0
+        while stored < count:
+            if run.process.poll() is not None:
+                sys.exit(f"{run.log.stem} exited:\n{run.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+            stored = bench.count_orders()
+            progress.update(task, completed=stored)
+    return time.perf_counter()
+
+
 class ServiceRun(ServerProcess):
     """`order-viewer serve` with its own port and settings."""
 

@@ -38,6 +38,7 @@ from benchmarks.harness import (
     console,
     free_port,
     generate,
+    wait_stored,
     wrk,
 )
 from order_viewer.adapters.cache import OrderCache
@@ -329,9 +330,7 @@ def traced_ingest_cost(bench: Bench, count: int, logs: Path) -> dict[str, dict[s
             )
             ready = run.wait_ready()
             cpu = profiles._process_cpu(profiles._proc_stat(run.process.pid))
-            while bench.count_orders() < count:
-                time.sleep(0.2)
-            seconds = time.perf_counter() - ready
+            seconds = wait_stored(bench, run, count) - ready
             cpu = profiles._process_cpu(profiles._proc_stat(run.process.pid)) - cpu
             run.stop()
             best = results.setdefault(mode, {"rate": 0.0, "cpu_us": float("inf")})
