@@ -722,6 +722,38 @@ def test_a_full_queue_drops_the_oldest_spans_and_says_how_many(
     tracing.shutdown()
 
 
+def test_spans_dropped_while_the_queue_never_empties_are_said_batch_by_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A collector so slow that spans keep ending and overflowing the queue while each batch is
+    # sent: the queue is never empty, and the drops must be said all the same.
+    said_while_sending: list[bool] = []
+
+    def slow_send(data: bytes) -> None:
+        said_while_sending.append("spans dropped" in caplog.text)
+        if len(said_while_sending) < 4:
+            for _ in range(30):
+                span = tracing.request("GET", "/livez", [])
+                assert span is not None
+                span.end()
+
+    batches = SpanBatches(
+        slow_send, Resource.create(), queue_size=10, batch_size=5, delay_ms=3_600_000
+    )
+    tracing = start_tracing("order-viewer", batches)
+    for _ in range(10):
+        span = tracing.request("GET", "/livez", [])
+        assert span is not None
+        span.end()
+    with caplog.at_level(logging.WARNING, "order_viewer.adapters.otlp"):
+        batches.flush()
+    # Said after the first batch, which overflowed the queue, before it was ever empty: each
+    # of the first three sends ended 30 spans into a queue holding 5, dropping 25.
+    assert said_while_sending[:2] == [False, True]
+    assert caplog.text.count("span queue full: 25 spans dropped") == 3
+    tracing.shutdown()
+
+
 def test_a_failed_send_loses_its_batch_only_and_the_export_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -256,7 +256,7 @@ class SpanBatches:
     SDK's batch processor does with `OTEL_BSP_*`: when `batch_size` are waiting or every
     `delay_ms`, each batch encoded as one OTLP ExportTraceServiceRequest for the same resource
     and scope and given to `send`. A span is never waited for: a full queue drops the oldest,
-    counted in one warning per batch sent."""
+    counted in a warning after the next batch is sent."""
 
     def __init__(
         self,
@@ -314,9 +314,11 @@ class SpanBatches:
                     # The exporter reports a collector's refusal itself; anything it raises
                     # loses this batch only, never the thread that sends the next.
                     _log.exception("%d spans not exported", len(batch))
-            if self._dropped:
-                dropped, self._dropped = self._dropped, 0
-                _log.warning("span queue full: %d spans dropped", dropped)
+                # After each batch: with a slow collector the queue may never empty, and the
+                # spans it drops would otherwise go unsaid for as long.
+                if self._dropped:
+                    dropped, self._dropped = self._dropped, 0
+                    _log.warning("span queue full: %d spans dropped", dropped)
 
     def request(self, spans: Sequence[bytes]) -> bytes:
         """An OTLP ExportTraceServiceRequest of `spans` (`encoded_span`), its field 1 one
