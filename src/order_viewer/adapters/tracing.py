@@ -90,10 +90,10 @@ class Parent:
 
 
 class Span:
-    """One operation of a trace, from its start to its `end`, when it is encoded and queued
-    for export. What it shares with others of its kind (name, kind, the attributes of its route
-    or its partition) comes encoded (`described`), and so do its own attributes as they are
-    given: a span waiting for the end of its batch holds bytes, no objects the collector scans."""
+    """One operation of a trace (a request, its database read, a batch's write), from its start
+    to its `end`, when it is encoded and queued for export. What it shares with others of its
+    kind (name, kind, the attributes of its route or the database's) comes encoded
+    (`described`), and so do its own attributes as they are given."""
 
     __slots__ = (
         "_finished",
@@ -148,11 +148,6 @@ class Span:
 
 
 _draw = random.getrandbits
-
-
-def _new_trace_id() -> int:
-    # Zero is W3C's "no trace"; the SDK's generator draws the same way.
-    return _draw(128) or 1
 
 
 def _new_span_id() -> int:
@@ -271,9 +266,9 @@ class KafkaBatchTrace:
     and one per attempt at writing the batch when any is sampled, linked to every sampled
     message's span (`service.ports.BatchTrace`). A message not sampled has no span at all.
 
-    A message's span is kept as its ids and encoded attributes, one list each, and made a
-    `Span` only as it ends: a batch's thousands of span objects, alive for the whole batch,
-    cost the collector's passes 2 µs a message (docs/DESIGN.md).
+    A message's span is never a `Span`: its ids and encoded attributes are kept, one list each,
+    and encoded as the batch settles (`otlp.encoded`): a batch's thousands of span objects,
+    alive for the whole batch, cost the collector's passes 2 µs a message (docs/DESIGN.md).
     """
 
     def __init__(self, tracing: Tracing, messages: Sequence[ConsumedMessage], group: str) -> None:
@@ -287,18 +282,15 @@ class KafkaBatchTrace:
         self._attributes: list[bytes] = []
         # The spans of a batch start together, as its processing does.
         self._started = time.time_ns()
-        kept, bound = tracing.sampling.kept, tracing.sampling.bound
+        new_trace, kept = tracing.sampling.new_trace, tracing.sampling.kept
         for message in messages:
-            if not message.trace:
-                # Most messages: a new trace, kept by its id alone (`Sampling.kept`).
-                trace_id = _new_trace_id()
-                if trace_id & otlp.LOW_64_BITS < bound:
+            parent = parent_of(message.trace) if message.trace else None
+            if parent is None:
+                trace_id = new_trace()
+                if trace_id is not None:
                     self._consumed(message, group, trace_id, None)
-                continue
-            parent = parent_of(message.trace)
-            trace_id = _new_trace_id() if parent is None else parent.trace_id
-            if kept(parent, trace_id):
-                self._consumed(message, group, trace_id, parent)
+            elif kept(parent, parent.trace_id):
+                self._consumed(message, group, parent.trace_id, parent)
         self._written: dict[str, str] = {}
         # Each sampled message's place by the message's identity, made for the first dead letter.
         self._place_of: dict[int, int] | None = None
@@ -434,6 +426,14 @@ class Sampling:
             return parent.sampled
         return trace_id & otlp.LOW_64_BITS < self.bound
 
+    def new_trace(self) -> int | None:
+        """A new trace's id if the sampler keeps the trace, else None: `kept` without a parent,
+        with the id drawn here, in one call (every message and request without a parent pays
+        it)."""
+        # Zero is W3C's "no trace"; the SDK's generator draws the same way.
+        trace_id = _draw(128) or 1
+        return trace_id if trace_id & otlp.LOW_64_BITS < self.bound else None
+
 
 class Tracing:
     """The service's tracer: made only when tracing is on (`start_tracing`)."""
@@ -476,11 +476,10 @@ class Tracing:
                 )
                 break
         if parent is None:
-            # Most requests: a new trace, kept by its id alone (`Sampling.kept`, spelled out
-            # here to spare a call on every request the sampler drops).
-            trace_id = _draw(128) or 1
-            if trace_id & otlp.LOW_64_BITS >= self.sampling.bound:
+            new_trace = self.sampling.new_trace()
+            if new_trace is None:
                 return None
+            trace_id = new_trace
         elif self.sampling.kept(parent, parent.trace_id):
             trace_id = parent.trace_id
         else:
