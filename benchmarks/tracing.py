@@ -319,6 +319,7 @@ def traced_ingest_cost(bench: Bench, count: int, logs: Path) -> dict[str, dict[s
         for mode, environment in MODES.items():
             console.print(f"traced ingest, round {number} of {ROUNDS}: {mode}, {count:,} orders")
             bench.truncate()
+            received_before = _Collector.received
             settings = {} if environment is None else {
                 **environment, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             }  # fmt: skip
@@ -332,12 +333,14 @@ def traced_ingest_cost(bench: Bench, count: int, logs: Path) -> dict[str, dict[s
             cpu = profiles._process_cpu(profiles._proc_stat(run.process.pid))
             seconds = wait_stored(bench, run, count) - ready
             cpu = profiles._process_cpu(profiles._proc_stat(run.process.pid)) - cpu
-            run.stop()
+            run.stop()  # which sends the spans still queued
+            if environment is not None and _Collector.received == received_before:
+                # A run that exported nothing would have measured tracing that never was.
+                sys.exit(f"traced ingest ({mode}): no spans reached the collector; see {run.log}")
             best = results.setdefault(mode, {"rate": 0.0, "cpu_us": float("inf")})
             best["rate"] = max(best["rate"], count / seconds)
             best["cpu_us"] = min(best["cpu_us"], cpu / count * 1e6)
     collector.shutdown()
-    results["100 %"]["requests"] = _Collector.received
     return results
 
 

@@ -264,7 +264,7 @@ class Settings(BaseSettings):
     # OpenTelemetry's own variables, most read by its SDK from the process environment (not
     # from .env); the service reads the few that turn tracing on, that the SDK would misread
     # in silence (a sampler ratio it cannot parse samples everything), to refuse them in one
-    # line, and those of the span batching, which is the service's own (adapters/tracing.py).
+    # line, and those of the span batching, which is the service's own (adapters/otlp.py).
     otel_sdk_disabled: bool = Field(
         default=False, description="true: no tracing, whatever the other OTEL_* variables say."
     )
