@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -40,6 +41,7 @@ from order_viewer.adapters.ingest_process import (
     IngestLink,
     IngestProcess,
     IngestStatus,
+    die_with_the_serving_process,
     report_status,
 )
 from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
@@ -343,7 +345,9 @@ def ingest_process_main(
 
 
 def _run_ingest(settings: Settings, instance: str, tickets: Connection, events: Connection) -> int:
+    die_with_the_serving_process()
     logs.configure(settings.log_level, settings.log_format)
+    os.nice(settings.ingest_niceness)
     stop = threading.Event()
     # The serving process says when to stop (SIGTERM). A terminal's SIGINT reaches both: the
     # serving process's stop then stops this one; stopping by itself, this one would look ended

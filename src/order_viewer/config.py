@@ -158,6 +158,12 @@ class Settings(BaseSettings):
         description="Threads of the HTTP server's network I/O. Request handlers share one event "
         "loop with the cache, so instances, not threads, scale the Python side.",
     )
+    ingest_niceness: Annotated[int, Field(ge=0, le=19)] = Field(
+        default=5,
+        description="How much lower the ingest process's CPU priority is than the serving "
+        "process's (a nice value, added to the service's own): while a backlog drains, cache "
+        "hits get the cores first. 0 shares them evenly.",
+    )
     interpreter_switch_interval_us: Annotated[int, Field(ge=100, le=100_000)] = Field(
         default=500,
         description="Longest a thread of the service waits for the interpreter's lock while "

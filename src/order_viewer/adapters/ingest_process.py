@@ -18,8 +18,12 @@ ask for makes it check its cache against the database (`IngestProcess.run`'s `re
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +51,8 @@ CANNOT_GO_ON = 1
 # the longest backoff of the service's retries.
 FIRST_RESTART_SECONDS = 1.0
 _GO = b"go"
+# prctl(2)'s option that names the signal a process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,23 @@ class IngestLink:
             self._gone = True
             log.warning("the serving process is gone: the ingest process stops")
             self._stop.set()
+
+
+def die_with_the_serving_process() -> None:
+    """Have the kernel kill this process (SIGKILL) when the thread of the serving process that
+    started it ends, as the serving process's crash would end both if they were one process: an
+    ingest process left on its own would consume unseen, unstoppable by the service's restart.
+    Linux only (prctl); elsewhere a broken pipe stops it at its next status (`IngestLink`)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        log.warning(
+            "cannot ask to die with the serving process: %s", os.strerror(ctypes.get_errno())
+        )
+    elif (parent := multiprocessing.parent_process()) is not None and os.getppid() != parent.pid:
+        # The serving process ended before the request was made.
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def report_status(

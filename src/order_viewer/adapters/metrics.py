@@ -49,9 +49,9 @@ class Metrics:
     def __init__(self, cache: OrderCache | None) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self._ingest: Callable[[], list[Metric]] = list
+        self._combined = _Combined(registry)
         self.exposed = CollectorRegistry(auto_describe=False)
-        self.exposed.register(_Combined(registry, lambda: self._ingest()))
+        self.exposed.register(self._combined)
         self.messages_consumed = Counter(
             "order_viewer_messages_consumed",
             "Messages read from the orders topic.",
@@ -162,7 +162,7 @@ class Metrics:
     def add_ingest(self, families: Callable[[], list[Metric]]) -> None:
         """Expose the ingest process's figures (its `ingest_families`, as last heard) with this
         process's own."""
-        self._ingest = families
+        self._combined.ingest = families
 
     def ingest_families(self) -> list[Metric]:
         """What this process counted and measured of the ingest, for the serving process to
@@ -365,12 +365,12 @@ def _added(own: Metric, other: Metric) -> Metric:
 class _Combined(Collector):
     """A process's own metrics with the ingest process's added (`combined`)."""
 
-    def __init__(self, own: CollectorRegistry, ingest: Callable[[], list[Metric]]) -> None:
+    def __init__(self, own: CollectorRegistry) -> None:
         self._own = own
-        self._ingest = ingest
+        self.ingest: Callable[[], list[Metric]] = list
 
     def collect(self) -> Iterator[Metric]:
-        yield from combined(self._own.collect(), self._ingest())
+        yield from combined(self._own.collect(), self.ingest())
 
 
 class _MaskedViewsCollector(Collector):
