@@ -166,10 +166,11 @@ class Settings(BaseSettings):
     )
     interpreter_switch_interval_us: Annotated[int, Field(ge=100, le=100_000)] = Field(
         default=500,
-        description="Longest a thread of the service waits for the interpreter's lock while "
-        "another computes: a request handler waits this for the consumer to let go while a "
-        "backlog drains. CPython's own 5,000 put a p99 of 55-59 ms on cache hits during a "
-        "drain; 500 gives 18-21 ms at the same drain rate.",
+        description="Longest a thread of either process waits for the interpreter's lock "
+        "while another computes: in the serving process, a request handler waits this for the "
+        "thread that puts the ingest's orders into the cache. When both ran in one process, "
+        "CPython's own 5,000 put a p99 of 55-59 ms on cache hits during a drain, and 500 gave "
+        "18-21 ms.",
     )
     http_max_connections: Annotated[int, Field(ge=MIN_HTTP_CONNECTIONS)] = Field(
         default=1024,
