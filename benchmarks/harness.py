@@ -98,6 +98,20 @@ def fresh_database(base_url: str) -> str:
     return base_url.rsplit("@", 1)[0] + "@" + url
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 class ServerProcess:
     """A server under test as a subprocess on a port of its own, ready once `ready_path`
     answers 200."""
@@ -129,10 +143,21 @@ class ServerProcess:
         sys.exit(f"{self.log.stem} not ready in time")
 
     def memory_kib(self, field: str) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
-        assert match is not None
-        return int(match.group(1))
+        """`field` of /proc/PID/status, added up over the process and its children (the
+        service's ingest process, multiprocessing's resource tracker): for VmHWM, the sum of
+        each one's peak, at least their peak together."""
+        total = 0
+        for pid in (self.process.pid, *children(self.process.pid)):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                if pid == self.process.pid:
+                    raise
+                continue  # a child that ended meanwhile
+            match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+            assert match is not None
+            total += int(match.group(1))
+        return total
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
