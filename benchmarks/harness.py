@@ -25,6 +25,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import Progress
+from tests.conftest import children
 
 from order_viewer.adapters.kafka.broker import enqueue
 from order_viewer.config import Settings, kafka_client
@@ -96,20 +97,6 @@ def fresh_database(base_url: str) -> str:
         connection.execute(f"CREATE DATABASE {name}")
     url = re.sub(r"/[^/?]*(\?|$)", rf"/{name}\1", base_url.rsplit("@", 1)[1], count=1)
     return base_url.rsplit("@", 1)[0] + "@" + url
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 class ServerProcess:

@@ -136,6 +136,21 @@ def wait_http_ready(
     wait_until(ready, timeout, f"{what} to be ready")
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, zombies included."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            # The parent's pid follows the state, after the command name in parentheses.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def kill(process: subprocess.Popen[bytes] | None) -> None:
     """SIGKILL, and wait for the end; nothing to do if it never started or already ended."""
     if process is not None:

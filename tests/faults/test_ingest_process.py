@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServiceProcess, Stack, Topics, produce, wait_until
+from tests.conftest import ServiceProcess, Stack, Topics, children, produce, wait_until
 from tests.faults.test_scenarios import Stream, audit, http_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -22,19 +22,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 def ingest_pid(service: ServiceProcess) -> int | None:
     """The pid of the service's ingest process (a child started by multiprocessing's spawn),
-    or None while it has none."""
+    or None while it has none (a zombie's command line is empty)."""
     assert service.process is not None
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in children(service.process.pid):
         try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == service.process.pid and b"spawn_main" in command:
-            return int(entry.name)
+        if b"spawn_main" in command:
+            return pid
     return None
 
 
