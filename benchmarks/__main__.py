@@ -19,7 +19,8 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -742,15 +743,20 @@ def drain_benchmark(
     run.wait_ready()
     console.print(f"drain: {cached:,} orders cached, hits idle for {seconds} s")
     wrk(run.url, ids_file, 64, 3)  # untimed: connections and caches warm
-    idle = wrk(run.url, ids_file, 64, seconds)
+    cores: dict[str, dict[str, float]] = {}
+    with cores_busy(run.process.pid, cores, "hits idle"):
+        idle = wrk(run.url, ids_file, 64, seconds)
 
-    def drained_in_window(backlog_held: HeldBacklog, during: Callable[[], None]) -> float:
+    def drained_in_window(
+        backlog_held: HeldBacklog, during: Callable[[], None], label: str
+    ) -> float:
         """Orders stored a second in the window after the backlog's release; waits for the rest."""
         before = stored_so_far(run)
         started = time.perf_counter()
-        backlog_held.release()
-        during()
-        in_window = stored_so_far(run) - before
+        with cores_busy(run.process.pid, cores, label):
+            backlog_held.release()
+            during()
+            in_window = stored_so_far(run) - before
         window = time.perf_counter() - started
         if in_window >= backlog:
             sys.exit(f"the backlog drained within {window:.1f} s: raise --drain-backlog")
@@ -764,12 +770,14 @@ def drain_benchmark(
         return in_window / window
 
     console.print(f"drain: {backlog:,} new orders drain alone")
-    alone_rate = drained_in_window(alone, partial(time.sleep, seconds))
+    alone_rate = drained_in_window(alone, partial(time.sleep, seconds), "the drain alone")
     bench.settle()
     console.print(f"drain: {backlog:,} new orders drain, hits for {seconds} s")
     during: dict[str, float] = {}
     reads_rate = drained_in_window(
-        under_reads, lambda: during.update(wrk(run.url, ids_file, 64, seconds))
+        under_reads,
+        lambda: during.update(wrk(run.url, ids_file, 64, seconds)),
+        "the drain with the hits",
     )
     run.stop()
     return {
@@ -780,6 +788,23 @@ def drain_benchmark(
         "during": during,
         "alone_rate": alone_rate,
         "reads_rate": reads_rate,
+        "cores": cores,
+    }
+
+
+@contextmanager
+def cores_busy(pid: int, into: dict[str, dict[str, float]], label: str) -> Iterator[None]:
+    """How many cores the block kept busy: the machine's, the service's serving process `pid`
+    and its ingest process, put in `into[label]`."""
+    started, machine = time.perf_counter(), profiles.machine_cpu()
+    serving, ingest = profiles.service_cpu(pid)
+    yield
+    elapsed = time.perf_counter() - started
+    serving_after, ingest_after = profiles.service_cpu(pid)
+    into[label] = {
+        "machine": (profiles.machine_cpu() - machine) / elapsed,
+        "serving": (serving_after - serving) / elapsed,
+        "ingest": (ingest_after - ingest) / elapsed,
     }
 
 
@@ -978,6 +1003,18 @@ def print_drain(drain: dict[str, Any]) -> None:
         f"{drain['alone_rate']:,.0f} orders/s, under the hits {drain['reads_rate']:,.0f} "
         f"orders/s ({drain['reads_rate'] / drain['alone_rate']:.2f} of alone)"
     )
+    print(f"\ncores busy, of {os.cpu_count()}:\n")
+    print(
+        "| window | the machine | serving process | ingest process "
+        "| the rest (PostgreSQL, Kafka, wrk) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for label, busy in drain["cores"].items():
+        rest = busy["machine"] - busy["serving"] - busy["ingest"]
+        print(
+            f"| {label} | {busy['machine']:.2f} | {busy['serving']:.2f} | "
+            f"{busy['ingest']:.2f} | {rest:.2f} |"
+        )
 
 
 def print_large(large: dict[str, Any]) -> None:
