@@ -159,10 +159,11 @@ class Settings(BaseSettings):
         "loop with the cache, so instances, not threads, scale the Python side.",
     )
     ingest_niceness: Annotated[int, Field(ge=0, le=19)] = Field(
-        default=5,
+        default=0,
         description="How much lower the ingest process's CPU priority is than the serving "
-        "process's (a nice value, added to the service's own): while a backlog drains, cache "
-        "hits get the cores first. 0 shares them evenly.",
+        "process's (a nice value, added to the service's own), for cache hits to get the cores "
+        "first while a backlog drains. 5 changed hits during a drain by less than the noise and "
+        "slowed freshness (p50 25-34 against 21 ms at 1,000 orders/s).",
     )
     interpreter_switch_interval_us: Annotated[int, Field(ge=100, le=100_000)] = Field(
         default=500,
