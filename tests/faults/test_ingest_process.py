@@ -84,12 +84,13 @@ def test_a_killed_ingest_process_is_replaced_and_nothing_is_lost_or_served_stale
 def test_an_ingest_process_dies_with_its_serving_process(
     stack: Stack, topics: Topics, start_service: Callable[..., ServiceProcess]
 ) -> None:
-    service = start_service()
+    # The successor waits for the killed member's session to end: 6 s rather than 45.
+    service = start_service(KAFKA_SESSION_TIMEOUT_MS="6000")
     child = ingest_pid(service)
     assert child is not None
     service.kill()
     wait_until(lambda: not alive(child), 5, "the ingest process to die")
-    successor = start_service()
+    successor = start_service(KAFKA_SESSION_TIMEOUT_MS="6000")
     order = Stream(1, seed=302, invalid_share=0)
     produce(stack, topics.orders, order.messages)
     (uid,) = order.valid
