@@ -78,6 +78,11 @@ def pytest_runtest_makereport(
         for service in item.stash.get(STARTED_SERVICES, []):
             if service.process is not None and service.process.poll() is None:
                 # Where each thread stands: what a service that stood still was waiting for.
+                # Its ingest process first: it dies with the serving process, unheard.
+                for child in children(service.process.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGABRT)
+                time.sleep(1)
                 service.process.send_signal(signal.SIGABRT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     service.process.wait(10)
