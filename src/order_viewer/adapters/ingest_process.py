@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 # How often the ingest process says its status: the delay of its metrics and readiness as the
 # serving process reports them.
 STATUS_SECONDS = 0.1
-# An ingest process that says nothing for this long is stuck (`/livez` fails): its status is
-# sent by a thread of its own, so only a process that no longer runs Python goes silent.
+# An ingest process that says nothing for this long is stuck: it is killed, and another started.
+# Its status is sent by a thread of its own, so only a process that no longer runs Python goes
+# silent.
 SILENT_SECONDS = 30.0
 # The exit status of an ingest process that cannot go on (a start-up step or the consumer failed
 # for good, the reason logged): the service stops with it, as it did when both were one process.
@@ -194,12 +195,7 @@ class IngestProcess:
 
     def stuck(self) -> dict[str, str]:
         status = self._status
-        if status is None:
-            return {}
-        silent = time.monotonic() - self._heard
-        if silent >= SILENT_SECONDS:
-            return {"ingest": f"the ingest process has said nothing for {silent:.0f} s"}
-        return dict(status.stuck)
+        return {} if status is None else dict(status.stuck)
 
     def families(self) -> list[Metric]:
         """The ingest's metrics: those of the ingest processes that ended, and the current's."""
@@ -212,8 +208,9 @@ class IngestProcess:
     ) -> None:
         """Keep an ingest process running until the stop, then stop it (SIGTERM) and wait for
         its end; each consumes once the cache is `warm` (it starts before, to be ready sooner).
-        One that ends unasked is started again after a backoff, once `recheck` was called; one
-        that ends with CANNOT_GO_ON raises IngestFailed."""
+        One that ends unasked, or is killed for saying nothing for SILENT_SECONDS, is started
+        again after a backoff, once `recheck` was called; one that ends with CANNOT_GO_ON raises
+        IngestFailed."""
         backoff = FIRST_RESTART_SECONDS
         while True:
             exit_code = self._run_one(stop, warm)
@@ -258,6 +255,11 @@ class IngestProcess:
             while process.is_alive():
                 if stop.wait(0.2):
                     process.terminate()
+                    break
+                silent = time.monotonic() - self._heard
+                if self._status is not None and silent >= SILENT_SECONDS:
+                    log.error("the ingest process has said nothing for %.0f s: killing it", silent)
+                    process.kill()
                     break
             process.join()
         finally:
