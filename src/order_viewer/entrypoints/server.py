@@ -1,5 +1,4 @@
-"""The `serve` process: HTTP in the event loop, its cache filled by the ingest process beside it
-(`bootstrap.ingest_process_main`), which it starts, watches and stops."""
+"""The `serve` process: HTTP in the event loop, the consumer in a thread, one shared cache."""
 
 from __future__ import annotations
 

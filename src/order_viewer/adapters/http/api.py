@@ -339,7 +339,7 @@ def create_app(
         )
 
     if metrics is not None:
-        registry = metrics.exposed
+        registry = metrics.registry
 
         @app.get(
             "/metrics",
