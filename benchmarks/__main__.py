@@ -19,7 +19,8 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -716,28 +717,22 @@ def drain_benchmark(
     *,
     seconds: int,
     logs: Path,
-    reads_apart: bool,
 ) -> dict[str, Any]:
     """Cache hits of one service, idle and while a backlog of new orders drains into it, and
     the drain's rate alone and under those reads. Two backlogs of `backlog` orders are held in
     open Kafka transactions before the service starts (so it starts idle, with `cached` orders
     warm), then released in turn: the first drains alone, the second under wrk. Each rate is
-    taken over the `seconds` after its release, the window wrk runs in.
-
-    `reads_apart`: the hits go to a second service of the same database that consumes a topic
-    with nothing in it, kept coherent by the change notifications, as a serving process beside
-    an ingesting one would be: what reads get when they do not share an interpreter lock with
-    the ingest."""
+    taken over the `seconds` after its release, the window wrk runs in."""
     ids_file = newest_ids_file(bench, cached, logs)
     own = with_new_topic(bench, settings)
-    # Seeds of their own, apart for each shape: the orders are new, not replacements.
-    seeds = (5_000_000, 6_000_000) if reads_apart else (3_000_000, 4_000_000)
-    alone, under_reads = (HeldBacklog(own, generate(backlog, seed)) for seed in seeds)
+    # Seeds of their own: the orders are new, not replacements.
+    alone, under_reads = (
+        HeldBacklog(own, generate(backlog, seed)) for seed in (3_000_000, 4_000_000)
+    )
     capacity = cached + 2 * backlog
-    shape = "apart" if reads_apart else "together"
     run = ServiceRun(
         own,
-        logs / f"drain-{shape}.log",
+        logs / "drain.log",
         # Room for every order the backlogs bring: the cached ones stay hits.
         CACHE_CAPACITY=str(capacity),
         CACHE_MAX_BYTES=str(capacity * 16 * 1024),
@@ -745,29 +740,23 @@ def drain_benchmark(
         # stall to restart the consumer for.
         KAFKA_STALL_TIMEOUT_MS="3600000",
     )
-    reader = (
-        ServiceRun(
-            with_new_topic(bench, settings),
-            logs / "drain-reader.log",
-            CACHE_CAPACITY=str(capacity),
-            CACHE_MAX_BYTES=str(capacity * 16 * 1024),
-        )
-        if reads_apart
-        else run
-    )
     run.wait_ready()
-    reader.wait_ready()
-    console.print(f"drain ({shape}): {cached:,} orders cached, hits idle for {seconds} s")
-    wrk(reader.url, ids_file, 64, 3)  # untimed: connections and caches warm
-    idle = wrk(reader.url, ids_file, 64, seconds)
+    console.print(f"drain: {cached:,} orders cached, hits idle for {seconds} s")
+    wrk(run.url, ids_file, 64, 3)  # untimed: connections and caches warm
+    cores: dict[str, dict[str, float]] = {}
+    with cores_busy(run.process.pid, cores, "hits idle"):
+        idle = wrk(run.url, ids_file, 64, seconds)
 
-    def drained_in_window(backlog_held: HeldBacklog, during: Callable[[], None]) -> float:
+    def drained_in_window(
+        backlog_held: HeldBacklog, during: Callable[[], None], label: str
+    ) -> float:
         """Orders stored a second in the window after the backlog's release; waits for the rest."""
         before = stored_so_far(run)
         started = time.perf_counter()
-        backlog_held.release()
-        during()
-        in_window = stored_so_far(run) - before
+        with cores_busy(run.process.pid, cores, label):
+            backlog_held.release()
+            during()
+            in_window = stored_so_far(run) - before
         window = time.perf_counter() - started
         if in_window >= backlog:
             sys.exit(f"the backlog drained within {window:.1f} s: raise --drain-backlog")
@@ -780,17 +769,17 @@ def drain_benchmark(
                 progress.update(task, completed=stored)
         return in_window / window
 
-    console.print(f"drain ({shape}): {backlog:,} new orders drain alone")
-    alone_rate = drained_in_window(alone, partial(time.sleep, seconds))
+    console.print(f"drain: {backlog:,} new orders drain alone")
+    alone_rate = drained_in_window(alone, partial(time.sleep, seconds), "the drain alone")
     bench.settle()
-    console.print(f"drain ({shape}): {backlog:,} new orders drain, hits for {seconds} s")
+    console.print(f"drain: {backlog:,} new orders drain, hits for {seconds} s")
     during: dict[str, float] = {}
     reads_rate = drained_in_window(
-        under_reads, lambda: during.update(wrk(reader.url, ids_file, 64, seconds))
+        under_reads,
+        lambda: during.update(wrk(run.url, ids_file, 64, seconds)),
+        "the drain with the hits",
     )
     run.stop()
-    if reads_apart:
-        reader.stop()
     return {
         "cached": cached,
         "backlog": backlog,
@@ -799,7 +788,23 @@ def drain_benchmark(
         "during": during,
         "alone_rate": alone_rate,
         "reads_rate": reads_rate,
-        "reads_apart": reads_apart,
+        "cores": cores,
+    }
+
+
+@contextmanager
+def cores_busy(pid: int, into: dict[str, dict[str, float]], label: str) -> Iterator[None]:
+    """How many cores the block kept busy: the machine's, the service's serving process `pid`
+    and its ingest process, put in `into[label]`."""
+    started, machine = time.perf_counter(), profiles.machine_cpu()
+    serving, ingest = profiles.service_cpu(pid)
+    yield
+    elapsed = time.perf_counter() - started
+    serving_after, ingest_after = profiles.service_cpu(pid)
+    into[label] = {
+        "machine": (profiles.machine_cpu() - machine) / elapsed,
+        "serving": (serving_after - serving) / elapsed,
+        "ingest": (ingest_after - ingest) / elapsed,
     }
 
 
@@ -979,13 +984,8 @@ def print_backlog(backlog: dict[str, Any]) -> None:
 
 
 def print_drain(drain: dict[str, Any]) -> None:
-    where = (
-        "a second service that ingests nothing (coherent by the change notifications)"
-        if drain["reads_apart"]
-        else "the service that drains"
-    )
     print(
-        f"\n## Reads during a drain, hits served by {where}: {drain['cached']:,} orders "
+        f"\n## Reads during a drain: {drain['cached']:,} orders "
         f"cached, backlogs of {drain['backlog']:,} new orders, wrk -t1 -c64 for "
         f"{drain['seconds']} s\n"
     )
@@ -1003,6 +1003,18 @@ def print_drain(drain: dict[str, Any]) -> None:
         f"{drain['alone_rate']:,.0f} orders/s, under the hits {drain['reads_rate']:,.0f} "
         f"orders/s ({drain['reads_rate'] / drain['alone_rate']:.2f} of alone)"
     )
+    print(f"\ncores busy, of {os.cpu_count()}:\n")
+    print(
+        "| window | the machine | serving process | ingest process "
+        "| the rest (PostgreSQL, Kafka, wrk) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for label, busy in drain["cores"].items():
+        rest = busy["machine"] - busy["serving"] - busy["ingest"]
+        print(
+            f"| {label} | {busy['machine']:.2f} | {busy['serving']:.2f} | "
+            f"{busy['ingest']:.2f} | {rest:.2f} |"
+        )
 
 
 def print_large(large: dict[str, Any]) -> None:
@@ -1103,18 +1115,16 @@ def main() -> None:
     if "http" in sections:
         print_http(http_benchmark(bench, cached, arguments.seconds, logs))
     if "drain" in sections:
-        for reads_apart in (False, True):
-            print_drain(
-                drain_benchmark(
-                    bench,
-                    settings,
-                    cached,
-                    arguments.drain_backlog,
-                    seconds=arguments.seconds,
-                    logs=logs,
-                    reads_apart=reads_apart,
-                )
+        print_drain(
+            drain_benchmark(
+                bench,
+                settings,
+                cached,
+                arguments.drain_backlog,
+                seconds=arguments.seconds,
+                logs=logs,
             )
+        )
     if "absent" in sections:
         print_absent(absent_benchmark(bench, cached, arguments.seconds, logs))
     if "tracing" in sections:

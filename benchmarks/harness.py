@@ -25,6 +25,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import Progress
+from tests.conftest import children
 
 from order_viewer.adapters.kafka.broker import enqueue
 from order_viewer.config import Settings, kafka_client
@@ -129,10 +130,21 @@ class ServerProcess:
         sys.exit(f"{self.log.stem} not ready in time")
 
     def memory_kib(self, field: str) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
-        assert match is not None
-        return int(match.group(1))
+        """`field` of /proc/PID/status, added up over the process and its children (the
+        service's ingest process, multiprocessing's resource tracker): for VmHWM, the sum of
+        each one's peak, at least their peak together."""
+        total = 0
+        for pid in (self.process.pid, *children(self.process.pid)):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                if pid == self.process.pid:
+                    raise
+                continue  # a child that ended meanwhile
+            match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+            assert match is not None
+            total += int(match.group(1))
+        return total
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

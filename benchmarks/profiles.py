@@ -27,6 +27,7 @@ from typing import Any, Literal, TextIO
 import psycopg
 from rich.progress import Progress
 from starlette.types import ASGIApp, Scope
+from tests.conftest import children
 
 from benchmarks import bare_server
 from benchmarks.harness import Bench, console
@@ -386,7 +387,7 @@ FROM pg_stat_wal
 
 def drain_point(connection: psycopg.Connection[Any], pid: int, stored: int) -> DrainPoint:
     at = time.perf_counter()
-    service = _process_cpu(_proc_stat(pid))
+    service = sum(service_cpu(pid))
     postgres = _postgres_cpu(connection)
     row = connection.execute(_WAL_AND_BLOCKS).fetchone()
     assert row is not None
@@ -395,7 +396,7 @@ def drain_point(connection: psycopg.Connection[Any], pid: int, stored: int) -> D
         at,
         service,
         postgres,
-        _machine_cpu(),
+        machine_cpu(),
         _statements(connection),
         int(row[0]),
         int(row[1]),
@@ -415,6 +416,20 @@ def _process_cpu(fields: list[str], reaped: bool = False) -> float:
     if reaped:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def service_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of a service's serving process `pid`, and of its children (its ingest
+    process, living or ended and waited for; multiprocessing's resource tracker)."""
+    fields = _proc_stat(pid)
+    own = _process_cpu(fields)
+    children_cpu = _process_cpu(fields, reaped=True) - own
+    for child in children(pid):
+        try:
+            children_cpu += _process_cpu(_proc_stat(child))
+        except OSError:  # ended since the listing
+            continue
+    return own, children_cpu
 
 
 def _postgres_cpu(connection: psycopg.Connection[Any]) -> float | None:
@@ -443,7 +458,7 @@ def _postgres_cpu(connection: psycopg.Connection[Any]) -> float | None:
     return total
 
 
-def _machine_cpu() -> float:
+def machine_cpu() -> float:
     """Seconds the cores were busy since boot: user, nice, system, irq, softirq and steal."""
     cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(n) for n in cpu[1:9])

@@ -44,6 +44,7 @@ from tests.conftest import (
     ServiceProcess,
     Stack,
     Topics,
+    children,
     committed_lag,
     create_topics,
     new_topics,
@@ -328,22 +329,6 @@ def plan(seed: int, seconds: float) -> list[PlannedFault]:
         planned.append(PlannedFault(at, kinds.pop(), rng.randrange(INSTANCES)))
         at += rng.uniform(*PLANNED_GAP_SECONDS)
     return planned
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid`: PostgreSQL's backends and workers."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # ended meanwhile
-        # The parent's pid follows the state, after the command name in parentheses.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 @contextmanager

@@ -78,6 +78,11 @@ def pytest_runtest_makereport(
         for service in item.stash.get(STARTED_SERVICES, []):
             if service.process is not None and service.process.poll() is None:
                 # Where each thread stands: what a service that stood still was waiting for.
+                # Its ingest process first: it dies with the serving process, unheard.
+                for child in children(service.process.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGABRT)
+                time.sleep(1)
                 service.process.send_signal(signal.SIGABRT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     service.process.wait(10)
@@ -134,6 +139,21 @@ def wait_http_ready(
             return False
 
     wait_until(ready, timeout, f"{what} to be ready")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, zombies included."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            # The parent's pid follows the state, after the command name in parentheses.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def kill(process: subprocess.Popen[bytes] | None) -> None:

@@ -116,6 +116,9 @@ def command(switch: Path) -> list[str]:
     return [sys.executable, "-m", "tests.frozen_fetching", str(switch), "serve"]
 
 
-if __name__ == "__main__":
+# The service's ingest process imports this module again as "__mp_main__" (multiprocessing's
+# spawn) before it runs: its consumers, which are the ones to freeze, follow the switch too.
+if __name__ in ("__main__", "__mp_main__"):
     order_viewer.adapters.kafka.consumer.Consumer = freezing(Path(sys.argv[1]))  # type: ignore[attr-defined]
+if __name__ == "__main__":
     sys.exit(main(sys.argv[2:]))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import signal
 import sys
 import threading
 import uuid
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
+from multiprocessing.connection import Connection
 from typing import Any
 
 import psycopg
@@ -23,6 +26,7 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 from starlette.types import ASGIApp
 
+from order_viewer.adapters import logs
 from order_viewer.adapters.cache import MaskedViews, OrderCache
 from order_viewer.adapters.http.access import AccessConfigurationError, AccessPolicy
 from order_viewer.adapters.http.api import create_app
@@ -31,6 +35,15 @@ from order_viewer.adapters.http.auth.jwt import JwtVerifier
 from order_viewer.adapters.http.auth.limiter import FailureLimiter
 from order_viewer.adapters.http.auth.tokens import TokenFileError, open_token_file
 from order_viewer.adapters.http.forwarded import TrustedProxies
+from order_viewer.adapters.ingest_process import (
+    CANNOT_GO_ON,
+    IngestFailed,
+    IngestLink,
+    IngestProcess,
+    IngestStatus,
+    die_with_the_serving_process,
+    report_status,
+)
 from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
 from order_viewer.adapters.kafka.consumer import Batching, OrderConsumer
 from order_viewer.adapters.metrics import Metrics
@@ -52,7 +65,7 @@ from order_viewer.service.events import OrderEvents
 from order_viewer.service.ingest import OrderIngest
 from order_viewer.service.lookup import OrderLookup, warm_up
 from order_viewer.service.ports import Stopped
-from order_viewer.service.readiness import Liveness, Readiness
+from order_viewer.service.readiness import IngestHere, Liveness, Readiness
 from order_viewer.service.retention import expire_orders
 from order_viewer.service.retry import Health, Patience, retry
 
@@ -65,26 +78,41 @@ RETENTION_BATCH = 1000
 
 @dataclass(frozen=True, slots=True)
 class Parts:
-    """A service process's parts, built and wired, not started."""
+    """The serving process's parts, built and wired, not started."""
 
     settings: Settings
     stop: threading.Event
     cache: OrderCache
     metrics: Metrics
     database: Patience
-    broker: Patience
     reader: PostgresOrderReader
-    writers: list[PostgresOrderWriter]
-    dead_letters: DeadLetterWriter
-    ingest: OrderIngest
     lookup: OrderLookup
-    consumer: OrderConsumer
     coherence: CacheCoherence
     events: OrderEvents
     listener: PostgresChangeListener
     expirer: PostgresOrderExpirer | None
     readiness: Readiness
     app: ASGIApp
+    # The ingest process beside this one, not started.
+    ingest: IngestProcess
+    # None unless the OTEL_* variables turn tracing on.
+    tracing: Tracing | None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestParts:
+    """The ingest process's parts, built and wired, not started."""
+
+    settings: Settings
+    stop: threading.Event
+    metrics: Metrics
+    database: Patience
+    broker: Patience
+    writers: list[PostgresOrderWriter]
+    dead_letters: DeadLetterWriter
+    ingest: OrderIngest
+    consumer: OrderConsumer
+    liveness: Liveness
     # What every Kafka client shares (`config.kafka_client`), each adding its own.
     kafka: dict[str, Any]
     # Records dead letters in the orders' trails; None with ORDER_TRAIL_ENABLED=false.
@@ -143,41 +171,64 @@ def group_membership(settings: Settings) -> dict[str, str | int]:
 
 
 def build(settings: Settings, access: AccessPolicy | None) -> Parts:
-    """Every part of the service, unstarted; `access` guards the routes with order data, and
-    None (open to all) is refused when the settings ask for authentication."""
+    """Every part of the serving process, unstarted; `access` guards the routes with order data,
+    and None (open to all) is refused when the settings ask for authentication."""
     if access is None and settings.http_auth != "none":
         raise ValueError(f"HTTP_AUTH={settings.http_auth} but no access policy to enforce it")
     stop = threading.Event()
-    max_backoff = settings.retry_max_backoff_ms / 1000
-    # One health record per dependency, shared by every part that uses it, so that an outage
-    # is logged once however many parts notice it.
-    database = Patience(
-        Health("database", logging.getLogger("order_viewer.database")), stop, max_backoff
-    )
-    broker = Patience(
-        Health("Kafka broker", logging.getLogger("order_viewer.broker")), stop, max_backoff
-    )
+    database = _patience("database", stop, settings)
     database_url = str(settings.database_url)
-    kafka = kafka_client(settings)
-    # Names this instance in its change notifications, so that it skips its own.
+    # Names this instance (both its processes) in its change notifications, so that it skips
+    # its own.
     instance = uuid.uuid4().hex
     cache = OrderCache(
         settings.cache_capacity, settings.cache_max_bytes, settings.cache_absent_capacity
     )
     metrics = Metrics(cache)
-    tracing = (
-        start_tracing(
-            settings.kafka_group_id,
-            otlp_batches(
-                queue_size=span_queue_size(settings),
-                batch_size=settings.otel_bsp_max_export_batch_size,
-                delay_ms=settings.otel_bsp_schedule_delay,
-            ),
-        )
-        if tracing_enabled(settings)
+    tracing = _tracing(settings)
+    reader = PostgresOrderReader(database_url, settings.database_pool_size, tracing)
+    ingest = IngestProcess(
+        ingest_process_main, (settings, instance), cache, settings.retry_max_backoff_ms / 1000
+    )
+    metrics.add_ingest(ingest.families)
+    lookup = OrderLookup(reader, cache)
+    coherence = CacheCoherence(
+        cache, metrics, partial(stored_versions, database_url), database, _in_background
+    )
+    events = OrderEvents(reader.states, settings.http_events_max_streams)
+    listener = PostgresChangeListener(database_url, instance, coherence, database, events)
+    expirer = (
+        PostgresOrderExpirer(database_url, instance)
+        if settings.order_retention_days is not None
         else None
     )
-    reader = PostgresOrderReader(database_url, settings.database_pool_size, tracing)
+    readiness = Readiness(lookup.database_reachable, coherence.listening_now, ingest)
+    app = create_app(
+        lookup,
+        readiness,
+        metrics if settings.metrics_enabled else None,
+        access,
+        tls=settings.http_tls_cert_file is not None,
+        trails=settings.order_trail_enabled,
+        events=events,
+        tracing=tracing,
+    )
+    return Parts(
+        settings, stop, cache, metrics, database, reader, lookup, coherence, events, listener,
+        expirer, readiness, app, ingest, tracing,
+    )  # fmt: skip
+
+
+def build_ingest(
+    settings: Settings, instance: str, written: IngestLink, stop: threading.Event
+) -> IngestParts:
+    """Every part of the ingest process, unstarted: what it commits goes to `written`."""
+    database = _patience("database", stop, settings)
+    broker = _patience("Kafka broker", stop, settings)
+    database_url = str(settings.database_url)
+    kafka = kafka_client(settings)
+    metrics = Metrics(None)
+    tracing = _tracing(settings)
     writers = [
         PostgresOrderWriter(database_url, instance, settings.database_write_timeout_seconds)
         for _ in range(settings.database_writers)
@@ -186,7 +237,7 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
     trail = PostgresDeadLetterTrail(database_url) if settings.order_trail_enabled else None
     ingest = OrderIngest(
         writers,
-        cache,
+        written,
         dead_letters,
         database,
         metrics,
@@ -214,39 +265,32 @@ def build(settings: Settings, access: AccessPolicy | None) -> Parts:
         stall_timeout_seconds=settings.kafka_stall_timeout_ms / 1000,
         liveness=liveness,
     )
-    lookup = OrderLookup(reader, cache)
-    coherence = CacheCoherence(
-        cache, metrics, partial(stored_versions, database_url), database, _in_background
-    )
-    events = OrderEvents(reader.states, settings.http_events_max_streams)
-    listener = PostgresChangeListener(database_url, instance, coherence, database, events)
-    expirer = (
-        PostgresOrderExpirer(database_url, instance)
-        if settings.order_retention_days is not None
-        else None
-    )
-    readiness = Readiness(
-        lookup.database_reachable,
-        consumer.consuming,
-        coherence.listening_now,
-        ingest.write_timeouts,
-        liveness,
-    )
-    app = create_app(
-        lookup,
-        readiness,
-        metrics if settings.metrics_enabled else None,
-        access,
-        tls=settings.http_tls_cert_file is not None,
-        trails=settings.order_trail_enabled,
-        events=events,
-        tracing=tracing,
-    )
-    return Parts(
-        settings, stop, cache, metrics, database, broker, reader, writers, dead_letters,
-        ingest, lookup, consumer, coherence, events, listener, expirer, readiness, app, kafka,
-        trail, tracing,
+    return IngestParts(
+        settings, stop, metrics, database, broker, writers, dead_letters, ingest, consumer,
+        liveness, kafka, trail, tracing,
     )  # fmt: skip
+
+
+def _patience(dependency: str, stop: threading.Event, settings: Settings) -> Patience:
+    """One health record per dependency and process, shared by every part that uses it, so that
+    an outage is logged once however many parts notice it."""
+    logger = logging.getLogger(
+        "order_viewer.database" if dependency == "database" else "order_viewer.broker"
+    )
+    return Patience(Health(dependency, logger), stop, settings.retry_max_backoff_ms / 1000)
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    if not tracing_enabled(settings):
+        return None
+    return start_tracing(
+        settings.kafka_group_id,
+        otlp_batches(
+            queue_size=span_queue_size(settings),
+            batch_size=settings.otel_bsp_max_export_batch_size,
+            delay_ms=settings.otel_bsp_schedule_delay,
+        ),
+    )
 
 
 # The cycle collector looks at young objects every 50,000 allocations instead of every 700: a
@@ -263,10 +307,11 @@ def tune_interpreter(settings: Settings) -> None:
 
 
 def start(parts: Parts) -> None:
-    """The start-up steps, in order, then consumption until the stop: the schema, the change
-    listener listening (it runs in a thread of its own, see `run_in_background`), the warm cache,
-    the topics, the consumer. Raises Stopped if a stop comes while a dependency is away, and any
-    other exception to say the process cannot go on."""
+    """The serving process's start-up steps, in order: the schema, the change listener
+    listening (it runs in a thread of its own, see `run_in_background`), the warm cache, after
+    which the ingest process (started beside, `run_in_background`) consumes. Raises Stopped if a
+    stop comes while a dependency is away, and any other exception to say the process cannot go
+    on."""
     settings = parts.settings
     tune_interpreter(settings)
     retry(
@@ -289,13 +334,62 @@ def start(parts: Parts) -> None:
     gc.collect()
     gc.freeze()
     parts.readiness.warmed.set()
+
+
+def ingest_process_main(
+    settings: Settings, instance: str, tickets: Connection, events: Connection
+) -> None:
+    """The ingest process, from its start to its exit status (0 after a stop, CANNOT_GO_ON if a
+    start-up step or the consumer failed for good, the reason logged)."""
+    sys.exit(_run_ingest(settings, instance, tickets, events))
+
+
+def _run_ingest(settings: Settings, instance: str, tickets: Connection, events: Connection) -> int:
+    die_with_the_serving_process()
+    logs.configure(settings.log_level, settings.log_format)
+    os.nice(settings.ingest_niceness)
+    stop = threading.Event()
+    # The serving process says when to stop (SIGTERM). A terminal's SIGINT reaches both: the
+    # serving process's stop then stops this one; stopping by itself, this one would look ended
+    # unasked and be started again.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    link = IngestLink(tickets, events, stop)
+    parts = build_ingest(settings, instance, link, stop)
+    tune_interpreter(settings)
+    gc.collect()
+    gc.freeze()
+    reporter = threading.Thread(
+        target=report_status, args=(link, partial(ingest_status, parts), stop), name="status"
+    )
+    reporter.start()
+    failed = threading.Event()
+    try:
+        if link.wait_for_go():
+            _logging_failure(partial(_consume, parts), failed.set)()
+    finally:
+        stop.set()
+        reporter.join()
+        close_ingest(parts)
+    return CANNOT_GO_ON if failed.is_set() else 0
+
+
+def _consume(parts: IngestParts) -> None:
     ensure_topics(
         parts.kafka,
-        [settings.kafka_topic, settings.kafka_dlq_topic],
-        settings.kafka_topic_partitions,
+        [parts.settings.kafka_topic, parts.settings.kafka_dlq_topic],
+        parts.settings.kafka_topic_partitions,
         parts.broker,
     )
     parts.consumer.run()
+
+
+def ingest_status(parts: IngestParts) -> IngestStatus:
+    """What the ingest process says of itself to the serving process."""
+    here = IngestHere(parts.consumer.consuming, parts.ingest.write_timeouts, parts.liveness)
+    return IngestStatus(
+        parts.metrics.ingest_families(), here.consuming(), here.write_failing(), here.stuck()
+    )
 
 
 def sweep_expired(parts: Parts, retention_days: int) -> None:
@@ -315,9 +409,9 @@ def sweep_expired(parts: Parts, retention_days: int) -> None:
 
 
 def run_in_background(parts: Parts, on_failure: Callable[[], object]) -> list[threading.Thread]:
-    """`start`, the change listener and the retention sweep, each in a thread of its own; if one
-    fails, the reason is logged and `on_failure` called (the server stops and the process exits
-    with 1), never a service that stays up unready."""
+    """`start`, the change listener, the ingest process and the retention sweep, each in a
+    thread of its own; if one fails, the reason is logged and `on_failure` called (the server
+    stops and the process exits with 1), never a service that stays up unready."""
 
     def failed() -> None:
         parts.readiness.failed.set()
@@ -326,7 +420,11 @@ def run_in_background(parts: Parts, on_failure: Callable[[], object]) -> list[th
 
     targets: list[tuple[str, Callable[[], object]]] = [
         ("listener", parts.listener.run),
-        ("consumer", partial(start, parts)),
+        ("start", partial(start, parts)),
+        (
+            "ingest",
+            partial(parts.ingest.run, parts.stop, parts.readiness.warmed, parts.coherence.recheck),
+        ),
     ]
     if parts.settings.order_retention_days is not None:
         targets.append(
@@ -368,6 +466,8 @@ def _logging_failure(
             target()
         except Stopped:
             return
+        except IngestFailed as error:
+            log.error("%s; stopping the service", error)
         except KafkaException as error:
             # librdkafka's own reason (fenced, authorization, ...) says all there is to say.
             log.error(
@@ -384,13 +484,19 @@ def _logging_failure(
 
 
 def close(parts: Parts) -> None:
+    if parts.expirer is not None:
+        parts.expirer.close()
+    if parts.tracing is not None:
+        # Last, so that the spans of the final requests are exported.
+        parts.tracing.shutdown()
+
+
+def close_ingest(parts: IngestParts) -> None:
     parts.dead_letters.close()
     for writer in parts.writers:
         writer.close()
-    if parts.expirer is not None:
-        parts.expirer.close()
     if parts.trail is not None:
         parts.trail.close()
     if parts.tracing is not None:
-        # Last, so that the spans of the final batches and requests are exported.
+        # Last, so that the spans of the final batches are exported.
         parts.tracing.shutdown()

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +29,7 @@ from tests.conftest import (
     ServiceProcess,
     Stack,
     Topics,
+    children,
     current_metric,
     encode_orders,
     produce,
@@ -144,16 +144,7 @@ def test_a_row_lock_held_for_a_minute_times_writes_out_until_it_is_released(
 def postgres_processes(servers: Servers) -> list[int]:
     """The postmaster and every process it started (backends, background workers)."""
     postmaster = int((servers.settings.pg_data / "postmaster.pid").read_text().split()[0])
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # ended meanwhile
-            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
-                children.append(int(entry.name))
-    return [postmaster, *children]
+    return [postmaster, *children(postmaster)]
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from order_viewer.domain.model import PreparedOrder, parse_order
 from order_viewer.entrypoints.generate import make_order
 from order_viewer.service.ingest import WriteTimeouts
 from order_viewer.service.lookup import OrderLookup
-from order_viewer.service.readiness import Liveness, Readiness
+from order_viewer.service.readiness import IngestHere, Liveness, Readiness
 from tests.conftest import Stack, free_port
 from tests.integration.test_api import HOSTILE_IDS
 
@@ -41,10 +41,8 @@ class App:
         self.metrics = Metrics(self.cache)
         self.readiness = Readiness(
             self.lookup.database_reachable,
-            self.consuming,
             self.listening,
-            WriteTimeouts(self.metrics),
-            self.liveness,
+            IngestHere(self.consuming, WriteTimeouts(self.metrics), self.liveness),
         )
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(create_app(self.lookup, self.readiness, self.metrics)),

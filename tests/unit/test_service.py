@@ -27,7 +27,7 @@ from order_viewer.service.ports import (
     WriteResult,
     WriteTimedOut,
 )
-from order_viewer.service.readiness import Liveness, Readiness
+from order_viewer.service.readiness import IngestHere, Liveness, Readiness
 from order_viewer.service.retry import Health, Patience
 from tests.fakes import FakeDeadLetters, FakeReader, FakeWriter
 
@@ -231,7 +231,9 @@ def test_readiness_names_each_part_that_is_not_ready() -> None:
 
     listening = threading.Event()
     write_timeouts = WriteTimeouts(Metrics(OrderCache(1)))
-    readiness = Readiness(database_reachable, consuming, listening, write_timeouts, Liveness())
+    readiness = Readiness(
+        database_reachable, listening, IngestHere(consuming, write_timeouts, Liveness())
+    )
     assert asyncio.run(readiness.not_ready()) == {
         "listener": "not listening for changes",
         "cache": "warming up",
@@ -316,9 +318,7 @@ def test_liveness_names_each_part_stuck_until_it_moves_again() -> None:
     readiness = Readiness(
         reachable,
         threading.Event(),
-        threading.Event(),
-        WriteTimeouts(Metrics(OrderCache(1))),
-        liveness,
+        IngestHere(threading.Event(), WriteTimeouts(Metrics(OrderCache(1))), liveness),
     )
     assert readiness.not_live() == {}
     liveness.stuck("consumer", "nothing fetched")

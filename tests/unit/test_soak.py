@@ -22,14 +22,13 @@ from benchmarks.soak import (
     Version,
     arguments,
     behind,
-    children,
     plan,
     stopped,
 )
 from confluent_kafka import KafkaError
 from confluent_kafka import Message as KafkaMessage
 
-from tests.conftest import wait_until
+from tests.conftest import children, wait_until
 
 
 def test_the_schedule_replays_from_its_seed_and_plans_forty_faults_in_twenty_minutes() -> None:

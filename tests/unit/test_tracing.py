@@ -61,7 +61,7 @@ from order_viewer.entrypoints.generate import encode, make_order
 from order_viewer.service.ingest import OrderIngest, WriteTimeouts
 from order_viewer.service.lookup import OrderLookup
 from order_viewer.service.ports import ConsumedMessage, RejectedMessage
-from order_viewer.service.readiness import Liveness, Readiness
+from order_viewer.service.readiness import IngestHere, Liveness, Readiness
 from tests.fakes import FakeReader
 from tests.unit.test_service import Ingest, order
 
@@ -348,7 +348,9 @@ def test_a_failed_write_attempt_is_a_span_with_an_error_and_no_exception_text(
 
 def traced_app(tracing: Tracing, reader: FakeReader, cache: OrderCache) -> httpx.AsyncClient:
     lookup = OrderLookup(reader, cache)
-    readiness = Readiness(reader.ping, Event(), Event(), WriteTimeouts(Metrics(cache)), Liveness())
+    readiness = Readiness(
+        reader.ping, Event(), IngestHere(Event(), WriteTimeouts(Metrics(cache)), Liveness())
+    )
     app = create_app(lookup, readiness, Metrics(cache), tracing=tracing)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://order-viewer")
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from order_viewer.adapters.cache import MaskedViews, OrderCache
 from order_viewer.adapters.http.auth.tokens import TokenFile
@@ -33,12 +35,23 @@ DOCS_FILES = "/docs/static"
 _ROUTES = ("/", "/orders", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs")
 
 
-class Metrics:
-    """Every metric of one service process, in a registry of its own."""
+# The gauges the ingest process alone sets: the serving process exposes its values of them.
+INGEST_GAUGES = frozenset(
+    {"order_viewer_consumer_lag_messages", "order_viewer_newest_order_age_seconds"}
+)
 
-    def __init__(self, cache: OrderCache) -> None:
+
+class Metrics:
+    """Every metric of one service process, in a registry of its own (`registry`); `exposed`
+    adds the ingest process's figures (`add_ingest`) to them, for `/metrics`. Without a cache:
+    the ingest process's, which has none."""
+
+    def __init__(self, cache: OrderCache | None) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        self._combined = _Combined(registry)
+        self.exposed = CollectorRegistry(auto_describe=False)
+        self.exposed.register(self._combined)
         self.messages_consumed = Counter(
             "order_viewer_messages_consumed",
             "Messages read from the orders topic.",
@@ -143,7 +156,23 @@ class Metrics:
         newest_age.set_function(self._newest_order_age)
         self.http = HttpStats()
         registry.register(self.http)
-        registry.register(_CacheCollector(cache))
+        if cache is not None:
+            registry.register(_CacheCollector(cache))
+
+    def add_ingest(self, families: Callable[[], list[Metric]]) -> None:
+        """Expose the ingest process's figures (its `ingest_families`, as last heard) with this
+        process's own."""
+        self._combined.ingest = families
+
+    def ingest_families(self) -> list[Metric]:
+        """What this process counted and measured of the ingest, for the serving process to
+        expose: every counter and histogram (added there to its own), and the gauges only the
+        ingest sets (`INGEST_GAUGES`)."""
+        return [
+            family
+            for family in self.registry.collect()
+            if family.type in _ADDED or family.name in INGEST_GAUGES
+        ]
 
     def count_masked_views(self, views: MaskedViews) -> None:
         """Gauges of the masked views too, which exist only with authentication on."""
@@ -293,6 +322,55 @@ class HttpStats(Collector):
             bounds = [*(str(bound) for bound in _LATENCY_BUCKETS), "+Inf"]
             duration.add_metric([route], list(zip(bounds, cumulative, strict=True)), seconds)
         yield duration
+
+
+# The kinds of metric whose figures from two processes are added up, sample by sample.
+_ADDED = frozenset({"counter", "histogram"})
+
+
+def combined(own: Iterable[Metric], other: Iterable[Metric]) -> list[Metric]:
+    """Two processes' metric families as one: counters and histograms added up sample by sample
+    (except when each began, `own`'s), `other`'s gauges in place of `own`'s, and the families
+    only one of them has as they are."""
+    others = {family.name: family for family in other}
+    families = []
+    for family in own:
+        theirs = others.pop(family.name, None)
+        if theirs is None:
+            families.append(family)
+        elif family.type not in _ADDED:
+            families.append(theirs)
+        else:
+            families.append(_added(family, theirs))
+    families.extend(others.values())
+    return families
+
+
+def _added(own: Metric, other: Metric) -> Metric:
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
+    for family in (own, other):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            if key not in samples:
+                samples[key] = sample
+                values[key] = sample.value
+            elif not sample.name.endswith("_created"):
+                values[key] += sample.value
+    added = Metric(own.name, own.documentation, own.type, own.unit)
+    added.samples = [sample._replace(value=values[key]) for key, sample in samples.items()]
+    return added
+
+
+class _Combined(Collector):
+    """A process's own metrics with the ingest process's added (`combined`)."""
+
+    def __init__(self, own: CollectorRegistry) -> None:
+        self._own = own
+        self.ingest: Callable[[], list[Metric]] = list
+
+    def collect(self) -> Iterator[Metric]:
+        yield from combined(self._own.collect(), self.ingest())
 
 
 class _MaskedViewsCollector(Collector):

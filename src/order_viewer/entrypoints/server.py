@@ -1,4 +1,5 @@
-"""The `serve` process: HTTP in the event loop, the consumer in a thread, one shared cache."""
+"""The `serve` process: HTTP in the event loop, its cache filled by the ingest process beside it
+(`bootstrap.ingest_process_main`), which it starts, watches and stops."""
 
 from __future__ import annotations
 

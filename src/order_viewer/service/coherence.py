@@ -75,6 +75,23 @@ class CacheCoherence:
     def listening(self) -> None:
         self.listening_now.set()
         self._metrics.listener_state(listening=True)
+        self._resume_checked()
+
+    def recheck(self) -> None:
+        """Check every cached entry against what is stored, as after a loss of the listener:
+        for when this instance's own writes may have gone untold (its ingest process ended
+        between a commit and telling the cache)."""
+        with self._lock:
+            self._losses += 1
+            self._cache.suspend()
+        log.warning(
+            "the ingest process ended: the cache answers nothing until the cached orders are "
+            "checked against the database"
+        )
+        if self.listening_now.is_set():
+            self._resume_checked()
+
+    def _resume_checked(self) -> None:
         with self._lock:
             losses = self._losses
             if len(self._cache) == 0:

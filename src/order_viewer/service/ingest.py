@@ -23,7 +23,6 @@ from order_viewer.domain.model import (
 )
 from order_viewer.service.ports import (
     BatchTrace,
-    Cache,
     CachedOrder,
     ConsumedMessage,
     DatabaseUnavailable,
@@ -38,6 +37,7 @@ from order_viewer.service.ports import (
     ServiceMetrics,
     SettledBatch,
     WriteTimedOut,
+    WrittenOrders,
 )
 from order_viewer.service.retry import Patience, retry
 
@@ -169,7 +169,7 @@ class OrderIngest:
     def __init__(
         self,
         writers: Sequence[OrderWriter],
-        cache: Cache,
+        cache: WrittenOrders,
         dead_letters: DeadLetters,
         database: Patience,
         metrics: ServiceMetrics,

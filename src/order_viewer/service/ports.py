@@ -311,7 +311,27 @@ class DeadLetters(Protocol):
         ...
 
 
-class Cache(Protocol):
+class WrittenOrders(Protocol):
+    """Where the ingest puts what it committed: the serving process's cache (`cache.OrderCache`),
+    or the link to it from the ingest process (`ingest_process.IngestLink`)."""
+
+    def ticket(self) -> CacheTicket:
+        """To take before the database is asked, and hand back with what it answered."""
+        ...
+
+    def put_written(
+        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None = None
+    ) -> None:
+        """Orders the database has just committed, replacing older copies, except those changed
+        since the ticket."""
+        ...
+
+    def invalidate(self, order_uids: Iterable[str]) -> None:
+        """Forget these orders (and that they were absent), and any read of them under way."""
+        ...
+
+
+class Cache(WrittenOrders, Protocol):
     """The bounded cache of orders the HTTP side answers from (`cache.OrderCache`): what the
     service layer puts in, takes out and keeps in step with the other instances' changes."""
 
@@ -325,10 +345,6 @@ class Cache(Protocol):
 
     def __len__(self) -> int: ...
 
-    def ticket(self) -> CacheTicket:
-        """To take before the database is asked, and hand back with what it answered."""
-        ...
-
     def look_up(self, order_uid: str) -> CachedOrder | Absent | None:
         """The cached order; ABSENT for an id the database did not find, with no change of it
         since; None for a miss (and for every id while suspended)."""
@@ -337,13 +353,6 @@ class Cache(Protocol):
     def kept(self, order_uid: str) -> CachedOrder | None:
         """The entry of an order, even while suspended: what is left to serve when the database
         cannot be reached."""
-        ...
-
-    def put_written(
-        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None = None
-    ) -> None:
-        """Orders the database has just committed, replacing older copies, except those changed
-        since the ticket."""
         ...
 
     def fill(
@@ -356,10 +365,6 @@ class Cache(Protocol):
     def warm(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
         """Orders read at warm-up, older than every one cached so far, except those changed since
         the ticket; how many were kept."""
-        ...
-
-    def invalidate(self, order_uids: Iterable[str]) -> None:
-        """Forget these orders (and that they were absent), and any read of them under way."""
         ...
 
     def etags(self) -> dict[str, str]: ...

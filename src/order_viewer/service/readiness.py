@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from order_viewer.service.ingest import WriteTimeouts
 
@@ -30,25 +31,56 @@ class Liveness:
             return dict(self._stuck)
 
 
+class IngestState(Protocol):
+    """What the serving process knows of the ingest (`ingest_process.IngestProcess`, from what
+    the ingest process last said)."""
+
+    def consuming(self) -> bool: ...
+
+    def write_failing(self) -> str | None:
+        """Why writes are not getting through, or None while they are."""
+        ...
+
+    def stuck(self) -> dict[str, str]:
+        """The ingest's loops stuck for good, each with the reason."""
+        ...
+
+
+class IngestHere:
+    """The ingest's state in the process that runs it: what the ingest process reports."""
+
+    def __init__(
+        self, consuming: threading.Event, write_timeouts: WriteTimeouts, liveness: Liveness
+    ) -> None:
+        self._consuming = consuming
+        self._write_timeouts = write_timeouts
+        self._liveness = liveness
+
+    def consuming(self) -> bool:
+        return self._consuming.is_set()
+
+    def write_failing(self) -> str | None:
+        return self._write_timeouts.failing
+
+    def stuck(self) -> dict[str, str]:
+        return self._liveness.not_live()
+
+
 class Readiness:
     """What `/readyz` reports: the database reachable and writes getting through, the change
     listener listening, the cache warmed, the consumer consuming; and what `/livez` reports, the
-    parts stuck for good. The start-up, listener and writing threads set the events and the write
-    timeouts, and the event loop reads them."""
+    parts stuck for good. The start-up and listener threads set the events, the ingest process
+    says the rest, and the event loop reads them."""
 
     def __init__(
         self,
         database_reachable: Callable[[], Awaitable[bool]],
-        consuming: threading.Event,
         listening: threading.Event,
-        write_timeouts: WriteTimeouts,
-        liveness: Liveness,
+        ingest: IngestState,
     ) -> None:
         self._database_reachable = database_reachable
-        self._consuming = consuming
         self._listening = listening
-        self._write_timeouts = write_timeouts
-        self._liveness = liveness
+        self._ingest = ingest
         self.warmed = threading.Event()
         # Set when a start-up step or the consumer failed for good: the process is stopping.
         self.failed = threading.Event()
@@ -57,15 +89,15 @@ class Readiness:
         not_ready = {}
         if not await self._database_reachable():
             not_ready["database"] = "unreachable"
-        elif (failing := self._write_timeouts.failing) is not None:
+        elif (failing := self._ingest.write_failing()) is not None:
             not_ready["database"] = failing
         if not self._listening.is_set():
             not_ready["listener"] = "not listening for changes"
         if not self.warmed.is_set():
             not_ready["cache"] = "warming up"
-        if not self._consuming.is_set():
+        if not self._ingest.consuming():
             not_ready["consumer"] = "not consuming"
         return not_ready
 
     def not_live(self) -> dict[str, str]:
-        return self._liveness.not_live()
+        return self._ingest.stuck()

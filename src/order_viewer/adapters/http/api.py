@@ -339,7 +339,7 @@ def create_app(
         )
 
     if metrics is not None:
-        registry = metrics.registry
+        registry = metrics.exposed
 
         @app.get(
             "/metrics",
