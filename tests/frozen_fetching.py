@@ -12,7 +12,8 @@ watchdog replaces; a large n: every one); once the file is gone they fetch again
 
 With "n unassigned" in SWITCH, a frozen consumer drops its partitions instead, as a member
 left out of its group after a broker outage: its group still counts them as its, so no other
-member is given them, and it has nothing to fetch from; it stays so.
+member is given them, and it has nothing to fetch from; it stays so, and cannot say what its
+group committed, as such a member cannot.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
 import order_viewer.adapters.kafka.consumer
@@ -94,6 +95,16 @@ def freezing(switch: Path) -> type[Consumer]:
                 if frozen:
                     frozen_marker(switch).write_text(str(self._number))
             return super().poll(timeout)
+
+        def committed(
+            self, partitions: list[TopicPartition], timeout: float = -1
+        ) -> list[TopicPartition]:
+            if self._frozen() and _unassigning(switch):
+                # A member whose group state is not up (left out, rejoining) cannot say what
+                # its group committed: librdkafka answers committed() itself with
+                # _WAIT_COORD, without asking the broker.
+                raise KafkaException(KafkaError(KafkaError._WAIT_COORD))
+            return super().committed(partitions, timeout)
 
         def _frozen(self) -> bool:
             try:

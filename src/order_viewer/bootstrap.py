@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 import sqlalchemy.exc
 from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 from starlette.types import ASGIApp
 
 from order_viewer.adapters import logs
@@ -264,6 +265,7 @@ def build_ingest(
         metrics=metrics,
         stall_timeout_seconds=settings.kafka_stall_timeout_ms / 1000,
         liveness=liveness,
+        admin=AdminClient(kafka),
     )
     return IngestParts(
         settings, stop, metrics, database, broker, writers, dead_letters, ingest, consumer,

@@ -144,6 +144,7 @@ def running_consumer(
         metrics=metrics,
         stall_timeout_seconds=stall_timeout_seconds,
         liveness=liveness,
+        admin=AdminClient(client(stack)),
     )
     running = threading.Thread(target=consumer.run)
     running.start()
@@ -470,9 +471,14 @@ def test_group_progress_is_the_committed_offsets_and_what_waits_beyond_them(
     with storing_before(stack, topics, writer, 10, stall_timeout_seconds=600):
         wait_until(lambda: committed_lag(stack, topics) == 0, 30, "the offsets to be committed")
     produce(stack, topics.orders, order_messages("after", 7))
-    consumer = Consumer({"bootstrap.servers": stack.bootstrap_servers, "group.id": topics.group})
+    # The consumer that asks is no member of the group, and never joins one: the offsets come
+    # from the broker whatever the asking consumer's membership is doing (a member stuck
+    # rejoining cannot answer committed() itself).
+    consumer = Consumer({"bootstrap.servers": stack.bootstrap_servers, "group.id": "elsewhere"})
     try:
-        progress = group_progress(consumer, topics.orders, 10)
+        progress = group_progress(
+            consumer, AdminClient(client(stack)), topics.group, topics.orders, 10
+        )
     finally:
         consumer.close()
     assert progress is not None
@@ -485,16 +491,19 @@ def test_group_progress_is_the_committed_offsets_and_what_waits_beyond_them(
 def test_group_progress_is_unknown_for_a_topic_or_a_broker_that_is_not_there(
     stack: Stack, topics: Topics
 ) -> None:
-    nowhere = Consumer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "group.id": "nowhere"})
+    away: dict[str, str | int | float | bool] = {"bootstrap.servers": f"127.0.0.1:{free_port()}"}
+    nowhere = Consumer({**away, "group.id": "nowhere"})
     try:
         started = time.monotonic()
-        assert group_progress(nowhere, "orders", 1) is None
+        assert group_progress(nowhere, AdminClient(away), "nowhere", "orders", 1) is None
         assert time.monotonic() - started < 5
     finally:
         nowhere.close()
     here = Consumer({"bootstrap.servers": stack.bootstrap_servers, "group.id": topics.group})
     try:
-        assert group_progress(here, f"{topics.orders}-never-made", 5) is None
+        admin = AdminClient(client(stack))
+        never_made = f"{topics.orders}-never-made"
+        assert group_progress(here, admin, topics.group, never_made, 5) is None
     finally:
         here.close()
 

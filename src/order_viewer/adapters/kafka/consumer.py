@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -16,11 +17,13 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
+    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     TopicPartition,
 )
 from confluent_kafka import Message as KafkaMessage
+from confluent_kafka.admin import AdminClient
 
 from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.tracing import KafkaHeaders, trace_headers
@@ -302,8 +305,13 @@ class OrderConsumer:
         metrics: Metrics,
         stall_timeout_seconds: float,
         liveness: Liveness,
+        admin: AdminClient,
     ) -> None:
         self._client = client
+        # Asks the group's committed offsets for a consumer left without partitions: the
+        # consumer's own committed() goes through its group membership, the very part that may
+        # be stuck, and then fails as if the broker were away.
+        self._admin = admin
         self._topic = topic
         self._batching = batching
         self._ingest = ingest
@@ -433,7 +441,9 @@ class OrderConsumer:
     def _restarted_if_left_out(self, consumer: Consumer, watch: ProgressWatch) -> Consumer:
         """The consumer with no partition, or a new one in its place if the group left messages
         waiting a whole check's interval without committing any."""
-        group = group_progress(consumer, self._topic, CHECK_TIMEOUT_SECONDS)
+        group = group_progress(
+            consumer, self._admin, self._client["group.id"], self._topic, CHECK_TIMEOUT_SECONDS
+        )
         if watch.checked_unassigned(group) is Verdict.CARRY_ON:
             return consumer
         assert group is not None
@@ -578,18 +588,27 @@ def messages_waiting(consumer: Consumer, timeout: float) -> dict[str, int] | Non
         return None
 
 
-def group_progress(consumer: Consumer, topic: str, timeout: float) -> GroupProgress | None:
+def group_progress(
+    consumer: Consumer, admin: AdminClient, group: str, topic: str, timeout: float
+) -> GroupProgress | None:
     """The group's committed offset in each partition of the topic and the messages beyond it
     (from the beginning where it committed none: `auto.offset.reset=earliest`), asked of the
-    broker; None if it did not answer in time."""
+    broker; None if it did not answer in time. The offsets are asked by `admin`, whatever state
+    the consumer's own membership of the group is in; the partitions' ends by the consumer."""
     try:
         described = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if described is None or described.error is not None:
             return None
         partitions = [TopicPartition(topic, number) for number in sorted(described.partitions)]
-        committed = consumer.committed(partitions, timeout=timeout)
+        asked = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, partitions)], request_timeout=timeout
+        )
+        answer = asked[group].result(timeout=timeout)
+        committed = [partition for partition in answer.topic_partitions if partition.error is None]
+        if len(committed) != len(partitions):
+            return None
         waiting = _waiting_beyond(consumer, committed, timeout)
-    except KafkaException:
+    except (KafkaException, FutureTimeout):
         return None
     if waiting is None:
         return None
