@@ -251,9 +251,10 @@ class Settings(BaseSettings):
     )
     cache_max_bytes: Annotated[int, Field(ge=0)] = Field(
         default=256 * 1024 * 1024,
-        description="Most bytes of order bodies kept in memory (least recently used evicted); "
-        "binds before CACHE_CAPACITY when orders are large. With HTTP_AUTH set, masked views of "
-        "orders are kept in a second cache with the same bounds, so up to twice this.",
+        description="Most bytes of order bodies kept in memory, counted as they are held there: "
+        "compressed (least recently used evicted); binds before CACHE_CAPACITY when orders are "
+        "large. With HTTP_AUTH set, masked views of orders are kept in a second cache with the "
+        "same bounds, so up to twice this.",
     )
     # Every id a client makes up may take an entry: the bound caps that memory at about 2 GB.
     cache_absent_capacity: Annotated[int, Field(ge=0, le=10_000_000)] = Field(

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider
+from order_viewer.adapters import cache as cache_module
 from order_viewer.adapters.cache import CachedOrder, MaskedViews, masked_etag
 from order_viewer.adapters.http.auth import (
     ORDERS_READ,
@@ -967,17 +968,29 @@ def test_odd_documents_are_masked_without_error() -> None:
     assert unicode.decode() == '{"delivery":{"name":"Z** Ü******"}}'
 
 
-def test_a_masked_view_is_computed_once_per_version_and_tagged_apart() -> None:
+def test_a_masked_view_is_computed_once_per_version_and_tagged_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    maskings: list[bytes] = []
+
+    def counted(body: bytes) -> bytes:
+        maskings.append(body)
+        return masked_document(body)
+
+    monkeypatch.setattr(cache_module, "masked_document", counted)
     views = MaskedViews(capacity=10, max_bytes=None)
     whole = CachedOrder.of(json.dumps(SAMPLE_ORDER).encode(), b"\x01" * 32)
     masked = views.masked(whole)
-    assert views.masked(whole) is masked
+    assert masked.body == masked_document(whole.body)
+    assert views.masked(whole) == masked
+    assert maskings == [whole.body]  # the second from the views kept, not masked again
     assert masked.etag == masked_etag(masked.body) != whole.etag
     assert masked.etag.endswith('-masked"')
     assert masked.etag.startswith('"')
     assert masked.etag.endswith('"')
     newer = CachedOrder.of(json.dumps({**SAMPLE_ORDER, "entry": "X"}).encode(), b"\x02" * 32)
-    assert views.masked(newer) is not masked
+    assert views.masked(newer) != masked
+    assert maskings == [whole.body, newer.body]
     assert len(views) == 2
 
 

@@ -1,16 +1,34 @@
 from __future__ import annotations
 
+import hashlib
+import random
+import string
 import threading
+from typing import Any
 
 import pytest
 
 from order_viewer.adapters import cache as cache_module
-from order_viewer.adapters.cache import CachedOrder, OrderCache
+from order_viewer.adapters.cache import CachedOrder, MaskedViews, OrderCache, masked_etag
+from order_viewer.adapters.packing import pack
+from order_viewer.domain.masking import masked_document
+from order_viewer.domain.model import MAX_ITEMS, order_json, parse_order
+from order_viewer.entrypoints.generate import encode, make_order
 from order_viewer.service.ports import ABSENT
 
 
 def entry(text: str) -> CachedOrder:
     return CachedOrder.of(text.encode(), text.encode().ljust(32, b"\0"))
+
+
+def api_body(order: dict[str, Any]) -> bytes:
+    """An order's body as the API sends it."""
+    return order_json(parse_order(encode(order)))
+
+
+def held(text: str) -> int:
+    """The bytes the cache holds of the body `text`, packed: what its bound counts."""
+    return len(pack(text.encode()))
 
 
 def absent(cache: OrderCache, order_uid: str) -> bool:
@@ -101,38 +119,61 @@ def test_warm_up_keeps_the_newest_most_recently_used_and_stops_when_full() -> No
     assert cache.get("new") == entry("new")
 
 
-def test_the_bytes_of_bodies_bound_the_cache_as_well_as_the_count() -> None:
-    cache = OrderCache(capacity=100, max_bytes=10)
+def test_the_bytes_held_bound_the_cache_as_well_as_the_count() -> None:
+    four, two = held("aaaa"), held("bb")  # the bytes held of a body of four characters, of two
+    cache = OrderCache(capacity=100, max_bytes=2 * four + two)
     cache.put_written({"a": entry("aaaa"), "b": entry("bbbb")})
-    assert cache.bytes == 8
-    cache.put_written({"c": entry("cccc")})  # 12 bytes: the least recently used goes
+    assert cache.bytes == 2 * four
+    cache.put_written({"c": entry("cccc")})  # 3 * four: the least recently used goes
     assert cache.get("a") is None
-    assert (cache.bytes, len(cache), cache.evictions) == (8, 2, 1)
+    assert (cache.bytes, len(cache), cache.evictions) == (2 * four, 2, 1)
     cache.put_written({"b": entry("bb")})  # a replaced copy counts its own size only
-    assert cache.bytes == 6
+    assert cache.bytes == four + two
     assert cache.fill({"d": entry("dddd")}, cache.ticket()) == 1
-    assert cache.bytes == 10
+    assert cache.bytes == 2 * four + two  # the bound itself
     assert [cache.get(uid) for uid in "bcd"] == [entry("bb"), entry("cccc"), entry("dddd")]
 
 
+def test_the_bytes_counted_and_bounded_are_those_held_packed_not_the_bodies() -> None:
+    rng = random.Random(24)
+    first, second, third = (CachedOrder.of(api_body(make_order(rng)), bytes(32)) for _ in "abc")
+    # Room for two orders packed, less than one body whole.
+    bound = len(pack(first.body)) + len(pack(second.body))
+    assert bound < len(first.body)
+    cache = OrderCache(capacity=10, max_bytes=bound)
+    cache.put_written({"a": first, "b": second})
+    assert (cache.bytes, len(cache), cache.evictions) == (bound, 2, 0)
+    cache.put_written({"c": third})  # over the bound: the least recently used goes
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, second, third)
+    assert cache.bytes == len(pack(second.body)) + len(pack(third.body))
+    cache.invalidate(["b", "c"])
+    assert cache.bytes == 0
+
+
 def test_an_order_larger_than_the_byte_bound_is_not_kept_and_evicts_nothing() -> None:
-    cache = OrderCache(capacity=100, max_bytes=10)
+    bound = held("aaaa") + held("old")
+    cache = OrderCache(capacity=100, max_bytes=bound)
+    # Characters LZ4 finds no repeat in, each held in a byte or more.
+    huge, other = string.ascii_letters, string.ascii_uppercase + string.digits
+    assert min(held(huge), held(other)) > bound
     cache.put_written({"a": entry("aaaa"), "huge": entry("old")})
-    cache.put_written({"huge": entry("h" * 11)})
+    cache.put_written({"huge": entry(huge)})
     assert cache.get("huge") is None  # nor its older copy
     assert cache.get("a") == entry("aaaa")
-    assert (cache.bytes, len(cache), cache.evictions) == (4, 1, 0)
-    assert cache.fill({"other": entry("o" * 11)}, cache.ticket()) == 0
+    assert (cache.bytes, len(cache), cache.evictions) == (held("aaaa"), 1, 0)
+    assert cache.fill({"other": entry(other)}, cache.ticket()) == 0
 
 
 def test_warm_up_stops_at_the_byte_bound_and_says_the_cache_is_full() -> None:
-    cache = OrderCache(capacity=100, max_bytes=10)
+    four, two = held("aaaa"), held("dd")
+    cache = OrderCache(capacity=100, max_bytes=2 * four + two)
     assert not cache.warm_full
     assert cache.warm({"a": entry("aaaa"), "b": entry("bbbb")}, cache.ticket()) == 2
     assert not cache.warm_full
+    # "c" is over the bound: warm-up ends there, though "d" would still fit.
     assert cache.warm({"c": entry("cccc"), "d": entry("dd")}, cache.ticket()) == 0
     assert cache.warm_full
-    assert cache.bytes == 8
+    assert cache.bytes == 2 * four
 
 
 def test_warm_up_says_the_cache_is_full_at_its_count() -> None:
@@ -154,7 +195,7 @@ def test_a_write_overtaken_by_a_change_heard_before_it_is_cached_is_dropped() ->
     cache.put_written({"a": entry("a1"), "b": entry("b1")}, before_write)
     assert cache.get("a") is None
     assert cache.get("b") == entry("b1")
-    assert cache.bytes == 2
+    assert cache.bytes == held("b1")
     # Nor is a read of "a" under way during our write kept.
     assert cache.fill({"a": entry("a1")}, before_write) == 0
     cache.put_written({"a": entry("a3")}, cache.ticket())
@@ -179,7 +220,7 @@ def test_an_invalidation_drops_the_copy_and_refuses_a_read_of_it_under_way() -> 
     cache.invalidate(["a", "absent"])
     assert cache.get("a") is None
     assert cache.get("b") == entry("b1")
-    assert (cache.invalidations, cache.bytes) == (1, 2)
+    assert (cache.invalidations, cache.bytes) == (1, held("b1"))
     assert cache.fill({"a": entry("a1"), "absent": entry("x")}, before_read) == 0
     assert cache.warm({"a": entry("a1")}, before_read) == 0
     assert cache.fill({"a": entry("a2")}, cache.ticket()) == 1
@@ -302,3 +343,43 @@ def test_a_suspended_cache_answers_no_id_absent_and_forgets_them() -> None:
     assert not absent(cache, "a")
     cache.fill({}, cache.ticket(), ["a"])
     assert absent(cache, "a")
+
+
+def orders_as_served() -> dict[str, CachedOrder]:
+    """Generated orders as the API serves them, with bodies at the edges: the largest order
+    (over LZ4's 64 KiB window), multi-byte text, and bodies unlike an order."""
+    rng = random.Random(11)
+    bodies = [api_body(make_order(rng)) for _ in range(300)]
+    bodies.append(api_body(make_order(rng, item_count=MAX_ITEMS)))
+    bodies += [b"", "Zoë 王小明 🌸".encode() * 99, random.Random(3).randbytes(3000)]
+    return {
+        f"o{n}": CachedOrder.of(body, hashlib.sha256(body).digest())
+        for n, body in enumerate(bodies)
+    }
+
+
+def test_a_hit_gives_back_the_body_and_tag_put_byte_for_byte_however_it_came_in() -> None:
+    orders = orders_as_served()
+    written, read, warmed = (OrderCache(capacity=len(orders)) for _ in range(3))
+    written.put_written(orders)
+    assert read.fill(orders, read.ticket()) == len(orders)
+    assert warmed.warm(orders, warmed.ticket()) == len(orders)
+    for cache in (written, read, warmed):
+        for order_uid, order in orders.items():
+            found = cache.look_up(order_uid)
+            assert isinstance(found, CachedOrder)
+            assert (found.body, found.etag) == (order.body, order.etag)
+            assert cache.kept(order_uid) == order
+        assert cache.etags() == {order_uid: order.etag for order_uid, order in orders.items()}
+        assert cache.bytes == sum(len(pack(order.body)) for order in orders.values())
+
+
+def test_masked_views_give_back_byte_for_byte_what_masking_made() -> None:
+    views = MaskedViews(capacity=1000, max_bytes=None)
+    for whole in orders_as_served().values():
+        if not whole.body.startswith(b"{"):
+            continue  # not an order: nothing to mask
+        body = masked_document(whole.body)
+        made = CachedOrder(body, masked_etag(body))
+        assert views.masked(whole) == made  # masked now
+        assert views.masked(whole) == made  # from the views kept

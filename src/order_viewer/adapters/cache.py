@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from order_viewer.adapters.packing import pack, unpack
 from order_viewer.domain.masking import masked_document
 from order_viewer.service.ports import ABSENT, Absent, CachedOrder, CacheTicket, etag_of
 
@@ -39,13 +40,28 @@ _READ = _Insertion(written=False, behind=False)
 _WARMING = _Insertion(written=False, behind=True)
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """An order as the cache holds it: its body packed (`packing`), and its entity tag."""
+
+    packed: bytes
+    etag: str
+
+    def shown(self) -> CachedOrder:
+        return CachedOrder(unpack(self.packed), self.etag)
+
+
 class OrderCache:
     """Least-recently-used cache of orders by order_uid, bounded by a number of orders and by the
-    bytes of their bodies (orders run from 1 KB to over 200 KB, so a count alone bounds nothing).
+    bytes it holds of their bodies (orders run from 1 KB to over 200 KB, so a count alone bounds
+    nothing).
+
+    Bodies are held packed (`packing`), in a fraction of their memory, for one unpacked on every
+    hit; callers give and get them whole, and the bound counts the bytes held.
 
     The consumer thread writes, the change listener invalidates and the HTTP event loop reads,
     so every access holds one lock; each critical section is a few dictionary operations, far
-    shorter than a request.
+    shorter than a request: bodies are packed before it and unpacked after it.
 
     A database read that fills the cache may have read a version that changed while it ran. Each
     change (a write here, an invalidation heard from another instance) therefore takes a number,
@@ -75,7 +91,7 @@ class OrderCache:
         self.bytes = 0
         # Set when warm-up met a bound, so that it stops reading the database.
         self.warm_full = capacity == 0
-        self._entries: OrderedDict[str, CachedOrder] = OrderedDict()
+        self._entries: OrderedDict[str, _Held] = OrderedDict()
         # The ids the database answered absent for, least recently asked first (no values).
         self._absent: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
@@ -108,6 +124,15 @@ class OrderCache:
     def look_up(self, order_uid: str) -> CachedOrder | Absent | None:
         """The cached order, ABSENT for an id remembered absent, or None; each lookup counted
         once, as a hit, an absent hit or a miss (a query to come)."""
+        found = self._find(order_uid)
+        return found if found is None or found is ABSENT else found.shown()
+
+    def get(self, order_uid: str) -> CachedOrder | None:
+        """The cached order, or None: for a cache that remembers no absent ids (masked views)."""
+        found = self._find(order_uid)
+        return None if found is None or found is ABSENT else found.shown()
+
+    def _find(self, order_uid: str) -> _Held | Absent | None:
         with self._lock:
             if not self._suspended:
                 entry = self._entries.get(order_uid)
@@ -122,11 +147,6 @@ class OrderCache:
             self.misses += 1
             return None
 
-    def get(self, order_uid: str) -> CachedOrder | None:
-        """The cached order, or None: for a cache that remembers no absent ids (masked views)."""
-        found = self.look_up(order_uid)
-        return None if found is ABSENT else found
-
     @property
     def absent_entries(self) -> int:
         return len(self._absent)
@@ -135,7 +155,8 @@ class OrderCache:
         """The entry of an order, even while the cache is suspended: what is left to serve when
         the database cannot be reached (and then nothing can be committed there either)."""
         with self._lock:
-            return self._entries.get(order_uid)
+            entry = self._entries.get(order_uid)
+        return None if entry is None else entry.shown()
 
     def etags(self) -> dict[str, str]:
         """The entity tag of every entry, to check against what is stored."""
@@ -162,7 +183,7 @@ class OrderCache:
         """Store orders the database has just committed, replacing older copies. With the
         `ticket` taken before the write began, an order changed since (another instance committed
         a newer version and it was heard) is dropped, not stored: the rule `fill` keeps to."""
-        self._insert(entries, ticket, _WRITTEN)
+        self._insert(_packed(entries), ticket, _WRITTEN)
 
     def invalidate(self, order_uids: Iterable[str]) -> None:
         """Forget these orders (stored, replaced or deleted elsewhere), and any read of them
@@ -198,17 +219,17 @@ class OrderCache:
         """Keep orders read from the database, and the ids it answered `absent` for, except
         those changed since the `ticket` (the read may then be older than what is stored now); a
         copy already here wins. Returns how many orders were kept."""
-        return self._insert(entries, ticket, _READ, absent)
+        return self._insert(_packed(entries), ticket, _READ, absent)
 
     def warm(self, entries: dict[str, CachedOrder], ticket: CacheTicket) -> int:
         """Keep orders older than every one cached so far (warm-up reads the newest first), so
         they are evicted before them, except those changed since the `ticket`; stops when the
         cache is full, and says so in `warm_full`. Returns how many were kept."""
-        return self._insert(entries, ticket, _WARMING)
+        return self._insert(_packed(entries), ticket, _WARMING)
 
     def _insert(
         self,
-        entries: dict[str, CachedOrder],
+        entries: dict[str, _Held],
         ticket: CacheTicket | None,
         how: _Insertion,
         absent: Iterable[str] = (),
@@ -225,7 +246,7 @@ class OrderCache:
                     self._drop(order_uid)
             kept = 0
             for order_uid, entry in fresh:
-                if how.behind and self._full(len(entry.body)):
+                if how.behind and self._full(len(entry.packed)):
                     self.warm_full = True
                     break
                 # One order over the whole bound would only empty the cache and then go itself.
@@ -233,7 +254,7 @@ class OrderCache:
                     self._entries[order_uid] = entry
                     if how.behind:
                         self._entries.move_to_end(order_uid, last=False)
-                    self.bytes += len(entry.body)
+                    self.bytes += len(entry.packed)
                     kept += 1
             if not how.behind:
                 self._evict()
@@ -273,14 +294,14 @@ class OrderCache:
         dropped = self._entries.pop(order_uid, None)
         if dropped is None:
             return False
-        self.bytes -= len(dropped.body)
+        self.bytes -= len(dropped.packed)
         return True
 
     def _full(self, more: int) -> bool:
         return len(self._entries) >= self.capacity or self._too_big(more)
 
-    def _fits(self, entry: CachedOrder) -> bool:
-        return self.max_bytes is None or len(entry.body) <= self.max_bytes
+    def _fits(self, entry: _Held) -> bool:
+        return self.max_bytes is None or len(entry.packed) <= self.max_bytes
 
     def _too_big(self, more: int) -> bool:
         return self.max_bytes is not None and self.bytes + more > self.max_bytes
@@ -288,8 +309,15 @@ class OrderCache:
     def _evict(self) -> None:
         while self._entries and (len(self._entries) > self.capacity or self._too_big(0)):
             _, evicted = self._entries.popitem(last=False)
-            self.bytes -= len(evicted.body)
+            self.bytes -= len(evicted.packed)
             self.evictions += 1
+
+
+def _packed(entries: dict[str, CachedOrder]) -> dict[str, _Held]:
+    """The entries as the cache holds them: packed by the caller's thread before the lock is
+    taken, so that no reader waits for it (those that will not be kept are packed for nothing,
+    rarely: a race lost, a copy already cached, the end of warm-up)."""
+    return {uid: _Held(pack(entry.body), entry.etag) for uid, entry in entries.items()}
 
 
 def masked_etag(masked_body: bytes) -> str:

@@ -387,7 +387,8 @@ class _MaskedViewsCollector(Collector):
         )
         yield GaugeMetricFamily(
             "order_viewer_masked_views_bytes",
-            "Bytes of masked order bodies kept, beside the cache's (bounded by CACHE_MAX_BYTES).",
+            "Bytes of masked order bodies kept, as held (compressed), beside the cache's "
+            "(bounded by CACHE_MAX_BYTES).",
             value=self._views.bytes,
         )
 
@@ -424,12 +425,14 @@ class _CacheCollector(Collector):
             "order_viewer_cache_capacity", "Most orders the cache keeps.", value=cache.capacity
         )
         yield GaugeMetricFamily(
-            "order_viewer_cache_bytes", "Bytes of order bodies in the cache.", value=cache.bytes
+            "order_viewer_cache_bytes",
+            "Bytes of order bodies in the cache, as held (compressed).",
+            value=cache.bytes,
         )
         if cache.max_bytes is not None:
             yield GaugeMetricFamily(
                 "order_viewer_cache_max_bytes",
-                "Most bytes of order bodies the cache keeps.",
+                "Most bytes of order bodies the cache keeps, as held (compressed).",
                 value=cache.max_bytes,
             )
         yield GaugeMetricFamily(
