@@ -376,6 +376,7 @@ def test_a_hit_gives_back_the_body_and_tag_put_byte_for_byte_however_it_came_in(
 
 def test_masked_views_give_back_byte_for_byte_what_masking_made() -> None:
     views = MaskedViews(capacity=1000, max_bytes=None)
+    held = 0
     for whole in orders_as_served().values():
         if not whole.body.startswith(b"{"):
             continue  # not an order: nothing to mask
@@ -383,3 +384,22 @@ def test_masked_views_give_back_byte_for_byte_what_masking_made() -> None:
         made = CachedOrder(body, masked_etag(body))
         assert views.masked(whole) == made  # masked now
         assert views.masked(whole) == made  # from the views kept
+        held += len(pack(body, whole.body))
+    # Each view held packed against its whole order's body: about the characters masked.
+    assert views.bytes == held
+
+
+def test_masked_views_are_bounded_by_the_bytes_they_hold() -> None:
+    rng = random.Random(5)
+    wholes = [CachedOrder.of(api_body(make_order(rng)), bytes([n]) * 32) for n in range(3)]
+    packed = [len(pack(masked_document(whole.body), whole.body)) for whole in wholes]
+    # Room for the second and either other, not all three.
+    bound = packed[1] + max(packed[0], packed[2])
+    assert sum(packed) > bound
+    views = MaskedViews(capacity=10, max_bytes=bound)
+    first = views.masked(wholes[0])
+    views.masked(wholes[1])
+    assert (len(views), views.bytes) == (2, packed[0] + packed[1])
+    views.masked(wholes[2])  # over the bound: the least recently used goes
+    assert (len(views), views.bytes) == (2, packed[1] + packed[2])
+    assert views.masked(wholes[0]) == first  # masked again

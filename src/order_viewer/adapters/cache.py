@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from order_viewer.adapters.packing import pack, unpack
+from order_viewer.adapters.packing import ORDER_SKELETON, pack, unpack
 from order_viewer.domain.masking import masked_document
 from order_viewer.service.ports import ABSENT, Absent, CachedOrder, CacheTicket, etag_of
 
@@ -47,8 +47,8 @@ class _Held:
     packed: bytes
     etag: str
 
-    def shown(self) -> CachedOrder:
-        return CachedOrder(unpack(self.packed), self.etag)
+    def shown(self, reference: bytes = ORDER_SKELETON) -> CachedOrder:
+        return CachedOrder(unpack(self.packed, reference), self.etag)
 
 
 class OrderCache:
@@ -57,7 +57,9 @@ class OrderCache:
     nothing).
 
     Bodies are held packed (`packing`), in a fraction of their memory, for one unpacked on every
-    hit; callers give and get them whole, and the bound counts the bytes held.
+    hit; callers give and get them whole, and the bound counts the bytes held. They are packed
+    against the skeleton of an order, or against the `reference` a caller gives `put_written`
+    and then `get` again (masked views give the body of their whole order).
 
     The consumer thread writes, the change listener invalidates and the HTTP event loop reads,
     so every access holds one lock; each critical section is a few dictionary operations, far
@@ -127,10 +129,11 @@ class OrderCache:
         found = self._find(order_uid)
         return found if found is None or found is ABSENT else found.shown()
 
-    def get(self, order_uid: str) -> CachedOrder | None:
-        """The cached order, or None: for a cache that remembers no absent ids (masked views)."""
+    def get(self, order_uid: str, *, reference: bytes = ORDER_SKELETON) -> CachedOrder | None:
+        """The cached order, or None: for a cache that remembers no absent ids (masked views),
+        whose bodies were put against `reference`."""
         found = self._find(order_uid)
-        return None if found is None or found is ABSENT else found.shown()
+        return None if found is None or found is ABSENT else found.shown(reference)
 
     def _find(self, order_uid: str) -> _Held | Absent | None:
         with self._lock:
@@ -178,12 +181,17 @@ class OrderCache:
             return dropped
 
     def put_written(
-        self, entries: dict[str, CachedOrder], ticket: CacheTicket | None = None
+        self,
+        entries: dict[str, CachedOrder],
+        ticket: CacheTicket | None = None,
+        *,
+        reference: bytes = ORDER_SKELETON,
     ) -> None:
         """Store orders the database has just committed, replacing older copies. With the
         `ticket` taken before the write began, an order changed since (another instance committed
-        a newer version and it was heard) is dropped, not stored: the rule `fill` keeps to."""
-        self._insert(_packed(entries), ticket, _WRITTEN)
+        a newer version and it was heard) is dropped, not stored: the rule `fill` keeps to. Their
+        bodies are packed against `reference`, which `get` is to be given again."""
+        self._insert(_packed(entries, reference), ticket, _WRITTEN)
 
     def invalidate(self, order_uids: Iterable[str]) -> None:
         """Forget these orders (stored, replaced or deleted elsewhere), and any read of them
@@ -313,11 +321,11 @@ class OrderCache:
             self.evictions += 1
 
 
-def _packed(entries: dict[str, CachedOrder]) -> dict[str, _Held]:
+def _packed(entries: dict[str, CachedOrder], reference: bytes = ORDER_SKELETON) -> dict[str, _Held]:
     """The entries as the cache holds them: packed by the caller's thread before the lock is
     taken, so that no reader waits for it (those that will not be kept are packed for nothing,
     rarely: a race lost, a copy already cached, the end of warm-up)."""
-    return {uid: _Held(pack(entry.body), entry.etag) for uid, entry in entries.items()}
+    return {uid: _Held(pack(entry.body, reference), entry.etag) for uid, entry in entries.items()}
 
 
 def masked_etag(masked_body: bytes) -> str:
@@ -330,7 +338,11 @@ def masked_etag(masked_body: bytes) -> str:
 
 class MaskedViews:
     """Masked orders, computed once per version of an order (keyed by the whole one's ETag) and
-    kept in a bounded LRU cache of their own, so a cache hit does not mask again."""
+    kept in a bounded LRU cache of their own, so a cache hit does not mask again.
+
+    Each is packed against its whole order's body, which is at hand whenever the view is asked
+    for: all a view holds then is about the characters masked. The key, a digest of that body,
+    makes it the same body each time."""
 
     def __init__(self, capacity: int, max_bytes: int | None) -> None:
         self._views = OrderCache(capacity, max_bytes)
@@ -343,9 +355,9 @@ class MaskedViews:
         return self._views.bytes
 
     def masked(self, whole: CachedOrder) -> CachedOrder:
-        view = self._views.get(whole.etag)
+        view = self._views.get(whole.etag, reference=whole.body)
         if view is None:
             body = masked_document(whole.body)
             view = CachedOrder(body, masked_etag(body))
-            self._views.put_written({whole.etag: view})
+            self._views.put_written({whole.etag: view}, reference=whole.body)
         return view
