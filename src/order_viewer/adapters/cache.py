@@ -47,9 +47,6 @@ class _Held:
     packed: bytes
     etag: str
 
-    def shown(self, reference: bytes = ORDER_SKELETON) -> CachedOrder:
-        return CachedOrder(unpack(self.packed, reference), self.etag)
-
 
 class OrderCache:
     """Least-recently-used cache of orders by order_uid, bounded by a number of orders and by the
@@ -127,13 +124,17 @@ class OrderCache:
         """The cached order, ABSENT for an id remembered absent, or None; each lookup counted
         once, as a hit, an absent hit or a miss (a query to come)."""
         found = self._find(order_uid)
-        return found if found is None or found is ABSENT else found.shown()
+        if found is None or found is ABSENT:
+            return found
+        return CachedOrder(unpack(found.packed), found.etag)
 
     def get(self, order_uid: str, *, reference: bytes = ORDER_SKELETON) -> CachedOrder | None:
         """The cached order, or None: for a cache that remembers no absent ids (masked views),
         whose bodies were put against `reference`."""
         found = self._find(order_uid)
-        return None if found is None or found is ABSENT else found.shown(reference)
+        if found is None or found is ABSENT:
+            return None
+        return CachedOrder(unpack(found.packed, reference), found.etag)
 
     def _find(self, order_uid: str) -> _Held | Absent | None:
         with self._lock:
@@ -159,7 +160,7 @@ class OrderCache:
         the database cannot be reached (and then nothing can be committed there either)."""
         with self._lock:
             entry = self._entries.get(order_uid)
-        return None if entry is None else entry.shown()
+        return None if entry is None else CachedOrder(unpack(entry.packed), entry.etag)
 
     def etags(self) -> dict[str, str]:
         """The entity tag of every entry, to check against what is stored."""

@@ -39,15 +39,23 @@ def _empty(kind: msgspec.inspect.Type) -> object:
 ORDER_SKELETON: Final = msgspec.json.encode(_empty(msgspec.inspect.type_info(Order)))
 
 
+# lz4.block's arguments are given by position, in the order of its C functions (their
+# docstrings list them otherwise): given by keyword, they are parsed on a slow path that costs a
+# good part of what unpacking a small body does, on every hit. A mistake in the order fails
+# tests/unit/test_packing.py, which unpacks against a reference that must be the one used.
+
+
 def pack(body: bytes, reference: bytes = ORDER_SKELETON) -> bytes:
     """`body` compressed against `reference`, which `unpack` needs again; its length is held in
     the first four bytes. LZ4 uses the last 64 KiB of a longer reference only: a body packed
     against a larger one is still unpacked whole, only less small."""
-    packed: bytes = lz4.block.compress(body, dict=reference)
+    # mode, store_size, acceleration, compression (high-compression mode only), return_bytearray
+    packed: bytes = lz4.block.compress(body, "default", True, 1, 9, False, reference)
     return packed
 
 
 def unpack(packed: bytes, reference: bytes = ORDER_SKELETON) -> bytes:
     """The body `pack` was given, from what it returned and the same `reference`."""
-    body: bytes = lz4.block.decompress(packed, dict=reference)
+    # uncompressed_size (-1: the one `pack` stored), return_bytearray
+    body: bytes = lz4.block.decompress(packed, -1, False, reference)
     return body
