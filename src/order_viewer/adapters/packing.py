@@ -4,11 +4,11 @@ order (every field's name, nested and punctuated as the API writes them, without
 masked view against the whole body it is a view of, which leaves it little more than the
 characters masked.
 
-LZ4 because every cache hit unpacks a body, and LZ4 unpacks fastest of the codecs measured
-(zlib and zstd against the same dictionaries packed smaller, but took two to six times as
-long); and because a reference costs it nothing to take, where zlib and zstd set one up in a
-context of its own, which a masked hit would pay every time, its reference being a different
-body each time. The figures: docs/DESIGN.md, Memory per cached order.
+LZ4 because every cache hit unpacks a body, and LZ4 unpacks one fastest of the codecs measured
+(zlib and zstd against the same dictionary packed smaller, but took several times as long);
+and a reference different each time, as a masked view's is, costs it nothing to take, where
+zstd's Python bindings set up a context for each one. The figures: docs/DESIGN.md, Memory per
+cached order.
 """
 
 from __future__ import annotations
