@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import hashlib
 import io
 import itertools
 import os
@@ -60,7 +61,7 @@ from benchmarks.tracing import (
 )
 from devstack.identity import AUDIENCE, ISSUER, IdentityProvider, serve_jwks
 from order_viewer import bootstrap
-from order_viewer.adapters.cache import OrderCache
+from order_viewer.adapters.cache import CachedOrder, MaskedViews, OrderCache
 from order_viewer.adapters.http.access import audit_order_read
 from order_viewer.adapters.http.auth import ORDERS_READ_PII, Principal
 from order_viewer.adapters.http.auth.tokens import new_token, token_digest
@@ -69,7 +70,7 @@ from order_viewer.adapters.metrics import Metrics
 from order_viewer.adapters.postgres.migrate import migrate
 from order_viewer.adapters.postgres.reader import newest_documents
 from order_viewer.config import Settings
-from order_viewer.domain.model import MAX_ITEMS, PreparedOrder, parse_order
+from order_viewer.domain.model import MAX_ITEMS, PreparedOrder, order_json, parse_order
 from order_viewer.service.ingest import prepare_batch
 from order_viewer.service.lookup import warm_up
 from order_viewer.service.ports import ConsumedMessage
@@ -639,6 +640,31 @@ def absent_entry_bytes(length: int, count: int = 100_000) -> float:
     return held / count
 
 
+def cached_order_bytes(messages: list[tuple[bytes, bytes]]) -> dict[str, float]:
+    """Bytes an order takes in the caches (tracemalloc), its id's string included: cached whole
+    as warm-up caches it, then with its masked view too (read once by a principal who sees
+    orders masked). Each body is made as the service makes it and kept by the caches alone."""
+    cache, views = OrderCache(len(messages)), MaskedViews(len(messages), None)
+    ticket = cache.ticket()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for start in range(0, len(messages), 1000):
+        chunk = {}
+        for key, value in messages[start : start + 1000]:
+            body = order_json(parse_order(value))
+            chunk[key.decode()] = CachedOrder.of(body, hashlib.sha256(body).digest())
+        cache.warm(chunk, ticket)
+    whole = tracemalloc.get_traced_memory()[0] - before
+    for key, _ in messages:
+        found = cache.look_up(key.decode())
+        assert isinstance(found, CachedOrder)
+        views.masked(found)
+    with_masked = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(cache) == len(views) == len(messages)
+    return {"whole": whole / len(messages), "with_masked_view": with_masked / len(messages)}
+
+
 def absent_benchmark(bench: Bench, cached: int, seconds: int, logs: Path) -> dict[str, Any]:
     """Cache hits against lookups of ids that are not stored, each of a fixed set asked again
     and again: answered from the absent ids the cache remembers (the default settings), and
@@ -904,7 +930,7 @@ def print_collector(pauses: dict[str, float], cached: int) -> None:
     )
 
 
-def print_http(http: dict[str, Any]) -> None:
+def print_http(http: dict[str, Any], traced: dict[str, float]) -> None:
     print(f"\n## HTTP lookups, {http['cached']:,} orders, wrk -t1 -c64, best of {HTTP_ROUNDS}\n")
     print("| server | requests/s | vs. bare server | p99 ms | non-2xx |")
     print("|---|---:|---:|---:|---:|")
@@ -929,7 +955,9 @@ def print_http(http: dict[str, Any]) -> None:
         f"warm-up of {http['cached']:,} orders: {http['start_to_ready_seconds']:.2f} s from "
         f"the process's start to ready ({http['warm_up_seconds']:.2f} s of it filling the "
         f"cache); memory per cached order: {http['bytes_per_cached_order_with_base']:,.0f} "
-        f"bytes with the process's base, {http['bytes_per_cached_order']:,.0f} without"
+        f"bytes with the process's base, {http['bytes_per_cached_order']:,.0f} without; "
+        f"in-process (tracemalloc) {traced['whole']:,.0f} bytes, "
+        f"{traced['with_masked_view']:,.0f} with its masked view"
     )
 
 
@@ -1113,7 +1141,8 @@ def main() -> None:
         lines = {fmt: audit_line_cost(fmt, logs) for fmt in ("console", "json")}
         print_auth(auth, lines, cached)
     if "http" in sections:
-        print_http(http_benchmark(bench, cached, arguments.seconds, logs))
+        http = http_benchmark(bench, cached, arguments.seconds, logs)
+        print_http(http, cached_order_bytes(messages[:cached]))
     if "drain" in sections:
         print_drain(
             drain_benchmark(
