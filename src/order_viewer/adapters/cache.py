@@ -1,4 +1,5 @@
-"""The bounded in-memory caches of orders ready to send: whole bodies, and their masked views."""
+"""The bounded in-memory caches of orders to send, held compressed: whole bodies, and their
+masked views."""
 
 from __future__ import annotations
 
