@@ -3,6 +3,7 @@ writer, and the consumer loop driving the service layer until its stop event is 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+import order_viewer.adapters.kafka.broker
 import order_viewer.adapters.kafka.consumer
 from order_viewer.adapters.cache import OrderCache
 from order_viewer.adapters.kafka.broker import DeadLetterWriter, ensure_topics
@@ -105,6 +107,49 @@ def test_dead_letters_carry_the_message_unchanged_with_why_and_where(
         "source.partition": b"2",
         "source.offset": b"41",
     }
+
+
+def test_dead_letters_a_producer_holds_past_the_bound_are_sent_by_a_new_one(
+    stack: Stack, topics: Topics, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first producer the writer makes is the real client sent to an address where no broker
+    # listens: its letters stay queued, neither delivered nor reported until their 30 s timeout,
+    # as a wedged producer holds them. The writer must not wait that long past its bound.
+    made = itertools.count(1)
+    nowhere = f"127.0.0.1:{free_port()}"
+
+    class FirstOneAstray(Producer):
+        def __init__(self, config: dict[str, Any]) -> None:
+            astray = next(made) == 1
+            super().__init__({**config, "bootstrap.servers": nowhere} if astray else config)
+
+    monkeypatch.setattr(order_viewer.adapters.kafka.broker, "Producer", FirstOneAstray)
+    monkeypatch.setattr(order_viewer.adapters.kafka.broker, "UNREPORTED_BOUND_SECONDS", 2.0)
+    ensure_topics(client(stack), [topics.dead_letters], 1, broker(threading.Event()))
+    writer = DeadLetterWriter(
+        client(stack), topics.dead_letters, broker(threading.Event()), Metrics(OrderCache(0))
+    )
+    rejected = [
+        RejectedMessage(
+            ConsumedMessage("orders", 0, offset, None, b"not json"),
+            Rejection("invalid_json", "not JSON", None),
+        )
+        for offset in range(3)
+    ]
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, "order_viewer.adapters.kafka.broker"):
+            writer.send(rejected)
+    finally:
+        writer.close()
+    assert time.monotonic() - started < 20
+    letters = consume_all(stack, topics.dead_letters, 3)
+    assert sorted(dict(letter.headers())["source.offset"] for letter in letters) == [
+        b"0",
+        b"1",
+        b"2",
+    ]
+    assert "held 3 letters for 2 s, past its own timeout" in caplog.text
 
 
 @dataclass

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -109,8 +112,26 @@ def enqueue(
             producer.poll(0.1)
 
 
+# How long the writer's producer may hold dead letters it neither delivered nor reported failed.
+# Each is reported failed within its `message.timeout.ms` (30 s), except when librdkafka's
+# idempotent producer stays wedged after a broker restart, holding them for ever (seen in a
+# broker fault scenario: a flush unanswered for five minutes). Past this bound the writer purges
+# them and sends them again with a new producer.
+UNREPORTED_BOUND_SECONDS = 45.0
+_DEAD_LETTER_TIMEOUT_MS = 30_000
+
+
 class _Undelivered(Exception):
     """The broker did not acknowledge some dead letters; they are sent again."""
+
+
+@dataclass
+class _Sending:
+    """One attempt's dead letters as their delivery reports come: those that failed, to be sent
+    again (without their value if it was too large), and which were reported at all."""
+
+    failed: list[tuple[RejectedMessage, bool]] = field(default_factory=list)
+    reported: set[int] = field(default_factory=set)  # ids of the entries
 
 
 class DeadLetterWriter:
@@ -123,24 +144,35 @@ class DeadLetterWriter:
         self._topic = topic
         self._broker = broker
         self._metrics = metrics
-        self._producer = Producer(
-            {**client, **DEAD_LETTER_PRODUCER, "linger.ms": 5, "message.timeout.ms": 30_000}
-        )
+        self._config = {
+            **client,
+            **DEAD_LETTER_PRODUCER,
+            "linger.ms": 5,
+            "message.timeout.ms": _DEAD_LETTER_TIMEOUT_MS,
+        }
+        self._producer = Producer(self._config)
 
     def send(self, rejected: Sequence[RejectedMessage]) -> None:
         pending = [(entry, True) for entry in rejected]
 
         def attempt() -> None:
             nonlocal pending
-            failed: list[tuple[RejectedMessage, bool]] = []
+            sending = _Sending()
             for entry, with_value in pending:
-                self._produce(entry, with_value, failed)
+                self._produce(entry, with_value, sending)
+            bound = time.monotonic() + UNREPORTED_BOUND_SECONDS
             while self._producer.flush(0.5) > 0:
                 if self._broker.stop.is_set():
                     raise Stopped
-            if failed:
-                pending = failed
-                raise _Undelivered(f"{len(failed)} dead letters not acknowledged")
+                if time.monotonic() > bound:
+                    unreported = [item for item in pending if id(item[0]) not in sending.reported]
+                    self._replace_producer(len(unreported))
+                    # A report that comes late goes to this attempt's record, no longer read.
+                    pending = sending.failed + unreported
+                    raise _Undelivered(f"{len(unreported)} dead letters neither sent nor failed")
+            if sending.failed:
+                pending = sending.failed
+                raise _Undelivered(f"{len(sending.failed)} dead letters not acknowledged")
 
         retry(
             attempt,
@@ -149,9 +181,21 @@ class DeadLetterWriter:
             on_retry=self._metrics.retries.labels("dead_letter").inc,
         )
 
-    def _produce(
-        self, entry: RejectedMessage, with_value: bool, failed: list[tuple[RejectedMessage, bool]]
-    ) -> None:
+    def _replace_producer(self, unreported: int) -> None:
+        """A new producer in place of one that holds dead letters past its own timeout. The old
+        one's letters are purged and it is closed in a thread of its own, not waited for: one
+        in flight may have reached the broker after all, and is then written twice."""
+        log.warning(
+            "the dead-letter producer has held %d letters for %.0f s, past its own timeout, "
+            "without a report: sending them again with a new producer",
+            unreported,
+            UNREPORTED_BOUND_SECONDS,
+        )
+        wedged, self._producer = self._producer, Producer(self._config)
+        wedged.purge(in_queue=True, in_flight=True, blocking=False)
+        threading.Thread(target=wedged.close, name="dead-letters-close", daemon=True).start()
+
+    def _produce(self, entry: RejectedMessage, with_value: bool, sending: _Sending) -> None:
         message, rejection = entry.message, entry.rejection
         headers: Headers = [
             ("error.code", rejection.code.encode()),
@@ -176,10 +220,13 @@ class DeadLetterWriter:
             )  # fmt: skip
 
         def delivered(error: KafkaError | None, _: object) -> None:
+            sending.reported.add(id(entry))
             if error is not None:
                 self._broker.health.failed(str(error))
                 self._metrics.dead_letter_failures.inc()
-                failed.append((entry, with_value and error.code() != KafkaError.MSG_SIZE_TOO_LARGE))
+                sending.failed.append(
+                    (entry, with_value and error.code() != KafkaError.MSG_SIZE_TOO_LARGE)
+                )
 
         try:
             enqueue(
@@ -193,7 +240,7 @@ class DeadLetterWriter:
         except KafkaException as error:
             if not with_value or error.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
-            self._produce(entry, False, failed)
+            self._produce(entry, False, sending)
 
     def close(self) -> None:
         self._producer.flush(5)
