@@ -56,6 +56,25 @@ def test_a_written_order_replaces_its_cached_copy() -> None:
     assert cache.get("a") == entry("new")
 
 
+def test_orders_packed_elsewhere_are_held_as_if_written_whole_with_the_same_ticket_rule() -> None:
+    bodies = {
+        uid: CachedOrder.of(api_body(make_order(random.Random(n))), bytes(32))
+        for n, uid in enumerate("abc")
+    }
+    packed, whole = OrderCache(capacity=10), OrderCache(capacity=10)
+    ticket = packed.ticket()
+    assert whole.ticket() == ticket
+    # "c" changed (another instance's write, heard) after the ticket was taken.
+    for cache in (packed, whole):
+        cache.invalidate(["c"])
+    packed.put_packed(cache_module.PackedOrders.of(bodies), ticket)
+    whole.put_written(bodies, ticket)
+    for uid in "ab":
+        assert packed.get(uid) == whole.get(uid) == bodies[uid]
+    assert packed.get("c") is whole.get("c") is None
+    assert packed.bytes == whole.bytes == sum(len(pack(bodies[uid].body)) for uid in "ab")
+
+
 def test_fill_never_overwrites_and_yields_to_a_concurrent_write() -> None:
     cache = OrderCache(capacity=10)
     cache.put_written({"a": entry("new")})

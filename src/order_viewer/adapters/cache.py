@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from order_viewer.adapters.packing import ORDER_SKELETON, pack, unpack
 from order_viewer.domain.masking import masked_document
@@ -47,6 +48,23 @@ class _Held:
 
     packed: bytes
     etag: str
+
+
+class PackedOrders(NamedTuple):
+    """Whole orders packed as the cache holds them, by whoever has the time: the ingest process
+    packs what it committed before it sends it over, so that the serving process, which answers
+    the reads, does not."""
+
+    order_uids: list[str]
+    packed: list[bytes]
+    etags: list[str]
+
+    @classmethod
+    def of(cls, entries: dict[str, CachedOrder]) -> PackedOrders:
+        orders = entries.values()
+        return cls(
+            list(entries), [pack(order.body) for order in orders], [order.etag for order in orders]
+        )
 
 
 class OrderCache:
@@ -194,6 +212,16 @@ class OrderCache:
         a newer version and it was heard) is dropped, not stored: the rule `fill` keeps to. Their
         bodies are packed against `reference`, which `get` is to be given again."""
         self._insert(_packed(entries, reference), ticket, _WRITTEN)
+
+    def put_packed(self, orders: PackedOrders, ticket: CacheTicket | None = None) -> None:
+        """`put_written` for whole orders packed already."""
+        held = {
+            uid: _Held(packed, etag)
+            for uid, packed, etag in zip(
+                orders.order_uids, orders.packed, orders.etags, strict=True
+            )
+        }
+        self._insert(held, ticket, _WRITTEN)
 
     def invalidate(self, order_uids: Iterable[str]) -> None:
         """Forget these orders (stored, replaced or deleted elsewhere), and any read of them
