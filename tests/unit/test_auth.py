@@ -424,7 +424,9 @@ def test_every_bad_token_is_refused_with_its_reason(provider: IdentityProvider) 
     check = verifier(provider)
     cases = {
         "expired": provider.token(exp=now - 31),
-        "not_yet_valid": provider.token(nbf=now + 31),
+        # Valid in 90 s, past the 30 s leeway by a minute: the checks below may run seconds
+        # after `now` on a loaded machine (at now + 31 one failed so, valid by then).
+        "not_yet_valid": provider.token(nbf=now + 90),
         "wrong_issuer": provider.token(iss="https://elsewhere.example/"),
         "wrong_audience": provider.token(aud="another-service"),
         "algorithm": provider.unsigned_token(),
